@@ -1,0 +1,26 @@
+from django.apps import AppConfig
+
+
+class CarrotConfig(AppConfig):
+    name = 'carrot'
+    verbose_name = 'Carrot task queue'
+    default_auto_field = 'django.db.models.BigAutoField'
+
+    def ready(self):
+        from django.core.signals import setting_changed
+        from django.db.models.signals import post_migrate
+
+        from carrot import checks  # noqa: F401  (registers the system checks)
+        from carrot import helper_tasks
+        from carrot.config import clear_config_cache
+
+        setting_changed.connect(_setting_changed, dispatch_uid='carrot-setting-changed')
+        post_migrate.connect(helper_tasks.schedule_cleanup_after_migrate, sender=self,
+                             dispatch_uid='carrot-schedule-cleanup')
+        clear_config_cache()
+
+
+def _setting_changed(setting, **kwargs):
+    if setting == 'CARROT':
+        from carrot.config import clear_config_cache
+        clear_config_cache()

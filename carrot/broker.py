@@ -1,0 +1,178 @@
+"""The one place that talks to RabbitMQ: connections, queue declarations, confirmed publishes.
+
+A process keeps one publishing connection per broker and reuses it for every publish (1.x opened a TCP
+connection per message). The connection is dropped and re-opened when the broker goes away, and is never
+used across a fork: a child that inherits one forgets it (without closing the parent's socket) and opens
+its own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+
+import pika
+import pika.exceptions as pe
+
+from carrot.config import BrokerConfig, QueueConfig
+from carrot.exceptions import PublishError, QueueMismatchError
+
+logger = logging.getLogger('carrot.broker')
+
+# Errors that mean "this connection is gone": drop it, reconnect, try once more.
+CONNECTION_ERRORS = (pe.AMQPConnectionError, pe.ConnectionWrongStateError, pe.ChannelWrongStateError,
+                     pe.StreamLostError, ConnectionError, OSError)
+
+PRECONDITION_FAILED = 406
+NOT_FOUND = 404
+
+
+def queue_arguments(queue: QueueConfig) -> dict:
+    """The arguments carrot declares a queue with: priorities, and failures routed to <queue>.dead."""
+    return {
+        'x-max-priority': queue.max_priority,
+        'x-dead-letter-exchange': '',
+        'x-dead-letter-routing-key': queue.dead_letter_queue,
+    }
+
+
+def declare_queue(channel, queue: QueueConfig) -> None:
+    """Declare `queue` and its dead-letter queue (durable). A clash with an existing queue raises
+    QueueMismatchError naming the queue and the argument (the channel is closed by the broker then)."""
+    for name, arguments in ((queue.dead_letter_queue, {}), (queue.name, queue_arguments(queue))):
+        try:
+            channel.queue_declare(queue=name, durable=True, arguments=arguments)
+        except pe.ChannelClosedByBroker as exc:
+            if exc.reply_code == PRECONDITION_FAILED:
+                raise queue_mismatch(name, exc.reply_text, arguments) from None
+            raise
+
+
+def queue_mismatch(name: str, reply_text: str, declared: dict) -> QueueMismatchError:
+    """Turn RabbitMQ's PRECONDITION_FAILED text into an error a person can act on."""
+    match = re.search(r"inequivalent arg '([^']+)'", reply_text or '')
+    argument = match.group(1) if match else 'unknown'
+    wanted = declared.get(argument, '(not set)') if argument.startswith('x-') else \
+        'durable=True' if argument == 'durable' else '?'
+    return QueueMismatchError(
+        f"queue {name!r} already exists on the broker with a different {argument!r} than carrot "
+        f"declares ({argument}={wanted}). Drain and delete the queue (rabbitmqctl delete_queue {name}) "
+        f"or declare it the same way. Broker said: {reply_text}")
+
+
+def connect(broker: BrokerConfig, **overrides) -> pika.BlockingConnection:
+    """A new blocking connection to `broker` (the caller owns and closes it)."""
+    return pika.BlockingConnection(broker.connection_parameters(**overrides))
+
+
+class Publisher:
+    """A confirmed publishing channel to one broker, owned by one process and shared by its threads."""
+
+    def __init__(self, broker: BrokerConfig):
+        self.broker = broker
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.connection: pika.BlockingConnection | None = None
+        self.channel = None
+        self.declared: set[str] = set()
+
+    def publish(self, queue: QueueConfig, body: bytes, properties: dict, exchange: str = '',
+                routing_key: str | None = None) -> None:
+        """Publish and return once RabbitMQ has confirmed the message; PublishError otherwise."""
+        routing_key = routing_key or queue.name
+        with self.lock:
+            for attempt in (1, 2):
+                try:
+                    channel = self._open_channel()
+                    if queue.name not in self.declared:
+                        declare_queue(channel, queue)
+                        self.declared.add(queue.name)
+                    channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                                          properties=pika.BasicProperties(**properties), mandatory=True)
+                    return
+                except QueueMismatchError:
+                    self._forget_channel()
+                    raise
+                except pe.UnroutableError:
+                    raise PublishError(f'RabbitMQ returned the message as unroutable: no queue is bound '
+                                       f'to exchange {exchange!r} with routing key {routing_key!r}') from None
+                except pe.NackError:
+                    raise PublishError(f'RabbitMQ refused (nacked) the message for queue '
+                                       f'{queue.name!r}') from None
+                except pe.ChannelClosedByBroker as exc:
+                    self._forget_channel()
+                    if exc.reply_code == NOT_FOUND:
+                        raise PublishError(f'RabbitMQ says: {exc.reply_text}') from None
+                    if attempt == 2:
+                        raise PublishError(f'RabbitMQ closed the channel: {exc.reply_text}') from None
+                except CONNECTION_ERRORS as exc:
+                    self._forget_connection()
+                    if attempt == 2:
+                        raise PublishError(f'cannot publish to {self.broker}: '
+                                           f'{type(exc).__name__}: {exc or "connection lost"}') from None
+                    logger.info('publishing connection to %s was lost (%s); reconnecting',
+                                self.broker, type(exc).__name__)
+
+    def _open_channel(self):
+        if self.connection is not None and self.connection.is_open:
+            # An idle blocking connection does not service heartbeats, so the broker may have dropped
+            # it; polling here finds that out before the publish rather than during it.
+            self.connection.process_data_events(time_limit=0)
+        if self.connection is None or not self.connection.is_open:
+            self._forget_connection()
+            self.connection = connect(self.broker)
+        if self.channel is None or not self.channel.is_open:
+            self.channel = self.connection.channel()
+            self.channel.confirm_delivery()
+            self.declared.clear()
+        return self.channel
+
+    def _forget_channel(self):
+        self.channel = None
+        self.declared.clear()
+
+    def _forget_connection(self):
+        connection, self.connection = self.connection, None
+        self._forget_channel()
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # already broken; nothing more to do with it
+                pass
+
+    def close(self):
+        with self.lock:
+            self._forget_connection()
+
+
+_publishers: dict[BrokerConfig, Publisher] = {}
+_publishers_lock = threading.Lock()
+
+
+def publisher_for(broker: BrokerConfig) -> Publisher:
+    """This process's publisher for `broker`, created on first use."""
+    with _publishers_lock:
+        publisher = _publishers.get(broker)
+        if publisher is None or publisher.pid != os.getpid():
+            publisher = _publishers[broker] = Publisher(broker)
+        return publisher
+
+
+def close_publishers() -> None:
+    with _publishers_lock:
+        publishers = list(_publishers.values())
+        _publishers.clear()
+    for publisher in publishers:
+        if publisher.pid == os.getpid():
+            publisher.close()
+
+
+def _forget_inherited_publishers():
+    """In a forked child: drop the parent's publishers without touching their sockets."""
+    global _publishers_lock
+    _publishers.clear()
+    _publishers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_publishers)

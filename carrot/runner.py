@@ -1,0 +1,77 @@
+"""The one place that runs a task: call it, capture what it logs, and describe how it ended."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+TASK_LOGGER = 'carrot'
+LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
+
+
+@dataclass
+class TaskOutcome:
+    succeeded: bool
+    output: str | None = None
+    exception: str = ''
+    traceback: str = ''
+    log: str = ''
+
+
+class _ThreadCapture(logging.Handler):
+    """Collects the records emitted by one thread (other threads of the process log elsewhere)."""
+
+    def __init__(self):
+        super().__init__(logging.NOTSET)
+        self.thread_id = threading.get_ident()
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+    def emit(self, record):
+        if record.thread == self.thread_id:
+            self.lines.append(self.format(record))
+
+
+def encode_output(value) -> str | None:
+    """A task's return value for MessageLog.output: JSON when it can be, else its str()."""
+    if value is None:
+        return None
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def run_task(func: Callable, args: list, kwargs: dict) -> TaskOutcome:
+    """Run ``func(*args, **kwargs)``; never raises for what the task does (SystemExit included)."""
+    logger = logging.getLogger(TASK_LOGGER)
+    capture = _ThreadCapture()
+    logger.addHandler(capture)
+    try:
+        try:
+            value = func(*args, **kwargs)
+        except TypeError as exc:
+            # A TypeError raised by the call itself (wrong arguments) is the message's fault, not the
+            # task's; say so. One raised inside the task keeps its own traceback below.
+            outcome = _failure(exc)
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                outcome.exception = f'the message arguments do not fit the task: {exc}'
+            return _with_log(outcome, capture)
+        except (Exception, SystemExit) as exc:
+            return _with_log(_failure(exc), capture)
+        return _with_log(TaskOutcome(succeeded=True, output=encode_output(value)), capture)
+    finally:
+        logger.removeHandler(capture)
+
+
+def _failure(exc: BaseException) -> TaskOutcome:
+    return TaskOutcome(succeeded=False, exception=f'{type(exc).__name__}: {exc}',
+                       traceback=''.join(traceback.format_exception(exc)))
+
+
+def _with_log(outcome: TaskOutcome, capture: _ThreadCapture) -> TaskOutcome:
+    outcome.log = '\n'.join(capture.lines)
+    return outcome

@@ -1,0 +1,44 @@
+"""Tasks the tests publish. Every function here is registered (an installed app's tasks module)."""
+import logging
+import os
+import time
+
+logger = logging.getLogger('carrot')
+
+
+def add(a, b):
+    return a + b
+
+
+def echo(*args, **kwargs):
+    return {'args': list(args), 'kwargs': kwargs}
+
+
+def chatty(name):
+    logger.info('hello %s', name)
+    logger.warning('careful, %s', name)
+    return 'done'
+
+
+def returns_object():
+    return object()
+
+
+def explode(message='boom'):
+    raise ValueError(message)
+
+
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def die():
+    """Kill the worker process mid-task, as an OOM kill or a segfault would."""
+    os._exit(17)
+
+
+def append_line(path, text):
+    with open(path, 'a') as f:
+        f.write(text + '\n')
+    return text
