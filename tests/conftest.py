@@ -77,8 +77,18 @@ def run_consumer(queue='default', max_messages=None, idle_timeout=3.0, consumer_
     return consumer
 
 
-def queue_depth(channel, name):
-    return channel.queue_declare(name, passive=True).method.message_count
+def queue_depth(name):
+    """Messages ready in queue `name` (0 when the queue does not exist yet)."""
+    connection = raw_connection()
+    try:
+        return connection.channel().queue_declare(name, passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return 0
+        raise
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 def dead_letters(channel, queue='default'):

@@ -1,0 +1,155 @@
+"""The CARROT setting: defaults, both broker spellings, and checks that name the bad key."""
+import pytest
+from django.core.checks import run_checks
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from carrot.config import BrokerConfig, clear_config_cache, get_config, parse_config
+from carrot.exceptions import CarrotConfigException
+from carrot.objects import VirtualHost
+from carrot.utilities import get_host_from_name
+
+
+def problems_of(raw):
+    return [str(p) for p in parse_config(raw)[1]]
+
+
+def test_no_carrot_setting_means_one_default_queue_on_localhost():
+    config, problems = parse_config(None)
+    assert problems == []
+    assert [q.name for q in config.queues] == ['default']
+    broker = config.queues[0].broker
+    assert (broker.host, broker.port, broker.virtual_host, broker.username, broker.password) == \
+        ('localhost', 5672, '/', 'guest', 'guest')
+
+
+def test_settings_without_carrot_key_use_the_default_queue():
+    from django.conf import settings
+    try:
+        with override_settings():
+            del settings.CARROT  # deleting sends no setting_changed signal: clear the cache by hand
+            clear_config_cache()
+            assert [q.name for q in get_config().queues] == ['default']
+    finally:
+        clear_config_cache()
+
+
+def test_broker_url_without_vhost_means_slash():
+    for url in ('amqp://u:p@rabbit:5673', 'amqp://u:p@rabbit:5673/'):
+        broker = parse_config({'default_broker': url})[0].default_broker
+        assert (broker.host, broker.port, broker.virtual_host) == ('rabbit', 5673, '/')
+
+
+def test_broker_url_with_encoded_vhost_and_amqps():
+    broker = parse_config({'default_broker': 'amqps://u:p%40ss@rabbit/my%2Fvhost'})[0].default_broker
+    assert broker.virtual_host == 'my/vhost'
+    assert broker.password == 'p@ss'
+    assert broker.secure and broker.port == 5671
+
+
+def test_broker_dict_form_as_documented_for_django_carrot():
+    config, problems = parse_config({'default_broker': {
+        'host': '192.168.0.1', 'port': 5672, 'name': 'my-virtual-host', 'username': 'me',
+        'password': 'secret', 'secure': False}})
+    assert problems == []
+    assert config.default_broker == BrokerConfig('192.168.0.1', 5672, 'my-virtual-host', 'me', 'secret')
+
+
+def test_queue_options_and_host_per_queue():
+    config, problems = parse_config({'queues': [
+        {'name': 'my-queue-1', 'host': 'amqp://a:b@h1:5672/v1', 'concurrency': 5},
+        {'name': 'my-queue-2', 'host': {'host': 'h2', 'name': '%2f'}, 'consumable': False,
+         'consumer_class': 'tests.testapp.consumers.CustomConsumer'},
+    ]})
+    assert problems == []
+    names = [q.name for q in config.queues]
+    assert names == ['default', 'my-queue-1', 'my-queue-2']
+    q1, q2 = config.queue('my-queue-1'), config.queue('my-queue-2')
+    assert (q1.concurrency, q1.consumable, q1.broker.host, q1.broker.virtual_host) == (5, True, 'h1', 'v1')
+    assert (q2.concurrency, q2.consumable, q2.broker.virtual_host) == (1, False, '/')
+    assert q2.consumer_class == 'tests.testapp.consumers.CustomConsumer'
+    assert [q.name for q in config.consumable_queues] == ['default', 'my-queue-1']
+
+
+def test_check_reports_bad_concurrency_with_id_and_path():
+    assert problems_of({'queues': [{'name': 'a'}, {'name': 'b', 'concurrency': 'ten'}]}) == [
+        "carrot.E003: CARROT['queues'][1]['concurrency'] must be a positive integer, got 'ten'"]
+
+
+def test_check_reports_negative_concurrency():
+    assert problems_of({'queues': [{'name': 'a', 'concurrency': -2}]}) == [
+        "carrot.E003: CARROT['queues'][0]['concurrency'] must be a positive integer, got -2"]
+
+
+def test_check_reports_unknown_keys():
+    found = problems_of({'queue': [], 'queues': [{'name': 'a', 'concurency': 2}]})
+    assert len(found) == 2
+    assert found[0].startswith("carrot.E002: CARROT has an unknown key 'queue'")
+    assert found[1].startswith("carrot.E002: CARROT['queues'][0] has an unknown key 'concurency'")
+
+
+def test_check_reports_wrong_types():
+    found = problems_of({'queues': {'name': 'a'}, 'task_modules': 'myapp.tasks', 'max_attempts': 0})
+    assert "carrot.E003: CARROT['queues'] must be a list of dicts, got {'name': 'a'}" in found
+    assert "carrot.E003: CARROT['task_modules'] must be a list of dotted import paths, got 'myapp.tasks'" \
+        in found
+    assert "carrot.E003: CARROT['max_attempts'] must be a positive integer, got 0" in found
+    assert problems_of([1, 2]) == ['carrot.E001: CARROT must be a dict, got list']
+
+
+def test_check_reports_duplicate_queue_names():
+    assert problems_of({'queues': [{'name': 'a'}, {'name': 'a'}]}) == [
+        "carrot.E004: CARROT['queues'][1] repeats the queue name 'a'; queue names must be unique"]
+
+
+def test_check_reports_unparseable_broker_urls_without_showing_the_password():
+    found = problems_of({'default_broker': 'http://u:hunter2@h/', 'queues': [
+        {'name': 'a', 'host': 'amqp://u:p@h:notaport/'}, {'name': 'b', 'host': 42}]})
+    assert len(found) == 3
+    assert all(f.startswith('carrot.E005: ') for f in found)
+    assert 'hunter2' not in ' '.join(found)
+    assert "CARROT['queues'][0]['host']" in found[1]
+
+
+def test_manage_py_check_shows_the_problem():
+    with override_settings(CARROT={'queues': [{'name': 'a'}, {'name': 'b', 'concurrency': 'ten'}]}):
+        errors = run_checks(tags=['carrot'])
+        assert [(e.id, e.msg) for e in errors] == [
+            ('carrot.E003', "CARROT['queues'][1]['concurrency'] must be a positive integer, got 'ten'")]
+        with pytest.raises(SystemCheckError, match=r"carrot\.E003"):
+            call_command('check')
+        with pytest.raises(CarrotConfigException, match='concurrency'):
+            get_config()
+
+
+def test_check_reports_consumer_class_that_cannot_be_imported():
+    with override_settings(CARROT={'queues': [{'name': 'a', 'consumer_class': 'nowhere.Consumer'}],
+                                   'task_modules': ['tests.testapp.tasks', 'no.such.module']}):
+        errors = run_checks(tags=['carrot'])
+    assert [e.id for e in errors] == ['carrot.E006', 'carrot.E006']
+    assert "'nowhere.Consumer' cannot be imported" in errors[0].msg
+    assert "'no.such.module' cannot be imported" in errors[1].msg
+
+
+def test_config_is_immutable():
+    config = get_config()
+    with pytest.raises(AttributeError):
+        config.max_attempts = 5
+    with pytest.raises(AttributeError):
+        config.queues[0].concurrency = 9
+
+
+def test_broker_str_and_repr_never_show_the_password():
+    broker = parse_config({'default_broker': 'amqp://carrot:s3cr3t@rabbit:5672/prod'})[0].default_broker
+    assert 's3cr3t' not in str(broker) and 's3cr3t' not in repr(broker)
+    assert str(broker) == 'amqp://carrot:***@rabbit:5672/prod'
+    vhost = VirtualHost(url='amqp://carrot:s3cr3t@rabbit:5672/prod')
+    assert 's3cr3t' not in str(vhost) and 's3cr3t' not in repr(vhost)
+    assert vhost.password == 's3cr3t'  # still usable to connect
+    assert 's3cr3t' not in str(get_host_from_name('default'))
+
+
+def test_get_host_from_name_unknown_queue_names_the_configured_ones():
+    with pytest.raises(CarrotConfigException, match="no queue called 'nope'.*'default', 'other'"):
+        get_host_from_name('nope')
