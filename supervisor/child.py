@@ -1,0 +1,220 @@
+"""The child side of a fork: what a child body gets (`ChildContext`) and how a child starts and ends.
+
+`run_child()` runs in the freshly forked process and never returns: whatever the body does, the
+process ends in `os._exit()`, so no exception or return value can carry the child back into the
+master's loop (where it would start acting as a second master).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Iterable, NoReturn
+
+from setproctitle import setproctitle
+
+try:
+    import ctypes
+
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except (ImportError, OSError):  # a Python without ctypes, or no libc to load: no PDEATHSIG then
+    _libc = None
+
+_PR_SET_PDEATHSIG = 1
+
+# The child must not talk to systemd in the master's name; with NotifyAccess=all it could.
+_MASTER_ONLY_ENVIRON = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+class ChildContext:
+    """Handed to a slot's target in the child process.
+
+    ``stopping`` is set when the master asks the child to go (SIGTERM or SIGINT): finish the task in
+    hand, then return from the target. Call ``heartbeat()`` from the loop that does the work: a child
+    that stops calling it for ``heartbeat_timeout`` seconds is killed and replaced.
+    """
+
+    def __init__(
+        self,
+        *,
+        slot: str,
+        group: str,
+        index: int,
+        master_pid: int,
+        proc_name: str,
+        heartbeat_fd: int,
+        beat_interval: float = 1.0,
+    ) -> None:
+        self.slot = slot
+        self.group = group
+        self.index = index
+        self.master_pid = master_pid
+        self.stopping = threading.Event()
+        self._proc_name = proc_name
+        self._heartbeat_fd = heartbeat_fd
+        # Each byte wakes the master; a body calling heartbeat() on every tick of a busy loop must
+        # not turn that into thousands of wake-ups a second.
+        self._beat_interval = beat_interval
+        self._last_beat = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"<ChildContext {self.slot} master={self.master_pid}>"
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat < self._beat_interval:
+            return
+        self._last_beat = now
+        try:
+            os.write(self._heartbeat_fd, b".")
+        except (BlockingIOError, BrokenPipeError):
+            # A full pipe means the master has beats it has not read yet; a broken one means the
+            # master is gone, which master_alive() and PDEATHSIG deal with.
+            pass
+
+    def set_title(self, state: str) -> None:
+        title = f"{self._proc_name}: {self.slot}"
+        setproctitle(f"{title} {state}" if state else title)
+
+    def master_alive(self) -> bool:
+        return os.getppid() == self.master_pid
+
+
+class _SignalRelay:
+    """Turns SIGTERM/SIGINT/SIGUSR1 into work done on a thread of its own.
+
+    A signal handler runs on the main thread between two bytecodes, possibly while that thread holds
+    the lock inside `stopping.wait()`; calling `stopping.set()` or a log-reopening function from the
+    handler could deadlock. The handler only writes the signal number to a pipe.
+    """
+
+    def __init__(self, ctx: ChildContext, reopen_logs: Callable[[], None] | None, logger: logging.Logger):
+        self._ctx = ctx
+        self._reopen_logs = reopen_logs
+        self._log = logger
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, self._forward)
+        # Reload and scaling are the master's business. A Python-level no-op rather than SIG_IGN,
+        # because SIG_IGN would be inherited by programs a task execs.
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(signum, _ignore)
+        # QUIT means "die now"; CHLD back to default so a body's own subprocesses can be waited for.
+        for signum in (signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+
+    def start(self) -> None:
+        threading.Thread(target=self._relay, name="supervisor-signals", daemon=True).start()
+
+    def _forward(self, signum: int, frame: object) -> None:
+        try:
+            os.write(self._write_fd, bytes([signum]))
+        except OSError:
+            pass
+
+    def _relay(self) -> None:
+        while True:
+            data = os.read(self._read_fd, 64)
+            if not data:
+                return
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self._ctx.stopping.set()
+                elif signum == signal.SIGUSR1 and self._reopen_logs is not None:
+                    try:
+                        self._reopen_logs()
+                    except Exception:
+                        self._log.exception("%s: reopening logs failed", self._ctx.slot)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass
+
+
+def die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies. Linux only; False elsewhere."""
+    if _libc is None:
+        return False
+    try:
+        return _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+def exit_code_of(result: object) -> int:
+    """The process exit code for what a target returned (None means success)."""
+    if result is None:
+        return 0
+    if isinstance(result, int) and 0 <= result <= 255:
+        return int(result)
+    # os._exit(256) would report success; anything we cannot pass on faithfully is a failure.
+    return 1
+
+
+def run_child(
+    ctx: ChildContext,
+    target: Callable[[ChildContext], int | None],
+    *,
+    close_fds: Iterable[int],
+    sigmask: Iterable[int] | None,
+    reopen_logs: Callable[[], None] | None,
+    on_fork: Callable[[], None] | None,
+    logger: logging.Logger,
+) -> NoReturn:
+    """Everything a forked child does, from the first instruction after fork() to its exit."""
+    code = 1
+    try:
+        ctx.set_title("")
+        relay = _SignalRelay(ctx, reopen_logs, logger)
+        relay.install()
+        relay.start()
+        if sigmask is not None:
+            # The master blocked its signals around fork() so that a TERM sent to the new pid before
+            # our handlers existed would not run the master's handler here; it is delivered now.
+            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+        for fd in close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for name in _MASTER_ONLY_ENVIRON:
+            os.environ.pop(name, None)
+        die_with_parent()
+        if os.getppid() != ctx.master_pid:
+            # The master died between fork() and prctl(): PDEATHSIG will never fire for us.
+            os._exit(0)
+        if on_fork is not None:
+            on_fork()
+        code = exit_code_of(target(ctx))
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exit_code_of(exc.code)
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        logger.exception("%s (pid %d): child body raised", ctx.slot, os.getpid())
+        code = 1
+    finally:
+        _flush_output()
+        os._exit(code)
+
+
+def _flush_output() -> None:
+    # os._exit() skips every buffer: without this the last log lines of a child would be lost.
+    try:
+        logging.shutdown()
+    except Exception:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
