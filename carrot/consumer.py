@@ -28,12 +28,12 @@ from django.utils import timezone
 from carrot import messages, registry
 from carrot.broker import CONNECTION_ERRORS, connect, declare_queue
 from carrot.config import BrokerConfig, QueueConfig, get_config
-from carrot.exceptions import BadMessage, TaskNotRegistered
+from carrot.exceptions import BadMessage, TaskNotRegistered, TaskTimeLimitExceeded
 from carrot.models import MessageLog
 from carrot.objects import DefaultMessageSerializer, VirtualHost
 from carrot.runner import TASK_LOGGER, run_task
 
-IDLE_POLL = 1.0          # seconds the loop waits for broker I/O when no task runs
+IDLE_POLL = 0.5          # seconds the loop waits for broker I/O between ticks (bounds stop latency)
 RECONNECT_DELAYS = (1, 2, 5, 10, 30)
 DB_RETRY_DELAYS = (0.5, 2, 5)
 
@@ -49,6 +49,7 @@ class Delivery:
     """The message being worked on, as the connection thread sees it."""
     delivery_tag: int
     task: str
+    message_id: str | None
     started: float = field(default_factory=time.monotonic)
     future: Future | None = None
 
@@ -76,6 +77,7 @@ class Consumer:
         self.stopping = threading.Event()
         self.on_tick: Callable[[], None] | None = None        # called every loop turn (supervisor heartbeat)
         self.on_status: Callable[[str], None] | None = None   # told 'idle' / 'running <task> 3.1s'
+        self.task_time_limit: float | None = self.config.task_time_limit
         self.messages_settled = 0
         self.delivery: Delivery | None = None
         self._current_method = None
@@ -203,28 +205,36 @@ class Consumer:
 
     def run(self, max_messages: int | None = None, idle_timeout: float | None = None) -> None:
         """Consume until stop() (or SIGTERM in a supervised child), `max_messages` settled, or no message
-        for `idle_timeout` seconds. Reconnects when the broker goes away."""
+        for `idle_timeout` seconds. Reconnects when the broker goes away. Raises TaskTimeLimitExceeded
+        when a task overruns `task_time_limit`: its thread cannot be stopped, so the process should end."""
         if logging.getLogger(TASK_LOGGER).level == logging.NOTSET:
             logging.getLogger(TASK_LOGGER).setLevel(logging.INFO)  # so tasks' info lines reach the log field
         registry.autodiscover()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f'carrot-{self.name}')
-        attempt = 0
         try:
-            while not self._finished(max_messages):
-                try:
-                    self._consume(max_messages, idle_timeout)
-                    attempt = 0
-                    if idle_timeout is not None:
-                        break
-                except CONNECTION_ERRORS as exc:
-                    self._wait_for_delivery()  # its log is written; the lost ack means a redelivery
-                    delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
-                    attempt += 1
-                    self.logger.warning('%s: connection to %s lost (%s: %s); reconnecting in %ss',
-                                        self.name, self.broker, type(exc).__name__, exc, delay)
-                    self._sleep(delay)
+            self._reconnecting_loop(max_messages, idle_timeout)
+        except TaskTimeLimitExceeded:
+            self._executor.shutdown(wait=False)  # the overrunning task still holds the thread
+            self._executor = None
+            raise
         finally:
             self._shutdown_executor()
+
+    def _reconnecting_loop(self, max_messages, idle_timeout) -> None:
+        attempt = 0
+        while not self._finished(max_messages):
+            try:
+                self._consume(max_messages, idle_timeout)
+                attempt = 0
+                if idle_timeout is not None:
+                    return
+            except CONNECTION_ERRORS as exc:
+                self._wait_for_delivery()  # its log is written; the lost ack means a redelivery
+                delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
+                attempt += 1
+                self.logger.warning('%s: connection to %s lost (%s: %s); reconnecting in %ss',
+                                    self.name, self.broker, type(exc).__name__, exc, delay)
+                self._sleep(delay)
 
     def stop(self) -> None:
         """Stop taking messages; the task in hand is finished and acked first."""
@@ -247,6 +257,7 @@ class Consumer:
                 if self.delivery and self.delivery.future.done():
                     self._settle(channel, self.delivery)
                     last_activity = time.monotonic()
+                self._enforce_time_limit(channel)
                 self._tick()
                 if self.delivery is not None:
                     last_activity = time.monotonic()
@@ -269,7 +280,7 @@ class Consumer:
 
     def _on_message(self, connection):
         def on_message(channel, method, properties, body):
-            delivery = Delivery(method.delivery_tag, _header_task(properties))
+            delivery = Delivery(method.delivery_tag, _header_task(properties), properties.message_id)
             delivery.future = self._executor.submit(self._process_safely, method, properties, body)
             # Wake the connection loop as soon as the task is done, instead of at its next poll.
             delivery.future.add_done_callback(lambda _: connection.add_callback_threadsafe(lambda: None))
@@ -286,6 +297,24 @@ class Consumer:
             channel.basic_nack(delivery.delivery_tag, requeue=True)
         self.delivery = None
         self.messages_settled += 1
+
+    def _enforce_time_limit(self, channel) -> None:
+        """Fail and dead-letter a task that overran the time limit, then raise to end this process."""
+        delivery = self.delivery
+        if delivery is None or not self.task_time_limit or delivery.future.done():
+            return
+        elapsed = time.monotonic() - delivery.started
+        if elapsed < self.task_time_limit:
+            return
+        error = TaskTimeLimitExceeded(
+            f'time limit of {self.task_time_limit:g}s exceeded: the task was still running after '
+            f'{elapsed:.1f}s, so its worker process was stopped')
+        log = MessageLog.objects.filter(uuid=delivery.message_id).first() if delivery.message_id else None
+        if log is not None:
+            self.fail(log, error)
+        channel.basic_reject(delivery.delivery_tag, requeue=False)
+        self.delivery = None
+        raise error
 
     def _tick(self) -> None:
         if self.on_status is not None:

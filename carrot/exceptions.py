@@ -26,3 +26,7 @@ class QueueMismatchError(CarrotError):
 
 class BadMessage(CarrotError):
     """A message from the queue cannot be turned into a task call; the text says why, for a person."""
+
+
+class TaskTimeLimitExceeded(CarrotError):
+    """A task ran past the time limit; its log says FAILED and its message was dead-lettered."""

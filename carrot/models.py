@@ -164,9 +164,14 @@ class ScheduledTask(models.Model):
         return kwargs if isinstance(kwargs, dict) else {}
 
     def next_run_time(self):
+        """When this schedule is due next; None means it has never run, so it is due now."""
         if self.last_run_time is None:
-            return timezone.now()
+            return None
         return self.last_run_time + self.interval
+
+    def is_due(self, now) -> bool:
+        next_run = self.next_run_time()
+        return next_run is None or next_run <= now
 
     def publish(self, priority: int = 0) -> MessageLog:
         from carrot.utilities import publish_message

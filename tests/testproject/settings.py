@@ -55,6 +55,7 @@ if os.environ.get('CARROT_TEST_DB', 'sqlite') == 'postgres':
         'ENGINE': 'django.db.backends.postgresql',
         'NAME': os.environ.get('CARROT_TEST_DB_NAME', 'carrot'),
         'USER': os.environ.get('PGUSER', 'postgres'),
+        'PASSWORD': os.environ.get('PGPASSWORD', ''),
         'HOST': os.environ.get('PGHOST', '127.0.0.1'),
         'PORT': os.environ.get('PGPORT', '5432'),
         'TEST': {'NAME': f'test_carrot_{RUN_ID}'},
@@ -82,8 +83,7 @@ CARROT = {
 LOGGING = {
     'version': 1,
     'disable_existing_loggers': False,
-    'handlers': {'console': {'class': 'logging.StreamHandler'}},
-    'loggers': {'carrot': {'handlers': ['console'], 'level': 'INFO'},
+    'loggers': {'carrot': {'level': 'INFO'},
                 'pika': {'level': 'WARNING'}},
 }
 
