@@ -1,0 +1,61 @@
+"""manage.py carrot: run carrot-supervisor in the foreground with this project's settings.
+
+The process replaces itself with the supervisor (same pid, so signals and systemd work as for
+carrot-supervisor): the master must not have the project imported, and manage.py has imported it.
+"""
+import os
+import sys
+
+from django.core.management.base import BaseCommand
+
+SUPERVISOR_FLAGS = ('pidfile', 'logfile', 'loglevel', 'queues', 'graceful_timeout', 'max_tasks_per_child',
+                    'max_memory_per_child', 'task_time_limit', 'heartbeat_timeout')
+
+
+def supervisor_argv(settings_module, options):
+    """The carrot-supervisor command line for these options (this interpreter, no hard-coded paths)."""
+    argv = [sys.executable, '-m', 'carrot.cli', '--settings', settings_module]
+    for name in SUPERVISOR_FLAGS:
+        value = options.get(name)
+        if value is not None:
+            argv += [f'--{name.replace("_", "-")}', str(value)]
+    if options.get('no_scheduler'):
+        argv.append('--no-scheduler')
+    if options.get('check'):
+        argv.append('--check')
+    return argv
+
+
+def add_supervisor_arguments(parser):
+    parser.add_argument('--pidfile')
+    parser.add_argument('--logfile')
+    parser.add_argument('--loglevel')
+    parser.add_argument('--queues', help='consume only these queues (comma-separated)')
+    parser.add_argument('--no-scheduler', action='store_true')
+    parser.add_argument('--graceful-timeout', type=float)
+    parser.add_argument('--max-tasks-per-child', type=int)
+    parser.add_argument('--max-memory-per-child', type=int)
+    parser.add_argument('--task-time-limit', type=float)
+    parser.add_argument('--heartbeat-timeout', type=float)
+
+
+def python_path_for_children():
+    """The paths manage.py made importable (its own directory above all), for the new process."""
+    paths = [p for p in sys.path if p]
+    existing = os.environ.get('PYTHONPATH')
+    return os.pathsep.join(paths + ([existing] if existing else []))
+
+
+class Command(BaseCommand):
+    help = 'Run the carrot supervisor (consumers and scheduler) in the foreground.'
+    requires_system_checks = []
+
+    def add_arguments(self, parser):
+        add_supervisor_arguments(parser)
+        parser.add_argument('--check', action='store_true', help='validate settings and brokers, then exit')
+
+    def handle(self, *args, **options):
+        settings_module = os.environ['DJANGO_SETTINGS_MODULE']
+        env = dict(os.environ, PYTHONPATH=python_path_for_children())
+        sys.stdout.flush(), sys.stderr.flush()
+        os.execve(sys.executable, supervisor_argv(settings_module, options), env)
