@@ -28,10 +28,6 @@ from carrot.worker import WorkerOptions, consumer_main, scheduler_main
 LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
 PROC_NAME = 'carrot-supervisor'
 
-# Flags that CARROT keys of the same name give defaults for; a flag given on the command line wins.
-SETTABLE = ('graceful_timeout', 'heartbeat_timeout', 'task_time_limit', 'max_tasks_per_child',
-            'max_memory_per_child')
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -55,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='fail a task that runs longer, and replace its worker')
     parser.add_argument('--heartbeat-timeout', type=_positive(float), metavar='SECONDS',
                         help='kill a child that shows no sign of life for this long (default 60)')
+    parser.add_argument('--max-consecutive-failures', type=_positive(int), metavar='N',
+                        help='stop (exit code 6) when one slot has died young N times in a row (default 10)')
+    parser.add_argument('--backoff-cap', type=_positive(float), metavar='SECONDS',
+                        help='longest wait before restarting a slot that keeps dying young (default 30)')
     parser.add_argument('--check', action='store_true',
                         help='validate the settings and broker reachability, print the slot plan, and exit')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         supervisor.load_plan, title=f'master [{settings_module}]', proc_name=PROC_NAME,
         graceful_timeout=supervisor.option(summary, 'graceful_timeout'),
         heartbeat_timeout=supervisor.option(summary, 'heartbeat_timeout'),
+        max_consecutive_failures=supervisor.option(summary, 'max_consecutive_failures'),
+        backoff_cap=supervisor.option(summary, 'backoff_cap'),
         pidfile=args.pidfile, reopen_logs=functools.partial(reopen_handler, handler),
         logger=logging.getLogger('carrot.supervisor'))
     return arbiter.run()

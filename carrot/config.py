@@ -110,6 +110,8 @@ class CarrotConfig:
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None  # MiB of growth over the child's size after start-up
     scheduler: bool = True
+    max_consecutive_failures: int = 10  # young deaths in a row of one slot before the master gives up
+    backoff_cap: float = 30.0           # the longest wait before restarting a slot that keeps dying young
 
     def queue(self, name: str | None) -> QueueConfig:
         """The queue called `name` (None means the default queue)."""
@@ -328,6 +330,8 @@ class _Parser:
             max_tasks_per_child=get('max_tasks_per_child', self.positive_int, allow_none=True),
             max_memory_per_child=get('max_memory_per_child', self.positive_int, allow_none=True),
             scheduler=get('scheduler', self.boolean),
+            max_consecutive_failures=get('max_consecutive_failures', self.positive_int),
+            backoff_cap=get('backoff_cap', self.positive_number),
         )
 
 

@@ -123,7 +123,9 @@ def summarise(settings_module: str, check_brokers: bool) -> dict:
         'options': dict(graceful_timeout=config.graceful_timeout, heartbeat_timeout=config.heartbeat_timeout,
                         task_time_limit=config.task_time_limit,
                         max_tasks_per_child=config.max_tasks_per_child,
-                        max_memory_per_child=config.max_memory_per_child, scheduler=config.scheduler),
+                        max_memory_per_child=config.max_memory_per_child, scheduler=config.scheduler,
+                        max_consecutive_failures=config.max_consecutive_failures,
+                        backoff_cap=config.backoff_cap),
     }
     if check_brokers:
         data['broker_errors'] = broker_errors(config)

@@ -9,7 +9,8 @@ import sys
 from django.core.management.base import BaseCommand
 
 SUPERVISOR_FLAGS = ('pidfile', 'logfile', 'loglevel', 'queues', 'graceful_timeout', 'max_tasks_per_child',
-                    'max_memory_per_child', 'task_time_limit', 'heartbeat_timeout')
+                    'max_memory_per_child', 'task_time_limit', 'heartbeat_timeout', 'max_consecutive_failures',
+                    'backoff_cap')
 
 
 def supervisor_argv(settings_module, options):
@@ -37,6 +38,8 @@ def add_supervisor_arguments(parser):
     parser.add_argument('--max-memory-per-child', type=int)
     parser.add_argument('--task-time-limit', type=float)
     parser.add_argument('--heartbeat-timeout', type=float)
+    parser.add_argument('--max-consecutive-failures', type=int)
+    parser.add_argument('--backoff-cap', type=float)
 
 
 def python_path_for_children():
