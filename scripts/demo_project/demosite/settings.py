@@ -23,7 +23,7 @@ DEFAULT_AUTO_FIELD = 'django.db.models.BigAutoField'
 CARROT = {
     'default_broker': os.environ.get('CARROT_DEMO_BROKER', 'amqp://guest:guest@127.0.0.1:5672/carrot-demo'),
     'queues': [
-        {'name': 'default', 'concurrency': 2},
+        {'name': 'default', 'concurrency': int(os.environ.get('CARROT_DEMO_CONCURRENCY', 2))},
         {'name': 'reports', 'concurrency': 1},
     ],
 }

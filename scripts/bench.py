@@ -1,0 +1,235 @@
+"""Measure carrot against a raw pika baseline in the same run; run it through scripts/bench.
+
+Figures (messages per second, and the ratio to raw pika doing the same broker work):
+  publish   raw: basic_publish with confirms on one connection
+            carrot: publish_message (MessageLog row + confirmed publish)
+  consume   raw: basic_consume, prefetch 1, ack each message
+            carrot: one in-process Consumer (get-or-create log, IN_PROGRESS, run, COMPLETED, ack)
+  end-to-end carrot-supervisor with N consumer children draining a published backlog
+and the supervisor's lifecycle: start to ready, child respawn after SIGKILL, HUP to new children, TERM
+to exit when idle, and the memory of the master and a child. The database is SQLite (the demo project's);
+every number comes from this machine and this run, so compare ratios, not absolutes, across machines.
+"""
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT = os.path.join(ROOT, 'scripts', 'demo_project')
+
+
+def setup(vhost, run_dir, concurrency):
+    os.environ['CARROT_DEMO_DIR'] = run_dir
+    os.environ['CARROT_DEMO_BROKER'] = f'amqp://guest:guest@127.0.0.1:5672/{vhost}'
+    os.environ['CARROT_DEMO_CONCURRENCY'] = str(concurrency)
+    os.environ['DJANGO_SETTINGS_MODULE'] = 'demosite.settings'
+    sys.path.insert(0, PROJECT)
+    import django
+    django.setup()
+    from django.core.management import call_command
+    call_command('migrate', verbosity=0)
+    from carrot.models import ScheduledTask
+    ScheduledTask.objects.update(active=False)  # no scheduled runs mixed into the figures
+
+
+def raw_publish(n):
+    import pika
+    from carrot.broker import queue_arguments
+    from carrot.config import get_config
+    queue = get_config().queue('default')
+    connection = pika.BlockingConnection(queue.broker.connection_parameters())
+    channel = connection.channel()
+    channel.queue_declare('bench-raw', durable=True, arguments=queue_arguments(queue))
+    channel.queue_purge('bench-raw')
+    channel.confirm_delivery()
+    body = b'{"args": [], "kwargs": {}}'
+    started = time.perf_counter()
+    for i in range(n):
+        channel.basic_publish('', 'bench-raw', body, pika.BasicProperties(
+            headers={'type': 'shop.tasks.heartbeat'}, message_id=str(i), content_type='application/json',
+            delivery_mode=2))
+    elapsed = time.perf_counter() - started
+    connection.close()
+    return n / elapsed
+
+
+def raw_consume(n):
+    import pika
+    from carrot.config import get_config
+    queue = get_config().queue('default')
+    connection = pika.BlockingConnection(queue.broker.connection_parameters())
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=1)
+    seen = 0
+    started = time.perf_counter()
+    for method, _, _ in channel.consume('bench-raw', inactivity_timeout=5):
+        if method is None:
+            break
+        channel.basic_ack(method.delivery_tag)
+        seen += 1
+        if seen == n:
+            break
+    elapsed = time.perf_counter() - started
+    channel.cancel()
+    channel.queue_delete('bench-raw')
+    connection.close()
+    return seen / elapsed
+
+
+def carrot_publish(n):
+    from carrot.utilities import publish_message
+    started = time.perf_counter()
+    for _ in range(n):
+        publish_message('shop.tasks.heartbeat')
+    return n / (time.perf_counter() - started)
+
+
+def carrot_consume(n):
+    import logging
+    from carrot.consumer import Consumer
+    from carrot.models import MessageLog
+    logging.getLogger('carrot').setLevel(logging.WARNING)
+    consumer = Consumer(None, 'default')
+    started = time.perf_counter()
+    consumer.run(max_messages=n, idle_timeout=5)
+    elapsed = time.perf_counter() - started
+    done = MessageLog.objects.filter(status='COMPLETED').count()
+    return consumer.messages_settled / elapsed, done
+
+
+class Supervisor:
+    def __init__(self, run_dir):
+        self.log = os.path.join(run_dir, 'carrot.log')
+        self.process = None
+
+    def start(self):
+        open(self.log, 'w').close()
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, '-m', 'carrot.cli', '--pythonpath', PROJECT, '--logfile', self.log, '--no-scheduler'],
+            cwd=PROJECT, env=dict(os.environ), stdin=subprocess.DEVNULL)
+
+    def log_text(self):
+        with open(self.log) as f:
+            return f.read()
+
+    def wait_for_log(self, pattern, timeout=60, after=0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.log_text()[after:])
+            if match:
+                return match
+            time.sleep(0.01)
+        raise SystemExit(f'bench: {pattern!r} did not appear in {self.log} within {timeout}s')
+
+    def children(self):
+        import psutil
+        return psutil.Process(self.process.pid).children()
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            self.process.wait(timeout=30)
+
+
+def supervisor_figures(n):
+    import psutil
+    from carrot.models import MessageLog
+    from carrot.utilities import publish_message
+
+    MessageLog.objects.all().delete()
+    for _ in range(n):
+        publish_message('shop.tasks.heartbeat')
+    supervisor = Supervisor(os.environ['CARROT_DEMO_DIR'])
+    figures = {}
+    try:
+        supervisor.start()
+        supervisor.wait_for_log(r'ready: \d+ children up')
+        figures['start_to_ready_s'] = time.monotonic() - supervisor.started
+        started = time.perf_counter()
+        deadline = time.monotonic() + 300
+        while MessageLog.objects.filter(status='COMPLETED').count() < n:
+            if time.monotonic() > deadline:
+                raise SystemExit('bench: the supervisor did not drain the backlog within 300 s')
+            time.sleep(0.05)
+        figures['end_to_end_per_s'] = n / (time.perf_counter() - started)
+        master = psutil.Process(supervisor.process.pid)
+        children = supervisor.children()
+        figures['master_rss_mib'] = master.memory_info().rss / 2 ** 20
+        figures['child_rss_mib'] = max(c.memory_info().rss for c in children) / 2 ** 20
+
+        # A child younger than the supervisor's min_uptime (5 s) that dies counts as dying young and is
+        # restarted after a backoff; measure the refill of a child that ran stably.
+        time.sleep(max(0.0, 6 - (time.monotonic() - supervisor.started)))
+        victim = children[0]
+        old = {c.pid for c in children}
+        victim.kill()
+        killed = time.monotonic()
+        while not ({c.pid for c in supervisor.children()} - old):
+            time.sleep(0.001)
+        figures['respawn_ms'] = (time.monotonic() - killed) * 1000
+        supervisor.wait_for_log(r'ready|spawned', timeout=10)
+
+        time.sleep(2)
+        old = {c.pid for c in supervisor.children()}
+        mark = len(supervisor.log_text())
+        supervisor.process.send_signal(signal.SIGHUP)
+        hup = time.monotonic()
+        while True:
+            pids = {c.pid for c in supervisor.children()}
+            if pids and not (pids & old) and len(pids) == len(old):
+                break
+            time.sleep(0.005)
+        figures['hup_to_new_children_forked_s'] = time.monotonic() - hup
+        supervisor.wait_for_log(r'reload done', after=mark)
+        figures['hup_to_reload_done_s'] = time.monotonic() - hup
+
+        time.sleep(1)
+        supervisor.process.send_signal(signal.SIGTERM)
+        term = time.monotonic()
+        supervisor.process.wait(timeout=60)
+        figures['term_to_exit_idle_s'] = time.monotonic() - term
+    finally:
+        supervisor.stop()
+    return figures
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--messages', type=int, default=2000)
+    parser.add_argument('--concurrency', type=int, default=2)
+    parser.add_argument('--vhost', default='carrot-bench')
+    args = parser.parse_args()
+    n = args.messages
+    with tempfile.TemporaryDirectory(prefix='carrot-bench-') as run_dir:
+        setup(args.vhost, run_dir, args.concurrency)
+        from carrot.models import MessageLog
+        raw_pub = raw_publish(n)
+        raw_con = raw_consume(n)
+        MessageLog.objects.all().delete()
+        pub = carrot_publish(n)
+        con, done = carrot_consume(n)
+        sup = supervisor_figures(n)
+
+    print(f'\ncarrot bench: {n} messages, SQLite, RabbitMQ on 127.0.0.1, {os.cpu_count()} CPUs')
+    print(f'{"":<36}{"msg/s":>10}{"vs raw pika":>14}')
+    print(f'{"raw pika publish (confirms)":<36}{raw_pub:>10.0f}{"1.00":>14}')
+    print(f'{"carrot publish_message":<36}{pub:>10.0f}{pub / raw_pub:>14.2f}')
+    print(f'{"raw pika consume (prefetch 1, ack)":<36}{raw_con:>10.0f}{"1.00":>14}')
+    print(f'{"carrot consumer, 1 process":<36}{con:>10.0f}{con / raw_con:>14.2f}')
+    print(f'{f"carrot-supervisor, {args.concurrency} consumers":<36}{sup["end_to_end_per_s"]:>10.0f}'
+          f'{sup["end_to_end_per_s"] / raw_con:>14.2f}')
+    print(f'(carrot consumer completed {done} of {n} logged tasks)')
+    print('\nsupervisor')
+    for key in ('start_to_ready_s', 'respawn_ms', 'hup_to_new_children_forked_s', 'hup_to_reload_done_s',
+                'term_to_exit_idle_s', 'master_rss_mib', 'child_rss_mib'):
+        print(f'  {key:<32}{sup[key]:>10.3f}')
+
+
+if __name__ == '__main__':
+    main()
