@@ -30,7 +30,12 @@ def setup_django(options: WorkerOptions) -> None:
     os.environ['DJANGO_SETTINGS_MODULE'] = options.settings_module
     import django
     django.setup()
-    # Django's LOGGING may have reset levels; the supervisor's --loglevel is for carrot's loggers.
+    # Django applies LOGGING with dictConfig, whose default disable_existing_loggers=True silences every
+    # logger created before it -- carrot's and the supervisor's among them, as this process imported
+    # them before the fork. Their lines are what tells an operator what the workers did.
+    for name, existing in logging.root.manager.loggerDict.items():
+        if isinstance(existing, logging.Logger) and name.split('.')[0] in ('carrot', 'supervisor'):
+            existing.disabled = False
     logging.getLogger('carrot').setLevel(options.loglevel)
 
 
