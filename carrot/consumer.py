@@ -325,12 +325,22 @@ class Consumer:
             self.on_tick()
 
     def _wait_for_delivery(self) -> None:
+        """After the connection is lost: let the task in hand finish (its log row gets written; the
+        message, unacked, is delivered again and then acked as a duplicate), within the time limit."""
         delivery, self.delivery = self.delivery, None
         while delivery is not None and not delivery.future.done():
             try:
                 delivery.future.result(timeout=IDLE_POLL)
             except TimeoutError:
                 pass
+            if self.task_time_limit and time.monotonic() - delivery.started > self.task_time_limit:
+                error = TaskTimeLimitExceeded(f'time limit of {self.task_time_limit:g}s exceeded while the '
+                                              f'broker connection was down; its worker process was stopped')
+                log = MessageLog.objects.filter(uuid=delivery.message_id).first() \
+                    if delivery.message_id else None
+                if log is not None:
+                    self.fail(log, error)  # the redelivery then sees FAILED and dead-letters it
+                raise error
             self._tick()
 
     def _sleep(self, seconds: float) -> None:
