@@ -306,15 +306,19 @@ class Consumer:
         elapsed = time.monotonic() - delivery.started
         if elapsed < self.task_time_limit:
             return
-        error = TaskTimeLimitExceeded(
-            f'time limit of {self.task_time_limit:g}s exceeded: the task was still running after '
-            f'{elapsed:.1f}s, so its worker process was stopped')
-        log = MessageLog.objects.filter(uuid=delivery.message_id).first() if delivery.message_id else None
-        if log is not None:
-            self.fail(log, error)
+        error = self._fail_overrun(delivery, f'the task was still running after {elapsed:.1f}s')
         channel.basic_reject(delivery.delivery_tag, requeue=False)
         self.delivery = None
         raise error
+
+    def _fail_overrun(self, delivery: Delivery, what: str) -> TaskTimeLimitExceeded:
+        """Mark an overrunning task FAILED (failure callbacks run); returns the error to raise."""
+        error = TaskTimeLimitExceeded(f'time limit of {self.task_time_limit:g}s exceeded: {what}, so its '
+                                      f'worker process was stopped')
+        log = MessageLog.objects.filter(uuid=delivery.message_id).first() if delivery.message_id else None
+        if log is not None:
+            self.fail(log, error)
+        return error
 
     def _tick(self) -> None:
         if self.on_status is not None:
@@ -334,13 +338,9 @@ class Consumer:
             except TimeoutError:
                 pass
             if self.task_time_limit and time.monotonic() - delivery.started > self.task_time_limit:
-                error = TaskTimeLimitExceeded(f'time limit of {self.task_time_limit:g}s exceeded while the '
-                                              f'broker connection was down; its worker process was stopped')
-                log = MessageLog.objects.filter(uuid=delivery.message_id).first() \
-                    if delivery.message_id else None
-                if log is not None:
-                    self.fail(log, error)  # the redelivery then sees FAILED and dead-letters it
-                raise error
+                # FAILED in the log: its redelivery is then dead-lettered without running again.
+                raise self._fail_overrun(delivery, 'the task was still running while the broker '
+                                                   'connection was down')
             self._tick()
 
     def _sleep(self, seconds: float) -> None:
