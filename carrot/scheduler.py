@@ -8,17 +8,24 @@ scheduler read), so when two schedulers on two hosts share a database, each due 
 
 Timing: a new schedule runs at once, then every interval after the previous run. After downtime there is
 no burst of missed runs: an overdue schedule runs once, and the next run is one interval after that.
+
+Failures: a schedule whose broker cannot take the message gets its run back and is retried with a backoff
+of its own (1 s, 2 s, 4 s ... at most MAX_RETRY_DELAY); a schedule that cannot be published at all (a task
+that is not registered, a queue that is not configured, arguments that are not JSON) is logged and tried
+again at its next interval. Neither holds up the other schedules. The database being down slows every
+tick down the same way until it is back.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from django.db import DatabaseError, connections
 from django.utils import timezone
 
-from carrot.exceptions import CarrotError
+from carrot.exceptions import CarrotConfigException, CarrotError, TaskNotRegistered
 from carrot.models import ScheduledTask
 
 logger = logging.getLogger('carrot.scheduler')
@@ -35,6 +42,8 @@ class Scheduler:
         self.on_status: Callable[[str], None] | None = None
         self.published = 0
         self.failures = 0  # consecutive ticks that failed; slows retries while a service is down
+        # Per schedule pk: (consecutive publish failures, monotonic time before which it is not retried).
+        self.retries: dict[int, tuple[int, float]] = {}
 
     def run(self) -> None:
         """Publish due schedules until `stopping` is set."""
@@ -49,8 +58,12 @@ class Scheduler:
         connections.close_all()
         logger.info('scheduler stopped after publishing %d run(s)', self.published)
 
+    def _retry_delay(self) -> float:
+        # The first retry is on the next tick (1 s, as the spec asks; this was 2 s), then 2 s, 4 s ...
+        return min(self.tick * 2 ** (self.failures - 1), MAX_RETRY_DELAY) if self.failures else self.tick
+
     def _wait_for_next_tick(self) -> None:
-        delay = min(self.tick * 2 ** self.failures, MAX_RETRY_DELAY) if self.failures else self.tick
+        delay = self._retry_delay()
         deadline = timezone.now().timestamp() + delay
         while not self.stopping.is_set() and timezone.now().timestamp() < deadline:
             if self.on_tick is not None:
@@ -63,8 +76,7 @@ class Scheduler:
             step()
         except (DatabaseError, CarrotError) as exc:
             self.failures += 1
-            logger.error('scheduler: %s: %s; retrying in %.0fs', type(exc).__name__, exc,
-                         min(self.tick * 2 ** self.failures, MAX_RETRY_DELAY))
+            logger.error('scheduler: %s: %s; retrying in %.0fs', type(exc).__name__, exc, self._retry_delay())
             connections.close_all()  # a broken connection is re-opened on the next query
         else:
             self.failures = 0
@@ -75,7 +87,7 @@ class Scheduler:
         published = 0
         schedules = list(ScheduledTask.objects.filter(active=True))
         for schedule in schedules:
-            if schedule.is_due(now) and self.claim(schedule, now):
+            if schedule.is_due(now) and not self._backing_off(schedule) and self.claim(schedule, now):
                 published += self.publish(schedule, claimed_at=now)
         if self.on_status is not None:
             self.on_status(f'{len(schedules)} active schedule(s), {self.published} run(s) published')
@@ -89,17 +101,32 @@ class Scheduler:
             .update(last_run_time=now)
         return claimed == 1
 
+    def _backing_off(self, schedule: ScheduledTask) -> bool:
+        _, retry_at = self.retries.get(schedule.pk, (0, 0.0))
+        return time.monotonic() < retry_at
+
     def publish(self, schedule: ScheduledTask, claimed_at) -> int:
         try:
             log = schedule.publish()
-        except (TypeError, ValueError) as exc:  # the schedule itself is broken: it is not retried early
+        except (TypeError, ValueError, TaskNotRegistered, CarrotConfigException) as exc:
+            # The schedule itself is broken (a task that is not registered, a queue that is not
+            # configured, bad arguments): it is not retried early. These used to escape (the two
+            # CarrotErrors) and end the tick, so one bad row kept every schedule after it from running.
             logger.error('scheduler: %r (%s) cannot be published: %s', schedule.task_name, schedule.task, exc)
             return 0
-        except CarrotError:
+        except CarrotError as exc:
             # Give the run back so a later tick tries again, unless another scheduler ran it meanwhile.
             ScheduledTask.objects.filter(pk=schedule.pk, last_run_time=claimed_at) \
                 .update(last_run_time=schedule.last_run_time)
-            raise
+            # Back off this schedule only. Raising here (as this did) ended the tick, so a schedule on
+            # an unreachable broker kept the schedules after it from running, and slowed them all down.
+            failures = self.retries.get(schedule.pk, (0, 0.0))[0] + 1
+            delay = min(self.tick * 2 ** (failures - 1), MAX_RETRY_DELAY)
+            self.retries[schedule.pk] = (failures, time.monotonic() + delay)
+            logger.error('scheduler: %r (%s) could not be published: %s; retrying in %.0fs',
+                         schedule.task_name, schedule.task, exc, delay)
+            return 0
+        self.retries.pop(schedule.pk, None)
         self.published += 1
         logger.info('scheduler: published %r (%s) as %s', schedule.task_name, schedule.task, log.uuid)
         return 1

@@ -1,0 +1,494 @@
+"""The scheduler: publishing due ScheduledTasks, in this process and as carrot-supervisor's child.
+
+In-process tests drive Scheduler.publish_due() against real rows and the real broker (the clock is
+moved by moving a schedule's last_run_time back, or by sleeping for short intervals). Process-level
+tests start carrot-supervisor, change ScheduledTask rows while it runs, and read the MessageLog rows
+its scheduler child writes. Measured delays are printed as FIGURE lines (run with -s to see them).
+"""
+import itertools
+import logging
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.conf import settings
+from django.db import connections
+from django.test import override_settings
+from django.utils import timezone
+
+from carrot.helper_tasks import CLEANUP_TASK_NAME, sync_cleanup_schedule
+from carrot.models import MessageLog, ScheduledTask
+from carrot.scheduler import Scheduler
+from carrot.utilities import create_scheduled_task
+from tests.conftest import queue_depth
+from tests.proctools import Supervisor, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ADD = 'tests.testapp.tasks.add'
+DEAD_BROKER = 'amqp://guest:guest@127.0.0.1:1/'  # nothing listens on port 1: connections are refused
+
+
+def schedule(name, seconds=60, queue='other', task_args=(1, 2), **fields):
+    """A schedule of add(1, 2) named `name`, on queue `other` (the cleanup schedule uses `default`)."""
+    task = create_scheduled_task(ADD, {'seconds': seconds}, task_name=name, queue=queue,
+                                 task_args=list(task_args))
+    if fields:
+        ScheduledTask.objects.filter(pk=task.pk).update(**fields)
+        task.refresh_from_db()
+    return task
+
+
+@pytest.fixture(autouse=True)
+def cleanup_schedule_paused(db):
+    """The cleanup schedule (made by post_migrate) is paused so counts are ours alone; a scheduler that
+    starts (Scheduler.run, the supervisor) syncs it with the settings and so turns it on again."""
+    ScheduledTask.objects.filter(task_name=CLEANUP_TASK_NAME).update(active=False)
+
+
+def published(queue='other'):
+    """Rows of messages RabbitMQ confirmed for `queue` (a failed publish leaves a FAILED row)."""
+    return MessageLog.objects.filter(queue=queue, status=MessageLog.PUBLISHED)
+
+
+def move_back(task, seconds):
+    """Pretend `seconds` have passed since the schedule last ran."""
+    earlier = task.last_run_time - timedelta(seconds=seconds)
+    ScheduledTask.objects.filter(pk=task.pk).update(last_run_time=earlier)
+    task.refresh_from_db()
+    return task
+
+
+def with_unreachable_queue():
+    """CARROT plus a queue `unreachable` on a broker nobody listens to (not consumed by anyone)."""
+    carrot = dict(settings.CARROT)
+    carrot['queues'] = list(carrot['queues']) + [
+        {'name': 'unreachable', 'host': DEAD_BROKER, 'consumable': False}]
+    return override_settings(CARROT=carrot)
+
+
+def run_in_thread(target, *args):
+    """Run `target` in a thread with its own database connection; returns (thread, result list)."""
+    result = []
+
+    def body():
+        try:
+            result.append(target(*args))
+        except BaseException as exc:  # reported to the test by the caller
+            result.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, result
+
+
+# --- in process ---------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_new_schedule_is_published_at_once_then_once_per_interval():
+    task = schedule('every minute', seconds=60)
+    assert task.last_run_time is None and task.is_due(timezone.now())
+
+    before = timezone.now()
+    assert Scheduler().publish_due() == 1
+    after = timezone.now()
+    task.refresh_from_db()
+    assert before <= task.last_run_time <= after
+    assert published().count() == 1
+    log = published().get()
+    assert log.positionals == [1, 2] and log.task == ADD
+    assert wait_for(lambda: queue_depth('other') == 1, 5, what='the message in RabbitMQ')
+
+    # Not again before the interval has passed ...
+    assert Scheduler().publish_due() == 0
+    move_back(task, 55)
+    assert Scheduler().publish_due() == 0
+    assert published().count() == 1
+    # ... and again once it has.
+    move_back(task, 5)
+    assert Scheduler().publish_due() == 1
+    assert published().count() == 2
+    assert queue_depth('other') == 2
+
+
+@pytest.mark.timeout(60)
+def test_one_second_schedule_runs_again_after_a_second_of_real_time():
+    schedule('every second', seconds=1)
+    scheduler = Scheduler()
+    scheduler.publish_due()
+    assert published().count() == 1
+    scheduler.publish_due()
+    assert published().count() == 1
+    time.sleep(1.05)
+    scheduler.publish_due()
+    assert published().count() == 2
+
+
+@pytest.mark.timeout(60)
+def test_inactive_and_deleted_schedules_are_not_published():
+    paused = schedule('paused', seconds=1, active=False)
+    doomed = schedule('doomed', seconds=1)
+    doomed.delete()
+    assert Scheduler().publish_due() == 0
+    assert published().count() == 0
+    assert queue_depth('other') == 0
+    paused.refresh_from_db()
+    assert paused.last_run_time is None
+
+    # An inactive schedule that was due long ago is not published either, and is on reactivation.
+    ScheduledTask.objects.filter(pk=paused.pk).update(last_run_time=timezone.now() - timedelta(days=1))
+    assert Scheduler().publish_due() == 0
+    ScheduledTask.objects.filter(pk=paused.pk).update(active=True)
+    assert Scheduler().publish_due() == 1
+    assert published().count() == 1
+
+
+@pytest.mark.timeout(60)
+def test_after_downtime_one_run_then_the_normal_interval():
+    task = schedule('hourly', seconds=3600)
+    ScheduledTask.objects.filter(pk=task.pk).update(last_run_time=timezone.now() - timedelta(days=2))
+
+    before = timezone.now()
+    scheduler = Scheduler()
+    assert scheduler.publish_due() == 1     # 48 missed runs: one is published, not 48
+    assert scheduler.publish_due() == 0
+    assert published().count() == 1
+    task.refresh_from_db()
+    # The next run is an interval after this run, not after the last one before the downtime.
+    assert task.last_run_time >= before
+    assert task.next_run_time() == task.last_run_time + timedelta(hours=1)
+    move_back(task, 3590)
+    assert scheduler.publish_due() == 0
+    move_back(task, 10)
+    assert scheduler.publish_due() == 1
+    assert published().count() == 2
+
+
+@pytest.mark.timeout(60)
+def test_claim_is_a_compare_and_set_on_last_run_time():
+    task = schedule('contended', seconds=60)
+    mine, theirs = ScheduledTask.objects.get(pk=task.pk), ScheduledTask.objects.get(pk=task.pk)
+    now = timezone.now()
+    assert Scheduler.claim(mine, now) is True
+    assert Scheduler.claim(theirs, now + timedelta(microseconds=1)) is False  # read the old value: loses
+    task.refresh_from_db()
+    assert task.last_run_time == now
+
+    # A claim on a schedule deactivated since it was read loses too.
+    ScheduledTask.objects.filter(pk=task.pk).update(active=False)
+    assert Scheduler.claim(task, timezone.now()) is False
+
+
+class LockstepScheduler(Scheduler):
+    """Two of these claim each schedule at the same moment: both have read it before either claims."""
+
+    def __init__(self, barrier):
+        super().__init__()
+        self.barrier = barrier
+
+    def claim(self, schedule, now):
+        self.barrier.wait()
+        return super().claim(schedule, now)
+
+
+@pytest.mark.timeout(90)
+def test_two_schedulers_racing_publish_each_due_run_once():
+    names = [f'race {i:02d}' for i in range(15)]
+    for name in names:
+        schedule(name, seconds=60)
+
+    barrier = threading.Barrier(2, timeout=30)
+    threads = [run_in_thread(LockstepScheduler(barrier).publish_due) for _ in range(2)]
+    for thread, _ in threads:
+        thread.join(60)
+        assert not thread.is_alive()
+    results = [result[0] for _, result in threads]
+    for result in results:
+        assert not isinstance(result, BaseException), result
+    print(f'FIGURE race_published_by_each_scheduler={results}')
+    assert sum(results) == len(names)
+    assert published().count() == len(names)
+    assert wait_for(lambda: queue_depth('other') == len(names), 5, what=f'{len(names)} messages')
+    assert ScheduledTask.objects.filter(task_name__in=names, last_run_time__isnull=True).count() == 0
+
+
+@pytest.mark.timeout(60)
+def test_publish_failure_gives_the_run_back_and_other_schedules_go_on(caplog):
+    caplog.set_level(logging.INFO, logger='carrot')
+    with with_unreachable_queue():
+        dead = ScheduledTask.objects.create(task=ADD, task_name='a unreachable', queue='unreachable',
+                                            interval_type='seconds', interval_count=60, task_args='[1, 2]')
+        alive = schedule('b reachable', seconds=60)
+
+        scheduler = Scheduler()
+        scheduler.publish_due()
+        dead.refresh_from_db(), alive.refresh_from_db()
+        assert dead.last_run_time is None        # given back: tried again on a later tick
+        assert alive.last_run_time is not None   # not held up by the failure before it
+        assert published('other').count() == 1
+        failed = MessageLog.objects.get(queue='unreachable')
+        assert failed.status == MessageLog.FAILED and 'could not be published' in failed.exception
+        assert any(r.levelno == logging.ERROR and 'a unreachable' in r.getMessage() for r in caplog.records)
+
+        # The loop keeps running: it retries the failing schedule and keeps publishing the other one.
+        ScheduledTask.objects.filter(pk=alive.pk).update(interval_count=1)
+        stopping = threading.Event()
+        loop = Scheduler(stopping=stopping)
+        thread, result = run_in_thread(loop.run)
+        started = time.monotonic()
+        try:
+            wait_for(lambda: loop.published >= 3
+                     and MessageLog.objects.filter(queue='unreachable').count() >= 3, 20,
+                     what='three runs of the reachable schedule and two more tries of the other')
+        finally:
+            stopping.set()
+            thread.join(10)
+        attempts = MessageLog.objects.filter(queue='unreachable').count()
+        print(f'FIGURE scheduler_loop_unreachable_attempts={attempts} reachable_runs={loop.published} '
+              f'in {time.monotonic() - started:.1f}s')
+        assert not thread.is_alive() and result == [None]
+        dead.refresh_from_db()
+        assert dead.last_run_time is None
+        assert MessageLog.objects.filter(queue='unreachable').exclude(status=MessageLog.FAILED).count() == 0
+
+
+@pytest.mark.timeout(60)
+def test_broken_schedule_does_not_block_the_others(caplog):
+    caplog.set_level(logging.INFO, logger='carrot')
+    ScheduledTask.objects.create(task='os.system', task_name='a not a task', queue='other',
+                                 interval_type='seconds', interval_count=60, task_args='["true"]')
+    ScheduledTask.objects.create(task=ADD, task_name='b no such queue', queue='nowhere',
+                                 interval_type='seconds', interval_count=60, task_args='[1, 2]')
+    schedule('c fine', seconds=60)
+    Scheduler().publish_due()
+    assert published('other').count() == 1
+    assert published('other').get().task == ADD
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any('a not a task' in m and 'not registered' in m for m in messages), messages
+    assert any('b no such queue' in m and 'nowhere' in m for m in messages), messages
+
+
+@pytest.mark.timeout(60)
+def test_cleanup_schedule_is_synced_when_the_scheduler_starts():
+    ScheduledTask.objects.filter(task_name=CLEANUP_TASK_NAME).delete()
+    stopping = threading.Event()
+    scheduler = Scheduler(stopping=stopping)
+    scheduler.on_tick = stopping.set  # one tick
+    thread, result = run_in_thread(scheduler.run)
+    thread.join(30)
+    assert result == [None]
+    cleanup = ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME)
+    assert cleanup.active and cleanup.task == 'carrot.helper_tasks.cleanup'
+    assert cleanup.interval == timedelta(hours=1)
+    assert cleanup.last_run_time is not None  # ... and published on that first tick
+    assert MessageLog.objects.filter(task='carrot.helper_tasks.cleanup',
+                                     status=MessageLog.PUBLISHED).count() == 1
+
+    # Turned off in the settings: the schedule is deactivated at the next start (and back on again).
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None}):
+        sync_cleanup_schedule()
+        assert not ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME).active
+    sync_cleanup_schedule()
+    assert ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME).active
+    assert ScheduledTask.objects.filter(task_name=CLEANUP_TASK_NAME).count() == 1
+
+
+# --- in carrot-supervisor's scheduler child ----------------------------------------------------------
+
+EDIT_BOUND = 2.0  # the spec: a change to a ScheduledTask takes effect within 2 s
+OBSERVE = 3.5     # how long a test watches for publications that should have stopped
+
+
+def runs_of(args):
+    """Publications of add(*args) (each test schedule has arguments of its own), oldest first."""
+    import json
+    return list(MessageLog.objects.filter(task=ADD, task_args=json.dumps(list(args)))
+                .exclude(status=MessageLog.FAILED).order_by('publish_time'))
+
+
+def first_run_after(args, moment, timeout, supervisor):
+    return wait_for(lambda: [r for r in runs_of(args) if r.publish_time > moment][:1], timeout,
+                    what=f'a run of add{tuple(args)} after {moment:%H:%M:%S.%f}',
+                    on_timeout=supervisor.diagnostics)[0]
+
+
+def ms(delta):
+    return round(delta.total_seconds() * 1000)
+
+
+@pytest.fixture
+def start_supervisor(subprocess_env, tmp_path, request):
+    """start_supervisor(*args, name=..., env=...) -> a running Supervisor, killed (whole tree) at the end."""
+    def start(*args, name='supervisor', env=None):
+        supervisor = Supervisor(env or subprocess_env, tmp_path, *args, name=name)
+        request.addfinalizer(supervisor.stop)
+        return supervisor
+    return start
+
+
+@pytest.mark.timeout(120)
+def test_schedule_changes_take_effect_within_two_seconds(start_supervisor):
+    supervisor = start_supervisor('--queues', 'default')
+    supervisor.wait_ready()
+    scheduler_pid = supervisor.scheduler().pid
+    args = [7, 0]
+
+    # Created: published at once.
+    created = timezone.now()
+    task = create_scheduled_task(ADD, {'seconds': 60}, task_name='live', queue='other', task_args=args)
+    first = first_run_after(args, created, 10, supervisor)
+    print(f'FIGURE schedule_create_to_publish_ms={ms(first.publish_time - created)}')
+    assert first.publish_time - created <= timedelta(seconds=EDIT_BOUND)
+
+    # Interval shortened (60 s -> 1 s), a little over a second after that run: runs again at once.
+    time.sleep(max(0.0, (first.publish_time + timedelta(seconds=1.2) - timezone.now()).total_seconds()))
+    edited = timezone.now()
+    ScheduledTask.objects.filter(pk=task.pk).update(interval_count=1)
+    second = first_run_after(args, edited, 10, supervisor)
+    print(f'FIGURE schedule_edit_to_publish_ms={ms(second.publish_time - edited)}')
+    assert second.publish_time - edited <= timedelta(seconds=EDIT_BOUND)
+    third = first_run_after(args, second.publish_time, 5, supervisor)  # and every second from then on
+    assert timedelta(seconds=0.75) <= third.publish_time - second.publish_time <= timedelta(seconds=3)
+
+    # Interval lengthened (1 s -> 60 s): the runs stop.
+    changes = {}
+    for change, update in [('lengthen', dict(interval_count=60)), ('deactivate', dict(active=False))]:
+        if change == 'deactivate':  # running every second again first, so there is something to stop
+            ScheduledTask.objects.filter(pk=task.pk).update(interval_count=1, last_run_time=None)
+            first_run_after(args, timezone.now(), 5, supervisor)
+            first_run_after(args, timezone.now(), 5, supervisor)
+        changed = timezone.now()
+        ScheduledTask.objects.filter(pk=task.pk).update(**update)
+        time.sleep(OBSERVE)
+        after = [r.publish_time - changed for r in runs_of(args) if r.publish_time > changed]
+        changes[change] = after
+        print(f'FIGURE schedule_{change}_last_publish_after_change_ms={ms(max(after)) if after else 0}')
+        assert all(delay <= timedelta(seconds=EDIT_BOUND) for delay in after), (change, after)
+
+    # Reactivated: runs again (it is overdue) within the bound.
+    reactivated = timezone.now()
+    ScheduledTask.objects.filter(pk=task.pk).update(active=True, interval_count=1)
+    resumed = first_run_after(args, reactivated, 10, supervisor)
+    print(f'FIGURE schedule_reactivate_to_publish_ms={ms(resumed.publish_time - reactivated)}')
+    assert resumed.publish_time - reactivated <= timedelta(seconds=EDIT_BOUND)
+
+    # Deleted: the runs stop.
+    first_run_after(args, resumed.publish_time, 5, supervisor)
+    deleted = timezone.now()
+    ScheduledTask.objects.filter(pk=task.pk).delete()
+    time.sleep(OBSERVE)
+    after = [r.publish_time - deleted for r in runs_of(args) if r.publish_time > deleted]
+    print(f'FIGURE schedule_delete_last_publish_after_change_ms={ms(max(after)) if after else 0}')
+    assert all(delay <= timedelta(seconds=EDIT_BOUND) for delay in after), after
+
+    assert supervisor.scheduler().pid == scheduler_pid  # all of it without a restart
+    assert supervisor.log_text().count('spawned scheduler') == 1
+    assert ' ERROR ' not in supervisor.log_text(), supervisor.diagnostics()
+
+
+@pytest.mark.timeout(120)
+def test_two_supervisors_publish_each_run_once(start_supervisor):
+    # Both have a scheduler; they consume different queues, as two hosts of one deployment might.
+    first = start_supervisor('--queues', 'default', name='first')
+    second = start_supervisor('--queues', 'other', name='second')
+    first.wait_ready(), second.wait_ready()
+    schedulers = first.scheduler(), second.scheduler()
+
+    # Both schedulers started at the same moment and found the cleanup schedule due (never run).
+    wait_for(lambda: MessageLog.objects.filter(task='carrot.helper_tasks.cleanup').exists(), 10,
+             what='the cleanup run', on_timeout=first.diagnostics)
+    # Ten one-second schedules: a tick that publishes ten takes a while, which drifts the two schedulers'
+    # ticks across each other, so they do contend for the same runs.
+    names = [f'shared {i}' for i in range(10)]
+    created = timezone.now()
+    for i, name in enumerate(names):
+        create_scheduled_task(ADD, {'seconds': 1}, task_name=name, queue='other', task_args=[8, i])
+    time.sleep(6.0)
+    elapsed = (timezone.now() - created).total_seconds()
+    logs = first.log_text(), second.log_text()
+    by, counts = [0, 0], []
+    for i, name in enumerate(names):
+        runs = runs_of([8, i])
+        times = [r.publish_time for r in runs]
+        gaps = [round((b - a).total_seconds(), 3) for a, b in itertools.pairwise(times)]
+        for n, log in enumerate(logs):
+            by[n] += sum(f'scheduler: published {name!r} ({ADD}) as {r.uuid}' in log for r in runs)
+        counts.append(len(runs))
+        assert len(runs) <= elapsed / 1 + 1, (name, times)
+        assert len(runs) >= elapsed / 2, (name, times)      # and it did run, about every second
+        # Never twice for one run. Two publications of one run are less than a tick apart (0.0 s when
+        # the schedulers tick together); runs are an interval apart, less the time a tick took to
+        # publish the schedules before this one.
+        assert all(gap >= 0.5 for gap in gaps), (name, gaps)
+    print(f'FIGURE two_schedulers_runs_per_schedule={counts} in {elapsed:.1f}s, published_by={by}')
+    assert sum(by) == sum(counts)  # each run is in exactly one scheduler's log
+    assert MessageLog.objects.filter(task='carrot.helper_tasks.cleanup').count() == 1
+    assert all(s.is_running() for s in schedulers)
+    assert [first.scheduler().pid, second.scheduler().pid] == [s.pid for s in schedulers]
+
+
+@pytest.mark.timeout(120)
+def test_scheduler_survives_an_unreachable_broker(start_supervisor, subprocess_env, tmp_path):
+    extra = tmp_path / 'extra.py'
+    extra.write_text(f"CARROT['queues'] = CARROT['queues'] + [\n"
+                     f"    {{'name': 'unreachable', 'host': {DEAD_BROKER!r}, 'consumable': False}}]\n")
+    supervisor = start_supervisor('--queues', 'default', env=dict(subprocess_env, CARROT_TEST_EXTRA=str(extra)))
+    supervisor.wait_ready()
+    scheduler_pid = supervisor.scheduler().pid
+
+    dead = ScheduledTask.objects.create(task=ADD, task_name='a unreachable', queue='unreachable',
+                                        interval_type='seconds', interval_count=1, task_args='[9, 1]')
+    schedule('b reachable', seconds=1, task_args=[9, 2])
+    started = timezone.now()
+
+    def failures():
+        return [line for line in supervisor.log_text().splitlines()
+                if 'a unreachable' in line and 'could not be published' in line]
+    wait_for(lambda: len(failures()) >= 3 and len(runs_of([9, 2])) >= 3, 20, on_timeout=supervisor.diagnostics,
+             what='three failed tries of the unreachable schedule and three runs of the other')
+    elapsed = (timezone.now() - started).total_seconds()
+    print(f'FIGURE supervisor_unreachable_publish_attempts={len(failures())} '
+          f'reachable_runs={len(runs_of([9, 2]))} in {elapsed:.1f}s')
+    assert [line.rsplit('retrying in ', 1)[1] for line in failures()[:3]] == ['1s', '2s', '4s']  # backing off
+    dead.refresh_from_db()
+    assert dead.last_run_time is None                          # each failed run was given back
+    assert supervisor.scheduler().pid == scheduler_pid         # the scheduler did not die
+    assert supervisor.log_text().count('spawned scheduler') == 1
+    assert supervisor.popen.poll() is None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(settings.DATABASES['default']['ENGINE'] != 'django.db.backends.postgresql',
+                    reason='the database session is ended with pg_terminate_backend')
+def test_scheduler_survives_losing_its_database_connection(start_supervisor):
+    from django.db import connection
+
+    supervisor = start_supervisor('--queues', 'default')
+    supervisor.wait_ready()
+    scheduler = supervisor.scheduler()
+    args = [10, 0]
+    schedule('steady', seconds=1, task_args=args)
+    first_run_after(args, timezone.now(), 5, supervisor)
+
+    # The scheduler's own session, found by the client port of its connection to PostgreSQL.
+    port = int(settings.DATABASES['default'].get('PORT') or 5432)
+    ports = [c.laddr.port for c in scheduler.net_connections('tcp') if c.raddr and c.raddr.port == port]
+    assert len(ports) == 1, ports
+    with connection.cursor() as cursor:
+        cursor.execute('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE client_port = %s', ports)
+        assert cursor.fetchall() == [(True,)]
+    killed = timezone.now()
+
+    resumed = first_run_after(args, killed, 15, supervisor)
+    print(f'FIGURE scheduler_db_session_killed_to_next_publish_ms={ms(resumed.publish_time - killed)}')
+    # Logged, and retried on the next tick.
+    wait_for(lambda: 'scheduler: OperationalError' in supervisor.log_text(), 5,
+             what='the scheduler to log the lost connection', on_timeout=supervisor.diagnostics)
+    error, = [line for line in supervisor.log_text().splitlines() if 'scheduler: OperationalError' in line]
+    assert error.endswith('retrying in 1s'), error
+    first_run_after(args, resumed.publish_time, 5, supervisor)  # and it goes on
+    assert supervisor.scheduler().pid == scheduler.pid
+    assert supervisor.log_text().count('spawned scheduler') == 1
