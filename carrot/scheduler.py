@@ -6,8 +6,10 @@ database, the admin or the monitor) takes effect within about a second, without 
 Runs are claimed with a compare-and-set on ``last_run_time`` (an UPDATE that only matches the value the
 scheduler read), so when two schedulers on two hosts share a database, each due run is published once.
 
-Timing: a new schedule runs at once, then every interval after the previous run. After downtime there is
-no burst of missed runs: an overdue schedule runs once, and the next run is one interval after that.
+Timing: a new schedule runs at once, then once per interval, on the interval's grid (a run published a
+little late, at the next tick, does not push the following runs later). After downtime there is no burst
+of missed runs: a schedule overdue by a whole interval or more runs once, and the grid starts again from
+that run.
 
 Failures: a schedule whose broker cannot take the message gets its run back and is retried with a backoff
 of its own (1 s, 2 s, 4 s ... at most MAX_RETRY_DELAY); a schedule that cannot be published at all (a task
@@ -26,6 +28,7 @@ from django.db import DatabaseError, connections
 from django.utils import timezone
 
 from carrot.exceptions import CarrotConfigException, CarrotError, TaskNotRegistered
+from carrot.helper_tasks import sync_cleanup_schedule
 from carrot.models import ScheduledTask
 
 logger = logging.getLogger('carrot.scheduler')
@@ -47,10 +50,11 @@ class Scheduler:
 
     def run(self) -> None:
         """Publish due schedules until `stopping` is set."""
-        from carrot.helper_tasks import sync_cleanup_schedule
         logger.info('scheduler started')
-        self._guarded(sync_cleanup_schedule)
+        cleanup_synced = False
         while not self.stopping.is_set():
+            if not cleanup_synced:  # until it succeeds: the database may be down at start
+                cleanup_synced = self._guarded(sync_cleanup_schedule)
             self._guarded(self.publish_due)
             if self.on_tick is not None:
                 self.on_tick()
@@ -59,18 +63,18 @@ class Scheduler:
         logger.info('scheduler stopped after publishing %d run(s)', self.published)
 
     def _retry_delay(self) -> float:
-        # The first retry is on the next tick (1 s, as the spec asks; this was 2 s), then 2 s, 4 s ...
+        # The first retry is on the next tick, then 2 s, 4 s ...
         return min(self.tick * 2 ** (self.failures - 1), MAX_RETRY_DELAY) if self.failures else self.tick
 
     def _wait_for_next_tick(self) -> None:
-        delay = self._retry_delay()
-        deadline = timezone.now().timestamp() + delay
-        while not self.stopping.is_set() and timezone.now().timestamp() < deadline:
+        # Monotonic: a wall clock set back must not stall the scheduler while it keeps heartbeating.
+        deadline = time.monotonic() + self._retry_delay()
+        while not self.stopping.is_set() and time.monotonic() < deadline:
             if self.on_tick is not None:
                 self.on_tick()  # stay visibly alive to the supervisor while backing off
-            self.stopping.wait(min(self.tick, max(0.0, deadline - timezone.now().timestamp())))
+            self.stopping.wait(min(self.tick, max(0.0, deadline - time.monotonic())))
 
-    def _guarded(self, step) -> None:
+    def _guarded(self, step) -> bool:
         """Run one step; the broker or database being down is logged and retried on a later tick."""
         try:
             step()
@@ -78,8 +82,9 @@ class Scheduler:
             self.failures += 1
             logger.error('scheduler: %s: %s; retrying in %.0fs', type(exc).__name__, exc, self._retry_delay())
             connections.close_all()  # a broken connection is re-opened on the next query
-        else:
-            self.failures = 0
+            return False
+        self.failures = 0
+        return True
 
     def publish_due(self) -> int:
         """Publish every schedule that is due now; returns how many were published."""
@@ -87,18 +92,29 @@ class Scheduler:
         published = 0
         schedules = list(ScheduledTask.objects.filter(active=True))
         for schedule in schedules:
-            if schedule.is_due(now) and not self._backing_off(schedule) and self.claim(schedule, now):
-                published += self.publish(schedule, claimed_at=now)
+            if not schedule.is_due(now) or self._backing_off(schedule):
+                continue
+            run_at = self.run_time(schedule, now)
+            if self.claim(schedule, run_at):
+                published += self.publish(schedule, claimed_at=run_at)
         if self.on_status is not None:
             self.on_status(f'{len(schedules)} active schedule(s), {self.published} run(s) published')
         return published
 
     @staticmethod
-    def claim(schedule: ScheduledTask, now) -> bool:
+    def run_time(schedule: ScheduledTask, now):
+        """The time this run stands for: its slot on the grid, or now when a whole interval was missed."""
+        due = schedule.next_run_time()
+        if due is None or now - due >= schedule.interval:
+            return now
+        return due
+
+    @staticmethod
+    def claim(schedule: ScheduledTask, run_at) -> bool:
         """Take this run: only one scheduler's UPDATE matches the last_run_time they all read."""
         claimed = ScheduledTask.objects.filter(pk=schedule.pk, active=True,
                                                last_run_time=schedule.last_run_time) \
-            .update(last_run_time=now)
+            .update(last_run_time=run_at)
         return claimed == 1
 
     def _backing_off(self, schedule: ScheduledTask) -> bool:
@@ -110,16 +126,14 @@ class Scheduler:
             log = schedule.publish()
         except (TypeError, ValueError, TaskNotRegistered, CarrotConfigException) as exc:
             # The schedule itself is broken (a task that is not registered, a queue that is not
-            # configured, bad arguments): it is not retried early. These used to escape (the two
-            # CarrotErrors) and end the tick, so one bad row kept every schedule after it from running.
+            # configured, bad arguments): retrying early would not help, and the other schedules go on.
             logger.error('scheduler: %r (%s) cannot be published: %s', schedule.task_name, schedule.task, exc)
             return 0
         except CarrotError as exc:
             # Give the run back so a later tick tries again, unless another scheduler ran it meanwhile.
             ScheduledTask.objects.filter(pk=schedule.pk, last_run_time=claimed_at) \
                 .update(last_run_time=schedule.last_run_time)
-            # Back off this schedule only. Raising here (as this did) ended the tick, so a schedule on
-            # an unreachable broker kept the schedules after it from running, and slowed them all down.
+            # Back off this schedule only, so one unreachable broker does not hold up the others.
             failures = self.retries.get(schedule.pk, (0, 0.0))[0] + 1
             delay = min(self.tick * 2 ** (failures - 1), MAX_RETRY_DELAY)
             self.retries[schedule.pk] = (failures, time.monotonic() + delay)

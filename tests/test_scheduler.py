@@ -168,6 +168,16 @@ def test_after_downtime_one_run_then_the_normal_interval():
 
 
 @pytest.mark.timeout(60)
+def test_a_run_published_late_does_not_push_the_next_runs_later():
+    task = schedule('every minute', seconds=60)
+    on_grid = timezone.now() - timedelta(seconds=60.7)  # the last run was 60.7 s ago: due 0.7 s ago
+    ScheduledTask.objects.filter(pk=task.pk).update(last_run_time=on_grid)
+    assert Scheduler().publish_due() == 1
+    task.refresh_from_db()
+    assert task.last_run_time == on_grid + timedelta(seconds=60)  # the slot it stands for, not "now"
+
+
+@pytest.mark.timeout(60)
 def test_claim_is_a_compare_and_set_on_last_run_time():
     task = schedule('contended', seconds=60)
     mine, theirs = ScheduledTask.objects.get(pk=task.pk), ScheduledTask.objects.get(pk=task.pk)
