@@ -17,6 +17,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from supervisor.child import die_with_parent
+
 READ_TIMEOUT = 120.0  # a settings module that imports for longer than this is treated as broken
 
 
@@ -48,9 +50,18 @@ def read_settings(settings_module: str, check_brokers: bool = False) -> Settings
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the throwaway child
-        os.close(read_fd)
-        code = _summarise_in_child(settings_module, check_brokers, write_fd)
-        os._exit(code)
+        code = 1
+        try:
+            # Like the supervisor's children, die with the master (found by a test: a master SIGKILLed
+            # during a HUP left this process running for as long as the settings took to import).
+            die_with_parent()
+            os.close(read_fd)
+            code = _summarise_in_child(settings_module, check_brokers, write_fd)
+        finally:
+            # Never unwind into the caller's frames: an exception here (the pipe broken because the
+            # master died, say) would otherwise return into the master's HUP handler, and this process
+            # would carry on as a second master (found by a test).
+            os._exit(code)
     os.close(write_fd)
     try:
         payload = _read_all(read_fd, pid)

@@ -152,6 +152,7 @@ class Arbiter:
         self.notifier = Notifier({}, logger=self.log)  # the real one is made in run(): see there
         self.pidfile: Pidfile | None = None
         self.saved_handlers: dict[int, object] = {}
+        self.saved_wakeup_fd: int | None = None
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -259,6 +260,12 @@ class Arbiter:
     def install_signals(self) -> None:
         for signum in self.SIGNALS:
             self.saved_handlers[signum] = signal.signal(signum, self.signal_received)
+        # CPython runs a Python signal handler between two bytecodes, not when the signal arrives: a
+        # signal (a child's SIGCHLD) landing after the loop's last check but before poll() blocks had
+        # its handler, and so its wake-up byte, deferred until poll() timed out, a whole LOOP_TIMEOUT
+        # later (found by a test: a fast stop now and then reaped its last child 1 s late). The wakeup
+        # fd is written by the C-level handler at once.
+        self.saved_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
 
     def signal_received(self, signum: int, frame: object) -> None:
         # CHLD only needs the loop awake; queueing one per exit would flood the queue on mass exits.
@@ -645,6 +652,9 @@ class Arbiter:
                 except ChildProcessError:
                     pass
                 self.forget_heartbeat_pipe(self.children.pop(pid), close=True)
+        if self.saved_wakeup_fd is not None:
+            signal.set_wakeup_fd(self.saved_wakeup_fd)
+            self.saved_wakeup_fd = None
         for signum, handler in self.saved_handlers.items():
             # None means a handler installed outside Python; the default is the closest we can restore.
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # type: ignore[arg-type]

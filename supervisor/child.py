@@ -171,6 +171,9 @@ def run_child(
     """Everything a forked child does, from the first instruction after fork() to its exit."""
     code = 1
     try:
+        # The master's wakeup fd (its self-pipe, closed below) must not receive this child's signals,
+        # nor, once the number is reused, whatever file or socket gets that fd next.
+        signal.set_wakeup_fd(-1)
         ctx.set_title("")
         relay = _SignalRelay(ctx, reopen_logs, logger)
         relay.install()

@@ -14,3 +14,10 @@ class CustomConsumer(Consumer):
         super(CustomConsumer, self).__init__(host, queue, logger, name, durable, queue_arguments,
                                              exchange_arguments)
         self.add_failure_callback(failure_callback)
+
+
+class BrokenConsumer(Consumer):
+    """A consumer_class that cannot even start: its children die young, again and again."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError('BrokenConsumer cannot start (on purpose)')

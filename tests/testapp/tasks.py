@@ -50,3 +50,33 @@ def die_once(marker):
         open(marker, 'w').close()
         os._exit(17)
     return 'survived'
+
+
+# -- for the supervisor tests (tests/test_supervisor*.py) --
+
+_HOARD = []
+
+
+def slow_once(marker, seconds):
+    """Sleep `seconds` the first time (leaving `marker` behind); return at once on a redelivery."""
+    if not os.path.exists(marker):
+        open(marker, 'w').close()
+        time.sleep(seconds)
+        return 'slow'
+    return 'fast'
+
+
+def hog(megabytes):
+    """Allocate `megabytes` MiB, touch every page, and keep it for the life of the process."""
+    _HOARD.append(b'\x01' * (megabytes * 1024 * 1024))
+    return megabytes
+
+
+def backend_pid(pause=0.0):
+    """The PostgreSQL server process serving this worker's database connection."""
+    from django.db import connection
+    with connection.cursor() as cursor:
+        cursor.execute('select pg_backend_pid()')
+        pid = cursor.fetchone()[0]
+    time.sleep(pause)
+    return pid

@@ -1,0 +1,417 @@
+"""Run `carrot-supervisor` in a subprocess and look at it from outside, as a user would.
+
+Used by tests/test_supervisor*.py. A test asks the `start_supervisor` fixture for a supervisor; the
+fixture starts ``python -m carrot.cli --settings tests.testproject.settings --logfile <tmp>/<name>.log``
+with the test's database and vhost (the `subprocess_env` fixture), and in its finalizer stops it with
+QUIT, then SIGKILLs whatever is left of the process tree, even when the test failed: no process
+outlives its test.
+
+What a test can see: the process table (psutil; titles say which slot a child holds and what it does),
+the log file, the exit code, and the MessageLog rows. Every wait is bounded and fails with the tail of
+the log. Measured figures are printed as ``FIGURE name=value`` lines (collect them with ``pytest -s``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = 'tests.testproject.settings'
+PREFIX = 'carrot-supervisor: '
+MASTER_TITLE = f'{PREFIX}master [{SETTINGS}]'
+
+
+def wait_for(predicate, timeout, what, tail=None, interval=0.05):
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds
+    saying `what` was awaited, followed by `tail()` (the supervisors' logs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = what() if callable(what) else what
+            pytest.fail(f'timed out after {timeout}s waiting for {text}{tail() if tail else ""}', pytrace=False)
+        time.sleep(interval)
+
+
+def figure(name, value, unit=''):
+    print(f'FIGURE {name}={value:.0f}{unit}' if isinstance(value, float) else f'FIGURE {name}={value}{unit}')
+
+
+def title_of(proc: psutil.Process) -> str | None:
+    """The process title; setproctitle pads the command line, so strip it. None if it is gone."""
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return ' '.join(proc.cmdline()).strip()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie has finished: it holds no socket and runs no code)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass(frozen=True)
+class Kid:
+    """A child of the master as the process table shows it."""
+    pid: int
+    title: str
+    slot: str   # 'consumer default#1', 'scheduler'
+    state: str  # 'idle', 'running tests.testapp.tasks.sleep 1.5s', '' (scheduler, or starting)
+
+    @property
+    def queue(self) -> str | None:
+        match = re.match(r'consumer (.+)#\d+$', self.slot)
+        return match.group(1) if match else None
+
+
+def parse_title(title: str) -> tuple[str, str] | None:
+    """(slot, state) of a child's title; None for anything else (the master, a settings reader)."""
+    if not title.startswith(PREFIX):
+        return None
+    rest = title[len(PREFIX):]
+    if rest.startswith('consumer '):
+        words = rest.split(' ', 2)
+        if len(words) < 2:
+            return None
+        return f'consumer {words[1]}', (words[2] if len(words) > 2 else '')
+    if rest == 'scheduler' or rest.startswith('scheduler '):
+        return 'scheduler', rest[len('scheduler'):].strip()
+    return None
+
+
+class Supervisor:
+    """One carrot-supervisor master process started by a test."""
+
+    def __init__(self, workdir: Path, env: dict, flags, name: str):
+        self.workdir = workdir
+        self.name = name
+        self.log_path = workdir / f'{name}.log'
+        self.out_path = workdir / f'{name}.out'
+        self.env = env
+        self.args = [sys.executable, '-m', 'carrot.cli', *flags]
+        self.output = open(self.out_path, 'ab')
+        self.started_at = time.monotonic()
+        # A session of its own, so the finalizer can also kill the process group (a settings reader, a
+        # task's subprocess) and a test's signals go to the master only.
+        self.proc = subprocess.Popen(self.args, env=env, cwd=ROOT, stdout=self.output,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+        self.master = psutil.Process(self.pid)
+        self.seen: dict[int, psutil.Process] = {self.pid: self.master}
+
+    # -- what can be seen ----------------------------------------------------------------------
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors='replace')
+        except FileNotFoundError:
+            return ''
+
+    def output_text(self) -> str:
+        try:
+            return self.out_path.read_text(errors='replace')
+        except FileNotFoundError:
+            return ''
+
+    def tail(self, lines=60) -> str:
+        out = self.output_text()
+        return (f'\n--- {self.log_path.name} (last {lines} lines) ---\n' +
+                '\n'.join(self.log().splitlines()[-lines:]) +
+                (f'\n--- {self.out_path.name} ---\n{out[-3000:]}' if out.strip() else '') +
+                f'\n--- process table ---\n{self.describe_children()}')
+
+    def describe_children(self) -> str:
+        try:
+            return '\n'.join(f'{k.pid} {k.title}' for k in self.children()) or '(no children)'
+        except Exception as exc:  # only for a failure message
+            return f'(cannot list children: {exc})'
+
+    def children(self) -> list[Kid]:
+        """Live children of the master that hold a slot (consumers, scheduler), by the process table."""
+        found = []
+        try:
+            procs = self.master.children()
+        except psutil.NoSuchProcess:
+            return found
+        for proc in procs:
+            self.seen.setdefault(proc.pid, proc)
+            title = title_of(proc)
+            parsed = parse_title(title) if title else None
+            if parsed:
+                found.append(Kid(proc.pid, title, *parsed))
+        return found
+
+    def by_slot(self) -> dict[str, Kid]:
+        return {kid.slot: kid for kid in self.children()}
+
+    def title(self) -> str | None:
+        return title_of(self.master)
+
+    @staticmethod
+    def title_of(pid: int) -> str | None:
+        try:
+            return title_of(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            return None
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    # -- waiting -------------------------------------------------------------------------------
+
+    def wait_for(self, predicate, timeout, what, interval=0.05):
+        return wait_for(predicate, timeout, what, self.tail, interval)
+
+    def wait_log(self, pattern, timeout=10, after=0) -> re.Match:
+        """Wait for a log line matching the regex `pattern` (searching from character `after`)."""
+        return self.wait_for(lambda: re.search(pattern, self.log()[after:], re.M), timeout,
+                             f'{pattern!r} in {self.log_path.name}')
+
+    def wait_slots(self, slots, timeout=15, state='idle', exclude_pids=()) -> dict[str, Kid]:
+        """Wait until exactly `slots` each hold one child whose consumer title shows `state` (the
+        scheduler shows none), none of them in `exclude_pids`; slot -> Kid."""
+        wanted = sorted(slots)
+
+        def settled():
+            kids = self.children()
+            if sorted(k.slot for k in kids) != wanted:
+                return None
+            if any(k.pid in exclude_pids for k in kids):
+                return None
+            if any(k.slot != 'scheduler' and not k.state.startswith(state) for k in kids):
+                return None
+            return {k.slot: k for k in kids}
+
+        return self.wait_for(settled, timeout, f'children {wanted} ({state})')
+
+    def wait_ready(self, slots, timeout=20) -> dict[str, Kid]:
+        """Wait for the master's "ready" line and for `slots` to be up and idle."""
+        self.wait_log(r'ready: \d+ children up', timeout)
+        return self.wait_slots(slots, timeout)
+
+    def wait_exit(self, timeout) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f'carrot-supervisor (pid {self.pid}) did not exit within {timeout}s{self.tail()}',
+                        pytrace=False)
+
+    # -- acting --------------------------------------------------------------------------------
+
+    def signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def stop(self, timeout=10) -> int | None:
+        """QUIT (fast stop), wait, then SIGKILL the whole tree. Safe to call twice."""
+        if self.proc.poll() is None:
+            self.children()  # remember the current children, to kill any the master leaves behind
+            try:
+                self.proc.send_signal(signal.SIGQUIT)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_tree()
+        return self.proc.returncode
+
+    def kill_tree(self):
+        procs = list(self.seen.values())
+        if self.proc.poll() is None:
+            try:
+                procs += self.master.children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for proc in procs:
+            try:
+                proc.kill()  # psutil refuses if the pid now belongs to another process
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # the group we created; the leader may be gone already
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        psutil.wait_procs(procs, timeout=10)
+        self.output.close()
+        survivors = [p.pid for p in procs if p.pid != self.pid and _still_running(p)]
+        assert not survivors, f'processes outlived the test: {survivors}'
+
+
+def _still_running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A carrot-supervisor run that has exited: its exit code, stdout+stderr, and log file."""
+    args: list
+    returncode: int
+    output: str
+    log: str
+
+
+class Starter:
+    """What the `start_supervisor` fixture returns: call it to start a supervisor."""
+
+    def __init__(self, env: dict, workdir: Path):
+        self.env = env
+        self.workdir = workdir
+        self.started: list[Supervisor] = []
+        self.extra_path = workdir / 'carrot_extra.py'
+
+    def __call__(self, *flags, extra: str | None = None, scheduler=False, settings=True, logfile=True,
+                 env: dict | None = None, name: str | None = None) -> Supervisor:
+        """Start ``carrot-supervisor --settings tests.testproject.settings --logfile ... *flags``.
+
+        `extra` is Python exec'd at the end of the test settings (CARROT_TEST_EXTRA); the file stays
+        in place, so `write_extra()` + HUP reloads an edit. ``--no-scheduler`` unless `scheduler`.
+        """
+        name = name or f'supervisor{len(self.started) + 1}'
+        environ = dict(self.env if env is None else env)
+        if extra is not None:
+            self.write_extra(extra)
+        if self.extra_path.exists():
+            environ['CARROT_TEST_EXTRA'] = str(self.extra_path)
+        args = []
+        if settings:
+            args += ['--settings', SETTINGS]
+        if logfile:
+            args += ['--logfile', str(self.workdir / f'{name}.log')]
+        if not scheduler:
+            args.append('--no-scheduler')
+        supervisor = Supervisor(self.workdir, environ, [*args, *flags], name)
+        self.started.append(supervisor)
+        return supervisor
+
+    def run(self, *flags, timeout=60, **kwargs) -> 'Finished':
+        """Run a carrot-supervisor that is expected to exit by itself (--check, --version, a refusal)."""
+        supervisor = self(*flags, **kwargs)
+        code = supervisor.wait_exit(timeout)
+        supervisor.kill_tree()
+        return Finished(supervisor.args, code, supervisor.output_text(), supervisor.log())
+
+    def write_extra(self, text: str):
+        """Replace the CARROT_TEST_EXTRA file in one step (a reader never sees half of it)."""
+        tmp = self.extra_path.with_suffix('.tmp')
+        tmp.write_text(text)
+        os.replace(tmp, self.extra_path)
+
+    def cleanup(self):
+        errors = []
+        for supervisor in self.started:
+            try:
+                supervisor.stop()
+            except BaseException as exc:  # keep cleaning up the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def start_supervisor(subprocess_env, tmp_path):
+    """A function that starts carrot-supervisor subprocesses; all of them are gone after the test."""
+    starter = Starter(subprocess_env, tmp_path)
+    yield starter
+    starter.cleanup()
+
+
+# -- messages and logs ----------------------------------------------------------------------------
+
+def worker_pid(log) -> int | None:
+    """The pid in MessageLog.worker ('host:pid')."""
+    return int(log.worker.rsplit(':', 1)[1]) if log.worker else None
+
+
+def wait_status(log, status, timeout, tail=None):
+    """Wait until MessageLog `log` has `status`; returns the fresh row."""
+    from carrot.models import MessageLog
+
+    def reached():
+        fresh = MessageLog.objects.get(pk=log.pk)
+        return fresh if fresh.status == status else None
+
+    def what():
+        fresh = MessageLog.objects.get(pk=log.pk)
+        return f'{log.task} ({log.uuid}) to be {status}; it is {fresh.status} (attempts {fresh.attempts}, ' \
+               f'exception {fresh.exception!r})'
+
+    return wait_for(reached, timeout, what, tail)
+
+
+def wait_all_completed(logs, timeout, tail=None):
+    """Wait until every log in `logs` is COMPLETED (failing at once if one FAILED); fresh rows."""
+    from carrot.models import MessageLog
+    pks = [log.pk for log in logs]
+
+    def done():
+        rows = list(MessageLog.objects.filter(pk__in=pks))
+        failed = [r for r in rows if r.status == MessageLog.FAILED]
+        if failed:
+            pytest.fail(f'task failed: {failed[0].task} {failed[0].exception}' + (tail() if tail else ''),
+                        pytrace=False)
+        return rows if all(r.status == MessageLog.COMPLETED for r in rows) and len(rows) == len(pks) else None
+
+    def what():
+        statuses = {}
+        for row in MessageLog.objects.filter(pk__in=pks):
+            statuses[row.status] = statuses.get(row.status, 0) + 1
+        return f'{len(pks)} tasks to complete; statuses now {statuses}'
+
+    return wait_for(done, timeout, what, tail, interval=0.1)
+
+
+def publish_raw(queue_name: str, task_path: str, *args, **kwargs) -> str:
+    """Publish in carrot's wire format without a MessageLog or a check that the task is registered
+    here (for task modules only the supervisor's children can import); the consumer creates the log.
+    Returns the message id."""
+    from carrot import messages
+    from carrot.broker import publisher_for
+    from carrot.config import get_config
+
+    queue = get_config().queue(queue_name)
+    message_id = str(uuid.uuid4())
+    publisher_for(queue.broker).publish(queue, messages.encode_body(args, kwargs),
+                                        messages.message_properties(task_path, message_id, 0))
+    return message_id
+
+
+class Sampler(threading.Thread):
+    """Samples the supervisor's children every `interval` seconds on a thread until stopped."""
+
+    def __init__(self, supervisor: Supervisor, interval=0.05):
+        super().__init__(daemon=True)
+        self.supervisor = supervisor
+        self.interval = interval
+        self.samples: list[tuple[float, list[Kid]]] = []
+        self._stop_event = threading.Event()
+
+    def run(self):
+        while not self._stop_event.is_set():
+            self.samples.append((time.monotonic(), self.supervisor.children()))
+            self._stop_event.wait(self.interval)
+
+    def stop(self):
+        self._stop_event.set()
+        self.join(5)
