@@ -251,6 +251,7 @@ class Consumer:
             channel.basic_qos(prefetch_count=1)
             consumer_tag = channel.basic_consume(self.queue.name, self._on_message(connection))
             self.logger.info('%s: consuming %s on %s', self.name, self.queue.name, self.broker)
+            self._tick()  # say "idle" (and heartbeat) now, not after the first poll
             last_activity = time.monotonic()
             while True:
                 connection.process_data_events(time_limit=IDLE_POLL)

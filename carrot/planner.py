@@ -100,6 +100,7 @@ def _summarise_in_child(settings_module: str, check_brokers: bool, write_fd: int
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
                    signal.SIGTTOU, signal.SIGCHLD, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)  # the master's handlers would wake the master
+    signal.set_wakeup_fd(-1)  # ... and so would its wakeup fd (the master's self-pipe), inherited by fork
     try:
         data = summarise(settings_module, check_brokers)
         code = 0
