@@ -12,26 +12,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
+
+from tests.waiting import wait_for  # noqa: F401 (also imported from here by tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANAGE_PY = os.path.join(ROOT, 'tests', 'manage.py')
 TITLE = 'carrot-supervisor'
-
-
-def wait_for(predicate, timeout, interval=0.05, what='the condition', on_timeout=None):
-    """Poll `predicate` until it returns something truthy (returned) or `timeout` seconds pass (fail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            extra = on_timeout() if on_timeout else ''
-            raise AssertionError(f'timed out after {timeout}s waiting for {what}{extra}')
-        time.sleep(interval)
 
 
 def title_of(process: psutil.Process) -> str:
@@ -64,7 +52,7 @@ def kill_group(pgid: int, popen: subprocess.Popen | None = None, timeout: float 
         except subprocess.TimeoutExpired:
             pass
     wait_for(lambda: not group_members(pgid), timeout, what=f'process group {pgid} to be gone',
-             on_timeout=lambda: f': {[(p.pid, title_of(p)) for p in group_members(pgid)]}')
+             tail=lambda: f': {[(p.pid, title_of(p)) for p in group_members(pgid)]}')
 
 
 def in_directory(path) -> list[psutil.Process]:
@@ -150,9 +138,9 @@ class Supervisor(Process):
     def wait_ready(self, timeout=30.0) -> None:
         """Until the master logs that every child is up."""
         wait_for(lambda: ' ready: ' in self.log_text() or self.popen.poll() is not None, timeout,
-                 what=f'{self.name} to be ready', on_timeout=self.diagnostics)
+                 what=f'{self.name} to be ready', tail=self.diagnostics)
         assert self.popen.poll() is None, f'{self.name} exited with {self.popen.returncode}{self.diagnostics()}'
 
     def scheduler(self, timeout=10.0) -> psutil.Process:
         return wait_for(lambda: self.child_titled('scheduler'), timeout, what=f'the scheduler of {self.name}',
-                        on_timeout=self.diagnostics)
+                        tail=self.diagnostics)

@@ -26,24 +26,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.waiting import wait_for  # noqa: F401 (also imported from here by tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = 'tests.testproject.settings'
 PREFIX = 'carrot-supervisor: '
 MASTER_TITLE = f'{PREFIX}master [{SETTINGS}]'
-
-
-def wait_for(predicate, timeout, what, tail=None, interval=0.05):
-    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds
-    saying `what` was awaited, followed by `tail()` (the supervisors' logs)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            pytest.fail(f'timed out after {timeout}s waiting for {text}{tail() if tail else ""}', pytrace=False)
-        time.sleep(interval)
 
 
 def figure(name, value, unit=''):

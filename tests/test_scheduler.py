@@ -322,7 +322,7 @@ def runs_of(args):
 def first_run_after(args, moment, timeout, supervisor):
     return wait_for(lambda: [r for r in runs_of(args) if r.publish_time > moment][:1], timeout,
                     what=f'a run of add{tuple(args)} after {moment:%H:%M:%S.%f}',
-                    on_timeout=supervisor.diagnostics)[0]
+                    tail=supervisor.diagnostics)[0]
 
 
 def ms(delta):
@@ -409,7 +409,7 @@ def test_two_supervisors_publish_each_run_once(start_supervisor):
 
     # Both schedulers started at the same moment and found the cleanup schedule due (never run).
     wait_for(lambda: MessageLog.objects.filter(task='carrot.helper_tasks.cleanup').exists(), 10,
-             what='the cleanup run', on_timeout=first.diagnostics)
+             what='the cleanup run', tail=first.diagnostics)
     # Ten one-second schedules: a tick that publishes ten takes a while, which drifts the two schedulers'
     # ticks across each other, so they do contend for the same runs.
     names = [f'shared {i}' for i in range(10)]
@@ -417,7 +417,11 @@ def test_two_supervisors_publish_each_run_once(start_supervisor):
     for i, name in enumerate(names):
         create_scheduled_task(ADD, {'seconds': 1}, task_name=name, queue='other', task_args=[8, i])
     time.sleep(6.0)
+    # Stop the runs and let a tick in progress finish, so the rows and the log lines describe the same
+    # runs (a row is written just before its log line).
+    ScheduledTask.objects.filter(task_name__in=names).update(active=False)
     elapsed = (timezone.now() - created).total_seconds()
+    time.sleep(1.5)
     logs = first.log_text(), second.log_text()
     by, counts = [0, 0], []
     for i, name in enumerate(names):
@@ -457,7 +461,7 @@ def test_scheduler_survives_an_unreachable_broker(start_supervisor, subprocess_e
     def failures():
         return [line for line in supervisor.log_text().splitlines()
                 if 'a unreachable' in line and 'could not be published' in line]
-    wait_for(lambda: len(failures()) >= 3 and len(runs_of([9, 2])) >= 3, 20, on_timeout=supervisor.diagnostics,
+    wait_for(lambda: len(failures()) >= 3 and len(runs_of([9, 2])) >= 3, 20, tail=supervisor.diagnostics,
              what='three failed tries of the unreachable schedule and three runs of the other')
     elapsed = (timezone.now() - started).total_seconds()
     print(f'FIGURE supervisor_unreachable_publish_attempts={len(failures())} '
@@ -496,7 +500,7 @@ def test_scheduler_survives_losing_its_database_connection(start_supervisor):
     print(f'FIGURE scheduler_db_session_killed_to_next_publish_ms={ms(resumed.publish_time - killed)}')
     # Logged, and retried on the next tick.
     wait_for(lambda: 'scheduler: OperationalError' in supervisor.log_text(), 5,
-             what='the scheduler to log the lost connection', on_timeout=supervisor.diagnostics)
+             what='the scheduler to log the lost connection', tail=supervisor.diagnostics)
     error, = [line for line in supervisor.log_text().splitlines() if 'scheduler: OperationalError' in line]
     assert error.endswith('retrying in 1s'), error
     first_run_after(args, resumed.publish_time, 5, supervisor)  # and it goes on

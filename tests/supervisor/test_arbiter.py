@@ -24,6 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.waiting import wait_for
+
 from supervisor import exitcodes
 from supervisor.child import ChildContext
 from supervisor.pidfile import Pidfile, PidfileHeld
@@ -35,19 +37,6 @@ ROOT = HERE.parents[1]
 SAMPLE = HERE / "sample_master.py"
 # What sample_master's child bodies put after the slot name in their titles.
 STATES = {"idle", "working", "stopping", "hung", "crashing"}
-
-
-def wait_for(predicate, timeout, message, interval=0.02):
-    """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = message() if callable(message) else message
-            pytest.fail(f"timed out after {timeout}s waiting for {text}", pytrace=False)
-        time.sleep(interval)
 
 
 def group(name, size=1, behaviour="sleep", **extra):
