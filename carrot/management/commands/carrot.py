@@ -8,38 +8,15 @@ import sys
 
 from django.core.management.base import BaseCommand
 
-SUPERVISOR_FLAGS = ('pidfile', 'logfile', 'loglevel', 'queues', 'graceful_timeout', 'max_tasks_per_child',
-                    'max_memory_per_child', 'task_time_limit', 'heartbeat_timeout', 'max_consecutive_failures',
-                    'backoff_cap')
+from carrot.cli import add_worker_options, worker_options_argv
 
 
 def supervisor_argv(settings_module, options):
     """The carrot-supervisor command line for these options (this interpreter, no hard-coded paths)."""
-    argv = [sys.executable, '-m', 'carrot.cli', '--settings', settings_module]
-    for name in SUPERVISOR_FLAGS:
-        value = options.get(name)
-        if value is not None:
-            argv += [f'--{name.replace("_", "-")}', str(value)]
-    if options.get('no_scheduler'):
-        argv.append('--no-scheduler')
+    argv = [sys.executable, '-m', 'carrot.cli', '--settings', settings_module, *worker_options_argv(options)]
     if options.get('check'):
         argv.append('--check')
     return argv
-
-
-def add_supervisor_arguments(parser):
-    parser.add_argument('--pidfile')
-    parser.add_argument('--logfile')
-    parser.add_argument('--loglevel')
-    parser.add_argument('--queues', help='consume only these queues (comma-separated)')
-    parser.add_argument('--no-scheduler', action='store_true')
-    parser.add_argument('--graceful-timeout', type=float)
-    parser.add_argument('--max-tasks-per-child', type=int)
-    parser.add_argument('--max-memory-per-child', type=int)
-    parser.add_argument('--task-time-limit', type=float)
-    parser.add_argument('--heartbeat-timeout', type=float)
-    parser.add_argument('--max-consecutive-failures', type=int)
-    parser.add_argument('--backoff-cap', type=float)
 
 
 def python_path_for_children():
@@ -54,7 +31,7 @@ class Command(BaseCommand):
     requires_system_checks = []
 
     def add_arguments(self, parser):
-        add_supervisor_arguments(parser)
+        add_worker_options(parser)
         parser.add_argument('--check', action='store_true', help='validate settings and brokers, then exit')
 
     def handle(self, *args, **options):
