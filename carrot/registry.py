@@ -104,14 +104,6 @@ def get_task(path: str) -> Callable:
     return func
 
 
-def is_registered(path: str) -> bool:
-    try:
-        get_task(path)
-    except TaskNotRegistered:
-        return False
-    return True
-
-
 def registered_task_names() -> list[str]:
     """Every registered task that carrot can see now, for the monitor's task drop-down."""
     import inspect

@@ -144,7 +144,3 @@ class Scheduler:
         self.published += 1
         logger.info('scheduler: published %r (%s) as %s', schedule.task_name, schedule.task, log.uuid)
         return 1
-
-
-def run_scheduler(stopping: threading.Event | None = None) -> None:
-    Scheduler(stopping).run()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid as uuid_module
 from typing import Callable
 
 from django.db import IntegrityError, transaction
@@ -123,10 +122,6 @@ def create_scheduled_task(task: str | Callable, interval: dict, task_name: str |
     except IntegrityError:
         raise IntegrityError(f'a ScheduledTask named {task_name or path!r} already exists; pass a unique '
                              f'task_name') from None
-
-
-def new_message_id() -> str:
-    return str(uuid_module.uuid4())
 
 
 __all__ = ['publish_message', 'create_message', 'create_scheduled_task', 'validate_task',
