@@ -103,6 +103,14 @@ class CarrotConfig:
     monitor_authentication: tuple[str, ...] = ()
     max_attempts: int = 3
     cleanup_after_days: float | None = 3
+    # Hardening: sizes, ages and the claim lease (README.rst, "Limits and guarantees").
+    max_message_size: int = 1024 * 1024   # bytes of an encoded message body; larger ones are refused
+    max_stored_text: int = 64 * 1024      # characters kept of a task's output, exception, traceback and log
+    cleanup_failed_after_days: float | None = 30  # FAILED rows older than this are deleted (None: kept)
+    dead_letter_ttl_days: float | None = 14      # <queue>.dead drops messages older than this (None: kept)
+    claim_lease: float = 60.0  # seconds an IN_PROGRESS claim lasts unless the running worker renews it
+    store_and_forward: bool = True  # a publish the broker cannot take now waits in its row (else raises)
+    supervisor_gone_after: float = 60.0  # the monitor shows a supervisor not seen for this long as gone
     # Supervisor defaults; the carrot-supervisor flags of the same names win over these.
     graceful_timeout: float = 30.0
     heartbeat_timeout: float = 60.0
@@ -310,12 +318,14 @@ class _Parser:
             return parse(f"CARROT['{key}']", raw[key], getattr(defaults, key), **kwargs) \
                 if key in raw else getattr(defaults, key)
 
-        cleanup = raw.get('cleanup_after_days', defaults.cleanup_after_days)
-        if cleanup is not None and (isinstance(cleanup, bool) or not isinstance(cleanup, (int, float))
-                                    or cleanup < 0):
-            self.bad_value("CARROT['cleanup_after_days']", 'a number of days >= 0, or None to turn '
-                                                           'the cleanup off', cleanup)
-            cleanup = defaults.cleanup_after_days
+        def days(key):
+            value = raw.get(key, getattr(defaults, key))
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or value < 0):
+                self.bad_value(f"CARROT['{key}']", 'a number of days >= 0, or None to turn it off', value)
+                value = getattr(defaults, key)
+            return value or None
+
         return CarrotConfig(
             default_broker=default_broker,
             queues=tuple(queues),
@@ -323,7 +333,14 @@ class _Parser:
             monitor_authentication=self.dotted_paths("CARROT['monitor_authentication']",
                                                      raw.get('monitor_authentication', [])),
             max_attempts=get('max_attempts', self.positive_int),
-            cleanup_after_days=cleanup or None,
+            cleanup_after_days=days('cleanup_after_days'),
+            max_message_size=get('max_message_size', self.positive_int),
+            max_stored_text=get('max_stored_text', self.positive_int),
+            cleanup_failed_after_days=days('cleanup_failed_after_days'),
+            dead_letter_ttl_days=days('dead_letter_ttl_days'),
+            claim_lease=get('claim_lease', self.positive_number),
+            store_and_forward=get('store_and_forward', self.boolean),
+            supervisor_gone_after=get('supervisor_gone_after', self.positive_number),
             graceful_timeout=get('graceful_timeout', self.positive_number),
             heartbeat_timeout=get('heartbeat_timeout', self.positive_number),
             task_time_limit=get('task_time_limit', self.positive_number, allow_none=True),

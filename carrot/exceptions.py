@@ -20,6 +20,19 @@ class PublishError(CarrotError):
     """RabbitMQ did not take a message: it could not be reached, or refused or returned the message."""
 
 
+class BrokerUnavailable(PublishError):
+    """Transient: the broker could not be reached, or did not confirm in time. Trying later may work;
+    with CARROT['store_and_forward'] the message waits in its log row and is relayed later."""
+
+
+class MessageRejected(PublishError):
+    """Permanent: the broker (or carrot) refused this message for good: unroutable, nacked, too large."""
+
+
+class MessageTooLarge(MessageRejected):
+    """The encoded message is larger than CARROT['max_message_size']."""
+
+
 class QueueMismatchError(CarrotError):
     """A queue exists on the broker with arguments other than the ones carrot declares."""
 

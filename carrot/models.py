@@ -24,18 +24,20 @@ def _loads(text, default):
 
 class MessageLog(models.Model):
     """One message's life: PUBLISHED, then IN_PROGRESS in a worker, then COMPLETED or FAILED."""
+    WAITING = 'WAITING'  # logged, not yet taken by the broker (store-and-forward); relayed later
     PUBLISHED = 'PUBLISHED'
     IN_PROGRESS = 'IN_PROGRESS'
     FAILED = 'FAILED'
     COMPLETED = 'COMPLETED'
     STATUS_CHOICES = (
+        (WAITING, 'Waiting for the broker'),
         (PUBLISHED, 'Published'),
         (IN_PROGRESS, 'In progress'),
         (FAILED, 'Failed'),
         (COMPLETED, 'Completed'),
     )
 
-    status = models.CharField(max_length=11, choices=STATUS_CHOICES, default=PUBLISHED)
+    status = models.CharField(max_length=20, choices=STATUS_CHOICES, default=PUBLISHED)
     exchange = models.CharField(max_length=200, blank=True, null=True)
     queue = models.CharField(max_length=200, blank=True, null=True)
     routing_key = models.CharField(max_length=200, blank=True, null=True)
@@ -59,6 +61,9 @@ class MessageLog(models.Model):
     attempts = models.PositiveIntegerField(default=0, help_text='How many times a worker started the task')
     worker = models.CharField(max_length=200, blank=True, default='',
                               help_text='host:pid of the worker that ran it last')
+    lease_expires = models.DateTimeField(
+        null=True, blank=True,
+        help_text='While IN_PROGRESS: the running worker renews this; past it, the worker counts as dead')
 
     class Meta:
         ordering = ('-publish_time', '-id')
@@ -127,6 +132,8 @@ class ScheduledTask(models.Model):
     task_name = models.CharField(max_length=200, unique=True)
     active = models.BooleanField(default=True)
     last_run_time = models.DateTimeField(null=True, blank=True)
+    problem = models.TextField(blank=True, default='',
+                               help_text='Why the scheduler skips this schedule (empty when it runs)')
 
     class Meta:
         ordering = ('task_name',)
@@ -177,3 +184,22 @@ class ScheduledTask(models.Model):
         return publish_message(self.task, *self.positional_arguments, priority=priority,
                                queue=self.queue or None, exchange=self.exchange or '',
                                routing_key=self.routing_key or None, **self.keyword_arguments)
+
+
+class SupervisorStatus(models.Model):
+    """The last status snapshot of one carrot-supervisor master, published by its scheduler child so
+    the monitor can show every worker host. `document` is the master's status JSON (see carrot/status.py)."""
+    name = models.CharField(max_length=255, unique=True, help_text='host:pid of the master')
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    generation = models.PositiveIntegerField(default=0)
+    document = models.JSONField(default=dict)
+
+    class Meta:
+        ordering = ('host', 'pid')
+        verbose_name_plural = 'supervisor statuses'
+
+    def __str__(self):
+        return self.name
