@@ -80,3 +80,57 @@ def backend_pid(pause=0.0):
         pid = cursor.fetchone()[0]
     time.sleep(pause)
     return pid
+
+
+# -- attack (tests/test_hostile*.py, scripts/chaos) --
+# Below: things that are NOT tasks (issue 6 §2). Each leaves a marker file or directory behind if it is
+# ever run, so a test can prove a message naming it ran nothing.
+
+def _touch(marker):
+    open(marker, 'a').close()
+
+
+class NotATask:
+    """A class: calling it runs __init__."""
+    def __init__(self, marker, *args, **kwargs):
+        _touch(marker)
+
+
+class _CallableThing:
+    def __call__(self, marker, *args, **kwargs):
+        _touch(marker)
+
+
+callable_instance = _CallableThing()
+
+
+def _private_touch(marker, *args, **kwargs):
+    _touch(marker)
+
+
+def _wrap(func):
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+    return wrapper
+
+
+make_dir = _wrap(os.mkdir)  # a wrapper built here around an imported function
+
+
+def record_execution(path, token, seconds=0.0):
+    """A real task for the chaos runs: append one line per execution (so duplicates are counted, not
+    assumed), optionally after working for `seconds`. O_APPEND writes of one short line do not interleave."""
+    if seconds:
+        time.sleep(seconds)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f'{token} {os.getpid()}\n'.encode())
+    finally:
+        os.close(fd)
+    return token
+
+
+def record_and_die(path, token):
+    """Record the execution, then kill the worker mid-task (before the ack)."""
+    record_execution(path, token)
+    os._exit(17)
