@@ -187,6 +187,7 @@ class Project:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.extra = workdir / 'carrot_extra.py'
         self.executions = workdir / 'executions.txt'
         self.env = dict(os.environ)
@@ -792,8 +793,6 @@ class Chaos:
         self.rabbit.start()
         self.postgres.start_fresh()
         self.project = Project(self.workdir / 'project')
-        self.project.workdir.mkdir(exist_ok=True)
-        self.project.write_settings()
         self.project.setup_django()
 
     def reset(self):
