@@ -566,19 +566,18 @@ def rabbitmq_outages(run: Run, outages=2, down=10):
         run.chaos.rabbit.stop_app()
         time.sleep(down)
         run.chaos.rabbit.start_app()
-        back = time.monotonic()
-        before = run.result.completed
         first = _first_progress(run, timeout=60)
         run.note(f'outage {number + 1}: work resumed {first:.1f}s after the broker was back'
                  if first is not None else f'outage {number + 1}: no progress 60s after the broker was back')
     run.wait_settled(120)
 
 
-def _first_progress(run: Run, timeout) -> float | None:
+def _first_progress(run: Run, timeout, executions=5) -> float | None:
+    """Seconds until `executions` more tasks ran (or all are done): how fast work resumed."""
     start = time.monotonic()
     seen = sum(len(p) for p in run.executions().values())
     while time.monotonic() - start < timeout:
-        if sum(len(p) for p in run.executions().values()) > seen or run.settled():
+        if sum(len(p) for p in run.executions().values()) >= seen + executions or run.settled():
             return time.monotonic() - start
         time.sleep(0.2)
     return None
