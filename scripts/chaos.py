@@ -774,7 +774,6 @@ SHORT = {
     'same-message-twice-at-once': duplicate_delivery,
     'rabbitmq-stopped-10s-twice': lambda run: rabbitmq_outages(run, outages=1),
     'master-sigkilled': master_sigkill,
-    'two-supervisors-one-queue': two_supervisors,
 }
 
 
