@@ -521,11 +521,11 @@ class Every(threading.Thread):
 
 # -- scenarios --------------------------------------------------------------------------------------
 
-def kill_children(run: Run, seconds=20, count=200):
+def kill_children(run: Run, seconds=20, count=150, task_seconds=0.2):
     """Consumer children SIGKILLed every 0.5 s under load; then the load drains."""
     sup = run.start_supervisor()
     sup.wait_ready()
-    run.publish(count, seconds=0.05)
+    run.publish(count, seconds=task_seconds)
     killer = Every(0.5, lambda: run.kill_random_consumer(sup))
     killer.start()
     time.sleep(seconds)
@@ -770,7 +770,7 @@ SCENARIOS = {
     'ttin-ttou-storm-then-term-hup': ttin_ttou_storm,
 }
 SHORT = {
-    'kill-children-every-0.5s': lambda run: kill_children(run, seconds=8, count=80),
+    'kill-children-every-0.5s': lambda run: kill_children(run, seconds=8, count=60),
     'same-message-twice-at-once': duplicate_delivery,
     'rabbitmq-stopped-10s-twice': lambda run: rabbitmq_outages(run, outages=1),
     'master-sigkilled': master_sigkill,
