@@ -134,3 +134,14 @@ def record_and_die(path, token):
     """Record the execution, then kill the worker mid-task (before the ack)."""
     record_execution(path, token)
     os._exit(17)
+
+
+def spawn_lingering_child(path, token, linger, then_sleep=0.0):
+    """Start a multiprocessing child (forked: it inherits the worker's sockets) that outlives the task."""
+    import multiprocessing
+    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(linger,), daemon=False)
+    child.start()
+    record_execution(path, token)
+    if then_sleep:
+        time.sleep(then_sleep)
+    return child.pid
