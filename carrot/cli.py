@@ -22,62 +22,12 @@ import sys
 from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan, SlotGroup
 
 from carrot import __version__
+from carrot.options import add_arguments
 from carrot.planner import SettingsSummary, SettingsUnreadable, read_settings
 from carrot.worker import WorkerOptions, consumer_main, scheduler_main
 
 LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
 PROC_NAME = 'carrot-supervisor'
-
-
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f'must be positive, got {text}')
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-# The flags that shape what the master runs, shared with `manage.py carrot` and `carrot_daemon`.
-WORKER_OPTIONS = (
-    ('--pidfile', dict(help='write the master pid here; refuse to start if a live master holds it')),
-    ('--logfile', dict(help='append logs here instead of stderr (reopened on USR1 and rotation)')),
-    ('--loglevel', dict(default='INFO', type=str.upper, choices=['DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'])),
-    ('--no-scheduler', dict(action='store_true', help='run no scheduler child')),
-    ('--queues', dict(help='consume only these queues (comma-separated names)')),
-    ('--graceful-timeout', dict(type=_positive(float), metavar='SECONDS',
-                                help='on TERM, wait this long for tasks in hand before killing (default 30)')),
-    ('--max-tasks-per-child', dict(type=_positive(int), metavar='N', help='replace a consumer after about N tasks')),
-    ('--max-memory-per-child', dict(type=_positive(int), metavar='MiB',
-                                    help='replace a consumer after a task once it has grown by this much')),
-    ('--task-time-limit', dict(type=_positive(float), metavar='SECONDS',
-                               help='fail a task that runs longer, and replace its worker')),
-    ('--heartbeat-timeout', dict(type=_positive(float), metavar='SECONDS',
-                                 help='kill a child that shows no sign of life for this long (default 60)')),
-    ('--max-consecutive-failures', dict(type=_positive(int), metavar='N',
-                                        help='stop (exit code 6) when one slot has died young N times in a row '
-                                             '(default 10)')),
-    ('--backoff-cap', dict(type=_positive(float), metavar='SECONDS',
-                           help='longest wait before restarting a slot that keeps dying young (default 30)')),
-)
-
-
-def add_worker_options(parser) -> None:
-    for flag, options in WORKER_OPTIONS:
-        parser.add_argument(flag, **options)
-
-
-def worker_options_argv(options: dict) -> list[str]:
-    """The flags for parsed WORKER_OPTIONS values (how manage.py commands hand them to the master)."""
-    argv = []
-    for flag, _ in WORKER_OPTIONS:
-        value = options.get(flag[2:].replace('-', '_'))
-        if value is True:
-            argv.append(flag)
-        elif value is not None and value is not False:
-            argv += [flag, str(value)]
-    return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--settings', help='Django settings module (default: $DJANGO_SETTINGS_MODULE)')
     parser.add_argument('--pythonpath', action='append', default=[],
                         help='a directory to add to sys.path (may repeat)')
-    add_worker_options(parser)
+    add_arguments(parser)  # the options shared with the manage.py commands (carrot/options.py)
     parser.add_argument('--check', action='store_true',
                         help='validate the settings and broker reachability, print the slot plan, and exit')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, parse_qs
 
 from carrot.exceptions import CarrotConfigException
+from carrot.options import SETTINGS as SUPERVISOR_SETTINGS, SupervisorSettings
 
 DEFAULT_BROKER = 'amqp://guest:guest@localhost:5672/'
 DEFAULT_QUEUE = 'default'
@@ -96,7 +97,9 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
-class CarrotConfig:
+class CarrotConfig(SupervisorSettings):
+    """The parsed CARROT setting. The supervisor's keys (graceful_timeout, backoff_cap, ...) and their
+    defaults are inherited from carrot.options, where each supervisor option is declared once."""
     default_broker: BrokerConfig = field(default_factory=BrokerConfig)
     queues: tuple[QueueConfig, ...] = ()
     task_modules: tuple[str, ...] = ()
@@ -111,15 +114,6 @@ class CarrotConfig:
     claim_lease: float = 60.0  # seconds an IN_PROGRESS claim lasts unless the running worker renews it
     store_and_forward: bool = True  # a publish the broker cannot take now waits in its row (else raises)
     supervisor_gone_after: float = 60.0  # the monitor shows a supervisor not seen for this long as gone
-    # Supervisor defaults; the carrot-supervisor flags of the same names win over these.
-    graceful_timeout: float = 30.0
-    heartbeat_timeout: float = 60.0
-    task_time_limit: float | None = None
-    max_tasks_per_child: int | None = None
-    max_memory_per_child: int | None = None  # MiB of growth over the child's size after start-up
-    scheduler: bool = True
-    max_consecutive_failures: int = 10  # young deaths in a row of one slot before the master gives up
-    backoff_cap: float = 30.0           # the longest wait before restarting a slot that keeps dying young
 
     def queue(self, name: str | None) -> QueueConfig:
         """The queue called `name` (None means the default queue)."""
@@ -285,6 +279,17 @@ class _Parser:
             consumable=self.boolean(f"{path}['consumable']", raw.get('consumable', True), True),
             consumer_class=consumer_class, max_priority=max_priority)
 
+    def supervisor_settings(self, raw) -> dict:
+        """The supervisor's keys that `raw` sets, checked as carrot.options declares them."""
+        values = {}
+        for option in SUPERVISOR_SETTINGS:
+            if option.setting in raw:
+                validate = getattr(self, option.kind.validator)
+                none_allowed = {'allow_none': True} if option.optional else {}
+                values[option.setting] = validate(f"CARROT['{option.setting}']", raw[option.setting],
+                                                  option.default, **none_allowed)
+        return values
+
     def config(self, raw) -> CarrotConfig:
         if not isinstance(raw, dict):
             self.problem(E_NOT_A_DICT, f'CARROT must be a dict, got {type(raw).__name__}')
@@ -341,14 +346,7 @@ class _Parser:
             claim_lease=get('claim_lease', self.positive_number),
             store_and_forward=get('store_and_forward', self.boolean),
             supervisor_gone_after=get('supervisor_gone_after', self.positive_number),
-            graceful_timeout=get('graceful_timeout', self.positive_number),
-            heartbeat_timeout=get('heartbeat_timeout', self.positive_number),
-            task_time_limit=get('task_time_limit', self.positive_number, allow_none=True),
-            max_tasks_per_child=get('max_tasks_per_child', self.positive_int, allow_none=True),
-            max_memory_per_child=get('max_memory_per_child', self.positive_int, allow_none=True),
-            scheduler=get('scheduler', self.boolean),
-            max_consecutive_failures=get('max_consecutive_failures', self.positive_int),
-            backoff_cap=get('backoff_cap', self.positive_number),
+            **self.supervisor_settings(raw),
         )
 
 

@@ -11,7 +11,7 @@ import time
 import psutil
 from django.core.management.base import BaseCommand, CommandError
 
-from carrot.cli import add_worker_options
+from carrot.options import add_arguments
 from carrot.management.commands.carrot import python_path_for_children, supervisor_argv
 
 DEFAULT_PIDFILE = 'carrot.pid'
@@ -34,7 +34,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument('mode', choices=['start', 'stop', 'restart', 'status'])
-        add_worker_options(parser)
+        add_arguments(parser)
         parser.add_argument('--hard', action='store_true',
                             help='stop at once: tasks in hand are killed and return to their queue')
         parser.add_argument('--timeout', type=float, default=None,
