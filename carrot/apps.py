@@ -1,7 +1,11 @@
 from django.apps import AppConfig
 
 
-class CarrotConfig(AppConfig):
+class CarrotAppConfig(AppConfig):
+    """The carrot Django app (the only AppConfig in carrot/apps.py, so Django picks it for 'carrot').
+
+    Not to be confused with `carrot.config.CarrotConfig`, the parsed CARROT setting.
+    """
     name = 'carrot'
     verbose_name = 'Carrot task queue'
     default_auto_field = 'django.db.models.BigAutoField'
