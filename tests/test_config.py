@@ -153,3 +153,101 @@ def test_broker_str_and_repr_never_show_the_password():
 def test_get_host_from_name_unknown_queue_names_the_configured_ones():
     with pytest.raises(CarrotConfigException, match="no queue called 'nope'.*'default', 'other'"):
         get_host_from_name('nope')
+
+
+# --- ops: the AppConfig's name, and carrot.E007 (carrot's tables missing) --------------------------
+
+def test_the_app_config_is_carrot_app_config_and_the_only_one():
+    import inspect
+
+    from django.apps import AppConfig, apps
+
+    from carrot import apps as carrot_apps
+    assert type(apps.get_app_config('carrot')) is carrot_apps.CarrotAppConfig
+    declared = [c for _, c in inspect.getmembers(carrot_apps, inspect.isclass)
+                if issubclass(c, AppConfig) and c is not AppConfig]
+    assert declared == [carrot_apps.CarrotAppConfig]  # so INSTALLED_APPS = ['carrot'] picks it
+
+
+@pytest.mark.django_db
+def test_tables_check_passes_on_a_migrated_database_and_needs_databases():
+    from carrot.checks import carrot_databases, check_carrot_tables, run_carrot_checks
+    assert carrot_databases() == ['default']
+    assert check_carrot_tables(databases=['default']) == []
+    assert run_carrot_checks() == []
+    # Like Django's own database checks: nothing without databases (plain `manage.py check`).
+    assert check_carrot_tables(databases=None) == []
+
+
+@pytest.fixture
+def empty_database(tmp_path):
+    """The NAME of a database without any table: a fresh SQLite file, or a new PostgreSQL database."""
+    from django.db import connection
+    if connection.vendor == 'sqlite':
+        yield str(tmp_path / 'empty.sqlite3')
+        return
+    import uuid
+
+    import psycopg
+    params = connection.settings_dict
+    name = f'carrot_empty_{uuid.uuid4().hex[:8]}'
+    admin = dict(host=params['HOST'], port=params['PORT'], user=params['USER'],
+                 password=params['PASSWORD'] or None, dbname='postgres', autocommit=True)
+    with psycopg.connect(**admin) as pg:
+        pg.execute(f'CREATE DATABASE {name}')
+    yield name
+    with psycopg.connect(**admin) as pg:
+        pg.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
+
+
+def run_project(database, *argv, module=None):
+    """Run `tests/manage.py argv` (or `python -m module argv`) against database NAME `database`."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CARROT_TEST_DB_NAME=database, DJANGO_SETTINGS_MODULE='tests.testproject.settings',
+               PYTHONPATH=root)
+    command = [sys.executable, '-m', module] if module else [sys.executable, os.path.join(root, 'tests', 'manage.py')]
+    result = subprocess.run(command + list(argv), env=env, cwd=root, capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    result.output = result.stdout + result.stderr
+    return result
+
+
+MISSING = "has no table carrot_messagelog, carrot_scheduledtask, carrot_supervisorstatus: run manage.py migrate"
+
+
+@pytest.mark.timeout(240)
+def test_missing_tables_are_an_error_that_says_run_migrate_and_migrate_still_runs(empty_database):
+    result = run_project(empty_database, 'check', '--database', 'default')
+    assert result.returncode == 1, result.output
+    assert f"(carrot.E007) database 'default' {MISSING}" in result.output
+
+    # carrot-supervisor, its --check and manage.py carrot --check: exit 3 (bad configuration), and say why.
+    for argv, module in ((['--check'], 'carrot.cli'), ([], 'carrot.cli'), (['carrot', '--check'], None)):
+        result = run_project(empty_database, *argv, module=module)
+        assert result.returncode == 3, (argv, result.output)
+        assert f"carrot.E007: database 'default' {MISSING}" in result.output, (argv, result.output)
+
+    # The check must not stop the command it asks for (migrate runs every check on its database).
+    result = run_project(empty_database, 'migrate', '-v', '0')
+    assert result.returncode == 0, result.output
+    result = run_project(empty_database, 'check', '--database', 'default')
+    assert result.returncode == 0, result.output
+    result = run_project(empty_database, '--check', '--no-scheduler', module='carrot.cli')
+    assert result.returncode == 0 and result.stdout.rstrip().endswith('ok'), result.output
+
+
+@pytest.mark.timeout(240)
+def test_an_unapplied_carrot_migration_is_reported_too(empty_database):
+    assert run_project(empty_database, 'migrate', '-v', '0').returncode == 0
+    # As after upgrading carrot without migrating: the newest migration is not recorded as applied.
+    forget = ("from django.db.migrations.recorder import MigrationRecorder\n"
+              "MigrationRecorder.Migration.objects.filter(app='carrot', name='0002_hardening_and_status').delete()\n")
+    result = run_project(empty_database, 'shell', '-c', forget)
+    assert result.returncode == 0, result.output
+    result = run_project(empty_database, '--check', module='carrot.cli')
+    assert result.returncode == 3, result.output
+    assert ("carrot.E007: database 'default' lacks migration carrot.0002_hardening_and_status: "
+            "run manage.py migrate") in result.output
