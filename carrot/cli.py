@@ -5,7 +5,8 @@
 Exit codes (also in README.rst):
     0  stopped cleanly
     2  bad command line (argparse)
-    3  bad configuration: no settings module, settings that do not import, an invalid CARROT
+    3  bad configuration: no settings module, settings that do not import, an invalid CARROT, carrot's
+       tables missing (run manage.py migrate), a log file that is a symlink or cannot be opened
     4  a broker was unreachable at start
     5  the pidfile is held by a live master (or cannot be written)
     6  a slot's children kept crashing (see the log for why)
@@ -15,13 +16,13 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import logging.handlers
 import os
 import sys
 
 from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan, SlotGroup
 
 from carrot import __version__
+from carrot.logfile import LogFileError, LogFileHandler
 from carrot.options import add_arguments
 from carrot.planner import SettingsSummary, SettingsUnreadable, read_settings
 from carrot.worker import WorkerOptions, consumer_main, scheduler_main
@@ -85,8 +86,9 @@ class Supervisor:
 
 def configure_logging(args) -> logging.Handler:
     if args.logfile:
-        # Watched: logrotate moving the file is noticed on the next line, USR1 or not.
-        handler = logging.handlers.WatchedFileHandler(args.logfile)
+        # Watched: logrotate moving the file is noticed on the next line, USR1 or not. Created mode 0640,
+        # never through a symlink (LogFileError): it holds task arguments.
+        handler = LogFileHandler(args.logfile)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -98,14 +100,8 @@ def configure_logging(args) -> logging.Handler:
 
 
 def reopen_handler(handler: logging.Handler) -> None:
-    if isinstance(handler, logging.FileHandler):
-        handler.acquire()
-        try:
-            if handler.stream:
-                handler.stream.close()
-            handler.stream = handler._open()
-        finally:
-            handler.release()
+    if isinstance(handler, LogFileHandler):
+        handler.reopen()
 
 
 def describe(summary: SettingsSummary, plan: Plan) -> str:
@@ -129,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             [os.path.abspath(p) for p in args.pythonpath] + [p for p in [os.environ.get('PYTHONPATH')] if p])
     if '' not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like manage.py: the project is importable from where it runs
-    handler = configure_logging(args)
+    try:
+        handler = configure_logging(args)
+    except LogFileError as exc:
+        print(f'{PROC_NAME}: {exc}', file=sys.stderr)
+        return EXIT_CONFIG
     log = logging.getLogger('carrot.supervisor')
 
     settings_module = args.settings or os.environ.get('DJANGO_SETTINGS_MODULE')
