@@ -23,7 +23,7 @@ from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan, SlotGroup
 
 from carrot import __version__
 from carrot.logfile import LogFileError, LogFileHandler
-from carrot.options import add_arguments
+from carrot.options import add_arguments, flag_value
 from carrot.planner import SettingsSummary, SettingsUnreadable, read_settings
 from carrot.worker import WorkerOptions, consumer_main, scheduler_main
 
@@ -54,7 +54,7 @@ class Supervisor:
         self.first_summary: SettingsSummary | None = None
 
     def option(self, summary: SettingsSummary, name: str):
-        flag = getattr(self.args, name)
+        flag = flag_value(self.args, name)
         return flag if flag is not None else summary.options[name]
 
     def plan_for(self, summary: SettingsSummary) -> Plan:
@@ -72,7 +72,7 @@ class Supervisor:
             max_memory_per_child=self.option(summary, 'max_memory_per_child'))
         groups = [SlotGroup(f'consumer {q.name}', q.concurrency, functools.partial(consumer_main, q.name, options),
                             scalable=True, fingerprint=q) for q in queues]
-        if summary.options['scheduler'] and not self.args.no_scheduler:
+        if self.option(summary, 'scheduler'):
             groups.append(SlotGroup('scheduler', 1, functools.partial(scheduler_main, options), numbered=False))
         return Plan(tuple(groups))
 

@@ -32,7 +32,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         add_arguments(parser)
-        parser.add_argument('--check', action='store_true', help='validate settings and brokers, then exit')
+        parser.add_argument('--check', action='store_true', help='validate settings, database tables and brokers, print the slot plan, then exit')
 
     def handle(self, *args, **options):
         settings_module = os.environ['DJANGO_SETTINGS_MODULE']
