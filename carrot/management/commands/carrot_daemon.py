@@ -59,10 +59,6 @@ class PidfileLookup:
     process: psutil.Process | None = None
     stale: str | None = None  # why the file names no master, when it exists
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None
-
 
 def look_up(pidfile: str) -> PidfileLookup:
     lookup = PidfileLookup(pidfile)
