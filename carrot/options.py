@@ -89,12 +89,15 @@ class Option:
 
     def _help_with_default(self) -> str:
         if self.setting:
-            default = 'off' if self.default is None else f'{self.default:g}' \
-                if isinstance(self.default, float) else self.default
-            return f"{self.help} (default: CARROT['{self.setting}'], else {default})"
+            shown = 'off' if self.default is None else _plain(self.default)
+            return f"{self.help} (default: CARROT['{self.setting}'], else {shown})"
         if self.default is not None:
             return f'{self.help} (default: {self.default})'
         return self.help
+
+
+def _plain(value) -> str:
+    return f'{value:g}' if isinstance(value, float) else str(value)  # 30.0 -> '30'
 
 
 def _escape(text: str) -> str:
@@ -196,9 +199,7 @@ def _cell_flag(option: Option) -> str:
 def _cell_default(option: Option, rst=False) -> str:
     if option.default is None:
         return ('``None``' if rst else 'None') if option.setting else ''
-    if isinstance(option.default, float):
-        return f'{option.default:g}'
-    return str(option.default)
+    return _plain(option.default)
 
 
 def rst_table() -> str:
