@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -110,6 +111,9 @@ OPTIONS: tuple[Option, ...] = (
     Option('logfile', '--logfile', PATH,
            'append logs here instead of stderr; created with mode 0640 (it holds task arguments), never '
            'through a symlink; reopened on USR1 and when logrotate moves it'),
+    Option('status_file', '--status-file', PATH,
+           'write the status snapshot (JSON) here; default: beside the pidfile, <pidfile without .pid>'
+           '.status.json (none without a pidfile)'),
     Option('loglevel', '--loglevel', LEVEL, 'DEBUG, INFO, WARNING, ERROR or CRITICAL', default='INFO'),
     Option('queues', '--queues', NAMES, 'consume only these queues (comma-separated names)'),
     Option('scheduler', '--no-scheduler', SWITCH,
@@ -170,6 +174,17 @@ def argv_for(values: dict) -> list[str]:
         elif value is not None and value is not False:
             argv += [option.flag, str(value)]
     return argv
+
+
+def status_file_for(pidfile: str | None, status_file: str | None = None) -> str | None:
+    """Where a master's status snapshot is: --status-file, else beside the pidfile (carrot.pid ->
+    carrot.status.json), else nowhere."""
+    if status_file:
+        return os.path.abspath(status_file)
+    if pidfile:
+        root, ext = os.path.splitext(os.path.abspath(pidfile))
+        return f'{root if ext == ".pid" else root + ext}.status.json'
+    return None
 
 
 def settings_values(config) -> dict:

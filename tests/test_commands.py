@@ -125,7 +125,8 @@ def read_pid(path):
 def status_rows(output):
     """{pid: (rss_mib, uptime, title)} from `carrot_daemon status`."""
     rows = {}
-    for line in output.splitlines()[1:]:
+    table = output.split('\n\n', 1)[0]  # the status snapshot's section, if any, follows a blank line
+    for line in table.splitlines()[1:]:
         match = re.fullmatch(r'\s*(\d+)\s+([\d.]+)\s+((?:\d+h)?\d+m\d\ds)\s+(.+)', line)
         assert match, f'unexpected status line {line!r} in\n{output}'
         rows[int(match[1])] = (float(match[2]), match[3], match[4])
@@ -415,3 +416,34 @@ def test_daemon_trusts_a_supervisor_title_only_from_before_the_pidfile(manage, t
     assert result.returncode == 0 and f'carrot stopped (pid {impostor.pid})' in result.stdout, \
         result.stdout + result.stderr
     assert not alive(impostor)
+
+
+@pytest.mark.timeout(60)
+def test_daemon_status_shows_the_masters_status_snapshot(manage, tmp_path):
+    import json
+    pidfile, snapshot = tmp_path / 'carrot.pid', tmp_path / 'carrot.status.json'
+    master = detached(tmp_path, 'sleep', '60', name='carrot-supervisor: master [tests.testproject.settings]')
+    pidfile.write_text(f'{master.pid}\n')
+    document = {'version': 1, 'host': 'h', 'pid': master.pid, 'state': 'running', 'generation': 2,
+                'restarts': 4, 'updated': '2026-11-21T20:45:03+00:00', 'slots': [
+                    {'name': 'consumer default#1', 'pid': 4301, 'state': 'running', 'task_age': 3.14,
+                     'task': 'tests.testapp.tasks.sleep\x1b[2J', 'restarts': 0},
+                    {'name': 'consumer other#1', 'pid': None, 'state': 'parked', 'task': None,
+                     'task_age': None, 'restarts': 5, 'problem': 'children kept dying young'}]}
+    snapshot.write_text(json.dumps(document))
+
+    result = manage('carrot_daemon', 'status', '--pidfile', str(pidfile))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(status_rows(result.stdout)) == [master.pid]
+    section = result.stdout.split('\n\n', 1)[1].splitlines()
+    assert section[0] == (f'running, settings generation 2, 4 restarts (from {snapshot}, '
+                          f'updated 2026-11-21T20:45:03+00:00)')
+    assert section[2].split() == ['consumer', 'default#1', '4301', 'running', '3.1s', '0',
+                                  'tests.testapp.tasks.sleep\\x1b[2J']  # the escape is shown, not sent
+    assert section[3].split() == ['consumer', 'other#1', '-', 'parked', '-', '5', 'children', 'kept',
+                                  'dying', 'young']
+
+    # A snapshot left by another master (another pid) is not shown as this one's.
+    snapshot.write_text(json.dumps(dict(document, pid=master.pid + 1)))
+    result = manage('carrot_daemon', 'status', '--pidfile', str(pidfile))
+    assert result.returncode == 0 and '\n\n' not in result.stdout.strip(), result.stdout

@@ -60,7 +60,7 @@ def test_the_table_names_every_option_once():
 def test_manage_py_commands_take_every_flag_as_carrot_supervisor_does(command):
     cli = build_parser()
     manage = manage_parser(command)
-    argv = ['--pidfile', 'p.pid', '--logfile', 'l.log', '--loglevel', 'debug', '--queues', 'a,b',
+    argv = ['--pidfile', 'p.pid', '--logfile', 'l.log', '--status-file', 's.json', '--loglevel', 'debug', '--queues', 'a,b',
             '--no-scheduler', '--graceful-timeout', '2.5', '--heartbeat-timeout', '9',
             '--task-time-limit', '4', '--max-tasks-per-child', '7', '--max-memory-per-child', '300',
             '--max-consecutive-failures', '3', '--backoff-cap', '1.5']
@@ -135,3 +135,10 @@ def test_optional_settings_accept_none_and_the_others_do_not():
     for option in options.SETTINGS:
         problems = parse_config({option.setting: None})[1]
         assert (problems == []) == option.optional, (option.setting, problems)
+
+
+def test_the_status_file_is_beside_the_pidfile_unless_given():
+    assert options.status_file_for('/run/carrot/carrot.pid') == '/run/carrot/carrot.status.json'
+    assert options.status_file_for('/run/carrot/master') == '/run/carrot/master.status.json'
+    assert options.status_file_for('/run/carrot.pid', '/tmp/s.json') == '/tmp/s.json'
+    assert options.status_file_for(None) is None

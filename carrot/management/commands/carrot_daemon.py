@@ -21,7 +21,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from carrot.logfile import LogFileError, open_log_file
 from carrot.management.commands.carrot import python_path_for_children, supervisor_argv
-from carrot.options import add_arguments
+from carrot.options import add_arguments, status_file_for
+from carrot.status import read_snapshot
 
 DEFAULT_PIDFILE = 'carrot.pid'
 DEFAULT_LOGFILE = 'carrot.log'
@@ -197,6 +198,34 @@ class Command(BaseCommand):
             except psutil.NoSuchProcess:
                 continue
             self.stdout.write(f'{process.pid:>7}  {rss:>8.1f}  {_duration(uptime):>9}  {title}')
+        status_file = status_file_for(options['pidfile'], options.get('status_file'))
+        document = read_snapshot(status_file) if status_file else None
+        if document and document.get('pid') == master.pid:
+            self.stdout.write('')
+            self.stdout.write('\n'.join(describe_snapshot(document, status_file)))
+
+
+def describe_snapshot(document: dict, path: str) -> list[str]:
+    """The master's status snapshot (carrot/status.py) as lines: its state, then one line per slot."""
+    lines = [f"{_shown(document.get('state'))}, settings generation {_shown(document.get('generation'))}, "
+             f"{_shown(document.get('restarts'))} restarts (from {path}, updated {_shown(document.get('updated'))})",
+             f"{'SLOT':24}  {'PID':>7}  {'STATE':9}  {'AGE':>7}  {'RESTARTS':>8}  TASK / PROBLEM"]
+    for slot in document.get('slots') or ():
+        if not isinstance(slot, dict):
+            continue
+        age = slot.get('task_age')
+        age = f'{age:.1f}s' if isinstance(age, (int, float)) and not isinstance(age, bool) else '-'
+        what = slot.get('task') or slot.get('problem') or ''
+        lines.append(f"{_shown(slot.get('name')):24}  {_shown(slot.get('pid')):>7}  {_shown(slot.get('state')):9}  "
+                     f"{age:>7}  {_shown(slot.get('restarts')):>8}  {_shown(what, 80)}")
+    return lines
+
+
+def _shown(value, limit=40) -> str:
+    """A snapshot value fit for a terminal: control characters escaped, long text cut."""
+    text = '-' if value is None else str(value)
+    text = ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 1] + '…'
 
 
 def _duration(seconds):
