@@ -3,7 +3,8 @@
 - carrot.E001-E006: the CARROT setting (carrot/config.py parses it and names each problem).
 - carrot.E007: carrot's tables are missing from its database, or its migrations are not all applied.
   Like Django's own database checks it runs only for the databases it is given
-  (`manage.py check --database default`); `run_carrot_checks()` gives it carrot's databases.
+  (`manage.py check --database default`; Django 6 also gives every database to `check --tag carrot`);
+  `run_carrot_checks()` gives it carrot's databases.
 """
 import importlib
 import logging

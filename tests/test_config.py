@@ -112,6 +112,7 @@ def test_check_reports_unparseable_broker_urls_without_showing_the_password():
     assert "CARROT['queues'][0]['host']" in found[1]
 
 
+@pytest.mark.django_db  # Django 6 runs database checks (carrot.E007) for tags=['carrot']
 def test_manage_py_check_shows_the_problem():
     with override_settings(CARROT={'queues': [{'name': 'a'}, {'name': 'b', 'concurrency': 'ten'}]}):
         errors = run_checks(tags=['carrot'])
@@ -123,6 +124,7 @@ def test_manage_py_check_shows_the_problem():
             get_config()
 
 
+@pytest.mark.django_db  # Django 6 runs database checks (carrot.E007) for tags=['carrot']
 def test_check_reports_consumer_class_that_cannot_be_imported():
     with override_settings(CARROT={'queues': [{'name': 'a', 'consumer_class': 'nowhere.Consumer'}],
                                    'task_modules': ['tests.testapp.tasks', 'no.such.module']}):
