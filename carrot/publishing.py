@@ -225,12 +225,17 @@ def schedule_arguments(schedule) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def publish_schedule(schedule, priority: int = 0, store_and_forward: bool | None = None) -> MessageLog:
-    """Publish one run of a ScheduledTask; raises as prepare() does when the schedule is broken."""
+def prepare_schedule(schedule, priority: int = 0) -> Outgoing:
+    """One run of a ScheduledTask as a checked message; raises as prepare() does when the schedule is
+    broken, or ValueError (with the reason) for arguments that do not parse."""
     args, kwargs = schedule_arguments(schedule)
-    return publish(schedule.task, args, kwargs, queue=schedule.queue or None, exchange=schedule.exchange or '',
-                   routing_key=schedule.routing_key or None, priority=priority,
-                   store_and_forward=store_and_forward)
+    return prepare(schedule.task, args, kwargs, queue=schedule.queue or None, exchange=schedule.exchange or '',
+                   routing_key=schedule.routing_key or None, priority=priority)
+
+
+def publish_schedule(schedule, priority: int = 0, store_and_forward: bool | None = None) -> MessageLog:
+    """Publish one run of a ScheduledTask now."""
+    return enqueue(prepare_schedule(schedule, priority), store_and_forward=store_and_forward)
 
 
 # -- the relay ----------------------------------------------------------------------------------------
@@ -322,5 +327,5 @@ def relay_waiting() -> int:
     return _default_relay.relay_waiting()
 
 
-__all__ = ['Outgoing', 'prepare', 'enqueue', 'send', 'publish', 'requeue', 'publish_schedule',
+__all__ = ['Outgoing', 'prepare', 'enqueue', 'send', 'publish', 'requeue', 'publish_schedule', 'prepare_schedule',
            'schedule_arguments', 'relay_waiting', 'Relay', 'task_name', 'encode']
