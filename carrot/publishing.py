@@ -216,7 +216,7 @@ def schedule_arguments(schedule) -> tuple[tuple, dict]:
     positional = (schedule.task_args or '').strip()
     if not positional:
         args = ()
-    elif positional.startswith('['):
+    elif positional[0] in '[{':  # JSON (a '{' is a mistake, reported as such)
         args = tuple(parse(positional, 'positional arguments', list))
     else:  # django-carrot 1.x stored "a, b, c"
         args = tuple(a.strip() for a in positional.split(',') if a.strip())

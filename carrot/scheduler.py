@@ -39,7 +39,7 @@ from django.utils import timezone
 
 from carrot import publishing
 from carrot.exceptions import (BrokerUnavailable, CarrotConfigException, CarrotError, MessageRejected,
-                               QueueMismatchError, TaskNotRegistered)
+                               MessageTooLarge, QueueMismatchError, TaskNotRegistered)
 from carrot.helper_tasks import sync_cleanup_schedule
 from carrot.models import ScheduledTask
 
@@ -51,7 +51,7 @@ MAX_INTERVAL = timedelta(days=3650)  # a longer interval is a typo, not a schedu
 
 # What a broken row raises while it is checked: its problem, not the scheduler's.
 SCHEDULE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, TaskNotRegistered,
-                   CarrotConfigException)
+                   CarrotConfigException, MessageTooLarge)
 
 
 def check_interval(schedule: ScheduledTask) -> None:
@@ -159,8 +159,7 @@ class Scheduler:
             except DatabaseError:
                 raise  # the whole tick fails and is retried
             except Exception as exc:  # noqa: BLE001 -- whatever this row does, the others go on
-                logger.exception('scheduler: %r failed unexpectedly', schedule.task_name)
-                self.record_problem(schedule, describe(exc))
+                self.record_problem(schedule, f'unexpected error: {describe(exc)}', exc_info=True)
         if self.on_status is not None:
             self.on_status(f'{len(schedules)} active schedule(s), {self.published} run(s) published')
         return published
@@ -180,14 +179,14 @@ class Scheduler:
         return self.publish(schedule, claimed_at=run_at, message=message)
 
     @staticmethod
-    def record_problem(schedule: ScheduledTask, problem: str) -> None:
+    def record_problem(schedule: ScheduledTask, problem: str, exc_info: bool = False) -> None:
         """Store why `schedule` is skipped ('' once it is fine); log only when that changes."""
         if problem == (schedule.problem or ''):
             return
         ScheduledTask.objects.filter(pk=schedule.pk).update(problem=problem)
         if problem:
             logger.error('scheduler: %r (%s) is skipped until it is fixed: %s', schedule.task_name,
-                         schedule.task, problem)
+                         schedule.task, problem, exc_info=exc_info)
         else:
             logger.info('scheduler: %r (%s) is fixed and runs again', schedule.task_name, schedule.task)
         schedule.problem = problem

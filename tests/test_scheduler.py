@@ -506,3 +506,106 @@ def test_scheduler_survives_losing_its_database_connection(start_supervisor):
     first_run_after(args, resumed.publish_time, 5, supervisor)  # and it goes on
     assert supervisor.scheduler().pid == scheduler.pid
     assert supervisor.log_text().count('spawned scheduler') == 1
+
+
+# --- broken rows (publish helper) ---------------------------------------------------------------------
+
+def broken(name, **fields):
+    values = dict(task=ADD, task_name=name, queue='other', interval_type='seconds', interval_count=60,
+                  task_args='[1, 2]', content='{}')
+    values.update(fields)
+    return ScheduledTask.objects.create(**values)
+
+
+BROKEN_ROWS = {
+    'bad json': (dict(task_args='[1,'), 'the positional arguments are not valid JSON'),
+    'deep nesting': (dict(task_args='[' * 100_000 + ']' * 100_000), 'nested too deeply'),
+    'kwargs not an object': (dict(content='[1]'), 'the keyword arguments must be a JSON object, got list'),
+    'huge interval': (dict(interval_type='days', interval_count=10 ** 9), 'longer than the longest allowed'),
+    'calendar overflow': (dict(interval_type='days', interval_count=5,
+                               last_run_time=timezone.make_aware(timezone.datetime(9999, 12, 30))),
+                          'past the end of the calendar'),
+    'unknown unit': (dict(interval_type='fortnights'), "the interval unit 'fortnights' is not one of"),
+    'zero interval': (dict(interval_count=0), 'must be a whole number of at least 1, got 0'),
+    'not a task': (dict(task='os.system', task_args='["true"]'), 'task os.system is not registered'),
+    'unknown queue': (dict(queue='nowhere'), "no queue called 'nowhere'"),
+    'too large': (dict(task_args='["' + 'x' * 2000 + '"]'), 'more than CARROT["max_message_size"]'),
+}
+
+
+@pytest.mark.timeout(60)
+def test_broken_rows_are_skipped_marked_and_logged_once_each(caplog):
+    caplog.set_level(logging.INFO, logger='carrot')
+    rows = {name: broken(name, **fields) for name, (fields, _) in BROKEN_ROWS.items()}
+    good = schedule('z good', seconds=1)
+    with override_settings(CARROT={**settings.CARROT, 'max_message_size': 1000}):
+        scheduler = Scheduler()
+        for tick in range(3):
+            scheduler.publish_due()
+            if tick == 0:
+                assert published().count() == 1  # the good one, in the same tick as all the broken ones
+            ScheduledTask.objects.filter(pk=good.pk).update(last_run_time=None)
+        assert published().count() == 3
+        for name, (_, reason) in BROKEN_ROWS.items():
+            rows[name].refresh_from_db()
+            assert reason in rows[name].problem, (name, rows[name].problem)
+            lines = [r for r in caplog.records if f"'{name}'" in r.getMessage()]
+            assert len(lines) == 1, (name, [r.getMessage() for r in lines])   # one line, not one per tick
+            assert lines[0].levelno == logging.ERROR and 'is skipped until it is fixed' in lines[0].getMessage()
+        assert MessageLog.objects.exclude(task=ADD).count() == 0
+        good.refresh_from_db()
+        assert good.problem == ''
+
+        # Fixed: the problem is cleared (one line) and the schedule runs on that tick.
+        ScheduledTask.objects.filter(pk=rows['bad json'].pk).update(task_args='[3, 4]')
+        caplog.clear()
+        scheduler.publish_due()
+        scheduler.publish_due()
+        rows['bad json'].refresh_from_db()
+        assert rows['bad json'].problem == '' and rows['bad json'].last_run_time is not None
+        assert [r.getMessage() for r in caplog.records if "'bad json'" in r.getMessage()] == [
+            f"scheduler: 'bad json' ({ADD}) is fixed and runs again",
+            f"scheduler: published 'bad json' ({ADD}) as "
+            f"{MessageLog.objects.get(task_args='[3, 4]').uuid}"]
+
+
+def test_schedule_problem_says_why_without_asking_the_broker():
+    from carrot.scheduler import schedule_problem
+    assert schedule_problem(schedule('fine')) == ''
+    assert 'not valid JSON' in schedule_problem(broken('bad', task_args='{nope'))
+    assert schedule_problem(broken('unreachable but fine', queue='default')) == ''
+
+
+@pytest.mark.timeout(60)
+def test_a_schedule_the_broker_refuses_is_marked_until_a_run_goes_through(caplog):
+    refused = schedule('refused', seconds=1, exchange='amq.direct', routing_key='nobody-is-bound')
+    scheduler = Scheduler()
+    assert scheduler.publish_due() == 0
+    refused.refresh_from_db()
+    assert refused.problem.startswith('the broker refused the last run: RabbitMQ returned the message as '
+                                      'unroutable')
+    assert refused.last_run_time is not None  # the run is spent, not retried at once
+    assert MessageLog.objects.get(task=ADD).status == 'FAILED'
+
+    ScheduledTask.objects.filter(pk=refused.pk).update(exchange='', routing_key='other', last_run_time=None)
+    assert scheduler.publish_due() == 1
+    refused.refresh_from_db()
+    assert refused.problem == ''
+    assert published().count() == 1
+
+
+@pytest.mark.timeout(60)
+def test_the_scheduler_loop_relays_waiting_messages():
+    import uuid
+    waiting = MessageLog.objects.create(status='WAITING', queue='other', routing_key='other', task=ADD,
+                                        uuid=str(uuid.uuid4()), task_args='[5, 5]', content='{}',
+                                        publish_time=timezone.now() - timedelta(minutes=1))
+    stopping = threading.Event()
+    scheduler = Scheduler(stopping=stopping)
+    scheduler.on_tick = stopping.set  # one tick
+    thread, result = run_in_thread(scheduler.run)
+    thread.join(30)
+    assert result == [None]
+    waiting.refresh_from_db()
+    assert waiting.status == 'PUBLISHED' and scheduler.relay.relayed == 1
+    assert wait_for(lambda: queue_depth('other') == 1, 5, what='the relayed message')
