@@ -298,7 +298,8 @@ def test_cleanup_schedule_is_synced_when_the_scheduler_starts():
                                      status=MessageLog.PUBLISHED).count() == 1
 
     # Turned off in the settings: the schedule is deactivated at the next start (and back on again).
-    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None}):
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None,
+                                   'cleanup_failed_after_days': None}):
         sync_cleanup_schedule()
         assert not ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME).active
     sync_cleanup_schedule()
@@ -609,3 +610,30 @@ def test_the_scheduler_loop_relays_waiting_messages():
     waiting.refresh_from_db()
     assert waiting.status == 'PUBLISHED' and scheduler.relay.relayed == 1
     assert wait_for(lambda: queue_depth('other') == 1, 5, what='the relayed message')
+
+
+# --- the cleanup task ---------------------------------------------------------------------------------
+
+def test_cleanup_deletes_failed_rows_older_than_cleanup_failed_after_days():
+    from carrot import helper_tasks
+    now = timezone.now()
+
+    def failed(name, days, field='failure_time'):
+        MessageLog.objects.create(uuid=name, task=ADD, status='FAILED', **{field: now - timedelta(days=days)})
+
+    failed('failed 40 days ago', 40), failed('failed 5 days ago', 5)
+    failed('no failure time, published 40 days ago', 40, field='publish_time')
+    MessageLog.objects.create(uuid='waiting 40 days', task=ADD, status='WAITING',
+                              publish_time=now - timedelta(days=40))  # never deleted: it still has to go out
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None}):
+        assert helper_tasks.cleanup() == 2
+    assert set(MessageLog.objects.values_list('uuid', flat=True)) == {'failed 5 days ago', 'waiting 40 days'}
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_failed_after_days': 1}):
+        assert helper_tasks.cleanup() == 1
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None,
+                                   'cleanup_failed_after_days': None}):
+        sync_cleanup_schedule()
+        assert not ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME).active
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None}):
+        sync_cleanup_schedule()  # FAILED rows still need cleaning: the schedule stays on
+        assert ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME).active
