@@ -14,6 +14,7 @@ from carrot.config import get_config
 from carrot.exceptions import BrokerUnavailable, MessageRejected, PublishError
 from carrot.models import MessageLog, ScheduledTask
 from carrot.objects import Message, VirtualHost
+from carrot.scheduler import MAX_INTERVAL
 
 
 def validate_task(task: str | Callable) -> str:
@@ -71,8 +72,12 @@ def create_scheduled_task(task: str | Callable, interval: dict, task_name: str |
                          f'got {interval_type!r}')
     if isinstance(interval_count, bool) or not isinstance(interval_count, int) or interval_count < 1:
         raise ValueError(f'interval count must be a positive integer, got {interval_count!r}')
+    if interval_count * ScheduledTask.SECONDS_PER[interval_type] > MAX_INTERVAL.total_seconds():
+        raise ValueError(f'interval {interval_count} {interval_type} is longer than the longest allowed '
+                         f'({MAX_INTERVAL.days} days)')
     messages.check_serialisable(path, tuple(task_args), kwargs)
     queue_name = get_config().queue(queue).name
+    publishing.encode(path, tuple(task_args), kwargs)  # MessageTooLarge now, not at every run
     try:
         with transaction.atomic(using=ScheduledTask.objects.db):
             return ScheduledTask.objects.create(

@@ -19,7 +19,7 @@ from carrot.exceptions import (BrokerUnavailable, MessageRejected, MessageTooLar
                                TaskNotRegistered)
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
-from tests.conftest import BROKER_HOST, BROKER_PORT, queue_depth, rabbitmqctl, run_consumer
+from tests.conftest import queue_depth, run_consumer
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -103,30 +103,6 @@ def test_the_row_is_left_alone_when_a_consumer_claimed_it_before_the_confirm(mon
 
 # --- store-and-forward: a broker that refuses us, then lets us in -------------------------------------
 
-@pytest.fixture
-def locked_vhost(carrot_vhost):
-    """A virtual host guest may not use yet: connecting fails with ACCESS_REFUSED until `unlock()`."""
-    name = f'{carrot_vhost}-locked'
-    rabbitmqctl('add_vhost', name)
-
-    class Locked:
-        vhost = name
-        url = f'amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{name}'
-
-        @staticmethod
-        def unlock():
-            rabbitmqctl('set_permissions', '-p', name, 'guest', '.*', '.*', '.*')
-
-        @staticmethod
-        def channel():
-            connection = pika.BlockingConnection(pika.ConnectionParameters(
-                BROKER_HOST, BROKER_PORT, name, pika.PlainCredentials('guest', 'guest')))
-            return connection, connection.channel()
-
-    yield Locked
-    rabbitmqctl('delete_vhost', name, check=False)
-
-
 def age(log, seconds=60):
     MessageLog.objects.filter(pk=log.pk).update(publish_time=timezone.now() - timedelta(seconds=seconds))
 
@@ -155,9 +131,9 @@ def test_waiting_messages_are_relayed_with_their_own_id_once_the_broker_is_back(
         assert 'takes messages again' in caplog.text
         assert MessageLog.objects.filter(status='PUBLISHED').count() == 4
 
-        connection, channel = locked_vhost.channel()
+        connection = locked_vhost.connect()
         try:
-            copies = all_messages(channel, 'locked')
+            copies = all_messages(connection.channel(), 'locked')
         finally:
             connection.close()
         assert sorted(p.message_id for p, _ in copies) == sorted(log.uuid for log in waiting)

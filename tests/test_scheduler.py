@@ -637,3 +637,38 @@ def test_cleanup_deletes_failed_rows_older_than_cleanup_failed_after_days():
     with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None}):
         sync_cleanup_schedule()  # FAILED rows still need cleaning: the schedule stays on
         assert ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME).active
+
+
+@pytest.mark.timeout(120)
+def test_the_supervisors_scheduler_relays_a_message_published_while_the_broker_refused_it(
+        start_supervisor, subprocess_env, tmp_path, locked_vhost):
+    from carrot.utilities import publish_message
+    queue = {'name': 'locked', 'host': locked_vhost.url, 'consumable': False}
+    extra = tmp_path / 'extra.py'
+    extra.write_text(f"CARROT['queues'] = CARROT['queues'] + [{queue!r}]\n")
+    supervisor = start_supervisor('--queues', 'default', env=dict(subprocess_env, CARROT_TEST_EXTRA=str(extra)))
+    supervisor.wait_ready()
+
+    with override_settings(CARROT={**settings.CARROT, 'queues': [*settings.CARROT['queues'], queue]}):
+        log = publish_message(ADD, 30, 12, queue='locked')  # the broker refuses us: it waits
+    assert log.status == 'WAITING'
+    wait_for(lambda: 'is unavailable; waiting messages are kept' in supervisor.log_text(), 30,
+             what='the relay to try the refusing broker', tail=supervisor.diagnostics)
+    log.refresh_from_db()
+    assert log.status == 'WAITING'
+
+    locked_vhost.unlock()
+    unlocked = time.monotonic()
+    wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'PUBLISHED', 30,
+             what='the relay to send it once the broker lets us in', tail=supervisor.diagnostics)
+    print(f'FIGURE relay_unlock_to_published_s={time.monotonic() - unlocked:.1f}')
+    text = supervisor.log_text()
+    assert text.count('is unavailable; waiting messages are kept') == 1  # one line per outage
+    assert 'takes messages again' in text and 'relay: sent 1 message(s)' in text
+    connection = locked_vhost.connect()
+    try:
+        method, properties, body = connection.channel().basic_get('locked', auto_ack=True)
+    finally:
+        connection.close()
+    assert properties.message_id == log.uuid and properties.headers == {'type': ADD}
+    assert supervisor.log_text().count('spawned scheduler') == 1
