@@ -7,7 +7,6 @@ import json
 from typing import Callable
 
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 
 from carrot import messages, publishing
 from carrot.config import get_config

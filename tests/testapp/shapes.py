@@ -2,12 +2,13 @@
 functions are tasks. The module is a task module only when a test lists it in CARROT['task_modules']."""
 import functools
 import subprocess
-from os import system  # noqa: F401  (a builtin imported into a task module is not its task)
-from shlex import quote  # noqa: F401  (nor is a Python function imported into it)
+from os import system  # a builtin imported into a task module is not its task
+from shlex import quote  # nor is a Python function imported into it
 
 from carrot import task
 
 CALLS = []
+IMPORTED = (system, quote)  # not functions of this module: never tasks
 
 
 def public(x):
