@@ -137,6 +137,11 @@ def get_task(path: str) -> Callable:
             f'task {path} is not registered: {module_name} is not a tasks module of an installed app, not '
             f"in CARROT['task_modules'], and not part of an installed app (where @carrot.task functions are "
             f'found); {HOW_TO_REGISTER}')
+    if any(part.startswith('_') for part in module_name.split('.')):
+        # __main__ and private modules may do work when imported: never for a message.
+        raise TaskNotRegistered(f'task {path} is not registered: {module_name} is private (a part of its '
+                                f"name starts with '_'), so carrot does not import it to look for "
+                                f'@carrot.task functions')
     # A module of an installed app may hold @carrot.task functions nobody imported yet.
     _import_task_module(path, module_name)
     func = _decorated_task(path)
@@ -150,9 +155,9 @@ def get_task(path: str) -> Callable:
 def _import_task_module(path: str, module_name: str):
     try:
         return importlib.import_module(module_name)
-    except ImportError as exc:
+    except (Exception, SystemExit) as exc:  # a broken module is the task's problem, not the worker's
         raise TaskNotRegistered(f'task {path} is not registered: its module {module_name} cannot be '
-                                f'imported ({exc})') from exc
+                                f'imported ({type(exc).__name__}: {exc})') from exc
 
 
 def _task_from_task_module(path: str, module_name: str, attribute: str) -> Callable:

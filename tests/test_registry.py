@@ -168,3 +168,15 @@ def test_the_consumer_refuses_a_wrapper_a_message_names(shapes_listed, raw_chann
     for name in ('run', 'instance', '_private'):
         assert rows[name].status == 'FAILED' and 'is not registered' in rows[name].exception, name
     assert rows['public'].status == 'COMPLETED' and shapes.CALLS == [['true']]
+
+
+def test_a_module_that_fails_to_import_is_refused_not_raised():
+    with pytest.raises(TaskNotRegistered, match=r'its module tests\.testapp\.broken_jobs cannot be imported '
+                                                r'\(RuntimeError: broken_jobs cannot be imported'):
+        registry.get_task('tests.testapp.broken_jobs.anything')
+
+
+def test_private_modules_of_an_installed_app_are_not_imported_for_a_message():
+    with pytest.raises(TaskNotRegistered, match="is private .* does not import it"):
+        registry.get_task('tests.testapp._hidden.hidden')
+    assert 'tests.testapp._hidden' not in sys.modules
