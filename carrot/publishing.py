@@ -79,8 +79,15 @@ def task_name(task: str | Callable) -> str:
 
 
 def encode(task: str, args: tuple, kwargs: dict) -> bytes:
-    """The message body, or MessageTooLarge when it is over CARROT['max_message_size']."""
-    body = messages.encode_body(args, kwargs)
+    """The message body. TypeError naming the first argument JSON cannot carry, ValueError for arguments
+    nested too deeply, MessageTooLarge when the body is over CARROT['max_message_size']."""
+    try:
+        body = messages.encode_body(args, kwargs)
+    except RecursionError:
+        raise ValueError(f'the arguments of task {task} are nested too deeply to be sent') from None
+    except (TypeError, ValueError):
+        messages.check_serialisable(task, args, kwargs)  # raises, naming the argument
+        raise
     limit = get_config().max_message_size
     if len(body) > limit:
         raise MessageTooLarge(
@@ -96,7 +103,6 @@ def prepare(task: str | Callable, args: tuple = (), kwargs: dict | None = None, 
     cannot carry), ValueError (priority), CarrotConfigException (unknown queue) or MessageTooLarge."""
     path = task_name(task)
     args, kwargs = tuple(args), dict(kwargs or {})
-    messages.check_serialisable(path, args, kwargs)
     messages.check_priority(priority)
     queue_name = get_config().queue(queue).name
     extra = {'uuid': message_id} if message_id else {}

@@ -50,6 +50,15 @@ def test_a_message_over_max_message_size_is_refused_before_any_row_is_written(ra
     assert issubclass(MessageTooLarge, MessageRejected) and issubclass(MessageRejected, PublishError)
 
 
+def test_arguments_nested_too_deeply_are_refused_before_any_row_is_written():
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match='nested too deeply'):
+        publish_message(tasks.echo, deep)
+    assert MessageLog.objects.count() == 0
+
+
 # --- refused by the broker: FAILED at once ------------------------------------------------------------
 
 def test_unroutable_message_is_rejected_and_failed_at_once():
