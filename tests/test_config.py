@@ -253,3 +253,76 @@ def test_an_unapplied_carrot_migration_is_reported_too(empty_database):
     assert result.returncode == 3, result.output
     assert ("carrot.E007: database 'default' lacks migration carrot.0002_hardening_and_status: "
             "run manage.py migrate") in result.output
+# --- the broker password never shows ------------------------------------------------------------------
+
+SECRET = 's3cr3t'
+
+
+@pytest.mark.parametrize('raw', [
+    {'default_broker': f'amqp://carrot:{SECRET}/x@rabbit:5672/prod'},        # '/' in the password
+    {'default_broker': f'amqp://carrot:{SECRET}#x@rabbit:5672/prod'},        # '#'
+    {'default_broker': f'amqp://carrot:{SECRET}?x@rabbit:5672/prod'},        # '?'
+    {'default_broker': f'amqp://carrot:1234/{SECRET}@rabbit/'},              # would parse as a port + vhost
+    {'default_broker': f'amqp://carrot:{SECRET}'},                           # no host at all
+    {'default_broker': f'http://carrot:{SECRET}@rabbit/'},                   # wrong scheme
+    {'default_broker': f'amqp://carrot:{SECRET}@rabbit:5672/prod?x=1'},      # unsupported query
+    {'default_broker': f'amqp://carrot:{SECRET}@rabbit:99999/'},             # port out of range
+    {'default_broker': f'amqp://carrot:{SECRET}@rabbit/'.encode()},          # bytes, not str
+    {'default_broker': [f'amqp://carrot:{SECRET}@rabbit/']},                 # a list
+    {'default_broker': {'url': f'amqp://carrot:{SECRET}/x@rabbit/'}},
+    {'default_broker': {'url': 42, 'password': SECRET}},
+    {'default_broker': {'host': 'rabbit', 'password': [SECRET]}},            # password of the wrong type
+    {'default_broker': {'host': 'rabbit', 'password': SECRET, 'port': 'x'}},
+    {'queues': [f'amqp://carrot:{SECRET}@rabbit/']},                         # a URL where a dict belongs
+    {'queues': [{'name': 'q', 'host': f'amqp://carrot:{SECRET}?x@rabbit/'}]},
+    {'queues': [{'name': 'q', 'host': {'password': SECRET, 'bogus': 1}}]},
+    {f'amqp://carrot:{SECRET}@rabbit/': 1},                                  # as a key
+    {'task_modules': {'password': SECRET}},
+])
+def test_the_password_is_masked_in_every_problem(raw):
+    config, problems = parse_config(raw)
+    text = '\n'.join(str(p) for p in problems)
+    assert SECRET not in text
+    assert SECRET not in str(config) and SECRET not in repr(config)
+    assert problems, 'each of these settings is wrong in some way'
+    with override_settings(CARROT=raw):
+        with pytest.raises(CarrotConfigException) as caught:
+            get_config()
+        assert SECRET not in str(caught.value)
+        assert SECRET not in ' '.join(e.msg for e in run_checks(tags=['carrot']))
+
+
+def test_a_special_character_in_the_password_gets_a_hint_to_encode_it():
+    text = problems_of({'default_broker': f'amqp://carrot:{SECRET}/x@rabbit/'})[0]
+    assert "must be percent-encoded (%2F, %3F, %23, %40), or give the broker as a dict" in text
+    assert "'amqp://carrot:***@rabbit/'" in text
+    broker = parse_config({'default_broker': f'amqp://carrot:{SECRET}%2Fx@rabbit/'})[0].default_broker
+    assert broker.password == f'{SECRET}/x' and SECRET not in str(broker)
+
+
+def test_an_at_sign_in_the_password_parses_and_is_masked():
+    broker = parse_config({'default_broker': f'amqp://carrot:{SECRET}@x@rabbit:5672/prod'})[0].default_broker
+    assert (broker.password, broker.host) == (f'{SECRET}@x', 'rabbit')
+    assert SECRET not in str(broker) and SECRET not in repr(broker)
+
+
+def test_virtualhost_with_a_bad_url_does_not_show_the_password():
+    with pytest.raises(CarrotConfigException) as caught:
+        VirtualHost(url=f'amqp://carrot:{SECRET}#x@rabbit/')
+    assert SECRET not in str(caught.value)
+
+
+def test_error_pages_hide_the_password_of_a_dict_and_with_carrots_filter_of_a_url():
+    from django.views.debug import SafeExceptionReporterFilter
+
+    from carrot.debug import SafeExceptionReporterFilter as CarrotFilter
+    as_dict = {'default_broker': {'host': 'rabbit', 'username': 'carrot', 'password': SECRET}}
+    as_url = {'default_broker': f'amqp://carrot:{SECRET}@rabbit/', 'queues': [
+        {'name': 'q', 'host': f'amqp://carrot:{SECRET}/x@rabbit/'}]}
+    with override_settings(CARROT=as_dict):
+        assert SECRET not in str(SafeExceptionReporterFilter().get_safe_settings()['CARROT'])
+    with override_settings(CARROT=as_url):
+        assert SECRET in str(SafeExceptionReporterFilter().get_safe_settings()['CARROT'])  # Django alone
+        safe = CarrotFilter().get_safe_settings()['CARROT']
+        assert SECRET not in str(safe)
+        assert safe['default_broker'] == 'amqp://carrot:***@rabbit/'
