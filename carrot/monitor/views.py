@@ -20,8 +20,14 @@ from carrot.monitor.overview import overview
 from carrot.monitor.workers import supervisors
 
 REFRESH_SECONDS = 5
-LIST_URL_NAMES = {'queued': 'carrot:queued', 'failed': 'carrot:failed', 'completed': 'carrot:completed',
-                  'waiting': 'carrot:waiting'}
+# The columns of each list, in order; templates/carrot/_cell.html and static/carrot/monitor.js render them.
+COLUMNS = {
+    'queued': ('time', 'task', 'queue', 'status', 'args', 'kwargs', 'attempts'),
+    'failed': ('select', 'time', 'task', 'queue', 'exception', 'args', 'attempts', 'actions'),
+    'completed': ('time', 'task', 'queue', 'args', 'kwargs', 'duration'),
+    'waiting': ('time', 'task', 'queue', 'age', 'args', 'kwargs', 'actions'),
+}
+TIME_TITLES = {'queued': 'Published', 'failed': 'Failed', 'completed': 'Completed', 'waiting': 'Published'}
 
 
 def _filters(request) -> tuple[str, str]:
@@ -89,7 +95,7 @@ def message_list(request, tab='queued'):
                  kwargs_text=_args_text(log.keywords)) for log in page.object_list]
     return render(request, 'carrot/list.html', _context(
         request, tab, tab=current, rows=rows, page=page, paginator=paginator,
-        filtered_counts=queries.counts(search, queue),
+        columns=COLUMNS[current.name], time_title=TIME_TITLES[current.name],
         api_url=reverse('carrot:api-messages')))
 
 
@@ -171,8 +177,10 @@ def bulk_action(request, action):
 def schedule_list(request):
     search, queue = _filters(request)
     page, paginator = queries.paginate(queries.schedules(search, queue), request.GET.get('page'))
-    rows = [dict(queries.schedule_row(s), args_text=_args_text(queries.schedule_row(s)['args']),
-                 kwargs_text=_args_text(queries.schedule_row(s)['kwargs'])) for s in page.object_list]
+    rows = []
+    for schedule in page.object_list:
+        row = queries.schedule_row(schedule)
+        rows.append(dict(row, args_text=_args_text(row['args']), kwargs_text=_args_text(row['kwargs'])))
     return render(request, 'carrot/schedules.html', _context(
         request, 'scheduled', rows=rows, page=page, paginator=paginator))
 
@@ -226,4 +234,6 @@ def schedule_delete_confirm(request, pk):
 @monitor_view
 @ensure_csrf_cookie
 def worker_list(request):
-    return render(request, 'carrot/workers.html', _context(request, 'workers', supervisors=supervisors()))
+    from carrot.config import get_config
+    return render(request, 'carrot/workers.html', _context(
+        request, 'workers', supervisors=supervisors(), gone_after=get_config().supervisor_gone_after))
