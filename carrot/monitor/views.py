@@ -211,23 +211,26 @@ def schedule_action(request, pk, action):
         _do(request, actions.run_schedule_now, pk)
     elif action == 'active':
         _do(request, actions.set_schedule_active, pk, request.POST.get('active') == 'true')
-    elif action == 'delete':
-        _do(request, actions.delete_schedule, pk)
     else:
         raise Http404('no such action')
     return _back(request, reverse('carrot:scheduled'))
 
 
 @monitor_view
-def schedule_delete_confirm(request, pk):
+@csrf_protect
+def schedule_delete(request, pk):
+    """GET: ask to confirm; POST: delete."""
     try:
         schedule = actions.get_schedule(pk)
     except actions.ActionError:
         raise Http404('no such scheduled task')
+    if request.method == 'POST':
+        _do(request, actions.delete_schedule, pk)
+        return redirect('carrot:scheduled')
     return render(request, 'carrot/confirm.html', _context(
         request, 'scheduled', title=f'Delete the scheduled task {schedule.task_name}',
         consequence='It stops running; tasks it already published are not touched.',
-        form_action=reverse('carrot:schedule-action', args=[schedule.pk, 'delete']),
+        form_action=reverse('carrot:schedule-delete', args=[schedule.pk]),
         affected_count=None, cancel_url=reverse('carrot:scheduled')))
 
 
