@@ -200,7 +200,7 @@ def schedule_edit(request, pk=None):
         flash.success(request, f'{schedule.task_name} saved.', fail_silently=True)
         return redirect('carrot:scheduled')
     return render(request, 'carrot/schedule_form.html', _context(
-        request, 'scheduled', form=form, schedule=instance), status=400 if form.errors else 200)
+        request, 'scheduled', form=form, schedule=instance))
 
 
 @monitor_view
