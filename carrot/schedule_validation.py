@@ -26,6 +26,10 @@ def _depth(value, limit) -> int:
     return deepest
 
 
+def _kind_name(kind: type) -> str:
+    return 'list' if kind is list else 'object'
+
+
 def parse_json_argument(text: str | None, kind: type, example: str):
     """The JSON value of an arguments field (empty means none), or ValueError saying what is wrong."""
     text = (text or '').strip()
@@ -38,9 +42,9 @@ def parse_json_argument(text: str | None, kind: type, example: str):
     except RecursionError:
         raise ValueError(f'nests too deeply (at most {MAX_ARGUMENT_DEPTH} levels)') from None
     except ValueError as exc:
-        raise ValueError(f'is not valid JSON ({exc}); write a JSON {kind.__name__}, e.g. {example}') from None
+        raise ValueError(f'is not valid JSON ({exc}); write a JSON {_kind_name(kind)}, e.g. {example}') from None
     if not isinstance(value, kind):
-        raise ValueError(f'must be a JSON {"list" if kind is list else "object"}, e.g. {example}')
+        raise ValueError(f'must be a JSON {_kind_name(kind)}, e.g. {example}')
     if _depth(value, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
         raise ValueError(f'nests too deeply (at most {MAX_ARGUMENT_DEPTH} levels)')
     return value
