@@ -436,3 +436,10 @@ def test_search_and_queue_filter_on_scheduled_tasks(staff):
     assert names == ['nightly echo']
     names = [r['task_name'] for r in staff.get('/carrot/api/scheduled/?q=other+one').json()['results']]
     assert names == ['other one']
+
+
+def test_a_queue_not_declared_yet_is_not_a_warning_in_the_log(staff, caplog):
+    with caplog.at_level('DEBUG', logger='pika'):
+        queues = staff.get('/carrot/api/overview/').json()['queues']
+    assert {q['broker']['state'] for q in queues} == {'not declared'}
+    assert not [r for r in caplog.records if r.levelname == 'WARNING' and 'NOT_FOUND' in r.getMessage()]

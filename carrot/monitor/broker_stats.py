@@ -32,6 +32,22 @@ class QueueStats:
 
 _cache: dict[str, tuple[float, QueueStats]] = {}
 _lock = threading.Lock()
+_asking = threading.local()
+
+
+class _QuietNotFound:
+    """pika logs a WARNING for every channel the broker closes; a 404 to our own passive declare is an
+    answer ("not declared"), not a problem, so it is kept out of the web server's log."""
+
+    def filter(self, record):
+        return not (getattr(_asking, 'passive', False) and 'NOT_FOUND' in record.getMessage())
+
+
+def _install_filter():
+    import logging
+    logger = logging.getLogger('pika.channel')
+    if not any(isinstance(f, _QuietNotFound) for f in logger.filters):
+        logger.addFilter(_QuietNotFound())
 
 
 def _declare_passive(connection, name: str) -> QueueStats:
@@ -39,12 +55,15 @@ def _declare_passive(connection, name: str) -> QueueStats:
 
     from carrot.broker import NOT_FOUND
     channel = connection.channel()
+    _asking.passive = True
     try:
         ok = channel.queue_declare(name, passive=True)
     except pe.ChannelClosedByBroker as exc:
         if exc.reply_code == NOT_FOUND:
             return QueueStats(name, 'not declared', 0, 0)
         return QueueStats(name, 'unreachable', error=f'RabbitMQ said: {exc.reply_text}')
+    finally:
+        _asking.passive = False
     stats = QueueStats(name, 'ok', ok.method.message_count, ok.method.consumer_count)
     if channel.is_open:
         channel.close()
@@ -55,6 +74,7 @@ def _fetch(queues: list[QueueConfig]) -> dict[str, QueueStats]:
     """Stats of `queues`, one connection per broker."""
     from carrot.broker import connect
 
+    _install_filter()
     results = {}
     by_broker: dict = {}
     for queue in queues:
