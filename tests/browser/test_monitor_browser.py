@@ -1,8 +1,8 @@
 """The monitor in a real browser, with a real carrot-supervisor (consumers and scheduler) behind it.
 
 One flow, as a person uses it: log in; see a task published elsewhere complete without reloading;
-open it and change the log level; see markup in its output shown as text; requeue a failed task and see
-it leave the Failed tab; create a scheduled task through the form (after a refused bad input) and see
+open it and change the log level; see markup in its output shown as text; tick a failed task and see
+the tick survive a refresh; requeue it and see it leave the Failed tab; create a scheduled task through the form (after a refused bad input) and see
 it run. Screenshots of every tab go to tests/artifacts/ (docs/ keeps the README's copies).
 """
 import re
@@ -82,6 +82,13 @@ def test_monitor_in_a_browser(live_server, page, artifacts, start_supervisor, tm
     page.goto(f'{live_server.url}/carrot/failed/')
     failed_row = page.locator(f'tr[data-uuid="{failing.uuid}"]')
     assert 'FileNotFoundError' in failed_row.inner_text()
+    # A ticked row stays ticked while the list refreshes around it.
+    page.evaluate('window.__stayed = true')
+    failed_row.locator('input[name=uuid]').check()
+    other = publish_message(tasks.explode, 'another failure')
+    page.locator(f'tr[data-uuid="{other.uuid}"]').wait_for(timeout=30_000)
+    assert failed_row.locator('input[name=uuid]').is_checked() and page.evaluate('window.__stayed') is True
+    assert page.locator('[data-count="failed"]').inner_text() == '2'
     shoot(page, artifacts, 'failed')
     marker.touch()
     failed_row.get_by_role('button', name='Requeue').click()
