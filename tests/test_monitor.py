@@ -345,6 +345,10 @@ def test_workers_tab_lists_every_supervisor_and_shows_silent_ones_as_gone(staff)
     assert XSS not in html
     with override_settings(CARROT={'supervisor_gone_after': 3600}):
         assert not any(s['gone'] for s in staff.get('/carrot/api/workers/').json()['supervisors'])
+    assert 'Forget gone supervisors' in html
+    assert staff.post('/carrot/api/workers/forget-gone/').json()['count'] == 1
+    assert [s['host'] for s in staff.get('/carrot/api/workers/').json()['supervisors']] == ['alpha']
+    assert 'Forget gone supervisors' not in staff.get('/carrot/workers/').content.decode()
 
 
 def test_a_malformed_snapshot_document_is_shown_not_crashed_on(staff):

@@ -194,3 +194,11 @@ def delete_schedule(pk) -> Done:
     schedule = get_schedule(pk)
     schedule.delete()
     return Done(f'{schedule.task_name} deleted.', 1)
+
+
+def forget_gone_supervisors() -> Done:
+    """Drop the Workers tab's rows of supervisors shown as gone."""
+    from carrot.config import get_config
+    from carrot.status import forget_silent_supervisors
+    count = forget_silent_supervisors(get_config().supervisor_gone_after)
+    return Done(f'{count} gone supervisor(s) forgotten.', count)

@@ -194,3 +194,10 @@ def schedule_action(request, pk, action):
             active = active.lower() in ('true', '1', 'on', 'yes')
         return _act(actions.set_schedule_active, pk, bool(active))
     return error(f'unknown action {action!r}', 404)
+
+
+@monitor_view
+@require_POST
+@csrf_protect
+def forget_gone_supervisors(request):
+    return _act(actions.forget_gone_supervisors)

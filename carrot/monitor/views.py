@@ -238,5 +238,15 @@ def schedule_delete(request, pk):
 @ensure_csrf_cookie
 def worker_list(request):
     from carrot.config import get_config
+    rows = supervisors()
     return render(request, 'carrot/workers.html', _context(
-        request, 'workers', supervisors=supervisors(), gone_after=get_config().supervisor_gone_after))
+        request, 'workers', supervisors=rows, any_gone=any(row['gone'] for row in rows),
+        gone_after=get_config().supervisor_gone_after))
+
+
+@monitor_view
+@require_POST
+@csrf_protect
+def forget_gone_supervisors(request):
+    _do(request, actions.forget_gone_supervisors)
+    return redirect('carrot:workers')
