@@ -447,3 +447,10 @@ def test_a_queue_not_declared_yet_is_not_a_warning_in_the_log(staff, caplog):
         queues = staff.get('/carrot/api/overview/').json()['queues']
     assert {q['broker']['state'] for q in queues} == {'not declared'}
     assert not [r for r in caplog.records if r.levelname == 'WARNING' and 'NOT_FOUND' in r.getMessage()]
+
+
+@override_settings(ROOT_URLCONF='tests.testproject.urls_without_admin', LOGIN_URL='/accounts/login/')
+def test_without_the_admin_people_are_sent_to_the_projects_login_url(client):
+    response = client.get('/tasks/failed/')
+    assert response.status_code == 302 and response['Location'] == '/accounts/login/?next=/tasks/failed/'
+    assert client.get('/tasks/api/messages/').status_code == 403

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth.views import redirect_to_login
 from django.http import JsonResponse
 from django.utils.module_loading import import_string
 
@@ -21,18 +21,26 @@ def public(view):
     return view
 
 
-def staff_only(view):
-    """The default: staff users; the JSON API answers 403 rather than redirecting to a login page."""
-    page_view = staff_member_required(view)
+def _login_url() -> str:
+    """The admin's login page when the admin is mounted, else settings.LOGIN_URL."""
+    from django.conf import settings
+    from django.urls import NoReverseMatch, reverse
+    try:
+        return reverse('admin:login')
+    except NoReverseMatch:
+        return settings.LOGIN_URL
 
+
+def staff_only(view):
+    """The default: active staff users. Anyone else is sent to log in; the JSON API answers 403."""
     @functools.wraps(view)
     def guarded(request, *args, **kwargs):
-        if '/api/' in request.path:
-            user = getattr(request, 'user', None)
-            if not (user and user.is_active and user.is_staff):
-                return JsonResponse({'error': 'staff login required'}, status=403)
+        user = getattr(request, 'user', None)
+        if user is not None and user.is_active and user.is_staff:
             return view(request, *args, **kwargs)
-        return page_view(request, *args, **kwargs)
+        if getattr(request, 'carrot_api', False):
+            return JsonResponse({'error': 'staff login required'}, status=403)
+        return redirect_to_login(request.get_full_path(), _login_url())
     return guarded
 
 
@@ -44,13 +52,19 @@ def configured_decorators() -> list:
     return [import_string(path) for path in paths]
 
 
-def monitor_view(view):
+def monitor_view(view, api=False):
     """Wrap a monitor view in the configured access decorators (looked up per request, so a settings
     override in tests or a reload takes effect without re-importing the URLconf)."""
     @functools.wraps(view)
     def guarded(request, *args, **kwargs):
+        request.carrot_api = api
         wrapped = view
         for decorator in reversed(configured_decorators()):
             wrapped = decorator(wrapped)
         return wrapped(request, *args, **kwargs)
     return guarded
+
+
+def monitor_api_view(view):
+    """monitor_view for the JSON API: refusals are JSON, not a redirect to a login page."""
+    return monitor_view(view, api=True)

@@ -12,7 +12,7 @@ from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
 from carrot.monitor import actions, queries, tasklog
-from carrot.monitor.access import monitor_view
+from carrot.monitor.access import monitor_api_view
 from carrot.monitor.forms import ScheduledTaskForm
 from carrot.monitor.overview import overview
 from carrot.monitor.workers import supervisors
@@ -47,7 +47,7 @@ def _page_document(page, paginator, results) -> dict:
             'page_size': paginator.per_page, 'results': results}
 
 
-@monitor_view
+@monitor_api_view
 @require_GET
 def message_list(request):
     search, queue = request.GET.get('q', ''), request.GET.get('queue', '')
@@ -62,7 +62,7 @@ def message_list(request):
     return JsonResponse(document)
 
 
-@monitor_view
+@monitor_api_view
 @require_GET
 def message_detail(request, uuid):
     try:
@@ -76,7 +76,7 @@ def message_detail(request, uuid):
     return JsonResponse(detail)
 
 
-@monitor_view
+@monitor_api_view
 @require_POST
 @csrf_protect
 def message_action(request, uuid, action):
@@ -87,7 +87,7 @@ def message_action(request, uuid, action):
     return _act(perform, uuid)
 
 
-@monitor_view
+@monitor_api_view
 @require_POST
 @csrf_protect
 def failed_action(request, action):
@@ -106,26 +106,26 @@ def failed_action(request, action):
     return error(f'unknown action {action!r}', 404)
 
 
-@monitor_view
+@monitor_api_view
 @require_POST
 @csrf_protect
 def purge_queue(request, name):
     return _act(actions.purge_queue, name)
 
 
-@monitor_view
+@monitor_api_view
 @require_GET
 def overview_document(request):
     return JsonResponse({'queues': overview(), 'counts': queries.counts()})
 
 
-@monitor_view
+@monitor_api_view
 @require_GET
 def worker_list(request):
     return JsonResponse({'supervisors': supervisors()})
 
 
-@monitor_view
+@monitor_api_view
 @csrf_protect
 def schedule_list(request):
     """GET: the scheduled tasks (paged, searchable). POST: create one (form fields as in the monitor)."""
@@ -142,7 +142,7 @@ def schedule_list(request):
     return JsonResponse(_page_document(page, paginator, [queries.schedule_row(s) for s in page.object_list]))
 
 
-@monitor_view
+@monitor_api_view
 @csrf_protect
 def schedule_detail(request, pk):
     """GET: one scheduled task. POST: change it (all form fields)."""
@@ -176,7 +176,7 @@ def _save_schedule(request, instance):
     return JsonResponse(queries.schedule_row(schedule), status=201 if instance is None else 200)
 
 
-@monitor_view
+@monitor_api_view
 @require_POST
 @csrf_protect
 def schedule_action(request, pk, action):
@@ -196,7 +196,7 @@ def schedule_action(request, pk, action):
     return error(f'unknown action {action!r}', 404)
 
 
-@monitor_view
+@monitor_api_view
 @require_POST
 @csrf_protect
 def forget_gone_supervisors(request):
