@@ -13,6 +13,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.csrf import csrf_protect, ensure_csrf_cookie
 from django.views.decorators.http import require_POST
 
+from carrot.models import MessageLog
 from carrot.monitor import actions, queries, tasklog
 from carrot.monitor.access import monitor_view
 from carrot.monitor.forms import ScheduledTaskForm
@@ -107,7 +108,7 @@ def message_detail(request, uuid):
         raise Http404('no such task')
     detail = queries.message_detail(log)
     level = tasklog.level_named(request.GET.get('log_level'))
-    tab = {'PUBLISHED': 'queued', 'IN_PROGRESS': 'queued'}.get(log.status, log.status.lower())
+    tab = _tab_of(log.status)
     arguments = [(str(index), _args_text(value)) for index, value in enumerate(detail['args'])] + \
                 [(str(name), _args_text(value)) for name, value in detail['kwargs'].items()]
     return render(request, 'carrot/detail.html', _context(
@@ -126,10 +127,16 @@ def message_action(request, uuid, action):
                'send': actions.send_waiting}.get(action)
     if perform is None:
         raise Http404('no such action')
-    outcome = _do(request, perform, uuid)
-    if action == 'requeue' and not isinstance(outcome, actions.ActionError):
-        return _back(request, reverse('carrot:failed'))
-    return _back(request, reverse('carrot:queued'))
+    log = MessageLog.objects.filter(uuid=uuid).only('status').first()
+    _do(request, perform, uuid)
+    # Back to the list the task was on (its detail page may be gone now).
+    tab = _tab_of(log.status) if log else 'queued'
+    return _back(request, reverse(f'carrot:{tab}'))
+
+
+def _tab_of(status: str) -> str:
+    tab = {'PUBLISHED': 'queued', 'IN_PROGRESS': 'queued'}.get(status, str(status).lower())
+    return tab if tab in queries.TABS else 'queued'
 
 
 BULK = {
