@@ -119,9 +119,11 @@ def test_monitor_in_a_browser(live_server, page, artifacts, start_supervisor, tm
                                                      task_args__contains='from the form').first(),
                    30, 'the new schedule to run')
     assert ran.queue == 'other' and ran.keywords == {'flag': True}
-    page.reload()
+    # The open Scheduled tab shows the run by itself.
     schedule_row = page.locator(f'tr[data-id="{schedule.pk}"]')
-    assert 'Every 1 hour' in schedule_row.inner_text() and 'never' not in schedule_row.inner_text()
+    assert 'Every 1 hour' in schedule_row.inner_text()
+    page.wait_for_function('id => !document.querySelector(`tr[data-id="${id}"]`).innerText.includes("never")',
+                           arg=schedule.pk, timeout=20_000)
     shoot(page, artifacts, 'scheduled')
 
     # The remaining tabs, for the record (and the README). A worker snapshot as the supervisor's
@@ -130,14 +132,21 @@ def test_monitor_in_a_browser(live_server, page, artifacts, start_supervisor, tm
         publish_message(tasks.add, 1, 2, queue='other')  # consumed at once; the tab may be empty
     page.goto(f'{live_server.url}/carrot/')
     shoot(page, artifacts, 'queued')
-    store_snapshot({'version': 1, 'host': 'worker-1', 'pid': supervisor.pid, 'state': 'running',
-                    'started': '2026-11-21T20:00:00+00:00', 'generation': 1, 'settings': 'tests.testproject.settings',
-                    'restarts': 0, 'slots': [
-                        {'name': kid.slot, 'pid': kid.pid, 'state': kid.state.split(' ')[0] or 'idle',
-                         'restarts': 0, 'memory_rss': 40 * 1024 * 1024}
-                        for kid in supervisor.children()]})
+    def snapshot(task=None):
+        store_snapshot({
+            'version': 1, 'host': 'worker-1', 'pid': supervisor.pid, 'state': 'running',
+            'started': '2026-11-21T20:00:00+00:00', 'generation': 1, 'settings': 'tests.testproject.settings',
+            'restarts': 0, 'slots': [
+                {'name': kid.slot, 'pid': kid.pid, 'restarts': 0, 'memory_rss': 40 * 1024 * 1024,
+                 'state': 'running' if task and kid.slot == SLOTS[0] else 'idle',
+                 'task': task if kid.slot == SLOTS[0] else None, 'task_age': 1.5 if task else None}
+                for kid in supervisor.children()]})
+
+    snapshot()
     page.goto(f'{live_server.url}/carrot/workers/')
     assert 'worker-1' in page.inner_text('main') and 'consumer default#1' in page.inner_text('main')
+    snapshot(task='tests.testapp.tasks.sleep')  # the Workers tab follows the next report by itself
+    page.get_by_text('tests.testapp.tasks.sleep').wait_for(timeout=20_000)
     shoot(page, artifacts, 'workers')
     page.goto(f'{live_server.url}/carrot/waiting/')
     shoot(page, artifacts, 'waiting')

@@ -229,6 +229,36 @@
     }
   }
 
+  // -- pages without a list API renderer (Scheduled, Workers): the server renders the part again and
+  // it is swapped in when it changed, unless the reader is selecting text or using a control in it.
+
+  function withoutTokens(html) {
+    return html.replace(/name="csrfmiddlewaretoken" value="[^"]*"/g, '');
+  }
+
+  function setupPartRefresh(part) {
+    var name = part.getAttribute('data-refresh-part');
+    setInterval(function () {
+      if (document.hidden) { return; }
+      var selection = window.getSelection && window.getSelection();
+      if (selection && !selection.isCollapsed && part.contains(selection.anchorNode)) { return; }
+      if (part.contains(document.activeElement) && document.activeElement !== document.body) { return; }
+      fetch(window.location.href, {credentials: 'same-origin'}).then(function (response) {
+        if (!response.ok) { throw new Error(String(response.status)); }
+        return response.text();
+      }).then(function (html) {
+        var fresh = new DOMParser().parseFromString(html, 'text/html')
+          .querySelector('[data-refresh-part="' + name + '"]');
+        if (fresh && withoutTokens(fresh.innerHTML) !== withoutTokens(part.innerHTML)) {
+          part.replaceChildren.apply(part, Array.prototype.slice.call(fresh.childNodes).map(function (node) {
+            return document.importNode(node, true);
+          }));
+        }
+      }).catch(function () {});
+    }, refreshMs);
+  }
+
+  document.querySelectorAll('[data-refresh-part]').forEach(setupPartRefresh);
   document.querySelectorAll('table.messages[data-api]').forEach(setupList);
   var detail = document.getElementById('task-detail');
   if (detail) { setupDetail(detail); }
