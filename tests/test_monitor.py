@@ -454,3 +454,18 @@ def test_without_the_admin_people_are_sent_to_the_projects_login_url(client):
     response = client.get('/tasks/failed/')
     assert response.status_code == 302 and response['Location'] == '/accounts/login/?next=/tasks/failed/'
     assert client.get('/tasks/api/messages/').status_code == 403
+
+
+def test_purging_a_queue_the_broker_does_not_have_deletes_its_orphaned_rows(staff):
+    make_log('p1', 'PUBLISHED', queue='other')  # e.g. the broker was reset after it was published
+    response = staff.post('/carrot/api/queues/other/purge/')
+    assert response.status_code == 200 and response.json()['count'] == 0
+    assert not MessageLog.objects.filter(uuid='p1').exists()
+
+
+def test_purge_reports_an_unreachable_broker_and_deletes_nothing(staff):
+    make_log('p1', 'PUBLISHED')
+    with override_settings(CARROT={'default_broker': 'amqp://guest:guest@127.0.0.1:1/x'}):
+        response = staff.post('/carrot/api/queues/default/purge/')
+    assert response.status_code == 502 and 'not purged' in response.json()['error']
+    assert MessageLog.objects.filter(uuid='p1').exists()

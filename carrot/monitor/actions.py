@@ -109,15 +109,23 @@ def purge_queue(queue_name: str) -> Done:
         queue = get_config().queue(queue_name)
     except CarrotConfigException as exc:
         raise ActionError(str(exc), 404) from None
+    import pika.exceptions as pe
+
+    from carrot.broker import NOT_FOUND
+
     started = timezone.now()
     try:
         connection = connect(queue.broker)
         try:
             purged = connection.channel().queue_purge(queue.name).method.message_count
+        except pe.ChannelClosedByBroker as exc:
+            if exc.reply_code != NOT_FOUND:
+                raise
+            purged = 0  # the broker has no such queue (reset, or never declared): nothing waits in it
         finally:
             if connection.is_open:
                 connection.close()
-    except Exception as exc:  # unreachable broker, queue not declared yet: nothing was purged
+    except Exception as exc:  # unreachable broker, or it refused: nothing was purged
         raise ActionError(f'queue {queue.name!r} was not purged: {type(exc).__name__}: {exc}', 502) from None
     rows, _ = MessageLog.objects.filter(queue=queue.name, status=MessageLog.PUBLISHED,
                                         publish_time__lte=started).delete()
