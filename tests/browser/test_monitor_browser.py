@@ -1,7 +1,8 @@
 """The monitor in a real browser, with a real carrot-supervisor (consumers and scheduler) behind it.
 
 One flow, as a person uses it: log in; see a task published elsewhere complete without reloading;
-open it and change the log level; see markup in its output shown as text; tick a failed task and see
+open it and change the log level; see markup in its output shown as text; watch a running task's page
+turn to completed; tick a failed task and see
 the tick survive a refresh; requeue it and see it leave the Failed tab; create a scheduled task through the form (after a refused bad input) and see
 it run. Screenshots of every tab go to tests/artifacts/ (docs/ keeps the README's copies).
 """
@@ -74,6 +75,12 @@ def test_monitor_in_a_browser(live_server, page, artifacts, start_supervisor, tm
     page.select_option('#log-level', 'ERROR')
     assert not page.locator('#task-log li.log-warning').is_visible()
     assert page.locator('#task-log li.log-error').is_visible()
+
+    # The page of a task still running turns into its final state by itself.
+    slow = publish_message(tasks.sleep, 1)
+    page.goto(f'{live_server.url}/carrot/task/{slow.uuid}/')
+    page.locator('.panel-head .status', has_text='Completed').wait_for(timeout=20_000)
+    assert page.locator('pre.output').inner_text() == '1'
 
     # A failed task, requeued from the Failed tab, leaves it (and, now fixed, completes).
     marker = tmp_path / 'fixed'

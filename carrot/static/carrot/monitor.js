@@ -86,7 +86,7 @@
         td.className = 'task';
         td.appendChild(el('a', {href: taskUrl(detailUrl, row.uuid)}, row.task));
         break;
-      case 'queue': td.textContent = row.queue || ''; break;
+      case 'queue': td.className = 'queue'; td.textContent = row.queue || ''; break;
       case 'status':
         td.appendChild(el('span', {'class': 'status status-' + String(row.status).toLowerCase()}, row.status));
         break;
