@@ -164,6 +164,15 @@ class ScheduledTask(models.Model):
         kwargs = _loads(self.content, {})
         return kwargs if isinstance(kwargs, dict) else {}
 
+    def clean(self):
+        """Refuse a schedule the scheduler could not run (used by the admin and the monitor's form)."""
+        from django.core.exceptions import ValidationError
+
+        from carrot.schedule_validation import schedule_errors
+        errors = schedule_errors(self)
+        if errors:
+            raise ValidationError(errors)
+
     def next_run_time(self):
         """When this schedule is due next; None means it has never run, so it is due now."""
         if self.last_run_time is None:

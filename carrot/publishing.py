@@ -328,10 +328,24 @@ class Relay:
 _default_relay = Relay()
 
 
+def send_waiting(log: MessageLog) -> None:
+    """Send one WAITING row now (the monitor's "send now"), with its own uuid. BrokerUnavailable when the
+    broker still cannot take it (the row keeps waiting); MessageRejected when it never will (FAILED). A
+    relay sending the same row at the same moment is harmless: the consumers' claim runs it once."""
+    try:
+        message = outgoing_from_row(log)
+    except (CarrotConfigException, TaskNotRegistered, MessageRejected, TypeError, ValueError,
+            RecursionError) as exc:
+        _default_relay._give_up(log, exc)
+        raise MessageRejected(f'it cannot be sent: {exc}') from None
+    if not send(message, log, store_and_forward=True, relaying=True):
+        raise BrokerUnavailable('the broker still cannot take it; it keeps waiting and will be relayed')
+
+
 def relay_waiting() -> int:
     """Send the messages left waiting for the broker (see Relay); the scheduler child calls this."""
     return _default_relay.relay_waiting()
 
 
 __all__ = ['Outgoing', 'prepare', 'enqueue', 'send', 'publish', 'requeue', 'publish_schedule', 'prepare_schedule',
-           'schedule_arguments', 'relay_waiting', 'Relay', 'task_name', 'encode']
+           'schedule_arguments', 'relay_waiting', 'send_waiting', 'Relay', 'task_name', 'encode']
