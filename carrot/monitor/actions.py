@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
