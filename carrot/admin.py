@@ -1,7 +1,9 @@
+"""carrot in the Django admin: task logs (read, requeue, never added by hand) and scheduled tasks
+(validated on save by ScheduledTask.clean(), run now, activate/deactivate)."""
 from django.contrib import admin, messages
 
 from carrot.exceptions import CarrotError
-from carrot.models import MessageLog, ScheduledTask
+from carrot.models import MessageLog, ScheduledTask, SupervisorStatus
 
 
 @admin.register(MessageLog)
@@ -9,11 +11,15 @@ class MessageLogAdmin(admin.ModelAdmin):
     list_display = ('task', 'status', 'queue', 'attempts', 'worker', 'publish_time', 'completion_time',
                     'failure_time')
     list_filter = ('status', 'queue', 'task')
-    search_fields = ('uuid', 'task', 'exception')
+    search_fields = ('uuid', 'task', 'exception', 'task_args', 'content')
     date_hierarchy = 'publish_time'
-    readonly_fields = ('uuid', 'publish_time', 'started_time', 'completion_time', 'failure_time', 'attempts',
-                       'worker')
+    readonly_fields = ('uuid', 'status', 'publish_time', 'started_time', 'completion_time', 'failure_time',
+                       'attempts', 'worker', 'lease_expires')
     actions = ['requeue']
+
+    def has_add_permission(self, request):
+        # A row is written by publishing a message; one typed in by hand would describe nothing real.
+        return False
 
     @admin.action(description='Requeue the selected messages (publish a copy, delete the original)')
     def requeue(self, request, queryset):
@@ -30,6 +36,51 @@ class MessageLogAdmin(admin.ModelAdmin):
 
 @admin.register(ScheduledTask)
 class ScheduledTaskAdmin(admin.ModelAdmin):
-    list_display = ('task_name', 'task', 'interval_display', 'queue', 'active', 'last_run_time')
+    list_display = ('task_name', 'task', 'interval_display', 'queue', 'active', 'last_run_time', 'problem')
     list_filter = ('active', 'queue', 'interval_type')
-    search_fields = ('task_name', 'task')
+    search_fields = ('task_name', 'task', 'task_args', 'content')
+    readonly_fields = ('last_run_time', 'problem')
+    actions = ['run_now', 'activate', 'deactivate']
+
+    def get_form(self, request, obj=None, **kwargs):
+        # The monitor's form: tasks and queues as drop-downs of what is registered and configured.
+        from carrot.monitor.forms import ScheduledTaskForm
+        kwargs['form'] = ScheduledTaskForm
+        kwargs.setdefault('fields', ScheduledTaskForm.Meta.fields)
+        return super().get_form(request, obj, **kwargs)
+
+    @admin.display(description='Interval')
+    def interval_display(self, schedule):
+        return schedule.interval_display
+
+    @admin.action(description='Run the selected schedules now')
+    def run_now(self, request, queryset):
+        done = 0
+        for schedule in queryset:
+            try:
+                schedule.publish()
+                done += 1
+            except CarrotError as exc:
+                self.message_user(request, f'{schedule.task_name} was not run: {exc}', messages.ERROR)
+        if done:
+            self.message_user(request, f'{done} scheduled task(s) published now.', messages.SUCCESS)
+
+    @admin.action(description='Activate the selected schedules')
+    def activate(self, request, queryset):
+        count = queryset.update(active=True)
+        self.message_user(request, f'{count} scheduled task(s) activated.', messages.SUCCESS)
+
+    @admin.action(description='Deactivate (pause) the selected schedules')
+    def deactivate(self, request, queryset):
+        count = queryset.update(active=False)
+        self.message_user(request, f'{count} scheduled task(s) paused.', messages.SUCCESS)
+
+
+@admin.register(SupervisorStatus)
+class SupervisorStatusAdmin(admin.ModelAdmin):
+    list_display = ('name', 'host', 'pid', 'generation', 'started', 'last_seen')
+    search_fields = ('name', 'host')
+    readonly_fields = ('name', 'host', 'pid', 'started', 'last_seen', 'generation', 'document')
+
+    def has_add_permission(self, request):
+        return False

@@ -1,7 +1,13 @@
+from importlib import import_module
+
 from django.apps import AppConfig
 
 
-class CarrotConfig(AppConfig):
+class CarrotAppConfig(AppConfig):
+    """The carrot Django app (the only AppConfig in carrot/apps.py, so Django picks it for 'carrot').
+
+    Not to be confused with `carrot.config.CarrotConfig`, the parsed CARROT setting.
+    """
     name = 'carrot'
     verbose_name = 'Carrot task queue'
     default_auto_field = 'django.db.models.BigAutoField'
@@ -10,10 +16,10 @@ class CarrotConfig(AppConfig):
         from django.core.signals import setting_changed
         from django.db.models.signals import post_migrate
 
-        from carrot import checks  # noqa: F401  (registers the system checks)
         from carrot import helper_tasks
         from carrot.config import clear_config_cache
 
+        import_module('carrot.checks')  # registers the system checks
         setting_changed.connect(_setting_changed, dispatch_uid='carrot-setting-changed')
         post_migrate.connect(helper_tasks.schedule_cleanup_after_migrate, sender=self,
                              dispatch_uid='carrot-schedule-cleanup')

@@ -16,7 +16,7 @@ import pika
 import pika.exceptions as pe
 
 from carrot.config import BrokerConfig, QueueConfig
-from carrot.exceptions import PublishError, QueueMismatchError
+from carrot.exceptions import BrokerUnavailable, MessageRejected, QueueMismatchError
 
 logger = logging.getLogger('carrot.broker')
 
@@ -79,7 +79,14 @@ class Publisher:
 
     def publish(self, queue: QueueConfig, body: bytes, properties: dict, exchange: str = '',
                 routing_key: str | None = None) -> None:
-        """Publish and return once RabbitMQ has confirmed the message; PublishError otherwise."""
+        """Publish and return once RabbitMQ has confirmed the message.
+
+        Raises BrokerUnavailable (transient: unreachable, connection lost, the confirm never came, e.g. a
+        blocked connection past its timeout) or MessageRejected (permanent: unroutable, nacked, no such
+        exchange); both are PublishError. A connection lost mid-publish is retried once on a new
+        connection with the same properties, so the same message_id: if the first copy did arrive (only
+        its confirm was lost), consumers recognise the second by its id.
+        """
         routing_key = routing_key or queue.name
         with self.lock:
             for attempt in (1, 2):
@@ -88,31 +95,36 @@ class Publisher:
                     if queue.name not in self.declared:
                         declare_queue(channel, queue)
                         self.declared.add(queue.name)
-                    channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
-                                          properties=pika.BasicProperties(**properties), mandatory=True)
+                    self._basic_publish(channel, exchange, routing_key, body, properties)
                     return
                 except QueueMismatchError:
                     self._forget_channel()
                     raise
                 except pe.UnroutableError:
-                    raise PublishError(f'RabbitMQ returned the message as unroutable: no queue is bound '
-                                       f'to exchange {exchange!r} with routing key {routing_key!r}') from None
+                    raise MessageRejected(f'RabbitMQ returned the message as unroutable: no queue is bound '
+                                          f'to exchange {exchange!r} with routing key {routing_key!r}') from None
                 except pe.NackError:
-                    raise PublishError(f'RabbitMQ refused (nacked) the message for queue '
-                                       f'{queue.name!r}') from None
+                    raise MessageRejected(f'RabbitMQ refused (nacked) the message for queue '
+                                          f'{queue.name!r}') from None
                 except pe.ChannelClosedByBroker as exc:
                     self._forget_channel()
                     if exc.reply_code == NOT_FOUND:
-                        raise PublishError(f'RabbitMQ says: {exc.reply_text}') from None
+                        raise MessageRejected(f'RabbitMQ says: {exc.reply_text}') from None
                     if attempt == 2:
-                        raise PublishError(f'RabbitMQ closed the channel: {exc.reply_text}') from None
+                        raise BrokerUnavailable(f'RabbitMQ closed the channel: {exc.reply_text}') from None
                 except CONNECTION_ERRORS as exc:
                     self._forget_connection()
                     if attempt == 2:
-                        raise PublishError(f'cannot publish to {self.broker}: '
-                                           f'{type(exc).__name__}: {exc or "connection lost"}') from None
+                        raise BrokerUnavailable(f'cannot publish to {self.broker}: '
+                                                f'{type(exc).__name__}: {exc or "connection lost"}') from None
                     logger.info('publishing connection to %s was lost (%s); reconnecting',
                                 self.broker, type(exc).__name__)
+
+    @staticmethod
+    def _basic_publish(channel, exchange, routing_key, body, properties) -> None:
+        # One seam around the confirmed publish (tests drop the connection here to lose a confirm).
+        channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                              properties=pika.BasicProperties(**properties), mandatory=True)
 
     def _open_channel(self):
         if self.connection is not None and self.connection.is_open:

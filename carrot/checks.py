@@ -1,10 +1,24 @@
-"""System checks for the CARROT setting (`manage.py check`, `carrot-supervisor --check`)."""
+"""System checks for carrot (`manage.py check`, `carrot-supervisor --check`, the supervisor at start).
+
+- carrot.E001-E006: the CARROT setting (carrot/config.py parses it and names each problem).
+- carrot.E007: carrot's tables are missing from its database, or its migrations are not all applied.
+  Like Django's own database checks it runs only for the databases it is given
+  (`manage.py check --database default`; Django 6 also gives every database to `check --tag carrot`);
+  `run_carrot_checks()` gives it carrot's databases.
+"""
 import importlib
+import logging
+import sys
 
 from django.conf import settings
 from django.core.checks import Error, Tags, register
 
 from carrot.config import E_NOT_IMPORTABLE, config_from_settings
+
+E_TABLES_MISSING = 'carrot.E007'
+MIGRATE_HINT = 'run manage.py migrate'
+
+logger = logging.getLogger('carrot.checks')
 
 
 @register(Tags.compatibility, 'carrot')
@@ -31,3 +45,78 @@ def _importable(path, where, attribute=True):
     except (ImportError, AttributeError, ValueError) as exc:
         return [Error(f'{where} {path!r} cannot be imported: {exc}', id=E_NOT_IMPORTABLE)]
     return []
+
+
+@register(Tags.database, 'carrot')
+def check_carrot_tables(app_configs=None, databases=None, **kwargs):
+    if not databases or _migrate_is_running():
+        return []
+    errors = []
+    for alias in sorted(databases):
+        problem = describe_missing_schema(alias)
+        if problem:
+            errors.append(Error(f'database {alias!r} {problem}: {MIGRATE_HINT}', id=E_TABLES_MISSING,
+                                hint='python manage.py migrate (all apps, so the admin works too)'))
+    return errors
+
+
+def describe_missing_schema(alias: str) -> str | None:
+    """What of carrot's schema database `alias` lacks ("has no table carrot_x", "lacks migration
+    carrot.0002_y"), or None when it is complete -- or cannot be reached: an unreachable database is
+    not a missing table, and the workers wait for it to come back."""
+    from django.apps import apps
+    from django.db import DatabaseError, connections, router
+    from django.db.migrations.executor import MigrationExecutor
+
+    models = [m for m in apps.get_app_config('carrot').get_models()
+              if router.allow_migrate_model(alias, m)]
+    if not models:
+        return None
+    connection = connections[alias]
+    try:
+        existing = set(connection.introspection.table_names())
+        executor = MigrationExecutor(connection)
+        targets = [node for node in executor.loader.graph.leaf_nodes() if node[0] == 'carrot']
+        unapplied = [m for m, _ in executor.migration_plan(targets) if m.app_label == 'carrot']
+    except DatabaseError as exc:
+        logger.debug('carrot.E007 skipped: database %r cannot be reached: %s', alias, exc)
+        return None
+    missing = sorted(m._meta.db_table for m in models if m._meta.db_table not in existing)
+    if missing:
+        return f"has no table {', '.join(missing)}"
+    if unapplied:
+        return f"lacks migration {', '.join(f'{m.app_label}.{m.name}' for m in unapplied)}"
+    return None
+
+
+def _migrate_is_running() -> bool:
+    """Whether this check runs inside `migrate`, which runs every check against the database it is
+    about to migrate: "run manage.py migrate" must not stop manage.py migrate itself."""
+    from django.core.management.commands.migrate import Command as Migrate
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get('self'), Migrate):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def carrot_databases() -> list[str]:
+    """The database aliases carrot's models are read from and written to."""
+    from django.apps import apps
+    from django.db import router
+
+    aliases = set()
+    for model in apps.get_app_config('carrot').get_models():
+        aliases.add(router.db_for_read(model) or 'default')
+        aliases.add(router.db_for_write(model) or 'default')
+    return sorted(aliases)
+
+
+def run_carrot_checks() -> list:
+    """The serious problems of every carrot check, database checks included: what carrot-supervisor
+    runs before it starts anything (it exits 3 with them)."""
+    from django.core.checks import run_checks
+
+    return [e for e in run_checks(tags=['carrot'], databases=carrot_databases()) if e.is_serious()]

@@ -5,7 +5,8 @@
 Exit codes (also in README.rst):
     0  stopped cleanly
     2  bad command line (argparse)
-    3  bad configuration: no settings module, settings that do not import, an invalid CARROT
+    3  bad configuration: no settings module, settings that do not import, an invalid CARROT, carrot's
+       tables missing (run manage.py migrate), a log file that is a symlink or cannot be opened
     4  a broker was unreachable at start
     5  the pidfile is held by a live master (or cannot be written)
     6  a slot's children kept crashing (see the log for why)
@@ -15,69 +16,19 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import logging.handlers
 import os
 import sys
 
 from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan, SlotGroup
 
 from carrot import __version__
+from carrot.logfile import LogFileError, LogFileHandler
+from carrot.options import add_arguments, flag_value
 from carrot.planner import SettingsSummary, SettingsUnreadable, read_settings
 from carrot.worker import WorkerOptions, consumer_main, scheduler_main
 
 LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
 PROC_NAME = 'carrot-supervisor'
-
-
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f'must be positive, got {text}')
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-# The flags that shape what the master runs, shared with `manage.py carrot` and `carrot_daemon`.
-WORKER_OPTIONS = (
-    ('--pidfile', dict(help='write the master pid here; refuse to start if a live master holds it')),
-    ('--logfile', dict(help='append logs here instead of stderr (reopened on USR1 and rotation)')),
-    ('--loglevel', dict(default='INFO', type=str.upper, choices=['DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'])),
-    ('--no-scheduler', dict(action='store_true', help='run no scheduler child')),
-    ('--queues', dict(help='consume only these queues (comma-separated names)')),
-    ('--graceful-timeout', dict(type=_positive(float), metavar='SECONDS',
-                                help='on TERM, wait this long for tasks in hand before killing (default 30)')),
-    ('--max-tasks-per-child', dict(type=_positive(int), metavar='N', help='replace a consumer after about N tasks')),
-    ('--max-memory-per-child', dict(type=_positive(int), metavar='MiB',
-                                    help='replace a consumer after a task once it has grown by this much')),
-    ('--task-time-limit', dict(type=_positive(float), metavar='SECONDS',
-                               help='fail a task that runs longer, and replace its worker')),
-    ('--heartbeat-timeout', dict(type=_positive(float), metavar='SECONDS',
-                                 help='kill a child that shows no sign of life for this long (default 60)')),
-    ('--max-consecutive-failures', dict(type=_positive(int), metavar='N',
-                                        help='stop (exit code 6) when one slot has died young N times in a row '
-                                             '(default 10)')),
-    ('--backoff-cap', dict(type=_positive(float), metavar='SECONDS',
-                           help='longest wait before restarting a slot that keeps dying young (default 30)')),
-)
-
-
-def add_worker_options(parser) -> None:
-    for flag, options in WORKER_OPTIONS:
-        parser.add_argument(flag, **options)
-
-
-def worker_options_argv(options: dict) -> list[str]:
-    """The flags for parsed WORKER_OPTIONS values (how manage.py commands hand them to the master)."""
-    argv = []
-    for flag, _ in WORKER_OPTIONS:
-        value = options.get(flag[2:].replace('-', '_'))
-        if value is True:
-            argv.append(flag)
-        elif value is not None and value is not False:
-            argv += [flag, str(value)]
-    return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--settings', help='Django settings module (default: $DJANGO_SETTINGS_MODULE)')
     parser.add_argument('--pythonpath', action='append', default=[],
                         help='a directory to add to sys.path (may repeat)')
-    add_worker_options(parser)
+    add_arguments(parser)  # the options shared with the manage.py commands (carrot/options.py)
     parser.add_argument('--check', action='store_true',
                         help='validate the settings and broker reachability, print the slot plan, and exit')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
@@ -103,7 +54,7 @@ class Supervisor:
         self.first_summary: SettingsSummary | None = None
 
     def option(self, summary: SettingsSummary, name: str):
-        flag = getattr(self.args, name)
+        flag = flag_value(self.args, name)
         return flag if flag is not None else summary.options[name]
 
     def plan_for(self, summary: SettingsSummary) -> Plan:
@@ -121,7 +72,7 @@ class Supervisor:
             max_memory_per_child=self.option(summary, 'max_memory_per_child'))
         groups = [SlotGroup(f'consumer {q.name}', q.concurrency, functools.partial(consumer_main, q.name, options),
                             scalable=True, fingerprint=q) for q in queues]
-        if summary.options['scheduler'] and not self.args.no_scheduler:
+        if self.option(summary, 'scheduler'):
             groups.append(SlotGroup('scheduler', 1, functools.partial(scheduler_main, options), numbered=False))
         return Plan(tuple(groups))
 
@@ -135,8 +86,9 @@ class Supervisor:
 
 def configure_logging(args) -> logging.Handler:
     if args.logfile:
-        # Watched: logrotate moving the file is noticed on the next line, USR1 or not.
-        handler = logging.handlers.WatchedFileHandler(args.logfile)
+        # Watched: logrotate moving the file is noticed on the next line, USR1 or not. Created mode 0640,
+        # never through a symlink (LogFileError): it holds task arguments.
+        handler = LogFileHandler(args.logfile)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -148,14 +100,8 @@ def configure_logging(args) -> logging.Handler:
 
 
 def reopen_handler(handler: logging.Handler) -> None:
-    if isinstance(handler, logging.FileHandler):
-        handler.acquire()
-        try:
-            if handler.stream:
-                handler.stream.close()
-            handler.stream = handler._open()
-        finally:
-            handler.release()
+    if isinstance(handler, LogFileHandler):
+        handler.reopen()
 
 
 def describe(summary: SettingsSummary, plan: Plan) -> str:
@@ -179,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             [os.path.abspath(p) for p in args.pythonpath] + [p for p in [os.environ.get('PYTHONPATH')] if p])
     if '' not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like manage.py: the project is importable from where it runs
-    handler = configure_logging(args)
+    try:
+        handler = configure_logging(args)
+    except LogFileError as exc:
+        print(f'{PROC_NAME}: {exc}', file=sys.stderr)
+        return EXIT_CONFIG
     log = logging.getLogger('carrot.supervisor')
 
     settings_module = args.settings or os.environ.get('DJANGO_SETTINGS_MODULE')

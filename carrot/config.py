@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, parse_qs
 
 from carrot.exceptions import CarrotConfigException
+from carrot.options import SETTINGS as SUPERVISOR_SETTINGS, SupervisorSettings
 
 DEFAULT_BROKER = 'amqp://guest:guest@localhost:5672/'
 DEFAULT_QUEUE = 'default'
@@ -96,7 +97,9 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
-class CarrotConfig:
+class CarrotConfig(SupervisorSettings):
+    """The parsed CARROT setting. The supervisor's keys (graceful_timeout, backoff_cap, ...) and their
+    defaults are inherited from carrot.options, where each supervisor option is declared once."""
     default_broker: BrokerConfig = field(default_factory=BrokerConfig)
     queues: tuple[QueueConfig, ...] = ()
     task_modules: tuple[str, ...] = ()
@@ -111,15 +114,6 @@ class CarrotConfig:
     claim_lease: float = 60.0  # seconds an IN_PROGRESS claim lasts unless the running worker renews it
     store_and_forward: bool = True  # a publish the broker cannot take now waits in its row (else raises)
     supervisor_gone_after: float = 60.0  # the monitor shows a supervisor not seen for this long as gone
-    # Supervisor defaults; the carrot-supervisor flags of the same names win over these.
-    graceful_timeout: float = 30.0
-    heartbeat_timeout: float = 60.0
-    task_time_limit: float | None = None
-    max_tasks_per_child: int | None = None
-    max_memory_per_child: int | None = None  # MiB of growth over the child's size after start-up
-    scheduler: bool = True
-    max_consecutive_failures: int = 10  # young deaths in a row of one slot before the master gives up
-    backoff_cap: float = 30.0           # the longest wait before restarting a slot that keeps dying young
 
     def queue(self, name: str | None) -> QueueConfig:
         """The queue called `name` (None means the default queue)."""
@@ -150,11 +144,11 @@ class _Parser:
         self.problems.append(ConfigProblem(check_id, message))
 
     def bad_value(self, path, expected, value):
-        self.problem(E_BAD_VALUE, f'{path} must be {expected}, got {value!r}')
+        self.problem(E_BAD_VALUE, f'{path} must be {expected}, got {shown(value)}')
 
     def unknown_keys(self, path, raw, allowed):
         for key in sorted(set(raw) - allowed, key=str):
-            self.problem(E_UNKNOWN_KEY, f'{path} has an unknown key {key!r} '
+            self.problem(E_UNKNOWN_KEY, f'{path} has an unknown key {shown(key)} '
                                         f'(allowed: {", ".join(sorted(allowed))})')
 
     # -- scalar helpers: each returns the default after recording a problem, so parsing goes on
@@ -194,19 +188,24 @@ class _Parser:
             return self.broker_from_url(path, raw)
         if isinstance(raw, dict):
             return self.broker_from_dict(path, raw)
-        self.problem(E_BAD_BROKER, f'{path} must be an amqp:// URL or a dict, got {raw!r}')
+        self.problem(E_BAD_BROKER, f'{path} must be an amqp:// URL or a dict, got {shown(raw)}')
         return BrokerConfig()
 
     def broker_from_url(self, path, url) -> BrokerConfig:
         def fail(reason):
-            self.problem(E_BAD_BROKER, f'{path} is not a usable broker URL ({reason}): {_mask_url(url)!r}')
+            self.problem(E_BAD_BROKER, f'{path} is not a usable broker URL ({reason}): {shown(url)}')
             return BrokerConfig()
 
+        if not isinstance(url, str):
+            return fail(f'a URL is a string, got {type(url).__name__}')
         try:
             parts = urlsplit(url)
             port = parts.port
-        except ValueError as exc:
-            return fail(str(exc))
+        except ValueError:  # its text may quote part of the password: not shown
+            return fail(ENCODE_HINT if '@' in url else 'the host or port does not parse')
+        if '@' in parts.path + parts.query + parts.fragment:
+            # urlsplit ended the user:password part early, at a '/', '?' or '#' inside it.
+            return fail(ENCODE_HINT)
         if parts.scheme not in ('amqp', 'amqps'):
             return fail('the scheme must be amqp:// or amqps://')
         if not parts.hostname:
@@ -285,6 +284,17 @@ class _Parser:
             consumable=self.boolean(f"{path}['consumable']", raw.get('consumable', True), True),
             consumer_class=consumer_class, max_priority=max_priority)
 
+    def supervisor_settings(self, raw) -> dict:
+        """The supervisor's keys that `raw` sets, checked as carrot.options declares them."""
+        values = {}
+        for option in SUPERVISOR_SETTINGS:
+            if option.setting in raw:
+                validate = getattr(self, option.kind.validator)
+                none_allowed = {'allow_none': True} if option.optional else {}
+                values[option.setting] = validate(f"CARROT['{option.setting}']", raw[option.setting],
+                                                  option.default, **none_allowed)
+        return values
+
     def config(self, raw) -> CarrotConfig:
         if not isinstance(raw, dict):
             self.problem(E_NOT_A_DICT, f'CARROT must be a dict, got {type(raw).__name__}')
@@ -341,27 +351,73 @@ class _Parser:
             claim_lease=get('claim_lease', self.positive_number),
             store_and_forward=get('store_and_forward', self.boolean),
             supervisor_gone_after=get('supervisor_gone_after', self.positive_number),
-            graceful_timeout=get('graceful_timeout', self.positive_number),
-            heartbeat_timeout=get('heartbeat_timeout', self.positive_number),
-            task_time_limit=get('task_time_limit', self.positive_number, allow_none=True),
-            max_tasks_per_child=get('max_tasks_per_child', self.positive_int, allow_none=True),
-            max_memory_per_child=get('max_memory_per_child', self.positive_int, allow_none=True),
-            scheduler=get('scheduler', self.boolean),
-            max_consecutive_failures=get('max_consecutive_failures', self.positive_int),
-            backoff_cap=get('backoff_cap', self.positive_number),
+            **self.supervisor_settings(raw),
         )
 
 
-def _mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, for error messages."""
+ENCODE_HINT = ("a '/', '?', '#' or '@' in the user name or password must be percent-encoded "
+               "(%2F, %3F, %23, %40), or give the broker as a dict")
+SHOWN_LENGTH = 300  # characters of a setting's value quoted in a message at most
+
+
+def mask_url(url: str) -> str:
+    """`url` with any password replaced by ***, even when it does not parse as a URL.
+
+    Everything between the first ':' after the scheme and the last '@' counts as the password, so a
+    password holding '/', '#', '?' or '@' is masked whole (a host or path is masked with it rather than
+    a secret shown). Without an '@', a ':' followed by anything but a port number is masked too.
+    """
+    scheme, separator, rest = url.partition('://')
+    if not separator:
+        scheme, rest = '', url
+    prefix = f'{scheme}://' if separator else ''
+    at = rest.rfind('@')
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(':')
+        return f'{prefix}{user}:***@{rest[at + 1:]}' if colon else url
+    if separator:
+        netloc = rest.split('/', 1)[0]
+        user, colon, port = netloc.partition(':')
+        if colon and not port.isdigit():
+            return f'{prefix}{user}:***'
+    return url
+
+
+def masked(value, depth: int = 0):
+    """A copy of a setting's value safe to show: URL passwords and 'password' entries masked."""
+    if depth > 6:
+        return ...
+    if isinstance(value, str):
+        return mask_url(value)
+    if isinstance(value, (bytes, bytearray)):
+        return mask_url(bytes(value).decode('latin-1')).encode('latin-1')
+    if isinstance(value, dict):
+        return {masked(k, depth + 1): '***' if isinstance(k, str) and k.lower() == 'password'
+                else masked(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v, depth + 1) for v in value]
+    if isinstance(value, (tuple, set, frozenset)):
+        return tuple(masked(v, depth + 1) for v in value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return _Opaque(type(value).__name__)  # its repr is its own business: it might hold a secret
+
+
+class _Opaque:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f'<{self.name} object>'
+
+
+def shown(value) -> str:
+    """repr() of a setting's value for a message: secrets masked, length bounded."""
     try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.replace(f':{parts.password}@', ':***@', 1)
-        return parts._replace(netloc=netloc).geturl()
-    except ValueError:
-        return '<unparseable URL>'
+        text = repr(masked(value))
+    except Exception:  # a hostile __eq__/__hash__ in a key; say only what it is
+        text = f'<{type(value).__name__} object>'
+    return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH] + '...'
 
 
 def parse_config(raw: Any) -> tuple[CarrotConfig, list[ConfigProblem]]:

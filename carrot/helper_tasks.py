@@ -5,32 +5,49 @@ from django.utils import timezone
 
 from carrot.registry import task
 
-CLEANUP_TASK_NAME = 'carrot: delete old completed logs'
+CLEANUP_TASK_NAME = 'carrot: delete old completed logs'  # the 1.x name; it deletes old FAILED rows too
 CLEANUP_INTERVAL = {'hours': 1}
 
 
 @task
-def cleanup(days: float | None = None) -> int:
-    """Delete COMPLETED MessageLogs older than CARROT['cleanup_after_days']; returns how many."""
+def cleanup(days: float | None = None, failed_days: float | None = None) -> int:
+    """Delete COMPLETED MessageLogs older than CARROT['cleanup_after_days'] and FAILED ones older than
+    CARROT['cleanup_failed_after_days'] (either None: kept); returns how many rows were deleted.
+
+    A FAILED row's age is counted from its failure (or, for rows without a failure time, its publication),
+    so a flood of bad messages cannot fill the database for good.
+    """
+    from django.db.models import Q
+
     from carrot.config import get_config
     from carrot.models import MessageLog
 
-    days = get_config().cleanup_after_days if days is None else days
-    if not days:
-        return 0
-    cutoff = timezone.now() - timedelta(days=days)
-    deleted, _ = MessageLog.objects.filter(status=MessageLog.COMPLETED, completion_time__lt=cutoff).delete()
+    config = get_config()
+    days = config.cleanup_after_days if days is None else days
+    failed_days = config.cleanup_failed_after_days if failed_days is None else failed_days
+    now = timezone.now()
+    deleted = 0
+    if days:
+        cutoff = now - timedelta(days=days)
+        deleted += MessageLog.objects.filter(status=MessageLog.COMPLETED, completion_time__lt=cutoff).delete()[0]
+    if failed_days:
+        cutoff = now - timedelta(days=failed_days)
+        deleted += MessageLog.objects.filter(
+            Q(failure_time__lt=cutoff) | Q(failure_time__isnull=True, publish_time__lt=cutoff),
+            status=MessageLog.FAILED).delete()[0]
     return deleted
 
 
 def sync_cleanup_schedule() -> None:
-    """Make the cleanup's ScheduledTask match the setting: active hourly, or inactive when turned off."""
+    """Make the cleanup's ScheduledTask match the settings: active hourly, or inactive when both
+    cleanup_after_days and cleanup_failed_after_days are turned off."""
     from carrot.config import get_config
     from carrot.models import ScheduledTask
     from carrot.registry import task_path
 
     (unit, count), = CLEANUP_INTERVAL.items()
-    enabled = bool(get_config().cleanup_after_days)
+    config = get_config()
+    enabled = bool(config.cleanup_after_days or config.cleanup_failed_after_days)
     schedule, created = ScheduledTask.objects.get_or_create(
         task_name=CLEANUP_TASK_NAME,
         defaults=dict(task=task_path(cleanup), interval_type=unit, interval_count=count, queue='default',

@@ -94,18 +94,13 @@ class MessageLog(models.Model):
 
     @property
     def virtual_host(self) -> str:
-        from carrot.utilities import get_host_from_name
-        return str(get_host_from_name(self.queue))
+        from carrot.config import get_config
+        return str(get_config().queue(self.queue).broker)
 
     def requeue(self) -> MessageLog:
         """Publish a copy of this message (a new uuid and log row) and delete this row, as 1.x did."""
-        from carrot.utilities import publish_message
-        copy = publish_message(self.task, *self.positionals, priority=self.priority, queue=self.queue,
-                               exchange=self.exchange or '', routing_key=self.routing_key or None,
-                               **self.keywords)
-        if self.pk:
-            self.delete()
-        return copy
+        from carrot import publishing  # publishing imports this module
+        return publishing.requeue(self)
 
 
 class ScheduledTask(models.Model):
@@ -169,6 +164,15 @@ class ScheduledTask(models.Model):
         kwargs = _loads(self.content, {})
         return kwargs if isinstance(kwargs, dict) else {}
 
+    def clean(self):
+        """Refuse a schedule the scheduler could not run (used by the admin and the monitor's form)."""
+        from django.core.exceptions import ValidationError
+
+        from carrot.schedule_validation import schedule_errors
+        errors = schedule_errors(self)
+        if errors:
+            raise ValidationError(errors)
+
     def next_run_time(self):
         """When this schedule is due next; None means it has never run, so it is due now."""
         if self.last_run_time is None:
@@ -179,11 +183,10 @@ class ScheduledTask(models.Model):
         next_run = self.next_run_time()
         return next_run is None or next_run <= now
 
-    def publish(self, priority: int = 0) -> MessageLog:
-        from carrot.utilities import publish_message
-        return publish_message(self.task, *self.positional_arguments, priority=priority,
-                               queue=self.queue or None, exchange=self.exchange or '',
-                               routing_key=self.routing_key or None, **self.keyword_arguments)
+    def publish(self, priority: int = 0, store_and_forward: bool | None = None) -> MessageLog:
+        """Publish one run of this schedule now (the scheduler calls this when it is due)."""
+        from carrot import publishing  # publishing imports this module
+        return publishing.publish_schedule(self, priority=priority, store_and_forward=store_and_forward)
 
 
 class SupervisorStatus(models.Model):

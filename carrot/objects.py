@@ -90,7 +90,19 @@ class Message:
         self.task_kwargs = dict(task_kwargs or {})
         self.virtual_host = virtual_host
 
+    @classmethod
+    def from_outgoing(cls, outgoing) -> Message:
+        """The 1.x Message for a carrot.publishing.Outgoing (keeps its uuid)."""
+        message = cls(task=outgoing.task, queue=outgoing.queue, routing_key=outgoing.routing_key,
+                      exchange=outgoing.exchange, priority=outgoing.priority, task_args=outgoing.args,
+                      task_kwargs=outgoing.kwargs)
+        message.uuid = outgoing.uuid
+        return message
+
     def publish(self, on_commit: bool = True):
-        """Log and send this message; see carrot.utilities.publish_message."""
-        from carrot.utilities import publish_logged
-        return publish_logged(self, on_commit=on_commit)
+        """Check, log and send this message; see carrot.utilities.publish_message."""
+        from carrot import publishing  # publishing imports the models; objects must not, at import time
+        outgoing = publishing.prepare(self.task, self.task_args, self.task_kwargs, queue=self.queue,
+                                      exchange=self.exchange, routing_key=self.routing_key,
+                                      priority=self.priority, message_id=self.uuid)
+        return publishing.enqueue(outgoing, on_commit=on_commit)

@@ -120,24 +120,19 @@ def summarise(settings_module: str, check_brokers: bool) -> dict:
     os.environ['DJANGO_SETTINGS_MODULE'] = settings_module
     import django
     django.setup()
-    from django.core.checks import run_checks
-
+    from carrot.checks import run_carrot_checks
     from carrot.config import config_from_settings
+    from carrot.options import settings_values
     from django.conf import settings
 
     config, _ = config_from_settings(settings)
-    problems = [f'{e.id}: {e.msg}' for e in run_checks(tags=['carrot']) if e.is_serious()]
+    problems = [f'{e.id}: {e.msg}' for e in run_carrot_checks()]
     if problems:
         return {'problems': problems}
     data = {
         'queues': [dict(name=q.name, concurrency=q.concurrency, consumable=q.consumable, broker=str(q.broker))
                    for q in config.queues],
-        'options': dict(graceful_timeout=config.graceful_timeout, heartbeat_timeout=config.heartbeat_timeout,
-                        task_time_limit=config.task_time_limit,
-                        max_tasks_per_child=config.max_tasks_per_child,
-                        max_memory_per_child=config.max_memory_per_child, scheduler=config.scheduler,
-                        max_consecutive_failures=config.max_consecutive_failures,
-                        backoff_cap=config.backoff_cap),
+        'options': settings_values(config),
     }
     if check_brokers:
         data['broker_errors'] = broker_errors(config)

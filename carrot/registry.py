@@ -1,19 +1,25 @@
-"""Which tasks carrot may run.
+"""Which tasks carrot may run, and finding them.
 
 A message names its task by dotted path, and a queue can be written to by anyone who can reach the
-broker, so carrot never imports whatever a message names. A task is registered when it is
+broker, so carrot never imports or runs whatever a message names. A task is
 
-- a function defined in an installed app's ``tasks`` module,
-- a function defined in a module listed in ``CARROT['task_modules']``, or
-- decorated with ``@carrot.task`` (its module must have been imported, which is the case for the two
-  kinds of module above: carrot imports them all when a consumer starts).
+- a public function defined at module level in an installed app's ``tasks`` module or in a module
+  listed in ``CARROT['task_modules']``: ``inspect.isfunction``, defined in that module under that very
+  name (``__module__`` and ``__qualname__`` match), and not starting with ``_``. So a class, a callable
+  object, a builtin, a ``_private`` helper, a function imported from elsewhere (``from os import
+  system``) and a wrapper built there (``run = _wrap(subprocess.call)``) are not tasks; or
+- a function decorated with ``@carrot.task``, in any module. A decorated task in a module of an installed
+  app is found on demand: when a message names it, that module is imported, and the task accepted only if
+  importing it registered that name by decorator.
 
-A module is only imported if it is one of those task modules. Functions merely imported into a task
-module (``from os import system``) are not registered under the task module's name.
+Nothing outside installed apps and ``CARROT['task_modules']`` is ever imported because a message names
+it. The same rule holds for publishing, consuming, requeue, the scheduler and ``registered_task_names()``,
+and a refusal says which part of it failed.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import threading
 from typing import Callable
 
@@ -37,6 +43,8 @@ def task(func: Callable | None = None, *, name: str | None = None):
     The function is returned unchanged, so it can still be called directly.
     """
     def register(f):
+        if not inspect.isfunction(f):
+            raise TypeError(f'@carrot.task decorates functions, not {type(f).__name__} {f!r}')
         with _lock:
             _decorated[name or task_path(f)] = f
         return f
@@ -73,47 +81,106 @@ def autodiscover() -> list[str]:
     return imported
 
 
+def _decorated_task(path: str) -> Callable | None:
+    with _lock:
+        return _decorated.get(path)
+
+
+def why_not_a_task(module_name: str, attribute: str, value) -> str | None:
+    """Why `value`, found as `attribute` of task module `module_name`, is not a task (None: it is one)."""
+    where = f'{module_name}.{attribute}'
+    if attribute.startswith('_'):
+        return f"{where} starts with '_': private helpers are not tasks"
+    if not inspect.isfunction(value):
+        return (f'{where} is a {type(value).__name__}, not a function: classes, callable objects and '
+                f'builtins are not tasks')
+    if value.__module__ != module_name:
+        return f'{where} is {value.__module__}.{value.__qualname__}, imported into {module_name}: only ' \
+               f'functions defined in a tasks module are its tasks'
+    if value.__qualname__ != attribute:
+        return (f'{where} is the function {value.__qualname__!r} stored under another name (a wrapper or '
+                f'nested function): only functions defined at module level under their own name are tasks')
+    return None
+
+
+def installed_app_of(module_name: str) -> str | None:
+    """The installed app whose package holds `module_name`, if any."""
+    from django.apps import apps
+
+    for app in apps.get_app_configs():
+        if module_name == app.name or module_name.startswith(app.name + '.'):
+            return app.name
+    return None
+
+
+def _importable_name(module_name: str) -> bool:
+    return bool(module_name) and all(part.isidentifier() for part in module_name.split('.'))
+
+
 def get_task(path: str) -> Callable:
-    """The registered function for a dotted path, or TaskNotRegistered with a reason a person reads."""
+    """The task a dotted path names, or TaskNotRegistered saying which rule it fails (see the module doc)."""
     if not isinstance(path, str) or not path:
         raise TaskNotRegistered(f'task {path!r} is not registered: a task is named by a dotted path')
-    with _lock:
-        func = _decorated.get(path)
+    func = _decorated_task(path)
     if func is not None:
         return func
 
     module_name, _, attribute = path.rpartition('.')
-    if not module_name or module_name not in task_module_names():
-        raise TaskNotRegistered(f'task {path} is not registered: {HOW_TO_REGISTER}')
+    if not _importable_name(module_name) or not attribute:
+        raise TaskNotRegistered(f'task {path!r} is not registered: it is not a dotted path of a module and a '
+                                f'function; {HOW_TO_REGISTER}')
+    if module_name in task_module_names():
+        return _task_from_task_module(path, module_name, attribute)
+    app = installed_app_of(module_name)
+    if app is None:
+        raise TaskNotRegistered(
+            f'task {path} is not registered: {module_name} is not a tasks module of an installed app, not '
+            f"in CARROT['task_modules'], and not part of an installed app (where @carrot.task functions are "
+            f'found); {HOW_TO_REGISTER}')
+    if any(part.startswith('_') for part in module_name.split('.')):
+        # __main__ and private modules may do work when imported: never for a message.
+        raise TaskNotRegistered(f'task {path} is not registered: {module_name} is private (a part of its '
+                                f"name starts with '_'), so carrot does not import it to look for "
+                                f'@carrot.task functions')
+    # A module of an installed app may hold @carrot.task functions nobody imported yet.
+    _import_task_module(path, module_name)
+    func = _decorated_task(path)
+    if func is None:
+        raise TaskNotRegistered(
+            f'task {path} is not registered: {module_name} (of installed app {app}) is not a tasks module, '
+            f'and it has no function {attribute!r} decorated with @carrot.task')
+    return func
+
+
+def _import_task_module(path: str, module_name: str):
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
+        return importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:  # a broken module is the task's problem, not the worker's
         raise TaskNotRegistered(f'task {path} is not registered: its module {module_name} cannot be '
-                                f'imported ({exc})') from exc
-    with _lock:  # importing the module may just have registered it by decorator
-        func = _decorated.get(path)
+                                f'imported ({type(exc).__name__}: {exc})') from exc
+
+
+def _task_from_task_module(path: str, module_name: str, attribute: str) -> Callable:
+    module = _import_task_module(path, module_name)
+    func = _decorated_task(path)  # importing the module may just have registered it by decorator
     if func is not None:
         return func
-    func = getattr(module, attribute, None)
-    if func is None:
+    if not hasattr(module, attribute):
         raise TaskNotRegistered(f'task {path} is not registered: module {module_name} has no '
                                 f'attribute {attribute!r}')
-    if not callable(func) or getattr(func, '__module__', None) != module_name:
-        raise TaskNotRegistered(f'task {path} is not registered: {module_name}.{attribute} is not a '
-                                f'function defined in {module_name}; {HOW_TO_REGISTER}')
-    return func
+    reason = why_not_a_task(module_name, attribute, getattr(module, attribute))
+    if reason is not None:
+        raise TaskNotRegistered(f'task {path} is not registered: {reason}; {HOW_TO_REGISTER}')
+    return getattr(module, attribute)
 
 
 def registered_task_names() -> list[str]:
     """Every registered task that carrot can see now, for the monitor's task drop-down."""
-    import inspect
-
     names = set()
     for module_name in autodiscover():
         module = importlib.import_module(module_name)
         for attribute, value in vars(module).items():
-            if inspect.isfunction(value) and value.__module__ == module_name \
-                    and not attribute.startswith('_'):
+            if why_not_a_task(module_name, attribute, value) is None:
                 names.add(f'{module_name}.{attribute}')
     with _lock:
         names.update(_decorated)

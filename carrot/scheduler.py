@@ -11,23 +11,35 @@ little late, at the next tick, does not push the following runs later). After do
 of missed runs: a schedule overdue by a whole interval or more runs once, and the grid starts again from
 that run.
 
-Failures: a schedule whose broker cannot take the message gets its run back and is retried with a backoff
-of its own (1 s, 2 s, 4 s ... at most MAX_RETRY_DELAY); a schedule that cannot be published at all (a task
-that is not registered, a queue that is not configured, arguments that are not JSON) is logged and tried
-again at its next interval. Neither holds up the other schedules. The database being down slows every
-tick down the same way until it is back.
+Broken schedules: a row that cannot be published as it stands (arguments that do not parse or nest
+absurdly, an unknown interval unit, an interval of zero or longer than MAX_INTERVAL or one that overflows
+the calendar, a task that is not registered, a queue that is not configured, a message over
+CARROT['max_message_size'], or one the broker refuses for good) is skipped. Its `problem` field says why
+(the admin and the monitor show it) and one line is logged when the problem appears or changes, and one
+when it is fixed, not one per tick. The other schedules are not delayed by it.
+
+Broker outages: a schedule whose broker cannot take the message gets its run back and is retried with a
+backoff of its own (1 s, 2 s, 4 s ... at most MAX_RETRY_DELAY); runs are not stored and forwarded, so an
+outage never ends in a burst of missed runs. The database being down slows every tick down the same way
+until it is back.
+
+Relay: every tick also sends messages that publish_message() left WAITING for the broker
+(carrot.publishing.Relay), a bounded batch per tick, with a backoff per broker while it is unavailable.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from datetime import timedelta
 from typing import Callable
 
 from django.db import DatabaseError, connections
 from django.utils import timezone
 
-from carrot.exceptions import CarrotConfigException, CarrotError, TaskNotRegistered
+from carrot import publishing
+from carrot.exceptions import (BrokerUnavailable, CarrotConfigException, CarrotError, MessageRejected,
+                               MessageTooLarge, QueueMismatchError, TaskNotRegistered)
 from carrot.helper_tasks import sync_cleanup_schedule
 from carrot.models import ScheduledTask
 
@@ -35,6 +47,52 @@ logger = logging.getLogger('carrot.scheduler')
 
 TICK = 1.0
 MAX_RETRY_DELAY = 30.0  # while the broker or database is down, ticks slow down to this at most
+MAX_INTERVAL = timedelta(days=3650)  # a longer interval is a typo, not a schedule
+
+# What a broken row raises while it is checked: its problem, not the scheduler's.
+SCHEDULE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, TaskNotRegistered,
+                   CarrotConfigException, MessageTooLarge)
+
+
+def check_interval(schedule: ScheduledTask) -> None:
+    """ValueError saying what is wrong with the schedule's interval or its next run time."""
+    unit, count = schedule.interval_type, schedule.interval_count
+    if unit not in ScheduledTask.SECONDS_PER:
+        raise ValueError(f'the interval unit {unit!r} is not one of {", ".join(ScheduledTask.SECONDS_PER)}')
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f'the interval count must be a whole number of at least 1, got {count!r}')
+    if count * ScheduledTask.SECONDS_PER[unit] > MAX_INTERVAL.total_seconds():
+        raise ValueError(f'the interval of {count} {unit} is longer than the longest allowed '
+                         f'({MAX_INTERVAL.days} days)')
+    try:
+        schedule.next_run_time()
+    except OverflowError:
+        raise ValueError(f'the last run time {schedule.last_run_time} plus the interval is past the end of '
+                         f'the calendar') from None
+
+
+def prepare_run(schedule: ScheduledTask) -> publishing.Outgoing:
+    """The message of one run of `schedule`, checked; raises one of SCHEDULE_ERRORS when the row is broken."""
+    check_interval(schedule)
+    return publishing.prepare_schedule(schedule)
+
+
+def schedule_problem(schedule: ScheduledTask) -> str:
+    """Why the scheduler would skip `schedule` as it stands ('' when it would publish it). The broker is not
+    asked: a refusal by the broker shows only once a run was tried."""
+    try:
+        prepare_run(schedule)
+    except SCHEDULE_ERRORS as exc:
+        return describe(exc)
+    return ''
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return 'the arguments are nested too deeply'
+    if isinstance(exc, (CarrotError, ValueError)):
+        return str(exc)
+    return f'{type(exc).__name__}: {exc}'
 
 
 class Scheduler:
@@ -47,6 +105,9 @@ class Scheduler:
         self.failures = 0  # consecutive ticks that failed; slows retries while a service is down
         # Per schedule pk: (consecutive publish failures, monotonic time before which it is not retried).
         self.retries: dict[int, tuple[int, float]] = {}
+        # Per schedule pk: why the broker refused its last run for good (until a run is published).
+        self.refusals: dict[int, str] = {}
+        self.relay = publishing.Relay()
 
     def run(self) -> None:
         """Publish due schedules until `stopping` is set."""
@@ -56,6 +117,7 @@ class Scheduler:
             if not cleanup_synced:  # until it succeeds: the database may be down at start
                 cleanup_synced = self._guarded(sync_cleanup_schedule)
             self._guarded(self.publish_due)
+            self._guarded(self.relay.relay_waiting)
             if self.on_tick is not None:
                 self.on_tick()
             self._wait_for_next_tick()
@@ -92,14 +154,42 @@ class Scheduler:
         published = 0
         schedules = list(ScheduledTask.objects.filter(active=True))
         for schedule in schedules:
-            if not schedule.is_due(now) or self._backing_off(schedule):
-                continue
-            run_at = self.run_time(schedule, now)
-            if self.claim(schedule, run_at):
-                published += self.publish(schedule, claimed_at=run_at)
+            try:
+                published += self.publish_if_due(schedule, now)
+            except DatabaseError:
+                raise  # the whole tick fails and is retried
+            except Exception as exc:  # noqa: BLE001 -- whatever this row does, the others go on
+                self.record_problem(schedule, f'unexpected error: {describe(exc)}', exc_info=True)
         if self.on_status is not None:
             self.on_status(f'{len(schedules)} active schedule(s), {self.published} run(s) published')
         return published
+
+    def publish_if_due(self, schedule: ScheduledTask, now) -> int:
+        try:
+            message = prepare_run(schedule)
+        except SCHEDULE_ERRORS as exc:
+            self.record_problem(schedule, describe(exc))
+            return 0
+        self.record_problem(schedule, self.refusals.get(schedule.pk, ''))
+        if not schedule.is_due(now) or self._backing_off(schedule):
+            return 0
+        run_at = self.run_time(schedule, now)
+        if not self.claim(schedule, run_at):
+            return 0
+        return self.publish(schedule, claimed_at=run_at, message=message)
+
+    @staticmethod
+    def record_problem(schedule: ScheduledTask, problem: str, exc_info: bool = False) -> None:
+        """Store why `schedule` is skipped ('' once it is fine); log only when that changes."""
+        if problem == (schedule.problem or ''):
+            return
+        ScheduledTask.objects.filter(pk=schedule.pk).update(problem=problem)
+        if problem:
+            logger.error('scheduler: %r (%s) is skipped until it is fixed: %s', schedule.task_name,
+                         schedule.task, problem, exc_info=exc_info)
+        else:
+            logger.info('scheduler: %r (%s) is fixed and runs again', schedule.task_name, schedule.task)
+        schedule.problem = problem
 
     @staticmethod
     def run_time(schedule: ScheduledTask, now):
@@ -121,15 +211,22 @@ class Scheduler:
         _, retry_at = self.retries.get(schedule.pk, (0, 0.0))
         return time.monotonic() < retry_at
 
-    def publish(self, schedule: ScheduledTask, claimed_at) -> int:
+    def publish(self, schedule: ScheduledTask, claimed_at, message: publishing.Outgoing | None = None) -> int:
         try:
-            log = schedule.publish()
-        except (TypeError, ValueError, TaskNotRegistered, CarrotConfigException) as exc:
-            # The schedule itself is broken (a task that is not registered, a queue that is not
-            # configured, bad arguments): retrying early would not help, and the other schedules go on.
-            logger.error('scheduler: %r (%s) cannot be published: %s', schedule.task_name, schedule.task, exc)
+            # Not stored and forwarded: a run the broker cannot take is given back (below), so an
+            # outage does not end in a burst of every run missed meanwhile.
+            message = message or prepare_run(schedule)
+            log = publishing.enqueue(message, store_and_forward=False)
+        except SCHEDULE_ERRORS as exc:  # broken since it was checked a moment ago
+            self.record_problem(schedule, describe(exc))
             return 0
-        except CarrotError as exc:
+        except (MessageRejected, QueueMismatchError) as exc:
+            # Refused for good (unroutable, no such exchange, a queue clash): the run is spent, and the
+            # schedule is marked until one of its runs goes through.
+            self.refusals[schedule.pk] = f'the broker refused the last run: {exc}'
+            self.record_problem(schedule, self.refusals[schedule.pk])
+            return 0
+        except (BrokerUnavailable, CarrotError) as exc:
             # Give the run back so a later tick tries again, unless another scheduler ran it meanwhile.
             ScheduledTask.objects.filter(pk=schedule.pk, last_run_time=claimed_at) \
                 .update(last_run_time=schedule.last_run_time)
@@ -141,6 +238,8 @@ class Scheduler:
                          schedule.task_name, schedule.task, exc, delay)
             return 0
         self.retries.pop(schedule.pk, None)
+        if self.refusals.pop(schedule.pk, None) is not None:
+            self.record_problem(schedule, '')
         self.published += 1
         logger.info('scheduler: published %r (%s) as %s', schedule.task_name, schedule.task, log.uuid)
         return 1

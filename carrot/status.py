@@ -55,3 +55,29 @@ def store_snapshot(document: dict) -> None:
         defaults=dict(host=host, pid=pid, started=parse_time(document.get('started')) or timezone.now(),
                       last_seen=timezone.now(), generation=int(document.get('generation') or 0),
                       document=document))
+
+
+def read_snapshot(path) -> dict | None:
+    """The status document a master wrote to `path`; None when there is none (no master, or it stopped).
+
+    The master replaces the file in one rename, so a reader never sees half a document.
+    """
+    import json
+
+    try:
+        with open(path) as f:
+            document = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+def forget_silent_supervisors(silent_for: float) -> int:
+    """Delete the SupervisorStatus rows of masters not heard from for `silent_for` seconds (stopped,
+    killed, or on a host that is gone); a master that is still alive writes its row again. Returns how
+    many rows were deleted."""
+    from django.utils import timezone
+
+    from carrot.models import SupervisorStatus
+
+    cutoff = timezone.now() - dt.timedelta(seconds=silent_for)
+    deleted, _ = SupervisorStatus.objects.filter(last_seen__lt=cutoff).delete()
+    return deleted

@@ -1,28 +1,24 @@
-"""The public helpers: publish a task, schedule one, look up a queue's broker."""
+"""The public helpers of django-carrot 1.x: publish a task, schedule one, look up a queue's broker.
+
+A facade: the work is done in carrot.publishing (and carrot.config for brokers)."""
 from __future__ import annotations
 
 import json
-import logging
 from typing import Callable
 
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 
-from carrot import messages, registry
-from carrot.broker import publisher_for
+from carrot import messages, publishing
 from carrot.config import get_config
-from carrot.exceptions import CarrotError, PublishError
+from carrot.exceptions import BrokerUnavailable, MessageRejected, PublishError
 from carrot.models import MessageLog, ScheduledTask
 from carrot.objects import Message, VirtualHost
-
-logger = logging.getLogger('carrot')
+from carrot.scheduler import MAX_INTERVAL
 
 
 def validate_task(task: str | Callable) -> str:
     """The dotted path of `task` (a callable or a path), or TaskNotRegistered saying how to register it."""
-    path = task if isinstance(task, str) else registry.task_path(task)
-    registry.get_task(path)
-    return path
+    return publishing.task_name(task)
 
 
 def get_host_from_name(name: str | None) -> VirtualHost:
@@ -35,14 +31,11 @@ def get_host_from_name(name: str | None) -> VirtualHost:
 def create_message(task: str | Callable, priority: int = 0, task_args: tuple = (), queue: str | None = None,
                    exchange: str = '', routing_key: str | None = None,
                    task_kwargs: dict | None = None) -> Message:
-    """A validated, unpublished Message: the task is registered, the arguments JSON, the priority in range."""
-    path = validate_task(task)
-    task_kwargs = dict(task_kwargs or {})
-    messages.check_serialisable(path, tuple(task_args), task_kwargs)
-    messages.check_priority(priority)
-    queue_config = get_config().queue(queue)
-    return Message(task=path, queue=queue_config.name, routing_key=routing_key, exchange=exchange or '',
-                   priority=priority, task_args=tuple(task_args), task_kwargs=task_kwargs)
+    """A checked, unpublished Message: the task is registered, the arguments JSON, the priority in range,
+    the encoded message within CARROT['max_message_size']."""
+    outgoing = publishing.prepare(task, task_args, task_kwargs, queue=queue, exchange=exchange,
+                                  routing_key=routing_key, priority=priority)
+    return Message.from_outgoing(outgoing)
 
 
 def publish_message(task: str | Callable, *task_args, priority: int = 0, queue: str | None = None,
@@ -50,53 +43,20 @@ def publish_message(task: str | Callable, *task_args, priority: int = 0, queue: 
                     **task_kwargs) -> MessageLog:
     """Put `task(*task_args, **task_kwargs)` on a queue and log it; returns the MessageLog.
 
-    Inside ``transaction.atomic()`` the message is sent when the transaction commits (nothing is sent if
-    it rolls back), so no consumer can see a message whose log row is not committed. Pass
-    ``on_commit=False`` to send at once. Outside a transaction it is sent before this returns, and only
-    returns once RabbitMQ has confirmed it; PublishError if it could not (the log then says FAILED and
-    why). The names priority, queue, exchange, routing_key and on_commit are not passed to the task.
+    The call is checked first (registered task, JSON arguments, priority 0-255, a configured queue, at
+    most CARROT['max_message_size'] bytes encoded); nothing is written if it fails. Then the log row is
+    written and the message sent: inside ``transaction.atomic()`` when the transaction commits (nothing
+    is sent if it rolls back; pass ``on_commit=False`` to send at once), otherwise before this returns,
+    once RabbitMQ has confirmed it (status PUBLISHED).
+
+    When RabbitMQ cannot take the message now, the row says WAITING and carrot-supervisor's scheduler
+    relays it later (store-and-forward, the default); with CARROT['store_and_forward'] = False the row
+    says FAILED and BrokerUnavailable is raised. A message the broker refuses for good raises
+    MessageRejected and the row says FAILED. Both are PublishError. The names priority, queue, exchange,
+    routing_key and on_commit are not passed to the task.
     """
-    return create_message(task, priority, task_args, queue, exchange, routing_key, task_kwargs) \
-        .publish(on_commit=on_commit)
-
-
-def send_logged_message(message: Message, log: MessageLog) -> None:
-    """Send an already-logged message to the broker; on failure, record it on the log and raise."""
-    queue = get_config().queue(message.queue)
-    body = messages.encode_body(message.task_args, message.task_kwargs)
-    properties = messages.message_properties(message.task, log.uuid, message.priority)
-    try:
-        publisher_for(queue.broker).publish(queue, body, properties, exchange=message.exchange,
-                                            routing_key=message.routing_key)
-    except CarrotError as exc:
-        MessageLog.objects.filter(pk=log.pk).update(
-            status=MessageLog.FAILED, failure_time=timezone.now(),
-            exception=f'{type(exc).__name__}: the message could not be published: {exc}')
-        log.refresh_from_db()
-        raise
-
-
-def publish_logged(message: Message, on_commit: bool = True) -> MessageLog:
-    """Create the log row for `message`, then send it (after commit when inside a transaction)."""
-    log = MessageLog.objects.create(
-        status=MessageLog.PUBLISHED, queue=message.queue, exchange=message.exchange,
-        routing_key=message.routing_key, uuid=message.uuid, priority=message.priority,
-        task=message.task, task_args=json.dumps(list(message.task_args)),
-        content=json.dumps(message.task_kwargs), publish_time=timezone.now())
-
-    connection = transaction.get_connection(MessageLog.objects.db)
-    if on_commit and connection.in_atomic_block:
-        def send_after_commit():
-            try:
-                send_logged_message(message, log)
-            except CarrotError:
-                # The caller's transaction has committed and returned long ago; the log row says
-                # FAILED with the reason, and the error is logged, rather than lost.
-                logger.exception('publishing %s (%s) after commit failed', message.task, log.uuid)
-        transaction.on_commit(send_after_commit, using=MessageLog.objects.db)
-    else:
-        send_logged_message(message, log)
-    return log
+    return publishing.publish(task, task_args, task_kwargs, queue=queue, exchange=exchange,
+                              routing_key=routing_key, priority=priority, on_commit=on_commit)
 
 
 def create_scheduled_task(task: str | Callable, interval: dict, task_name: str | None = None,
@@ -111,8 +71,12 @@ def create_scheduled_task(task: str | Callable, interval: dict, task_name: str |
                          f'got {interval_type!r}')
     if isinstance(interval_count, bool) or not isinstance(interval_count, int) or interval_count < 1:
         raise ValueError(f'interval count must be a positive integer, got {interval_count!r}')
+    if interval_count * ScheduledTask.SECONDS_PER[interval_type] > MAX_INTERVAL.total_seconds():
+        raise ValueError(f'interval {interval_count} {interval_type} is longer than the longest allowed '
+                         f'({MAX_INTERVAL.days} days)')
     messages.check_serialisable(path, tuple(task_args), kwargs)
     queue_name = get_config().queue(queue).name
+    publishing.encode(path, tuple(task_args), kwargs)  # MessageTooLarge now, not at every run
     try:
         with transaction.atomic(using=ScheduledTask.objects.db):
             return ScheduledTask.objects.create(
@@ -125,4 +89,4 @@ def create_scheduled_task(task: str | Callable, interval: dict, task_name: str |
 
 
 __all__ = ['publish_message', 'create_message', 'create_scheduled_task', 'validate_task',
-           'get_host_from_name', 'PublishError']
+           'get_host_from_name', 'PublishError', 'BrokerUnavailable', 'MessageRejected']

@@ -111,3 +111,29 @@ def subprocess_env(transactional_db):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
     return env
+
+
+# -- publish (store-and-forward tests) --
+
+@pytest.fixture
+def locked_vhost(carrot_vhost):
+    """A virtual host guest may not use yet: connecting fails with ACCESS_REFUSED until `unlock()`. A broker
+    that really refuses us, without stopping the shared RabbitMQ."""
+    name = f'{carrot_vhost}-locked'
+    rabbitmqctl('add_vhost', name)
+
+    class Locked:
+        vhost = name
+        url = f'amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{name}'
+
+        @staticmethod
+        def unlock():
+            rabbitmqctl('set_permissions', '-p', name, 'guest', '.*', '.*', '.*')
+
+        @staticmethod
+        def connect():
+            return pika.BlockingConnection(pika.ConnectionParameters(
+                BROKER_HOST, BROKER_PORT, name, pika.PlainCredentials('guest', 'guest')))
+
+    yield Locked
+    rabbitmqctl('delete_vhost', name, check=False)

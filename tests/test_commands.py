@@ -6,6 +6,7 @@ the current directory fails here (django-carrot #100).
 """
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def read_pid(path):
 def status_rows(output):
     """{pid: (rss_mib, uptime, title)} from `carrot_daemon status`."""
     rows = {}
-    for line in output.splitlines()[1:]:
+    table = output.split('\n\n', 1)[0]  # the status snapshot's section, if any, follows a blank line
+    for line in table.splitlines()[1:]:
         match = re.fullmatch(r'\s*(\d+)\s+([\d.]+)\s+((?:\d+h)?\d+m\d\ds)\s+(.+)', line)
         assert match, f'unexpected status line {line!r} in\n{output}'
         rows[int(match[1])] = (float(match[2]), match[3], match[4])
@@ -244,3 +246,204 @@ def test_daemon_restart_and_hard_stop(manage, tmp_path):
     log.refresh_from_db()
     assert log.status == MessageLog.IN_PROGRESS  # not waited for: it never finished
     assert wait_for(lambda: queue_depth('default') == 1, 10, what='the message back in its queue')
+
+
+# --- the log file: mode 0640, never through a symlink, reopened the same way (ops) ---------------------
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)  # the common default: the file's 0640 must come from carrot, not the umask
+    yield
+    os.umask(old)
+
+
+def log_line(handler, text):
+    import logging
+    handler.handle(logging.makeLogRecord({'msg': text, 'levelno': logging.INFO, 'levelname': 'INFO'}))
+    handler.flush()
+
+
+def mode_of(path):
+    return oct(os.stat(path, follow_symlinks=False).st_mode & 0o777)
+
+
+def test_log_file_is_created_mode_0640(tmp_path, umask_022):
+    from carrot.logfile import LogFileHandler
+    path = tmp_path / 'carrot.log'
+    handler = LogFileHandler(str(path))
+    try:
+        log_line(handler, 'task arguments here')
+    finally:
+        handler.close()
+    assert mode_of(path) == oct(0o640)
+    assert path.read_text() == 'task arguments here\n'
+
+
+@pytest.mark.parametrize('dangling', [False, True])
+def test_log_file_that_is_a_symlink_is_refused(tmp_path, dangling):
+    from carrot.logfile import LogFileError, LogFileHandler
+    target = tmp_path / 'elsewhere'
+    if not dangling:
+        target.write_text('not yours\n')
+    link = tmp_path / 'carrot.log'
+    link.symlink_to(target)
+    with pytest.raises(LogFileError, match=f'refusing to log to {link}: it is a symbolic link'):
+        LogFileHandler(str(link))
+    assert target.exists() != dangling  # a dangling link is not followed to create its target either
+    if not dangling:
+        assert target.read_text() == 'not yours\n'
+
+
+def test_log_file_rotation_reopens_safely_and_never_through_a_planted_symlink(tmp_path, umask_022, capsys):
+    from carrot.logfile import LogFileHandler
+    path, target = tmp_path / 'carrot.log', tmp_path / 'target'
+    target.write_text('')
+    handler = LogFileHandler(str(path))
+    try:
+        log_line(handler, 'one')
+        os.rename(path, tmp_path / 'carrot.log.1')            # logrotate moves it: the next line reopens
+        log_line(handler, 'two')
+        assert path.read_text() == 'two\n' and mode_of(path) == oct(0o640)
+
+        os.rename(path, tmp_path / 'carrot.log.2')
+        path.symlink_to(target)                                  # someone plants a link at the path
+        log_line(handler, 'three')                               # dropped, not raised, not followed
+        log_line(handler, 'four')
+        assert target.read_text() == ''
+        err = capsys.readouterr().err
+        assert err.count('it is a symbolic link') == 1, err       # said once, not once per line
+
+        handler.reopen()                                         # USR1: the same rule
+        assert target.read_text() == ''
+        path.unlink()
+        log_line(handler, 'five')                                # the link is gone: a new file again
+        assert path.read_text() == 'five\n' and mode_of(path) == oct(0o640)
+        handler.reopen()
+        log_line(handler, 'six')
+        assert path.read_text() == 'five\nsix\n'
+    finally:
+        handler.close()
+    assert (tmp_path / 'carrot.log.1').read_text() == 'one\n'
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_and_daemon_refuse_a_log_file_that_is_a_symlink(manage, env, tmp_path):
+    target = tmp_path / 'elsewhere'
+    target.write_text('not yours\n')
+    link = tmp_path / 'carrot.log'
+    link.symlink_to(target)
+    result = subprocess.run([sys.executable, '-m', 'carrot.cli', '--logfile', str(link)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 3, result.stdout + result.stderr  # bad configuration
+    assert f'refusing to log to {link}: it is a symbolic link' in result.stderr
+
+    pidfile = tmp_path / 'carrot.pid'
+    result = manage('carrot_daemon', 'start', '--pidfile', str(pidfile), '--logfile', str(link))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f'refusing to log to {link}: it is a symbolic link' in result.stderr
+    assert not pidfile.exists()
+    assert target.read_text() == 'not yours\n'
+
+
+# --- carrot_daemon acts only on a carrot-supervisor master (ops) ------------------------------------
+
+def detached(tmp_path, *argv, name=None):
+    """pid of `argv` run in the background, not our child (so a signal to it is reaped by init, not
+    left a zombie), in tmp_path (so the manage fixture's sweep ends it), with argv[0] set to `name`."""
+    script = f'exec -a {shlex.quote(name or argv[0])} {shlex.join(argv)} </dev/null >/dev/null 2>&1 & echo $!'
+    pid = int(subprocess.run(['bash', '-c', script], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=10, check=True).stdout)
+    wait_for(lambda: psutil.Process(pid).cmdline()[:1] == [name or argv[0]], 10, what='the process to start')
+    return psutil.Process(pid)
+
+
+def alive(process):
+    return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.timeout(120)
+def test_daemon_never_signals_the_unrelated_process_a_stale_pidfile_names(manage, tmp_path):
+    sleeper = detached(tmp_path, 'sleep', '60')
+    pidfile, logfile = tmp_path / 'carrot.pid', tmp_path / 'carrot.log'
+    options = ['--pidfile', str(pidfile), '--logfile', str(logfile), '--no-scheduler']
+    stale = (f'pidfile {pidfile} is stale: process {sleeper.pid} is not a carrot-supervisor master '
+             f"(it is 'sleep 60'); nothing was signalled; removing it")
+
+    for mode, code in (('status', 3), ('stop', 0), ('stop', 0), ('restart', 0)):
+        pidfile.write_text(f'{sleeper.pid}\n')
+        result = manage('carrot_daemon', mode, *options)
+        assert result.returncode == code, (mode, result.stdout + result.stderr)
+        assert stale in result.stdout, (mode, result.stdout)
+        assert alive(sleeper), mode
+        if mode != 'restart':
+            assert not pidfile.exists(), mode
+            assert 'not running' in result.stdout
+
+    # restart went on to start a master of its own, which stop then finds and stops.
+    master = read_pid(pidfile)
+    assert master != sleeper.pid and title_of(psutil.Process(master)) == MASTER_TITLE
+    result = manage('carrot_daemon', 'stop', *options)
+    assert result.returncode == 0 and f'stopped (pid {master})' in result.stdout, result.stdout + result.stderr
+    assert alive(sleeper)
+
+
+@pytest.mark.timeout(60)
+def test_daemon_trusts_a_supervisor_title_only_from_before_the_pidfile(manage, tmp_path):
+    pidfile = tmp_path / 'carrot.pid'
+    options = ['--pidfile', str(pidfile), '--timeout', '10']
+    impostor = detached(tmp_path, 'sleep', '60', name='carrot-supervisor')
+
+    # A pidfile written an hour before the process started: the pid was reused by this one.
+    pidfile.write_text(f'{impostor.pid}\n')
+    an_hour_ago = time.time() - 3600
+    os.utime(pidfile, (an_hour_ago, an_hour_ago))
+    result = manage('carrot_daemon', 'stop', *options)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (f'process {impostor.pid} started after the pidfile was written, so it is another master'
+            in result.stdout)
+    assert alive(impostor) and not pidfile.exists()
+
+    # A consumer child is not a master either, whatever its start time.
+    consumer = detached(tmp_path, 'sleep', '60', name='carrot-supervisor: consumer default#1 idle')
+    pidfile.write_text(f'{consumer.pid}\n')
+    result = manage('carrot_daemon', 'status', *options)
+    assert result.returncode == 3 and 'is not a carrot-supervisor master' in result.stdout, result.stdout
+    assert alive(consumer)
+
+    # The control: the same process with a pidfile written after it started is taken for a master.
+    pidfile.write_text(f'{impostor.pid}\n')
+    result = manage('carrot_daemon', 'stop', *options)
+    assert result.returncode == 0 and f'carrot stopped (pid {impostor.pid})' in result.stdout, \
+        result.stdout + result.stderr
+    assert not alive(impostor)
+
+
+@pytest.mark.timeout(60)
+def test_daemon_status_shows_the_masters_status_snapshot(manage, tmp_path):
+    import json
+    pidfile, snapshot = tmp_path / 'carrot.pid', tmp_path / 'carrot.status.json'
+    master = detached(tmp_path, 'sleep', '60', name='carrot-supervisor: master [tests.testproject.settings]')
+    pidfile.write_text(f'{master.pid}\n')
+    document = {'version': 1, 'host': 'h', 'pid': master.pid, 'state': 'running', 'generation': 2,
+                'restarts': 4, 'updated': '2026-11-21T20:45:03+00:00', 'slots': [
+                    {'name': 'consumer default#1', 'pid': 4301, 'state': 'running', 'task_age': 3.14,
+                     'task': 'tests.testapp.tasks.sleep\x1b[2J', 'restarts': 0},
+                    {'name': 'consumer other#1', 'pid': None, 'state': 'parked', 'task': None,
+                     'task_age': None, 'restarts': 5, 'problem': 'children kept dying young'}]}
+    snapshot.write_text(json.dumps(document))
+
+    result = manage('carrot_daemon', 'status', '--pidfile', str(pidfile))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(status_rows(result.stdout)) == [master.pid]
+    section = result.stdout.split('\n\n', 1)[1].splitlines()
+    assert section[0] == (f'running, settings generation 2, 4 restarts (from {snapshot}, '
+                          f'updated 2026-11-21T20:45:03+00:00)')
+    assert section[2].split() == ['consumer', 'default#1', '4301', 'running', '3.1s', '0',
+                                  'tests.testapp.tasks.sleep\\x1b[2J']  # the escape is shown, not sent
+    assert section[3].split() == ['consumer', 'other#1', '-', 'parked', '-', '5', 'children', 'kept',
+                                  'dying', 'young']
+
+    # A snapshot left by another master (another pid) is not shown as this one's.
+    snapshot.write_text(json.dumps(dict(document, pid=master.pid + 1)))
+    result = manage('carrot_daemon', 'status', '--pidfile', str(pidfile))
+    assert result.returncode == 0 and '\n\n' not in result.stdout.strip(), result.stdout

@@ -112,6 +112,7 @@ def test_check_reports_unparseable_broker_urls_without_showing_the_password():
     assert "CARROT['queues'][0]['host']" in found[1]
 
 
+@pytest.mark.django_db  # Django 6 runs database checks (carrot.E007) for tags=['carrot']
 def test_manage_py_check_shows_the_problem():
     with override_settings(CARROT={'queues': [{'name': 'a'}, {'name': 'b', 'concurrency': 'ten'}]}):
         errors = run_checks(tags=['carrot'])
@@ -123,6 +124,7 @@ def test_manage_py_check_shows_the_problem():
             get_config()
 
 
+@pytest.mark.django_db  # Django 6 runs database checks (carrot.E007) for tags=['carrot']
 def test_check_reports_consumer_class_that_cannot_be_imported():
     with override_settings(CARROT={'queues': [{'name': 'a', 'consumer_class': 'nowhere.Consumer'}],
                                    'task_modules': ['tests.testapp.tasks', 'no.such.module']}):
@@ -153,3 +155,174 @@ def test_broker_str_and_repr_never_show_the_password():
 def test_get_host_from_name_unknown_queue_names_the_configured_ones():
     with pytest.raises(CarrotConfigException, match="no queue called 'nope'.*'default', 'other'"):
         get_host_from_name('nope')
+
+
+# --- ops: the AppConfig's name, and carrot.E007 (carrot's tables missing) --------------------------
+
+def test_the_app_config_is_carrot_app_config_and_the_only_one():
+    import inspect
+
+    from django.apps import AppConfig, apps
+
+    from carrot import apps as carrot_apps
+    assert type(apps.get_app_config('carrot')) is carrot_apps.CarrotAppConfig
+    declared = [c for _, c in inspect.getmembers(carrot_apps, inspect.isclass)
+                if issubclass(c, AppConfig) and c is not AppConfig]
+    assert declared == [carrot_apps.CarrotAppConfig]  # so INSTALLED_APPS = ['carrot'] picks it
+
+
+@pytest.mark.django_db
+def test_tables_check_passes_on_a_migrated_database_and_needs_databases():
+    from carrot.checks import carrot_databases, check_carrot_tables, run_carrot_checks
+    assert carrot_databases() == ['default']
+    assert check_carrot_tables(databases=['default']) == []
+    assert run_carrot_checks() == []
+    # Like Django's own database checks: nothing without databases (plain `manage.py check`).
+    assert check_carrot_tables(databases=None) == []
+
+
+@pytest.fixture
+def empty_database(tmp_path):
+    """The NAME of a database without any table: a fresh SQLite file, or a new PostgreSQL database."""
+    from django.db import connection
+    if connection.vendor == 'sqlite':
+        yield str(tmp_path / 'empty.sqlite3')
+        return
+    import uuid
+
+    import psycopg
+    params = connection.settings_dict
+    name = f'carrot_empty_{uuid.uuid4().hex[:8]}'
+    admin = dict(host=params['HOST'], port=params['PORT'], user=params['USER'],
+                 password=params['PASSWORD'] or None, dbname='postgres', autocommit=True)
+    with psycopg.connect(**admin) as pg:
+        pg.execute(f'CREATE DATABASE {name}')
+    yield name
+    with psycopg.connect(**admin) as pg:
+        pg.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
+
+
+def run_project(database, *argv, module=None):
+    """Run `tests/manage.py argv` (or `python -m module argv`) against database NAME `database`."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CARROT_TEST_DB_NAME=database, DJANGO_SETTINGS_MODULE='tests.testproject.settings',
+               PYTHONPATH=root)
+    command = [sys.executable, '-m', module] if module else [sys.executable, os.path.join(root, 'tests', 'manage.py')]
+    result = subprocess.run(command + list(argv), env=env, cwd=root, capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    result.output = result.stdout + result.stderr
+    return result
+
+
+MISSING = "has no table carrot_messagelog, carrot_scheduledtask, carrot_supervisorstatus: run manage.py migrate"
+
+
+@pytest.mark.timeout(240)
+def test_missing_tables_are_an_error_that_says_run_migrate_and_migrate_still_runs(empty_database):
+    result = run_project(empty_database, 'check', '--database', 'default')
+    assert result.returncode == 1, result.output
+    assert f"(carrot.E007) database 'default' {MISSING}" in result.output
+
+    # carrot-supervisor, its --check and manage.py carrot --check: exit 3 (bad configuration), and say why.
+    for argv, module in ((['--check'], 'carrot.cli'), ([], 'carrot.cli'), (['carrot', '--check'], None)):
+        result = run_project(empty_database, *argv, module=module)
+        assert result.returncode == 3, (argv, result.output)
+        assert f"carrot.E007: database 'default' {MISSING}" in result.output, (argv, result.output)
+
+    # The check must not stop the command it asks for (migrate runs every check on its database).
+    result = run_project(empty_database, 'migrate', '-v', '0')
+    assert result.returncode == 0, result.output
+    result = run_project(empty_database, 'check', '--database', 'default')
+    assert result.returncode == 0, result.output
+    result = run_project(empty_database, '--check', '--no-scheduler', module='carrot.cli')
+    assert result.returncode == 0 and result.stdout.rstrip().endswith('ok'), result.output
+
+
+@pytest.mark.timeout(240)
+def test_an_unapplied_carrot_migration_is_reported_too(empty_database):
+    assert run_project(empty_database, 'migrate', '-v', '0').returncode == 0
+    # As after upgrading carrot without migrating: the newest migration is not recorded as applied.
+    forget = ("from django.db.migrations.recorder import MigrationRecorder\n"
+              "MigrationRecorder.Migration.objects.filter(app='carrot', name='0002_hardening_and_status').delete()\n")
+    result = run_project(empty_database, 'shell', '-c', forget)
+    assert result.returncode == 0, result.output
+    result = run_project(empty_database, '--check', module='carrot.cli')
+    assert result.returncode == 3, result.output
+    assert ("carrot.E007: database 'default' lacks migration carrot.0002_hardening_and_status: "
+            "run manage.py migrate") in result.output
+# --- the broker password never shows ------------------------------------------------------------------
+
+SECRET = 's3cr3t'
+
+
+@pytest.mark.parametrize('raw', [
+    {'default_broker': f'amqp://carrot:{SECRET}/x@rabbit:5672/prod'},        # '/' in the password
+    {'default_broker': f'amqp://carrot:{SECRET}#x@rabbit:5672/prod'},        # '#'
+    {'default_broker': f'amqp://carrot:{SECRET}?x@rabbit:5672/prod'},        # '?'
+    {'default_broker': f'amqp://carrot:1234/{SECRET}@rabbit/'},              # would parse as a port + vhost
+    {'default_broker': f'amqp://carrot:{SECRET}'},                           # no host at all
+    {'default_broker': f'http://carrot:{SECRET}@rabbit/'},                   # wrong scheme
+    {'default_broker': f'amqp://carrot:{SECRET}@rabbit:5672/prod?x=1'},      # unsupported query
+    {'default_broker': f'amqp://carrot:{SECRET}@rabbit:99999/'},             # port out of range
+    {'default_broker': f'amqp://carrot:{SECRET}@rabbit/'.encode()},          # bytes, not str
+    {'default_broker': [f'amqp://carrot:{SECRET}@rabbit/']},                 # a list
+    {'default_broker': {'url': f'amqp://carrot:{SECRET}/x@rabbit/'}},
+    {'default_broker': {'url': 42, 'password': SECRET}},
+    {'default_broker': {'host': 'rabbit', 'password': [SECRET]}},            # password of the wrong type
+    {'default_broker': {'host': 'rabbit', 'password': SECRET, 'port': 'x'}},
+    {'queues': [f'amqp://carrot:{SECRET}@rabbit/']},                         # a URL where a dict belongs
+    {'queues': [{'name': 'q', 'host': f'amqp://carrot:{SECRET}?x@rabbit/'}]},
+    {'queues': [{'name': 'q', 'host': {'password': SECRET, 'bogus': 1}}]},
+    {f'amqp://carrot:{SECRET}@rabbit/': 1},                                  # as a key
+    {'task_modules': {'password': SECRET}},
+])
+def test_the_password_is_masked_in_every_problem(raw):
+    config, problems = parse_config(raw)
+    text = '\n'.join(str(p) for p in problems)
+    assert SECRET not in text
+    assert SECRET not in str(config) and SECRET not in repr(config)
+    assert problems, 'each of these settings is wrong in some way'
+    with override_settings(CARROT=raw):
+        with pytest.raises(CarrotConfigException) as caught:
+            get_config()
+        assert SECRET not in str(caught.value)
+        assert SECRET not in ' '.join(e.msg for e in run_checks(tags=['carrot']))
+
+
+def test_a_special_character_in_the_password_gets_a_hint_to_encode_it():
+    text = problems_of({'default_broker': f'amqp://carrot:{SECRET}/x@rabbit/'})[0]
+    assert "must be percent-encoded (%2F, %3F, %23, %40), or give the broker as a dict" in text
+    assert "'amqp://carrot:***@rabbit/'" in text
+    broker = parse_config({'default_broker': f'amqp://carrot:{SECRET}%2Fx@rabbit/'})[0].default_broker
+    assert broker.password == f'{SECRET}/x' and SECRET not in str(broker)
+
+
+def test_an_at_sign_in_the_password_parses_and_is_masked():
+    broker = parse_config({'default_broker': f'amqp://carrot:{SECRET}@x@rabbit:5672/prod'})[0].default_broker
+    assert (broker.password, broker.host) == (f'{SECRET}@x', 'rabbit')
+    assert SECRET not in str(broker) and SECRET not in repr(broker)
+
+
+def test_virtualhost_with_a_bad_url_does_not_show_the_password():
+    with pytest.raises(CarrotConfigException) as caught:
+        VirtualHost(url=f'amqp://carrot:{SECRET}#x@rabbit/')
+    assert SECRET not in str(caught.value)
+
+
+def test_error_pages_hide_the_password_of_a_dict_and_with_carrots_filter_of_a_url():
+    from django.views.debug import SafeExceptionReporterFilter
+
+    from carrot.debug import SafeExceptionReporterFilter as CarrotFilter
+    as_dict = {'default_broker': {'host': 'rabbit', 'username': 'carrot', 'password': SECRET}}
+    as_url = {'default_broker': f'amqp://carrot:{SECRET}@rabbit/', 'queues': [
+        {'name': 'q', 'host': f'amqp://carrot:{SECRET}/x@rabbit/'}]}
+    with override_settings(CARROT=as_dict):
+        assert SECRET not in str(SafeExceptionReporterFilter().get_safe_settings()['CARROT'])
+    with override_settings(CARROT=as_url):
+        assert SECRET in str(SafeExceptionReporterFilter().get_safe_settings()['CARROT'])  # Django alone
+        safe = CarrotFilter().get_safe_settings()['CARROT']
+        assert SECRET not in str(safe)
+        assert safe['default_broker'] == 'amqp://carrot:***@rabbit/'

@@ -49,7 +49,7 @@ def make_completed(days_ago):
 def test_cleanup_deletes_completed_logs_older_than_the_setting():
     make_completed(5), make_completed(1)
     failed = MessageLog.objects.create(uuid='failed-old', task='t', status='FAILED',
-                                       failure_time=timezone.now() - timedelta(days=30))
+                                       failure_time=timezone.now() - timedelta(days=10))  # FAILED: kept 30 days
     assert helper_tasks.cleanup() == 1
     assert set(MessageLog.objects.values_list('uuid', flat=True)) == {'old-1', failed.uuid}
     with override_settings(CARROT={'cleanup_after_days': 0.5}):
@@ -61,7 +61,7 @@ def test_cleanup_can_be_turned_off_and_its_schedule_follows():
     assert schedule.active and schedule.task == 'carrot.helper_tasks.cleanup'
     assert (schedule.interval_type, schedule.interval_count) == ('hours', 1)
     make_completed(10)
-    with override_settings(CARROT={'cleanup_after_days': None}):
+    with override_settings(CARROT={'cleanup_after_days': None, 'cleanup_failed_after_days': None}):
         assert helper_tasks.cleanup() == 0
         helper_tasks.sync_cleanup_schedule()
     assert MessageLog.objects.count() == 1

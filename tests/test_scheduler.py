@@ -298,7 +298,8 @@ def test_cleanup_schedule_is_synced_when_the_scheduler_starts():
                                      status=MessageLog.PUBLISHED).count() == 1
 
     # Turned off in the settings: the schedule is deactivated at the next start (and back on again).
-    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None}):
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None,
+                                   'cleanup_failed_after_days': None}):
         sync_cleanup_schedule()
         assert not ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME).active
     sync_cleanup_schedule()
@@ -505,4 +506,169 @@ def test_scheduler_survives_losing_its_database_connection(start_supervisor):
     assert error.endswith('retrying in 1s'), error
     first_run_after(args, resumed.publish_time, 5, supervisor)  # and it goes on
     assert supervisor.scheduler().pid == scheduler.pid
+    assert supervisor.log_text().count('spawned scheduler') == 1
+
+
+# --- broken rows (publish helper) ---------------------------------------------------------------------
+
+def broken(name, **fields):
+    values = dict(task=ADD, task_name=name, queue='other', interval_type='seconds', interval_count=60,
+                  task_args='[1, 2]', content='{}')
+    values.update(fields)
+    return ScheduledTask.objects.create(**values)
+
+
+BROKEN_ROWS = {
+    'bad json': (dict(task_args='[1,'), 'the positional arguments are not valid JSON'),
+    'deep nesting': (dict(task_args='[' * 100_000 + ']' * 100_000), 'nested too deeply'),
+    'kwargs not an object': (dict(content='[1]'), 'the keyword arguments must be a JSON object, got list'),
+    'huge interval': (dict(interval_type='days', interval_count=10 ** 9), 'longer than the longest allowed'),
+    'calendar overflow': (dict(interval_type='days', interval_count=5,
+                               last_run_time=timezone.make_aware(timezone.datetime(9999, 12, 30))),
+                          'past the end of the calendar'),
+    'unknown unit': (dict(interval_type='fortnights'), "the interval unit 'fortnights' is not one of"),
+    'zero interval': (dict(interval_count=0), 'must be a whole number of at least 1, got 0'),
+    'not a task': (dict(task='os.system', task_args='["true"]'), 'task os.system is not registered'),
+    'unknown queue': (dict(queue='nowhere'), "no queue called 'nowhere'"),
+    'too large': (dict(task_args='["' + 'x' * 2000 + '"]'), 'more than CARROT["max_message_size"]'),
+}
+
+
+@pytest.mark.timeout(60)
+def test_broken_rows_are_skipped_marked_and_logged_once_each(caplog):
+    caplog.set_level(logging.INFO, logger='carrot')
+    rows = {name: broken(name, **fields) for name, (fields, _) in BROKEN_ROWS.items()}
+    good = schedule('z good', seconds=1)
+    with override_settings(CARROT={**settings.CARROT, 'max_message_size': 1000}):
+        scheduler = Scheduler()
+        for tick in range(3):
+            scheduler.publish_due()
+            if tick == 0:
+                assert published().count() == 1  # the good one, in the same tick as all the broken ones
+            ScheduledTask.objects.filter(pk=good.pk).update(last_run_time=None)
+        assert published().count() == 3
+        for name, (_, reason) in BROKEN_ROWS.items():
+            rows[name].refresh_from_db()
+            assert reason in rows[name].problem, (name, rows[name].problem)
+            lines = [r for r in caplog.records if f"'{name}'" in r.getMessage()]
+            assert len(lines) == 1, (name, [r.getMessage() for r in lines])   # one line, not one per tick
+            assert lines[0].levelno == logging.ERROR and 'is skipped until it is fixed' in lines[0].getMessage()
+        assert MessageLog.objects.exclude(task=ADD).count() == 0
+        good.refresh_from_db()
+        assert good.problem == ''
+
+        # Fixed: the problem is cleared (one line) and the schedule runs on that tick.
+        ScheduledTask.objects.filter(pk=rows['bad json'].pk).update(task_args='[3, 4]')
+        caplog.clear()
+        scheduler.publish_due()
+        scheduler.publish_due()
+        rows['bad json'].refresh_from_db()
+        assert rows['bad json'].problem == '' and rows['bad json'].last_run_time is not None
+        assert [r.getMessage() for r in caplog.records if "'bad json'" in r.getMessage()] == [
+            f"scheduler: 'bad json' ({ADD}) is fixed and runs again",
+            f"scheduler: published 'bad json' ({ADD}) as "
+            f"{MessageLog.objects.get(task_args='[3, 4]').uuid}"]
+
+
+def test_schedule_problem_says_why_without_asking_the_broker():
+    from carrot.scheduler import schedule_problem
+    assert schedule_problem(schedule('fine')) == ''
+    assert 'not valid JSON' in schedule_problem(broken('bad', task_args='{nope'))
+    assert schedule_problem(broken('unreachable but fine', queue='default')) == ''
+
+
+@pytest.mark.timeout(60)
+def test_a_schedule_the_broker_refuses_is_marked_until_a_run_goes_through(caplog):
+    refused = schedule('refused', seconds=1, exchange='amq.direct', routing_key='nobody-is-bound')
+    scheduler = Scheduler()
+    assert scheduler.publish_due() == 0
+    refused.refresh_from_db()
+    assert refused.problem.startswith('the broker refused the last run: RabbitMQ returned the message as '
+                                      'unroutable')
+    assert refused.last_run_time is not None  # the run is spent, not retried at once
+    assert MessageLog.objects.get(task=ADD).status == 'FAILED'
+
+    ScheduledTask.objects.filter(pk=refused.pk).update(exchange='', routing_key='other', last_run_time=None)
+    assert scheduler.publish_due() == 1
+    refused.refresh_from_db()
+    assert refused.problem == ''
+    assert published().count() == 1
+
+
+@pytest.mark.timeout(60)
+def test_the_scheduler_loop_relays_waiting_messages():
+    import uuid
+    waiting = MessageLog.objects.create(status='WAITING', queue='other', routing_key='other', task=ADD,
+                                        uuid=str(uuid.uuid4()), task_args='[5, 5]', content='{}',
+                                        publish_time=timezone.now() - timedelta(minutes=1))
+    stopping = threading.Event()
+    scheduler = Scheduler(stopping=stopping)
+    scheduler.on_tick = stopping.set  # one tick
+    thread, result = run_in_thread(scheduler.run)
+    thread.join(30)
+    assert result == [None]
+    waiting.refresh_from_db()
+    assert waiting.status == 'PUBLISHED' and scheduler.relay.relayed == 1
+    assert wait_for(lambda: queue_depth('other') == 1, 5, what='the relayed message')
+
+
+# --- the cleanup task ---------------------------------------------------------------------------------
+
+def test_cleanup_deletes_failed_rows_older_than_cleanup_failed_after_days():
+    from carrot import helper_tasks
+    now = timezone.now()
+
+    def failed(name, days, field='failure_time'):
+        MessageLog.objects.create(uuid=name, task=ADD, status='FAILED', **{field: now - timedelta(days=days)})
+
+    failed('failed 40 days ago', 40), failed('failed 5 days ago', 5)
+    failed('no failure time, published 40 days ago', 40, field='publish_time')
+    MessageLog.objects.create(uuid='waiting 40 days', task=ADD, status='WAITING',
+                              publish_time=now - timedelta(days=40))  # never deleted: it still has to go out
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None}):
+        assert helper_tasks.cleanup() == 2
+    assert set(MessageLog.objects.values_list('uuid', flat=True)) == {'failed 5 days ago', 'waiting 40 days'}
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_failed_after_days': 1}):
+        assert helper_tasks.cleanup() == 1
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None,
+                                   'cleanup_failed_after_days': None}):
+        sync_cleanup_schedule()
+        assert not ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME).active
+    with override_settings(CARROT={**settings.CARROT, 'cleanup_after_days': None}):
+        sync_cleanup_schedule()  # FAILED rows still need cleaning: the schedule stays on
+        assert ScheduledTask.objects.get(task_name=CLEANUP_TASK_NAME).active
+
+
+@pytest.mark.timeout(120)
+def test_the_supervisors_scheduler_relays_a_message_published_while_the_broker_refused_it(
+        start_supervisor, subprocess_env, tmp_path, locked_vhost):
+    from carrot.utilities import publish_message
+    queue = {'name': 'locked', 'host': locked_vhost.url, 'consumable': False}
+    extra = tmp_path / 'extra.py'
+    extra.write_text(f"CARROT['queues'] = CARROT['queues'] + [{queue!r}]\n")
+    supervisor = start_supervisor('--queues', 'default', env=dict(subprocess_env, CARROT_TEST_EXTRA=str(extra)))
+    supervisor.wait_ready()
+
+    with override_settings(CARROT={**settings.CARROT, 'queues': [*settings.CARROT['queues'], queue]}):
+        log = publish_message(ADD, 30, 12, queue='locked')  # the broker refuses us: it waits
+    assert log.status == 'WAITING'
+    wait_for(lambda: 'is unavailable; waiting messages are kept' in supervisor.log_text(), 30,
+             what='the relay to try the refusing broker', tail=supervisor.diagnostics)
+    log.refresh_from_db()
+    assert log.status == 'WAITING'
+
+    locked_vhost.unlock()
+    unlocked = time.monotonic()
+    wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'PUBLISHED', 30,
+             what='the relay to send it once the broker lets us in', tail=supervisor.diagnostics)
+    print(f'FIGURE relay_unlock_to_published_s={time.monotonic() - unlocked:.1f}')
+    text = supervisor.log_text()
+    assert text.count('is unavailable; waiting messages are kept') == 1  # one line per outage
+    assert 'takes messages again' in text and 'relay: sent 1 message(s)' in text
+    connection = locked_vhost.connect()
+    try:
+        method, properties, body = connection.channel().basic_get('locked', auto_ack=True)
+    finally:
+        connection.close()
+    assert properties.message_id == log.uuid and properties.headers == {'type': ADD}
     assert supervisor.log_text().count('spawned scheduler') == 1

@@ -82,6 +82,28 @@ def backend_pid(pause=0.0):
     return pid
 
 
+# -- monitor (tests/test_monitor_browser.py) --
+
+_monitor_logger = logging.getLogger('carrot.monitor_test')
+_monitor_logger.setLevel(logging.DEBUG)  # so the captured task log has a DEBUG line to reveal
+
+
+def log_levels(name):
+    """Log at four levels, return markup that the monitor must show as text."""
+    _monitor_logger.debug('debug detail for %s', name)
+    _monitor_logger.info('hello %s', name)
+    _monitor_logger.warning('careful, %s', name)
+    _monitor_logger.error('something odd about %s', name)
+    return '<script>alert(1)</script>'
+
+
+def fail_unless_exists(path):
+    """Fail until `path` exists (a requeue after creating it succeeds)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} is not there yet')
+    return 'found it'
+
+
 # -- attack (tests/test_hostile*.py, scripts/chaos) --
 # Below: things that are NOT tasks (issue 6 §2). Each leaves a marker file or directory behind if it is
 # ever run, so a test can prove a message naming it ran nothing.

@@ -24,6 +24,7 @@ INSTALLED_APPS = [
     'django.contrib.contenttypes',
     'django.contrib.sessions',
     'django.contrib.messages',
+    'django.contrib.staticfiles',  # the monitor's CSS and JS, served by the browser tests' live server
     'carrot',
     'tests.testapp',
 ]
@@ -46,6 +47,7 @@ TEMPLATES = [{
     ]},
 }]
 DEFAULT_AUTO_FIELD = 'django.db.models.BigAutoField'
+STATIC_URL = '/static/'
 
 RUN_ID = os.environ.setdefault('CARROT_TEST_RUN_ID', uuid.uuid4().hex[:8])
 VHOST = os.environ.setdefault('CARROT_TEST_VHOST', f'carrot-test-{RUN_ID}')

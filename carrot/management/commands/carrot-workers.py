@@ -1,2 +1,4 @@
 """manage.py carrot-workers: the same as manage.py carrot (the name some deployments use)."""
-from carrot.management.commands.carrot import Command  # noqa: F401
+from carrot.management.commands.carrot import Command
+
+__all__ = ['Command']

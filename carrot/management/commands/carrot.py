@@ -8,12 +8,12 @@ import sys
 
 from django.core.management.base import BaseCommand
 
-from carrot.cli import add_worker_options, worker_options_argv
+from carrot.options import add_arguments, argv_for
 
 
 def supervisor_argv(settings_module, options):
     """The carrot-supervisor command line for these options (this interpreter, no hard-coded paths)."""
-    argv = [sys.executable, '-m', 'carrot.cli', '--settings', settings_module, *worker_options_argv(options)]
+    argv = [sys.executable, '-m', 'carrot.cli', '--settings', settings_module, *argv_for(options)]
     if options.get('check'):
         argv.append('--check')
     return argv
@@ -31,8 +31,8 @@ class Command(BaseCommand):
     requires_system_checks = []
 
     def add_arguments(self, parser):
-        add_worker_options(parser)
-        parser.add_argument('--check', action='store_true', help='validate settings and brokers, then exit')
+        add_arguments(parser)
+        parser.add_argument('--check', action='store_true', help='validate settings, database tables and brokers, print the slot plan, then exit')
 
     def handle(self, *args, **options):
         settings_module = os.environ['DJANGO_SETTINGS_MODULE']

@@ -4,15 +4,39 @@ import os
 BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_DIR = os.environ.get('CARROT_DEMO_DIR', os.path.join(BASE_DIR, 'run'))
 SECRET_KEY = 'demo-only'
-DEBUG = True
+DEBUG = True  # also makes `runserver` (scripts/demo --serve) serve the monitor's static files
+ALLOWED_HOSTS = ['127.0.0.1', 'localhost']
 USE_TZ = True
 TIME_ZONE = 'UTC'
 INSTALLED_APPS = [
+    'django.contrib.admin',
     'django.contrib.contenttypes',
     'django.contrib.auth',
+    'django.contrib.sessions',
+    'django.contrib.messages',
+    'django.contrib.staticfiles',
     'carrot',
     'shop',
 ]
+MIDDLEWARE = [
+    'django.middleware.security.SecurityMiddleware',
+    'django.contrib.sessions.middleware.SessionMiddleware',
+    'django.middleware.common.CommonMiddleware',
+    'django.middleware.csrf.CsrfViewMiddleware',
+    'django.contrib.auth.middleware.AuthenticationMiddleware',
+    'django.contrib.messages.middleware.MessageMiddleware',
+]
+ROOT_URLCONF = 'demosite.urls'  # the monitor at /carrot/, the admin at /admin/
+TEMPLATES = [{
+    'BACKEND': 'django.template.backends.django.DjangoTemplates',
+    'APP_DIRS': True,
+    'OPTIONS': {'context_processors': [
+        'django.template.context_processors.request',
+        'django.contrib.auth.context_processors.auth',
+        'django.contrib.messages.context_processors.messages',
+    ]},
+}]
+STATIC_URL = '/static/'
 DATABASES = {'default': {
     'ENGINE': 'django.db.backends.sqlite3',
     'NAME': os.path.join(RUN_DIR, 'demo.sqlite3'),

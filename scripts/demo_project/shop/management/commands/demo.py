@@ -14,6 +14,10 @@ WAIT = 60
 class Command(BaseCommand):
     help = 'Publish demo tasks and report how carrot ran them.'
 
+    def add_arguments(self, parser):
+        parser.add_argument('--keep-schedule', action='store_true',
+                            help='leave the 2-second schedule running (scripts/demo --serve)')
+
     def handle(self, *args, **options):
         MessageLog.objects.all().delete()
         ScheduledTask.objects.filter(task_name='demo heartbeat').delete()
@@ -35,7 +39,8 @@ class Command(BaseCommand):
             pending -= set(done.values_list('pk', flat=True))
             time.sleep(0.2)
         time.sleep(3)  # let the schedule fire a couple of times
-        ScheduledTask.objects.filter(task_name='demo heartbeat').update(active=False)
+        if not options['keep_schedule']:
+            ScheduledTask.objects.filter(task_name='demo heartbeat').update(active=False)
 
         self.stdout.write('')
         self.stdout.write(f'{"task":<28} {"queue":<8} {"status":<10} {"worker":<18} {"took":>6}  output / error')

@@ -1,0 +1,183 @@
+"""Everything the monitor changes, shared by the HTML views and the JSON API. Each function returns a
+`Done` (what happened, for a message to the user) or raises ActionError (why nothing happened)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from carrot import publishing
+from carrot.exceptions import CarrotError
+from carrot.models import MessageLog, ScheduledTask
+from carrot.monitor import queries
+
+logger = logging.getLogger('carrot.monitor')
+
+DELETABLE = (MessageLog.FAILED, MessageLog.COMPLETED, MessageLog.WAITING)
+
+
+class ActionError(Exception):
+    """An action that could not be done; the text is for the person who asked."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Done:
+    message: str
+    count: int = 0
+    errors: list[str] = field(default_factory=list)
+    uuid: str | None = None  # the new message, for a requeue or a run now
+
+    def as_dict(self) -> dict:
+        return {'ok': not self.errors, 'message': self.message, 'count': self.count, 'errors': self.errors,
+                'uuid': self.uuid}
+
+
+def get_message(uuid: str) -> MessageLog:
+    log = MessageLog.objects.filter(uuid=uuid).first()
+    if log is None:
+        raise ActionError(f'there is no task with id {uuid!r} (it may have been requeued or deleted)', 404)
+    return log
+
+
+def requeue_one(uuid: str) -> Done:
+    log = get_message(uuid)
+    if log.status != MessageLog.FAILED:
+        raise ActionError(f'only failed tasks can be requeued; this one is {log.get_status_display()}', 409)
+    try:
+        copy = log.requeue()
+    except CarrotError as exc:
+        raise ActionError(f'{log.task} was not requeued: {exc}', 502) from None
+    return Done(f'{log.task} requeued.', 1, uuid=copy.uuid)
+
+
+def _requeue_all(rows: QuerySet) -> Done:
+    done, errors = 0, []
+    for log in rows.iterator():
+        try:
+            log.requeue()
+            done += 1
+        except CarrotError as exc:
+            errors.append(f'{log.task} ({log.uuid}) was not requeued: {exc}')
+    return Done(f'{done} failed task(s) requeued.' + (f' {len(errors)} could not be.' if errors else ''),
+                done, errors)
+
+
+def failed_rows(search: str = '', queue: str = '', uuids: list[str] | None = None) -> QuerySet:
+    """The failed tasks a bulk action applies to: the selected ones, else all matching the filter."""
+    rows = queries.messages(queries.TABS['failed'], search, queue)
+    if uuids:
+        rows = rows.filter(uuid__in=uuids)
+    return rows
+
+
+def requeue_failed(search: str = '', queue: str = '', uuids: list[str] | None = None) -> Done:
+    return _requeue_all(failed_rows(search, queue, uuids))
+
+
+def delete_one(uuid: str) -> Done:
+    log = get_message(uuid)
+    if log.status not in DELETABLE:
+        raise ActionError(f'a task that is {log.get_status_display().lower()} cannot be deleted: its '
+                          f'message is on the queue (purge the queue instead)', 409)
+    log.delete()
+    return Done(f'{log.task} deleted.', 1)
+
+
+def delete_failed(search: str = '', queue: str = '', uuids: list[str] | None = None) -> Done:
+    count, _ = failed_rows(search, queue, uuids).delete()
+    return Done(f'{count} failed task(s) deleted.', count)
+
+
+def purge_queue(queue_name: str) -> Done:
+    """Empty a queue on RabbitMQ and delete the log rows of the messages that were waiting in it.
+
+    Tasks already running (IN_PROGRESS) are not touched: their messages are not in the queue any more.
+    Messages published after the purge started keep their rows and run.
+    """
+    from carrot.broker import connect
+    from carrot.config import get_config
+    from carrot.exceptions import CarrotConfigException
+    from carrot.monitor import broker_stats
+
+    try:
+        queue = get_config().queue(queue_name)
+    except CarrotConfigException as exc:
+        raise ActionError(str(exc), 404) from None
+    import pika.exceptions as pe
+
+    from carrot.broker import NOT_FOUND
+
+    started = timezone.now()
+    try:
+        connection = connect(queue.broker)
+        try:
+            purged = connection.channel().queue_purge(queue.name).method.message_count
+        except pe.ChannelClosedByBroker as exc:
+            if exc.reply_code != NOT_FOUND:
+                raise
+            purged = 0  # the broker has no such queue (reset, or never declared): nothing waits in it
+        finally:
+            if connection.is_open:
+                connection.close()
+    except Exception as exc:  # unreachable broker, or it refused: nothing was purged
+        raise ActionError(f'queue {queue.name!r} was not purged: {type(exc).__name__}: {exc}', 502) from None
+    rows, _ = MessageLog.objects.filter(queue=queue.name, status=MessageLog.PUBLISHED,
+                                        publish_time__lte=started).delete()
+    broker_stats.forget()
+    return Done(f'Queue {queue.name!r} purged: {purged} message(s) removed from RabbitMQ, {rows} log row(s) '
+                f'deleted.', purged)
+
+
+def send_waiting(uuid: str) -> Done:
+    """Send a message that waits for the broker now, instead of when the supervisor relays it."""
+    log = get_message(uuid)
+    if log.status != MessageLog.WAITING:
+        raise ActionError(f'this task is not waiting for the broker (it is {log.get_status_display()})', 409)
+    try:
+        publishing.send_waiting(log)
+    except CarrotError as exc:
+        raise ActionError(f'{log.task} was not sent: {exc}', 502) from None
+    log.refresh_from_db()
+    return Done(f'{log.task} sent ({log.get_status_display().lower()}).', 1, uuid=log.uuid)
+
+
+def get_schedule(pk) -> ScheduledTask:
+    schedule = ScheduledTask.objects.filter(pk=pk).first()
+    if schedule is None:
+        raise ActionError(f'there is no scheduled task with id {pk}', 404)
+    return schedule
+
+
+def run_schedule_now(pk) -> Done:
+    schedule = get_schedule(pk)
+    try:
+        log = schedule.publish()
+    except CarrotError as exc:
+        raise ActionError(f'{schedule.task_name} was not run: {exc}', 502) from None
+    return Done(f'{schedule.task_name} published now.', 1, uuid=log.uuid)
+
+
+def set_schedule_active(pk, active: bool) -> Done:
+    schedule = get_schedule(pk)
+    ScheduledTask.objects.filter(pk=schedule.pk).update(active=active)
+    return Done(f'{schedule.task_name} {"activated" if active else "paused"}.', 1)
+
+
+def delete_schedule(pk) -> Done:
+    schedule = get_schedule(pk)
+    schedule.delete()
+    return Done(f'{schedule.task_name} deleted.', 1)
+
+
+def forget_gone_supervisors() -> Done:
+    """Drop the Workers tab's rows of supervisors shown as gone."""
+    from carrot.config import get_config
+    from carrot.status import forget_silent_supervisors
+    count = forget_silent_supervisors(get_config().supervisor_gone_after)
+    return Done(f'{count} gone supervisor(s) forgotten.', count)

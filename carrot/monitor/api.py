@@ -1,0 +1,203 @@
+"""The JSON API: the data behind the pages, with stable field names (README.rst, "Monitor: JSON API").
+
+Reads are GET; every change is a POST carrying Django's CSRF token (header X-CSRFToken), with form
+fields or a JSON object as the body. Errors are ``{"error": "..."}`` with a 4xx/5xx status.
+"""
+from __future__ import annotations
+
+import json
+
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_protect
+from django.views.decorators.http import require_GET, require_POST
+
+from carrot.monitor import actions, queries, tasklog
+from carrot.monitor.access import monitor_api_view
+from carrot.monitor.forms import ScheduledTaskForm
+from carrot.monitor.overview import overview
+from carrot.monitor.workers import supervisors
+
+
+def error(message: str, status: int = 400) -> JsonResponse:
+    return JsonResponse({'error': message}, status=status)
+
+
+def payload(request):
+    """The POSTed fields: a JSON object body, or form fields (lists for repeated keys)."""
+    if request.content_type == 'application/json':
+        try:
+            data = json.loads(request.body or b'{}')
+        except ValueError:
+            raise actions.ActionError('the body is not valid JSON') from None
+        if not isinstance(data, dict):
+            raise actions.ActionError('the body must be a JSON object')
+        return data
+    return {key: (values if key == 'uuid' else values[-1]) for key, values in request.POST.lists()}
+
+
+def _act(action, *args, **kwargs) -> JsonResponse:
+    try:
+        return JsonResponse(action(*args, **kwargs).as_dict())
+    except actions.ActionError as exc:
+        return error(str(exc), exc.status)
+
+
+def _page_document(page, paginator, results) -> dict:
+    return {'count': paginator.count, 'page': page.number, 'pages': paginator.num_pages,
+            'page_size': paginator.per_page, 'results': results}
+
+
+@monitor_api_view
+@require_GET
+def message_list(request):
+    search, queue = request.GET.get('q', ''), request.GET.get('queue', '')
+    try:
+        tab = queries.tab_named(request.GET.get('tab', 'queued'))
+        page, paginator = queries.paginate(queries.messages(tab, search, queue), request.GET.get('page'),
+                                           request.GET.get('page_size'))
+    except queries.BadQuery as exc:
+        return error(str(exc))
+    document = _page_document(page, paginator, [queries.message_row(log) for log in page.object_list])
+    document.update(tab=tab.name, counts=queries.counts(search, queue), totals=queries.counts())
+    return JsonResponse(document)
+
+
+@monitor_api_view
+@require_GET
+def message_detail(request, uuid):
+    try:
+        log = actions.get_message(uuid)
+    except actions.ActionError as exc:
+        return error(str(exc), exc.status)
+    detail = queries.message_detail(log)
+    level = tasklog.level_named(request.GET.get('log_level'))
+    detail['log'] = [entry.as_dict() for entry in tasklog.at_or_above(tasklog.parse_log(log.log), level)]
+    detail['log_level'] = level
+    return JsonResponse(detail)
+
+
+@monitor_api_view
+@require_POST
+@csrf_protect
+def message_action(request, uuid, action):
+    perform = {'requeue': actions.requeue_one, 'delete': actions.delete_one,
+               'send': actions.send_waiting}.get(action)
+    if perform is None:
+        return error(f'unknown action {action!r}', 404)
+    return _act(perform, uuid)
+
+
+@monitor_api_view
+@require_POST
+@csrf_protect
+def failed_action(request, action):
+    try:
+        data = payload(request)
+    except actions.ActionError as exc:
+        return error(str(exc))
+    uuids = data.get('uuid') or []
+    if isinstance(uuids, str):
+        uuids = [uuids]
+    arguments = (str(data.get('q', '')), str(data.get('queue', '')), [str(u) for u in uuids][:1000])
+    if action == 'requeue':
+        return _act(actions.requeue_failed, *arguments)
+    if action == 'delete':
+        return _act(actions.delete_failed, *arguments)
+    return error(f'unknown action {action!r}', 404)
+
+
+@monitor_api_view
+@require_POST
+@csrf_protect
+def purge_queue(request, name):
+    return _act(actions.purge_queue, name)
+
+
+@monitor_api_view
+@require_GET
+def overview_document(request):
+    return JsonResponse({'queues': overview(), 'counts': queries.counts()})
+
+
+@monitor_api_view
+@require_GET
+def worker_list(request):
+    return JsonResponse({'supervisors': supervisors()})
+
+
+@monitor_api_view
+@csrf_protect
+def schedule_list(request):
+    """GET: the scheduled tasks (paged, searchable). POST: create one (form fields as in the monitor)."""
+    if request.method == 'POST':
+        return _save_schedule(request, None)
+    if request.method != 'GET':
+        return error('use GET or POST', 405)
+    try:
+        page, paginator = queries.paginate(
+            queries.schedules(request.GET.get('q', ''), request.GET.get('queue', '')),
+            request.GET.get('page'), request.GET.get('page_size'))
+    except queries.BadQuery as exc:
+        return error(str(exc))
+    return JsonResponse(_page_document(page, paginator, [queries.schedule_row(s) for s in page.object_list]))
+
+
+@monitor_api_view
+@csrf_protect
+def schedule_detail(request, pk):
+    """GET: one scheduled task. POST: change it (all form fields)."""
+    try:
+        schedule = actions.get_schedule(pk)
+    except actions.ActionError as exc:
+        return error(str(exc), exc.status)
+    if request.method == 'POST':
+        return _save_schedule(request, schedule)
+    if request.method != 'GET':
+        return error('use GET or POST', 405)
+    return JsonResponse(queries.schedule_row(schedule))
+
+
+def _save_schedule(request, instance):
+    try:
+        data = payload(request)
+    except actions.ActionError as exc:
+        return error(str(exc))
+    for key in ('task_args', 'content'):  # a JSON body may carry the arguments as JSON values
+        if key in data and not isinstance(data[key], str):
+            data[key] = json.dumps(data[key])
+    if isinstance(data.get('active'), bool):
+        data['active'] = 'on' if data['active'] else ''
+    form = ScheduledTaskForm(data, instance=instance)
+    if not form.is_valid():
+        return JsonResponse({'error': 'the scheduled task is not valid',
+                             'errors': {field: [str(e) for e in errs] for field, errs in form.errors.items()}},
+                            status=400)
+    schedule = form.save()
+    return JsonResponse(queries.schedule_row(schedule), status=201 if instance is None else 200)
+
+
+@monitor_api_view
+@require_POST
+@csrf_protect
+def schedule_action(request, pk, action):
+    if action == 'run':
+        return _act(actions.run_schedule_now, pk)
+    if action == 'delete':
+        return _act(actions.delete_schedule, pk)
+    if action == 'active':
+        try:
+            data = payload(request)
+        except actions.ActionError as exc:
+            return error(str(exc))
+        active = data.get('active')
+        if isinstance(active, str):
+            active = active.lower() in ('true', '1', 'on', 'yes')
+        return _act(actions.set_schedule_active, pk, bool(active))
+    return error(f'unknown action {action!r}', 404)
+
+
+@monitor_api_view
+@require_POST
+@csrf_protect
+def forget_gone_supervisors(request):
+    return _act(actions.forget_gone_supervisors)

@@ -1,0 +1,188 @@
+"""The monitor's lists: which rows each tab shows, search, queue filter, paging, and the JSON shape of
+a row (the field names are the API's, documented in README.rst, "Monitor")."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from django.core.paginator import Paginator
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from carrot.models import MessageLog, ScheduledTask
+
+PAGE_SIZE = 25
+MAX_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class Tab:
+    name: str
+    title: str
+    statuses: tuple[str, ...]
+    order: tuple[str, ...]
+    time_field: str  # the time shown in the list
+
+
+TABS = {
+    'queued': Tab('queued', 'Queued', (MessageLog.PUBLISHED, MessageLog.IN_PROGRESS),
+                  ('-publish_time', '-id'), 'publish_time'),
+    'failed': Tab('failed', 'Failed', (MessageLog.FAILED,), ('-failure_time', '-id'), 'failure_time'),
+    'completed': Tab('completed', 'Completed', (MessageLog.COMPLETED,), ('-completion_time', '-id'),
+                     'completion_time'),
+    'waiting': Tab('waiting', 'Waiting for the broker', (MessageLog.WAITING,), ('-publish_time', '-id'),
+                   'publish_time'),
+}
+
+
+class BadQuery(ValueError):
+    """A list parameter a person can fix (unknown tab, page that is not a number)."""
+
+
+def tab_named(name: str) -> Tab:
+    try:
+        return TABS[name]
+    except KeyError:
+        raise BadQuery(f'unknown list {name!r}; one of {", ".join(TABS)}') from None
+
+
+def search_filter(text: str) -> Q:
+    """Rows whose task, arguments, uuid or exception mention `text` (case-insensitive)."""
+    text = text.strip()
+    if not text:
+        return Q()
+    return (Q(task__icontains=text) | Q(task_args__icontains=text) | Q(content__icontains=text)
+            | Q(uuid=text) | Q(exception__icontains=text))
+
+
+def messages(tab: Tab, search: str = '', queue: str = '') -> QuerySet:
+    rows = MessageLog.objects.filter(status__in=tab.statuses).filter(search_filter(search))
+    if queue:
+        rows = rows.filter(queue=queue)
+    return rows.order_by(*tab.order)
+
+
+def counts(search: str = '', queue: str = '') -> dict[str, int]:
+    """How many rows each tab holds under the current search and queue filter, plus scheduled tasks."""
+    rows = MessageLog.objects.filter(search_filter(search))
+    if queue:
+        rows = rows.filter(queue=queue)
+    by_status = _count_by_status(rows)
+    result = {name: sum(by_status.get(s, 0) for s in tab.statuses) for name, tab in TABS.items()}
+    result['scheduled'] = ScheduledTask.objects.count()
+    return result
+
+
+def _count_by_status(rows: QuerySet) -> dict[str, int]:
+    from django.db.models import Count
+    return {row['status']: row['n'] for row in rows.order_by().values('status').annotate(n=Count('id'))}
+
+
+def parse_page(value, default=1) -> int:
+    if value in (None, ''):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise BadQuery(f'page must be a whole number, got {value!r}') from None
+    if number < 1:
+        raise BadQuery('page must be 1 or more')
+    return number
+
+
+def paginate(rows: QuerySet, page, page_size=None):
+    """(Page, paginator); a page past the end gives the last page (a refresh after deletes stays put)."""
+    size = parse_page(page_size, PAGE_SIZE)
+    paginator = Paginator(rows, min(size, MAX_PAGE_SIZE))
+    return paginator.get_page(parse_page(page)), paginator
+
+
+def iso(value) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _json_or_text(text):
+    if text in (None, ''):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def message_row(log: MessageLog, now=None) -> dict:
+    """One list row of the JSON API."""
+    now = now or timezone.now()
+    duration = log.duration
+    return {
+        'uuid': log.uuid,
+        'task': log.task,
+        'queue': log.queue,
+        'status': log.status,
+        'priority': log.priority,
+        'args': log.positionals,
+        'kwargs': log.keywords,
+        'publish_time': iso(log.publish_time),
+        'started_time': iso(log.started_time),
+        'completion_time': iso(log.completion_time),
+        'failure_time': iso(log.failure_time),
+        'duration': duration.total_seconds() if duration is not None else None,
+        'age': (now - log.publish_time).total_seconds() if log.publish_time else None,
+        'attempts': log.attempts,
+        'worker': log.worker,
+        'exception': log.exception or '',
+    }
+
+
+def message_detail(log: MessageLog) -> dict:
+    """The detail document: a row plus virtual host, output, log entries and traceback."""
+    from carrot.monitor.tasklog import parse_log
+    detail = message_row(log)
+    detail.update({
+        'virtual_host': virtual_host_of(log.queue),
+        'exchange': log.exchange or '',
+        'routing_key': log.routing_key or '',
+        'output': _json_or_text(log.output),
+        'output_text': log.output or '',
+        'traceback': log.traceback or '',
+        'log': [entry.as_dict() for entry in parse_log(log.log)],
+    })
+    return detail
+
+
+def virtual_host_of(queue: str | None) -> str:
+    """The virtual host a queue lives on (never the password; '?' for a queue no longer configured)."""
+    from carrot.config import get_config
+    from carrot.exceptions import CarrotConfigException
+    try:
+        return get_config().queue(queue).broker.virtual_host
+    except CarrotConfigException:
+        return '?'
+
+
+def schedule_row(schedule: ScheduledTask) -> dict:
+    return {
+        'id': schedule.pk,
+        'task_name': schedule.task_name,
+        'task': schedule.task,
+        'queue': schedule.queue or '',
+        'interval_type': schedule.interval_type,
+        'interval_count': schedule.interval_count,
+        'interval': schedule.interval_display,
+        'args': _json_or_text(schedule.task_args) or [],
+        'kwargs': _json_or_text(schedule.content) or {},
+        'active': schedule.active,
+        'last_run_time': iso(schedule.last_run_time),
+        'problem': schedule.problem,
+    }
+
+
+def schedules(search: str = '', queue: str = '') -> QuerySet:
+    rows = ScheduledTask.objects.all()
+    if search.strip():
+        text = search.strip()
+        rows = rows.filter(Q(task_name__icontains=text) | Q(task__icontains=text)
+                           | Q(task_args__icontains=text) | Q(content__icontains=text))
+    if queue:
+        rows = rows.filter(queue=queue)
+    return rows.order_by('task_name')

@@ -1,0 +1,254 @@
+"""carrot.publishing against the real RabbitMQ and database: the error hierarchy, size limit, a lost
+confirm, store-and-forward and the relay of waiting rows, requeue, and the import graph."""
+import json
+import os
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+
+import pika
+import pytest
+from django.conf import settings
+from django.test import override_settings
+from django.utils import timezone
+
+from carrot import publishing
+from carrot.broker import Publisher
+from carrot.exceptions import (BrokerUnavailable, MessageRejected, MessageTooLarge, PublishError,
+                               TaskNotRegistered)
+from carrot.models import MessageLog
+from carrot.utilities import publish_message
+from tests.conftest import queue_depth, run_consumer
+from tests.testapp import tasks
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ADD = 'tests.testapp.tasks.add'
+
+
+def all_messages(channel, queue='default'):
+    found = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return found
+        found.append((properties, body))
+
+
+# --- checked before anything is written ---------------------------------------------------------------
+
+def test_a_message_over_max_message_size_is_refused_before_any_row_is_written(raw_channel):
+    with override_settings(CARROT={**settings.CARROT, 'max_message_size': 100}):
+        with pytest.raises(MessageTooLarge, match=r'tests\.testapp\.tasks\.echo is \d+ bytes, more than '
+                                                  r'CARROT\["max_message_size"\] \(100 bytes\)'):
+            publish_message(tasks.echo, 'x' * 100)
+        assert MessageLog.objects.count() == 0
+        assert queue_depth('default') == 0
+        publish_message(tasks.echo, 'small')  # under the limit: fine
+    assert MessageLog.objects.get().status == 'PUBLISHED'
+    assert issubclass(MessageTooLarge, MessageRejected) and issubclass(MessageRejected, PublishError)
+
+
+def test_arguments_nested_too_deeply_are_refused_before_any_row_is_written():
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match='nested too deeply'):
+        publish_message(tasks.echo, deep)
+    assert MessageLog.objects.count() == 0
+
+
+# --- refused by the broker: FAILED at once ------------------------------------------------------------
+
+def test_unroutable_message_is_rejected_and_failed_at_once():
+    with pytest.raises(MessageRejected, match='unroutable'):
+        publish_message(tasks.add, 1, 2, exchange='amq.direct', routing_key='nobody-listens')
+    log = MessageLog.objects.get()
+    assert log.status == 'FAILED' and log.exception.startswith('MessageRejected:')
+
+
+def test_missing_exchange_is_rejected_and_failed_at_once():
+    with pytest.raises(MessageRejected, match='NOT_FOUND'):
+        publish_message(tasks.add, 1, 2, exchange='no-such-exchange')
+    assert MessageLog.objects.get().status == 'FAILED'
+    publish_message(tasks.add, 1, 2)  # the publisher recovered its channel
+    assert queue_depth('default') == 1
+
+
+# --- a lost confirm -----------------------------------------------------------------------------------
+
+def test_retry_after_a_lost_confirm_reuses_the_message_id(monkeypatch, raw_channel):
+    real = Publisher._basic_publish
+    calls = []
+
+    def publish_then_lose_the_connection(channel, *args):
+        calls.append(args)
+        real(channel, *args)
+        if len(calls) == 1:  # the message is in the queue, but this publisher never hears so
+            raise pika.exceptions.StreamLostError('connection lost before the confirm (test)')
+
+    monkeypatch.setattr(Publisher, '_basic_publish', staticmethod(publish_then_lose_the_connection))
+    log = publish_message(tasks.add, 1, 2)
+    assert log.status == 'PUBLISHED' and len(calls) == 2
+    copies = all_messages(raw_channel)
+    assert [p.message_id for p, _ in copies] == [log.uuid, log.uuid]  # one id: a consumer's claim dedups
+    assert MessageLog.objects.count() == 1
+
+
+def test_the_row_is_left_alone_when_a_consumer_claimed_it_before_the_confirm(monkeypatch):
+    real = Publisher._basic_publish
+
+    def claim_then_publish(channel, *args):
+        # As a fast consumer would: it claims the row between the send and the confirm.
+        MessageLog.objects.filter(status=MessageLog.WAITING).update(status=MessageLog.IN_PROGRESS)
+        real(channel, *args)
+
+    monkeypatch.setattr(Publisher, '_basic_publish', staticmethod(claim_then_publish))
+    log = publish_message(tasks.add, 1, 2)
+    assert log.status == 'IN_PROGRESS'
+    assert MessageLog.objects.get().status == 'IN_PROGRESS'
+
+
+# --- store-and-forward: a broker that refuses us, then lets us in -------------------------------------
+
+def age(log, seconds=60):
+    MessageLog.objects.filter(pk=log.pk).update(publish_time=timezone.now() - timedelta(seconds=seconds))
+
+
+@pytest.mark.timeout(120)
+def test_waiting_messages_are_relayed_with_their_own_id_once_the_broker_is_back(locked_vhost, caplog):
+    carrot = {**settings.CARROT, 'queues': [*settings.CARROT['queues'], {'name': 'locked', 'host': locked_vhost.url}]}
+    with override_settings(CARROT=carrot):
+        waiting = [publish_message(tasks.add, i, i, queue='locked') for i in range(3)]
+        reachable = publish_message(tasks.add, 9, 9)  # another broker is not held up
+        assert [log.status for log in waiting] == ['WAITING'] * 3 and reachable.status == 'PUBLISHED'
+        for log in waiting:
+            age(log)
+
+        relay = publishing.Relay()
+        assert relay.relay_waiting() == 0           # still locked: the rows wait
+        assert MessageLog.objects.filter(status='WAITING').count() == 3
+        assert caplog.text.count('is unavailable; waiting messages are kept') == 1
+        broker = publishing.get_config().queue('locked').broker
+        assert relay.unavailable[broker][0] == 1
+        assert relay.relay_waiting() == 0           # backing off: not tried again at once ...
+        assert relay.unavailable[broker][0] == 1    # ... (a try would have counted a second failure)
+
+        locked_vhost.unlock()
+        relay.unavailable = {b: (n, 0.0) for b, (n, _) in relay.unavailable.items()}  # the backoff is over
+        assert relay.relay_waiting() == 3
+        assert 'takes messages again' in caplog.text
+        assert MessageLog.objects.filter(status='PUBLISHED').count() == 4
+
+        connection = locked_vhost.connect()
+        try:
+            copies = all_messages(connection.channel(), 'locked')
+        finally:
+            connection.close()
+        assert sorted(p.message_id for p, _ in copies) == sorted(log.uuid for log in waiting)
+        assert sorted(json.loads(body)['args'][0] for _, body in copies) == [0, 1, 2]
+        assert all(p.headers == {'type': ADD} for p, _ in copies)
+        assert relay.relay_waiting() == 0           # nothing is sent twice
+
+
+def test_the_relay_leaves_fresh_rows_to_their_publisher_and_sends_a_bounded_batch(raw_channel):
+    rows = [MessageLog.objects.create(status='WAITING', queue='default', routing_key='default', task=ADD,
+                                      uuid=str(uuid.uuid4()), task_args=f'[{i}, 1]', content='{}',
+                                      publish_time=timezone.now()) for i in range(3)]
+    relay = publishing.Relay(batch=2)
+    assert relay.relay_waiting() == 0  # written just now: the process that wrote them may still send them
+    for log in rows:
+        age(log)
+    assert relay.relay_waiting() == 2
+    assert relay.relay_waiting() == 1
+    assert queue_depth('default') == 3
+    assert MessageLog.objects.filter(status='PUBLISHED').count() == 3
+
+
+def test_the_relay_fails_rows_it_can_never_send(raw_channel):
+    def waiting(task=ADD, queue='default', args='[1, 2]'):
+        log = MessageLog.objects.create(status='WAITING', queue=queue, routing_key=queue, task=task,
+                                        uuid=str(uuid.uuid4()), task_args=args, content='{}',
+                                        publish_time=timezone.now() - timedelta(minutes=1))
+        return log.pk
+
+    not_a_task, no_queue, bad_args = waiting(task='os.system'), waiting(queue='gone'), waiting(args='[1,')
+    good = waiting()
+    assert publishing.Relay().relay_waiting() == 1
+    rows = {log.pk: log for log in MessageLog.objects.all()}
+    assert rows[good].status == 'PUBLISHED'
+    for pk, reason in ((not_a_task, 'not registered'), (no_queue, "no queue called 'gone'"),
+                       (bad_args, 'could not be relayed')):
+        assert rows[pk].status == 'FAILED', reason
+        assert reason in rows[pk].exception
+
+
+@pytest.mark.timeout(120)
+def test_a_waiting_message_runs_once_after_the_relay(locked_vhost):
+    carrot = {**settings.CARROT, 'queues': [*settings.CARROT['queues'], {'name': 'locked', 'host': locked_vhost.url}]}
+    with override_settings(CARROT=carrot):
+        log = publish_message(tasks.add, 20, 22, queue='locked')
+        assert log.status == 'WAITING'
+        locked_vhost.unlock()
+        age(log)
+        assert publishing.Relay().relay_waiting() == 1
+        run_consumer('locked', max_messages=1, idle_timeout=10)
+    log.refresh_from_db()
+    assert (log.status, log.output, log.attempts) == ('COMPLETED', '42', 1)
+
+
+# --- requeue ------------------------------------------------------------------------------------------
+
+def test_requeue_publishes_a_copy_and_deletes_the_original(raw_channel):
+    original = publish_message(tasks.add, 1, 2, priority=4)
+    all_messages(raw_channel)
+    MessageLog.objects.filter(pk=original.pk).update(status='FAILED')
+    original.refresh_from_db()
+    copy = original.requeue()
+    assert copy.uuid != original.uuid and copy.status == 'PUBLISHED'
+    assert list(MessageLog.objects.values_list('uuid', flat=True)) == [copy.uuid]
+    (properties, body), = all_messages(raw_channel)
+    assert properties.message_id == copy.uuid and properties.priority == 4
+    assert json.loads(body) == {'args': [1, 2], 'kwargs': {}}
+
+
+def test_requeue_of_a_task_no_longer_registered_keeps_the_original():
+    log = MessageLog.objects.create(status='FAILED', queue='default', task='os.system', uuid='old',
+                                    task_args='["true"]', content='{}')
+    with pytest.raises(TaskNotRegistered):
+        log.requeue()
+    assert MessageLog.objects.get().uuid == 'old'
+
+
+# --- the import graph ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('module', ['carrot.models', 'carrot.objects', 'carrot.utilities', 'carrot.publishing'])
+def test_each_publishing_module_imports_first_on_its_own(module, subprocess_env):
+    code = f'import django; django.setup(); import {module}'
+    result = subprocess.run([sys.executable, '-c', code], env=subprocess_env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_models_and_objects_do_not_import_publishing_at_module_level():
+    import ast
+
+    import carrot
+    root = os.path.dirname(carrot.__file__)
+    for name in ('models.py', 'objects.py', 'registry.py', 'messages.py', 'config.py'):
+        tree = ast.parse(open(os.path.join(root, name)).read())
+        top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        imported = {getattr(node, 'module', None) or node.names[0].name for node in top}
+        imported |= {f'{node.module}.{a.name}' for node in top if isinstance(node, ast.ImportFrom)
+                     for a in node.names}
+        assert not {m for m in imported if m and ('publishing' in m or 'utilities' in m)}, (name, imported)
+
+
+def test_broker_unavailable_is_raised_for_a_connection_refused():
+    with override_settings(CARROT={'queues': [{'name': 'down', 'host': 'amqp://guest:guest@127.0.0.1:1/'}],
+                                   'store_and_forward': False}):
+        with pytest.raises(PublishError) as caught:
+            publish_message(tasks.add, 1, 2, queue='down')
+    assert type(caught.value) is BrokerUnavailable
+
