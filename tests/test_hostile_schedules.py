@@ -18,7 +18,9 @@ import uuid
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-from tests.supervisor_harness import start_supervisor  # noqa: F401 (a fixture)
+from tests import supervisor_harness
+
+start_supervisor = supervisor_harness.start_supervisor  # the fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
 

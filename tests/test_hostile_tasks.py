@@ -9,7 +9,10 @@ import time
 
 import pytest
 
-from tests.supervisor_harness import publish_raw, start_supervisor  # noqa: F401 (a fixture)
+from tests import supervisor_harness
+from tests.supervisor_harness import publish_raw
+
+start_supervisor = supervisor_harness.start_supervisor  # the fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
