@@ -7,7 +7,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLEAN_TESTS = ['tests/test_options.py', 'tests/test_commands.py', 'tests/test_config.py', 'tests/test_lint.py',
                'tests/test_hostile_messages.py', 'tests/test_hostile_schedules.py', 'tests/test_hostile_tasks.py',
-               'tests/test_fuzz_config.py', 'tests/test_chaos.py']
+               'tests/test_fuzz_config.py', 'tests/test_chaos.py', 'tests/test_hostile_signals.py']
 
 
 def test_pyflakes_is_clean():
