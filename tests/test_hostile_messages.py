@@ -264,7 +264,7 @@ class Attack:
         from carrot.config import get_config
         cap = get_config().max_stored_text + 200  # room for the "cut" marker
         for row in rows:
-            for name in ('task_args', 'content', 'output', 'exception', 'traceback', 'log'):
+            for name in ('output', 'exception', 'traceback', 'log'):  # the capped fields (issue 6 §1)
                 value = getattr(row, name) or ''
                 assert len(value) <= cap, f'{name} of the row stored {len(value)} characters ' \
                                           f'(CARROT max_stored_text is {cap - 200})'
