@@ -52,13 +52,21 @@ scalar = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(-2 ** 200, 2 ** 200),
     st.floats(), st.just(math.inf), st.just(-math.inf), st.just(math.nan), st.decimals(allow_nan=True),
     st.text(max_size=20), st.binary(max_size=10), st.just(''), st.just('\x00'), st.just('\x1b[31m'),
-    st.just(SECRET), st.builds(Weird), st.builds(Secretive), st.just(object()), st.just(print),
-    st.just(CarrotConfig),
+    st.builds(Weird), st.just(object()), st.just(print), st.just(CarrotConfig),
 )
-anything = st.recursive(scalar, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.lists(inner, max_size=3).map(tuple), st.frozensets(st.integers(), max_size=3),
-    st.dictionaries(st.one_of(st.text(max_size=8), st.integers(), st.none()), inner, max_size=3)),
-    max_leaves=10)
+
+
+def nested(leaves):
+    return st.recursive(leaves, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.lists(inner, max_size=3).map(tuple),
+        st.frozensets(st.integers(), max_size=3),
+        st.dictionaries(st.one_of(st.text(max_size=8), st.integers(), st.none()), inner, max_size=3)),
+        max_leaves=10)
+
+
+anything = nested(scalar)
+# Where a broker goes, a wrong value may hold the password (a tuple, a list, an object whose repr shows it).
+broker_anything = nested(st.one_of(scalar, st.just(SECRET), st.builds(Secretive)))
 
 url_part = st.one_of(st.text(max_size=12), st.sampled_from(['', '/', '#', '?', '@', ':', '%', '%zz', '[', ']',
                                                             '::1', '\x00', ' ', '\n']))
@@ -75,7 +83,7 @@ broker_url = st.one_of(
 broker_dict = st.fixed_dictionaries({'password': st.one_of(st.just(SECRET), st.just(SECRET.encode()),
                                                            st.builds(Secretive))},
                                     optional={k: anything for k in BROKER_KEYS if k != 'password'})
-broker = st.one_of(broker_url, broker_dict, anything)
+broker = st.one_of(broker_url, broker_dict, broker_anything)
 queue = st.one_of(st.fixed_dictionaries({}, optional={k: (broker if k == 'host' else anything) for k in QUEUE_KEYS}),
                   anything)
 carrot_setting = st.one_of(

@@ -189,7 +189,8 @@ def test_pinned_hostile_schedules_are_skipped_marked_and_never_run(scheduled, tm
     ])
     still_ticking(sup, ticks, pid, runs=4, timeout=30)
     assert not marker.exists(), 'a schedule naming something that is not a task ran it'
-    unmarked = [(row.task[:60], row.task_args[:30], row.interval_type, row.interval_count, row.queue)
+    unmarked = [(row.task[:60], row.task_args[:30], row.content, row.interval_type, row.interval_count, row.queue,
+                 str(row.last_run_time))
                 for row in ScheduledTask.objects.filter(pk__in=[b.pk for b in bad]) if not row.problem]
     assert not unmarked, f'bad schedules not marked with a problem (the admin would not show them): {unmarked}'
     good.refresh_from_db()
