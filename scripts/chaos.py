@@ -448,7 +448,7 @@ class Run:
                 return True
             if self.supervisors and not any(s.running() for s in self.supervisors):
                 self.note_once('no supervisor running while messages were left')
-                break
+                return False
             time.sleep(0.5)
         self.note(f'not settled within {timeout}s')
         return False
