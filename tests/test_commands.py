@@ -452,3 +452,18 @@ def test_daemon_status_shows_the_masters_status_snapshot(manage, tmp_path):
     snapshot.write_text(json.dumps(dict(document, pid=master.pid + 1)))
     result = manage('carrot_daemon', 'status', '--pidfile', str(pidfile))
     assert result.returncode == 0 and '\n\n' not in result.stdout.strip(), result.stdout
+
+
+def test_a_child_that_has_not_set_its_title_yet_is_not_taken_for_its_master(tmp_path):
+    from carrot.management.commands.carrot_daemon import is_master
+    # A "master" (argv[0] carrot-supervisor) with a forked child that still carries the same argv.
+    parent = detached(tmp_path, 'bash', '-c', '(exec -a carrot-supervisor sleep 60) & wait',
+                      name='carrot-supervisor')
+    try:
+        child = wait_for(lambda: next(iter(parent.children()), None), 10, what='the child')
+        wait_for(lambda: child.cmdline()[:1] == ['carrot-supervisor'], 10, what='the child to exec')
+        assert is_master(parent)
+        assert not is_master(child)
+    finally:
+        for process in [*parent.children(), parent]:
+            process.kill()
