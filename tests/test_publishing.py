@@ -252,3 +252,24 @@ def test_broker_unavailable_is_raised_for_a_connection_refused():
             publish_message(tasks.add, 1, 2, queue='down')
     assert type(caught.value) is BrokerUnavailable
 
+
+
+@pytest.mark.parametrize('task_args, content, reason', [
+    ('[' * 100_000 + ']' * 100_000, '{}', 'the stored positional arguments are nested too deeply'),
+    ('not json', '{}', 'the stored positional arguments are neither JSON nor a 1.x tuple'),
+    ('[1]', '[1]', 'the stored keyword arguments are a list, not a dict'),
+])
+def test_requeue_of_a_row_whose_arguments_cannot_be_read_says_why_and_keeps_it(task_args, content, reason):
+    log = MessageLog.objects.create(status='FAILED', queue='default', task=ADD, uuid='old', task_args=task_args,
+                                    content=content)
+    with pytest.raises(ValueError, match=reason):
+        log.requeue()
+    assert MessageLog.objects.get().uuid == 'old'
+
+
+def test_requeue_reads_1x_tuple_arguments(raw_channel):
+    log = MessageLog.objects.create(status='FAILED', queue='default', task=ADD, uuid='old', task_args='(1, 2)',
+                                    content='')
+    copy = log.requeue()
+    (properties, body), = all_messages(raw_channel)
+    assert json.loads(body) == {'args': [1, 2], 'kwargs': {}} and properties.message_id == copy.uuid
