@@ -116,13 +116,17 @@ class Scheduler:
         while not self.stopping.is_set():
             if not cleanup_synced:  # until it succeeds: the database may be down at start
                 cleanup_synced = self._guarded(sync_cleanup_schedule)
-            self._guarded(self.publish_due)
-            self._guarded(self.relay.relay_waiting)
+            self._guarded(self.publish_due_and_relay)
             if self.on_tick is not None:
                 self.on_tick()
             self._wait_for_next_tick()
         connections.close_all()
         logger.info('scheduler stopped after publishing %d run(s)', self.published)
+
+    def publish_due_and_relay(self) -> None:
+        """One tick's work; a database outage fails the tick as a whole (and slows the next ones)."""
+        self.publish_due()
+        self.relay.relay_waiting()
 
     def _retry_delay(self) -> float:
         # The first retry is on the next tick, then 2 s, 4 s ...
