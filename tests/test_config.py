@@ -112,6 +112,7 @@ def test_check_reports_unparseable_broker_urls_without_showing_the_password():
     assert "CARROT['queues'][0]['host']" in found[1]
 
 
+@pytest.mark.django_db  # Django 6.1's `check` command also runs the database checks
 def test_manage_py_check_shows_the_problem():
     with override_settings(CARROT={'queues': [{'name': 'a'}, {'name': 'b', 'concurrency': 'ten'}]}):
         errors = run_checks(tags=['carrot'])
