@@ -273,3 +273,14 @@ def test_requeue_reads_1x_tuple_arguments(raw_channel):
     copy = log.requeue()
     (properties, body), = all_messages(raw_channel)
     assert json.loads(body) == {'args': [1, 2], 'kwargs': {}} and properties.message_id == copy.uuid
+
+
+def test_an_unreachable_broker_is_tried_once_per_publish_not_twice(caplog, monkeypatch):
+    from carrot import broker
+    connects = []
+    real = broker.connect
+    monkeypatch.setattr(broker, 'connect', lambda *a, **k: connects.append(1) or real(*a, **k))
+    with override_settings(CARROT={'queues': [{'name': 'down', 'host': 'amqp://guest:guest@127.0.0.1:1/'}]}):
+        publish_message(tasks.add, 1, 2, queue='down')
+    assert len(connects) == 1
+    assert MessageLog.objects.get().status == 'WAITING'
