@@ -662,6 +662,9 @@ def test_the_supervisors_scheduler_relays_a_message_published_while_the_broker_r
     wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'PUBLISHED', 30,
              what='the relay to send it once the broker lets us in', tail=supervisor.diagnostics)
     print(f'FIGURE relay_unlock_to_published_s={time.monotonic() - unlocked:.1f}')
+    # The row is updated before the relay logs the batch: wait for the lines too.
+    wait_for(lambda: 'relay: sent 1 message(s)' in supervisor.log_text(), 10, what='the relay to log it',
+             tail=supervisor.diagnostics)
     text = supervisor.log_text()
     assert text.count('is unavailable; waiting messages are kept') == 1  # one line per outage
     assert 'takes messages again' in text and 'relay: sent 1 message(s)' in text
