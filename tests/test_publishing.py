@@ -112,7 +112,7 @@ def test_the_row_is_left_alone_when_a_consumer_claimed_it_before_the_confirm(mon
 
 # --- store-and-forward: a broker that refuses us, then lets us in -------------------------------------
 
-def age(log, seconds=60):
+def age(log, seconds=120):
     MessageLog.objects.filter(pk=log.pk).update(publish_time=timezone.now() - timedelta(seconds=seconds))
 
 
@@ -156,7 +156,7 @@ def test_the_relay_leaves_fresh_rows_to_their_publisher_and_sends_a_bounded_batc
     rows = [MessageLog.objects.create(status='WAITING', queue='default', routing_key='default', task=ADD,
                                       uuid=str(uuid.uuid4()), task_args=f'[{i}, 1]', content='{}',
                                       publish_time=timezone.now()) for i in range(3)]
-    relay = publishing.Relay(batch=2)
+    relay = publishing.Relay(batch=2, relay_after=30)  # 30 s, not 5: a stalled test machine stays correct
     assert relay.relay_waiting() == 0  # written just now: the process that wrote them may still send them
     for log in rows:
         age(log)
