@@ -48,6 +48,7 @@ logger = logging.getLogger('carrot.scheduler')
 TICK = 1.0
 MAX_RETRY_DELAY = 30.0  # while the broker or database is down, ticks slow down to this at most
 MAX_INTERVAL = timedelta(days=3650)  # a longer interval is a typo, not a schedule
+REFUSED = 'the broker refused the last run: '  # how a schedule's problem starts when RabbitMQ refused it
 
 # What a broken row raises while it is checked: its problem, not the scheduler's.
 SCHEDULE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, TaskNotRegistered,
@@ -105,8 +106,6 @@ class Scheduler:
         self.failures = 0  # consecutive ticks that failed; slows retries while a service is down
         # Per schedule pk: (consecutive publish failures, monotonic time before which it is not retried).
         self.retries: dict[int, tuple[int, float]] = {}
-        # Per schedule pk: why the broker refused its last run for good (until a run is published).
-        self.refusals: dict[int, str] = {}
         self.relay = publishing.Relay()
 
     def run(self) -> None:
@@ -174,7 +173,8 @@ class Scheduler:
         except SCHEDULE_ERRORS as exc:
             self.record_problem(schedule, describe(exc))
             return 0
-        self.record_problem(schedule, self.refusals.get(schedule.pk, ''))
+        if not (schedule.problem or '').startswith(REFUSED):  # a refusal stands until a run goes through
+            self.record_problem(schedule, '')
         if not schedule.is_due(now) or self._backing_off(schedule):
             return 0
         run_at = self.run_time(schedule, now)
@@ -227,8 +227,7 @@ class Scheduler:
         except (MessageRejected, QueueMismatchError) as exc:
             # Refused for good (unroutable, no such exchange, a queue clash): the run is spent, and the
             # schedule is marked until one of its runs goes through.
-            self.refusals[schedule.pk] = f'the broker refused the last run: {exc}'
-            self.record_problem(schedule, self.refusals[schedule.pk])
+            self.record_problem(schedule, f'{REFUSED}{exc}')
             return 0
         except (BrokerUnavailable, CarrotError) as exc:
             # Give the run back so a later tick tries again, unless another scheduler ran it meanwhile.
@@ -242,8 +241,7 @@ class Scheduler:
                          schedule.task_name, schedule.task, exc, delay)
             return 0
         self.retries.pop(schedule.pk, None)
-        if self.refusals.pop(schedule.pk, None) is not None:
-            self.record_problem(schedule, '')
+        self.record_problem(schedule, '')
         self.published += 1
         logger.info('scheduler: published %r (%s) as %s', schedule.task_name, schedule.task, log.uuid)
         return 1

@@ -587,6 +587,9 @@ def test_a_schedule_the_broker_refuses_is_marked_until_a_run_goes_through(caplog
                                       'unroutable')
     assert refused.last_run_time is not None  # the run is spent, not retried at once
     assert MessageLog.objects.get(task=ADD).status == 'FAILED'
+    Scheduler().publish_due()  # another scheduler (or this one restarted) keeps the mark
+    refused.refresh_from_db()
+    assert refused.problem.startswith('the broker refused the last run')
 
     ScheduledTask.objects.filter(pk=refused.pk).update(exchange='', routing_key='other', last_run_time=None)
     assert scheduler.publish_due() == 1
