@@ -90,8 +90,12 @@ class Publisher:
         routing_key = routing_key or queue.name
         with self.lock:
             for attempt in (1, 2):
+                # Retried: a kept connection that turns out stale, or one lost mid-publish. Not retried: a
+                # connection that cannot be opened now (that would double the wait for an unreachable host).
+                retry = self.connection is not None and self.connection.is_open
                 try:
                     channel = self._open_channel()
+                    retry = True
                     if queue.name not in self.declared:
                         declare_queue(channel, queue)
                         self.declared.add(queue.name)
@@ -114,7 +118,7 @@ class Publisher:
                         raise BrokerUnavailable(f'RabbitMQ closed the channel: {exc.reply_text}') from None
                 except CONNECTION_ERRORS as exc:
                     self._forget_connection()
-                    if attempt == 2:
+                    if attempt == 2 or not retry:
                         raise BrokerUnavailable(f'cannot publish to {self.broker}: '
                                                 f'{type(exc).__name__}: {exc or "connection lost"}') from None
                     logger.info('publishing connection to %s was lost (%s); reconnecting',

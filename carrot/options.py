@@ -119,6 +119,8 @@ OPTIONS: tuple[Option, ...] = (
     Option('scheduler', '--no-scheduler', SWITCH,
            'run no scheduler child (in CARROT: False runs none)',
            default=True, setting='scheduler'),
+    Option('autoreload', '--autoreload', SWITCH,
+           "development: reload when a Python file of the project changes (Django's autoreloader)"),
     Option('graceful_timeout', '--graceful-timeout', SECONDS,
            'on TERM, how long to wait for the tasks in hand before killing their children',
            default=30.0, setting='graceful_timeout'),

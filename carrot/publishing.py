@@ -28,6 +28,7 @@ A message's way out (store-and-forward):
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import time
@@ -153,8 +154,8 @@ def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relayin
     except BrokerUnavailable as exc:
         if store_and_forward:
             # The relay logs an outage once per broker, not once per message and try.
-            logger.log(logging.DEBUG if relaying else logging.WARNING,'%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid,
-                           exc)
+            logger.log(logging.DEBUG if relaying else logging.WARNING,
+                       '%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid, exc)
             return False
         mark_failed(log, exc)
         raise
@@ -192,8 +193,9 @@ def publish(task: str | Callable, args: tuple = (), kwargs: dict | None = None, 
 def requeue(log: MessageLog) -> MessageLog:
     """Publish a copy of a logged message (a new uuid and row) and delete the original, in one transaction:
     there is never a moment with both rows or with neither, and the copy is sent once that commits."""
-    message = prepare(log.task, tuple(log.positionals), log.keywords, queue=log.queue,
-                      exchange=log.exchange or '', routing_key=log.routing_key or None, priority=log.priority)
+    args, kwargs = row_arguments(log)
+    message = prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
+                      routing_key=log.routing_key or None, priority=log.priority)
     with transaction.atomic(using=MessageLog.objects.db):
         copy = enqueue(message)
         if log.pk:
@@ -246,13 +248,34 @@ def publish_schedule(schedule, priority: int = 0, store_and_forward: bool | None
 
 # -- the relay ----------------------------------------------------------------------------------------
 
+def row_arguments(log: MessageLog) -> tuple[tuple, dict]:
+    """A logged message's (args, kwargs), or ValueError saying why they cannot be read back (1.x rows
+    hold positional arguments as a Python tuple's repr; that is read too)."""
+    def load(text, what, kind, legacy=False):
+        try:
+            value = json.loads(text)
+        except RecursionError:
+            raise ValueError(f'the stored {what} are nested too deeply') from None
+        except ValueError:
+            if not legacy:
+                raise ValueError(f'the stored {what} are not JSON') from None
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError, RecursionError, MemoryError):
+                raise ValueError(f'the stored {what} are neither JSON nor a 1.x tuple') from None
+        if not isinstance(value, kind):
+            raise ValueError(f'the stored {what} are a {type(value).__name__}, not a {kind[0].__name__}')
+        return value
+
+    args = load(log.task_args or '[]', 'positional arguments', (list, tuple), legacy=True)
+    return tuple(args), load(log.content or '{}', 'keyword arguments', (dict,))
+
+
 def outgoing_from_row(log: MessageLog) -> Outgoing:
     """The message a WAITING row stands for, with the row's uuid; raises as prepare() does, or ValueError
-    when the stored arguments are not the JSON carrot wrote."""
-    args, kwargs = json.loads(log.task_args or '[]'), json.loads(log.content or '{}')
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise ValueError('the stored arguments are not a JSON list and a JSON object')
-    return prepare(log.task, tuple(args), kwargs, queue=log.queue, exchange=log.exchange or '',
+    when the stored arguments cannot be read back."""
+    args, kwargs = row_arguments(log)
+    return prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
                    routing_key=log.routing_key or None, priority=log.priority, message_id=log.uuid)
 
 

@@ -48,6 +48,7 @@ logger = logging.getLogger('carrot.scheduler')
 TICK = 1.0
 MAX_RETRY_DELAY = 30.0  # while the broker or database is down, ticks slow down to this at most
 MAX_INTERVAL = timedelta(days=3650)  # a longer interval is a typo, not a schedule
+REFUSED = 'the broker refused the last run: '  # how a schedule's problem starts when RabbitMQ refused it
 
 # What a broken row raises while it is checked: its problem, not the scheduler's.
 SCHEDULE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, TaskNotRegistered,
@@ -105,8 +106,6 @@ class Scheduler:
         self.failures = 0  # consecutive ticks that failed; slows retries while a service is down
         # Per schedule pk: (consecutive publish failures, monotonic time before which it is not retried).
         self.retries: dict[int, tuple[int, float]] = {}
-        # Per schedule pk: why the broker refused its last run for good (until a run is published).
-        self.refusals: dict[int, str] = {}
         self.relay = publishing.Relay()
 
     def run(self) -> None:
@@ -116,13 +115,17 @@ class Scheduler:
         while not self.stopping.is_set():
             if not cleanup_synced:  # until it succeeds: the database may be down at start
                 cleanup_synced = self._guarded(sync_cleanup_schedule)
-            self._guarded(self.publish_due)
-            self._guarded(self.relay.relay_waiting)
+            self._guarded(self.publish_due_and_relay)
             if self.on_tick is not None:
                 self.on_tick()
             self._wait_for_next_tick()
         connections.close_all()
         logger.info('scheduler stopped after publishing %d run(s)', self.published)
+
+    def publish_due_and_relay(self) -> None:
+        """One tick's work; a database outage fails the tick as a whole (and slows the next ones)."""
+        self.publish_due()
+        self.relay.relay_waiting()
 
     def _retry_delay(self) -> float:
         # The first retry is on the next tick, then 2 s, 4 s ...
@@ -170,7 +173,8 @@ class Scheduler:
         except SCHEDULE_ERRORS as exc:
             self.record_problem(schedule, describe(exc))
             return 0
-        self.record_problem(schedule, self.refusals.get(schedule.pk, ''))
+        if not (schedule.problem or '').startswith(REFUSED):  # a refusal stands until a run goes through
+            self.record_problem(schedule, '')
         if not schedule.is_due(now) or self._backing_off(schedule):
             return 0
         run_at = self.run_time(schedule, now)
@@ -223,8 +227,7 @@ class Scheduler:
         except (MessageRejected, QueueMismatchError) as exc:
             # Refused for good (unroutable, no such exchange, a queue clash): the run is spent, and the
             # schedule is marked until one of its runs goes through.
-            self.refusals[schedule.pk] = f'the broker refused the last run: {exc}'
-            self.record_problem(schedule, self.refusals[schedule.pk])
+            self.record_problem(schedule, f'{REFUSED}{exc}')
             return 0
         except (BrokerUnavailable, CarrotError) as exc:
             # Give the run back so a later tick tries again, unless another scheduler ran it meanwhile.
@@ -238,8 +241,7 @@ class Scheduler:
                          schedule.task_name, schedule.task, exc, delay)
             return 0
         self.retries.pop(schedule.pk, None)
-        if self.refusals.pop(schedule.pk, None) is not None:
-            self.record_problem(schedule, '')
+        self.record_problem(schedule, '')
         self.published += 1
         logger.info('scheduler: published %r (%s) as %s', schedule.task_name, schedule.task, log.uuid)
         return 1

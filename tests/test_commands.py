@@ -53,6 +53,16 @@ def ms(seconds):
     return round(seconds * 1000)
 
 
+def without_state(title):
+    """A consumer's title without what it is doing now (idle, or running a task for so long)."""
+    return re.sub(r' (idle|running \S+ [\d.]+s)$', '', title)
+
+
+def workers(master):
+    """The master's consumer and scheduler children (not the warm image it forks them from, if any)."""
+    return [c for c in master.children() if not title_of(c).startswith('carrot-supervisor: image')]
+
+
 # --- manage.py carrot / carrot-workers ---------------------------------------------------------------
 
 @pytest.mark.timeout(60)
@@ -96,9 +106,9 @@ def test_carrot_runs_the_supervisor_in_the_foreground_in_the_same_process(comman
     # exec: the manage.py process *is* the master (same pid), so TERM from systemd or a shell reaches it.
     master = psutil.Process(process.pid)
     assert title_of(master) == MASTER_TITLE
-    assert f'master {process.pid} ' in supervisor.log_text()
+    assert f'[{process.pid}] INFO carrot.supervisor: ' in supervisor.log_text()  # the master logs as itself
     # A consumer may already be running the cleanup the scheduler publishes at start: idle or running.
-    titles = sorted(re.sub(r' (idle|running \S+ [\d.]+s)$', '', title_of(child)) for child in master.children())
+    titles = sorted(without_state(title_of(child)) for child in workers(master))
     assert titles == ['carrot-supervisor: consumer default#1', 'carrot-supervisor: consumer other#1',
                       'carrot-supervisor: scheduler'], titles
     children = master.children()
@@ -178,7 +188,7 @@ def test_daemon_start_status_and_graceful_stop(manage, tmp_path):
     assert read_pid(pidfile) == pid
 
     # status: the master and every child, with title, pid, RSS and uptime.
-    wait_for(lambda: len(master.children()) == 3 and 'ready:' in logfile.read_text(), 30,
+    wait_for(lambda: len(workers(master)) == 3 and 'ready:' in logfile.read_text(), 30,
              what='three children', tail=logfile.read_text)
     time.sleep(1.0)  # so every uptime is at least a second
     result = manage('carrot_daemon', 'status', '--pidfile', str(pidfile))
@@ -186,11 +196,12 @@ def test_daemon_start_status_and_graceful_stop(manage, tmp_path):
     assert result.stdout.splitlines()[0].split() == ['PID', 'RSS', 'MiB', 'UPTIME', 'TITLE']
     rows = status_rows(result.stdout)
     print(f'status output:\n{result.stdout}')
+    # A consumer may be running the cleanup the scheduler publishes at start: compare without the state.
     expected = {pid: MASTER_TITLE}
-    expected.update({child.pid: title_of(child) for child in master.children()})
-    assert {p: title for p, (_, _, title) in rows.items()} == expected
-    assert sorted(t for t in expected.values() if t != MASTER_TITLE) == [
-        'carrot-supervisor: consumer default#1 idle', 'carrot-supervisor: consumer other#1 idle',
+    expected.update({child.pid: without_state(title_of(child)) for child in master.children()})
+    assert {p: without_state(title) for p, (_, _, title) in rows.items()} == expected
+    assert sorted(without_state(title_of(child)) for child in workers(master)) == [
+        'carrot-supervisor: consumer default#1', 'carrot-supervisor: consumer other#1',
         'carrot-supervisor: scheduler']
     for p, (rss, uptime, _) in rows.items():
         assert rss > 5, (p, rss)                          # a Python process with Django: megabytes
@@ -220,7 +231,7 @@ def test_daemon_restart_and_hard_stop(manage, tmp_path):
     assert manage('carrot_daemon', 'start', *options).returncode == 0
     first = read_pid(pidfile)
     wait_for(lambda: 'ready:' in logfile.read_text(), 30, what='the first master', tail=logfile.read_text)
-    titles = sorted(title_of(c) for c in psutil.Process(first).children())
+    titles = sorted(title_of(c) for c in workers(psutil.Process(first)))
     assert titles == ['carrot-supervisor: consumer default#1 idle', 'carrot-supervisor: consumer other#1 idle']
 
     started = time.monotonic()
@@ -447,3 +458,18 @@ def test_daemon_status_shows_the_masters_status_snapshot(manage, tmp_path):
     snapshot.write_text(json.dumps(dict(document, pid=master.pid + 1)))
     result = manage('carrot_daemon', 'status', '--pidfile', str(pidfile))
     assert result.returncode == 0 and '\n\n' not in result.stdout.strip(), result.stdout
+
+
+def test_a_child_that_has_not_set_its_title_yet_is_not_taken_for_its_master(tmp_path):
+    from carrot.management.commands.carrot_daemon import is_master
+    # A "master" (argv[0] carrot-supervisor) with a forked child that still carries the same argv.
+    parent = detached(tmp_path, 'bash', '-c', '(exec -a carrot-supervisor sleep 60) & wait',
+                      name='carrot-supervisor')
+    try:
+        child = wait_for(lambda: next(iter(parent.children()), None), 10, what='the child')
+        wait_for(lambda: child.cmdline()[:1] == ['carrot-supervisor'], 10, what='the child to exec')
+        assert is_master(parent)
+        assert not is_master(child)
+    finally:
+        for process in [*parent.children(), parent]:
+            process.kill()

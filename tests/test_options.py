@@ -61,7 +61,7 @@ def test_manage_py_commands_take_every_flag_as_carrot_supervisor_does(command):
     cli = build_parser()
     manage = manage_parser(command)
     argv = ['--pidfile', 'p.pid', '--logfile', 'l.log', '--status-file', 's.json', '--loglevel', 'debug', '--queues', 'a,b',
-            '--no-scheduler', '--graceful-timeout', '2.5', '--heartbeat-timeout', '9',
+            '--no-scheduler', '--autoreload', '--graceful-timeout', '2.5', '--heartbeat-timeout', '9',
             '--task-time-limit', '4', '--max-tasks-per-child', '7', '--max-memory-per-child', '300',
             '--max-consecutive-failures', '3', '--backoff-cap', '1.5']
     extra = ['start'] if command == 'carrot_daemon' else []

@@ -112,7 +112,7 @@ def test_the_row_is_left_alone_when_a_consumer_claimed_it_before_the_confirm(mon
 
 # --- store-and-forward: a broker that refuses us, then lets us in -------------------------------------
 
-def age(log, seconds=60):
+def age(log, seconds=120):
     MessageLog.objects.filter(pk=log.pk).update(publish_time=timezone.now() - timedelta(seconds=seconds))
 
 
@@ -156,7 +156,7 @@ def test_the_relay_leaves_fresh_rows_to_their_publisher_and_sends_a_bounded_batc
     rows = [MessageLog.objects.create(status='WAITING', queue='default', routing_key='default', task=ADD,
                                       uuid=str(uuid.uuid4()), task_args=f'[{i}, 1]', content='{}',
                                       publish_time=timezone.now()) for i in range(3)]
-    relay = publishing.Relay(batch=2)
+    relay = publishing.Relay(batch=2, relay_after=30)  # 30 s, not 5: a stalled test machine stays correct
     assert relay.relay_waiting() == 0  # written just now: the process that wrote them may still send them
     for log in rows:
         age(log)
@@ -252,3 +252,35 @@ def test_broker_unavailable_is_raised_for_a_connection_refused():
             publish_message(tasks.add, 1, 2, queue='down')
     assert type(caught.value) is BrokerUnavailable
 
+
+
+@pytest.mark.parametrize('task_args, content, reason', [
+    ('[' * 100_000 + ']' * 100_000, '{}', 'the stored positional arguments are nested too deeply'),
+    ('not json', '{}', 'the stored positional arguments are neither JSON nor a 1.x tuple'),
+    ('[1]', '[1]', 'the stored keyword arguments are a list, not a dict'),
+])
+def test_requeue_of_a_row_whose_arguments_cannot_be_read_says_why_and_keeps_it(task_args, content, reason):
+    log = MessageLog.objects.create(status='FAILED', queue='default', task=ADD, uuid='old', task_args=task_args,
+                                    content=content)
+    with pytest.raises(ValueError, match=reason):
+        log.requeue()
+    assert MessageLog.objects.get().uuid == 'old'
+
+
+def test_requeue_reads_1x_tuple_arguments(raw_channel):
+    log = MessageLog.objects.create(status='FAILED', queue='default', task=ADD, uuid='old', task_args='(1, 2)',
+                                    content='')
+    copy = log.requeue()
+    (properties, body), = all_messages(raw_channel)
+    assert json.loads(body) == {'args': [1, 2], 'kwargs': {}} and properties.message_id == copy.uuid
+
+
+def test_an_unreachable_broker_is_tried_once_per_publish_not_twice(caplog, monkeypatch):
+    from carrot import broker
+    connects = []
+    real = broker.connect
+    monkeypatch.setattr(broker, 'connect', lambda *a, **k: connects.append(1) or real(*a, **k))
+    with override_settings(CARROT={'queues': [{'name': 'down', 'host': 'amqp://guest:guest@127.0.0.1:1/'}]}):
+        publish_message(tasks.add, 1, 2, queue='down')
+    assert len(connects) == 1
+    assert MessageLog.objects.get().status == 'WAITING'

@@ -587,6 +587,9 @@ def test_a_schedule_the_broker_refuses_is_marked_until_a_run_goes_through(caplog
                                       'unroutable')
     assert refused.last_run_time is not None  # the run is spent, not retried at once
     assert MessageLog.objects.get(task=ADD).status == 'FAILED'
+    Scheduler().publish_due()  # another scheduler (or this one restarted) keeps the mark
+    refused.refresh_from_db()
+    assert refused.problem.startswith('the broker refused the last run')
 
     ScheduledTask.objects.filter(pk=refused.pk).update(exchange='', routing_key='other', last_run_time=None)
     assert scheduler.publish_due() == 1
@@ -662,6 +665,9 @@ def test_the_supervisors_scheduler_relays_a_message_published_while_the_broker_r
     wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'PUBLISHED', 30,
              what='the relay to send it once the broker lets us in', tail=supervisor.diagnostics)
     print(f'FIGURE relay_unlock_to_published_s={time.monotonic() - unlocked:.1f}')
+    # The row is updated before the relay logs the batch: wait for the lines too.
+    wait_for(lambda: 'relay: sent 1 message(s)' in supervisor.log_text(), 10, what='the relay to log it',
+             tail=supervisor.diagnostics)
     text = supervisor.log_text()
     assert text.count('is unavailable; waiting messages are kept') == 1  # one line per outage
     assert 'takes messages again' in text and 'relay: sent 1 message(s)' in text

@@ -88,8 +88,9 @@ def look_up(pidfile: str) -> PidfileLookup:
         lookup.stale = f'process {lookup.pid} is not running'
         return lookup
     except psutil.AccessDenied:
-        lookup.stale = f'process {lookup.pid} belongs to another user'
-        return lookup
+        # Neither ours to judge nor to remove: probably a master started by another user.
+        raise CommandError(f'pidfile {pidfile} names process {lookup.pid}, which this user may not inspect; '
+                           f'run this command as the user that started carrot')
     if not master:
         lookup.stale = f'process {lookup.pid} is not a carrot-supervisor master (it is {what!r})'
     elif started > written + START_TIME_SLACK:
