@@ -428,13 +428,20 @@ class Run:
                 time.sleep(0.5)
         raise ChaosError('the database stayed unreachable for 50 s while reading results')
 
+    def given_up(self) -> set[str]:
+        """Uuids of messages FAILED because their worker was lost max_attempts times."""
+        from carrot.models import MessageLog
+        uuids = [u for u in self.tokens.values() if u]
+        return set(MessageLog.objects.filter(uuid__in=uuids, status='FAILED', exception__icontains='worker lost')
+                   .values_list('uuid', flat=True))
+
     def settled(self) -> bool:
         """Every message that should run ran and is COMPLETED; those expected to fail are FAILED."""
         executions = self.executions()
         rows = self.rows()
         for token, message_uuid in self.tokens.items():
             status = rows.get(message_uuid)
-            if token in self.expected_to_fail:
+            if token in self.expected_to_fail or (self.killed and status == 'FAILED'):
                 if status != 'FAILED':
                     return False
             elif not executions.get(token) or status != 'COMPLETED':
@@ -468,9 +475,15 @@ class Run:
                     r.dup_allowed += 1
                 else:
                     r.dup_unallowed += 1
-        for token in self.tokens:
-            if token not in self.expected_to_fail and not executions.get(token):
-                r.lost += 1
+        given_up = self.given_up() if self.killed else set()
+        for token, message_uuid in self.tokens.items():
+            if token in self.expected_to_fail or executions.get(token):
+                continue
+            if message_uuid in given_up:
+                continue  # killed mid-task max_attempts times: FAILED + dead-lettered, as documented
+            r.lost += 1
+        if given_up:
+            self.note(f'{len(given_up)} FAILED "worker lost" after max_attempts kills (dead-lettered, as documented)')
         phantom = sum(1 for t, u in self.tokens.items()
                       if u and rows.get(u) == 'COMPLETED' and not executions.get(t))
         if phantom:
