@@ -579,9 +579,9 @@ def rabbitmq_outages(run: Run, outages=2, down=10):
     """RabbitMQ stopped for `down` s mid-run, `outages` times (the second catches backoff state)."""
     sup = run.start_supervisor()
     sup.wait_ready()
-    run.publish(150, seconds=0.1)
     for number in range(outages):
-        time.sleep(4)
+        run.publish(100, seconds=0.1)  # work in hand and waiting on both sides of every outage
+        time.sleep(2)
         run.chaos.rabbit.stop_app()
         time.sleep(down)
         run.chaos.rabbit.start_app()
