@@ -55,3 +55,18 @@ def store_snapshot(document: dict) -> None:
         defaults=dict(host=host, pid=pid, started=parse_time(document.get('started')) or timezone.now(),
                       last_seen=timezone.now(), generation=int(document.get('generation') or 0),
                       document=document))
+
+
+def read_snapshot(path) -> dict | None:
+    """The status document a master wrote to `path`; None when there is none (no master, or it stopped).
+
+    The master replaces the file in one rename, so a reader never sees half a document.
+    """
+    import json
+
+    try:
+        with open(path) as f:
+            document = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None

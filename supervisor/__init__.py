@@ -13,6 +13,7 @@ application's own virtualenv.
 
 from .arbiter import Arbiter
 from .child import ChildContext
+from .image import ImageFailed
 from .exitcodes import EXIT_BROKER, EXIT_CONFIG, EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
 from .pidfile import Pidfile, PidfileHeld
 from .plan import Plan, PlanError, Slot, SlotGroup
@@ -20,6 +21,7 @@ from .plan import Plan, PlanError, Slot, SlotGroup
 __all__ = [
     "Arbiter",
     "ChildContext",
+    "ImageFailed",
     "Plan",
     "PlanError",
     "Slot",

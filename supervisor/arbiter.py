@@ -1,295 +1,222 @@
-"""The prefork master: keeps one child process in every slot of a plan.
+"""The prefork master: keeps one child process in every slot of the plan its image serves.
 
-The master is a single-threaded loop. It sleeps in poll() on a self-pipe and on one heartbeat pipe per
-child; signal handlers only queue the signal and write a byte to the self-pipe, and all the work
-happens in the loop, one method per signal. Each turn of the loop:
+The master is a single-threaded loop that never blocks on anything but poll(): on its self-pipe (signals),
+on one heartbeat pipe per child and on the control channel of each image. Each turn:
 
-    handle queued signals -> reap exited children -> kill children that missed their heartbeats
-    -> kill retired children past their grace -> fork children for empty slots -> sd_notify
+    handle queued signals -> reap exited processes -> read the images -> kill hung and retired children
+    -> ask the image for children for empty slots -> READY / STATUS / WATCHDOG -> status snapshot
 
-Slots
-    A plan names slots ("consumer default#1", "scheduler"). A slot holds at most one child at a time,
-    retiring or not; a replacement is forked only after the old child has been reaped. This is what
-    keeps a queue's concurrency from being exceeded during a reload.
+Images (see image.py)
+    The master never imports the application. An image process per settings generation builds the
+    plan and forks the children; the master asks it for one child per empty slot. HUP (or a dead
+    image) starts a new image; while it builds, everything goes on with the old one. Once it reports
+    ready, it becomes the current image, the old one is retired, and every child of an older generation
+    is retired (TERM, SIGKILL after `graceful_timeout`); each slot gets a child of the new generation
+    as soon as its old child has gone, so a slot never holds two. If the new image fails, the old image
+    and all children stay and the log says why. Two quick HUPs: the older starting image is killed.
 
-Restarts
-    A child that exits is replaced at once, unless it died young: it lived less than `min_uptime`,
-    failed (non-zero exit or a signal), and the master had not asked it to go. Then its slot waits
-    `backoff_base * 2**(n-1)` seconds (at most `backoff_cap`), n being the slot's count of young
-    deaths in a row; at `max_consecutive_failures` the master gives up (fast stop, EXIT_CRASHING). A
-    child that lives `min_uptime` resets its slot's count. A child killed for missing its heartbeats
-    is judged the same way: hanging is failing.
+Slots and restarts (see restarts.py)
+    A child that exits is replaced at once, unless it failed young; then its slot backs off, and a
+    slot that keeps failing is parked (retried about once a minute). The master gives up (fast stop,
+    EXIT_CRASHING) only when every slot is parked.
+
+Hung children
+    A child silent for `heartbeat_timeout` gets SIGABRT (faulthandler puts its threads' stacks in the
+    log), then SIGKILL `ABORT_GRACE` seconds later.
 
 Signals
     TERM, INT   graceful stop: TERM to every child, wait up to `graceful_timeout`, then SIGKILL
     2nd TERM/INT, QUIT   fast stop: SIGKILL every child now
-    HUP         reload: call load_plan() again and retire every child (TERM, graceful); each slot of
-                the new plan gets a new child as soon as its old one has gone. A failing load_plan()
-                keeps everything as it is. Sizes changed by TTIN/TTOU are discarded: the new plan
-                is taken as it comes.
+    HUP         reload: a new image, then the children rolled over to it
     USR1        reopen log files: call reopen_logs() and pass USR1 on to the children
-    TTIN, TTOU  one slot more / less in every scalable group (never below one); the removed slot is
-                the highest-numbered, its child is retired gracefully
+    TTIN, TTOU  one slot more / less in every scalable group (never below one)
     CHLD        wakes the loop to reap
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from setproctitle import setproctitle
-
-from .child import ChildContext, run_child
-from .exitcodes import EXIT_CONFIG, EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
+from .child import set_title
+from .exitcodes import EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
+from .image import Build, Image, plan_from_description, start_image
 from .pidfile import Pidfile, PidfileHeld
-from .plan import Plan, PlanError, Slot
+from .plan import Plan, Slot
+from .readiness import Readiness
+from .restarts import RestartPolicy, SlotRecord, all_parked, judge_exit
 from .sdnotify import Notifier
+from .signals import SignalQueue, signal_name
+from .status import StatusFile, snapshot
 
 GRACEFUL = "graceful"
 FAST = "fast"
+ABORT_GRACE = 2.0  # seconds between SIGABRT (stacks to the log) and SIGKILL for a hung child
+IMAGE_RETRY = 5.0  # seconds before a replacement for a dead image is tried again after it failed
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 @dataclass(eq=False)
 class Child:
-    """The master's record of one forked child."""
+    """The master's record of one child, from the spawn request (pid None) until it is reaped."""
 
-    pid: int
     slot: str
     group: str
-    generation: int  # the reload the child was forked in; READY after HUP waits for the current one
+    generation: int
     heartbeat_fd: int
     started_at: float
     last_beat: float
+    pid: int | None = None
+    image: Image | None = None  # the image asked for it, until it answers with the pid
+    request: int | None = None
     up: bool = False  # has sent a heartbeat: its body is running, not just forked
+    working: bool = False  # has reported a state (a consumer on its queue): able to do its job
+    state: dict = field(default_factory=dict)  # its last report: state, task, task_id, age
+    state_at: float = 0.0
     retiring: bool = False  # asked to go (reload, TTOU, stop): its exit is no failure
     retire_deadline: float | None = None
+    aborted_at: float | None = None
     killed: str | None = None  # why the master SIGKILLed it, if it did
+    buffer: bytes = b""
 
     def describe(self) -> str:
         return f"{self.slot} (pid {self.pid})"
 
 
-@dataclass
-class SlotState:
-    failures: int = 0  # young deaths in a row
-    next_start: float = 0.0  # monotonic time before which the slot stays empty (backoff)
-
-
 class Arbiter:
-    SIGNALS = (
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGQUIT,
-        signal.SIGHUP,
-        signal.SIGUSR1,
-        signal.SIGTTIN,
-        signal.SIGTTOU,
-        signal.SIGCHLD,
-    )
-    # Sleeping longer would make deadlines (heartbeats, graceful timeout) sloppy.
-    LOOP_TIMEOUT = 1.0
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
+               signal.SIGTTOU, signal.SIGCHLD)
+    LOOP_TIMEOUT = 1.0  # sleeping longer would make deadlines (heartbeats, graceful timeout) sloppy
+    OPTIONS = ("graceful_timeout", "heartbeat_timeout", "backoff_cap", "max_consecutive_failures")
 
-    def __init__(
-        self,
-        load_plan: Callable[[], Plan],
-        *,
-        title: str = "master",
-        proc_name: str = "carrot-supervisor",
-        graceful_timeout: float = 30.0,
-        heartbeat_timeout: float = 60.0,
-        pidfile: str | None = None,
-        reopen_logs: Callable[[], None] | None = None,
-        min_uptime: float = 5.0,
-        backoff_base: float = 0.5,
-        backoff_cap: float = 30.0,
-        max_consecutive_failures: int = 10,
-        logger: logging.Logger | None = None,
-        on_fork: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, build: Build, *, title: str = "master", proc_name: str = "carrot-supervisor",
+                 graceful_timeout: float = 30.0, heartbeat_timeout: float = 60.0, pidfile: str | None = None,
+                 status_file: str | None = None, status_extra: dict | None = None,
+                 reopen_logs: Callable[[], None] | None = None, min_uptime: float = 5.0, backoff_base: float = 0.5,
+                 backoff_cap: float = 30.0, max_consecutive_failures: int = 10, park_cap: float = 60.0,
+                 logger: logging.Logger | None = None, on_fork: Callable[[], None] | None = None) -> None:
         if heartbeat_timeout <= 0:
             raise ValueError("heartbeat_timeout must be > 0")
-        if max_consecutive_failures < 1:
-            raise ValueError("max_consecutive_failures must be >= 1")
-        self.load_plan = load_plan
-        self.title = title
-        self.proc_name = proc_name
-        self.graceful_timeout = graceful_timeout
-        self.heartbeat_timeout = heartbeat_timeout
-        self.pidfile_path = pidfile
-        self.reopen_logs = reopen_logs
-        self.min_uptime = min_uptime
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self.max_consecutive_failures = max_consecutive_failures
+        self.build = build
+        self.title, self.proc_name = title, proc_name
+        self.graceful_timeout, self.heartbeat_timeout = graceful_timeout, heartbeat_timeout
+        self.min_uptime, self.backoff_base, self.backoff_cap = min_uptime, backoff_base, backoff_cap
+        self.max_consecutive_failures, self.park_cap = max_consecutive_failures, park_cap
+        self.policy = self.restart_policy()
+        self.pidfile_path, self.reopen_logs, self.on_fork = pidfile, reopen_logs, on_fork
+        self.status_file = StatusFile(status_file) if status_file else None
+        self.status_extra = dict(status_extra or {})
         self.log = logger or logging.getLogger("supervisor")
-        self.on_fork = on_fork
 
         self.pid = 0
+        self.started = time.time()
         self.plan = Plan(())
         self.slots: list[Slot] = []
-        self.slot_states: dict[str, SlotState] = {}
-        self.children: dict[int, Child] = {}
+        self.records: dict[str, SlotRecord] = {}
+        self.children: dict[int, Child] = {}  # by pid
+        self.pending: list[Child] = []  # asked of an image, pid not known yet
         self.beat_fds: dict[int, Child] = {}
+        self.images: dict[int, Image] = {}  # every image process not reaped yet, by pid
+        self.image: Image | None = None  # the one that serves
+        self.next_image: Image | None = None  # the one being built
+        self.image_retry_at: float | None = None
         self.generation = 0
         self.restarts = 0
-        self.signal_queue: list[int] = []
+        self.unknown_exits: dict[int, tuple[int, float]] = {}  # reaped before the image told us the pid
         self.stopping: str | None = None
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
-        self.awaiting_ready = True
-        self.ready_wait_started = 0.0
-        self.reloading = False
-        self.last_status = ""
-        self.next_watchdog = 0.0
-        self.wake_r = self.wake_w = -1
-        self.poller: select.poll | None = None
+        self.signals = SignalQueue(self.SIGNALS)
+        self.poller = select.poll()
         self.notifier = Notifier({}, logger=self.log)  # the real one is made in run(): see there
+        self.readiness = Readiness(self.notifier, self.log)
         self.pidfile: Pidfile | None = None
-        self.saved_handlers: dict[int, object] = {}
-        self.saved_wakeup_fd: int | None = None
+
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(self.min_uptime, self.backoff_base, self.backoff_cap, self.max_consecutive_failures,
+                             max(self.park_cap, self.backoff_cap))
 
     # -- running -----------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Supervise until stopped; return a code from supervisor.exitcodes.
-
-        Call it from the main thread (signal handlers can only be installed there). It never calls
-        sys.exit(); children never return from it.
-        """
+        """Supervise until stopped; return a code from supervisor.exitcodes. Call it from the main thread."""
         self.pid = os.getpid()
         # Read NOTIFY_SOCKET/WATCHDOG_PID now, not in __init__: the caller may have forked in between.
         self.notifier = Notifier(logger=self.log)
-        setproctitle(f"{self.proc_name}: {self.title}")
+        self.readiness = Readiness(self.notifier, self.log)
+        self.set_title()
         if self.pidfile_path:
             self.pidfile = Pidfile(self.pidfile_path, logger=self.log)
             try:
                 self.pidfile.acquire()
-            except PidfileHeld as exc:
-                self.log.error("%s; not starting", exc)
-                self.pidfile = None
-                return EXIT_PIDFILE
-            except OSError as exc:
-                self.log.error("cannot write pidfile %s: %s; not starting", self.pidfile_path, exc)
+            except (PidfileHeld, OSError) as exc:
+                self.log.error("%s; not starting", exc if isinstance(exc, PidfileHeld) else
+                               f"cannot write pidfile {self.pidfile_path}: {exc}")
                 self.pidfile = None
                 return EXIT_PIDFILE
         try:
-            # Signals first: a TERM that arrives while a slow load_plan() runs is queued, not fatal.
-            self.init_wake_pipe()
-            self.install_signals()
-            try:
-                plan = self.load_plan()
-                if not isinstance(plan, Plan):
-                    raise PlanError(f"load_plan() returned {plan!r}, not a Plan")
-            except Exception as exc:
-                self.log.exception("cannot load the plan: %s", exc)
-                return EXIT_CONFIG
-            self.set_plan(plan, fresh=True)
-            self.ready_wait_started = time.monotonic()
-            self.log.info(
-                "master %d starting %d children: %s", self.pid, len(self.slots), self.describe_plan()
-            )
+            self.signals.install(self.poller)  # first: a TERM during the first image's build is queued
+            become_subreaper()
+            self.readiness.starting(time.monotonic())
+            self.start_image()
             self.main_loop()
             return self.exit_code
         finally:
             self.cleanup()
 
     def main_loop(self) -> None:
-        if self.notifier.watchdog_interval:
-            self.next_watchdog = time.monotonic()
         while True:
             self.handle_signals()
-            self.reap_children()
+            self.reap()
+            self.read_images()
             if self.stopping:
-                if not self.children:
+                if not self.children and not self.pending and not self.images:
                     break
                 self.kill_stragglers()
             else:
                 self.murder_unresponsive()
                 self.murder_retirees()
+                self.replace_dead_image()
                 self.spawn_children()
                 self.check_ready()
-            self.notify_watchdog()
-            self.update_status()
+            now = time.monotonic()
+            self.readiness.watchdog(now)
+            self.update_status(now)
             self.sleep()
         self.log.info("master %d stopped (exit code %d)", self.pid, self.exit_code)
 
     def sleep(self) -> None:
-        """Wait for a signal, a heartbeat or the next deadline, and collect the heartbeats."""
-        assert self.poller is not None
+        """Wait for a signal, a heartbeat, an image's message or the next deadline."""
         events = self.poller.poll(self.sleep_timeout() * 1000)
         now = time.monotonic()
         for fd, _mask in events:
-            if fd == self.wake_r:
-                self.drain_wake_pipe()
+            if fd == self.signals.wake_r:
+                self.signals.drain()
             elif fd in self.beat_fds:
-                self.record_heartbeat(self.beat_fds[fd], now)
+                self.read_heartbeats(self.beat_fds[fd], now)
 
     def sleep_timeout(self) -> float:
         now = time.monotonic()
-        deadlines = [now + self.LOOP_TIMEOUT]
-        if self.notifier.watchdog_interval:
-            deadlines.append(self.next_watchdog)
+        deadlines = [now + self.LOOP_TIMEOUT, self.readiness.deadline() or now + self.LOOP_TIMEOUT]
         if self.stopping == GRACEFUL:
             deadlines.append(self.stop_deadline)
         if not self.stopping:
-            occupied = {child.slot for child in self.children.values()}
-            deadlines.extend(
-                self.slot_states[slot.name].next_start for slot in self.slots if slot.name not in occupied
-            )
-            deadlines.extend(c.retire_deadline for c in self.children.values() if c.retire_deadline)
-            deadlines.extend(
-                c.last_beat + self.heartbeat_timeout for c in self.children.values() if not c.killed
-            )
+            deadlines += [self.records[s.name].next_start for s in self.slots if s.name not in self.occupied()]
+            for c in self.children.values():
+                deadlines += [c.retire_deadline or now + 1, (c.aborted_at or c.last_beat) + self.heartbeat_timeout]
         return max(0.0, min(deadlines) - now)
 
     # -- signals -----------------------------------------------------------------------------------
 
-    def init_wake_pipe(self) -> None:
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        self.poller = select.poll()
-        self.poller.register(self.wake_r, select.POLLIN)
-
-    def install_signals(self) -> None:
-        for signum in self.SIGNALS:
-            self.saved_handlers[signum] = signal.signal(signum, self.signal_received)
-        # CPython runs a Python signal handler between two bytecodes, not when the signal arrives: a
-        # signal (a child's SIGCHLD) landing after the loop's last check but before poll() blocks had
-        # its handler, and so its wake-up byte, deferred until poll() timed out, a whole LOOP_TIMEOUT
-        # later (found by a test: a fast stop now and then reaped its last child 1 s late). The wakeup
-        # fd is written by the C-level handler at once.
-        self.saved_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-
-    def signal_received(self, signum: int, frame: object) -> None:
-        # CHLD only needs the loop awake; queueing one per exit would flood the queue on mass exits.
-        if signum != signal.SIGCHLD:
-            self.signal_queue.append(signum)
-        self.wakeup()
-
-    def wakeup(self) -> None:
-        try:
-            os.write(self.wake_w, b".")
-        except (BlockingIOError, OSError):
-            pass  # a full pipe will wake the loop anyway
-
-    def drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
     def handle_signals(self) -> None:
-        while self.signal_queue:
-            signum = self.signal_queue.pop(0)
-            name = signal.Signals(signum).name
+        while (signum := self.signals.pop()) is not None:
+            name = signal_name(signum)
             self.log.info("received %s", name)
             getattr(self, f"handle_{name[3:].lower()}")()
 
@@ -309,29 +236,8 @@ class Arbiter:
         if self.stopping:
             self.log.info("ignoring HUP: stopping")
             return
-        self.notifier.reloading()
-        started = time.monotonic()
-        try:
-            plan = self.load_plan()
-            if not isinstance(plan, Plan):
-                raise PlanError(f"load_plan() returned {plan!r}, not a Plan")
-        except Exception as exc:
-            self.log.error("reload failed: %s; keeping the running children", _one_line(exc))
-            self.log.debug("reload failure", exc_info=True)
-            if not self.awaiting_ready:  # otherwise the READY=1 still owed will follow
-                self.notifier.ready(self.status_line())
-            return
-        self.generation += 1
-        old = list(self.children.values())
-        self.log.info(
-            "reloading: retiring %d children, new plan: %s", len(old), self.describe_plan(plan)
-        )
-        self.set_plan(plan, fresh=True)
-        for child in old:
-            self.retire_child(child)
-        self.awaiting_ready = True
-        self.reloading = True
-        self.ready_wait_started = started
+        self.readiness.reload_started(time.monotonic())
+        self.start_image()
 
     def handle_usr1(self) -> None:
         if self.reopen_logs is not None:
@@ -349,155 +255,242 @@ class Arbiter:
 
     def scale(self, delta: int) -> None:
         if self.stopping:
-            self.log.info("ignoring %s: stopping", "TTIN" if delta > 0 else "TTOU")
             return
         plan = self.plan.scaled(delta)
-        changes = [
-            f"{old.name} {old.size} -> {new.size}"
-            for old, new in zip(self.plan.groups, plan.groups)
-            if old.size != new.size
-        ]
+        changes = [f"{old.name} {old.size} -> {new.size}" for old, new in zip(self.plan.groups, plan.groups)
+                   if old.size != new.size]
         if not changes:
             self.log.info("no scalable group can change size by %+d", delta)
             return
         self.log.info("scaling: %s", ", ".join(changes))
         self.set_plan(plan, fresh=False)
-        wanted = {slot.name for slot in self.slots}
-        for child in list(self.children.values()):
-            if child.slot not in wanted:
-                self.retire_child(child)
+        self.retire_unwanted()
 
-    # -- stopping ----------------------------------------------------------------------------------
+    # -- images ------------------------------------------------------------------------------------
 
-    def stop_gracefully(self) -> None:
-        self.stopping = GRACEFUL
-        self.stop_deadline = time.monotonic() + self.graceful_timeout
-        self.notifier.stopping()
-        self.log.info(
-            "graceful stop: waiting up to %.1fs for %d children", self.graceful_timeout, len(self.children)
-        )
-        for child in self.children.values():
-            child.retiring = True
-        self.kill_children(signal.SIGTERM)
+    def start_image(self) -> None:
+        if self.next_image is not None:
+            self.log.info("%s is superseded by a newer reload; killing it", self.next_image.describe())
+            self.kill_image(self.next_image)
+        self.generation += 1
+        fds = [*self.signals.fds(), *self.beat_fds, *(i.fileno() for i in self.images.values())]
+        if self.notifier.fileno() is not None:
+            fds.append(self.notifier.fileno())
+        image = start_image(self.build, self.generation, master_pid=self.pid, proc_name=self.proc_name,
+                            close_fds=fds, blocked=self.SIGNALS, reopen_logs=self.reopen_logs,
+                            on_fork=self.on_fork, logger=self.log)
+        self.images[image.pid] = image
+        self.poller.register(image.fileno(), select.POLLIN)
+        self.next_image = image
+        self.image_retry_at = None
+        self.log.info("starting %s", image.describe())
 
-    def stop_fast(self) -> None:
-        if self.stopping != FAST:
-            if not self.stopping:
-                self.notifier.stopping()
-            self.stopping = FAST
-            self.log.info("fast stop: killing %d children", len(self.children))
-        for child in self.children.values():
-            child.retiring = True
-            if not child.killed:
-                self.kill_child(child, signal.SIGKILL, "fast stop")
+    def read_images(self) -> None:
+        for image in list(self.images.values()):
+            if image.sock.fileno() < 0:
+                continue
+            for message in image.receive():
+                if "eof" in message:
+                    self.poller.unregister(image.fileno())
+                    image.close()
+                    self.drop_pending(image)
+                elif "ready" in message:
+                    self.image_ready(image, message)
+                elif "failed" in message:
+                    self.image_failed(image, str(message["failed"]), int(message.get("exit_code") or 3))
+                elif "spawned" in message:
+                    self.child_spawned(image, message["spawned"], int(message["pid"]))
+                elif "spawn_failed" in message:
+                    self.spawn_failed(image, message["spawn_failed"], str(message.get("error")))
+            if image.state == "retiring" and not image.outstanding and image.sock.fileno() >= 0:
+                self.poller.unregister(image.fileno())
+                image.close()  # EOF tells the image to exit
 
-    def kill_stragglers(self) -> None:
-        if self.stopping != GRACEFUL or time.monotonic() < self.stop_deadline:
+    def image_ready(self, image: Image, message: dict) -> None:
+        if image is not self.next_image:
             return
-        for child in self.children.values():
-            self.log.warning(
-                "%s still running %.1fs after TERM; killing", child.describe(), self.graceful_timeout
-            )
-            self.kill_child(child, signal.SIGKILL, "graceful timeout")
-        self.stopping = FAST
+        self.next_image = None
+        try:
+            plan = plan_from_description(message["ready"])
+        except Exception as exc:
+            self.image_failed(image, f"its plan is unusable: {exc}", 3)
+            return
+        old, self.image = self.image, image
+        image.state, image.plan = "up", plan
+        for name, value in (message.get("options") or {}).items():
+            if name in self.OPTIONS and value is not None:
+                setattr(self, name, value)
+        self.policy = self.restart_policy()
+        self.set_plan(plan, fresh=True)
+        outdated = [c for c in self.every_child() if c.generation < image.generation]
+        self.log.info("%s is up after %.2fs; %s: %s", image.describe(), time.monotonic() - image.started_at,
+                      f"rolling over {len(outdated)} children" if old else "plan", self.describe_plan())
+        if old is not None:
+            self.retire_image(old)
+        for child in outdated:
+            self.retire_child(child)
+        self.retire_unwanted()
+
+    def image_failed(self, image: Image, error: str, exit_code: int) -> None:
+        image.state, image.error = "failed", error
+        if image is not self.next_image:
+            return
+        self.next_image = None
+        if self.image is None and not self.readiness.ready_sent and not self.children:
+            self.log.error("%s; not starting", error)
+            self.exit_code = exit_code
+            self.stop_fast()
+        elif self.image is None:
+            self.log.error("no image: %s; keeping the running children, trying again in %.0fs", error, IMAGE_RETRY)
+            self.image_retry_at = time.monotonic() + IMAGE_RETRY
+        else:
+            self.log.error("reload failed: %s; keeping the running children", error)
+            self.readiness.reload_failed(self.status_line())
+
+    def image_exited(self, image: Image, code: int) -> None:
+        self.images.pop(image.pid, None)
+        if image.sock.fileno() >= 0:
+            self.poller.unregister(image.fileno())
+            image.close()
+        self.drop_pending(image)
+        if image.state == "starting":
+            self.image_failed(image, f"{image.describe()} exited with {describe_exit(code)} while starting", 3)
+        elif image is self.image and not self.stopping:
+            self.log.warning("%s exited with %s; starting a new image", image.describe(), describe_exit(code))
+            self.image = None
+            self.image_retry_at = time.monotonic()
+
+    def replace_dead_image(self) -> None:
+        if self.image is None and self.next_image is None and self.image_retry_at is not None \
+                and time.monotonic() >= self.image_retry_at:
+            self.start_image()
+
+    def retire_image(self, image: Image) -> None:
+        image.state = "retiring"
+
+    def kill_image(self, image: Image) -> None:
+        image.state = "retiring"
+        if image is self.next_image:
+            self.next_image = None
+        try:
+            os.kill(image.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     # -- children ----------------------------------------------------------------------------------
 
+    def every_child(self) -> list[Child]:
+        return [*self.children.values(), *self.pending]
+
+    def occupied(self) -> set[str]:
+        return {child.slot for child in self.every_child()}
+
     def set_plan(self, plan: Plan, *, fresh: bool) -> None:
-        """Make `plan` the one to fill. `fresh` forgets backoff and failure counts (a reload)."""
-        self.plan = plan
-        self.slots = plan.slots()
-        old_states = {} if fresh else self.slot_states
-        self.slot_states = {slot.name: old_states.get(slot.name) or SlotState() for slot in self.slots}
+        """Make `plan` the one to fill. `fresh` forgets backoff and failure counts (a new image)."""
+        self.plan, self.slots = plan, plan.slots()
+        old = {} if fresh else self.records
+        self.records = {slot.name: old.get(slot.name) or SlotRecord() for slot in self.slots}
+
+    def retire_unwanted(self) -> None:
+        wanted = {slot.name for slot in self.slots}
+        for child in self.every_child():
+            if child.slot not in wanted:
+                self.retire_child(child)
 
     def spawn_children(self) -> None:
-        now = time.monotonic()
-        occupied = {child.slot for child in self.children.values()}
+        image = self.image
+        if image is None or image.state != "up" or image.sock.fileno() < 0:
+            return
+        now, occupied = time.monotonic(), self.occupied()
         for slot in self.slots:
-            if slot.name not in occupied and self.slot_states[slot.name].next_start <= now:
-                self.spawn_child(slot)
+            if slot.name not in occupied and self.records[slot.name].next_start <= now:
+                self.spawn_child(image, slot, now)
 
-    def spawn_child(self, slot: Slot) -> None:
+    def spawn_child(self, image: Image, slot: Slot, now: float) -> None:
         beat_r, beat_w = os.pipe()
         os.set_blocking(beat_r, False)
-        os.set_blocking(beat_w, False)
-        ctx = ChildContext(
-            slot=slot.name,
-            group=slot.group.name,
-            index=slot.index,
-            master_pid=self.pid,
-            proc_name=self.proc_name,
-            heartbeat_fd=beat_w,
-            beat_interval=min(1.0, self.heartbeat_timeout / 10),
-        )
-        inherited = [self.wake_r, self.wake_w, beat_r, *(c.heartbeat_fd for c in self.children.values())]
-        if self.notifier.fileno() is not None:
-            inherited.append(self.notifier.fileno())
-        sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-            os.close(beat_r)
-            os.close(beat_w)
-            delay = min(self.backoff_cap, 1.0)
-            self.slot_states[slot.name].next_start = time.monotonic() + delay
-            self.log.error("cannot fork a child for %s: %s; trying again in %.1fs", slot.name, exc, delay)
-            return
-        if pid == 0:
-            try:
-                run_child(
-                    ctx,
-                    slot.group.target,
-                    close_fds=inherited,
-                    sigmask=sigmask,
-                    reopen_logs=self.reopen_logs,
-                    on_fork=self.on_fork,
-                    logger=self.log,
-                )
-            finally:
-                os._exit(1)
-        signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+        request = image.request_spawn(slot.name, slot.group.name, slot.index, beat_w,
+                                      min(1.0, self.heartbeat_timeout / 10))
         os.close(beat_w)
-        now = time.monotonic()
-        child = Child(
-            pid=pid,
-            slot=slot.name,
-            group=slot.group.name,
-            generation=self.generation,
-            heartbeat_fd=beat_r,
-            started_at=now,
-            last_beat=now,
-        )
-        self.children[pid] = child
+        if request is None:
+            os.close(beat_r)
+            self.records[slot.name].next_start = now + 1.0
+            self.log.error("cannot ask %s for a child for %s; trying again in 1s", image.describe(), slot.name)
+            return
+        child = Child(slot=slot.name, group=slot.group.name, generation=image.generation, heartbeat_fd=beat_r,
+                      started_at=now, last_beat=now, image=image, request=request)
+        self.pending.append(child)
         self.beat_fds[beat_r] = child
-        assert self.poller is not None
         self.poller.register(beat_r, select.POLLIN)
-        self.log.info("spawned %s", child.describe())
 
-    def record_heartbeat(self, child: Child, now: float) -> None:
+    def take_pending(self, image: Image, request: int) -> Child | None:
+        image.outstanding.discard(request)
+        for child in self.pending:
+            if child.image is image and child.request == request:
+                self.pending.remove(child)
+                child.image = None
+                return child
+        return None
+
+    def child_spawned(self, image: Image, request: int, pid: int) -> None:
+        child = self.take_pending(image, request)
+        if child is None:  # its slot was given up meanwhile: the master never wanted this child
+            os.kill(pid, signal.SIGKILL)
+            return
+        child.pid = pid
+        self.children[pid] = child
+        self.log.info("spawned %s", child.describe())
+        if pid in self.unknown_exits:  # it died before we heard of it
+            code, _ = self.unknown_exits.pop(pid)
+            self.forget_heartbeat_pipe(child, close=True)
+            self.child_exited(self.children.pop(pid), code)
+        elif self.stopping or child.retiring:
+            child.retiring = False
+            self.retire_child(child) if self.stopping != FAST else self.kill_child(child, signal.SIGKILL, "fast stop")
+
+    def spawn_failed(self, image: Image, request: int, error: str) -> None:
+        child = self.take_pending(image, request)
+        if child is not None:
+            self.forget_heartbeat_pipe(child, close=True)
+            self.records.get(child.slot, SlotRecord()).next_start = time.monotonic() + 1.0
+            self.log.error("%s could not fork a child for %s: %s", image.describe(), child.slot, error)
+
+    def drop_pending(self, image: Image) -> None:
+        for child in [c for c in self.pending if c.image is image]:
+            self.pending.remove(child)
+            self.forget_heartbeat_pipe(child, close=True)  # a child forked anyway sees EPIPE and exits
+        image.outstanding.clear()
+
+    def read_heartbeats(self, child: Child, now: float) -> None:
         try:
-            data = os.read(child.heartbeat_fd, 4096)
+            data = os.read(child.heartbeat_fd, 65536)
         except BlockingIOError:
             return
         if not data:
-            # The child closed its end (it is exiting). Stop polling the fd, or poll() would report
-            # it readable forever; it is closed when the child is reaped.
+            # The child closed its end (it is exiting). Stop polling the fd, or poll() would report it
+            # readable forever; it is closed when the child is reaped.
             self.forget_heartbeat_pipe(child, close=False)
             return
         child.last_beat = now
-        if not child.up:
-            child.up = True
-            self.log.debug("%s is up", child.describe())
+        child.up = True
+        *lines, child.buffer = (child.buffer + data).split(b"\n")
+        for line in filter(None, lines):
+            try:
+                report = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(report, dict):
+                child.state, child.state_at, child.working = report, now, True
+        child.buffer = child.buffer[-4096:]
 
     def forget_heartbeat_pipe(self, child: Child, *, close: bool) -> None:
-        if self.beat_fds.pop(child.heartbeat_fd, None) is not None and self.poller is not None:
+        if self.beat_fds.pop(child.heartbeat_fd, None) is not None:
             self.poller.unregister(child.heartbeat_fd)
         if close and child.heartbeat_fd >= 0:
             os.close(child.heartbeat_fd)
             child.heartbeat_fd = -1
 
-    def reap_children(self) -> None:
+    def reap(self) -> None:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -505,75 +498,88 @@ class Arbiter:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
-            if child is None:
-                self.log.debug("reaped pid %d, not one of our children", pid)
-                continue
-            self.forget_heartbeat_pipe(child, close=True)
-            self.child_exited(child, os.waitstatus_to_exitcode(status))
+            code = os.waitstatus_to_exitcode(status)
+            if pid in self.images:
+                self.image_exited(self.images[pid], code)
+            elif pid in self.children:
+                child = self.children.pop(pid)
+                self.forget_heartbeat_pipe(child, close=True)
+                self.child_exited(child, code)
+            else:  # a child whose pid its image has not told us yet (or a stray grandchild)
+                now = time.monotonic()
+                self.unknown_exits = {p: v for p, v in self.unknown_exits.items() if now - v[1] < 30}
+                self.unknown_exits[pid] = (code, now)
 
     def child_exited(self, child: Child, code: int) -> None:
         now = time.monotonic()
         uptime = now - child.started_at
-        how = f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)}"
-        self.log.log(
-            logging.INFO if code == 0 else logging.WARNING,
-            "%s exited with %s after %.1fs",
-            child.describe(),
-            how,
-            uptime,
-        )
-        state = self.slot_states.get(child.slot)
-        if self.stopping or state is None:
-            return  # nothing to refill: the master is stopping, or the slot left the plan
-        if child.retiring:
-            return  # its slot is refilled with a new child right away (new code after a reload)
+        how = describe_exit(code)
+        self.log.log(logging.INFO if code == 0 else logging.WARNING, "%s exited with %s after %.1fs",
+                     child.describe(), how, uptime)
+        record = self.records.get(child.slot)
+        if self.stopping or record is None or child.retiring:
+            return  # nothing to refill now, or a new child (new code) comes at once
         self.restarts += 1
-        if uptime >= self.min_uptime:
-            state.failures = 0
+        record.restarts += 1
+        verdict = judge_exit(self.policy, record.failures, uptime=uptime, code=code, was_working=child.working,
+                             retiring=False)
+        record.failures = verdict.failures
+        record.next_start = now + verdict.delay
+        if not verdict.failure:
             return
-        if code == 0:
-            return
-        state.failures += 1
-        if state.failures >= self.max_consecutive_failures:
-            self.log.error(
-                "slot %s died young %d times in a row (last: %s after %.1fs); giving up",
-                child.slot,
-                state.failures,
-                how,
-                uptime,
-            )
-            self.exit_code = EXIT_CRASHING
-            self.stop_fast()
-            return
-        delay = min(self.backoff_cap, self.backoff_base * 2 ** (state.failures - 1))
-        state.next_start = now + delay
-        self.log.warning(
-            "slot %s keeps dying young (%d consecutive); next start in %.1fs", child.slot, state.failures, delay
-        )
+        record.problem = f"died young {verdict.failures} times in a row (last: {how} after {uptime:.1f}s)"
+        if verdict.parked:
+            self.log.error("slot %s %s; parked: retrying every %.0fs", child.slot, record.problem, verdict.delay)
+            record.parked = True
+            if all_parked(self.records):
+                self.log.error("every slot is parked: children kept crashing; giving up")
+                self.exit_code = EXIT_CRASHING
+                self.stop_fast()
+        else:
+            self.log.warning("slot %s keeps dying young (%d consecutive); next start in %.1fs", child.slot,
+                             verdict.failures, verdict.delay)
+
+    def note_working(self) -> None:
+        """A slot whose child now works (or has lived min_uptime) is no longer failing."""
+        now = time.monotonic()
+        for child in self.children.values():
+            record = self.records.get(child.slot)
+            if record and record.failures and (child.working or now - child.started_at >= self.min_uptime):
+                if record.parked:
+                    self.log.info("slot %s is up again; no longer parked", child.slot)
+                record.failures, record.parked, record.problem = 0, False, None
 
     def retire_child(self, child: Child) -> None:
         if child.retiring:
             return
         child.retiring = True
         child.retire_deadline = time.monotonic() + self.graceful_timeout
-        self.kill_child(child, signal.SIGTERM)
+        if child.pid is not None:
+            self.kill_child(child, signal.SIGTERM)
 
     def murder_unresponsive(self) -> None:
         now = time.monotonic()
         for child in list(self.children.values()):
             silent = now - child.last_beat
-            if not child.killed and silent > self.heartbeat_timeout:
-                self.log.warning("%s missed heartbeats for %.0fs; killing", child.describe(), silent)
+            if child.killed:
+                continue
+            if child.aborted_at is None and silent > self.heartbeat_timeout:
+                self.log.warning("%s missed heartbeats for %.0fs; killing (SIGABRT: its stacks go to the log; "
+                                 "SIGKILL in %.0fs)", child.describe(), silent, ABORT_GRACE)
+                child.aborted_at = now
+                self.kill_child(child, signal.SIGABRT)
+            elif child.aborted_at is not None and now - child.aborted_at >= ABORT_GRACE:
                 self.kill_child(child, signal.SIGKILL, "missed heartbeats")
+        for child in list(self.pending):
+            if now - child.started_at > self.heartbeat_timeout and child.image is not None:
+                self.spawn_failed(child.image, child.request or 0, "no answer from the image")
 
     def murder_retirees(self) -> None:
         now = time.monotonic()
         for child in list(self.children.values()):
             if child.retire_deadline and not child.killed and now >= child.retire_deadline:
-                self.log.warning(
-                    "%s still running %.1fs after it was retired; killing", child.describe(), self.graceful_timeout
-                )
+                self.log.warning("%s still running %.1fs after it was retired; killing", child.describe(),
+                                 self.graceful_timeout)
                 self.kill_child(child, signal.SIGKILL, "retirement timeout")
 
     def kill_children(self, signum: int) -> None:
@@ -585,28 +591,59 @@ class Arbiter:
             child.killed = reason or "killed"
         try:
             os.kill(child.pid, signum)
-        except ProcessLookupError:
-            pass  # already gone; the reaper will see it
+        except (ProcessLookupError, TypeError):
+            pass  # already gone (the reaper will see it), or not forked yet
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def stop_gracefully(self) -> None:
+        self.stopping = GRACEFUL
+        self.stop_deadline = time.monotonic() + self.graceful_timeout
+        self.notifier.stopping()
+        self.log.info("graceful stop: waiting up to %.1fs for %d children", self.graceful_timeout,
+                      len(self.children))
+        for child in self.every_child():
+            child.retiring = True
+        self.kill_children(signal.SIGTERM)
+        self.stop_images()
+
+    def stop_fast(self) -> None:
+        if self.stopping != FAST:
+            if not self.stopping:
+                self.notifier.stopping()
+            self.stopping = FAST
+            self.log.info("fast stop: killing %d children", len(self.children))
+        for child in self.every_child():
+            child.retiring = True
+            if not child.killed and child.pid is not None:
+                self.kill_child(child, signal.SIGKILL, "fast stop")
+        self.stop_images()
+
+    def stop_images(self) -> None:
+        for image in self.images.values():
+            self.kill_image(image)
+        self.image = None
+
+    def kill_stragglers(self) -> None:
+        if self.stopping != GRACEFUL or time.monotonic() < self.stop_deadline:
+            return
+        for child in self.children.values():
+            self.log.warning("%s still running %.1fs after TERM; killing", child.describe(), self.graceful_timeout)
+        self.stop_fast()
 
     # -- readiness and status ----------------------------------------------------------------------
 
     def check_ready(self) -> None:
-        if not self.awaiting_ready:
+        self.note_working()
+        if self.image is None or not self.readiness.awaiting:
             return
-        up = {
-            c.slot for c in self.children.values() if c.up and not c.retiring and c.generation == self.generation
-        }
-        if any(slot.name not in up for slot in self.slots):
-            return
-        elapsed = time.monotonic() - self.ready_wait_started
-        if self.reloading:
-            self.log.info("reload done in %.2fs", elapsed)
-        else:
-            self.log.info("ready: %d children up in %.2fs", len(self.slots), elapsed)
-        self.awaiting_ready = False
-        self.reloading = False
-        self.last_status = self.status_line()
-        self.notifier.ready(self.last_status)
+        up = {c.slot for c in self.children.values()
+              if c.up and not c.retiring and c.generation == self.image.generation}
+        if all(slot.name in up for slot in self.slots):
+            self.readiness.all_up(time.monotonic(), len(self.slots), self.status_line())
+
+    def parked(self) -> list[str]:
+        return [name for name, record in self.records.items() if record.parked]
 
     def status_line(self) -> str:
         if self.stopping:
@@ -617,66 +654,63 @@ class Arbiter:
                 per_group[child.group] = per_group.get(child.group, 0) + 1
         counts = ", ".join(f"{name}: {n}" for name, n in per_group.items())
         line = f"{sum(per_group.values())} children up ({counts}); {self.restarts} restarts"
-        return f"reloading; {line}" if self.reloading else line
+        if self.parked():
+            line += f"; parked: {', '.join(self.parked())}"
+        return f"reloading; {line}" if self.readiness.reloading else line
 
-    def update_status(self) -> None:
+    def update_status(self, now: float) -> None:
         line = self.status_line()
-        if line != self.last_status:
-            self.last_status = line
-            self.notifier.status(line)
+        if line != self.readiness.last_status:
+            self.set_title(f"parked: {', '.join(self.parked())}" if self.parked() else "")
+        self.readiness.status(line)
+        if self.status_file is not None:
+            self.status_file.update(snapshot(self, now))
 
-    def notify_watchdog(self) -> None:
-        interval = self.notifier.watchdog_interval
-        if not interval:
-            return
-        now = time.monotonic()
-        if now >= self.next_watchdog:
-            self.notifier.watchdog()
-            self.next_watchdog = now + interval
+    def set_title(self, state: str = "") -> None:
+        set_title(f"{self.proc_name}: {self.title}" + (f" [{state}]" if state else ""))
 
-    def describe_plan(self, plan: Plan | None = None) -> str:
-        plan = plan or self.plan
-        return ", ".join(f"{group.name} x{group.size}" for group in plan.groups) or "no groups"
+    def describe_plan(self) -> str:
+        return ", ".join(f"{group.name} x{group.size}" for group in self.plan.groups) or "no groups"
 
     # -- cleanup -----------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        if self.children:
-            # Only reached when the loop died of a bug: do not leave children behind.
-            self.log.error("master leaving with %d children; killing them", len(self.children))
-            for child in list(self.children.values()):
-                self.kill_child(child, signal.SIGKILL, "master exiting")
-            for pid in list(self.children):
+        leftovers = [*self.children, *self.images]
+        if leftovers:
+            # Only reached when the loop died of a bug: do not leave processes behind.
+            self.log.error("master leaving with %d processes; killing them", len(leftovers))
+            for pid in leftovers:
                 try:
+                    os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)
-                except ChildProcessError:
+                except (ProcessLookupError, ChildProcessError):
                     pass
-                self.forget_heartbeat_pipe(self.children.pop(pid), close=True)
-        if self.saved_wakeup_fd is not None:
-            signal.set_wakeup_fd(self.saved_wakeup_fd)
-            self.saved_wakeup_fd = None
-        for signum, handler in self.saved_handlers.items():
-            # None means a handler installed outside Python; the default is the closest we can restore.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # type: ignore[arg-type]
-        self.saved_handlers.clear()
-        for fd in (self.wake_r, self.wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self.wake_r = self.wake_w = -1
-        self.poller = None
+        for child in [*self.children.values(), *self.pending]:
+            self.forget_heartbeat_pipe(child, close=True)
+        for image in self.images.values():
+            image.close()
+        self.children.clear()
+        self.images.clear()
+        self.signals.restore()
         self.notifier.close()
+        if self.status_file is not None:
+            self.status_file.remove()
         if self.pidfile is not None:
             self.pidfile.release()
             self.pidfile = None
 
 
-def _signal_name(signum: int) -> str:
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (the children the image forks through a middle process). Linux only."""
+    from .child import _libc
+
+    if _libc is None:
+        return False
     try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
+        return _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (AttributeError, OSError):
+        return False
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
+def describe_exit(code: int) -> str:
+    return f"exit code {code}" if code >= 0 else f"signal {signal_name(-code)}"

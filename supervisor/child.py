@@ -7,6 +7,8 @@ master's loop (where it would start acting as a second master).
 
 from __future__ import annotations
 
+import faulthandler
+import json
 import logging
 import os
 import signal
@@ -25,6 +27,11 @@ except (ImportError, OSError):  # a Python without ctypes, or no libc to load: n
     _libc = None
 
 _PR_SET_PDEATHSIG = 1
+# How long a child forked by the image waits to be re-parented to the master (the image's middle
+# process exits right after the fork, so this is normally well under a millisecond).
+REPARENT_TIMEOUT = 2.0
+# One state report must fit one atomic pipe write (PIPE_BUF), so the master never reads half of one.
+MAX_REPORT = 3000
 
 # The child must not talk to systemd in the master's name; with NotifyAccess=all it could.
 _MASTER_ONLY_ENVIRON = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -48,8 +55,11 @@ class ChildContext:
         proc_name: str,
         heartbeat_fd: int,
         beat_interval: float = 1.0,
+        generation: int = 0,
     ) -> None:
         self.slot = slot
+        self.generation = generation
+        self.orphaned = False  # the master closed our heartbeat pipe: it is gone or no longer knows us
         self.group = group
         self.index = index
         self.master_pid = master_pid
@@ -60,6 +70,7 @@ class ChildContext:
         # not turn that into thousands of wake-ups a second.
         self._beat_interval = beat_interval
         self._last_beat = float("-inf")
+        self._last_report: tuple | None = None
 
     def __repr__(self) -> str:
         return f"<ChildContext {self.slot} master={self.master_pid}>"
@@ -69,19 +80,59 @@ class ChildContext:
         if now - self._last_beat < self._beat_interval:
             return
         self._last_beat = now
+        self._write(b"\n")
+
+    def report(self, state: str, task: str | None = None, task_id: str | None = None,
+               age: float | None = None) -> None:
+        """Tell the master what this child does now ("idle", "running" a task); sent on change only.
+
+        A consumer reports "idle" once it consumes: the master counts it as up and able to work from
+        then on, so a later death is a task's problem, not a failure to start.
+        """
+        key = (state, task, task_id)
+        if key == self._last_report:
+            return
+        self._last_report = key
+        record = {"state": state, "task": _bounded(task), "task_id": _bounded(task_id), "age": age}
+        line = json.dumps(record).encode("utf-8", "replace")[:MAX_REPORT]
+        self._last_beat = time.monotonic()
+        self._write(line + b"\n")
+
+    def _write(self, data: bytes) -> None:
         try:
-            os.write(self._heartbeat_fd, b".")
-        except (BlockingIOError, BrokenPipeError):
-            # A full pipe means the master has beats it has not read yet; a broken one means the
-            # master is gone, which master_alive() and PDEATHSIG deal with.
-            pass
+            os.write(self._heartbeat_fd, data)
+        except BlockingIOError:
+            pass  # a full pipe: the master has beats it has not read yet
+        except OSError:
+            # Broken: the master is gone, or it dropped us (it never learnt our pid). Either way no
+            # one supervises this process; master_alive() says so, and the body exits.
+            self.orphaned = True
 
     def set_title(self, state: str) -> None:
         title = f"{self._proc_name}: {self.slot}"
-        setproctitle(f"{title} {state}" if state else title)
+        set_title(f"{title} {state}" if state else title)
 
     def master_alive(self) -> bool:
-        return os.getppid() == self.master_pid
+        return not self.orphaned and os.getppid() == self.master_pid
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters (and other unprintables) shown as escapes, for titles and logs."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def set_title(title: object) -> None:
+    """Set the process title; never raises, whatever the text (it may come from a message)."""
+    try:
+        setproctitle(escape_control(str(title))[:1024])
+    except Exception:
+        pass
+
+
+def _bounded(text: str | None, limit: int = 500) -> str | None:
+    return None if text is None else escape_control(str(text))[:limit]
 
 
 class _SignalRelay:
@@ -175,6 +226,7 @@ def run_child(
         # nor, once the number is reused, whatever file or socket gets that fd next.
         signal.set_wakeup_fd(-1)
         ctx.set_title("")
+        _dump_stacks_on_abort()
         relay = _SignalRelay(ctx, reopen_logs, logger)
         relay.install()
         relay.start()
@@ -189,6 +241,7 @@ def run_child(
                 pass
         for name in _MASTER_ONLY_ENVIRON:
             os.environ.pop(name, None)
+        _wait_for_master_as_parent(ctx.master_pid)
         die_with_parent()
         if os.getppid() != ctx.master_pid:
             # The master died between fork() and prctl(): PDEATHSIG will never fire for us.
@@ -208,6 +261,28 @@ def run_child(
     finally:
         _flush_output()
         os._exit(code)
+
+
+def _wait_for_master_as_parent(master_pid: int) -> None:
+    """A child forked by the image through a middle process becomes the master's (a subreaper) once
+    that process exits. PDEATHSIG set before that would fire on the middle process's exit."""
+    deadline = time.monotonic() + REPARENT_TIMEOUT
+    while os.getppid() != master_pid and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
+def _dump_stacks_on_abort() -> None:
+    """The master sends SIGABRT to a child that stopped beating: every thread's stack goes to the log
+    file (or stderr), so the hang can be diagnosed, before the default action ends the process."""
+    stream = None
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler.stream is not None:
+            stream = handler.stream
+            break
+    try:
+        faulthandler.enable(file=stream or sys.stderr, all_threads=True)
+    except (ValueError, OSError, AttributeError):
+        pass  # no usable file descriptor (a test's captured stderr): no stacks, still a clean abort
 
 
 def _flush_output() -> None:
