@@ -528,13 +528,17 @@ class Arbiter:
         if not verdict.failure:
             return
         record.problem = f"died young {verdict.failures} times in a row (last: {how} after {uptime:.1f}s)"
-        if verdict.parked:
-            self.log.error("slot %s %s; parked: retrying every %.0fs", child.slot, record.problem, verdict.delay)
+        if verdict.parked and not record.parked:
+            self.log.error("slot %s %s; parked: retrying with a backoff of up to %.0fs; the other slots run on",
+                           child.slot, record.problem, self.policy.park_cap)
             record.parked = True
             if all_parked(self.records):
                 self.log.error("every slot is parked: children kept crashing; giving up")
                 self.exit_code = EXIT_CRASHING
                 self.stop_fast()
+        elif verdict.parked:
+            self.log.warning("slot %s is still parked (%d failures in a row); next start in %.1fs", child.slot,
+                             verdict.failures, verdict.delay)
         else:
             self.log.warning("slot %s keeps dying young (%d consecutive); next start in %.1fs", child.slot,
                              verdict.failures, verdict.delay)
@@ -635,8 +639,8 @@ class Arbiter:
 
     def check_ready(self) -> None:
         self.note_working()
-        if self.image is None or not self.readiness.awaiting:
-            return
+        if self.image is None or self.next_image is not None or not self.readiness.awaiting:
+            return  # nothing to serve yet, or a reload's image still building
         up = {c.slot for c in self.children.values()
               if c.up and not c.retiring and c.generation == self.image.generation}
         if all(slot.name in up for slot in self.slots):

@@ -92,6 +92,7 @@ class Supervisor:
         self.workdir = workdir
         self.name = name
         self.log_path = workdir / f'{name}.log'
+        self.status_path = workdir / f'{name}.status.json'
         self.out_path = workdir / f'{name}.out'
         self.env = env
         self.args = [sys.executable, '-m', 'carrot.cli', *flags]
@@ -112,6 +113,15 @@ class Supervisor:
             return self.log_path.read_text(errors='replace')
         except FileNotFoundError:
             return ''
+
+    def status(self) -> dict | None:
+        """The master's status snapshot (carrot/status.py), or None before it wrote one."""
+        from carrot.status import read_snapshot
+        return read_snapshot(self.status_path)
+
+    def slot_status(self, name) -> dict | None:
+        document = self.status() or {}
+        return next((s for s in document.get('slots', ()) if s['name'] == name), None)
 
     def output_text(self) -> str:
         try:
@@ -286,7 +296,8 @@ class Starter:
         if settings:
             args += ['--settings', SETTINGS]
         if logfile:
-            args += ['--logfile', str(self.workdir / f'{name}.log')]
+            args += ['--logfile', str(self.workdir / f'{name}.log'),
+                     '--status-file', str(self.workdir / f'{name}.status.json')]
         if not scheduler:
             args.append('--no-scheduler')
         supervisor = Supervisor(self.workdir, environ, [*args, *flags], name)
