@@ -111,3 +111,23 @@ def subprocess_env(transactional_db):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
     return env
+
+
+# -- process-level supervisor tests (tests/supervisor_harness.py) --------------------------------------
+
+@pytest.fixture
+def start_supervisor(subprocess_env, tmp_path):
+    """A function that starts carrot-supervisor subprocesses; all of them are gone after the test."""
+    from tests.supervisor_harness import Starter
+    starter = Starter(subprocess_env, tmp_path)
+    yield starter
+    starter.cleanup()
+
+
+@pytest.fixture
+def notify_socket():
+    """A stand-in for systemd's NOTIFY_SOCKET (tests.supervisor_harness.NotifySocket)."""
+    from tests.supervisor_harness import NotifySocket
+    sock = NotifySocket()
+    yield sock
+    sock.close()

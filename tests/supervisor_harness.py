@@ -16,7 +16,9 @@ import os
 import re
 import signal
 import subprocess
+import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -328,14 +330,6 @@ class Starter:
             raise errors[0]
 
 
-@pytest.fixture
-def start_supervisor(subprocess_env, tmp_path):
-    """A function that starts carrot-supervisor subprocesses; all of them are gone after the test."""
-    starter = Starter(subprocess_env, tmp_path)
-    yield starter
-    starter.cleanup()
-
-
 # -- messages and logs ----------------------------------------------------------------------------
 
 def worker_pid(log) -> int | None:
@@ -414,3 +408,47 @@ class Sampler(threading.Thread):
     def stop(self):
         self._stop_event.set()
         self.join(5)
+
+
+# -- sd_notify ----------------------------------------------------------------------------------
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET; knows which pid sent each message."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix='carrot-notify-')  # short: AF_UNIX paths are limited
+        self.path = os.path.join(self.dir, 'notify')
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, int, dict]] = []  # (time, sender pid, assignments)
+
+    def receive(self):
+        try:
+            data, ancdata, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        except (socket.timeout, BlockingIOError):
+            return
+        sender = None
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                sender = int.from_bytes(payload[:4], sys.byteorder)
+        fields = dict(line.split('=', 1) for line in data.decode().splitlines() if '=' in line)
+        self.messages.append((time.monotonic(), sender, fields))
+
+    def wait_for(self, supervisor, key, value=None, timeout=15, after=0):
+        """The index of the first message from `after` on that sets `key` (to `value`)."""
+        def find():
+            self.receive()
+            for index in range(after, len(self.messages)):
+                fields = self.messages[index][2]
+                if key in fields and (value is None or fields[key] == value):
+                    return index + 1  # truthy even for index 0
+            return None
+        return supervisor.wait_for(find, timeout, lambda: f'{key}={value or "..."} on NOTIFY_SOCKET; got '
+                                   f'{[m[2] for m in self.messages]}') - 1
+
+    def close(self):
+        self.sock.close()
+        os.unlink(self.path)
+        os.rmdir(self.dir)

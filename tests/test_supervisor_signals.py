@@ -18,7 +18,6 @@ from carrot.utilities import publish_message
 from tests.conftest import queue_depth, raw_connection
 from tests.supervisor_harness import (Sampler, alive, figure, publish_raw, wait_all_completed, wait_for,
                                       wait_status, worker_pid)
-from tests.supervisor_harness import start_supervisor  # noqa: F401 (a fixture)
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -15,7 +15,6 @@ from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import dead_letters, queue_depth
 from tests.supervisor_harness import alive, figure, wait_all_completed, wait_for, wait_status, worker_pid
-from tests.supervisor_harness import start_supervisor  # noqa: F401 (a fixture)
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -80,3 +80,15 @@ def backend_pid(pause=0.0):
         pid = cursor.fetchone()[0]
     time.sleep(pause)
     return pid
+
+
+# -- supervisor (warm image, hung children) ---------------------------------------------------------
+
+def hold_the_gil(seconds=30):
+    """Keep the interpreter's lock for about `seconds` without running a bytecode: no other thread of
+    the worker (its broker connection, its heartbeats) gets to run -- a hang as the master sees it."""
+    import re
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        re.match(r'(a+)+$', 'a' * 28 + 'b')  # catastrophic backtracking, all in C, GIL held
+    return 'done'
