@@ -271,16 +271,24 @@ def _wait_for_master_as_parent(master_pid: int) -> None:
         time.sleep(0.0005)
 
 
+_fault_file = None  # kept open for faulthandler, which writes to its descriptor from a signal handler
+
+
 def _dump_stacks_on_abort() -> None:
     """The master sends SIGABRT to a child that stopped beating: every thread's stack goes to the log
     file (or stderr), so the hang can be diagnosed, before the default action ends the process."""
-    stream = None
+    global _fault_file
+    stream = sys.stderr
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and handler.stream is not None:
-            stream = handler.stream
+        if isinstance(handler, logging.FileHandler):
+            try:
+                # A file of our own: the handler's stream may be closed or reopened under us.
+                _fault_file = stream = open(handler.baseFilename, "a")
+            except OSError:
+                pass
             break
     try:
-        faulthandler.enable(file=stream or sys.stderr, all_threads=True)
+        faulthandler.enable(file=stream, all_threads=True)
     except (ValueError, OSError, AttributeError):
         pass  # no usable file descriptor (a test's captured stderr): no stacks, still a clean abort
 

@@ -191,7 +191,7 @@ def test_a_broken_file_during_a_rollover_keeps_the_rollover_going(start_supervis
     start_supervisor.write_extra("CARROT['queues'][1]['concurrency'] = 2\n")
     supervisor.signal(signal.SIGHUP)
     supervisor.wait_log(r'image generation 2 \(pid \d+\) is up')
-    start_supervisor.write_extra("CARROT = None\n")  # invalid, mid-rollover
+    start_supervisor.write_extra("CARROT['queues'][1]['concurrency'] = (\n")  # broken, mid-rollover
     mark = len(supervisor.log())
     supervisor.signal(signal.SIGHUP)
     supervisor.wait_log(r'reload failed: .*; keeping the running children', after=mark, timeout=20)
