@@ -472,7 +472,9 @@ class Arbiter:
             self.forget_heartbeat_pipe(child, close=False)
             return
         child.last_beat = now
-        child.up = True
+        if not child.up:
+            child.up = True
+            self.log.debug("%s is up", child.describe())
         *lines, child.buffer = (child.buffer + data).split(b"\n")
         for line in filter(None, lines):
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,6 +113,8 @@ class Master:
             except psutil.NoSuchProcess:
                 continue
             rest = title[len(prefix):] if title.startswith(prefix) else ""
+            if rest.startswith("image "):
+                continue  # the warm image that forks the children, not a slot's child
             if not rest or rest == "master":
                 found.append((kid.pid, None, None))
                 continue
@@ -245,35 +248,47 @@ def test_killed_child_is_replaced_within_a_second(start_master):
 
 
 @pytest.mark.timeout(40)
-def test_crash_looping_slot_backs_off_then_master_gives_up(start_master):
+def test_crash_looping_slot_backs_off_then_is_parked_and_the_others_run_on(start_master):
     master = start_master([group("consumer steady", 1), group("consumer broken", 1, "crash")],
                           min_uptime=1, backoff_base=0.2, backoff_cap=0.4, max_consecutive_failures=4)
     steady = wait_for(lambda: master.by_slot().get("consumer steady#1"), 10, "the steady child")
     seen_steady = set()
-    while master.proc.poll() is None:
+    deadline = time.monotonic() + 15
+    while "parked" not in master.log() and time.monotonic() < deadline:
         pid = master.by_slot().get("consumer steady#1")
         if pid:
             seen_steady.add(pid)
         time.sleep(0.02)
-        if len(master.records("consumer broken#1")) > 10:
-            break
-    assert master.wait_exit(10) == exitcodes.EXIT_CRASHING
+    master.wait_log("slot consumer broken#1 died young 4 times in a row")
+    time.sleep(0.5)
+    assert master.proc.poll() is None  # one parked slot does not stop the master
 
     log = master.log()
     assert "slot consumer broken#1 keeps dying young (1 consecutive); next start in 0.2s" in log
     assert "slot consumer broken#1 keeps dying young (2 consecutive); next start in 0.4s" in log
     assert "slot consumer broken#1 keeps dying young (3 consecutive); next start in 0.4s" in log
-    assert "slot consumer broken#1 died young 4 times in a row" in log
     assert "keeps dying young (4 consecutive)" not in log
+    assert "parked: retrying with a backoff of up to 60s" in log
     # The other slot never noticed.
     assert seen_steady == {steady}
-    assert len(master.records("consumer steady#1")) == 1
+    assert master.by_slot()["consumer steady#1"] == steady
     starts = [r["started"] for r in master.records("consumer broken#1")]
     assert len(starts) == 4
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     print(f"\ncrash loop: gaps between starts {', '.join(f'{g:.2f}s' for g in gaps)} (backoff 0.2, 0.4, 0.4)")
     for gap, delay in zip(gaps, (0.2, 0.4, 0.4)):
         assert gap >= delay * 0.9
+
+
+@pytest.mark.timeout(40)
+def test_master_gives_up_when_every_slot_is_parked(start_master):
+    master = start_master([group("consumer broken", 2, "crash")], min_uptime=1, backoff_base=0.1,
+                          backoff_cap=0.2, max_consecutive_failures=3)
+    assert master.wait_exit(20) == exitcodes.EXIT_CRASHING
+    log = master.log()
+    assert "slot consumer broken#1 died young 3 times in a row" in log
+    assert "slot consumer broken#2 died young 3 times in a row" in log
+    assert "every slot is parked: children kept crashing; giving up" in log
 
 
 @pytest.mark.timeout(30)
@@ -294,7 +309,8 @@ def test_hung_child_is_killed_and_replaced(start_master):
              lambda: f"a replacement for the hung child{master.tail()}")
     print(f"\nhung child killed {noticed:.2f}s after it was seen hanging (heartbeat timeout 1.5s)")
     assert gone(first)
-    assert f"consumer hang#1 (pid {first}) exited with signal SIGKILL" in master.log()
+    # SIGABRT first (faulthandler dumps its stacks), SIGKILL if that did not end it.
+    assert re.search(rf"consumer hang#1 \(pid {first}\) exited with signal SIG(ABRT|KILL)", master.log())
     assert master.by_slot()["consumer ok#1"] == ok
 
 
@@ -526,7 +542,7 @@ def test_broken_plan_at_start_exits_with_config_code(start_master):
     master = start_master([])
     master.write_raw_plan("[")
     assert master.wait_exit(10) == exitcodes.EXIT_CONFIG
-    assert "cannot load the plan" in master.log()
+    assert re.search(r"JSONDecodeError: .*; not starting", master.log()), master.tail()
     assert master.records() == []
 
 
@@ -656,7 +672,7 @@ def test_heartbeats_are_rate_limited():
                            heartbeat_fd=write_fd, beat_interval=10)
         for _ in range(100):
             ctx.heartbeat()
-        assert os.read(read_fd, 100) == b"."
+        assert os.read(read_fd, 100) == b"\n"
         assert ctx.master_alive() is False  # our parent is not us
     finally:
         os.close(read_fd)
