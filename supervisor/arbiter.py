@@ -35,58 +35,29 @@ Signals
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
-from .child import set_title
+from .child import become_subreaper, describe_exit, set_title
+from .children import Child, ChildTable
 from .exitcodes import EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
-from .image import Build, Image, plan_from_description, start_image
-from .pidfile import Pidfile, PidfileHeld
+from .image import Build, Image, ImageSet, plan_from_description, start_image
+from .pidfile import Pidfile
 from .plan import Plan, Slot
 from .readiness import Readiness
-from .restarts import RestartPolicy, SlotRecord, all_parked, judge_exit
+from .restarts import RestartPolicy, SlotBook, SlotRecord
 from .sdnotify import Notifier
 from .signals import SignalQueue, signal_name
-from .status import StatusFile, snapshot
+from .status import StatusFile, snapshot, status_line
 
 GRACEFUL = "graceful"
 FAST = "fast"
 ABORT_GRACE = 2.0  # seconds between SIGABRT (stacks to the log) and SIGKILL for a hung child
 IMAGE_RETRY = 5.0  # seconds before a replacement for a dead image is tried again after it failed
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-@dataclass(eq=False)
-class Child:
-    """The master's record of one child, from the spawn request (pid None) until it is reaped."""
-
-    slot: str
-    group: str
-    generation: int
-    heartbeat_fd: int
-    started_at: float
-    last_beat: float
-    pid: int | None = None
-    image: Image | None = None  # the image asked for it, until it answers with the pid
-    request: int | None = None
-    up: bool = False  # has sent a heartbeat: its body is running, not just forked
-    working: bool = False  # has reported a state (a consumer on its queue): able to do its job
-    state: dict = field(default_factory=dict)  # its last report: state, task, task_id, age
-    state_at: float = 0.0
-    retiring: bool = False  # asked to go (reload, TTOU, stop): its exit is no failure
-    retire_deadline: float | None = None
-    aborted_at: float | None = None
-    killed: str | None = None  # why the master SIGKILLed it, if it did
-    buffer: bytes = b""
-
-    def describe(self) -> str:
-        return f"{self.slot} (pid {self.pid})"
 
 
 class Arbiter:
@@ -108,7 +79,7 @@ class Arbiter:
         self.graceful_timeout, self.heartbeat_timeout = graceful_timeout, heartbeat_timeout
         self.min_uptime, self.backoff_base, self.backoff_cap = min_uptime, backoff_base, backoff_cap
         self.max_consecutive_failures, self.park_cap = max_consecutive_failures, park_cap
-        self.policy = self.restart_policy()
+        self.book = SlotBook(self.restart_policy())
         self.pidfile_path, self.reopen_logs, self.on_fork = pidfile, reopen_logs, on_fork
         self.status_file = StatusFile(status_file) if status_file else None
         self.status_extra = dict(status_extra or {})
@@ -118,14 +89,6 @@ class Arbiter:
         self.started = time.time()
         self.plan = Plan(())
         self.slots: list[Slot] = []
-        self.records: dict[str, SlotRecord] = {}
-        self.children: dict[int, Child] = {}  # by pid
-        self.pending: list[Child] = []  # asked of an image, pid not known yet
-        self.beat_fds: dict[int, Child] = {}
-        self.images: dict[int, Image] = {}  # every image process not reaped yet, by pid
-        self.image: Image | None = None  # the one that serves
-        self.next_image: Image | None = None  # the one being built
-        self.image_retry_at: float | None = None
         self.generation = 0
         self.restarts = 0
         self.unknown_exits: dict[int, tuple[int, float]] = {}  # reaped before the image told us the pid
@@ -134,6 +97,8 @@ class Arbiter:
         self.exit_code = EXIT_OK
         self.signals = SignalQueue(self.SIGNALS)
         self.poller = select.poll()
+        self.table = ChildTable(self.poller, self.log)
+        self.images = ImageSet(self.poller)
         self.notifier = Notifier({}, logger=self.log)  # the real one is made in run(): see there
         self.readiness = Readiness(self.notifier, self.log)
         self.pidfile: Pidfile | None = None
@@ -152,13 +117,8 @@ class Arbiter:
         self.readiness = Readiness(self.notifier, self.log)
         self.set_title()
         if self.pidfile_path:
-            self.pidfile = Pidfile(self.pidfile_path, logger=self.log)
-            try:
-                self.pidfile.acquire()
-            except (PidfileHeld, OSError) as exc:
-                self.log.error("%s; not starting", exc if isinstance(exc, PidfileHeld) else
-                               f"cannot write pidfile {self.pidfile_path}: {exc}")
-                self.pidfile = None
+            self.pidfile = Pidfile.take(self.pidfile_path, self.log)
+            if self.pidfile is None:
                 return EXIT_PIDFILE
         try:
             self.signals.install(self.poller)  # first: a TERM during the first image's build is queued
@@ -176,7 +136,7 @@ class Arbiter:
             self.reap()
             self.read_images()
             if self.stopping:
-                if not self.children and not self.pending and not self.images:
+                if not self.table.every() and not self.images:
                     break
                 self.kill_stragglers()
             else:
@@ -198,8 +158,8 @@ class Arbiter:
         for fd, _mask in events:
             if fd == self.signals.wake_r:
                 self.signals.drain()
-            elif fd in self.beat_fds:
-                self.read_heartbeats(self.beat_fds[fd], now)
+            elif fd in self.table.by_fd:
+                self.table.read(fd, now)
 
     def sleep_timeout(self) -> float:
         now = time.monotonic()
@@ -207,8 +167,8 @@ class Arbiter:
         if self.stopping == GRACEFUL:
             deadlines.append(self.stop_deadline)
         if not self.stopping:
-            deadlines += [self.records[s.name].next_start for s in self.slots if s.name not in self.occupied()]
-            for c in self.children.values():
+            deadlines += [self.book.records[s.name].next_start for s in self.slots if s.name not in self.table.occupied()]
+            for c in self.table.running():
                 deadlines += [c.retire_deadline or now + 1, (c.aborted_at or c.last_beat) + self.heartbeat_timeout]
         return max(0.0, min(deadlines) - now)
 
@@ -269,228 +229,134 @@ class Arbiter:
     # -- images ------------------------------------------------------------------------------------
 
     def start_image(self) -> None:
-        if self.next_image is not None:
-            self.log.info("%s is superseded by a newer reload; killing it", self.next_image.describe())
-            self.kill_image(self.next_image)
+        if self.images.building is not None:
+            self.log.info("%s is superseded by a newer reload; killing it", self.images.building.describe())
+            self.images.kill(self.images.building)
         self.generation += 1
-        fds = [*self.signals.fds(), *self.beat_fds, *(i.fileno() for i in self.images.values())]
+        fds = [*self.signals.fds(), *self.table.by_fd, *self.images.fds()]
         if self.notifier.fileno() is not None:
             fds.append(self.notifier.fileno())
         image = start_image(self.build, self.generation, master_pid=self.pid, proc_name=self.proc_name,
                             close_fds=fds, blocked=self.SIGNALS, reopen_logs=self.reopen_logs,
                             on_fork=self.on_fork, logger=self.log)
-        self.images[image.pid] = image
-        self.poller.register(image.fileno(), select.POLLIN)
-        self.next_image = image
-        self.image_retry_at = None
+        self.images.add(image)
         self.log.info("starting %s", image.describe())
 
     def read_images(self) -> None:
-        for image in list(self.images.values()):
-            if image.sock.fileno() < 0:
-                continue
-            for message in image.receive():
-                if "eof" in message:
-                    self.poller.unregister(image.fileno())
-                    image.close()
-                    self.drop_pending(image)
-                elif "ready" in message:
-                    self.image_ready(image, message)
-                elif "failed" in message:
-                    self.image_failed(image, str(message["failed"]), int(message.get("exit_code") or 3))
-                elif "spawned" in message:
-                    self.child_spawned(image, message["spawned"], int(message["pid"]))
-                elif "spawn_failed" in message:
-                    self.spawn_failed(image, message["spawn_failed"], str(message.get("error")))
-            if image.state == "retiring" and not image.outstanding and image.sock.fileno() >= 0:
-                self.poller.unregister(image.fileno())
-                image.close()  # EOF tells the image to exit
+        for image, message in self.images.messages():
+            if "eof" in message:
+                self.table.drop_pending(image)
+            elif "ready" in message:
+                self.image_ready(image, message)
+            elif "failed" in message:
+                self.image_failed(image, str(message["failed"]), int(message.get("exit_code") or 3))
+            elif "spawned" in message:
+                self.child_spawned(image, message["spawned"], int(message["pid"]))
+            elif "spawn_failed" in message:
+                self.spawn_failed(image, message["spawn_failed"], str(message.get("error")))
 
     def image_ready(self, image: Image, message: dict) -> None:
-        if image is not self.next_image:
+        if image is not self.images.building:
             return
-        self.next_image = None
+        self.images.building = None
         try:
             plan = plan_from_description(message["ready"])
         except Exception as exc:
             self.image_failed(image, f"its plan is unusable: {exc}", 3)
             return
-        old, self.image = self.image, image
+        old, self.images.serving = self.images.serving, image
         image.state, image.plan = "up", plan
         for name, value in (message.get("options") or {}).items():
             if name in self.OPTIONS and value is not None:
                 setattr(self, name, value)
-        self.policy = self.restart_policy()
+        self.book.policy = self.restart_policy()
         self.set_plan(plan, fresh=True)
-        outdated = [c for c in self.every_child() if c.generation < image.generation]
+        outdated = [c for c in self.table.every() if c.generation < image.generation]
         self.log.info("%s is up after %.2fs; %s: %s", image.describe(), time.monotonic() - image.started_at,
                       f"rolling over {len(outdated)} children" if old else "plan", self.describe_plan())
         if old is not None:
-            self.retire_image(old)
+            old.state = "retiring"  # its channel is closed once it has answered every request
         for child in outdated:
             self.retire_child(child)
         self.retire_unwanted()
 
     def image_failed(self, image: Image, error: str, exit_code: int) -> None:
         image.state, image.error = "failed", error
-        if image is not self.next_image:
+        if image is not self.images.building:
             return
-        self.next_image = None
-        if self.image is None and not self.readiness.ready_sent and not self.children:
+        self.images.building = None
+        if self.images.serving is None and not self.readiness.ready_sent and not len(self.table):
             self.log.error("%s; not starting", error)
             self.exit_code = exit_code
             self.stop_fast()
-        elif self.image is None:
+        elif self.images.serving is None:
             self.log.error("no image: %s; keeping the running children, trying again in %.0fs", error, IMAGE_RETRY)
-            self.image_retry_at = time.monotonic() + IMAGE_RETRY
+            self.images.retry_at = time.monotonic() + IMAGE_RETRY
         else:
             self.log.error("reload failed: %s; keeping the running children", error)
             self.readiness.reload_failed(self.status_line())
 
     def image_exited(self, image: Image, code: int) -> None:
-        self.images.pop(image.pid, None)
-        if image.sock.fileno() >= 0:
-            self.poller.unregister(image.fileno())
-            image.close()
-        self.drop_pending(image)
+        self.table.drop_pending(image)
         if image.state == "starting":
             self.image_failed(image, f"{image.describe()} exited with {describe_exit(code)} while starting", 3)
-        elif image is self.image and not self.stopping:
+        elif image is self.images.serving and not self.stopping:
             self.log.warning("%s exited with %s; starting a new image", image.describe(), describe_exit(code))
-            self.image = None
-            self.image_retry_at = time.monotonic()
+            self.images.serving = None
+            self.images.retry_at = time.monotonic()
 
     def replace_dead_image(self) -> None:
-        if self.image is None and self.next_image is None and self.image_retry_at is not None \
-                and time.monotonic() >= self.image_retry_at:
+        if self.images.serving is None and self.images.building is None and self.images.retry_at is not None \
+                and time.monotonic() >= self.images.retry_at:
             self.start_image()
 
-    def retire_image(self, image: Image) -> None:
-        image.state = "retiring"
-
-    def kill_image(self, image: Image) -> None:
-        image.state = "retiring"
-        if image is self.next_image:
-            self.next_image = None
-        try:
-            os.kill(image.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
     # -- children ----------------------------------------------------------------------------------
-
-    def every_child(self) -> list[Child]:
-        return [*self.children.values(), *self.pending]
-
-    def occupied(self) -> set[str]:
-        return {child.slot for child in self.every_child()}
 
     def set_plan(self, plan: Plan, *, fresh: bool) -> None:
         """Make `plan` the one to fill. `fresh` forgets backoff and failure counts (a new image)."""
         self.plan, self.slots = plan, plan.slots()
-        old = {} if fresh else self.records
-        self.records = {slot.name: old.get(slot.name) or SlotRecord() for slot in self.slots}
+        self.book.reset([slot.name for slot in self.slots], fresh=fresh)
 
     def retire_unwanted(self) -> None:
         wanted = {slot.name for slot in self.slots}
-        for child in self.every_child():
+        for child in self.table.every():
             if child.slot not in wanted:
                 self.retire_child(child)
 
     def spawn_children(self) -> None:
-        image = self.image
+        image = self.images.serving
         if image is None or image.state != "up" or image.sock.fileno() < 0:
             return
-        now, occupied = time.monotonic(), self.occupied()
+        now, occupied = time.monotonic(), self.table.occupied()
         for slot in self.slots:
-            if slot.name not in occupied and self.records[slot.name].next_start <= now:
+            if slot.name not in occupied and self.book.records[slot.name].next_start <= now:
                 self.spawn_child(image, slot, now)
 
     def spawn_child(self, image: Image, slot: Slot, now: float) -> None:
-        beat_r, beat_w = os.pipe()
-        os.set_blocking(beat_r, False)
-        request = image.request_spawn(slot.name, slot.group.name, slot.index, beat_w,
-                                      min(1.0, self.heartbeat_timeout / 10))
-        os.close(beat_w)
-        if request is None:
-            os.close(beat_r)
-            self.records[slot.name].next_start = now + 1.0
+        if self.table.request(image, slot, min(1.0, self.heartbeat_timeout / 10)) is None:
+            self.book.records[slot.name].next_start = now + 1.0
             self.log.error("cannot ask %s for a child for %s; trying again in 1s", image.describe(), slot.name)
-            return
-        child = Child(slot=slot.name, group=slot.group.name, generation=image.generation, heartbeat_fd=beat_r,
-                      started_at=now, last_beat=now, image=image, request=request)
-        self.pending.append(child)
-        self.beat_fds[beat_r] = child
-        self.poller.register(beat_r, select.POLLIN)
-
-    def take_pending(self, image: Image, request: int) -> Child | None:
-        image.outstanding.discard(request)
-        for child in self.pending:
-            if child.image is image and child.request == request:
-                self.pending.remove(child)
-                child.image = None
-                return child
-        return None
 
     def child_spawned(self, image: Image, request: int, pid: int) -> None:
-        child = self.take_pending(image, request)
+        child = self.table.take_pending(image, request)
         if child is None:  # its slot was given up meanwhile: the master never wanted this child
             os.kill(pid, signal.SIGKILL)
             return
-        child.pid = pid
-        self.children[pid] = child
+        self.table.adopt(child, pid)
         self.log.info("spawned %s", child.describe())
         if pid in self.unknown_exits:  # it died before we heard of it
-            code, _ = self.unknown_exits.pop(pid)
-            self.forget_heartbeat_pipe(child, close=True)
-            self.child_exited(self.children.pop(pid), code)
-        elif self.stopping or child.retiring:
-            child.retiring = False
-            self.retire_child(child) if self.stopping != FAST else self.kill_child(child, signal.SIGKILL, "fast stop")
+            self.child_exited(self.table.remove(pid), self.unknown_exits.pop(pid)[0])
+        elif self.stopping == FAST:
+            self.kill_child(child, signal.SIGKILL, "fast stop")
+        elif child.retiring:  # retired before its pid was known
+            self.kill_child(child, signal.SIGTERM)
 
     def spawn_failed(self, image: Image, request: int, error: str) -> None:
-        child = self.take_pending(image, request)
+        child = self.table.take_pending(image, request)
         if child is not None:
-            self.forget_heartbeat_pipe(child, close=True)
-            self.records.get(child.slot, SlotRecord()).next_start = time.monotonic() + 1.0
+            self.table.forget_pipe(child, close=True)
+            self.book.records.get(child.slot, SlotRecord()).next_start = time.monotonic() + 1.0
             self.log.error("%s could not fork a child for %s: %s", image.describe(), child.slot, error)
-
-    def drop_pending(self, image: Image) -> None:
-        for child in [c for c in self.pending if c.image is image]:
-            self.pending.remove(child)
-            self.forget_heartbeat_pipe(child, close=True)  # a child forked anyway sees EPIPE and exits
-        image.outstanding.clear()
-
-    def read_heartbeats(self, child: Child, now: float) -> None:
-        try:
-            data = os.read(child.heartbeat_fd, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            # The child closed its end (it is exiting). Stop polling the fd, or poll() would report it
-            # readable forever; it is closed when the child is reaped.
-            self.forget_heartbeat_pipe(child, close=False)
-            return
-        child.last_beat = now
-        if not child.up:
-            child.up = True
-            self.log.debug("%s is up", child.describe())
-        *lines, child.buffer = (child.buffer + data).split(b"\n")
-        for line in filter(None, lines):
-            try:
-                report = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(report, dict):
-                child.state, child.state_at, child.working = report, now, True
-        child.buffer = child.buffer[-4096:]
-
-    def forget_heartbeat_pipe(self, child: Child, *, close: bool) -> None:
-        if self.beat_fds.pop(child.heartbeat_fd, None) is not None:
-            self.poller.unregister(child.heartbeat_fd)
-        if close and child.heartbeat_fd >= 0:
-            os.close(child.heartbeat_fd)
-            child.heartbeat_fd = -1
 
     def reap(self) -> None:
         while True:
@@ -501,12 +367,11 @@ class Arbiter:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
-            if pid in self.images:
-                self.image_exited(self.images[pid], code)
-            elif pid in self.children:
-                child = self.children.pop(pid)
-                self.forget_heartbeat_pipe(child, close=True)
-                self.child_exited(child, code)
+            if pid in self.images.by_pid:
+                self.read_images()  # what it said before it went (its failure, a child's pid) comes first
+                self.image_exited(self.images.forget(pid), code)
+            elif pid in self.table.by_pid:
+                self.child_exited(self.table.remove(pid), code)
             else:  # a child whose pid its image has not told us yet (or a stray grandchild)
                 now = time.monotonic()
                 self.unknown_exits = {p: v for p, v in self.unknown_exits.items() if now - v[1] < 30}
@@ -514,46 +379,28 @@ class Arbiter:
 
     def child_exited(self, child: Child, code: int) -> None:
         now = time.monotonic()
-        uptime = now - child.started_at
-        how = describe_exit(code)
+        uptime, how = now - child.started_at, describe_exit(code)
         self.log.log(logging.INFO if code == 0 else logging.WARNING, "%s exited with %s after %.1fs",
                      child.describe(), how, uptime)
-        record = self.records.get(child.slot)
-        if self.stopping or record is None or child.retiring:
+        if self.stopping or child.retiring or child.slot not in self.book.records:
             return  # nothing to refill now, or a new child (new code) comes at once
         self.restarts += 1
-        record.restarts += 1
-        verdict = judge_exit(self.policy, record.failures, uptime=uptime, code=code, was_working=child.working,
-                             retiring=False)
-        record.failures = verdict.failures
-        record.next_start = now + verdict.delay
-        if not verdict.failure:
-            return
-        record.problem = f"died young {verdict.failures} times in a row (last: {how} after {uptime:.1f}s)"
-        if verdict.parked and not record.parked:
-            self.log.error("slot %s %s; parked: retrying with a backoff of up to %.0fs; the other slots run on",
-                           child.slot, record.problem, self.policy.park_cap)
-            record.parked = True
-            if all_parked(self.records):
-                self.log.error("every slot is parked: children kept crashing; giving up")
-                self.exit_code = EXIT_CRASHING
-                self.stop_fast()
-        elif verdict.parked:
-            self.log.warning("slot %s is still parked (%d failures in a row); next start in %.1fs", child.slot,
-                             verdict.failures, verdict.delay)
-        else:
-            self.log.warning("slot %s keeps dying young (%d consecutive); next start in %.1fs", child.slot,
-                             verdict.failures, verdict.delay)
+        verdict, level, message = self.book.record_exit(child.slot, uptime=uptime, code=code, how=how,
+                                                        was_working=child.working, now=now)
+        if message:
+            self.log.log(level, message)
+        if verdict.parked and self.book.all_parked():
+            self.log.error("every slot is parked: children kept crashing; giving up")
+            self.exit_code = EXIT_CRASHING
+            self.stop_fast()
 
     def note_working(self) -> None:
-        """A slot whose child now works (or has lived min_uptime) is no longer failing."""
         now = time.monotonic()
-        for child in self.children.values():
-            record = self.records.get(child.slot)
-            if record and record.failures and (child.working or now - child.started_at >= self.min_uptime):
-                if record.parked:
-                    self.log.info("slot %s is up again; no longer parked", child.slot)
-                record.failures, record.parked, record.problem = 0, False, None
+        for child in self.table.running():
+            if child.working or now - child.started_at >= self.min_uptime:
+                message = self.book.record_working(child.slot)
+                if message:
+                    self.log.info(message)
 
     def retire_child(self, child: Child) -> None:
         if child.retiring:
@@ -565,7 +412,7 @@ class Arbiter:
 
     def murder_unresponsive(self) -> None:
         now = time.monotonic()
-        for child in list(self.children.values()):
+        for child in self.table.running():
             silent = now - child.last_beat
             if child.killed:
                 continue
@@ -576,20 +423,20 @@ class Arbiter:
                 self.kill_child(child, signal.SIGABRT)
             elif child.aborted_at is not None and now - child.aborted_at >= ABORT_GRACE:
                 self.kill_child(child, signal.SIGKILL, "missed heartbeats")
-        for child in list(self.pending):
+        for child in list(self.table.pending):
             if now - child.started_at > self.heartbeat_timeout and child.image is not None:
                 self.spawn_failed(child.image, child.request or 0, "no answer from the image")
 
     def murder_retirees(self) -> None:
         now = time.monotonic()
-        for child in list(self.children.values()):
+        for child in self.table.running():
             if child.retire_deadline and not child.killed and now >= child.retire_deadline:
                 self.log.warning("%s still running %.1fs after it was retired; killing", child.describe(),
                                  self.graceful_timeout)
                 self.kill_child(child, signal.SIGKILL, "retirement timeout")
 
     def kill_children(self, signum: int) -> None:
-        for child in list(self.children.values()):
+        for child in self.table.running():
             self.kill_child(child, signum)
 
     def kill_child(self, child: Child, signum: int, reason: str | None = None) -> None:
@@ -607,33 +454,28 @@ class Arbiter:
         self.stop_deadline = time.monotonic() + self.graceful_timeout
         self.notifier.stopping()
         self.log.info("graceful stop: waiting up to %.1fs for %d children", self.graceful_timeout,
-                      len(self.children))
-        for child in self.every_child():
+                      len(self.table))
+        for child in self.table.every():
             child.retiring = True
         self.kill_children(signal.SIGTERM)
-        self.stop_images()
+        self.images.kill_all()
 
     def stop_fast(self) -> None:
         if self.stopping != FAST:
             if not self.stopping:
                 self.notifier.stopping()
             self.stopping = FAST
-            self.log.info("fast stop: killing %d children", len(self.children))
-        for child in self.every_child():
+            self.log.info("fast stop: killing %d children", len(self.table))
+        for child in self.table.every():
             child.retiring = True
             if not child.killed and child.pid is not None:
                 self.kill_child(child, signal.SIGKILL, "fast stop")
-        self.stop_images()
-
-    def stop_images(self) -> None:
-        for image in self.images.values():
-            self.kill_image(image)
-        self.image = None
+        self.images.kill_all()
 
     def kill_stragglers(self) -> None:
         if self.stopping != GRACEFUL or time.monotonic() < self.stop_deadline:
             return
-        for child in self.children.values():
+        for child in self.table.running():
             self.log.warning("%s still running %.1fs after TERM; killing", child.describe(), self.graceful_timeout)
         self.stop_fast()
 
@@ -641,33 +483,20 @@ class Arbiter:
 
     def check_ready(self) -> None:
         self.note_working()
-        if self.image is None or self.next_image is not None or not self.readiness.awaiting:
+        if self.images.serving is None or self.images.building is not None or not self.readiness.awaiting:
             return  # nothing to serve yet, or a reload's image still building
-        up = {c.slot for c in self.children.values()
-              if c.up and not c.retiring and c.generation == self.image.generation}
+        up = {c.slot for c in self.table.running()
+              if c.up and not c.retiring and c.generation == self.images.serving.generation}
         if all(slot.name in up for slot in self.slots):
             self.readiness.all_up(time.monotonic(), len(self.slots), self.status_line())
 
-    def parked(self) -> list[str]:
-        return [name for name, record in self.records.items() if record.parked]
-
     def status_line(self) -> str:
-        if self.stopping:
-            return f"stopping: {len(self.children)} children left"
-        per_group: dict[str, int] = {group.name: 0 for group in self.plan.groups}
-        for child in self.children.values():
-            if child.up and not child.retiring:
-                per_group[child.group] = per_group.get(child.group, 0) + 1
-        counts = ", ".join(f"{name}: {n}" for name, n in per_group.items())
-        line = f"{sum(per_group.values())} children up ({counts}); {self.restarts} restarts"
-        if self.parked():
-            line += f"; parked: {', '.join(self.parked())}"
-        return f"reloading; {line}" if self.readiness.reloading else line
+        return status_line(self)
 
     def update_status(self, now: float) -> None:
         line = self.status_line()
         if line != self.readiness.last_status:
-            self.set_title(f"parked: {', '.join(self.parked())}" if self.parked() else "")
+            self.set_title(f"parked: {', '.join(self.book.parked())}" if self.book.parked() else "")
         self.readiness.status(line)
         if self.status_file is not None:
             self.status_file.update(snapshot(self, now))
@@ -681,7 +510,7 @@ class Arbiter:
     # -- cleanup -----------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        leftovers = [*self.children, *self.images]
+        leftovers = [*self.table.by_pid, *self.images.by_pid]
         if leftovers:
             # Only reached when the loop died of a bug: do not leave processes behind.
             self.log.error("master leaving with %d processes; killing them", len(leftovers))
@@ -691,12 +520,8 @@ class Arbiter:
                     os.waitpid(pid, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass
-        for child in [*self.children.values(), *self.pending]:
-            self.forget_heartbeat_pipe(child, close=True)
-        for image in self.images.values():
-            image.close()
-        self.children.clear()
-        self.images.clear()
+        self.table.close_all()
+        self.images.close_all()
         self.signals.restore()
         self.notifier.close()
         if self.status_file is not None:
@@ -704,19 +529,3 @@ class Arbiter:
         if self.pidfile is not None:
             self.pidfile.release()
             self.pidfile = None
-
-
-def become_subreaper() -> bool:
-    """Adopt orphaned descendants (the children the image forks through a middle process). Linux only."""
-    from .child import _libc
-
-    if _libc is None:
-        return False
-    try:
-        return _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (AttributeError, OSError):
-        return False
-
-
-def describe_exit(code: int) -> str:
-    return f"exit code {code}" if code >= 0 else f"signal {signal_name(-code)}"

@@ -27,6 +27,7 @@ except (ImportError, OSError):  # a Python without ctypes, or no libc to load: n
     _libc = None
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 # How long a child forked by the image waits to be re-parented to the master (the image's middle
 # process exits right after the fork, so this is normally well under a millisecond).
 REPARENT_TIMEOUT = 2.0
@@ -304,3 +305,24 @@ def _flush_output() -> None:
             stream.flush()
         except Exception:
             pass
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (the children the image forks through a middle process). Linux only."""
+    if _libc is None:
+        return False
+    try:
+        return _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+def describe_exit(code: int) -> str:
+    return f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)

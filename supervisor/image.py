@@ -31,6 +31,7 @@ import gc
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -310,3 +311,69 @@ def _exit(code: int) -> NoReturn:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
+
+
+class ImageSet:
+    """The master's images: every image process not reaped yet, the one serving, the one being built."""
+
+    def __init__(self, poller) -> None:
+        self.poller = poller
+        self.by_pid: dict[int, Image] = {}
+        self.serving: Image | None = None
+        self.building: Image | None = None
+        self.retry_at: float | None = None  # when to build a replacement for a dead serving image
+
+    def __bool__(self) -> bool:
+        return bool(self.by_pid)
+
+    def fds(self) -> list[int]:
+        return [image.fileno() for image in self.by_pid.values() if image.fileno() >= 0]
+
+    def add(self, image: Image) -> None:
+        self.by_pid[image.pid] = image
+        self.poller.register(image.fileno(), select.POLLIN)
+        self.building, self.retry_at = image, None
+
+    def close_channel(self, image: Image) -> None:
+        if image.fileno() >= 0:
+            self.poller.unregister(image.fileno())
+            image.close()
+
+    def kill(self, image: Image) -> None:
+        image.state = "retiring"
+        if image is self.building:
+            self.building = None
+        try:
+            os.kill(image.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def kill_all(self) -> None:
+        for image in self.by_pid.values():
+            self.kill(image)
+        self.serving = None
+
+    def forget(self, pid: int) -> Image:
+        image = self.by_pid.pop(pid)
+        self.close_channel(image)
+        return image
+
+    def messages(self) -> list[tuple[Image, dict]]:
+        """What the images said since the last call. A retired image's channel is closed once it has
+        answered every request: the EOF tells it to exit."""
+        found = []
+        for image in list(self.by_pid.values()):
+            if image.fileno() < 0:
+                continue
+            for message in image.receive():
+                if "eof" in message:
+                    self.close_channel(image)
+                found.append((image, message))
+            if image.state == "retiring" and not image.outstanding:
+                self.close_channel(image)
+        return found
+
+    def close_all(self) -> None:
+        for image in self.by_pid.values():
+            image.close()
+        self.by_pid.clear()

@@ -76,3 +76,56 @@ def backoff(policy: RestartPolicy, failures: int) -> float:
 def all_parked(records: dict[str, SlotRecord]) -> bool:
     """True when no slot at all can stay up: the master should give up (EXIT_CRASHING)."""
     return bool(records) and all(record.parked for record in records.values())
+
+
+class SlotBook:
+    """The restart records of the current plan's slots: a passive part of the master.
+
+    `record_exit` applies `judge_exit` to a slot and says what to log; `record_working` clears a slot
+    whose child now works.
+    """
+
+    def __init__(self, policy: RestartPolicy) -> None:
+        self.policy = policy
+        self.records: dict[str, SlotRecord] = {}
+
+    def reset(self, slot_names: list[str], *, fresh: bool) -> None:
+        """Records for exactly `slot_names`; `fresh` forgets failures and backoff (a new image)."""
+        old = {} if fresh else self.records
+        self.records = {name: old.get(name) or SlotRecord() for name in slot_names}
+
+    def record_exit(self, slot: str, *, uptime: float, code: int, how: str, was_working: bool,
+                    now: float) -> tuple[Verdict, int, str | None]:
+        """(verdict, log level, log message or None) for the exit of `slot`'s child."""
+        record = self.records[slot]
+        record.restarts += 1
+        verdict = judge_exit(self.policy, record.failures, uptime=uptime, code=code, was_working=was_working,
+                             retiring=False)
+        record.failures, record.next_start = verdict.failures, now + verdict.delay
+        if not verdict.failure:
+            return verdict, 0, None
+        record.problem = f"died young {verdict.failures} times in a row (last: {how} after {uptime:.1f}s)"
+        if verdict.parked and not record.parked:
+            record.parked = True
+            return verdict, 40, (f"slot {slot} {record.problem}; parked: retrying with a backoff of up to "
+                                 f"{self.policy.park_cap:.0f}s; the other slots run on")
+        if verdict.parked:
+            return verdict, 30, (f"slot {slot} is still parked ({verdict.failures} failures in a row); "
+                                 f"next start in {verdict.delay:.1f}s")
+        return verdict, 30, (f"slot {slot} keeps dying young ({verdict.failures} consecutive); "
+                             f"next start in {verdict.delay:.1f}s")
+
+    def record_working(self, slot: str) -> str | None:
+        """The slot's child works (or has lived min_uptime): no longer failing. A message if it was parked."""
+        record = self.records.get(slot)
+        if record is None or not record.failures:
+            return None
+        was_parked = record.parked
+        record.failures, record.parked, record.problem = 0, False, None
+        return f"slot {slot} is up again; no longer parked" if was_parked else None
+
+    def parked(self) -> list[str]:
+        return [name for name, record in self.records.items() if record.parked]
+
+    def all_parked(self) -> bool:
+        return all_parked(self.records)

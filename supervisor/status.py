@@ -52,12 +52,12 @@ def slot_state(child, record) -> str:
 def snapshot(arbiter: "Arbiter", now: float) -> dict:
     """The document for the arbiter's state at monotonic time `now` (ages and "updated" included)."""
     by_slot = {}
-    for child in arbiter.every_child():
+    for child in arbiter.table.every():
         if child.slot not in by_slot or by_slot[child.slot].retiring:
             by_slot[child.slot] = child
     slots = []
     for slot in arbiter.slots:
-        child, record = by_slot.get(slot.name), arbiter.records[slot.name]
+        child, record = by_slot.get(slot.name), arbiter.book.records[slot.name]
         state = child.state if child else {}
         age = state.get("age")
         running = state.get("state") == "running"
@@ -72,13 +72,13 @@ def snapshot(arbiter: "Arbiter", now: float) -> dict:
             "problem": record.problem if record.parked or record.failures else None,
             "memory_rss": None, "memory_uss": None,
         })
-    image = arbiter.next_image or arbiter.image
+    image = arbiter.images.building or arbiter.images.serving
     document = {
         "version": VERSION, "host": socket.gethostname(), "pid": arbiter.pid, "started": iso(arbiter.started),
         "updated": iso(time.time()),
         "state": ("stopping" if arbiter.stopping else "reloading" if arbiter.readiness.reloading
                   else "running" if arbiter.readiness.ready_sent else "starting"),
-        "generation": arbiter.image.generation if arbiter.image else 0,
+        "generation": arbiter.images.serving.generation if arbiter.images.serving else 0,
         "image": {"pid": image.pid, "generation": image.generation,
                   "state": "up" if image.state == "up" else "failed" if image.state == "failed" else "starting",
                   "error": image.error} if image else None,
@@ -87,6 +87,21 @@ def snapshot(arbiter: "Arbiter", now: float) -> dict:
     }
     document.update(arbiter.status_extra)
     return document
+
+
+def status_line(arbiter: "Arbiter") -> str:
+    """The one-line status for sd_notify STATUS= and the log."""
+    if arbiter.stopping:
+        return f"stopping: {len(arbiter.table)} children left"
+    per_group: dict[str, int] = {group.name: 0 for group in arbiter.plan.groups}
+    for child in arbiter.table.running():
+        if child.up and not child.retiring:
+            per_group[child.group] = per_group.get(child.group, 0) + 1
+    counts = ", ".join(f"{name}: {n}" for name, n in per_group.items())
+    line = f"{sum(per_group.values())} children up ({counts}); {arbiter.restarts} restarts"
+    if arbiter.book.parked():
+        line += f"; parked: {', '.join(arbiter.book.parked())}"
+    return f"reloading; {line}" if arbiter.readiness.reloading else line
 
 
 class StatusFile:
