@@ -52,6 +52,10 @@ WORKER_OPTIONS = (
                                     help='replace a consumer after a task once it has grown by this much')),
     ('--task-time-limit', dict(type=_positive(float), metavar='SECONDS',
                                help='fail a task that runs longer, and replace its worker')),
+    ('--status-file', dict(metavar='PATH', help='write the status snapshot (JSON) here (default: beside the '
+                                                'pidfile, <pidfile without .pid>.status.json)')),
+    ('--autoreload', dict(action='store_true', help='development: reload when a Python file of the project '
+                                                    'changes (Django\'s autoreloader)')),
     ('--heartbeat-timeout', dict(type=_positive(float), metavar='SECONDS',
                                  help='kill a child that shows no sign of life for this long (default 60)')),
     ('--max-consecutive-failures', dict(type=_positive(int), metavar='N',
@@ -86,9 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--pythonpath', action='append', default=[],
                         help='a directory to add to sys.path (may repeat)')
     add_worker_options(parser)
-    parser.add_argument('--status-file', metavar='PATH',
-                        help='write the status snapshot (JSON) here (default: beside the pidfile, '
-                             '<pidfile without .pid>.status.json; none without a pidfile)')
     parser.add_argument('--check', action='store_true',
                         help='validate the settings and broker reachability, print the slot plan, and exit')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         'max_tasks_per_child', 'max_memory_per_child')}
     builder = ImageBuilder(
         settings_module, flags, no_scheduler=args.no_scheduler, loglevel=args.loglevel, status_file=status_file,
+        autoreload=args.autoreload,
         queues=[q.strip() for q in args.queues.split(',') if q.strip()] if args.queues else None)
     if args.check:
         return check(builder, settings_module)

@@ -125,13 +125,15 @@ class ImageBuilder:
     """
 
     def __init__(self, settings_module: str, flags: dict, *, queues: list[str] | None = None,
-                 no_scheduler: bool = False, loglevel: str = 'INFO', status_file: str | None = None):
+                 no_scheduler: bool = False, loglevel: str = 'INFO', status_file: str | None = None,
+                 autoreload: bool = False):
         self.settings_module = settings_module
         self.flags = flags
         self.queue_filter = queues
         self.no_scheduler = no_scheduler
         self.loglevel = loglevel
         self.status_file = status_file
+        self.autoreload = autoreload
 
     def option(self, summary: SettingsSummary, name: str):
         flag = self.flags.get(name)
@@ -144,6 +146,9 @@ class ImageBuilder:
         plan = self.plan_for(summary)
         self.import_code()
         close_connections()
+        if self.autoreload:
+            from carrot.autoreload import start_watcher
+            start_watcher(os.getppid(), generation)
         return plan, {name: self.option(summary, name) for name in MASTER_OPTIONS}
 
     def import_code(self) -> None:

@@ -228,3 +228,49 @@ def test_a_hung_child_gets_sigabrt_and_its_stacks_reach_the_log(start_supervisor
     assert 'hold_the_gil' in text  # the task's frame is in the dump
     supervisor.wait_slots(SLOTS, exclude_pids={hung.pid}, timeout=10)
     assert MessageLog.objects.filter(uuid=message_id).exists()
+
+
+AUTORELOAD_CODE = 'def version():\n    return {}\n'
+
+
+@pytest.mark.timeout(120)
+def test_autoreload_rolls_over_on_an_edit_and_keeps_the_old_code_on_a_broken_one(start_supervisor, tmp_path):
+    code = tmp_path / 'code'
+    code.mkdir()
+    module = code / 'ar_tasks.py'
+    module.write_text(AUTORELOAD_CODE.format(1))
+    supervisor = start_supervisor('--autoreload', '--pythonpath', str(code),
+                                  extra="CARROT['task_modules'] = ['ar_tasks']\n")
+    supervisor.wait_ready(SLOTS)
+    supervisor.wait_for(lambda: any('autoreload watcher (image 1)' in (supervisor.title_of(p.pid) or '')
+                                    for p in psutil.Process(supervisor.pid).children(recursive=True)),
+                        10, 'the watcher of image 1')
+
+    def run_version():
+        message_id = publish_raw('default', 'ar_tasks.version')
+        return supervisor.wait_for(
+            lambda: MessageLog.objects.filter(uuid=message_id, status=MessageLog.COMPLETED).first(), 20,
+            f'ar_tasks.version ({message_id}) to complete').output
+
+    def edit(text, bump):
+        module.write_text(text)
+        later = time.time() + bump  # a later mtime than any the watcher has seen
+        os.utime(module, (later, later))
+
+    assert run_version() == '1'
+    mark = len(supervisor.log())
+    edit(AUTORELOAD_CODE.format(2), 10)
+    supervisor.wait_log(r'autoreload: .*ar_tasks\.py changed; reloading', after=mark, timeout=20)
+    supervisor.wait_log(r'reload done', after=mark, timeout=30)
+    wait_generation(supervisor, 2, SLOTS)
+    assert run_version() == '2'
+
+    mark = len(supervisor.log())
+    edit('def version(:\n', 20)  # broken
+    supervisor.wait_log(r'reload failed: .*SyntaxError.*; keeping the running children', after=mark, timeout=30)
+    assert run_version() == '2'  # the old code runs on
+
+    mark = len(supervisor.log())
+    edit(AUTORELOAD_CODE.format(3), 30)  # the next good edit reloads
+    supervisor.wait_log(r'reload done', after=mark, timeout=30)
+    assert run_version() == '3'
