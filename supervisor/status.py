@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 VERSION = 1
 REFRESH = 5.0  # seconds between rewrites when nothing but ages changed
+TASK_CHANGES = 0.5  # seconds between rewrites when only the tasks in hand changed
 MEMORY_EVERY = 10.0  # seconds between memory readings of a child (reading smaps costs)
 
 
@@ -107,19 +108,24 @@ def status_line(arbiter: "Arbiter") -> str:
 class StatusFile:
     def __init__(self, path: str) -> None:
         self.path = path
-        self.last_key = ""
+        self.last_shape = self.last_tasks = ""
         self.last_write = 0.0
         self.memory: dict[int, tuple[float, int | None, int | None]] = {}
 
     def update(self, document: dict) -> None:
+        """Write `document` if the slots' make-up changed; if only tasks moved on (a busy consumer goes
+        idle/running per task), at most every TASK_CHANGES seconds; else every REFRESH seconds."""
         now = time.monotonic()
-        stable = {**document, "updated": None,
-                  "slots": [{**s, "task_age": None} for s in document["slots"]]}
-        key = json.dumps(stable, sort_keys=True)
-        if key == self.last_key and now - self.last_write < REFRESH:
+        shape = json.dumps({**document, "updated": None, "slots": [
+            {**s, "task_age": None, "task": None, "task_id": None,
+             "state": "working" if s["state"] in ("idle", "running") else s["state"]} for s in document["slots"]]},
+            sort_keys=True)
+        tasks = json.dumps([(s["state"], s["task_id"]) for s in document["slots"]])
+        since = now - self.last_write
+        if shape == self.last_shape and (since < TASK_CHANGES or tasks == self.last_tasks) and since < REFRESH:
             return
         self.add_memory(document, now)
-        self.last_key, self.last_write = key, now
+        self.last_shape, self.last_tasks, self.last_write = shape, tasks, now
         self.write(document)
 
     def add_memory(self, document: dict, now: float) -> None:

@@ -121,13 +121,14 @@ def test_a_reload_that_fails_before_the_first_ready_sends_no_ready():
 def test_status_file_is_replaced_atomically_and_only_when_it_changes(tmp_path):
     path = tmp_path / 'status.json'
     status = StatusFile(str(path))
-    document = {'updated': 'a', 'slots': [{'name': 's', 'pid': None, 'task_age': 1.0}]}
+    slot = {'name': 's', 'pid': None, 'state': 'idle', 'task': None, 'task_id': None}
+    document = {'updated': 'a', 'slots': [{**slot, 'task_age': 1.0}]}
     status.update(document)
     first = path.stat().st_ino
     assert json.loads(path.read_text())['updated'] == 'a'
-    status.update({**document, 'updated': 'b', 'slots': [{'name': 's', 'pid': None, 'task_age': 2.0}]})
+    status.update({**document, 'updated': 'b', 'slots': [{**slot, 'task_age': 2.0}]})
     assert json.loads(path.read_text())['updated'] == 'a'  # only the clock moved: not rewritten yet
-    status.update({**document, 'state': 'reloading'})
+    status.update({**document, 'state': 'reloading'})  # a change of shape: written at once
     assert json.loads(path.read_text())['state'] == 'reloading'
     assert path.stat().st_ino != first  # a new file renamed over the old one
     assert [p.name for p in tmp_path.iterdir()] == ['status.json']
