@@ -1,36 +1,25 @@
 """The prefork master: keeps one child process in every slot of the plan its image serves.
 
-The master is a single-threaded loop that never blocks on anything but poll(): on its self-pipe (signals),
-on one heartbeat pipe per child and on the control channel of each image. Each turn:
+A single-threaded loop that blocks only in poll(): on its self-pipe (signals), one heartbeat pipe per
+child and one control channel per image. Each turn:
 
-    handle queued signals -> reap exited processes -> read the images -> kill hung and retired children
+    handle queued signals -> reap -> read the images -> kill hung and retired children
     -> ask the image for children for empty slots -> READY / STATUS / WATCHDOG -> status snapshot
 
-Images (see image.py)
-    The master never imports the application. An image process per settings generation builds the
-    plan and forks the children; the master asks it for one child per empty slot. HUP (or a dead
-    image) starts a new image; while it builds, everything goes on with the old one. Once it reports
-    ready, it becomes the current image, the old one is retired, and every child of an older generation
-    is retired (TERM, SIGKILL after `graceful_timeout`); each slot gets a child of the new generation
-    as soon as its old child has gone, so a slot never holds two. If the new image fails, the old image
-    and all children stay and the log says why. Two quick HUPs: the older starting image is killed.
+Images (image.py): the master never imports the application. An image per settings generation builds
+the plan and forks the children on request. HUP (or a dead image) starts a new image while everything
+runs on; once it is ready the old one is retired and every older child retired (TERM, SIGKILL after
+`graceful_timeout`), each slot refilled from the new image as soon as its old child is gone, so a slot
+never holds two. If the new image fails, the old image and all children stay and the log says why.
+A HUP while an image builds supersedes it.
 
-Slots and restarts (see restarts.py)
-    A child that exits is replaced at once, unless it failed young; then its slot backs off, and a
-    slot that keeps failing is parked (retried about once a minute). The master gives up (fast stop,
-    EXIT_CRASHING) only when every slot is parked.
+Restarts (restarts.py): a child that fails young makes its slot back off; a slot that keeps failing is
+parked (retried about once a minute); the master gives up (EXIT_CRASHING) only when every slot is parked.
+A child silent for `heartbeat_timeout` gets SIGABRT (faulthandler: its stacks reach the log), then SIGKILL.
 
-Hung children
-    A child silent for `heartbeat_timeout` gets SIGABRT (faulthandler puts its threads' stacks in the
-    log), then SIGKILL `ABORT_GRACE` seconds later.
-
-Signals
-    TERM, INT   graceful stop: TERM to every child, wait up to `graceful_timeout`, then SIGKILL
-    2nd TERM/INT, QUIT   fast stop: SIGKILL every child now
-    HUP         reload: a new image, then the children rolled over to it
-    USR1        reopen log files: call reopen_logs() and pass USR1 on to the children
-    TTIN, TTOU  one slot more / less in every scalable group (never below one)
-    CHLD        wakes the loop to reap
+Signals: TERM/INT graceful stop (SIGKILL after `graceful_timeout`); a second TERM/INT or QUIT: fast
+stop; HUP reload; USR1 reopen logs (passed on to the children); TTIN/TTOU one slot more/less in every
+scalable group; CHLD wakes the loop to reap.
 """
 
 from __future__ import annotations
@@ -42,7 +31,7 @@ import signal
 import time
 from typing import Callable
 
-from .child import become_subreaper, describe_exit, set_title
+from .child import become_subreaper, describe_exit, kill_and_reap, set_title
 from .children import Child, ChildTable
 from .exitcodes import EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
 from .image import Build, Image, ImageSet, plan_from_description, start_image
@@ -273,7 +262,7 @@ class Arbiter:
         self.set_plan(plan, fresh=True)
         outdated = [c for c in self.table.every() if c.generation < image.generation]
         self.log.info("%s is up after %.2fs; %s: %s", image.describe(), time.monotonic() - image.started_at,
-                      f"rolling over {len(outdated)} children" if old else "plan", self.describe_plan())
+                      f"rolling over {len(outdated)} children" if old else "plan", self.plan.describe())
         if old is not None:
             old.state = "retiring"  # its channel is closed once it has answered every request
         for child in outdated:
@@ -294,7 +283,7 @@ class Arbiter:
             self.images.retry_at = time.monotonic() + IMAGE_RETRY
         else:
             self.log.error("reload failed: %s; keeping the running children", error)
-            self.readiness.reload_failed(self.status_line())
+            self.readiness.reload_failed(status_line(self))
 
     def image_exited(self, image: Image, code: int) -> None:
         self.table.drop_pending(image)
@@ -488,13 +477,10 @@ class Arbiter:
         up = {c.slot for c in self.table.running()
               if c.up and not c.retiring and c.generation == self.images.serving.generation}
         if all(slot.name in up for slot in self.slots):
-            self.readiness.all_up(time.monotonic(), len(self.slots), self.status_line())
-
-    def status_line(self) -> str:
-        return status_line(self)
+            self.readiness.all_up(time.monotonic(), len(self.slots), status_line(self))
 
     def update_status(self, now: float) -> None:
-        line = self.status_line()
+        line = status_line(self)
         if line != self.readiness.last_status:
             self.set_title(f"parked: {', '.join(self.book.parked())}" if self.book.parked() else "")
         self.readiness.status(line)
@@ -504,22 +490,12 @@ class Arbiter:
     def set_title(self, state: str = "") -> None:
         set_title(f"{self.proc_name}: {self.title}" + (f" [{state}]" if state else ""))
 
-    def describe_plan(self) -> str:
-        return ", ".join(f"{group.name} x{group.size}" for group in self.plan.groups) or "no groups"
-
     # -- cleanup -----------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        leftovers = [*self.table.by_pid, *self.images.by_pid]
-        if leftovers:
-            # Only reached when the loop died of a bug: do not leave processes behind.
-            self.log.error("master leaving with %d processes; killing them", len(leftovers))
-            for pid in leftovers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                except (ProcessLookupError, ChildProcessError):
-                    pass
+        if self.table.by_pid or self.images.by_pid:  # only when the loop died of a bug: leave nothing behind
+            self.log.error("master leaving with processes; killing them")
+            kill_and_reap([*self.table.by_pid, *self.images.by_pid])
         self.table.close_all()
         self.images.close_all()
         self.signals.restore()

@@ -86,6 +86,9 @@ class Plan:
             for index, name in enumerate(group.slot_names(), start=1)
         ]
 
+    def describe(self) -> str:
+        return ", ".join(f"{group.name} x{group.size}" for group in self.groups) or "no groups"
+
     def scaled(self, delta: int) -> "Plan":
         """This plan with every scalable group grown or shrunk by `delta`, never below one slot.
 
