@@ -113,12 +113,12 @@ def subprocess_env(transactional_db):
     return env
 
 
-# -- process-level supervisor tests (tests/supervisor_harness.py) --------------------------------------
+# -- process-level supervisor tests (tests/harness.py) --------------------------------------
 
 @pytest.fixture
 def start_supervisor(subprocess_env, tmp_path):
     """A function that starts carrot-supervisor subprocesses; all of them are gone after the test."""
-    from tests.supervisor_harness import Starter
+    from tests.harness import Starter
     starter = Starter(subprocess_env, tmp_path)
     yield starter
     starter.cleanup()
@@ -126,8 +126,8 @@ def start_supervisor(subprocess_env, tmp_path):
 
 @pytest.fixture
 def notify_socket():
-    """A stand-in for systemd's NOTIFY_SOCKET (tests.supervisor_harness.NotifySocket)."""
-    from tests.supervisor_harness import NotifySocket
+    """A stand-in for systemd's NOTIFY_SOCKET (tests.harness.NotifySocket)."""
+    from tests.harness import NotifySocket
     sock = NotifySocket()
     yield sock
     sock.close()

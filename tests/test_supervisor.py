@@ -2,7 +2,7 @@
 
 Each test starts the real `carrot-supervisor` (``python -m carrot.cli``) in a subprocess against the
 real RabbitMQ and database of the test run, and checks what a user sees: exit codes, the log, the
-process table (psutil) and MessageLog rows. See tests/supervisor_harness.py. The signals and the
+process table (psutil) and MessageLog rows. See tests/harness.py. The signals and the
 supervision of children are tested in test_supervisor_signals.py and test_supervisor_supervision.py.
 """
 import os
@@ -20,7 +20,7 @@ from carrot import __version__
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import queue_depth, rabbitmqctl
-from tests.supervisor_harness import MASTER_TITLE, figure, wait_all_completed, wait_status, worker_pid
+from tests.harness import MASTER_TITLE, figure, wait_all_completed, wait_status, worker_pid
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)

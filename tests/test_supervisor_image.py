@@ -14,7 +14,7 @@ import pytest
 
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
-from tests.supervisor_harness import alive, figure, publish_raw, wait_for, wait_status, worker_pid
+from tests.harness import alive, figure, publish_raw, wait_for, wait_status, worker_pid
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -1,7 +1,7 @@
 """carrot-supervisor keeps its children running: respawn, crash loops, hangs, limits, the master's death.
 
 Real children are killed, stopped and starved with real signals; the tests assert on the process table
-(psutil), the master's log and MessageLog rows. See tests/supervisor_harness.py.
+(psutil), the master's log and MessageLog rows. See tests/harness.py.
 """
 import os
 import re
@@ -14,7 +14,7 @@ import pytest
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import dead_letters, queue_depth
-from tests.supervisor_harness import alive, figure, wait_all_completed, wait_for, wait_status, worker_pid
+from tests.harness import alive, figure, wait_all_completed, wait_for, wait_status, worker_pid
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -20,25 +20,17 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.waiting import wait_for
+from tests.harness import wait_for
 
 from supervisor import exitcodes
 from supervisor.child import ChildContext
 from supervisor.pidfile import Pidfile, PidfileHeld
 from supervisor.plan import Plan, PlanError, SlotGroup
 from supervisor.sdnotify import Notifier
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-SAMPLE = HERE / "sample_master.py"
-# What sample_master's child bodies put after the slot name in their titles.
-STATES = {"idle", "working", "stopping", "hung", "crashing"}
-
 
 def group(name, size=1, behaviour="sleep", **extra):
     return {"name": name, "size": size, "behaviour": behaviour, **extra}
@@ -49,151 +41,6 @@ def gone(pid):
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-class Master:
-    """One sample_master.py process and what the test can see of it."""
-
-    def __init__(self, state_dir: Path, groups, *, env=None, pidfile=None, **options):
-        self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.proc_name = f"carrot-test-{uuid.uuid4().hex[:8]}"
-        self.write_plan(groups)
-        args = [sys.executable, str(SAMPLE), "--state-dir", str(state_dir), "--proc-name", self.proc_name]
-        if pidfile is not None:
-            args += ["--pidfile", str(pidfile)]
-        for key, value in options.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        self.output = open(state_dir / "output.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=self.output, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self.pid = self.proc.pid
-
-    # -- plan and signals --
-
-    def write_plan(self, groups):
-        self.write_raw_plan(json.dumps({"groups": groups}))
-
-    def write_raw_plan(self, text):
-        tmp = self.state_dir / "plan.json.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.state_dir / "plan.json")
-
-    def signal(self, signum):
-        os.kill(self.pid, signum)
-
-    # -- what can be seen --
-
-    def log(self) -> str:
-        try:
-            return (self.state_dir / "master.log").read_text()
-        except FileNotFoundError:
-            return ""
-
-    def tail(self, lines=40) -> str:
-        output = (self.state_dir / "output.log").read_text(errors="replace")
-        return "\n--- master.log ---\n" + "\n".join(self.log().splitlines()[-lines:]) + (
-            f"\n--- output ---\n{output[-3000:]}" if output.strip() else "")
-
-    def title_of(self, pid) -> str:
-        return " ".join(part for part in psutil.Process(pid).cmdline() if part)
-
-    def children(self) -> list[tuple[int, str | None, str | None]]:
-        """(pid, slot, state) of every live child; slot None while it still has the master's title."""
-        found = []
-        try:
-            kids = psutil.Process(self.pid).children()
-        except psutil.NoSuchProcess:
-            return found
-        prefix = f"{self.proc_name}: "
-        for kid in kids:
-            try:
-                if kid.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                title = self.title_of(kid.pid)
-            except psutil.NoSuchProcess:
-                continue
-            rest = title[len(prefix):] if title.startswith(prefix) else ""
-            if rest.startswith("image "):
-                continue  # the warm image that forks the children, not a slot's child
-            if not rest or rest == "master":
-                found.append((kid.pid, None, None))
-                continue
-            slot, _, state = rest.rpartition(" ")
-            if state not in STATES:
-                slot, state = rest, None
-            found.append((kid.pid, slot, state))
-        return found
-
-    def by_slot(self) -> dict[str, int]:
-        return {slot: pid for pid, slot, _ in self.children() if slot}
-
-    def wait_up(self, slots, timeout=10, state="idle") -> dict[str, int]:
-        """Wait until exactly `slots` have one child each, all showing `state`; slot -> pid."""
-        slots = set(slots)
-
-        def settled():
-            kids = self.children()
-            names = [slot for _, slot, _ in kids]
-            if sorted(names, key=str) != sorted(slots) or any(s != state for _, _, s in kids):
-                return None
-            return {slot: pid for pid, slot, _ in kids}
-
-        return wait_for(settled, timeout, lambda: f"children {sorted(slots)} ({state}); "
-                        f"have {self.children()}{self.tail()}")
-
-    def wait_log(self, text, timeout=10):
-        wait_for(lambda: text in self.log(), timeout, lambda: f"{text!r} in the log{self.tail()}")
-
-    def wait_exit(self, timeout) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"master did not exit within {timeout}s{self.tail()}", pytrace=False)
-
-    def records(self, slot=None) -> list[dict]:
-        """What the children wrote when they started, oldest first."""
-        directory = self.state_dir / "children"
-        if not directory.exists():
-            return []
-        found = [json.loads(path.read_text()) for path in directory.glob("*.json")]
-        return sorted((r for r in found if slot is None or r["slot"] == slot), key=lambda r: r["started"])
-
-    def cleanup(self):
-        if self.proc.poll() is None:
-            # A fast stop first: the master kills and reaps its children, leaving no zombies to init.
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                pass
-        # Then whatever is left, found by name rather than by remembered pid (a pid seen earlier may
-        # belong to someone else by now).
-        for proc in psutil.process_iter(["cmdline"]):
-            if proc.pid in (os.getpid(), self.pid):
-                continue
-            if self.proc_name in " ".join(proc.info["cmdline"] or []):
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.output.close()
-
-
-@pytest.fixture
-def start_master(tmp_path):
-    masters: list[Master] = []
-
-    def start(groups, **kwargs) -> Master:
-        master = Master(tmp_path / f"master{len(masters)}", groups, **kwargs)
-        masters.append(master)
-        return master
-
-    yield start
-    for master in masters:
-        master.cleanup()
 
 
 # -- the loop, titles, restarts ----------------------------------------------------------------------

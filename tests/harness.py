@@ -1,22 +1,28 @@
-"""Run `carrot-supervisor` in a subprocess and look at it from outside, as a user would.
+"""The one process harness of the test suite: start real processes, look at them from outside, wait with
+a bound, and make sure nothing a test started outlives it.
 
-Used by tests/test_supervisor*.py. A test asks the `start_supervisor` fixture for a supervisor; the
-fixture starts ``python -m carrot.cli --settings tests.testproject.settings --logfile <tmp>/<name>.log``
-with the test's database and vhost (the `subprocess_env` fixture), and in its finalizer stops it with
-QUIT, then SIGKILLs whatever is left of the process tree, even when the test failed: no process
-outlives its test.
+- `wait_for`: every wait is bounded and fails saying what was awaited (and the logs).
+- `Supervisor` / `Starter` (fixture `start_supervisor`): ``python -m carrot.cli --settings
+  tests.testproject.settings --logfile <tmp>/<name>.log --status-file <tmp>/<name>.status.json`` with the
+  test's database and vhost; stopped with QUIT, then whatever is left of its tree SIGKILLed. What a test
+  sees: the process table (titles), the log, the status snapshot, the exit code, the MessageLog rows.
+- `SupervisorCommand`: carrot-supervisor or a manage.py command in a session of its own, in tmp_path, whose
+  whole process group is killed (and the directory swept) at the end.
+- `SampleMaster` (fixture `start_master` in tests/supervisor/conftest.py): tests/supervisor/sample_master.py,
+  the supervisor package without Django.
+- `NotifySocket` (fixture `notify_socket`): a stand-in for systemd's NOTIFY_SOCKET.
 
-What a test can see: the process table (psutil; titles say which slot a child holds and what it does),
-the log file, the exit code, and the MessageLog rows. Every wait is bounded and fails with the tail of
-the log. Measured figures are printed as ``FIGURE name=value`` lines (collect them with ``pytest -s``).
+Measured figures are printed as ``FIGURE name=value`` lines (collect them with ``pytest -s``).
+The fixtures are registered in tests/conftest.py and tests/supervisor/conftest.py.
 """
 from __future__ import annotations
 
 import os
 import re
 import signal
-import subprocess
+import json
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,26 +34,40 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.waiting import wait_for  # noqa: F401 (also imported from here by tests)
 
 ROOT = Path(__file__).resolve().parents[1]
+MANAGE_PY = str(ROOT / 'tests' / 'manage.py')
 SETTINGS = 'tests.testproject.settings'
 PREFIX = 'carrot-supervisor: '
 MASTER_TITLE = f'{PREFIX}master [{SETTINGS}]'
+
+
+def wait_for(predicate, timeout, what='the condition', tail=None, interval=0.05):
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds
+    saying `what` (a string, or a callable giving one) was awaited, followed by `tail()` (e.g. logs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = what() if callable(what) else what
+            pytest.fail(f'timed out after {timeout}s waiting for {text}{tail() if tail else ""}', pytrace=False)
+        time.sleep(interval)
 
 
 def figure(name, value, unit=''):
     print(f'FIGURE {name}={value:.0f}{unit}' if isinstance(value, float) else f'FIGURE {name}={value}{unit}')
 
 
-def title_of(proc: psutil.Process) -> str | None:
-    """The process title; setproctitle pads the command line, so strip it. None if it is gone."""
+def title_of(proc: psutil.Process) -> str:
+    """The process title; setproctitle pads the command line, so strip it. '' if it is gone."""
     try:
         if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
+            return ''
         return ' '.join(proc.cmdline()).strip()
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return None
+        return ''
 
 
 def alive(pid: int) -> bool:
@@ -166,11 +186,11 @@ class Supervisor:
         return title_of(self.master)
 
     @staticmethod
-    def title_of(pid: int) -> str | None:
+    def title_of(pid: int) -> str:
         try:
             return title_of(psutil.Process(pid))
         except psutil.NoSuchProcess:
-            return None
+            return ''
 
     def running(self) -> bool:
         return self.proc.poll() is None
@@ -452,3 +472,260 @@ class NotifySocket:
         self.sock.close()
         os.unlink(self.path)
         os.rmdir(self.dir)
+
+
+# -- commands in a session of their own (manage.py carrot, carrot_daemon) -------------------------------
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter(['pid']):
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return members
+
+
+def kill_group(pgid: int, popen: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+    """SIGKILL every process of group `pgid` and wait until none is left (fails the test otherwise)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if popen is not None:
+        try:
+            popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    wait_for(lambda: not group_members(pgid), timeout, what=f'process group {pgid} to be gone',
+             tail=lambda: f': {[(p.pid, title_of(p)) for p in group_members(pgid)]}')
+
+
+def in_directory(path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(['pid']):
+        try:
+            if process.pid != os.getpid() and process.cwd() == str(path) \
+                    and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def sweep(path, timeout: float = 10.0) -> list[str]:
+    """SIGKILL every process running in directory `path`; returns what it found, for the test to report."""
+    found = in_directory(path)
+    for process in found:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    wait_for(lambda: not in_directory(path), timeout, what=f'the processes in {path} to be gone')
+    return [f'{p.pid} {title_of(p)}' for p in found]
+
+
+class Process:
+    """A command run in its own session (and in tmp_path) with output to a file; `stop()` kills its tree."""
+
+    def __init__(self, argv, env, tmp_path, name, cwd=None):
+        cwd = cwd or tmp_path
+        self.tmp_path = tmp_path
+        self.name = name
+        self.argv = argv
+        self.output_path = tmp_path / f'{name}.out'
+        self.output = open(self.output_path, 'wb')
+        self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self.output,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.popen.pid
+        self.pgid = self.pid
+
+    def output_text(self) -> str:
+        self.output.flush()
+        return self.output_path.read_text(errors='replace')
+
+    def stop(self) -> None:
+        kill_group(self.pgid, self.popen)
+        sweep(self.tmp_path)
+        self.output.close()
+
+
+class SupervisorCommand(Process):
+    """carrot-supervisor started as `python -m carrot.cli --logfile <tmp>/<name>.log ...` (or as another
+    `command` that takes the same flags, such as manage.py carrot)."""
+
+    def __init__(self, env, tmp_path, *args, name='supervisor', command=(sys.executable, '-m', 'carrot.cli')):
+        self.logfile = tmp_path / f'{name}.log'
+        argv = [*command, '--logfile', str(self.logfile), *args]
+        super().__init__(argv, env, tmp_path, name)
+
+    def log_text(self) -> str:
+        try:
+            return self.logfile.read_text(errors='replace')
+        except FileNotFoundError:
+            return ''
+
+    def diagnostics(self) -> str:
+        return (f'\n--- {self.name} log ---\n{self.log_text()[-4000:]}'
+                f'\n--- output ---\n{self.output_text()[-2000:]}')
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+
+    def child_titled(self, prefix: str) -> psutil.Process | None:
+        for child in self.children():
+            if title_of(child).startswith(f'{PREFIX}{prefix}'):
+                return child
+        return None
+
+    def wait_ready(self, timeout=30.0) -> None:
+        """Until the master logs that every child is up."""
+        wait_for(lambda: ' ready: ' in self.log_text() or self.popen.poll() is not None, timeout,
+                 what=f'{self.name} to be ready', tail=self.diagnostics)
+        assert self.popen.poll() is None, f'{self.name} exited with {self.popen.returncode}{self.diagnostics()}'
+
+    def scheduler(self, timeout=10.0) -> psutil.Process:
+        return wait_for(lambda: self.child_titled('scheduler'), timeout, what=f'the scheduler of {self.name}',
+                        tail=self.diagnostics)
+
+
+# -- the supervisor package alone: tests/supervisor/sample_master.py -------------------------------------
+
+SAMPLE = ROOT / "tests" / "supervisor" / "sample_master.py"
+# What sample_master's child bodies put after the slot name in their titles.
+STATES = {"idle", "working", "stopping", "hung", "crashing"}
+
+
+class SampleMaster:
+    """One sample_master.py process and what the test can see of it."""
+
+    def __init__(self, state_dir: Path, groups, *, env=None, pidfile=None, **options):
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.proc_name = f"carrot-test-{uuid.uuid4().hex[:8]}"
+        self.write_plan(groups)
+        args = [sys.executable, str(SAMPLE), "--state-dir", str(state_dir), "--proc-name", self.proc_name]
+        if pidfile is not None:
+            args += ["--pidfile", str(pidfile)]
+        for key, value in options.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        self.output = open(state_dir / "output.log", "ab")
+        self.proc = subprocess.Popen(args, stdout=self.output, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.pid = self.proc.pid
+
+    # -- plan and signals --
+
+    def write_plan(self, groups):
+        self.write_raw_plan(json.dumps({"groups": groups}))
+
+    def write_raw_plan(self, text):
+        tmp = self.state_dir / "plan.json.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.state_dir / "plan.json")
+
+    def signal(self, signum):
+        os.kill(self.pid, signum)
+
+    # -- what can be seen --
+
+    def log(self) -> str:
+        try:
+            return (self.state_dir / "master.log").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines=40) -> str:
+        output = (self.state_dir / "output.log").read_text(errors="replace")
+        return "\n--- master.log ---\n" + "\n".join(self.log().splitlines()[-lines:]) + (
+            f"\n--- output ---\n{output[-3000:]}" if output.strip() else "")
+
+    def title_of(self, pid) -> str:
+        return " ".join(part for part in psutil.Process(pid).cmdline() if part)
+
+    def children(self) -> list[tuple[int, str | None, str | None]]:
+        """(pid, slot, state) of every live child; slot None while it still has the master's title."""
+        found = []
+        try:
+            kids = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return found
+        prefix = f"{self.proc_name}: "
+        for kid in kids:
+            try:
+                if kid.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                title = self.title_of(kid.pid)
+            except psutil.NoSuchProcess:
+                continue
+            rest = title[len(prefix):] if title.startswith(prefix) else ""
+            if rest.startswith("image "):
+                continue  # the warm image that forks the children, not a slot's child
+            if not rest or rest == "master":
+                found.append((kid.pid, None, None))
+                continue
+            slot, _, state = rest.rpartition(" ")
+            if state not in STATES:
+                slot, state = rest, None
+            found.append((kid.pid, slot, state))
+        return found
+
+    def by_slot(self) -> dict[str, int]:
+        return {slot: pid for pid, slot, _ in self.children() if slot}
+
+    def wait_up(self, slots, timeout=10, state="idle") -> dict[str, int]:
+        """Wait until exactly `slots` have one child each, all showing `state`; slot -> pid."""
+        slots = set(slots)
+
+        def settled():
+            kids = self.children()
+            names = [slot for _, slot, _ in kids]
+            if sorted(names, key=str) != sorted(slots) or any(s != state for _, _, s in kids):
+                return None
+            return {slot: pid for pid, slot, _ in kids}
+
+        return wait_for(settled, timeout, lambda: f"children {sorted(slots)} ({state}); "
+                        f"have {self.children()}{self.tail()}")
+
+    def wait_log(self, text, timeout=10):
+        wait_for(lambda: text in self.log(), timeout, lambda: f"{text!r} in the log{self.tail()}")
+
+    def wait_exit(self, timeout) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"master did not exit within {timeout}s{self.tail()}", pytrace=False)
+
+    def records(self, slot=None) -> list[dict]:
+        """What the children wrote when they started, oldest first."""
+        directory = self.state_dir / "children"
+        if not directory.exists():
+            return []
+        found = [json.loads(path.read_text()) for path in directory.glob("*.json")]
+        return sorted((r for r in found if slot is None or r["slot"] == slot), key=lambda r: r["started"])
+
+    def cleanup(self):
+        if self.proc.poll() is None:
+            # A fast stop first: the master kills and reaps its children, leaving no zombies to init.
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                pass
+        # Then whatever is left, found by name rather than by remembered pid (a pid seen earlier may
+        # belong to someone else by now).
+        for proc in psutil.process_iter(["cmdline"]):
+            if proc.pid in (os.getpid(), self.pid):
+                continue
+            if self.proc_name in " ".join(proc.info["cmdline"] or []):
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.output.close()
