@@ -112,6 +112,7 @@ class Arbiter:
         try:
             self.signals.install(self.poller)  # first: a TERM during the first image's build is queued
             become_subreaper()
+            self.log.info("master %d starting", self.pid)
             self.readiness.starting(time.monotonic())
             self.start_image()
             self.main_loop()

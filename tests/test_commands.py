@@ -98,7 +98,8 @@ def test_carrot_runs_the_supervisor_in_the_foreground_in_the_same_process(comman
     assert title_of(master) == MASTER_TITLE
     assert f'master {process.pid} ' in supervisor.log_text()
     # A consumer may already be running the cleanup the scheduler publishes at start: idle or running.
-    titles = sorted(re.sub(r' (idle|running \S+ [\d.]+s)$', '', title_of(child)) for child in master.children())
+    titles = sorted(re.sub(r' (idle|running \S+ [\d.]+s)$', '', title_of(child)) for child in master.children()
+                    if not title_of(child).startswith('carrot-supervisor: image '))  # the warm image
     assert titles == ['carrot-supervisor: consumer default#1', 'carrot-supervisor: consumer other#1',
                       'carrot-supervisor: scheduler'], titles
     children = master.children()
@@ -177,7 +178,7 @@ def test_daemon_start_status_and_graceful_stop(manage, tmp_path):
     assert read_pid(pidfile) == pid
 
     # status: the master and every child, with title, pid, RSS and uptime.
-    wait_for(lambda: len(master.children()) == 3 and 'ready:' in logfile.read_text(), 30,
+    wait_for(lambda: len(master.children()) == 4 and 'ready:' in logfile.read_text(), 30,  # 3 + the image
              what='three children', tail=logfile.read_text)
     time.sleep(1.0)  # so every uptime is at least a second
     result = manage('carrot_daemon', 'status', '--pidfile', str(pidfile))
@@ -190,7 +191,7 @@ def test_daemon_start_status_and_graceful_stop(manage, tmp_path):
     assert {p: title for p, (_, _, title) in rows.items()} == expected
     assert sorted(t for t in expected.values() if t != MASTER_TITLE) == [
         'carrot-supervisor: consumer default#1 idle', 'carrot-supervisor: consumer other#1 idle',
-        'carrot-supervisor: scheduler']
+        'carrot-supervisor: image 1', 'carrot-supervisor: scheduler']
     for p, (rss, uptime, _) in rows.items():
         assert rss > 5, (p, rss)                          # a Python process with Django: megabytes
         assert uptime != '0m00s' and uptime.startswith('0m'), (p, uptime)
@@ -220,7 +221,8 @@ def test_daemon_restart_and_hard_stop(manage, tmp_path):
     first = read_pid(pidfile)
     wait_for(lambda: 'ready:' in logfile.read_text(), 30, what='the first master', tail=logfile.read_text)
     titles = sorted(title_of(c) for c in psutil.Process(first).children())
-    assert titles == ['carrot-supervisor: consumer default#1 idle', 'carrot-supervisor: consumer other#1 idle']
+    assert titles == ['carrot-supervisor: consumer default#1 idle', 'carrot-supervisor: consumer other#1 idle',
+                      'carrot-supervisor: image 1']
 
     started = time.monotonic()
     result = manage('carrot_daemon', 'restart', *options)

@@ -50,6 +50,8 @@ def wait_generation(supervisor, generation, slots, timeout=20):
 @pytest.mark.timeout(60)
 def test_children_are_forked_by_the_image_and_belong_to_the_master(start_supervisor):
     supervisor = start_supervisor()
+    supervisor.wait_log(r'ready: \d+ children up', timeout=20)
+    figure('start_to_ready_ms', (time.monotonic() - supervisor.started_at) * 1000)  # from Popen: Python start too
     kids = supervisor.wait_ready(SLOTS)
     [(image_pid, generation)] = images(supervisor)
     assert generation == 1
