@@ -8,7 +8,7 @@ Exit codes (also in README.rst):
     3  bad configuration: no settings module, settings that do not import, an invalid CARROT
     4  a broker was unreachable at start
     5  the pidfile is held by a live master (or cannot be written)
-    6  a slot's children kept crashing (see the log for why)
+    6  every slot was parked: its children kept crashing (see the log for why)
 """
 from __future__ import annotations
 
