@@ -276,3 +276,31 @@ def test_autoreload_rolls_over_on_an_edit_and_keeps_the_old_code_on_a_broken_one
     edit(AUTORELOAD_CODE.format(3), 30)  # the next good edit reloads
     supervisor.wait_log(r'reload done', after=mark, timeout=30)
     assert run_version() == '3'
+
+
+@pytest.mark.timeout(90)
+def test_the_status_snapshot_shows_each_slot_and_its_task_and_reaches_the_database(start_supervisor):
+    from carrot.models import SupervisorStatus
+    supervisor = start_supervisor(scheduler=True)
+    kids = supervisor.wait_ready(SLOTS + ['scheduler'])
+    log = publish_message(tasks.sleep, 8)
+    entry = supervisor.wait_for(
+        lambda: (supervisor.slot_status('consumer default#1') or {}).get('state') == 'running'
+        and supervisor.slot_status('consumer default#1'), 10, 'the snapshot to show the task running')
+    assert entry['pid'] == kids['consumer default#1'].pid
+    assert entry['task'] == 'tests.testapp.tasks.sleep' and entry['task_id'] == str(log.uuid)
+    # Ages are refreshed at least every 5 s while nothing else changes.
+    supervisor.wait_for(lambda: (supervisor.slot_status('consumer default#1')['task_age'] or 0) >= 2, 8,
+                        'the task age to be refreshed')
+    assert supervisor.slot_status('scheduler')['state'] == 'idle'
+    # The scheduler child copies the document into the SupervisorStatus table.
+    row = supervisor.wait_for(lambda: SupervisorStatus.objects.filter(pid=supervisor.pid).first(), 15,
+                              'a SupervisorStatus row for this master')
+    assert {s['name'] for s in row.document['slots']} == set(SLOTS + ['scheduler'])
+    assert row.generation == 1
+    wait_status(log, 'COMPLETED', 20, supervisor.tail)
+    supervisor.wait_for(lambda: supervisor.slot_status('consumer default#1')['state'] == 'idle', 5, 'idle again')
+    # Stopped: the file is removed, a stale snapshot never describes a master that is gone.
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait_exit(20) == 0
+    assert supervisor.status() is None
