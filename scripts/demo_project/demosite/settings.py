@@ -4,7 +4,7 @@ import os
 BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_DIR = os.environ.get('CARROT_DEMO_DIR', os.path.join(BASE_DIR, 'run'))
 SECRET_KEY = 'demo-only'
-DEBUG = True
+DEBUG = os.environ.get('CARROT_DEMO_DEBUG', '1') == '1'  # scripts/bench turns it off (as in production)
 USE_TZ = True
 TIME_ZONE = 'UTC'
 INSTALLED_APPS = [
