@@ -86,7 +86,9 @@ def read_settings(settings_module: str, check_brokers: bool = False, loglevel: s
     from carrot.config import config_from_settings
 
     config, _ = config_from_settings(settings)
-    problems = [f'{e.id}: {e.msg}' for e in run_checks(tags=['carrot']) if e.is_serious()]
+    # Every check tagged 'carrot' runs, database ones included (they get the databases to look at).
+    problems = [f'{e.id}: {e.msg}' for e in run_checks(tags=['carrot'], databases=list(settings.DATABASES))
+                if e.is_serious()]
     if problems:
         raise SettingsUnreadable('\n'.join(problems))
     options = dict(graceful_timeout=config.graceful_timeout, heartbeat_timeout=config.heartbeat_timeout,
