@@ -159,7 +159,8 @@ class Arbiter:
         if not self.stopping:
             deadlines += [self.book.records[s.name].next_start for s in self.slots if s.name not in self.table.occupied()]
             for c in self.table.running():
-                deadlines += [c.retire_deadline or now + 1, (c.aborted_at or c.last_beat) + self.heartbeat_timeout]
+                deadlines += [c.retire_deadline or now + 1, c.aborted_at + ABORT_GRACE if c.aborted_at
+                              else c.last_beat + self.heartbeat_timeout]
         return max(0.0, min(deadlines) - now)
 
     # -- signals -----------------------------------------------------------------------------------
