@@ -305,3 +305,25 @@ def test_the_status_snapshot_shows_each_slot_and_its_task_and_reaches_the_databa
     supervisor.signal(signal.SIGTERM)
     assert supervisor.wait_exit(20) == 0
     assert supervisor.status() is None
+
+
+@pytest.mark.timeout(90)
+def test_a_child_never_outlives_its_generation_by_more_than_the_graceful_timeout(start_supervisor):
+    supervisor = start_supervisor('--graceful-timeout', '2', extra='# fine\n')
+    kids = supervisor.wait_ready(SLOTS)
+    log = publish_message(tasks.sleep, 30)
+    wait_status(log, 'IN_PROGRESS', 10, supervisor.tail)
+    busy = kids['consumer default#1']
+    start_supervisor.write_extra("CARROT['queues'][0]['concurrency'] = 1  # touched\n")
+    supervisor.signal(signal.SIGHUP)
+    supervisor.wait_log(r'image generation 2 \(pid \d+\) is up')
+    up = time.monotonic()
+    supervisor.wait_log(rf'consumer default#1 \(pid {busy.pid}\) still running 2\.0s after it was retired; killing',
+                        timeout=10)
+    supervisor.wait_for(lambda: not alive(busy.pid), 5, 'the old child to be gone')
+    gone = time.monotonic() - up
+    figure('old_generation_child_gone_after_ms', gone * 1000)
+    assert gone < 2 + 2, gone  # the graceful timeout, plus the loop's and the test's own latency
+    wait_generation(supervisor, 2, SLOTS)
+    # Its message went back to the queue and is taken up again by the new child.
+    supervisor.wait_for(lambda: MessageLog.objects.get(pk=log.pk).attempts == 2, 15, 'the redelivery')
