@@ -130,8 +130,7 @@ class Arbiter:
                     break
                 self.kill_stragglers()
             else:
-                self.murder_unresponsive()
-                self.murder_retirees()
+                self.murder_overdue()
                 self.replace_dead_image()
                 self.spawn_children()
                 self.check_ready()
@@ -401,13 +400,18 @@ class Arbiter:
         if child.pid is not None:
             self.kill_child(child, signal.SIGTERM)
 
-    def murder_unresponsive(self) -> None:
+    def murder_overdue(self) -> None:
+        """SIGABRT then SIGKILL for the silent; SIGKILL for the retired past their graceful timeout."""
         now = time.monotonic()
         for child in self.table.running():
             silent = now - child.last_beat
             if child.killed:
                 continue
-            if child.aborted_at is None and silent > self.heartbeat_timeout:
+            if child.retire_deadline and now >= child.retire_deadline:
+                self.log.warning("%s still running %.1fs after it was retired; killing", child.describe(),
+                                 self.graceful_timeout)
+                self.kill_child(child, signal.SIGKILL, "retirement timeout")
+            elif child.aborted_at is None and silent > self.heartbeat_timeout:
                 self.log.warning("%s missed heartbeats for %.0fs; killing (SIGABRT: its stacks go to the log; "
                                  "SIGKILL in %.0fs)", child.describe(), silent, ABORT_GRACE)
                 child.aborted_at = now
@@ -417,14 +421,6 @@ class Arbiter:
         for child in list(self.table.pending):
             if now - child.started_at > self.heartbeat_timeout and child.image is not None:
                 self.spawn_failed(child.image, child.request or 0, "no answer from the image")
-
-    def murder_retirees(self) -> None:
-        now = time.monotonic()
-        for child in self.table.running():
-            if child.retire_deadline and not child.killed and now >= child.retire_deadline:
-                self.log.warning("%s still running %.1fs after it was retired; killing", child.describe(),
-                                 self.graceful_timeout)
-                self.kill_child(child, signal.SIGKILL, "retirement timeout")
 
     def kill_children(self, signum: int) -> None:
         for child in self.table.running():
