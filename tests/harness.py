@@ -93,7 +93,7 @@ class Kid:
 
 
 def parse_title(title: str) -> tuple[str, str] | None:
-    """(slot, state) of a child's title; None for anything else (the master, a settings reader)."""
+    """(slot, state) of a child's title; None for anything else (the master, an image)."""
     if not title.startswith(PREFIX):
         return None
     rest = title[len(PREFIX):]
@@ -120,7 +120,7 @@ class Supervisor:
         self.args = [sys.executable, '-m', 'carrot.cli', *flags]
         self.output = open(self.out_path, 'ab')
         self.started_at = time.monotonic()
-        # A session of its own, so the finalizer can also kill the process group (a settings reader, a
+        # A session of its own, so the finalizer can also kill the process group (an image, a
         # task's subprocess) and a test's signals go to the master only.
         self.proc = subprocess.Popen(self.args, env=env, cwd=ROOT, stdout=self.output,
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -260,15 +260,15 @@ def test_a_master_killed_while_reading_settings_for_a_reload_leaves_no_process(s
     extra = f'import os, time\nif os.path.exists({str(marker)!r}):\n    time.sleep(4)\n'
     supervisor = start_supervisor(extra=extra)
     kids = supervisor.wait_ready(SLOTS)
+    before = {p.pid for p in psutil.Process(supervisor.pid).children()}  # the children and image 1
     marker.touch()
-    supervisor.signal(signal.SIGHUP)  # the master forks a throwaway child to read the settings
+    supervisor.signal(signal.SIGHUP)  # the master forks a new image, which reads the settings
 
     def reader():
-        procs = [p for p in psutil.Process(supervisor.pid).children() if p.pid not in
-                 {k.pid for k in kids.values()}]
+        procs = [p for p in psutil.Process(supervisor.pid).children() if p.pid not in before]
         return procs[0] if procs else None
 
-    settings_reader = supervisor.wait_for(reader, 5, 'the settings reader')
+    settings_reader = supervisor.wait_for(reader, 5, "the new image")
     os.kill(supervisor.pid, signal.SIGKILL)
     killed = time.monotonic()
     supervisor.wait_exit(5)
