@@ -137,3 +137,23 @@ def locked_vhost(carrot_vhost):
 
     yield Locked
     rabbitmqctl('delete_vhost', name, check=False)
+
+
+# -- process-level supervisor tests (tests/harness.py) --------------------------------------
+
+@pytest.fixture
+def start_supervisor(subprocess_env, tmp_path):
+    """A function that starts carrot-supervisor subprocesses; all of them are gone after the test."""
+    from tests.harness import Starter
+    starter = Starter(subprocess_env, tmp_path)
+    yield starter
+    starter.cleanup()
+
+
+@pytest.fixture
+def notify_socket():
+    """A stand-in for systemd's NOTIFY_SOCKET (tests.harness.NotifySocket)."""
+    from tests.harness import NotifySocket
+    sock = NotifySocket()
+    yield sock
+    sock.close()

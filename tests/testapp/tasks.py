@@ -102,3 +102,15 @@ def fail_unless_exists(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path} is not there yet')
     return 'found it'
+
+
+# -- supervisor (warm image, hung children) ---------------------------------------------------------
+
+def hold_the_gil(seconds=30):
+    """Keep the interpreter's lock for about `seconds` without running a bytecode: no other thread of
+    the worker (its broker connection, its heartbeats) gets to run -- a hang as the master sees it."""
+    import re
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        re.match(r'(a+)+$', 'a' * 28 + 'b')  # catastrophic backtracking, all in C, GIL held
+    return 'done'
