@@ -48,6 +48,9 @@ from carrot.messages import IncomingMessage
 from carrot.models import MessageLog
 from carrot.runner import TaskOutcome, run_task
 
+# What a reduced row writes: the outcome, without the texts the database may have refused.
+REDUCED_FIELDS = ('status', 'completion_time', 'failure_time', 'lease_expires', 'output', 'log',
+                  'traceback', 'exception')
 RETRY_BASE = 2.0  # seconds a message waits in <queue>.wait the first time; doubled each time after
 
 
@@ -112,13 +115,14 @@ def _release(message_id: str) -> None:
             del _held[message_id]
 
 
-def _held_here(message_id: str) -> bool:
+def _held_elsewhere(message_id: str, own_holds: int) -> bool:
     with _held_lock:
-        return _held[message_id] > 0
+        return _held[message_id] > own_holds
 
 
-def worker_is_dead(row: MessageLog, now) -> bool:
-    """Whether the worker named in an IN_PROGRESS row is known dead (so its claim may be taken over)."""
+def worker_is_dead(row: MessageLog, now, own_holds: int = 0) -> bool:
+    """Whether the worker named in an IN_PROGRESS row is known dead (so its claim may be taken over).
+    `own_holds`: how many holds on this id the caller itself has (see _hold)."""
     if row.lease_expires is None or row.lease_expires <= now:
         return True  # not renewed in time (or claimed by a carrot that kept no lease)
     host, _, pid_text = (row.worker or '').rpartition(':')
@@ -126,7 +130,7 @@ def worker_is_dead(row: MessageLog, now) -> bool:
         return False  # another host: only its lease tells
     pid = int(pid_text)
     if pid == os.getpid():
-        return not _held_here(row.uuid)
+        return not _held_elsewhere(row.uuid, own_holds)
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -237,7 +241,7 @@ class MessageProcessor:
                                     'running it', self.name, message.shown_task, row.uuid)
                 return DEAD_LETTER
             if row.status == MessageLog.IN_PROGRESS:
-                if not worker_is_dead(row, now):
+                if not worker_is_dead(row, now, own_holds=1):
                     delay = min(self.config.claim_lease, RETRY_BASE * 2 ** message.waits)
                     self.logger.info('%s: %s (%s) is running on %s; trying again in %gs', self.name,
                                      message.shown_task, row.uuid, text.for_log(row.worker, 100), delay)
@@ -336,9 +340,9 @@ class MessageProcessor:
             row.output = row.log = row.traceback = None
             row.exception = text.cut(f'{row.exception or ""}\n[carrot could not store the full row: '
                                      f'{reason}]'.strip(), self.config.max_stored_text)
-            row.task_args = row.content = None
             try:
-                self._database(row.save, 'recording the result', interruptible=interruptible)
+                self._database(lambda: row.save(update_fields=REDUCED_FIELDS), 'recording the result',
+                               interruptible=interruptible)
             except DatabaseError:
                 self.logger.exception('%s: even the reduced log row of %s could not be written; the '
                                       'message is settled anyway so the task does not run again',

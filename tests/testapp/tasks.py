@@ -80,3 +80,29 @@ def backend_pid(pause=0.0):
         pid = cursor.fetchone()[0]
     time.sleep(pause)
     return pid
+
+
+# -- consume (tests/test_processing.py, tests/test_claim.py) --
+
+def append_and_sleep(path, text, seconds):
+    """Record one execution in `path`, then take `seconds` (so a second delivery arrives meanwhile)."""
+    with open(path, 'a') as f:
+        f.write(text + '\n')
+    time.sleep(seconds)
+    return text
+
+
+def returns_text(text, times=1):
+    """Return `text` repeated `times` times (oversize or unstorable output)."""
+    return text * times
+
+
+def logs_a_lot(lines, width=100):
+    for n in range(lines):
+        logger.info('%d %s', n, 'x' * width)
+    return lines
+
+
+def raises_weird(text):
+    """Raise an exception whose message carries `text` (control characters, NUL ...)."""
+    raise RuntimeError(text)
