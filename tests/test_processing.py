@@ -22,7 +22,7 @@ from carrot import text
 from carrot.config import get_config
 from carrot.messages import MAX_NESTING, decode_delivery
 from carrot.models import MessageLog
-from carrot.processing import Action, MessageProcessor, worker_id
+from carrot.processing import Action, DefaultHooks, MessageProcessor, worker_id
 from carrot.utilities import publish_message
 from tests.testapp import tasks
 
@@ -159,12 +159,20 @@ def test_two_deliveries_at_once_run_the_task_once(tmp_path):
     target = tmp_path / 'runs'
     message = incoming('tests.testapp.tasks.append_and_sleep', args=[str(target), 'x', 1.0])
     results = []
-    barrier = threading.Barrier(2)
+    both_have_read = threading.Barrier(2, timeout=20)
+
+    class ReadThenWait(DefaultHooks):
+        """Both slots read the row (PUBLISHED) before either claims it: only the UPDATE can decide."""
+        def get_message_log(self, message):
+            row = super().get_message_log(message)
+            both_have_read.wait()
+            return row
 
     def one_slot(name):
-        barrier.wait()
         try:
-            results.append(processor(name).process(message).action)
+            slot = processor(name)
+            slot.hooks = ReadThenWait(slot)
+            results.append(slot.process(message).action)
         finally:
             connection.close()
 
