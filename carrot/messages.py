@@ -154,6 +154,27 @@ def _preview(body, limit=200) -> str:
     return text.for_log(body, limit)
 
 
+class NestedTooDeep:
+    """Stands in (in decoded AMQP headers) for a table or array nested deeper than carrot reads."""
+
+    def __repr__(self):
+        return '<nested too deeply; not read>'
+
+
+def headers_too_deep(headers) -> bool:
+    """Whether a NestedTooDeep marker is anywhere in `headers` (walked without recursion)."""
+    stack = [headers]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, NestedTooDeep):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
+
+
 # -- one delivery, decoded once ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -215,6 +236,8 @@ def decode_delivery(method, properties, body, max_size: int,
                    f"({max_size} bytes); carrot did not read it")
     if id_problem:
         return bad(id_problem)
+    if headers_too_deep(getattr(properties, 'headers', None)):
+        return bad('the message headers hold tables nested too deeply for carrot to read them')
     try:
         task = get_task_type(properties, body)
         if not isinstance(task, str):

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import struct
+import threading
 
 import pika
+import pika.data
 import pika.exceptions as pe
 
 from carrot import messages
@@ -56,6 +59,36 @@ def quiet_pika_connection_errors() -> None:
             logger.addFilter(_PikaConnectErrors())
 
 
+# -- header tables nested without end -----------------------------------------------------------------
+# pika decodes AMQP tables recursively, so a message whose headers nest a few hundred levels deep (the
+# broker accepts thousands) raises RecursionError inside pika's frame reader: the connection drops,
+# the message is redelivered and drops it again, for ever, and nothing behind it is consumed. Past
+# MAX_HEADER_DEPTH levels carrot skips a nested table or array by its length prefix (no recursion) and
+# puts a messages.NestedTooDeep marker in its place; the processor then fails the message with a reason.
+MAX_HEADER_DEPTH = 32
+_depth = threading.local()
+_pika_decode_value = pika.data.decode_value
+
+
+def _bounded_decode_value(encoded, offset):
+    depth = getattr(_depth, 'value', 0)
+    kind = encoded[offset:offset + 1]
+    if depth >= MAX_HEADER_DEPTH and kind in (b'F', b'A'):
+        length = struct.unpack_from('>I', encoded, offset + 1)[0]
+        return messages.NestedTooDeep(), offset + 5 + length
+    _depth.value = depth + 1
+    try:
+        return _pika_decode_value(encoded, offset)
+    finally:
+        _depth.value = depth
+
+
+def bound_header_depth() -> None:
+    """Make pika's table decoder depth-bounded (idempotent; pika.data.decode_table looks the value
+    decoder up by its module-global name, so replacing it there is enough)."""
+    pika.data.decode_value = _bounded_decode_value
+
+
 class ConsumeSession:
     """One connection consuming one queue. Not thread-safe except `wake()`."""
 
@@ -77,6 +110,7 @@ class ConsumeSession:
         """Connect, declare <queue>, <queue>.dead and <queue>.wait, and start consuming:
         `on_delivery(method, properties, body)` is called from `poll()` for each message."""
         quiet_pika_connection_errors()
+        bound_header_depth()
         self.connection = connect(self.broker)
         try:
             self.channel = self.connection.channel()
