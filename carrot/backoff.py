@@ -65,7 +65,7 @@ class Outage:
 
     def recovered(self) -> None:
         if self.since is not None:
-            self.logger.warning('%s: %s is back after %.1fs', self.name, self.what,
+            self.logger.info('%s: %s is back after %.1fs', self.name, self.what,
                                 time.monotonic() - self.since)
         self.since = None
         self.backoff.reset()

@@ -36,7 +36,7 @@ from typing import Callable
 
 import psutil
 from django.db import (DatabaseError, InterfaceError, OperationalError, ProgrammingError,
-                       connections)
+                       close_old_connections, connections)
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -199,6 +199,9 @@ class MessageProcessor:
         if message.message_id is not None:
             _hold(message.message_id)
         try:
+            # As Django does around a request: drop a connection the last task left broken or that is
+            # past CONN_MAX_AGE, so one task's mess does not fail the next message's claim.
+            close_old_connections()
             return self._process(message)
         except StopRequested:
             self.logger.warning('%s: stopping while the database is unavailable; %s (%s) goes back to the '
