@@ -20,6 +20,7 @@ from carrot.consumer import Consumer
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import dead_letters, queue_depth, rabbitmqctl, raw_connection, run_consumer
+from tests.supervisor_harness import start_supervisor  # noqa: F401 (a fixture)
 from tests.test_consumer import consume_in_subprocess
 from tests.testapp import tasks
 
@@ -313,3 +314,34 @@ def test_no_dead_letter_ttl_when_the_setting_is_none():
     with override_settings(CARROT={**settings.CARROT, 'dead_letter_ttl_days': None}):
         run_consumer(idle_timeout=0.5)
     raw_connection().channel().queue_declare('default.dead', durable=True)
+
+
+# -- under carrot-supervisor: separate processes -----------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_supervised_children_survive_hostile_input_and_run_a_double_delivery_once(start_supervisor,
+                                                                                  raw_channel, tmp_path):
+    slots = ['consumer default#1', 'consumer default#2', 'consumer other#1']
+    supervisor = start_supervisor(extra="CARROT['queues'][0]['concurrency'] = 2\n")
+    kids = supervisor.wait_ready(slots, timeout=60)
+    hostile = [({}, {'type': 'tests.testapp.tasks.add\x00'}),      # killed the 1.x-era child every time
+               (b'[' * 10000 + b']' * 10000, {'type': ADD}),
+               ({}, {'type': b'\xff\xfe'})]
+    for body, headers in hostile:
+        publish_raw(raw_channel, body, headers, message_id=str(uuid.uuid4()))
+    target = tmp_path / 'runs'
+    log = publish_message(tasks.append_and_sleep, str(target), 'once', 3)
+    publish_raw(raw_channel, {'args': [str(target), 'once', 3]},
+                {'type': 'tests.testapp.tasks.append_and_sleep'}, message_id=log.uuid)
+    wait_until(lambda: MessageLog.objects.get(pk=log.pk).status == 'COMPLETED', timeout=60,
+               what='the task to complete')
+    wait_until(lambda: 'is already COMPLETED; acking the duplicate' in supervisor.log(), timeout=60,
+               what='the second delivery to be acked as a duplicate')
+    assert lines(target) == ['once']
+    assert MessageLog.objects.get(pk=log.pk).attempts == 1
+    assert MessageLog.objects.filter(status='FAILED').count() == len(hostile)
+    assert len(dead_letters(raw_channel)) == len(hostile)
+    assert {slot: kid.pid for slot, kid in supervisor.by_slot().items()} == \
+        {slot: kid.pid for slot, kid in kids.items()}  # no child died
+    assert (queue_depth('default'), queue_depth('default.wait')) == (0, 0)
+    assert '\x00' not in supervisor.log() and '\x1b' not in supervisor.log()
