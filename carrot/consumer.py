@@ -27,9 +27,9 @@ from carrot.exceptions import QueueMismatchError, TaskTimeLimitExceeded
 from carrot.messages import IncomingMessage
 from carrot.models import MessageLog
 from carrot.objects import DefaultMessageSerializer, VirtualHost
-from carrot.processing import (  # noqa: F401  (Disposition and worker_id: importable from here, as in 1.x)
-    ACK, DEAD_LETTER, Action, Disposition, Hooks, MessageProcessor, get_or_insert_row, insert_row,
-    mark_failed, worker_id)
+from carrot.processing import (DEAD_LETTER, Action, Disposition, Hooks, MessageProcessor, get_or_insert_row,
+                               insert_row, mark_failed)
+from carrot.processing import worker_id  # noqa: F401 (importable from here, as before the split)
 from carrot.runner import TASK_LOGGER
 from carrot.session import SESSION_ERRORS, ConsumeSession
 from carrot.slot import Delivery, TaskSlot

@@ -2,7 +2,6 @@
 deliveries, adoption, conflicts, outages and the queues carrot declares."""
 import json
 import logging
-import subprocess
 import sys
 import threading
 import time
