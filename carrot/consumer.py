@@ -29,10 +29,12 @@ from carrot.models import MessageLog
 from carrot.objects import DefaultMessageSerializer, VirtualHost
 from carrot.processing import (DEAD_LETTER, Action, Disposition, Hooks, MessageProcessor, get_or_insert_row,
                                insert_row, mark_failed)
-from carrot.processing import worker_id  # noqa: F401 (importable from here, as before the split)
+from carrot.processing import worker_id
 from carrot.runner import TASK_LOGGER
 from carrot.session import SESSION_ERRORS, ConsumeSession
 from carrot.slot import Delivery, TaskSlot
+
+__all__ = ['Consumer', 'Disposition', 'worker_id']  # the last two importable from here, as before the split
 
 IDLE_POLL = 0.5         # seconds the loop waits for broker I/O between ticks (bounds stop latency)
 RECONNECT_BASE = 1.0    # first wait before reconnecting to the broker; doubled per failure ...
