@@ -140,6 +140,21 @@ def test_a_message_reusing_another_messages_id_is_refused_and_that_log_kept(raw_
     assert [p.message_id for p, _ in dead_letters(raw_channel)] == [log.uuid]
 
 
+@pytest.mark.timeout(60)
+def test_the_running_consumer_renews_its_claim_while_the_task_runs():
+    with override_settings(CARROT={**settings.CARROT, 'claim_lease': 1.5}):
+        log = publish_message(tasks.sleep, 5)
+        worker = ConsumerThread('default#lease', idle_timeout=2).start()
+        wait_until(lambda: MessageLog.objects.get(pk=log.pk).status == 'IN_PROGRESS', what='the start')
+        leases = set()
+        while (row := MessageLog.objects.get(pk=log.pk)).status == 'IN_PROGRESS':
+            leases.add(row.lease_expires)
+            time.sleep(0.2)
+        worker.join()
+    assert len(leases) >= 4, leases  # pushed forward again and again, from the connection thread
+    assert (row.status, row.attempts, row.lease_expires) == ('COMPLETED', 1, None)
+
+
 # -- hostile deliveries ------------------------------------------------------------------------------
 
 HOSTILE = [

@@ -408,3 +408,26 @@ def test_text_bounds_and_escapes():
     assert text.for_log('a\nb\x1b[2J\x00\u202e') == 'a\\x0ab\\x1b[2J\\x00\\u202e'
     assert text.for_column('a\x00b\ud800', None) == 'a\\x00b\\ud800'
     assert text.for_log(b'\xff') == '\\xff'
+
+
+@pytest.mark.timeout(60)
+def test_a_result_that_cannot_be_written_yet_is_held_and_written_later_not_run_again(tmp_path, caplog):
+    target = tmp_path / 'runs'
+    message = incoming('tests.testapp.tasks.takes_the_log_table_away', args=[str(target)])
+    results = []
+    slot = threading.Thread(target=lambda: (results.append(processor().process(message)), connection.close()))
+    slot.start()
+    try:
+        wait = time.monotonic() + 20
+        while not warnings_about_the_database(caplog):
+            assert time.monotonic() < wait, 'the outage was never reported'
+            time.sleep(0.1)
+        time.sleep(2)
+    finally:
+        rename_log_table(to_missing=False)
+    slot.join(timeout=40)
+    assert [r.action for r in results] == [Action.ACK]
+    assert lines(target) == ['ran']
+    log = MessageLog.objects.get(uuid=message.message_id)
+    assert (log.status, log.output, log.attempts) == ('COMPLETED', '"done"', 1)
+    assert 'recording the result' in warnings_about_the_database(caplog)[0]

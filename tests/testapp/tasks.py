@@ -106,3 +106,14 @@ def logs_a_lot(lines, width=100):
 def raises_weird(text):
     """Raise an exception whose message carries `text` (control characters, NUL ...)."""
     raise RuntimeError(text)
+
+
+def takes_the_log_table_away(path):
+    """Record one execution, then rename carrot's log table, as if the database went away just after
+    the task ran (tests/test_processing.py renames it back)."""
+    from django.db import connection
+    with open(path, 'a') as f:
+        f.write('ran\n')
+    with connection.cursor() as cursor:
+        cursor.execute('ALTER TABLE carrot_messagelog RENAME TO carrot_messagelog_away')
+    return 'done'
