@@ -118,11 +118,11 @@ class Consumer:
                                         get_task_type=self.get_task_type,
                                         get_arguments=self.serializer.serialize_arguments)
 
-    def process(self, message: IncomingMessage) -> Disposition:
+    def process(self, message: IncomingMessage, abandoned: threading.Event | None = None) -> Disposition:
         """Claim, run and record one message (in the slot thread); never raises."""
         self._current_message = message
         try:
-            return self.processor.process(message)
+            return self.processor.process(message, abandoned)
         finally:
             self._current_message = None
 
@@ -219,7 +219,8 @@ class Consumer:
             delivery = Delivery(method.delivery_tag, message.shown_task, message.message_id, message=message)
             self.delivery = delivery
             self._lease_renewed = time.monotonic()
-            delivery.future = self._slot.submit(self.process, message, on_done=session.wake)
+            delivery.future = self._slot.submit(self.process, message, delivery.abandoned,
+                                                on_done=session.wake)
         return on_delivery
 
     def _settle(self, session: ConsumeSession, delivery: Delivery) -> None:
@@ -286,8 +287,11 @@ class Consumer:
 
     def _wait_for_delivery(self) -> None:
         """After the connection is lost: let the task in hand finish (its log row gets written; the
-        message, unacked, is delivered again and then acked as a duplicate), within the time limit."""
+        message, unacked, is delivered again and then acked as a duplicate), within the time limit. A
+        delivery not yet claimed (the database is down) is dropped: RabbitMQ delivers it again."""
         delivery = self.delivery
+        if delivery is not None:
+            delivery.abandoned.set()
         while delivery is not None and not self._slot.wait(delivery.future, IDLE_POLL):
             if self.task_time_limit and delivery.age > self.task_time_limit:
                 # FAILED in the log: its redelivery is then dead-lettered without running again.

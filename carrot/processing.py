@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ def adopt(new_id: str) -> Disposition:
 
 
 class StopRequested(Exception):
-    """The consumer is stopping while the database is down and nothing was claimed yet."""
+    """The consumer is stopping (or lost the delivery) while the database is down, before any claim."""
 
 
 # -- who is running what ------------------------------------------------------------------------------
@@ -190,12 +191,15 @@ class MessageProcessor:
         self.run = run
         self.worker = worker_id()
         self.database = Outage(logger, name, 'the database')
-        self.wait = self.stopping.wait  # how the processor sleeps between database retries
+        self.abandoned: threading.Event | None = None  # set: the delivery in hand is gone (see process)
 
     # -- one message
 
-    def process(self, message: IncomingMessage) -> Disposition:
-        """Never raises: whatever goes wrong ends as a disposition (and a FAILED row, where it can)."""
+    def process(self, message: IncomingMessage, abandoned: threading.Event | None = None) -> Disposition:
+        """Never raises: whatever goes wrong ends as a disposition (and a FAILED row, where it can).
+        `abandoned` is set by the consumer when the delivery is gone (broker connection lost): waiting
+        for the database to claim it is pointless then, as RabbitMQ delivers it again."""
+        self.abandoned = abandoned
         if message.message_id is not None:
             _hold(message.message_id)
         try:
@@ -204,8 +208,9 @@ class MessageProcessor:
             close_old_connections()
             return self._process(message)
         except StopRequested:
-            self.logger.warning('%s: stopping while the database is unavailable; %s (%s) goes back to the '
-                                'queue unclaimed', self.name, message.shown_task, message.message_id)
+            self.logger.warning('%s: %s while the database is unavailable; %s (%s) goes back to the queue '
+                                'unclaimed', self.name, 'stopping' if self.stopping.is_set() else
+                                'lost the delivery', message.shown_task, message.message_id)
             return REQUEUE
         except Exception as exc:
             return self._unexpected(message, exc)
@@ -400,6 +405,9 @@ class MessageProcessor:
 
     # -- database retries
 
+    def _should_give_up(self) -> bool:
+        return self.stopping.is_set() or (self.abandoned is not None and self.abandoned.is_set())
+
     def _database(self, step: Callable, what: str, interruptible: bool = True):
         """Run a database step, waiting out transient faults with backoff. Other errors propagate."""
         while True:
@@ -410,12 +418,11 @@ class MessageProcessor:
                     raise
                 connections.close_all()  # this thread's connections; a fresh one is opened next try
                 delay = self.database.failed(f'{what}: {describe_database_fault(exc)}', exc)
-                if interruptible and self.stopping.is_set():
+                if interruptible and self._should_give_up():
                     raise StopRequested from None
-                if interruptible:
-                    self.wait(delay)
-                else:
-                    threading.Event().wait(delay)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not (interruptible and self._should_give_up()):
+                    time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
                 continue
             self.database.recovered()
             return result

@@ -6,6 +6,7 @@ cannot be killed): the slot is abandoned and the process is expected to end.
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ class Delivery:
     started: float = field(default_factory=time.monotonic)
     future: Future | None = None
     message: object = None         # the IncomingMessage
+    abandoned: threading.Event = field(default_factory=threading.Event)  # set when the delivery is gone
 
     @property
     def age(self) -> float:
