@@ -279,6 +279,33 @@ def test_missing_tables_hold_the_message_then_it_runs_once(raw_channel, tmp_path
 
 
 @pytest.mark.timeout(120)
+def test_losing_the_broker_while_waiting_for_the_database_drops_the_delivery_not_the_message(
+        tmp_path, caplog):
+    target = tmp_path / 'runs'
+    message_id = str(uuid.uuid4())
+    with connection.cursor() as cursor:
+        cursor.execute('ALTER TABLE carrot_messagelog RENAME TO carrot_messagelog_away')
+    try:
+        worker = ConsumerThread('default#both', idle_timeout=4).start()
+        publisher = raw_connection()  # closed before the broker closes every connection of the vhost
+        publish_raw(publisher.channel(), {'args': [str(target), 'x']},
+                    {'type': 'tests.testapp.tasks.append_line'}, message_id=message_id)
+        publisher.close()
+        wait_until(lambda: 'the database is unavailable' in caplog.text, what='the database outage')
+        rabbitmqctl('close_all_connections', '-p', settings.VHOST, 'carrot test: broker lost too')
+        wait_until(lambda: 'lost the delivery while the database is unavailable' in caplog.text,
+                   timeout=20, what='the slot to let go of the delivery')
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute('ALTER TABLE carrot_messagelog_away RENAME TO carrot_messagelog')
+    worker.join(timeout=90)
+    assert lines(target) == ['x']
+    log = MessageLog.objects.get(uuid=message_id)
+    assert (log.status, log.attempts) == ('COMPLETED', 1)
+    assert queue_depth('default') == 0
+
+
+@pytest.mark.timeout(120)
 def test_a_connection_lost_mid_task_is_logged_when_it_happens(caplog):
     log = publish_message(tasks.sleep, 6)
     worker = ConsumerThread('default#lost', idle_timeout=4).start()
