@@ -277,7 +277,12 @@ class MessageProcessor:
             changes.update(attempts=F('attempts') + 1, exception='', traceback='', failure_time=None)
         if not MessageLog.objects.filter(pk=row.pk).filter(condition).update(**changes):
             return False
-        row.refresh_from_db()
+        # Won: the row is as read plus these changes (attempts only ever moves by a claim, and a
+        # concurrent claim would have made this one match nothing), so no second read is needed.
+        if count_attempt:
+            changes['attempts'] = row.attempts + 1
+        for name, value in changes.items():
+            setattr(row, name, value)
         return True
 
     def _worker_lost(self, row: MessageLog, message: IncomingMessage) -> Disposition:
