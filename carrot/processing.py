@@ -462,9 +462,10 @@ def insert_row(message: IncomingMessage, queue: QueueConfig, message_id: str, li
 def get_or_insert_row(message: IncomingMessage, queue: QueueConfig, limit: int) -> MessageLog:
     """The row of `message`'s id; inserted first for messages from other publishers. The insert
     tolerates a concurrent one of the same uuid (INSERT ... ON CONFLICT DO NOTHING, then read)."""
-    row = MessageLog.objects.filter(uuid=message.message_id).first()
-    if row is not None:  # the usual case: carrot published it, with its row
-        return row
+    try:
+        return MessageLog.objects.get(uuid=message.message_id)  # the usual case: carrot published it
+    except MessageLog.DoesNotExist:
+        pass
     task_args, content = message.stored_arguments
     MessageLog.objects.bulk_create([MessageLog(
         uuid=message.message_id, status=MessageLog.PUBLISHED, queue=queue.name, exchange=message.exchange,
