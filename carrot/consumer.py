@@ -71,6 +71,8 @@ class Consumer:
         self._slot: TaskSlot | None = None
         self._current_message: IncomingMessage | None = None
         self._lease_renewed = 0.0
+        # One line when renewing the lease starts failing, a reminder a minute, one when it works again.
+        self._lease_outage = Outage(self.logger, self.name, 'the database (for the claim lease)')
 
     @property
     def processor(self) -> MessageProcessor:
@@ -281,9 +283,11 @@ class Consumer:
         try:
             self.processor.renew_lease(delivery.message_id)
         except DatabaseError as exc:
-            self.logger.warning('%s: could not renew the claim of %s (%s)', self.name, delivery.message_id,
-                                text.for_log(exc, 200))
-            connections.close_all()
+            self._lease_outage.failed(f'renewing the claim of {delivery.message_id}: '
+                                      f'{text.for_log(exc, 200)}')
+            connections.close_all()  # this thread's; a fresh one is opened on the next renewal
+        else:
+            self._lease_outage.recovered()
 
     def _wait_for_delivery(self) -> None:
         """After the connection is lost: let the task in hand finish (its log row gets written; the
