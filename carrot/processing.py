@@ -200,6 +200,7 @@ class MessageProcessor:
         `abandoned` is set by the consumer when the delivery is gone (broker connection lost): waiting
         for the database to claim it is pointless then, as RabbitMQ delivers it again."""
         self.abandoned = abandoned
+        self._claimed: MessageLog | None = None  # the row this worker holds for `message`, once claimed
         if message.message_id is not None:
             _hold(message.message_id)
         try:
@@ -232,6 +233,7 @@ class MessageProcessor:
         verdict = self._database(lambda: self.claim(row, message), 'claiming the message')
         if verdict is not None:
             return verdict
+        self._claimed = row
         return self._run_claimed(row, message)
 
     # -- the claim
@@ -399,9 +401,10 @@ class MessageProcessor:
         problem = (f'carrot could not process this message: {type(exc).__name__}: '
                    f'{text.for_log(exc, 500)}')
         try:
-            row = self._database(lambda: insert_row(message, self.queue, str(uuid.uuid4()),
-                                                    self.config.max_stored_text),
-                                 'recording the failure', interruptible=False)
+            # The claimed row if there is one (else it would stay IN_PROGRESS for ever), else a new one.
+            row = self._claimed or self._database(
+                lambda: insert_row(message, self.queue, str(uuid.uuid4()), self.config.max_stored_text),
+                'recording the failure', interruptible=False)
             row.traceback = ''.join(traceback.format_exception(exc))
             self._fail_row(row, BadMessage(problem))
         except Exception:

@@ -431,3 +431,20 @@ def test_a_result_that_cannot_be_written_yet_is_held_and_written_later_not_run_a
     log = MessageLog.objects.get(uuid=message.message_id)
     assert (log.status, log.output, log.attempts) == ('COMPLETED', '"done"', 1)
     assert 'recording the result' in warnings_about_the_database(caplog)[0]
+
+
+def test_an_unexpected_error_after_the_claim_fails_the_claimed_row(tmp_path):
+    """A bug anywhere (here: a task lookup that raises something carrot does not expect) is FAILED +
+    dead-letter on the message's own row, never a requeue and never a row left IN_PROGRESS."""
+    message = incoming(args=[1, 2])
+    worker = processor()
+
+    def broken_run(*args, **kwargs):
+        raise LookupError('something carrot did not foresee')
+
+    worker.run = broken_run
+    assert worker.process(message).action is Action.DEAD_LETTER
+    [log] = MessageLog.objects.all()
+    assert log.uuid == message.message_id and log.status == 'FAILED'
+    assert 'carrot could not process this message: LookupError' in log.exception
+    assert 'LookupError' in log.traceback
