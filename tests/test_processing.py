@@ -448,3 +448,10 @@ def test_an_unexpected_error_after_the_claim_fails_the_claimed_row(tmp_path):
     assert log.uuid == message.message_id and log.status == 'FAILED'
     assert 'carrot could not process this message: LookupError' in log.exception
     assert 'LookupError' in log.traceback
+
+
+def test_a_return_value_too_deep_to_show_does_not_turn_success_into_failure():
+    message = incoming('tests.testapp.tasks.returns_deep', args=[100000])
+    assert processor().process(message).action is Action.ACK
+    log = MessageLog.objects.get(uuid=message.message_id)
+    assert log.status == 'COMPLETED' and log.output == '<list object that cannot be shown>'

@@ -117,3 +117,11 @@ def takes_the_log_table_away(path):
     with connection.cursor() as cursor:
         cursor.execute('ALTER TABLE carrot_messagelog RENAME TO carrot_messagelog_away')
     return 'done'
+
+
+def returns_deep(depth):
+    """Return lists nested `depth` deep (built without recursion): too deep for json.dumps and repr."""
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
