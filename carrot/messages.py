@@ -6,6 +6,10 @@ Compatible with django-carrot 1.x, so queues holding old messages drain:
   ``content_type='application/json'``, ``priority=<0..255>``, ``type='django-carrot message'``,
   ``delivery_mode=2`` (persistent; 1.x did not set it);
 - body: JSON ``{"args": [...], "kwargs": {...}}``; 1.x left out either key when it was empty.
+
+On the way in, `decode_delivery()` turns one delivery into an immutable `IncomingMessage`, once, and
+never raises: whatever makes a message unusable (any bytes in any header, oversize, nesting, a body
+that is not JSON) is a sentence in its `problem`, and the processor fails it with that reason.
 """
 from __future__ import annotations
 
