@@ -58,6 +58,7 @@ def empty_queues(request, carrot_vhost):
     for queue in get_config().queues:
         channel.queue_delete(queue.name)
         channel.queue_delete(queue.dead_letter_queue)
+        channel.queue_delete(f'{queue.name}.wait')
     connection.close()
     yield
     close_publishers()
