@@ -135,14 +135,15 @@ def decode_arguments(body: bytes) -> tuple[list, dict]:
     return args, kwargs
 
 
-def nesting_depth(value) -> int:
-    """How many lists/objects deep a decoded JSON value goes (without recursion, so any depth is safe)."""
+def nesting_depth(value, limit: int = MAX_NESTING) -> int:
+    """How many lists/objects deep a decoded JSON value goes (without recursion, so any depth is safe);
+    counting stops once it is past `limit`."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, (list, dict)):
             deepest = max(deepest, depth)
-            if deepest > MAX_NESTING:
+            if deepest > limit:
                 return deepest
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
