@@ -190,6 +190,18 @@ def _ignore(signum: int, frame: object) -> None:
     pass
 
 
+def forget_master(fds: Iterable[int]) -> None:
+    """In a process forked from the master: close the master's file descriptors `fds` and drop the
+    environment that lets a process speak to systemd in the master's name."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    for name in _MASTER_ONLY_ENVIRON:
+        os.environ.pop(name, None)
+
+
 def die_with_parent() -> bool:
     """Ask the kernel to SIGKILL this process when its parent dies. Linux only; False elsewhere."""
     if _libc is None:
@@ -235,13 +247,7 @@ def run_child(
             # The master blocked its signals around fork() so that a TERM sent to the new pid before
             # our handlers existed would not run the master's handler here; it is delivered now.
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-        for fd in close_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        for name in _MASTER_ONLY_ENVIRON:
-            os.environ.pop(name, None)
+        forget_master(close_fds)
         _wait_for_master_as_parent(ctx.master_pid)
         die_with_parent()
         if os.getppid() != ctx.master_pid:

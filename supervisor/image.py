@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NoReturn
 
-from .child import ChildContext, die_with_parent, run_child, set_title
+from .child import ChildContext, die_with_parent, forget_master, run_child, set_title
 from .exitcodes import EXIT_CONFIG
 from .plan import Plan
 
@@ -50,7 +50,6 @@ CHILD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, s
 # The master's signals are its own: the image ignores reload/scale/log signals and Ctrl-C (the master
 # stops it), and dies on TERM/QUIT.
 _IGNORED_IN_IMAGE = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
-_MASTER_ONLY_ENVIRON = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 class ImageFailed(Exception):
@@ -206,13 +205,7 @@ def _become_image(close_fds: Iterable[int], sigmask: Iterable[int]) -> None:
     for signum in _IGNORED_IN_IMAGE:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    for name in _MASTER_ONLY_ENVIRON:
-        os.environ.pop(name, None)
+    forget_master(close_fds)
 
 
 def serve(sock: socket.socket, plan: Plan, *, generation: int, master_pid: int, proc_name: str,
