@@ -80,7 +80,6 @@ class Arbiter:
         self.slots: list[Slot] = []
         self.generation = 0
         self.restarts = 0
-        self.unknown_exits: dict[int, tuple[int, float]] = {}  # reaped before the image told us the pid
         self.stopping: str | None = None
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
@@ -157,9 +156,7 @@ class Arbiter:
             deadlines.append(self.stop_deadline)
         if not self.stopping:
             deadlines += [self.book.records[s.name].next_start for s in self.slots if s.name not in self.table.occupied()]
-            for c in self.table.running():
-                deadlines += [c.retire_deadline or now + 1, c.aborted_at + ABORT_GRACE if c.aborted_at
-                              else c.last_beat + self.heartbeat_timeout]
+            deadlines += [c.next_deadline(now, self.heartbeat_timeout, ABORT_GRACE) for c in self.table.running()]
         return max(0.0, min(deadlines) - now)
 
     # -- signals -----------------------------------------------------------------------------------
@@ -334,8 +331,8 @@ class Arbiter:
             return
         self.table.adopt(child, pid)
         self.log.info("spawned %s", child.describe())
-        if pid in self.unknown_exits:  # it died before we heard of it
-            self.child_exited(self.table.remove(pid), self.unknown_exits.pop(pid)[0])
+        if pid in self.table.unknown_exits:  # it died before we heard of it
+            self.child_exited(self.table.remove(pid), self.table.unknown_exits.pop(pid)[0])
         elif self.stopping == FAST:
             self.kill_child(child, signal.SIGKILL, "fast stop")
         elif child.retiring:  # retired before its pid was known
@@ -362,10 +359,8 @@ class Arbiter:
                 self.image_exited(self.images.forget(pid), code)
             elif pid in self.table.by_pid:
                 self.child_exited(self.table.remove(pid), code)
-            else:  # a child whose pid its image has not told us yet (or a stray grandchild)
-                now = time.monotonic()
-                self.unknown_exits = {p: v for p, v in self.unknown_exits.items() if now - v[1] < 30}
-                self.unknown_exits[pid] = (code, now)
+            else:
+                self.table.note_unknown_exit(pid, code, time.monotonic())
 
     def child_exited(self, child: Child, code: int) -> None:
         now = time.monotonic()
@@ -404,19 +399,17 @@ class Arbiter:
         """SIGABRT then SIGKILL for the silent; SIGKILL for the retired past their graceful timeout."""
         now = time.monotonic()
         for child in self.table.running():
-            silent = now - child.last_beat
-            if child.killed:
-                continue
-            if child.retire_deadline and now >= child.retire_deadline:
+            why = child.overdue(now, self.heartbeat_timeout, ABORT_GRACE)
+            if why == "retired":
                 self.log.warning("%s still running %.1fs after it was retired; killing", child.describe(),
                                  self.graceful_timeout)
                 self.kill_child(child, signal.SIGKILL, "retirement timeout")
-            elif child.aborted_at is None and silent > self.heartbeat_timeout:
+            elif why == "silent":
                 self.log.warning("%s missed heartbeats for %.0fs; killing (SIGABRT: its stacks go to the log; "
-                                 "SIGKILL in %.0fs)", child.describe(), silent, ABORT_GRACE)
+                                 "SIGKILL in %.0fs)", child.describe(), now - child.last_beat, ABORT_GRACE)
                 child.aborted_at = now
                 self.kill_child(child, signal.SIGABRT)
-            elif child.aborted_at is not None and now - child.aborted_at >= ABORT_GRACE:
+            elif why == "hung":
                 self.kill_child(child, signal.SIGKILL, "missed heartbeats")
         for child in list(self.table.pending):
             if now - child.started_at > self.heartbeat_timeout and child.image is not None:

@@ -46,6 +46,23 @@ class Child:
     def describe(self) -> str:
         return f"{self.slot} (pid {self.pid})"
 
+    def overdue(self, now: float, heartbeat_timeout: float, abort_grace: float) -> str | None:
+        """What the master owes this child now: "retired" (SIGKILL: past its graceful timeout after it
+        was retired), "silent" (SIGABRT: no heartbeat for `heartbeat_timeout`, so faulthandler writes its
+        stacks), "hung" (SIGKILL: still there `abort_grace` after the SIGABRT), or None."""
+        if self.killed:
+            return None
+        if self.retire_deadline and now >= self.retire_deadline:
+            return "retired"
+        if self.aborted_at is None:
+            return "silent" if now - self.last_beat > heartbeat_timeout else None
+        return "hung" if now - self.aborted_at >= abort_grace else None
+
+    def next_deadline(self, now: float, heartbeat_timeout: float, abort_grace: float) -> float:
+        """When overdue() may next change its answer (for the master's poll timeout)."""
+        deadline = self.aborted_at + abort_grace if self.aborted_at else self.last_beat + heartbeat_timeout
+        return min(deadline, self.retire_deadline or deadline)
+
 
 class ChildTable:
     def __init__(self, poller: select.poll, logger: logging.Logger) -> None:
@@ -54,6 +71,7 @@ class ChildTable:
         self.by_pid: dict[int, Child] = {}
         self.pending: list[Child] = []
         self.by_fd: dict[int, Child] = {}
+        self.unknown_exits: dict[int, tuple[int, float]] = {}  # reaped before the image told us the pid
 
     def __len__(self) -> int:
         return len(self.by_pid)
@@ -103,6 +121,11 @@ class ChildTable:
             self.pending.remove(child)
             self.forget_pipe(child, close=True)
         image.outstanding.clear()
+
+    def note_unknown_exit(self, pid: int, code: int, now: float) -> None:
+        """A child reaped before its image told us its pid (or a stray grandchild): kept for 30 s."""
+        self.unknown_exits = {p: v for p, v in self.unknown_exits.items() if now - v[1] < 30}
+        self.unknown_exits[pid] = (code, now)
 
     def remove(self, pid: int) -> Child:
         child = self.by_pid.pop(pid)

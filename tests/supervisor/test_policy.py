@@ -1,5 +1,6 @@
 """Unit tests of the master's passive parts: restart policy, signal queue, readiness, status document."""
 import json
+import logging
 import os
 import signal
 import select
@@ -141,3 +142,31 @@ def test_titles_escape_control_characters_and_never_raise():
     assert escape_control('plain é') == 'plain é'
     set_title('a\x00b')  # NUL would make setproctitle raise ValueError
     set_title(object())
+
+
+def _child(**kwargs):
+    from supervisor.children import Child
+    return Child(slot='consumer a#1', group='consumer a', generation=1, heartbeat_fd=-1, started_at=0.0,
+                 last_beat=kwargs.pop('last_beat', 0.0), pid=10, **kwargs)
+
+
+def test_a_silent_child_is_aborted_then_killed_and_a_retired_one_killed_at_its_deadline():
+    assert _child(last_beat=100.0).overdue(now=159.0, heartbeat_timeout=60, abort_grace=2) is None
+    assert _child(last_beat=100.0).overdue(now=161.0, heartbeat_timeout=60, abort_grace=2) == 'silent'
+    aborted = _child(last_beat=100.0, aborted_at=161.0)
+    assert aborted.overdue(now=162.0, heartbeat_timeout=60, abort_grace=2) is None  # SIGABRT's grace
+    assert aborted.overdue(now=163.0, heartbeat_timeout=60, abort_grace=2) == 'hung'
+    assert aborted.next_deadline(now=162.0, heartbeat_timeout=60, abort_grace=2) == 163.0
+    retired = _child(last_beat=100.0, retiring=True, retire_deadline=130.0)
+    assert retired.overdue(now=129.0, heartbeat_timeout=60, abort_grace=2) is None
+    assert retired.overdue(now=130.0, heartbeat_timeout=60, abort_grace=2) == 'retired'
+    assert retired.next_deadline(now=120.0, heartbeat_timeout=60, abort_grace=2) == 130.0
+    assert _child(last_beat=0.0, killed='fast stop').overdue(now=1e6, heartbeat_timeout=60, abort_grace=2) is None
+
+
+def test_exits_reaped_before_the_pid_was_known_are_kept_for_a_while():
+    from supervisor.children import ChildTable
+    table = ChildTable(select.poll(), logging.getLogger('test'))
+    table.note_unknown_exit(41, -9, now=0.0)
+    table.note_unknown_exit(42, 1, now=31.0)  # 41 is forgotten: nobody asked for it in 30 s
+    assert table.unknown_exits == {42: (1, 31.0)}
