@@ -37,16 +37,45 @@ def queue_arguments(queue: QueueConfig) -> dict:
     }
 
 
-def declare_queue(channel, queue: QueueConfig) -> None:
+_FROM_SETTINGS = object()
+
+
+def dead_letter_arguments(ttl_days: float | None) -> dict:
+    """<queue>.dead keeps a message CARROT['dead_letter_ttl_days'] days, then drops it (None: for ever)."""
+    return {'x-message-ttl': int(ttl_days * 86400 * 1000)} if ttl_days else {}
+
+
+def wait_queue_name(queue: QueueConfig) -> str:
+    return f'{queue.name}.wait'
+
+
+def wait_queue_arguments(queue: QueueConfig) -> dict:
+    """<queue>.wait has no consumer: a message parked there with a per-message expiration is
+    dead-lettered back into <queue> when it expires (a delay without polling)."""
+    return {'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': queue.name}
+
+
+def declare_queue(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> None:
     """Declare `queue` and its dead-letter queue (durable). A clash with an existing queue raises
     QueueMismatchError naming the queue and the argument (the channel is closed by the broker then)."""
-    for name, arguments in ((queue.dead_letter_queue, {}), (queue.name, queue_arguments(queue))):
-        try:
-            channel.queue_declare(queue=name, durable=True, arguments=arguments)
-        except pe.ChannelClosedByBroker as exc:
-            if exc.reply_code == PRECONDITION_FAILED:
-                raise queue_mismatch(name, exc.reply_text, arguments) from None
-            raise
+    if dead_letter_ttl_days is _FROM_SETTINGS:
+        from carrot.config import get_config
+        dead_letter_ttl_days = get_config().dead_letter_ttl_days
+    _declare(channel, queue.dead_letter_queue, dead_letter_arguments(dead_letter_ttl_days))
+    _declare(channel, queue.name, queue_arguments(queue))
+
+
+def declare_wait_queue(channel, queue: QueueConfig) -> None:
+    _declare(channel, wait_queue_name(queue), wait_queue_arguments(queue))
+
+
+def _declare(channel, name: str, arguments: dict) -> None:
+    try:
+        channel.queue_declare(queue=name, durable=True, arguments=arguments)
+    except pe.ChannelClosedByBroker as exc:
+        if exc.reply_code == PRECONDITION_FAILED:
+            raise queue_mismatch(name, exc.reply_text, arguments) from None
+        raise
 
 
 def queue_mismatch(name: str, reply_text: str, declared: dict) -> QueueMismatchError:

@@ -9,7 +9,7 @@ Exit codes (also in README.rst):
        tables missing (run manage.py migrate), a log file that is a symlink or cannot be opened
     4  a broker was unreachable at start
     5  the pidfile is held by a live master (or cannot be written)
-    6  a slot's children kept crashing (see the log for why)
+    6  every slot was parked: its children kept crashing (see the log for why)
 """
 from __future__ import annotations
 
@@ -19,13 +19,12 @@ import logging
 import os
 import sys
 
-from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan, SlotGroup
+from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan
 
 from carrot import __version__
+from carrot.image import ImageBuilder, SettingsSummary, SettingsUnreadable, read_settings
 from carrot.logfile import LogFileError, LogFileHandler
-from carrot.options import add_arguments, flag_value
-from carrot.planner import SettingsSummary, SettingsUnreadable, read_settings
-from carrot.worker import WorkerOptions, consumer_main, scheduler_main
+from carrot.options import BY_NAME, SETTINGS, add_arguments, flag_value, status_file_for
 
 LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
 PROC_NAME = 'carrot-supervisor'
@@ -42,46 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help='validate the settings and broker reachability, print the slot plan, and exit')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     return parser
-
-
-class Supervisor:
-    """Turns the settings and the flags into the arbiter's plan and options."""
-
-    def __init__(self, args: argparse.Namespace, settings_module: str):
-        self.args = args
-        self.settings_module = settings_module
-        self.queue_filter = [q.strip() for q in args.queues.split(',') if q.strip()] if args.queues else None
-        self.first_summary: SettingsSummary | None = None
-
-    def option(self, summary: SettingsSummary, name: str):
-        flag = flag_value(self.args, name)
-        return flag if flag is not None else summary.options[name]
-
-    def plan_for(self, summary: SettingsSummary) -> Plan:
-        queues = [q for q in summary.queues if q.consumable]
-        if self.queue_filter is not None:
-            unknown = [name for name in self.queue_filter if summary.queue(name) is None]
-            if unknown:
-                raise SettingsUnreadable(f"--queues names queues that are not in CARROT['queues']: "
-                                         f"{', '.join(unknown)}")
-            queues = [summary.queue(name) for name in self.queue_filter]
-        options = WorkerOptions(
-            settings_module=self.settings_module, loglevel=self.args.loglevel,
-            task_time_limit=self.option(summary, 'task_time_limit'),
-            max_tasks_per_child=self.option(summary, 'max_tasks_per_child'),
-            max_memory_per_child=self.option(summary, 'max_memory_per_child'))
-        groups = [SlotGroup(f'consumer {q.name}', q.concurrency, functools.partial(consumer_main, q.name, options),
-                            scalable=True, fingerprint=q) for q in queues]
-        if self.option(summary, 'scheduler'):
-            groups.append(SlotGroup('scheduler', 1, functools.partial(scheduler_main, options), numbered=False))
-        return Plan(tuple(groups))
-
-    def load_plan(self) -> Plan:
-        """The arbiter's load_plan: the settings read at start the first time, afresh on every HUP."""
-        summary, self.first_summary = self.first_summary, None
-        if summary is None:
-            summary = read_settings(self.settings_module)
-        return self.plan_for(summary)
 
 
 def configure_logging(args) -> logging.Handler:
@@ -114,13 +73,28 @@ def describe(summary: SettingsSummary, plan: Plan) -> str:
     return '\n'.join(lines)
 
 
+def check(builder: ImageBuilder, settings_module: str) -> int:
+    """--check: read the settings here, try the brokers, print the plan."""
+    try:
+        summary = read_settings(settings_module, check_brokers=True, loglevel=builder.loglevel)
+        plan = builder.plan_for(summary)
+    except SettingsUnreadable as exc:
+        print(f'configuration errors:\n{exc}')
+        return EXIT_CONFIG
+    print(f'settings: {settings_module}\n{describe(summary, plan)}')
+    if summary.broker_errors:
+        print('broker errors:\n' + '\n'.join(f'  {e}' for e in summary.broker_errors))
+        return EXIT_BROKER
+    print('ok')
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for path in reversed(args.pythonpath):
         sys.path.insert(0, os.path.abspath(path))
     if args.pythonpath:
-        # Children fork from this process, but the throwaway settings reader and any task that runs
-        # a Python subprocess should see the same path.
+        # Any task that runs a Python subprocess should see the same path.
         os.environ['PYTHONPATH'] = os.pathsep.join(
             [os.path.abspath(p) for p in args.pythonpath] + [p for p in [os.environ.get('PYTHONPATH')] if p])
     if '' not in sys.path and os.getcwd() not in sys.path:
@@ -138,36 +112,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     os.environ['DJANGO_SETTINGS_MODULE'] = settings_module
 
-    supervisor = Supervisor(args, settings_module)
-    try:
-        summary = read_settings(settings_module, check_brokers=True)
-        plan = supervisor.plan_for(summary)
-    except SettingsUnreadable as exc:
-        log.error('%s', exc)
-        if args.check:
-            print(f'configuration errors:\n{exc}')
-        return EXIT_CONFIG
+    status_file = status_file_for(args.pidfile, args.status_file)
+    flags = {option.name: flag_value(args, option.name) for option in SETTINGS}
+    builder = ImageBuilder(
+        settings_module, flags, no_scheduler=args.no_scheduler, loglevel=args.loglevel, status_file=status_file,
+        autoreload=args.autoreload,
+        queues=[q.strip() for q in args.queues.split(',') if q.strip()] if args.queues else None)
     if args.check:
-        print(f'settings: {settings_module}\n{describe(summary, plan)}')
-    for error in summary.broker_errors:
-        log.error('%s', error)
-    if summary.broker_errors:
-        if args.check:
-            print('broker errors:\n' + '\n'.join(f'  {e}' for e in summary.broker_errors))
-        return EXIT_BROKER
-    if args.check:
-        print('ok')
-        return 0
+        return check(builder, settings_module)
 
-    supervisor.first_summary = summary
+    # The master never imports the project: the image (carrot/image.py) reads the settings, and the
+    # options below are replaced by the settings' (or the flags') values once it is up.
     arbiter = Arbiter(
-        supervisor.load_plan, title=f'master [{settings_module}]', proc_name=PROC_NAME,
-        graceful_timeout=supervisor.option(summary, 'graceful_timeout'),
-        heartbeat_timeout=supervisor.option(summary, 'heartbeat_timeout'),
-        max_consecutive_failures=supervisor.option(summary, 'max_consecutive_failures'),
-        backoff_cap=supervisor.option(summary, 'backoff_cap'),
-        pidfile=args.pidfile, reopen_logs=functools.partial(reopen_handler, handler),
-        logger=logging.getLogger('carrot.supervisor'))
+        builder, title=f'master [{settings_module}]', proc_name=PROC_NAME,
+        **{name: flags[name] if flags[name] is not None else BY_NAME[name].default for name in (
+            'graceful_timeout', 'heartbeat_timeout', 'max_consecutive_failures', 'backoff_cap')},
+        pidfile=args.pidfile, status_file=status_file, status_extra={'settings': settings_module},
+        reopen_logs=functools.partial(reopen_handler, handler), logger=logging.getLogger('carrot.supervisor'))
     return arbiter.run()
 
 

@@ -38,12 +38,15 @@ def cleanup(days: float | None = None, failed_days: float | None = None) -> int:
     return deleted
 
 
-def sync_cleanup_schedule() -> None:
+def sync_cleanup_schedule(ScheduledTask=None) -> None:
     """Make the cleanup's ScheduledTask match the settings: active hourly, or inactive when both
-    cleanup_after_days and cleanup_failed_after_days are turned off."""
+    cleanup_after_days and cleanup_failed_after_days are turned off. `ScheduledTask` may be a historical
+    model (post_migrate), so this only uses the fields of the first migration."""
     from carrot.config import get_config
-    from carrot.models import ScheduledTask
     from carrot.registry import task_path
+
+    if ScheduledTask is None:
+        from carrot.models import ScheduledTask
 
     (unit, count), = CLEANUP_INTERVAL.items()
     config = get_config()
@@ -56,10 +59,18 @@ def sync_cleanup_schedule() -> None:
         ScheduledTask.objects.filter(pk=schedule.pk).update(active=enabled)
 
 
-def schedule_cleanup_after_migrate(using='default', **kwargs):
-    """post_migrate: a freshly migrated database gets the cleanup schedule."""
+def schedule_cleanup_after_migrate(using='default', apps=None, **kwargs):
+    """post_migrate: a freshly migrated database gets the cleanup schedule.
+
+    Uses the model as the migrations left it (`apps`), not the current one: after `migrate carrot 0001`
+    the table lacks the newer columns, and after `migrate carrot zero` it is gone."""
     from django.db import router
 
-    from carrot.models import ScheduledTask
+    try:
+        ScheduledTask = apps.get_model('carrot', 'ScheduledTask') if apps is not None else None
+    except LookupError:
+        return  # carrot unmigrated on this database
+    if ScheduledTask is None:
+        from carrot.models import ScheduledTask
     if router.db_for_write(ScheduledTask) == using:
-        sync_cleanup_schedule()
+        sync_cleanup_schedule(ScheduledTask)

@@ -112,6 +112,7 @@ class ScheduledTask(models.Model):
         ('days', 'days'),
     )
     SECONDS_PER = {'seconds': 1, 'minutes': 60, 'hours': 3600, 'days': 86400}
+    MAX_INTERVAL = timedelta(days=3650)  # a longer interval is a typo, not a schedule
 
     interval_type = models.CharField(max_length=200, choices=INTERVAL_CHOICES, default='seconds')
     interval_count = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])

@@ -137,7 +137,8 @@ OPTIONS: tuple[Option, ...] = (
            'replace a consumer after a task once it has grown by this much since it started',
            setting='max_memory_per_child', optional=True),
     Option('max_consecutive_failures', '--max-consecutive-failures', COUNT,
-           'stop (exit code 6) when one slot has died young N times in a row',
+           'park a slot that has died young N times in a row (retried with a backoff of up to 60 s, the '
+           'other slots run on); exit code 6 only when every slot is parked',
            default=10, setting='max_consecutive_failures'),
     Option('backoff_cap', '--backoff-cap', SECONDS,
            'the longest wait before restarting a slot that keeps dying young',

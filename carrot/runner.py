@@ -22,17 +22,33 @@ class TaskOutcome:
 
 
 class _ThreadCapture(logging.Handler):
-    """Collects the records emitted by one thread (other threads of the process log elsewhere)."""
+    """Collects the records emitted by one thread (other threads of the process log elsewhere), up to
+    `limit` characters: a task that logs without end cannot fill the worker's memory."""
 
-    def __init__(self):
+    def __init__(self, limit: int | None = None):
         super().__init__(logging.NOTSET)
         self.thread_id = threading.get_ident()
         self.lines: list[str] = []
+        self.size = 0
+        self.dropped = 0
+        self.limit = limit
         self.setFormatter(logging.Formatter(LOG_FORMAT))
 
     def emit(self, record):
-        if record.thread == self.thread_id:
-            self.lines.append(self.format(record))
+        if record.thread != self.thread_id:
+            return
+        if self.limit is not None and self.size > self.limit:
+            self.dropped += 1
+            return
+        line = self.format(record)
+        self.size += len(line) + 1
+        self.lines.append(line)
+
+    def text(self) -> str:
+        captured = '\n'.join(self.lines)
+        if self.dropped:
+            captured += f'\n[... {self.dropped} more log records not kept]'
+        return captured
 
 
 def encode_output(value) -> str | None:
@@ -41,14 +57,19 @@ def encode_output(value) -> str | None:
         return None
     try:
         return json.dumps(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
+        pass
+    try:
         return str(value)
+    except Exception:  # a __str__ that raises (or recurses) must not turn a success into a failure
+        return f'<{type(value).__name__} object that cannot be shown>'
 
 
-def run_task(func: Callable, args: list, kwargs: dict) -> TaskOutcome:
-    """Run ``func(*args, **kwargs)``; never raises for what the task does (SystemExit included)."""
+def run_task(func: Callable, args: list, kwargs: dict, log_limit: int | None = None) -> TaskOutcome:
+    """Run ``func(*args, **kwargs)``; never raises for what the task does (SystemExit included).
+    At most about `log_limit` characters of the task's log lines are kept."""
     logger = logging.getLogger(TASK_LOGGER)
-    capture = _ThreadCapture()
+    capture = _ThreadCapture(log_limit)
     logger.addHandler(capture)
     try:
         try:
@@ -68,10 +89,17 @@ def run_task(func: Callable, args: list, kwargs: dict) -> TaskOutcome:
 
 
 def _failure(exc: BaseException) -> TaskOutcome:
-    return TaskOutcome(succeeded=False, exception=f'{type(exc).__name__}: {exc}',
-                       traceback=''.join(traceback.format_exception(exc)))
+    try:
+        described = f'{type(exc).__name__}: {exc}'
+    except Exception:  # an exception whose __str__ raises
+        described = f'{type(exc).__name__} (its message cannot be shown)'
+    try:
+        trace = ''.join(traceback.format_exception(exc))
+    except Exception:
+        trace = ''
+    return TaskOutcome(succeeded=False, exception=described, traceback=trace)
 
 
 def _with_log(outcome: TaskOutcome, capture: _ThreadCapture) -> TaskOutcome:
-    outcome.log = '\n'.join(capture.lines)
+    outcome.log = capture.text()
     return outcome

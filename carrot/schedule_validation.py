@@ -7,23 +7,10 @@ from __future__ import annotations
 
 import json
 
-MAX_INTERVAL_SECONDS = 366 * 86400   # a schedule runs at least once a year
+from carrot.messages import nesting_depth
+
 MAX_ARGUMENT_TEXT = 64 * 1024         # characters of JSON per arguments field
 MAX_ARGUMENT_DEPTH = 32               # nesting of lists/dicts in the arguments
-
-
-def _depth(value, limit) -> int:
-    """How deeply `value` nests lists and dicts (stops counting past `limit`)."""
-    stack, deepest = [(value, 1)], 0
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, (list, dict)):
-            deepest = max(deepest, level)
-            if deepest > limit:
-                return deepest
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, level + 1) for child in children)
-    return deepest
 
 
 def _kind_name(kind: type) -> str:
@@ -45,7 +32,7 @@ def parse_json_argument(text: str | None, kind: type, example: str):
         raise ValueError(f'is not valid JSON ({exc}); write a JSON {_kind_name(kind)}, e.g. {example}') from None
     if not isinstance(value, kind):
         raise ValueError(f'must be a JSON {_kind_name(kind)}, e.g. {example}')
-    if _depth(value, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
+    if nesting_depth(value, MAX_ARGUMENT_DEPTH) > MAX_ARGUMENT_DEPTH:
         raise ValueError(f'nests too deeply (at most {MAX_ARGUMENT_DEPTH} levels)')
     return value
 
@@ -76,10 +63,10 @@ def schedule_errors(schedule) -> dict[str, str]:
         errors['interval_type'] = f'Choose one of {", ".join(schedule.SECONDS_PER)}.'
     elif not isinstance(schedule.interval_count, int) or schedule.interval_count < 1:
         errors['interval_count'] = 'Give a whole number of at least 1.'
-    elif schedule.interval_count * multiplier > MAX_INTERVAL_SECONDS:
-        most = MAX_INTERVAL_SECONDS // multiplier
+    elif schedule.interval_count * multiplier > schedule.MAX_INTERVAL.total_seconds():
+        most = int(schedule.MAX_INTERVAL.total_seconds()) // multiplier
         errors['interval_count'] = (f'At most {most} {schedule.interval_type} (a schedule runs at least '
-                                    f'once a year).')
+                                    f'once every {schedule.MAX_INTERVAL.days} days).')
 
     if schedule.queue:
         try:

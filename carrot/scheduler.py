@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import timedelta
 from typing import Callable
 
 from django.db import DatabaseError, connections
@@ -47,7 +46,7 @@ logger = logging.getLogger('carrot.scheduler')
 
 TICK = 1.0
 MAX_RETRY_DELAY = 30.0  # while the broker or database is down, ticks slow down to this at most
-MAX_INTERVAL = timedelta(days=3650)  # a longer interval is a typo, not a schedule
+MAX_INTERVAL = ScheduledTask.MAX_INTERVAL
 REFUSED = 'the broker refused the last run: '  # how a schedule's problem starts when RabbitMQ refused it
 
 # What a broken row raises while it is checked: its problem, not the scheduler's.

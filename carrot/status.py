@@ -70,6 +70,8 @@ def read_snapshot(path) -> dict | None:
     except (OSError, ValueError):
         return None
     return document if isinstance(document, dict) else None
+
+
 def forget_silent_supervisors(silent_for: float) -> int:
     """Delete the SupervisorStatus rows of masters not heard from for `silent_for` seconds (stopped,
     killed, or on a host that is gone); a master that is still alive writes its row again. Returns how

@@ -1,42 +1,32 @@
 """The bodies of the supervisor's children: a consumer of one queue, and the scheduler.
 
-The master imports this module but none of what it uses: each child sets Django up after the fork, so
-it runs the project's current code and opens its own database and broker connections.
+They run in processes forked from the warm image (carrot/image.py): Django is set up and the task
+modules are imported already; no connection was inherited, so each child opens its own database and
+broker connections. Each reports what it does (idle / running a task) to the master over its heartbeat
+pipe; the master puts that in its status snapshot.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 
 logger = logging.getLogger('carrot.worker')
 
 MEMORY_JITTER = 0.1  # children recycle between 100% and 110% of the memory limit
 TASKS_JITTER = 0.1   # ... and between 100% and 110% of max_tasks_per_child, so they don't all go at once
+SNAPSHOT_EVERY = 5.0  # seconds between copies of the master's status snapshot into the database
 
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """What a child needs besides its queue: settings module and the per-child limits."""
-    settings_module: str
+    """What a child needs besides its queue: the per-child limits, and where the master's snapshot is."""
     task_time_limit: float | None = None
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None  # MiB of growth over the size after start-up
-    loglevel: str = 'INFO'
-
-
-def setup_django(options: WorkerOptions) -> None:
-    os.environ['DJANGO_SETTINGS_MODULE'] = options.settings_module
-    import django
-    django.setup()
-    # Django applies LOGGING with dictConfig, whose default disable_existing_loggers=True silences every
-    # logger created before it -- carrot's and the supervisor's among them, as this process imported
-    # them before the fork. Their lines are what tells an operator what the workers did.
-    for name, existing in logging.root.manager.loggerDict.items():
-        if isinstance(existing, logging.Logger) and name.split('.')[0] in ('carrot', 'supervisor'):
-            existing.disabled = False
-    logging.getLogger('carrot').setLevel(options.loglevel)
+    status_file: str | None = None
 
 
 def with_jitter(limit, fraction):
@@ -45,7 +35,6 @@ def with_jitter(limit, fraction):
 
 def consumer_main(queue_name: str, options: WorkerOptions, ctx) -> int:
     """Consume `queue_name` until the master asks this child to stop, or a limit recycles it."""
-    setup_django(options)
     import psutil
     from django.utils.module_loading import import_string
 
@@ -57,7 +46,16 @@ def consumer_main(queue_name: str, options: WorkerOptions, ctx) -> int:
     consumer = consumer_class(queue.broker, queue, logging.getLogger('carrot.consumer'), ctx.slot)
     consumer.stopping = ctx.stopping
     consumer.task_time_limit = options.task_time_limit
-    consumer.on_status = ctx.set_title
+
+    def on_status(text):
+        ctx.set_title(text)
+        delivery = consumer.delivery
+        if delivery is None:
+            ctx.report('idle')
+        else:
+            ctx.report('running', delivery.task, delivery.message_id, time.monotonic() - delivery.started)
+
+    consumer.on_status = on_status
 
     process = psutil.Process()
     baseline = process.memory_info().rss
@@ -93,18 +91,50 @@ def consumer_main(queue_name: str, options: WorkerOptions, ctx) -> int:
 
 
 def scheduler_main(options: WorkerOptions, ctx) -> int:
-    """Publish due ScheduledTasks until the master asks this child to stop."""
-    setup_django(options)
+    """Publish due ScheduledTasks until the master asks this child to stop; copy the master's status
+    snapshot into the database every few seconds."""
     from carrot.scheduler import Scheduler
 
     scheduler = Scheduler(stopping=ctx.stopping)
+    snapshots = SnapshotCopier(options.status_file)
+    ctx.report('idle')
 
     def on_tick():
         ctx.heartbeat()
         if not ctx.master_alive():
             logger.error('scheduler: the master is gone; exiting')
             os._exit(1)
+        snapshots.tick()
 
     scheduler.on_tick = on_tick
     scheduler.run()
     return 0
+
+
+class SnapshotCopier:
+    """Copies the master's status file into the SupervisorStatus table, at most every SNAPSHOT_EVERY s."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.next_copy = 0.0
+        self.failing = False
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if not self.path or now < self.next_copy:
+            return
+        self.next_copy = now + SNAPSHOT_EVERY
+        from carrot.status import read_snapshot, store_snapshot
+
+        try:
+            document = read_snapshot(self.path)
+            if document is not None:
+                store_snapshot(document)
+        except Exception as exc:  # the database may be down: the scheduler carries on regardless
+            if not self.failing:
+                logger.warning('cannot store the supervisor status snapshot: %s', exc)
+            self.failing = True
+        else:
+            if self.failing:
+                logger.info('storing the supervisor status snapshot works again')
+            self.failing = False

@@ -1,9 +1,11 @@
-"""A generic prefork process supervisor: one master, one child process per slot of a plan.
+"""A generic prefork process supervisor: one master, one warm image per generation, one child per slot.
 
-The master (`Arbiter`) forks a child for every slot of the `Plan` it is given, restarts children that
-exit (backing off when a slot keeps dying young), kills children that stop sending heartbeats, and
-reacts to TERM/INT/QUIT/HUP/USR1/TTIN/TTOU. Children run the slot group's ``target(ctx)`` with a
-`ChildContext`. See `supervisor.arbiter` for the rules and `supervisor.exitcodes` for exit codes.
+The master (`Arbiter`) never imports the application. For each generation (start, HUP, a dead image)
+it forks an image process that calls the caller's ``build(generation)`` -> ``(Plan, options)`` once,
+freezes its heap and forks the slot children on the master's request (image.py); the children are
+re-parented to the master, which reaps, heartbeats, restarts (backing off, parking a slot that keeps
+failing: restarts.py), reloads and stops them. See `supervisor.arbiter` for the rules and
+`supervisor.exitcodes` for exit codes.
 
 This package knows nothing about Django or the broker: the caller hands it the child bodies.
 
@@ -13,6 +15,7 @@ application's own virtualenv.
 
 from .arbiter import Arbiter
 from .child import ChildContext
+from .image import ImageFailed
 from .exitcodes import EXIT_BROKER, EXIT_CONFIG, EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
 from .pidfile import Pidfile, PidfileHeld
 from .plan import Plan, PlanError, Slot, SlotGroup
@@ -20,6 +23,7 @@ from .plan import Plan, PlanError, Slot, SlotGroup
 __all__ = [
     "Arbiter",
     "ChildContext",
+    "ImageFailed",
     "Plan",
     "PlanError",
     "Slot",

@@ -1,36 +1,25 @@
-"""The prefork master: keeps one child process in every slot of a plan.
+"""The prefork master: keeps one child process in every slot of the plan its image serves.
 
-The master is a single-threaded loop. It sleeps in poll() on a self-pipe and on one heartbeat pipe per
-child; signal handlers only queue the signal and write a byte to the self-pipe, and all the work
-happens in the loop, one method per signal. Each turn of the loop:
+A single-threaded loop that blocks only in poll(): on its self-pipe (signals), one heartbeat pipe per
+child and one control channel per image. Each turn:
 
-    handle queued signals -> reap exited children -> kill children that missed their heartbeats
-    -> kill retired children past their grace -> fork children for empty slots -> sd_notify
+    handle queued signals -> reap -> read the images -> kill hung and retired children
+    -> ask the image for children for empty slots -> READY / STATUS / WATCHDOG -> status snapshot
 
-Slots
-    A plan names slots ("consumer default#1", "scheduler"). A slot holds at most one child at a time,
-    retiring or not; a replacement is forked only after the old child has been reaped. This is what
-    keeps a queue's concurrency from being exceeded during a reload.
+Images (image.py): the master never imports the application. An image per settings generation builds
+the plan and forks the children on request. HUP (or a dead image) starts a new image while everything
+runs on; once it is ready the old one is retired and every older child retired (TERM, SIGKILL after
+`graceful_timeout`), each slot refilled from the new image as soon as its old child is gone, so a slot
+never holds two. If the new image fails, the old image and all children stay and the log says why.
+A HUP while an image builds supersedes it.
 
-Restarts
-    A child that exits is replaced at once, unless it died young: it lived less than `min_uptime`,
-    failed (non-zero exit or a signal), and the master had not asked it to go. Then its slot waits
-    `backoff_base * 2**(n-1)` seconds (at most `backoff_cap`), n being the slot's count of young
-    deaths in a row; at `max_consecutive_failures` the master gives up (fast stop, EXIT_CRASHING). A
-    child that lives `min_uptime` resets its slot's count. A child killed for missing its heartbeats
-    is judged the same way: hanging is failing.
+Restarts (restarts.py): a child that fails young makes its slot back off; a slot that keeps failing is
+parked (retried about once a minute); the master gives up (EXIT_CRASHING) only when every slot is parked.
+A child silent for `heartbeat_timeout` gets SIGABRT (faulthandler: its stacks reach the log), then SIGKILL.
 
-Signals
-    TERM, INT   graceful stop: TERM to every child, wait up to `graceful_timeout`, then SIGKILL
-    2nd TERM/INT, QUIT   fast stop: SIGKILL every child now
-    HUP         reload: call load_plan() again and retire every child (TERM, graceful); each slot of
-                the new plan gets a new child as soon as its old one has gone. A failing load_plan()
-                keeps everything as it is. Sizes changed by TTIN/TTOU are discarded: the new plan
-                is taken as it comes.
-    USR1        reopen log files: call reopen_logs() and pass USR1 on to the children
-    TTIN, TTOU  one slot more / less in every scalable group (never below one); the removed slot is
-                the highest-numbered, its child is retired gracefully
-    CHLD        wakes the loop to reap
+Signals: TERM/INT graceful stop (SIGKILL after `graceful_timeout`); a second TERM/INT or QUIT: fast
+stop; HUP reload; USR1 reopen logs (passed on to the children); TTIN/TTOU one slot more/less in every
+scalable group; CHLD wakes the loop to reap.
 """
 
 from __future__ import annotations
@@ -40,256 +29,141 @@ import os
 import select
 import signal
 import time
-from dataclasses import dataclass
 from typing import Callable
 
-from setproctitle import setproctitle
-
-from .child import ChildContext, run_child
-from .exitcodes import EXIT_CONFIG, EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
-from .pidfile import Pidfile, PidfileHeld
-from .plan import Plan, PlanError, Slot
+from .child import become_subreaper, describe_exit, kill_and_reap, set_title
+from .children import Child, ChildTable
+from .exitcodes import EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
+from .image import Build, Image, ImageSet, plan_from_description, start_image
+from .pidfile import Pidfile
+from .plan import Plan, Slot
+from .readiness import Readiness
+from .restarts import RestartPolicy, SlotBook, SlotRecord
 from .sdnotify import Notifier
+from .signals import SignalQueue, signal_name
+from .status import StatusFile, snapshot, status_line
 
 GRACEFUL = "graceful"
 FAST = "fast"
-
-
-@dataclass(eq=False)
-class Child:
-    """The master's record of one forked child."""
-
-    pid: int
-    slot: str
-    group: str
-    generation: int  # the reload the child was forked in; READY after HUP waits for the current one
-    heartbeat_fd: int
-    started_at: float
-    last_beat: float
-    up: bool = False  # has sent a heartbeat: its body is running, not just forked
-    retiring: bool = False  # asked to go (reload, TTOU, stop): its exit is no failure
-    retire_deadline: float | None = None
-    killed: str | None = None  # why the master SIGKILLed it, if it did
-
-    def describe(self) -> str:
-        return f"{self.slot} (pid {self.pid})"
-
-
-@dataclass
-class SlotState:
-    failures: int = 0  # young deaths in a row
-    next_start: float = 0.0  # monotonic time before which the slot stays empty (backoff)
+ABORT_GRACE = 2.0  # seconds between SIGABRT (stacks to the log) and SIGKILL for a hung child
+IMAGE_RETRY = 5.0  # seconds before a replacement for a dead image is tried again after it failed
 
 
 class Arbiter:
-    SIGNALS = (
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGQUIT,
-        signal.SIGHUP,
-        signal.SIGUSR1,
-        signal.SIGTTIN,
-        signal.SIGTTOU,
-        signal.SIGCHLD,
-    )
-    # Sleeping longer would make deadlines (heartbeats, graceful timeout) sloppy.
-    LOOP_TIMEOUT = 1.0
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
+               signal.SIGTTOU, signal.SIGCHLD)
+    LOOP_TIMEOUT = 1.0  # sleeping longer would make deadlines (heartbeats, graceful timeout) sloppy
+    OPTIONS = ("graceful_timeout", "heartbeat_timeout", "backoff_cap", "max_consecutive_failures")
 
-    def __init__(
-        self,
-        load_plan: Callable[[], Plan],
-        *,
-        title: str = "master",
-        proc_name: str = "carrot-supervisor",
-        graceful_timeout: float = 30.0,
-        heartbeat_timeout: float = 60.0,
-        pidfile: str | None = None,
-        reopen_logs: Callable[[], None] | None = None,
-        min_uptime: float = 5.0,
-        backoff_base: float = 0.5,
-        backoff_cap: float = 30.0,
-        max_consecutive_failures: int = 10,
-        logger: logging.Logger | None = None,
-        on_fork: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, build: Build, *, title: str = "master", proc_name: str = "carrot-supervisor",
+                 graceful_timeout: float = 30.0, heartbeat_timeout: float = 60.0, pidfile: str | None = None,
+                 status_file: str | None = None, status_extra: dict | None = None,
+                 reopen_logs: Callable[[], None] | None = None, min_uptime: float = 5.0, backoff_base: float = 0.5,
+                 backoff_cap: float = 30.0, max_consecutive_failures: int = 10, park_cap: float = 60.0,
+                 logger: logging.Logger | None = None, on_fork: Callable[[], None] | None = None) -> None:
         if heartbeat_timeout <= 0:
             raise ValueError("heartbeat_timeout must be > 0")
-        if max_consecutive_failures < 1:
-            raise ValueError("max_consecutive_failures must be >= 1")
-        self.load_plan = load_plan
-        self.title = title
-        self.proc_name = proc_name
-        self.graceful_timeout = graceful_timeout
-        self.heartbeat_timeout = heartbeat_timeout
-        self.pidfile_path = pidfile
-        self.reopen_logs = reopen_logs
-        self.min_uptime = min_uptime
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self.max_consecutive_failures = max_consecutive_failures
+        self.build = build
+        self.title, self.proc_name = title, proc_name
+        self.graceful_timeout, self.heartbeat_timeout = graceful_timeout, heartbeat_timeout
+        self.min_uptime, self.backoff_base, self.backoff_cap = min_uptime, backoff_base, backoff_cap
+        self.max_consecutive_failures, self.park_cap = max_consecutive_failures, park_cap
+        self.book = SlotBook(self.restart_policy())
+        self.pidfile_path, self.reopen_logs, self.on_fork = pidfile, reopen_logs, on_fork
+        self.status_file = StatusFile(status_file) if status_file else None
+        self.status_extra = dict(status_extra or {})
         self.log = logger or logging.getLogger("supervisor")
-        self.on_fork = on_fork
 
         self.pid = 0
+        self.started = time.time()
         self.plan = Plan(())
         self.slots: list[Slot] = []
-        self.slot_states: dict[str, SlotState] = {}
-        self.children: dict[int, Child] = {}
-        self.beat_fds: dict[int, Child] = {}
         self.generation = 0
         self.restarts = 0
-        self.signal_queue: list[int] = []
         self.stopping: str | None = None
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
-        self.awaiting_ready = True
-        self.ready_wait_started = 0.0
-        self.reloading = False
-        self.last_status = ""
-        self.next_watchdog = 0.0
-        self.wake_r = self.wake_w = -1
-        self.poller: select.poll | None = None
+        self.signals = SignalQueue(self.SIGNALS)
+        self.poller = select.poll()
+        self.table = ChildTable(self.poller, self.log)
+        self.images = ImageSet(self.poller)
         self.notifier = Notifier({}, logger=self.log)  # the real one is made in run(): see there
+        self.readiness = Readiness(self.notifier, self.log)
         self.pidfile: Pidfile | None = None
-        self.saved_handlers: dict[int, object] = {}
-        self.saved_wakeup_fd: int | None = None
+
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(self.min_uptime, self.backoff_base, self.backoff_cap, self.max_consecutive_failures,
+                             max(self.park_cap, self.backoff_cap))
 
     # -- running -----------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Supervise until stopped; return a code from supervisor.exitcodes.
-
-        Call it from the main thread (signal handlers can only be installed there). It never calls
-        sys.exit(); children never return from it.
-        """
+        """Supervise until stopped; return a code from supervisor.exitcodes. Call it from the main thread."""
         self.pid = os.getpid()
         # Read NOTIFY_SOCKET/WATCHDOG_PID now, not in __init__: the caller may have forked in between.
         self.notifier = Notifier(logger=self.log)
-        setproctitle(f"{self.proc_name}: {self.title}")
+        self.readiness = Readiness(self.notifier, self.log)
+        self.set_title()
         if self.pidfile_path:
-            self.pidfile = Pidfile(self.pidfile_path, logger=self.log)
-            try:
-                self.pidfile.acquire()
-            except PidfileHeld as exc:
-                self.log.error("%s; not starting", exc)
-                self.pidfile = None
-                return EXIT_PIDFILE
-            except OSError as exc:
-                self.log.error("cannot write pidfile %s: %s; not starting", self.pidfile_path, exc)
-                self.pidfile = None
+            self.pidfile = Pidfile.take(self.pidfile_path, self.log)
+            if self.pidfile is None:
                 return EXIT_PIDFILE
         try:
-            # Signals first: a TERM that arrives while a slow load_plan() runs is queued, not fatal.
-            self.init_wake_pipe()
-            self.install_signals()
-            try:
-                plan = self.load_plan()
-                if not isinstance(plan, Plan):
-                    raise PlanError(f"load_plan() returned {plan!r}, not a Plan")
-            except Exception as exc:
-                self.log.exception("cannot load the plan: %s", exc)
-                return EXIT_CONFIG
-            self.set_plan(plan, fresh=True)
-            self.ready_wait_started = time.monotonic()
-            self.log.info(
-                "master %d starting %d children: %s", self.pid, len(self.slots), self.describe_plan()
-            )
+            self.signals.install(self.poller)  # first: a TERM during the first image's build is queued
+            become_subreaper()
+            self.log.info("master %d starting", self.pid)
+            self.readiness.starting(time.monotonic())
+            self.start_image()
             self.main_loop()
             return self.exit_code
         finally:
             self.cleanup()
 
     def main_loop(self) -> None:
-        if self.notifier.watchdog_interval:
-            self.next_watchdog = time.monotonic()
         while True:
             self.handle_signals()
-            self.reap_children()
+            self.reap()
+            self.read_images()
             if self.stopping:
-                if not self.children:
+                if not self.table.every() and not self.images:
                     break
                 self.kill_stragglers()
             else:
-                self.murder_unresponsive()
-                self.murder_retirees()
+                self.murder_overdue()
+                self.replace_dead_image()
                 self.spawn_children()
                 self.check_ready()
-            self.notify_watchdog()
-            self.update_status()
+            now = time.monotonic()
+            self.readiness.watchdog(now)
+            self.update_status(now)
             self.sleep()
         self.log.info("master %d stopped (exit code %d)", self.pid, self.exit_code)
 
     def sleep(self) -> None:
-        """Wait for a signal, a heartbeat or the next deadline, and collect the heartbeats."""
-        assert self.poller is not None
+        """Wait for a signal, a heartbeat, an image's message or the next deadline."""
         events = self.poller.poll(self.sleep_timeout() * 1000)
         now = time.monotonic()
         for fd, _mask in events:
-            if fd == self.wake_r:
-                self.drain_wake_pipe()
-            elif fd in self.beat_fds:
-                self.record_heartbeat(self.beat_fds[fd], now)
+            if fd == self.signals.wake_r:
+                self.signals.drain()
+            elif fd in self.table.by_fd:
+                self.table.read(fd, now)
 
     def sleep_timeout(self) -> float:
         now = time.monotonic()
-        deadlines = [now + self.LOOP_TIMEOUT]
-        if self.notifier.watchdog_interval:
-            deadlines.append(self.next_watchdog)
+        deadlines = [now + self.LOOP_TIMEOUT, self.readiness.deadline() or now + self.LOOP_TIMEOUT]
         if self.stopping == GRACEFUL:
             deadlines.append(self.stop_deadline)
         if not self.stopping:
-            occupied = {child.slot for child in self.children.values()}
-            deadlines.extend(
-                self.slot_states[slot.name].next_start for slot in self.slots if slot.name not in occupied
-            )
-            deadlines.extend(c.retire_deadline for c in self.children.values() if c.retire_deadline)
-            deadlines.extend(
-                c.last_beat + self.heartbeat_timeout for c in self.children.values() if not c.killed
-            )
+            deadlines += [self.book.records[s.name].next_start for s in self.slots if s.name not in self.table.occupied()]
+            deadlines += [c.next_deadline(now, self.heartbeat_timeout, ABORT_GRACE) for c in self.table.running()]
         return max(0.0, min(deadlines) - now)
 
     # -- signals -----------------------------------------------------------------------------------
 
-    def init_wake_pipe(self) -> None:
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        self.poller = select.poll()
-        self.poller.register(self.wake_r, select.POLLIN)
-
-    def install_signals(self) -> None:
-        for signum in self.SIGNALS:
-            self.saved_handlers[signum] = signal.signal(signum, self.signal_received)
-        # CPython runs a Python signal handler between two bytecodes, not when the signal arrives: a
-        # signal (a child's SIGCHLD) landing after the loop's last check but before poll() blocks had
-        # its handler, and so its wake-up byte, deferred until poll() timed out, a whole LOOP_TIMEOUT
-        # later (found by a test: a fast stop now and then reaped its last child 1 s late). The wakeup
-        # fd is written by the C-level handler at once.
-        self.saved_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-
-    def signal_received(self, signum: int, frame: object) -> None:
-        # CHLD only needs the loop awake; queueing one per exit would flood the queue on mass exits.
-        if signum != signal.SIGCHLD:
-            self.signal_queue.append(signum)
-        self.wakeup()
-
-    def wakeup(self) -> None:
-        try:
-            os.write(self.wake_w, b".")
-        except (BlockingIOError, OSError):
-            pass  # a full pipe will wake the loop anyway
-
-    def drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
     def handle_signals(self) -> None:
-        while self.signal_queue:
-            signum = self.signal_queue.pop(0)
-            name = signal.Signals(signum).name
+        while (signum := self.signals.pop()) is not None:
+            name = signal_name(signum)
             self.log.info("received %s", name)
             getattr(self, f"handle_{name[3:].lower()}")()
 
@@ -309,29 +183,8 @@ class Arbiter:
         if self.stopping:
             self.log.info("ignoring HUP: stopping")
             return
-        self.notifier.reloading()
-        started = time.monotonic()
-        try:
-            plan = self.load_plan()
-            if not isinstance(plan, Plan):
-                raise PlanError(f"load_plan() returned {plan!r}, not a Plan")
-        except Exception as exc:
-            self.log.error("reload failed: %s; keeping the running children", _one_line(exc))
-            self.log.debug("reload failure", exc_info=True)
-            if not self.awaiting_ready:  # otherwise the READY=1 still owed will follow
-                self.notifier.ready(self.status_line())
-            return
-        self.generation += 1
-        old = list(self.children.values())
-        self.log.info(
-            "reloading: retiring %d children, new plan: %s", len(old), self.describe_plan(plan)
-        )
-        self.set_plan(plan, fresh=True)
-        for child in old:
-            self.retire_child(child)
-        self.awaiting_ready = True
-        self.reloading = True
-        self.ready_wait_started = started
+        self.readiness.reload_started(time.monotonic())
+        self.start_image()
 
     def handle_usr1(self) -> None:
         if self.reopen_logs is not None:
@@ -349,155 +202,150 @@ class Arbiter:
 
     def scale(self, delta: int) -> None:
         if self.stopping:
-            self.log.info("ignoring %s: stopping", "TTIN" if delta > 0 else "TTOU")
             return
         plan = self.plan.scaled(delta)
-        changes = [
-            f"{old.name} {old.size} -> {new.size}"
-            for old, new in zip(self.plan.groups, plan.groups)
-            if old.size != new.size
-        ]
+        changes = [f"{old.name} {old.size} -> {new.size}" for old, new in zip(self.plan.groups, plan.groups)
+                   if old.size != new.size]
         if not changes:
             self.log.info("no scalable group can change size by %+d", delta)
             return
         self.log.info("scaling: %s", ", ".join(changes))
         self.set_plan(plan, fresh=False)
-        wanted = {slot.name for slot in self.slots}
-        for child in list(self.children.values()):
-            if child.slot not in wanted:
-                self.retire_child(child)
+        self.retire_unwanted()
 
-    # -- stopping ----------------------------------------------------------------------------------
+    # -- images ------------------------------------------------------------------------------------
 
-    def stop_gracefully(self) -> None:
-        self.stopping = GRACEFUL
-        self.stop_deadline = time.monotonic() + self.graceful_timeout
-        self.notifier.stopping()
-        self.log.info(
-            "graceful stop: waiting up to %.1fs for %d children", self.graceful_timeout, len(self.children)
-        )
-        for child in self.children.values():
-            child.retiring = True
-        self.kill_children(signal.SIGTERM)
+    def start_image(self) -> None:
+        if self.images.building is not None:
+            self.log.info("%s is superseded by a newer reload; killing it", self.images.building.describe())
+            self.images.kill(self.images.building)
+        self.generation += 1
+        fds = [*self.signals.fds(), *self.table.by_fd, *self.images.fds()]
+        if self.notifier.fileno() is not None:
+            fds.append(self.notifier.fileno())
+        image = start_image(self.build, self.generation, master_pid=self.pid, proc_name=self.proc_name,
+                            close_fds=fds, blocked=self.SIGNALS, reopen_logs=self.reopen_logs,
+                            on_fork=self.on_fork, logger=self.log)
+        self.images.add(image)
+        self.log.info("starting %s", image.describe())
 
-    def stop_fast(self) -> None:
-        if self.stopping != FAST:
-            if not self.stopping:
-                self.notifier.stopping()
-            self.stopping = FAST
-            self.log.info("fast stop: killing %d children", len(self.children))
-        for child in self.children.values():
-            child.retiring = True
-            if not child.killed:
-                self.kill_child(child, signal.SIGKILL, "fast stop")
+    def read_images(self) -> None:
+        for image, message in self.images.messages():
+            if "eof" in message:
+                self.table.drop_pending(image)
+            elif "ready" in message:
+                self.image_ready(image, message)
+            elif "failed" in message:
+                self.image_failed(image, str(message["failed"]), int(message.get("exit_code") or 3))
+            elif "spawned" in message:
+                self.child_spawned(image, message["spawned"], int(message["pid"]))
+            elif "spawn_failed" in message:
+                self.spawn_failed(image, message["spawn_failed"], str(message.get("error")))
 
-    def kill_stragglers(self) -> None:
-        if self.stopping != GRACEFUL or time.monotonic() < self.stop_deadline:
+    def image_ready(self, image: Image, message: dict) -> None:
+        if image is not self.images.building:
             return
-        for child in self.children.values():
-            self.log.warning(
-                "%s still running %.1fs after TERM; killing", child.describe(), self.graceful_timeout
-            )
-            self.kill_child(child, signal.SIGKILL, "graceful timeout")
-        self.stopping = FAST
+        self.images.building = None
+        try:
+            plan = plan_from_description(message["ready"])
+        except Exception as exc:
+            self.image_failed(image, f"its plan is unusable: {exc}", 3)
+            return
+        old, self.images.serving = self.images.serving, image
+        image.state, image.plan = "up", plan
+        for name, value in (message.get("options") or {}).items():
+            if name in self.OPTIONS and value is not None:
+                setattr(self, name, value)
+        self.book.policy = self.restart_policy()
+        self.set_plan(plan, fresh=True)
+        outdated = [c for c in self.table.every() if c.generation < image.generation]
+        self.log.info("%s is up after %.2fs; %s: %s", image.describe(), time.monotonic() - image.started_at,
+                      f"rolling over {len(outdated)} children" if old else "plan", self.plan.describe())
+        if old is not None:
+            old.state = "retiring"  # its channel is closed once it has answered every request
+        for child in outdated:
+            self.retire_child(child)
+        self.retire_unwanted()
+
+    def image_failed(self, image: Image, error: str, exit_code: int) -> None:
+        image.state, image.error = "failed", error
+        if image is not self.images.building:
+            return
+        self.images.building = None
+        if self.images.serving is None and not self.readiness.ready_sent and not len(self.table):
+            self.log.error("%s; not starting", error)
+            self.exit_code = exit_code
+            self.stop_fast()
+        elif self.images.serving is None:
+            self.log.error("no image: %s; keeping the running children, trying again in %.0fs", error, IMAGE_RETRY)
+            self.images.retry_at = time.monotonic() + IMAGE_RETRY
+        else:
+            self.log.error("reload failed: %s; keeping the running children", error)
+            self.readiness.reload_failed(status_line(self))
+
+    def image_exited(self, image: Image, code: int) -> None:
+        self.table.drop_pending(image)
+        if image.state == "starting":
+            self.image_failed(image, f"{image.describe()} exited with {describe_exit(code)} while starting", 3)
+        elif image is self.images.serving and not self.stopping:
+            self.log.warning("%s exited with %s; starting a new image", image.describe(), describe_exit(code))
+            self.images.serving = None
+            self.images.retry_at = time.monotonic()
+
+    def replace_dead_image(self) -> None:
+        if self.images.serving is None and self.images.building is None and self.images.retry_at is not None \
+                and time.monotonic() >= self.images.retry_at:
+            self.start_image()
 
     # -- children ----------------------------------------------------------------------------------
 
     def set_plan(self, plan: Plan, *, fresh: bool) -> None:
-        """Make `plan` the one to fill. `fresh` forgets backoff and failure counts (a reload)."""
-        self.plan = plan
-        self.slots = plan.slots()
-        old_states = {} if fresh else self.slot_states
-        self.slot_states = {slot.name: old_states.get(slot.name) or SlotState() for slot in self.slots}
+        """Make `plan` the one to fill. `fresh` forgets backoff and failure counts (a new image)."""
+        self.plan, self.slots = plan, plan.slots()
+        self.book.reset([slot.name for slot in self.slots], fresh=fresh)
+
+    def retire_unwanted(self) -> None:
+        wanted = {slot.name for slot in self.slots}
+        for child in self.table.every():
+            if child.slot not in wanted:
+                self.retire_child(child)
 
     def spawn_children(self) -> None:
-        now = time.monotonic()
-        occupied = {child.slot for child in self.children.values()}
+        image = self.images.serving
+        if image is None or image.state != "up" or image.sock.fileno() < 0:
+            return
+        now, occupied = time.monotonic(), self.table.occupied()
         for slot in self.slots:
-            if slot.name not in occupied and self.slot_states[slot.name].next_start <= now:
-                self.spawn_child(slot)
+            if slot.name not in occupied and self.book.records[slot.name].next_start <= now:
+                self.spawn_child(image, slot, now)
 
-    def spawn_child(self, slot: Slot) -> None:
-        beat_r, beat_w = os.pipe()
-        os.set_blocking(beat_r, False)
-        os.set_blocking(beat_w, False)
-        ctx = ChildContext(
-            slot=slot.name,
-            group=slot.group.name,
-            index=slot.index,
-            master_pid=self.pid,
-            proc_name=self.proc_name,
-            heartbeat_fd=beat_w,
-            beat_interval=min(1.0, self.heartbeat_timeout / 10),
-        )
-        inherited = [self.wake_r, self.wake_w, beat_r, *(c.heartbeat_fd for c in self.children.values())]
-        if self.notifier.fileno() is not None:
-            inherited.append(self.notifier.fileno())
-        sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-            os.close(beat_r)
-            os.close(beat_w)
-            delay = min(self.backoff_cap, 1.0)
-            self.slot_states[slot.name].next_start = time.monotonic() + delay
-            self.log.error("cannot fork a child for %s: %s; trying again in %.1fs", slot.name, exc, delay)
+    def spawn_child(self, image: Image, slot: Slot, now: float) -> None:
+        if self.table.request(image, slot, min(1.0, self.heartbeat_timeout / 10)) is None:
+            self.book.records[slot.name].next_start = now + 1.0
+            self.log.error("cannot ask %s for a child for %s; trying again in 1s", image.describe(), slot.name)
+
+    def child_spawned(self, image: Image, request: int, pid: int) -> None:
+        child = self.table.take_pending(image, request)
+        if child is None:  # its slot was given up meanwhile: the master never wanted this child
+            os.kill(pid, signal.SIGKILL)
             return
-        if pid == 0:
-            try:
-                run_child(
-                    ctx,
-                    slot.group.target,
-                    close_fds=inherited,
-                    sigmask=sigmask,
-                    reopen_logs=self.reopen_logs,
-                    on_fork=self.on_fork,
-                    logger=self.log,
-                )
-            finally:
-                os._exit(1)
-        signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-        os.close(beat_w)
-        now = time.monotonic()
-        child = Child(
-            pid=pid,
-            slot=slot.name,
-            group=slot.group.name,
-            generation=self.generation,
-            heartbeat_fd=beat_r,
-            started_at=now,
-            last_beat=now,
-        )
-        self.children[pid] = child
-        self.beat_fds[beat_r] = child
-        assert self.poller is not None
-        self.poller.register(beat_r, select.POLLIN)
+        self.table.adopt(child, pid)
         self.log.info("spawned %s", child.describe())
+        if pid in self.table.unknown_exits:  # it died before we heard of it
+            self.child_exited(self.table.remove(pid), self.table.unknown_exits.pop(pid)[0])
+        elif self.stopping == FAST:
+            self.kill_child(child, signal.SIGKILL, "fast stop")
+        elif child.retiring:  # retired before its pid was known
+            self.kill_child(child, signal.SIGTERM)
 
-    def record_heartbeat(self, child: Child, now: float) -> None:
-        try:
-            data = os.read(child.heartbeat_fd, 4096)
-        except BlockingIOError:
-            return
-        if not data:
-            # The child closed its end (it is exiting). Stop polling the fd, or poll() would report
-            # it readable forever; it is closed when the child is reaped.
-            self.forget_heartbeat_pipe(child, close=False)
-            return
-        child.last_beat = now
-        if not child.up:
-            child.up = True
-            self.log.debug("%s is up", child.describe())
+    def spawn_failed(self, image: Image, request: int, error: str) -> None:
+        child = self.table.take_pending(image, request)
+        if child is not None:
+            self.table.forget_pipe(child, close=True)
+            self.book.records.get(child.slot, SlotRecord()).next_start = time.monotonic() + 1.0
+            self.log.error("%s could not fork a child for %s: %s", image.describe(), child.slot, error)
 
-    def forget_heartbeat_pipe(self, child: Child, *, close: bool) -> None:
-        if self.beat_fds.pop(child.heartbeat_fd, None) is not None and self.poller is not None:
-            self.poller.unregister(child.heartbeat_fd)
-        if close and child.heartbeat_fd >= 0:
-            os.close(child.heartbeat_fd)
-            child.heartbeat_fd = -1
-
-    def reap_children(self) -> None:
+    def reap(self) -> None:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -505,79 +353,70 @@ class Arbiter:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
-            if child is None:
-                self.log.debug("reaped pid %d, not one of our children", pid)
-                continue
-            self.forget_heartbeat_pipe(child, close=True)
-            self.child_exited(child, os.waitstatus_to_exitcode(status))
+            code = os.waitstatus_to_exitcode(status)
+            if pid in self.images.by_pid:
+                self.read_images()  # what it said before it went (its failure, a child's pid) comes first
+                self.image_exited(self.images.forget(pid), code)
+            elif pid in self.table.by_pid:
+                self.child_exited(self.table.remove(pid), code)
+            else:
+                self.table.note_unknown_exit(pid, code, time.monotonic())
 
     def child_exited(self, child: Child, code: int) -> None:
         now = time.monotonic()
-        uptime = now - child.started_at
-        how = f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)}"
-        self.log.log(
-            logging.INFO if code == 0 else logging.WARNING,
-            "%s exited with %s after %.1fs",
-            child.describe(),
-            how,
-            uptime,
-        )
-        state = self.slot_states.get(child.slot)
-        if self.stopping or state is None:
-            return  # nothing to refill: the master is stopping, or the slot left the plan
-        if child.retiring:
-            return  # its slot is refilled with a new child right away (new code after a reload)
+        uptime, how = now - child.started_at, describe_exit(code)
+        self.log.log(logging.INFO if code == 0 else logging.WARNING, "%s exited with %s after %.1fs",
+                     child.describe(), how, uptime)
+        if self.stopping or child.retiring or child.slot not in self.book.records:
+            return  # nothing to refill now, or a new child (new code) comes at once
         self.restarts += 1
-        if uptime >= self.min_uptime:
-            state.failures = 0
-            return
-        if code == 0:
-            return
-        state.failures += 1
-        if state.failures >= self.max_consecutive_failures:
-            self.log.error(
-                "slot %s died young %d times in a row (last: %s after %.1fs); giving up",
-                child.slot,
-                state.failures,
-                how,
-                uptime,
-            )
+        verdict, level, message = self.book.record_exit(child.slot, uptime=uptime, code=code, how=how,
+                                                        was_working=child.working, now=now)
+        if message:
+            self.log.log(level, message)
+        if verdict.parked and self.book.all_parked():
+            self.log.error("every slot is parked: children kept crashing; giving up")
             self.exit_code = EXIT_CRASHING
             self.stop_fast()
-            return
-        delay = min(self.backoff_cap, self.backoff_base * 2 ** (state.failures - 1))
-        state.next_start = now + delay
-        self.log.warning(
-            "slot %s keeps dying young (%d consecutive); next start in %.1fs", child.slot, state.failures, delay
-        )
+
+    def note_working(self) -> None:
+        now = time.monotonic()
+        for child in self.table.running():
+            if child.working or now - child.started_at >= self.min_uptime:
+                message = self.book.record_working(child.slot)
+                if message:
+                    self.log.info(message)
 
     def retire_child(self, child: Child) -> None:
         if child.retiring:
             return
         child.retiring = True
         child.retire_deadline = time.monotonic() + self.graceful_timeout
-        self.kill_child(child, signal.SIGTERM)
+        if child.pid is not None:
+            self.kill_child(child, signal.SIGTERM)
 
-    def murder_unresponsive(self) -> None:
+    def murder_overdue(self) -> None:
+        """SIGABRT then SIGKILL for the silent; SIGKILL for the retired past their graceful timeout."""
         now = time.monotonic()
-        for child in list(self.children.values()):
-            silent = now - child.last_beat
-            if not child.killed and silent > self.heartbeat_timeout:
-                self.log.warning("%s missed heartbeats for %.0fs; killing", child.describe(), silent)
-                self.kill_child(child, signal.SIGKILL, "missed heartbeats")
-
-    def murder_retirees(self) -> None:
-        now = time.monotonic()
-        for child in list(self.children.values()):
-            if child.retire_deadline and not child.killed and now >= child.retire_deadline:
-                self.log.warning(
-                    "%s still running %.1fs after it was retired; killing", child.describe(), self.graceful_timeout
-                )
+        for child in self.table.running():
+            why = child.overdue(now, self.heartbeat_timeout, ABORT_GRACE)
+            if why == "retired":
+                self.log.warning("%s still running %.1fs after it was retired; killing", child.describe(),
+                                 self.graceful_timeout)
                 self.kill_child(child, signal.SIGKILL, "retirement timeout")
+            elif why == "silent":
+                self.log.warning("%s missed heartbeats for %.0fs; killing (SIGABRT: its stacks go to the log; "
+                                 "SIGKILL in %.0fs)", child.describe(), now - child.last_beat, ABORT_GRACE)
+                child.aborted_at = now
+                self.kill_child(child, signal.SIGABRT)
+            elif why == "hung":
+                self.kill_child(child, signal.SIGKILL, "missed heartbeats")
+        for child in list(self.table.pending):
+            if now - child.started_at > self.heartbeat_timeout and child.image is not None:
+                self.spawn_failed(child.image, child.request or 0, "no answer from the image")
 
     def kill_children(self, signum: int) -> None:
-        for child in list(self.children.values()):
+        for child in self.table.running():
             self.kill_child(child, signum)
 
     def kill_child(self, child: Child, signum: int, reason: str | None = None) -> None:
@@ -585,98 +424,75 @@ class Arbiter:
             child.killed = reason or "killed"
         try:
             os.kill(child.pid, signum)
-        except ProcessLookupError:
-            pass  # already gone; the reaper will see it
+        except (ProcessLookupError, TypeError):
+            pass  # already gone (the reaper will see it), or not forked yet
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def stop_gracefully(self) -> None:
+        self.stopping = GRACEFUL
+        self.stop_deadline = time.monotonic() + self.graceful_timeout
+        self.notifier.stopping()
+        self.log.info("graceful stop: waiting up to %.1fs for %d children", self.graceful_timeout,
+                      len(self.table))
+        for child in self.table.every():
+            child.retiring = True
+        self.kill_children(signal.SIGTERM)
+        self.images.kill_all()
+
+    def stop_fast(self) -> None:
+        if self.stopping != FAST:
+            if not self.stopping:
+                self.notifier.stopping()
+            self.stopping = FAST
+            self.log.info("fast stop: killing %d children", len(self.table))
+        for child in self.table.every():
+            child.retiring = True
+            if not child.killed and child.pid is not None:
+                self.kill_child(child, signal.SIGKILL, "fast stop")
+        self.images.kill_all()
+
+    def kill_stragglers(self) -> None:
+        if self.stopping != GRACEFUL or time.monotonic() < self.stop_deadline:
+            return
+        for child in self.table.running():
+            self.log.warning("%s still running %.1fs after TERM; killing", child.describe(), self.graceful_timeout)
+        self.stop_fast()
 
     # -- readiness and status ----------------------------------------------------------------------
 
     def check_ready(self) -> None:
-        if not self.awaiting_ready:
-            return
-        up = {
-            c.slot for c in self.children.values() if c.up and not c.retiring and c.generation == self.generation
-        }
-        if any(slot.name not in up for slot in self.slots):
-            return
-        elapsed = time.monotonic() - self.ready_wait_started
-        if self.reloading:
-            self.log.info("reload done in %.2fs", elapsed)
-        else:
-            self.log.info("ready: %d children up in %.2fs", len(self.slots), elapsed)
-        self.awaiting_ready = False
-        self.reloading = False
-        self.last_status = self.status_line()
-        self.notifier.ready(self.last_status)
+        self.note_working()
+        if self.images.serving is None or self.images.building is not None or not self.readiness.awaiting:
+            return  # nothing to serve yet, or a reload's image still building
+        up = {c.slot for c in self.table.running()
+              if c.up and not c.retiring and c.generation == self.images.serving.generation}
+        if all(slot.name in up for slot in self.slots):
+            self.readiness.all_up(time.monotonic(), len(self.slots), status_line(self))
 
-    def status_line(self) -> str:
-        if self.stopping:
-            return f"stopping: {len(self.children)} children left"
-        per_group: dict[str, int] = {group.name: 0 for group in self.plan.groups}
-        for child in self.children.values():
-            if child.up and not child.retiring:
-                per_group[child.group] = per_group.get(child.group, 0) + 1
-        counts = ", ".join(f"{name}: {n}" for name, n in per_group.items())
-        line = f"{sum(per_group.values())} children up ({counts}); {self.restarts} restarts"
-        return f"reloading; {line}" if self.reloading else line
+    def update_status(self, now: float) -> None:
+        line = status_line(self)
+        if line != self.readiness.last_status:
+            self.set_title(f"parked: {', '.join(self.book.parked())}" if self.book.parked() else "")
+        self.readiness.status(line)
+        if self.status_file is not None:
+            self.status_file.update(snapshot(self, now))
 
-    def update_status(self) -> None:
-        line = self.status_line()
-        if line != self.last_status:
-            self.last_status = line
-            self.notifier.status(line)
-
-    def notify_watchdog(self) -> None:
-        interval = self.notifier.watchdog_interval
-        if not interval:
-            return
-        now = time.monotonic()
-        if now >= self.next_watchdog:
-            self.notifier.watchdog()
-            self.next_watchdog = now + interval
-
-    def describe_plan(self, plan: Plan | None = None) -> str:
-        plan = plan or self.plan
-        return ", ".join(f"{group.name} x{group.size}" for group in plan.groups) or "no groups"
+    def set_title(self, state: str = "") -> None:
+        set_title(f"{self.proc_name}: {self.title}" + (f" [{state}]" if state else ""))
 
     # -- cleanup -----------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        if self.children:
-            # Only reached when the loop died of a bug: do not leave children behind.
-            self.log.error("master leaving with %d children; killing them", len(self.children))
-            for child in list(self.children.values()):
-                self.kill_child(child, signal.SIGKILL, "master exiting")
-            for pid in list(self.children):
-                try:
-                    os.waitpid(pid, 0)
-                except ChildProcessError:
-                    pass
-                self.forget_heartbeat_pipe(self.children.pop(pid), close=True)
-        if self.saved_wakeup_fd is not None:
-            signal.set_wakeup_fd(self.saved_wakeup_fd)
-            self.saved_wakeup_fd = None
-        for signum, handler in self.saved_handlers.items():
-            # None means a handler installed outside Python; the default is the closest we can restore.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # type: ignore[arg-type]
-        self.saved_handlers.clear()
-        for fd in (self.wake_r, self.wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self.wake_r = self.wake_w = -1
-        self.poller = None
+        if self.table.by_pid or self.images.by_pid:  # only when the loop died of a bug: leave nothing behind
+            self.log.error("master leaving with processes; killing them")
+            kill_and_reap([*self.table.by_pid, *self.images.by_pid])
+        self.table.close_all()
+        self.images.close_all()
+        self.signals.restore()
         self.notifier.close()
+        if self.status_file is not None:
+            self.status_file.remove()
         if self.pidfile is not None:
             self.pidfile.release()
             self.pidfile = None
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"

@@ -7,6 +7,8 @@ master's loop (where it would start acting as a second master).
 
 from __future__ import annotations
 
+import faulthandler
+import json
 import logging
 import os
 import signal
@@ -25,6 +27,12 @@ except (ImportError, OSError):  # a Python without ctypes, or no libc to load: n
     _libc = None
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+# How long a child forked by the image waits to be re-parented to the master (the image's middle
+# process exits right after the fork, so this is normally well under a millisecond).
+REPARENT_TIMEOUT = 2.0
+# One state report must fit one atomic pipe write (PIPE_BUF), so the master never reads half of one.
+MAX_REPORT = 3000
 
 # The child must not talk to systemd in the master's name; with NotifyAccess=all it could.
 _MASTER_ONLY_ENVIRON = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -48,8 +56,11 @@ class ChildContext:
         proc_name: str,
         heartbeat_fd: int,
         beat_interval: float = 1.0,
+        generation: int = 0,
     ) -> None:
         self.slot = slot
+        self.generation = generation
+        self.orphaned = False  # the master closed our heartbeat pipe: it is gone or no longer knows us
         self.group = group
         self.index = index
         self.master_pid = master_pid
@@ -60,6 +71,7 @@ class ChildContext:
         # not turn that into thousands of wake-ups a second.
         self._beat_interval = beat_interval
         self._last_beat = float("-inf")
+        self._last_report: tuple | None = None
 
     def __repr__(self) -> str:
         return f"<ChildContext {self.slot} master={self.master_pid}>"
@@ -69,19 +81,59 @@ class ChildContext:
         if now - self._last_beat < self._beat_interval:
             return
         self._last_beat = now
+        self._write(b"\n")
+
+    def report(self, state: str, task: str | None = None, task_id: str | None = None,
+               age: float | None = None) -> None:
+        """Tell the master what this child does now ("idle", "running" a task); sent on change only.
+
+        A consumer reports "idle" once it consumes: the master counts it as up and able to work from
+        then on, so a later death is a task's problem, not a failure to start.
+        """
+        key = (state, task, task_id)
+        if key == self._last_report:
+            return
+        self._last_report = key
+        record = {"state": state, "task": _bounded(task), "task_id": _bounded(task_id), "age": age}
+        line = json.dumps(record).encode("utf-8", "replace")[:MAX_REPORT]
+        self._last_beat = time.monotonic()
+        self._write(line + b"\n")
+
+    def _write(self, data: bytes) -> None:
         try:
-            os.write(self._heartbeat_fd, b".")
-        except (BlockingIOError, BrokenPipeError):
-            # A full pipe means the master has beats it has not read yet; a broken one means the
-            # master is gone, which master_alive() and PDEATHSIG deal with.
-            pass
+            os.write(self._heartbeat_fd, data)
+        except BlockingIOError:
+            pass  # a full pipe: the master has beats it has not read yet
+        except OSError:
+            # Broken: the master is gone, or it dropped us (it never learnt our pid). Either way no
+            # one supervises this process; master_alive() says so, and the body exits.
+            self.orphaned = True
 
     def set_title(self, state: str) -> None:
         title = f"{self._proc_name}: {self.slot}"
-        setproctitle(f"{title} {state}" if state else title)
+        set_title(f"{title} {state}" if state else title)
 
     def master_alive(self) -> bool:
-        return os.getppid() == self.master_pid
+        return not self.orphaned and os.getppid() == self.master_pid
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters (and other unprintables) shown as escapes, for titles and logs."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def set_title(title: object) -> None:
+    """Set the process title; never raises, whatever the text (it may come from a message)."""
+    try:
+        setproctitle(escape_control(str(title))[:1024])
+    except Exception:
+        pass
+
+
+def _bounded(text: str | None, limit: int = 500) -> str | None:
+    return None if text is None else escape_control(str(text))[:limit]
 
 
 class _SignalRelay:
@@ -138,6 +190,18 @@ def _ignore(signum: int, frame: object) -> None:
     pass
 
 
+def forget_master(fds: Iterable[int]) -> None:
+    """In a process forked from the master: close the master's file descriptors `fds` and drop the
+    environment that lets a process speak to systemd in the master's name."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    for name in _MASTER_ONLY_ENVIRON:
+        os.environ.pop(name, None)
+
+
 def die_with_parent() -> bool:
     """Ask the kernel to SIGKILL this process when its parent dies. Linux only; False elsewhere."""
     if _libc is None:
@@ -175,6 +239,7 @@ def run_child(
         # nor, once the number is reused, whatever file or socket gets that fd next.
         signal.set_wakeup_fd(-1)
         ctx.set_title("")
+        _dump_stacks_on_abort()
         relay = _SignalRelay(ctx, reopen_logs, logger)
         relay.install()
         relay.start()
@@ -182,13 +247,8 @@ def run_child(
             # The master blocked its signals around fork() so that a TERM sent to the new pid before
             # our handlers existed would not run the master's handler here; it is delivered now.
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-        for fd in close_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        for name in _MASTER_ONLY_ENVIRON:
-            os.environ.pop(name, None)
+        forget_master(close_fds)
+        _wait_for_master_as_parent(ctx.master_pid)
         die_with_parent()
         if os.getppid() != ctx.master_pid:
             # The master died between fork() and prctl(): PDEATHSIG will never fire for us.
@@ -210,6 +270,36 @@ def run_child(
         os._exit(code)
 
 
+def _wait_for_master_as_parent(master_pid: int) -> None:
+    """A child forked by the image through a middle process becomes the master's (a subreaper) once
+    that process exits. PDEATHSIG set before that would fire on the middle process's exit."""
+    deadline = time.monotonic() + REPARENT_TIMEOUT
+    while os.getppid() != master_pid and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
+_fault_file = None  # kept open for faulthandler, which writes to its descriptor from a signal handler
+
+
+def _dump_stacks_on_abort() -> None:
+    """The master sends SIGABRT to a child that stopped beating: every thread's stack goes to the log
+    file (or stderr), so the hang can be diagnosed, before the default action ends the process."""
+    global _fault_file
+    stream = sys.stderr
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            try:
+                # A file of our own: the handler's stream may be closed or reopened under us.
+                _fault_file = stream = open(handler.baseFilename, "a")
+            except OSError:
+                pass
+            break
+    try:
+        faulthandler.enable(file=stream, all_threads=True)
+    except (ValueError, OSError, AttributeError):
+        pass  # no usable file descriptor (a test's captured stderr): no stacks, still a clean abort
+
+
 def _flush_output() -> None:
     # os._exit() skips every buffer: without this the last log lines of a child would be lost.
     try:
@@ -220,4 +310,35 @@ def _flush_output() -> None:
         try:
             stream.flush()
         except Exception:
+            pass
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (the children the image forks through a middle process). Linux only."""
+    if _libc is None:
+        return False
+    try:
+        return _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+def describe_exit(code: int) -> str:
+    return f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def kill_and_reap(pids) -> None:
+    """SIGKILL and wait for each of `pids` (children of this process)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
             pass

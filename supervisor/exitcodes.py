@@ -9,12 +9,14 @@ this table always means the master decided it.
 code    name              meaning
 ======  ================  =================================================================
 0       EXIT_OK           stopped on request (TERM, INT, QUIT), children gone
-3       EXIT_CONFIG       the plan could not be loaded at start; nothing was started
-4       EXIT_BROKER       reserved for the caller: the broker was unreachable at start
+3       EXIT_CONFIG       the first image failed (settings, checks or code broken); nothing
+                          was started
+4       EXIT_BROKER       the first image said so (carrot: a broker unreachable at start)
 5       EXIT_PIDFILE      the pidfile is held by a live process (or could not be written);
                           nothing was started
-6       EXIT_CRASHING     a slot's children kept dying young (max_consecutive_failures in a
-                          row); the master killed every child and gave up
+6       EXIT_CRASHING     every slot was parked (its children kept dying young,
+                          max_consecutive_failures in a row); the master killed every child
+                          and gave up. One parked slot alone never stops the master.
 ======  ================  =================================================================
 
 With systemd, `RestartPreventExitStatus=3 5` keeps a unit from restarting in a loop on a

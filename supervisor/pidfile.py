@@ -30,6 +30,20 @@ class Pidfile:
         self.log = logger or log
         self.pid: int | None = None
 
+    @classmethod
+    def take(cls, path: str, logger: logging.Logger) -> "Pidfile | None":
+        """The acquired pidfile, or None after logging why it cannot be had (nothing should start)."""
+        pidfile = cls(path, logger=logger)
+        try:
+            pidfile.acquire()
+        except PidfileHeld as exc:
+            logger.error("%s; not starting", exc)
+            return None
+        except OSError as exc:
+            logger.error("cannot write pidfile %s: %s; not starting", path, exc)
+            return None
+        return pidfile
+
     def read(self) -> int | None:
         """The pid in the file, or None if there is no file or it holds no usable pid."""
         try:

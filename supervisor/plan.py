@@ -30,7 +30,7 @@ class SlotGroup:
 
     name: str
     size: int
-    target: Callable[["ChildContext"], int | None]
+    target: Callable[["ChildContext"], int | None] | None  # None in the master's copy (see image.py)
     scalable: bool = False
     numbered: bool = True
     fingerprint: object = None
@@ -44,7 +44,7 @@ class SlotGroup:
             raise PlanError(f"group name {self.name!r} must not contain '#'")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
             raise PlanError(f"group {self.name!r}: size must be an int >= 0, not {self.size!r}")
-        if not callable(self.target):
+        if self.target is not None and not callable(self.target):
             raise PlanError(f"group {self.name!r}: target must be callable, not {self.target!r}")
         if not self.numbered and self.size != 1:
             raise PlanError(f"group {self.name!r}: an unnumbered group has exactly one slot, not {self.size}")
@@ -85,6 +85,9 @@ class Plan:
             for group in self.groups
             for index, name in enumerate(group.slot_names(), start=1)
         ]
+
+    def describe(self) -> str:
+        return ", ".join(f"{group.name} x{group.size}" for group in self.groups) or "no groups"
 
     def scaled(self, delta: int) -> "Plan":
         """This plan with every scalable group grown or shrunk by `delta`, never below one slot.

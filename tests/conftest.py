@@ -58,6 +58,7 @@ def empty_queues(request, carrot_vhost):
     for queue in get_config().queues:
         channel.queue_delete(queue.name)
         channel.queue_delete(queue.dead_letter_queue)
+        channel.queue_delete(f'{queue.name}.wait')
     connection.close()
     yield
     close_publishers()
@@ -137,3 +138,23 @@ def locked_vhost(carrot_vhost):
 
     yield Locked
     rabbitmqctl('delete_vhost', name, check=False)
+
+
+# -- process-level supervisor tests (tests/harness.py) --------------------------------------
+
+@pytest.fixture
+def start_supervisor(subprocess_env, tmp_path):
+    """A function that starts carrot-supervisor subprocesses; all of them are gone after the test."""
+    from tests.harness import Starter
+    starter = Starter(subprocess_env, tmp_path)
+    yield starter
+    starter.cleanup()
+
+
+@pytest.fixture
+def notify_socket():
+    """A stand-in for systemd's NOTIFY_SOCKET (tests.harness.NotifySocket)."""
+    from tests.harness import NotifySocket
+    sock = NotifySocket()
+    yield sock
+    sock.close()

@@ -18,7 +18,8 @@ import pytest
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import queue_depth
-from tests.proctools import MANAGE_PY, Supervisor, sweep, title_of, wait_for
+from tests.harness import MANAGE_PY, sweep, title_of, wait_for
+from tests.harness import SupervisorCommand as Supervisor
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

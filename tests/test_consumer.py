@@ -12,6 +12,8 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
+from carrot.broker import declare_queue
+from carrot.config import get_config
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import dead_letters, queue_depth, raw_connection, run_consumer
@@ -23,9 +25,7 @@ CONSUME_SCRIPT = os.path.join(os.path.dirname(__file__), 'consume.py')
 
 def raw_publish(channel, body, headers=None, message_id=None, queue='default', **props):
     """Publish as a foreign (or 1.x) publisher would, with pika only."""
-    channel.queue_declare(queue, durable=True, arguments={
-        'x-max-priority': 255, 'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': f'{queue}.dead'})
-    channel.queue_declare(f'{queue}.dead', durable=True)
+    declare_queue(channel, get_config().queue(queue))
     message_id = message_id or str(uuid.uuid4())
     channel.basic_publish('', queue, body if isinstance(body, bytes) else json.dumps(body).encode(),
                           pika.BasicProperties(headers=headers, message_id=message_id, **props))
@@ -130,8 +130,7 @@ def test_message_from_another_publisher_is_tracked(raw_channel):
 
 
 def test_a_message_without_message_id_is_tracked_too(raw_channel):
-    raw_channel.queue_declare('default', durable=True, arguments={
-        'x-max-priority': 255, 'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': 'default.dead'})
+    declare_queue(raw_channel, get_config().queue('default'))
     raw_channel.basic_publish('', 'default', b'{"args": [1, 1]}',
                               pika.BasicProperties(headers={'type': 'tests.testapp.tasks.add'}))
     run_consumer(max_messages=1)
@@ -141,8 +140,7 @@ def test_a_message_without_message_id_is_tracked_too(raw_channel):
 def test_django_carrot_1x_payload_is_executed_and_logged(raw_channel):
     """Built by hand the way django-carrot 1.x's serializer wrote it (kwargs only: no 'args' key)."""
     message_id = str(uuid.uuid4())
-    raw_channel.queue_declare('default', durable=True, arguments={
-        'x-max-priority': 255, 'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': 'default.dead'})
+    declare_queue(raw_channel, get_config().queue('default'))
     raw_channel.basic_publish(
         exchange='', routing_key='default', mandatory=True,
         body=json.dumps({'kwargs': {'a': 'x', 'b': 'y'}}),

@@ -395,7 +395,7 @@ def test_create_edit_and_list_a_scheduled_task_with_the_form(staff):
     ('task', 'os.system', 'Select a valid choice'),
     ('queue', 'nope', 'Select a valid choice'),
     ('interval_count', '0', 'greater than or equal to 1'),
-    ('interval_count', '400', 'At most 366 days'),
+    ('interval_count', '4000', 'At most 3650 days'),
     ('interval_type', 'weeks', 'Select a valid choice'),
 ])
 def test_bad_input_to_the_form_gives_an_inline_error_and_saves_nothing(staff, field, value, message):

@@ -155,9 +155,9 @@ def test_publish_requeue_and_scheduler_refuse_a_wrapper(shapes_listed):
 @pytest.mark.django_db(transaction=True)
 def test_the_consumer_refuses_a_wrapper_a_message_names(shapes_listed, raw_channel):
     from tests.testapp import shapes
-    raw_channel.queue_declare('default', durable=True, arguments={
-        'x-max-priority': 255, 'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': 'default.dead'})
-    raw_channel.queue_declare('default.dead', durable=True)
+    from carrot.broker import declare_queue
+    from carrot.config import get_config
+    declare_queue(raw_channel, get_config().queue('default'))  # as carrot declares it (dead-letter TTL too)
     for name in ('run', 'instance', '_private', 'public'):
         raw_channel.basic_publish('', 'default', json.dumps({'args': [['true']], 'kwargs': {}}),
                                   pika.BasicProperties(headers={'type': f'{SHAPES}.{name}'}, message_id=name,

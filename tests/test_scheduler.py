@@ -22,7 +22,7 @@ from carrot.models import MessageLog, ScheduledTask
 from carrot.scheduler import Scheduler
 from carrot.utilities import create_scheduled_task
 from tests.conftest import queue_depth
-from tests.proctools import Supervisor, wait_for
+from tests.harness import SupervisorCommand as Supervisor, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

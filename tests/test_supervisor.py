@@ -2,16 +2,14 @@
 
 Each test starts the real `carrot-supervisor` (``python -m carrot.cli``) in a subprocess against the
 real RabbitMQ and database of the test run, and checks what a user sees: exit codes, the log, the
-process table (psutil) and MessageLog rows. See tests/supervisor_harness.py. The signals and the
+process table (psutil) and MessageLog rows. See tests/harness.py. The signals and the
 supervision of children are tested in test_supervisor_signals.py and test_supervisor_supervision.py.
 """
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import psutil
@@ -22,8 +20,7 @@ from carrot import __version__
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import queue_depth, rabbitmqctl
-from tests.supervisor_harness import MASTER_TITLE, figure, wait_all_completed, wait_status, worker_pid
-from tests.supervisor_harness import start_supervisor  # noqa: F401 (a fixture)
+from tests.harness import MASTER_TITLE, figure, wait_all_completed, wait_status, worker_pid
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -355,55 +352,6 @@ def test_pidfile_is_left_alone_on_exit_when_it_no_longer_holds_our_pid(start_sup
 
 
 # -- sd_notify ----------------------------------------------------------------------------------
-
-class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET; knows which pid sent each message."""
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix='carrot-notify-')  # short: AF_UNIX paths are limited
-        self.path = os.path.join(self.dir, 'notify')
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, int, dict]] = []  # (time, sender pid, assignments)
-
-    def receive(self):
-        try:
-            data, ancdata, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-        except (socket.timeout, BlockingIOError):
-            return
-        sender = None
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                sender = int.from_bytes(payload[:4], sys.byteorder)
-        fields = dict(line.split('=', 1) for line in data.decode().splitlines() if '=' in line)
-        self.messages.append((time.monotonic(), sender, fields))
-
-    def wait_for(self, supervisor, key, value=None, timeout=15, after=0):
-        """The index of the first message from `after` on that sets `key` (to `value`)."""
-        def find():
-            self.receive()
-            for index in range(after, len(self.messages)):
-                fields = self.messages[index][2]
-                if key in fields and (value is None or fields[key] == value):
-                    return index + 1  # truthy even for index 0
-            return None
-        return supervisor.wait_for(find, timeout, lambda: f'{key}={value or "..."} on NOTIFY_SOCKET; got '
-                                   f'{[m[2] for m in self.messages]}') - 1
-
-    def close(self):
-        self.sock.close()
-        os.unlink(self.path)
-        os.rmdir(self.dir)
-
-
-@pytest.fixture
-def notify_socket():
-    sock = NotifySocket()
-    yield sock
-    sock.close()
-
 
 @pytest.mark.timeout(60)
 def test_sd_notify_ready_status_watchdog_reloading_stopping(start_supervisor, subprocess_env, notify_socket):

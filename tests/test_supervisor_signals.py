@@ -1,7 +1,7 @@
 """Signals to the carrot-supervisor master: TERM/INT, QUIT, HUP, USR1, TTIN/TTOU.
 
 Real signals to a real master; assertions on exit codes, the process table (psutil), the log and
-MessageLog rows. See tests/supervisor_harness.py.
+MessageLog rows. See tests/harness.py.
 """
 import os
 import re
@@ -16,9 +16,8 @@ from django.test import override_settings
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import queue_depth, raw_connection
-from tests.supervisor_harness import (Sampler, alive, figure, publish_raw, wait_all_completed, wait_for,
+from tests.harness import (Sampler, alive, figure, publish_raw, wait_all_completed, wait_for,
                                       wait_status, worker_pid)
-from tests.supervisor_harness import start_supervisor  # noqa: F401 (a fixture)
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)

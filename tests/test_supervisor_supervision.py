@@ -1,7 +1,7 @@
 """carrot-supervisor keeps its children running: respawn, crash loops, hangs, limits, the master's death.
 
 Real children are killed, stopped and starved with real signals; the tests assert on the process table
-(psutil), the master's log and MessageLog rows. See tests/supervisor_harness.py.
+(psutil), the master's log and MessageLog rows. See tests/harness.py.
 """
 import os
 import re
@@ -14,8 +14,7 @@ import pytest
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import dead_letters, queue_depth
-from tests.supervisor_harness import alive, figure, wait_all_completed, wait_for, wait_status, worker_pid
-from tests.supervisor_harness import start_supervisor  # noqa: F401 (a fixture)
+from tests.harness import alive, figure, wait_all_completed, wait_for, wait_status, worker_pid
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -98,20 +97,45 @@ def test_a_crash_looping_slot_backs_off_and_other_slots_carry_on(start_superviso
 
 
 @pytest.mark.timeout(60)
-def test_a_slot_that_keeps_crashing_stops_the_master_with_exit_code_6(start_supervisor):
+def test_a_slot_that_keeps_crashing_is_parked_and_the_others_run_on(start_supervisor):
     extra = ("CARROT['queues'].append({'name': 'broken', "
              "'consumer_class': 'tests.testapp.consumers.BrokenConsumer'})\n")
-    supervisor = start_supervisor('--max-consecutive-failures', '4', '--backoff-cap', '1', extra=extra)
-    kids = supervisor.wait_slots(SLOTS)
-    assert supervisor.wait_exit(30) == 6
+    supervisor = start_supervisor('--max-consecutive-failures', '4', '--backoff-cap', '1', extra=extra,
+                                  scheduler=True)
+    kids = supervisor.wait_slots(SLOTS + ['scheduler'])
+    supervisor.wait_log(r'slot consumer broken#1 died young 4 times in a row \(last: exit code 1 after [\d.]+s\); '
+                        r'parked: retrying with a backoff of up to 60s', 30)
     text = supervisor.log()
     delays = [float(d) for d in re.findall(r'keeps dying young \(\d+ consecutive\); next start in ([\d.]+)s',
                                            text)]
-    assert delays == [0.5, 1.0, 1.0], delays  # doubling, capped at --backoff-cap
-    assert re.search(r'slot consumer broken#1 died young 4 times in a row \(last: exit code 1 after [\d.]+s\); '
-                     r'giving up', text), supervisor.tail()
-    assert 'master' in text and 'stopped (exit code 6)' in text
-    supervisor.wait_for(lambda: not any(alive(k.pid) for k in kids.values()), 5, 'the other children to go')
+    assert delays == [0.5, 1.0, 1.0], delays  # doubling, capped at --backoff-cap, then parked
+    # Parked is reported in the master's title, the snapshot and sd_notify's STATUS (tested there).
+    supervisor.wait_for(lambda: 'parked: consumer broken#1' in (supervisor.title() or ''), 5, 'the title')
+    broken = supervisor.wait_for(lambda: (supervisor.slot_status('consumer broken#1') or {}).get('state') == 'parked'
+                                 and supervisor.slot_status('consumer broken#1'), 10, 'the snapshot to say parked')
+    assert 'died young 4 times' in broken['problem']
+    assert 0 < broken['next_start'] <= 60
+    # The master runs on; so do the other slots (same children) and the scheduler.
+    time.sleep(1)
+    assert supervisor.running()
+    assert {slot: kid.pid for slot, kid in supervisor.by_slot().items()} == {s: k.pid for s, k in kids.items()}
+    rows = wait_all_completed([publish_message(tasks.add, 1, 2), publish_message(tasks.add, 3, 4, queue='other')],
+                              15, supervisor.tail)
+    assert {worker_pid(r) for r in rows} == {kids['consumer default#1'].pid, kids['consumer other#1'].pid}
+    assert 'giving up' not in supervisor.log()
+
+
+@pytest.mark.timeout(60)
+def test_the_master_gives_up_with_exit_code_6_only_when_every_slot_is_parked(start_supervisor):
+    extra = ("for queue in CARROT['queues']:\n"
+             "    queue['consumer_class'] = 'tests.testapp.consumers.BrokenConsumer'\n")
+    supervisor = start_supervisor('--max-consecutive-failures', '3', '--backoff-cap', '0.5', extra=extra)
+    assert supervisor.wait_exit(40) == 6
+    text = supervisor.log()
+    assert re.search(r'slot consumer default#1 died young 3 times in a row .*; parked', text), supervisor.tail()
+    assert re.search(r'slot consumer other#1 died young 3 times in a row .*; parked', text), supervisor.tail()
+    assert 'every slot is parked: children kept crashing; giving up' in text
+    assert 'stopped (exit code 6)' in text
 
 
 @pytest.mark.timeout(60)
@@ -236,15 +260,15 @@ def test_a_master_killed_while_reading_settings_for_a_reload_leaves_no_process(s
     extra = f'import os, time\nif os.path.exists({str(marker)!r}):\n    time.sleep(4)\n'
     supervisor = start_supervisor(extra=extra)
     kids = supervisor.wait_ready(SLOTS)
+    before = {p.pid for p in psutil.Process(supervisor.pid).children()}  # the children and image 1
     marker.touch()
-    supervisor.signal(signal.SIGHUP)  # the master forks a throwaway child to read the settings
+    supervisor.signal(signal.SIGHUP)  # the master forks a new image, which reads the settings
 
     def reader():
-        procs = [p for p in psutil.Process(supervisor.pid).children() if p.pid not in
-                 {k.pid for k in kids.values()}]
+        procs = [p for p in psutil.Process(supervisor.pid).children() if p.pid not in before]
         return procs[0] if procs else None
 
-    settings_reader = supervisor.wait_for(reader, 5, 'the settings reader')
+    settings_reader = supervisor.wait_for(reader, 5, "the new image")
     os.kill(supervisor.pid, signal.SIGKILL)
     killed = time.monotonic()
     supervisor.wait_exit(5)

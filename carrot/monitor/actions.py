@@ -181,3 +181,7 @@ def forget_gone_supervisors() -> Done:
     from carrot.status import forget_silent_supervisors
     count = forget_silent_supervisors(get_config().supervisor_gone_after)
     return Done(f'{count} gone supervisor(s) forgotten.', count)
+
+
+# What a POST to a message's action URL may do (the pages and the JSON API share it).
+MESSAGE_ACTIONS = {'requeue': requeue_one, 'delete': delete_one, 'send': send_waiting}

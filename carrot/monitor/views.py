@@ -123,8 +123,7 @@ def message_detail(request, uuid):
 @require_POST
 @csrf_protect
 def message_action(request, uuid, action):
-    perform = {'requeue': actions.requeue_one, 'delete': actions.delete_one,
-               'send': actions.send_waiting}.get(action)
+    perform = actions.MESSAGE_ACTIONS.get(action)
     if perform is None:
         raise Http404('no such action')
     log = MessageLog.objects.filter(uuid=uuid).only('status').first()

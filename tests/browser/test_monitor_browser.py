@@ -12,12 +12,10 @@ import time
 import pytest
 from django.contrib.auth.models import User
 
-from carrot.models import MessageLog, ScheduledTask
-from carrot.status import store_snapshot
+from carrot.models import MessageLog, ScheduledTask, SupervisorStatus
 from carrot.utilities import publish_message
-from tests.supervisor_harness import start_supervisor  # noqa: F401 (a fixture)
 from tests.testapp import tasks
-from tests.waiting import wait_for
+from tests.harness import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -139,21 +137,14 @@ def test_monitor_in_a_browser(live_server, page, artifacts, start_supervisor, tm
         publish_message(tasks.add, 1, 2, queue='other')  # consumed at once; the tab may be empty
     page.goto(f'{live_server.url}/carrot/')
     shoot(page, artifacts, 'queued')
-    def snapshot(task=None):
-        store_snapshot({
-            'version': 1, 'host': 'worker-1', 'pid': supervisor.pid, 'state': 'running',
-            'started': '2026-11-21T20:00:00+00:00', 'generation': 1, 'settings': 'tests.testproject.settings',
-            'restarts': 0, 'slots': [
-                {'name': kid.slot, 'pid': kid.pid, 'restarts': 0, 'memory_rss': 40 * 1024 * 1024,
-                 'state': 'running' if task and kid.slot == SLOTS[0] else 'idle',
-                 'task': task if kid.slot == SLOTS[0] else None, 'task_age': 1.5 if task else None}
-                for kid in supervisor.children()]})
-
-    snapshot()
+    # The Workers tab shows the real supervisor, from the snapshot its scheduler child stores, and
+    # follows it by itself: a task started after the page was opened appears there.
+    wait_for(lambda: SupervisorStatus.objects.filter(pid=supervisor.pid).exists(), 30,
+             'the supervisor to publish its status snapshot')
     page.goto(f'{live_server.url}/carrot/workers/')
-    assert 'worker-1' in page.inner_text('main') and 'consumer default#1' in page.inner_text('main')
-    snapshot(task='tests.testapp.tasks.sleep')  # the Workers tab follows the next report by itself
-    page.get_by_text('tests.testapp.tasks.sleep').wait_for(timeout=20_000)
+    assert 'consumer default#1' in page.inner_text('main')
+    publish_message(tasks.sleep, 12)
+    page.get_by_text('tests.testapp.tasks.sleep').first.wait_for(timeout=20_000)
     shoot(page, artifacts, 'workers')
     page.goto(f'{live_server.url}/carrot/waiting/')
     shoot(page, artifacts, 'waiting')

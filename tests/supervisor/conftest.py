@@ -16,3 +16,20 @@ def carrot_vhost():
 @pytest.fixture(autouse=True)
 def empty_queues():
     yield
+
+
+@pytest.fixture
+def start_master(tmp_path):
+    """A function that starts tests/supervisor/sample_master.py (tests.harness.SampleMaster) processes;
+    all of them are gone after the test."""
+    from tests.harness import SampleMaster
+    masters = []
+
+    def start(groups, **kwargs):
+        master = SampleMaster(tmp_path / f"master{len(masters)}", groups, **kwargs)
+        masters.append(master)
+        return master
+
+    yield start
+    for master in masters:
+        master.cleanup()

@@ -97,6 +97,11 @@ def work(state_dir: Path, ctx: ChildContext, seconds: float) -> int:
     return 0
 
 
+def build(state_dir: Path, generation: int) -> tuple[Plan, dict]:
+    """The image's build: the plan from plan.json (read in the image, at start and on every HUP)."""
+    return load_plan(state_dir), {}
+
+
 def load_plan(state_dir: Path) -> Plan:
     spec = json.loads((state_dir / "plan.json").read_text())
     groups = []
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = args.state_dir.resolve()
     handler = configure_logging(state_dir)
     arbiter = Arbiter(
-        functools.partial(load_plan, state_dir),
+        functools.partial(build, state_dir),
         title=args.title,
         proc_name=args.proc_name,
         graceful_timeout=args.graceful_timeout,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,25 +20,17 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.waiting import wait_for
+from tests.harness import wait_for
 
 from supervisor import exitcodes
 from supervisor.child import ChildContext
 from supervisor.pidfile import Pidfile, PidfileHeld
 from supervisor.plan import Plan, PlanError, SlotGroup
 from supervisor.sdnotify import Notifier
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-SAMPLE = HERE / "sample_master.py"
-# What sample_master's child bodies put after the slot name in their titles.
-STATES = {"idle", "working", "stopping", "hung", "crashing"}
-
 
 def group(name, size=1, behaviour="sleep", **extra):
     return {"name": name, "size": size, "behaviour": behaviour, **extra}
@@ -48,149 +41,6 @@ def gone(pid):
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-class Master:
-    """One sample_master.py process and what the test can see of it."""
-
-    def __init__(self, state_dir: Path, groups, *, env=None, pidfile=None, **options):
-        self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.proc_name = f"carrot-test-{uuid.uuid4().hex[:8]}"
-        self.write_plan(groups)
-        args = [sys.executable, str(SAMPLE), "--state-dir", str(state_dir), "--proc-name", self.proc_name]
-        if pidfile is not None:
-            args += ["--pidfile", str(pidfile)]
-        for key, value in options.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        self.output = open(state_dir / "output.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=self.output, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self.pid = self.proc.pid
-
-    # -- plan and signals --
-
-    def write_plan(self, groups):
-        self.write_raw_plan(json.dumps({"groups": groups}))
-
-    def write_raw_plan(self, text):
-        tmp = self.state_dir / "plan.json.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.state_dir / "plan.json")
-
-    def signal(self, signum):
-        os.kill(self.pid, signum)
-
-    # -- what can be seen --
-
-    def log(self) -> str:
-        try:
-            return (self.state_dir / "master.log").read_text()
-        except FileNotFoundError:
-            return ""
-
-    def tail(self, lines=40) -> str:
-        output = (self.state_dir / "output.log").read_text(errors="replace")
-        return "\n--- master.log ---\n" + "\n".join(self.log().splitlines()[-lines:]) + (
-            f"\n--- output ---\n{output[-3000:]}" if output.strip() else "")
-
-    def title_of(self, pid) -> str:
-        return " ".join(part for part in psutil.Process(pid).cmdline() if part)
-
-    def children(self) -> list[tuple[int, str | None, str | None]]:
-        """(pid, slot, state) of every live child; slot None while it still has the master's title."""
-        found = []
-        try:
-            kids = psutil.Process(self.pid).children()
-        except psutil.NoSuchProcess:
-            return found
-        prefix = f"{self.proc_name}: "
-        for kid in kids:
-            try:
-                if kid.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                title = self.title_of(kid.pid)
-            except psutil.NoSuchProcess:
-                continue
-            rest = title[len(prefix):] if title.startswith(prefix) else ""
-            if not rest or rest == "master":
-                found.append((kid.pid, None, None))
-                continue
-            slot, _, state = rest.rpartition(" ")
-            if state not in STATES:
-                slot, state = rest, None
-            found.append((kid.pid, slot, state))
-        return found
-
-    def by_slot(self) -> dict[str, int]:
-        return {slot: pid for pid, slot, _ in self.children() if slot}
-
-    def wait_up(self, slots, timeout=10, state="idle") -> dict[str, int]:
-        """Wait until exactly `slots` have one child each, all showing `state`; slot -> pid."""
-        slots = set(slots)
-
-        def settled():
-            kids = self.children()
-            names = [slot for _, slot, _ in kids]
-            if sorted(names, key=str) != sorted(slots) or any(s != state for _, _, s in kids):
-                return None
-            return {slot: pid for pid, slot, _ in kids}
-
-        return wait_for(settled, timeout, lambda: f"children {sorted(slots)} ({state}); "
-                        f"have {self.children()}{self.tail()}")
-
-    def wait_log(self, text, timeout=10):
-        wait_for(lambda: text in self.log(), timeout, lambda: f"{text!r} in the log{self.tail()}")
-
-    def wait_exit(self, timeout) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"master did not exit within {timeout}s{self.tail()}", pytrace=False)
-
-    def records(self, slot=None) -> list[dict]:
-        """What the children wrote when they started, oldest first."""
-        directory = self.state_dir / "children"
-        if not directory.exists():
-            return []
-        found = [json.loads(path.read_text()) for path in directory.glob("*.json")]
-        return sorted((r for r in found if slot is None or r["slot"] == slot), key=lambda r: r["started"])
-
-    def cleanup(self):
-        if self.proc.poll() is None:
-            # A fast stop first: the master kills and reaps its children, leaving no zombies to init.
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                pass
-        # Then whatever is left, found by name rather than by remembered pid (a pid seen earlier may
-        # belong to someone else by now).
-        for proc in psutil.process_iter(["cmdline"]):
-            if proc.pid in (os.getpid(), self.pid):
-                continue
-            if self.proc_name in " ".join(proc.info["cmdline"] or []):
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.output.close()
-
-
-@pytest.fixture
-def start_master(tmp_path):
-    masters: list[Master] = []
-
-    def start(groups, **kwargs) -> Master:
-        master = Master(tmp_path / f"master{len(masters)}", groups, **kwargs)
-        masters.append(master)
-        return master
-
-    yield start
-    for master in masters:
-        master.cleanup()
 
 
 # -- the loop, titles, restarts ----------------------------------------------------------------------
@@ -245,35 +95,47 @@ def test_killed_child_is_replaced_within_a_second(start_master):
 
 
 @pytest.mark.timeout(40)
-def test_crash_looping_slot_backs_off_then_master_gives_up(start_master):
+def test_crash_looping_slot_backs_off_then_is_parked_and_the_others_run_on(start_master):
     master = start_master([group("consumer steady", 1), group("consumer broken", 1, "crash")],
                           min_uptime=1, backoff_base=0.2, backoff_cap=0.4, max_consecutive_failures=4)
     steady = wait_for(lambda: master.by_slot().get("consumer steady#1"), 10, "the steady child")
     seen_steady = set()
-    while master.proc.poll() is None:
+    deadline = time.monotonic() + 15
+    while "parked" not in master.log() and time.monotonic() < deadline:
         pid = master.by_slot().get("consumer steady#1")
         if pid:
             seen_steady.add(pid)
         time.sleep(0.02)
-        if len(master.records("consumer broken#1")) > 10:
-            break
-    assert master.wait_exit(10) == exitcodes.EXIT_CRASHING
+    master.wait_log("slot consumer broken#1 died young 4 times in a row")
+    time.sleep(0.5)
+    assert master.proc.poll() is None  # one parked slot does not stop the master
 
     log = master.log()
     assert "slot consumer broken#1 keeps dying young (1 consecutive); next start in 0.2s" in log
     assert "slot consumer broken#1 keeps dying young (2 consecutive); next start in 0.4s" in log
     assert "slot consumer broken#1 keeps dying young (3 consecutive); next start in 0.4s" in log
-    assert "slot consumer broken#1 died young 4 times in a row" in log
     assert "keeps dying young (4 consecutive)" not in log
+    assert "parked: retrying with a backoff of up to 60s" in log
     # The other slot never noticed.
     assert seen_steady == {steady}
-    assert len(master.records("consumer steady#1")) == 1
+    assert master.by_slot()["consumer steady#1"] == steady
     starts = [r["started"] for r in master.records("consumer broken#1")]
     assert len(starts) == 4
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     print(f"\ncrash loop: gaps between starts {', '.join(f'{g:.2f}s' for g in gaps)} (backoff 0.2, 0.4, 0.4)")
     for gap, delay in zip(gaps, (0.2, 0.4, 0.4)):
         assert gap >= delay * 0.9
+
+
+@pytest.mark.timeout(40)
+def test_master_gives_up_when_every_slot_is_parked(start_master):
+    master = start_master([group("consumer broken", 2, "crash")], min_uptime=1, backoff_base=0.1,
+                          backoff_cap=0.2, max_consecutive_failures=3)
+    assert master.wait_exit(20) == exitcodes.EXIT_CRASHING
+    log = master.log()
+    assert "slot consumer broken#1 died young 3 times in a row" in log
+    assert "slot consumer broken#2 died young 3 times in a row" in log
+    assert "every slot is parked: children kept crashing; giving up" in log
 
 
 @pytest.mark.timeout(30)
@@ -294,7 +156,8 @@ def test_hung_child_is_killed_and_replaced(start_master):
              lambda: f"a replacement for the hung child{master.tail()}")
     print(f"\nhung child killed {noticed:.2f}s after it was seen hanging (heartbeat timeout 1.5s)")
     assert gone(first)
-    assert f"consumer hang#1 (pid {first}) exited with signal SIGKILL" in master.log()
+    # SIGABRT first (faulthandler dumps its stacks), SIGKILL if that did not end it.
+    assert re.search(rf"consumer hang#1 \(pid {first}\) exited with signal SIG(ABRT|KILL)", master.log())
     assert master.by_slot()["consumer ok#1"] == ok
 
 
@@ -526,7 +389,7 @@ def test_broken_plan_at_start_exits_with_config_code(start_master):
     master = start_master([])
     master.write_raw_plan("[")
     assert master.wait_exit(10) == exitcodes.EXIT_CONFIG
-    assert "cannot load the plan" in master.log()
+    assert re.search(r"JSONDecodeError: .*; not starting", master.log()), master.tail()
     assert master.records() == []
 
 
@@ -656,7 +519,7 @@ def test_heartbeats_are_rate_limited():
                            heartbeat_fd=write_fd, beat_interval=10)
         for _ in range(100):
             ctx.heartbeat()
-        assert os.read(read_fd, 100) == b"."
+        assert os.read(read_fd, 100) == b"\n"
         assert ctx.master_alive() is False  # our parent is not us
     finally:
         os.close(read_fd)

@@ -104,6 +104,61 @@ def fail_unless_exists(path):
     return 'found it'
 
 
+# -- supervisor (warm image, hung children) ---------------------------------------------------------
+
+def hold_the_gil(seconds=30):
+    """Keep the interpreter's lock for about `seconds` without running a bytecode: no other thread of
+    the worker (its broker connection, its heartbeats) gets to run -- a hang as the master sees it."""
+    import re
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        re.match(r'(a+)+$', 'a' * 28 + 'b')  # catastrophic backtracking, all in C, GIL held
+    return 'done'
+# -- consume (tests/test_processing.py, tests/test_claim.py) --
+
+def append_and_sleep(path, text, seconds):
+    """Record one execution in `path`, then take `seconds` (so a second delivery arrives meanwhile)."""
+    with open(path, 'a') as f:
+        f.write(text + '\n')
+    time.sleep(seconds)
+    return text
+
+
+def returns_text(text, times=1):
+    """Return `text` repeated `times` times (oversize or unstorable output)."""
+    return text * times
+
+
+def logs_a_lot(lines, width=100):
+    for n in range(lines):
+        logger.info('%d %s', n, 'x' * width)
+    return lines
+
+
+def raises_weird(text):
+    """Raise an exception whose message carries `text` (control characters, NUL ...)."""
+    raise RuntimeError(text)
+
+
+def takes_the_log_table_away(path):
+    """Record one execution, then rename carrot's log table, as if the database went away just after
+    the task ran (tests/test_processing.py renames it back)."""
+    from django.db import connection
+    with open(path, 'a') as f:
+        f.write('ran\n')
+    with connection.cursor() as cursor:
+        cursor.execute('ALTER TABLE carrot_messagelog RENAME TO carrot_messagelog_away')
+    return 'done'
+
+
+def returns_deep(depth):
+    """Return lists nested `depth` deep (built without recursion): too deep for json.dumps and repr."""
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 # -- attack (tests/test_hostile*.py, scripts/chaos) --
 # Below: things that are NOT tasks (issue 6 §2). Each leaves a marker file or directory behind if it is
 # ever run, so a test can prove a message naming it ran nothing.

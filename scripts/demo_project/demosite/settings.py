@@ -4,8 +4,10 @@ import os
 BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_DIR = os.environ.get('CARROT_DEMO_DIR', os.path.join(BASE_DIR, 'run'))
 SECRET_KEY = 'demo-only'
-DEBUG = True  # also makes `runserver` (scripts/demo --serve) serve the monitor's static files
 ALLOWED_HOSTS = ['127.0.0.1', 'localhost']
+# DEBUG also makes `runserver` (scripts/demo --serve) serve the monitor's static files; scripts/bench
+# turns it off (as in production: DEBUG keeps every query in memory).
+DEBUG = os.environ.get('CARROT_DEMO_DEBUG', '1') == '1'
 USE_TZ = True
 TIME_ZONE = 'UTC'
 INSTALLED_APPS = [

@@ -1,0 +1,85 @@
+"""Bounding and escaping of text that came from a message, before it is stored, logged or shown.
+
+Anyone who can write to a queue chooses these bytes, so nothing from a message reaches a database
+column, a log line, a process title or a terminal as is:
+
+- ``for_column(value, limit)``: fits a text column. Cut to `limit` characters with a visible marker, NUL
+  (which PostgreSQL text cannot hold) and lone surrogates (which no UTF-8 database can hold) escaped.
+- ``for_log(value, limit)``: one safe line. Control characters (newlines, ANSI escapes, NUL, bidi
+  overrides ...) written as ``\\xNN``/``\\uNNNN`` escapes, cut with a marker.
+- ``shown(value)``: any value (bytes, numbers, nested tables) as text for the two above.
+"""
+from __future__ import annotations
+
+import unicodedata
+
+CUT_MARKER = ' [... cut: {} more characters]'
+LOG_LIMIT = 300  # characters of message content in one log line
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` if it fits in `limit` characters, else its start and a marker saying how much is missing.
+    The result is never longer than `limit` (a limit shorter than the marker gets a bare cut)."""
+    if len(text) <= limit:
+        return text
+    # Room for the marker is measured with the longest count it can show, so the result always fits.
+    keep = limit - len(CUT_MARKER.format(len(text)))
+    if keep <= 0:
+        return text[:limit]
+    return text[:keep] + CUT_MARKER.format(len(text) - keep)
+
+
+def shown(value) -> str:
+    """A value from a message as text: str as is, bytes decoded (invalid UTF-8 escaped), else repr()."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode('utf-8', 'backslashreplace')
+    try:
+        return repr(value)
+    except Exception:  # a hostile __repr__ cannot come over the wire, but be sure
+        return f'<unprintable {type(value).__name__}>'
+
+
+def storable(text: str) -> str:
+    """`text` with what a database text column cannot hold escaped: NUL and lone surrogates."""
+    if '\x00' in text:
+        text = text.replace('\x00', '\\x00')
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        text = text.encode('utf-8', 'backslashreplace').decode('utf-8')
+    return text
+
+
+def for_column(value, limit: int | None) -> str | None:
+    """`value` ready for a text column of `limit` characters (None: unbounded). None stays None."""
+    if value is None:
+        return None
+    text = storable(shown(value))
+    return text if limit is None else cut(text, limit)
+
+
+def _is_control(char: str) -> bool:
+    # Cc: C0/C1 controls (newline, ESC, NUL, DEL ...); Cf: invisible formatting such as bidi overrides;
+    # Zl/Zp: line and paragraph separators, which some terminals and log viewers break lines on.
+    return unicodedata.category(char) in ('Cc', 'Cf', 'Zl', 'Zp', 'Cs')
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as an escape, so it stays on one line, inert."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if _is_control(char):
+            code = ord(char)
+            out.append(f'\\x{code:02x}' if code < 0x100 else f'\\u{code:04x}')
+        else:
+            out.append(char)
+    return ''.join(out)
+
+
+def for_log(value, limit: int = LOG_LIMIT) -> str:
+    """`value` as one inert line for a log, a process title or a terminal."""
+    return cut(escape_controls(shown(value)), limit)

@@ -1,0 +1,372 @@
+"""The warm image: one process per settings generation that builds the plan once and forks children.
+
+The master forks an image for every generation (start, HUP, a dead image). The image calls the
+caller's ``build(generation)`` -- for carrot: set Django up, run the checks, import the task modules,
+close every connection -- freezes the heap (gc.freeze(), so children share its pages), tells the master
+the plan, and from then on forks a child whenever the master asks. A file broken on disk later never
+reaches a child: children run the image's code, which was imported when the image was built.
+
+Children must stay the master's own: it reaps, signals and heartbeats them directly. So the image forks
+through a middle process that exits at once; the child is re-parented to the master, which made
+itself a child subreaper (PR_SET_CHILD_SUBREAPER). The image answers with the child's pid.
+
+The control channel is a SOCK_SEQPACKET socket pair (one JSON message per packet, and the child's
+heartbeat pipe passed as a file descriptor). Master to image::
+
+    {"spawn": <request id>, "slot": "consumer default#2", "group": "consumer default", "index": 2,
+     "beat_interval": 1.0}                                  + the write end of the heartbeat pipe
+
+Image to master::
+
+    {"ready": [<group descriptions>], "options": {...}}     once built
+    {"failed": "<why, one line>", "exit_code": 3}           the build failed; the image exits
+    {"spawned": <request id>, "pid": 4301}
+    {"spawn_failed": <request id>, "error": "..."}
+
+EOF on the channel tells the image that the master is gone or has retired it: it exits.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NoReturn
+
+from .child import ChildContext, die_with_parent, forget_master, run_child, set_title
+from .exitcodes import EXIT_CONFIG
+from .plan import Plan
+
+MAX_PACKET = 1 << 16
+# The image blocks these around fork(): a TERM sent to a brand-new child before it has installed its
+# own handlers would otherwise run the image's (default: die) instead of a graceful stop.
+CHILD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
+# The master's signals are its own: the image ignores reload/scale/log signals and Ctrl-C (the master
+# stops it), and dies on TERM/QUIT.
+_IGNORED_IN_IMAGE = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
+
+
+class ImageFailed(Exception):
+    """The image cannot serve: settings, checks or code are broken. `exit_code` is what it means for a
+    master that has nothing running yet (EXIT_CONFIG, or e.g. EXIT_BROKER)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_CONFIG) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+Build = Callable[[int], "tuple[Plan, dict]"]
+
+
+# -- the master's side ---------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Image:
+    """The master's handle on one image process."""
+    pid: int
+    generation: int
+    sock: socket.socket
+    started_at: float
+    state: str = "starting"  # starting -> up -> retiring; or starting -> failed
+    plan: Plan | None = None
+    options: dict = field(default_factory=dict)
+    error: str | None = None
+    exit_code: int = EXIT_CONFIG
+    outstanding: set = field(default_factory=set)  # spawn requests not answered yet
+    _next_request: int = 0
+
+    def describe(self) -> str:
+        return f"image generation {self.generation} (pid {self.pid})"
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def request_spawn(self, slot_name: str, group: str, index: int, beat_fd: int, beat_interval: float) -> int | None:
+        """Ask for a child; returns the request id, or None if the image cannot be reached."""
+        self._next_request += 1
+        request = {"spawn": self._next_request, "slot": slot_name, "group": group, "index": index,
+                   "beat_interval": beat_interval}
+        try:
+            socket.send_fds(self.sock, [json.dumps(request).encode()], [beat_fd])
+        except OSError:
+            return None
+        self.outstanding.add(self._next_request)
+        return self._next_request
+
+    def receive(self) -> list[dict]:
+        """Every message waiting on the channel; [{"eof": True}] once the image has closed it."""
+        messages = []
+        while True:
+            try:
+                data = self.sock.recv(MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                return messages
+            except OSError:
+                data = b""
+            if not data:
+                messages.append({"eof": True})
+                return messages
+            try:
+                message = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                messages.append(message)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+
+
+def start_image(build: Build, generation: int, *, master_pid: int, proc_name: str, close_fds: Iterable[int],
+                blocked: Iterable[int], reopen_logs: Callable[[], None] | None,
+                on_fork: Callable[[], None] | None, logger: logging.Logger) -> Image:
+    """Fork the image process of `generation` (the master's side; returns at once)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        ours.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        try:
+            ours.close()
+            run_image(theirs, build, generation, master_pid=master_pid, proc_name=proc_name,
+                      close_fds=close_fds, sigmask=mask, reopen_logs=reopen_logs, on_fork=on_fork, logger=logger)
+        finally:
+            os._exit(1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    theirs.close()
+    ours.setblocking(False)
+    return Image(pid=pid, generation=generation, sock=ours, started_at=time.monotonic())
+
+
+def plan_description(plan: Plan) -> list[dict]:
+    return [dict(name=g.name, size=g.size, scalable=g.scalable, numbered=g.numbered) for g in plan.groups]
+
+
+def plan_from_description(groups: list[dict]) -> Plan:
+    """The master's copy of the image's plan: the same slots, no targets (those live in the image)."""
+    from .plan import SlotGroup
+
+    return Plan(tuple(SlotGroup(g["name"], g["size"], None, scalable=g["scalable"], numbered=g["numbered"])
+                      for g in groups))
+
+
+# -- the image's side ----------------------------------------------------------------------------------
+
+def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid: int, proc_name: str,
+              close_fds: Iterable[int], sigmask: Iterable[int], reopen_logs: Callable[[], None] | None,
+              on_fork: Callable[[], None] | None, logger: logging.Logger) -> NoReturn:
+    code = 1
+    try:
+        _become_image(close_fds, sigmask)
+        die_with_parent()
+        if os.getppid() != master_pid:
+            os._exit(0)  # the master died between fork() and here
+        set_title(f"{proc_name}: image {generation} starting")
+        try:
+            plan, options = build(generation)
+            gc.collect()
+            # Everything built so far stays where it is: the collector never touches (and so never
+            # dirties) these pages again, in the image or in the children that share them.
+            gc.freeze()
+        except ImageFailed as exc:
+            _send(sock, {"failed": _one_line(exc), "exit_code": exc.exit_code})
+            return _exit(0)
+        except BaseException as exc:
+            logger.debug("image build failed", exc_info=True)
+            _send(sock, {"failed": _one_line(exc), "exit_code": EXIT_CONFIG})
+            return _exit(0)
+        _send(sock, {"ready": plan_description(plan), "options": options})
+        set_title(f"{proc_name}: image {generation}")
+        serve(sock, plan, generation=generation, master_pid=master_pid, proc_name=proc_name,
+              reopen_logs=reopen_logs, on_fork=on_fork, logger=logger)
+        code = 0
+    except BaseException:
+        logger.exception("image generation %d (pid %d) failed", generation, os.getpid())
+    finally:
+        _exit(code)
+
+
+def _become_image(close_fds: Iterable[int], sigmask: Iterable[int]) -> None:
+    signal.set_wakeup_fd(-1)  # the master's self-pipe
+    for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    for signum in _IGNORED_IN_IMAGE:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+    forget_master(close_fds)
+
+
+def serve(sock: socket.socket, plan: Plan, *, generation: int, master_pid: int, proc_name: str,
+          reopen_logs, on_fork, logger: logging.Logger) -> None:
+    """Fork a child for every request until the master closes the channel."""
+    groups = {group.name: group for group in plan.groups}
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_PACKET, 4)
+        except InterruptedError:
+            continue
+        if not data:
+            return
+        try:
+            request = json.loads(data)
+            request_id = request["spawn"]
+        except (ValueError, KeyError, TypeError):
+            for fd in fds:
+                os.close(fd)
+            continue
+        group = groups.get(request.get("group"))
+        if group is None or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"spawn_failed": request_id, "error": f"no group {request.get('group')!r} in this image"})
+            continue
+        ctx = ChildContext(slot=request["slot"], group=group.name, index=request["index"], master_pid=master_pid,
+                           proc_name=proc_name, heartbeat_fd=fds[0], beat_interval=request["beat_interval"],
+                           generation=generation)
+        try:
+            pid = fork_child(ctx, group.target, sock, reopen_logs=reopen_logs, on_fork=on_fork, logger=logger)
+        except OSError as exc:
+            _send(sock, {"spawn_failed": request_id, "error": f"cannot fork: {exc}"})
+        else:
+            _send(sock, {"spawned": request_id, "pid": pid})
+        finally:
+            os.close(fds[0])
+
+
+def fork_child(ctx: ChildContext, target, sock: socket.socket, *, reopen_logs, on_fork, logger) -> int:
+    """Fork the child through a middle process that exits at once; returns the child's pid."""
+    pid_r, pid_w = os.pipe()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
+    try:
+        middle = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(pid_r)
+        os.close(pid_w)
+        raise
+    if middle == 0:
+        try:
+            os.close(pid_r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(pid_w)
+                run_child(ctx, target, close_fds=[sock.fileno()], sigmask=mask, reopen_logs=reopen_logs,
+                          on_fork=on_fork, logger=logger)
+            os.write(pid_w, str(pid).encode())
+        finally:
+            os._exit(0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    os.close(pid_w)
+    try:
+        data = b""
+        while chunk := os.read(pid_r, 32):
+            data += chunk
+    finally:
+        os.close(pid_r)
+        os.waitpid(middle, 0)
+    if not data:
+        raise OSError("the middle process could not fork")
+    return int(data)
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    try:
+        sock.send(json.dumps(message).encode()[:MAX_PACKET])
+    except OSError:
+        pass  # the master is gone: the next recv sees EOF
+
+
+def _exit(code: int) -> NoReturn:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    try:
+        logging.shutdown()
+    except Exception:
+        pass
+    os._exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+class ImageSet:
+    """The master's images: every image process not reaped yet, the one serving, the one being built."""
+
+    def __init__(self, poller) -> None:
+        self.poller = poller
+        self.by_pid: dict[int, Image] = {}
+        self.serving: Image | None = None
+        self.building: Image | None = None
+        self.retry_at: float | None = None  # when to build a replacement for a dead serving image
+
+    def __bool__(self) -> bool:
+        return bool(self.by_pid)
+
+    def fds(self) -> list[int]:
+        return [image.fileno() for image in self.by_pid.values() if image.fileno() >= 0]
+
+    def add(self, image: Image) -> None:
+        self.by_pid[image.pid] = image
+        self.poller.register(image.fileno(), select.POLLIN)
+        self.building, self.retry_at = image, None
+
+    def close_channel(self, image: Image) -> None:
+        if image.fileno() >= 0:
+            self.poller.unregister(image.fileno())
+            image.close()
+
+    def kill(self, image: Image) -> None:
+        image.state = "retiring"
+        if image is self.building:
+            self.building = None
+        try:
+            os.kill(image.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def kill_all(self) -> None:
+        for image in self.by_pid.values():
+            self.kill(image)
+        self.serving = None
+
+    def forget(self, pid: int) -> Image:
+        image = self.by_pid.pop(pid)
+        self.close_channel(image)
+        return image
+
+    def messages(self) -> list[tuple[Image, dict]]:
+        """What the images said since the last call. A retired image's channel is closed once it has
+        answered every request: the EOF tells it to exit."""
+        found = []
+        for image in list(self.by_pid.values()):
+            if image.fileno() < 0:
+                continue
+            for message in image.receive():
+                if "eof" in message:
+                    self.close_channel(image)
+                found.append((image, message))
+            if image.state == "retiring" and not image.outstanding:
+                self.close_channel(image)
+        return found
+
+    def close_all(self) -> None:
+        for image in self.by_pid.values():
+            image.close()
+        self.by_pid.clear()
