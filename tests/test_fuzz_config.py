@@ -16,9 +16,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from carrot.checks import check_carrot_setting
 from carrot.config import CarrotConfig, parse_config
-from tests import supervisor_harness
-
-start_supervisor = supervisor_harness.start_supervisor  # the fixture
 
 SECRET = 'S3cr/et#pa?ss:w@rd%41'   # characters that break naive URL parsing: / # ? : @ %
 SECRET_MARKS = [SECRET, 'S3cr', 'pa?ss', 'ss:w@rd', 'S3cr%2Fet']

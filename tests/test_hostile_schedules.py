@@ -18,9 +18,6 @@ import uuid
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-from tests import supervisor_harness
-
-start_supervisor = supervisor_harness.start_supervisor  # the fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
 

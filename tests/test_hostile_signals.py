@@ -10,10 +10,7 @@ import time
 import psutil
 import pytest
 
-from tests import supervisor_harness
-from tests.supervisor_harness import publish_raw, wait_status
-
-start_supervisor = supervisor_harness.start_supervisor  # the fixture
+from tests.harness import alive, publish_raw, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -28,7 +25,7 @@ def descendants(sup) -> list[int]:
 
 
 def gone(pids) -> bool:
-    return not [p for p in pids if supervisor_harness.alive(p)]
+    return not [p for p in pids if alive(p)]
 
 
 @pytest.mark.parametrize('delay', [0.05, 0.3, 1.0])

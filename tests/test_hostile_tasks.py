@@ -9,10 +9,7 @@ import time
 
 import pytest
 
-from tests import supervisor_harness
-from tests.supervisor_harness import publish_raw
-
-start_supervisor = supervisor_harness.start_supervisor  # the fixture
+from tests.harness import publish_raw
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
