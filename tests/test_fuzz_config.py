@@ -136,6 +136,7 @@ def test_the_system_check_reports_errors_never_a_traceback(raw):
     {'default_broker': {'url': f'amqp://u:{SECRET}@h:1:2/'}},
     {'default_broker': [f'amqp://guest:{SECRET}@localhost/']},          # wrong type, holding the URL
     {'default_broker': (SECRET,)},
+    {'default_broker': SECRET},                                         # the password alone, not a URL
     {'queues': [{'name': 'q', 'host': f'amqp://u:{SECRET}@:5672/'}]},
     {'queues': [{'name': 'q', 'host': {'password': SECRET, 'secure': 'yes'}}]},
     {'queues': f'amqp://guest:{SECRET}@localhost/'},
