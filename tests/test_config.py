@@ -279,6 +279,7 @@ SECRET = 's3cr3t'
     {f'amqp://carrot:{SECRET}@rabbit/': 1},                                  # as a key
     {'task_modules': {'password': SECRET}},
 ])
+@pytest.mark.django_db  # Django 6 runs database checks (carrot.E007) for tags=['carrot']
 def test_the_password_is_masked_in_every_problem(raw):
     config, problems = parse_config(raw)
     text = '\n'.join(str(p) for p in problems)
