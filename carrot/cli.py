@@ -25,6 +25,7 @@ from carrot import __version__
 from carrot.image import ImageBuilder, SettingsSummary, SettingsUnreadable, read_settings
 from carrot.logfile import LogFileError, LogFileHandler
 from carrot.options import BY_NAME, SETTINGS, add_arguments, flag_value, status_file_for
+from carrot.text import LogFormatter
 
 LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
 PROC_NAME = 'carrot-supervisor'
@@ -50,7 +51,7 @@ def configure_logging(args) -> logging.Handler:
         handler = LogFileHandler(args.logfile)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(LogFormatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(args.loglevel)

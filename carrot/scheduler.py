@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 from typing import Callable
 
 from django.db import DatabaseError, connections
@@ -41,12 +42,16 @@ from carrot.exceptions import (BrokerUnavailable, CarrotConfigException, CarrotE
                                MessageTooLarge, QueueMismatchError, TaskNotRegistered)
 from carrot.helper_tasks import sync_cleanup_schedule
 from carrot.models import ScheduledTask
+from carrot.text import for_log
 
 logger = logging.getLogger('carrot.scheduler')
 
 TICK = 1.0
 MAX_RETRY_DELAY = 30.0  # while the broker or database is down, ticks slow down to this at most
 MAX_INTERVAL = ScheduledTask.MAX_INTERVAL
+# A last run this far in the future is an edit or a clock gone wrong, not another host's clock being a little
+# ahead: the schedule would silently not run until then.
+CLOCK_TOLERANCE = timedelta(minutes=5)
 REFUSED = 'the broker refused the last run: '  # how a schedule's problem starts when RabbitMQ refused it
 
 # What a broken row raises while it is checked: its problem, not the scheduler's.
@@ -172,6 +177,10 @@ class Scheduler:
         except SCHEDULE_ERRORS as exc:
             self.record_problem(schedule, describe(exc))
             return 0
+        if schedule.last_run_time and schedule.last_run_time > now + CLOCK_TOLERANCE:
+            self.record_problem(schedule, f'its last run time {schedule.last_run_time:%Y-%m-%d %H:%M:%S} is in the '
+                                          f'future, so it would not run until then; clear it to run it now')
+            return 0
         if not (schedule.problem or '').startswith(REFUSED):  # a refusal stands until a run goes through
             self.record_problem(schedule, '')
         if not schedule.is_due(now) or self._backing_off(schedule):
@@ -188,10 +197,10 @@ class Scheduler:
             return
         ScheduledTask.objects.filter(pk=schedule.pk).update(problem=problem)
         if problem:
-            logger.error('scheduler: %r (%s) is skipped until it is fixed: %s', schedule.task_name,
-                         schedule.task, problem, exc_info=exc_info)
+            logger.error('scheduler: %s (%s) is skipped until it is fixed: %s', *shown(schedule),
+                         for_log(problem), exc_info=exc_info)
         else:
-            logger.info('scheduler: %r (%s) is fixed and runs again', schedule.task_name, schedule.task)
+            logger.info('scheduler: %s (%s) is fixed and runs again', *shown(schedule))
         schedule.problem = problem
 
     @staticmethod
@@ -236,11 +245,16 @@ class Scheduler:
             failures = self.retries.get(schedule.pk, (0, 0.0))[0] + 1
             delay = min(self.tick * 2 ** (failures - 1), MAX_RETRY_DELAY)
             self.retries[schedule.pk] = (failures, time.monotonic() + delay)
-            logger.error('scheduler: %r (%s) could not be published: %s; retrying in %.0fs',
-                         schedule.task_name, schedule.task, exc, delay)
+            logger.error('scheduler: %s (%s) could not be published: %s; retrying in %.0fs',
+                         *shown(schedule), for_log(exc), delay)
             return 0
         self.retries.pop(schedule.pk, None)
         self.record_problem(schedule, '')
         self.published += 1
-        logger.info('scheduler: published %r (%s) as %s', schedule.task_name, schedule.task, log.uuid)
+        logger.info('scheduler: published %s (%s) as %s', *shown(schedule), log.uuid)
         return 1
+
+
+def shown(schedule: ScheduledTask) -> tuple[str, str]:
+    """A schedule's name and task for a log line: anyone with the admin or the table writes them."""
+    return for_log(repr(schedule.task_name)), for_log(schedule.task)

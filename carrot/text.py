@@ -8,9 +8,11 @@ column, a log line, a process title or a terminal as is:
 - ``for_log(value, limit)``: one safe line. Control characters (newlines, ANSI escapes, NUL, bidi
   overrides ...) written as ``\\xNN``/``\\uNNNN`` escapes, cut with a marker.
 - ``shown(value)``: any value (bytes, numbers, nested tables) as text for the two above.
+- ``LogFormatter``: the formatter of carrot-supervisor's log, which escapes whatever a log call missed.
 """
 from __future__ import annotations
 
+import logging
 import unicodedata
 
 CUT_MARKER = ' [... cut: {} more characters]'
@@ -83,3 +85,14 @@ def escape_controls(text: str) -> str:
 def for_log(value, limit: int = LOG_LIMIT) -> str:
     """`value` as one inert line for a log, a process title or a terminal."""
     return cut(escape_controls(shown(value)), limit)
+
+
+class LogFormatter(logging.Formatter):
+    """The last line of defence for the log file: whatever a log call passes on (a task path from a
+    schedule row, an exception text quoting a message), its message cannot carry raw control characters,
+    and a line break in it continues indented, so it can never pass for a log line of its own.
+    Tracebacks are left as they are (Python writes them, not a message)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = '\n    '.join(escape_controls(line) for line in record.message.split('\n'))
+        return super().formatMessage(record)
