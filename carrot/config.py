@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, parse_qs
@@ -188,12 +189,12 @@ class _Parser:
             return self.broker_from_url(path, raw)
         if isinstance(raw, dict):
             return self.broker_from_dict(path, raw)
-        self.problem(E_BAD_BROKER, f'{path} must be an amqp:// URL or a dict, got {shown(raw)}')
+        self.problem(E_BAD_BROKER, f'{path} must be an amqp:// URL or a dict, got {shown_broker(raw)}')
         return BrokerConfig()
 
     def broker_from_url(self, path, url) -> BrokerConfig:
         def fail(reason):
-            self.problem(E_BAD_BROKER, f'{path} is not a usable broker URL ({reason}): {shown(url)}')
+            self.problem(E_BAD_BROKER, f'{path} is not a usable broker URL ({reason}): {shown_broker(url)}')
             return BrokerConfig()
 
         if not isinstance(url, str):
@@ -409,6 +410,21 @@ class _Opaque:
 
     def __repr__(self):
         return f'<{self.name} object>'
+
+
+def shown_broker(value) -> str:
+    """A broker setting that is not a usable URL, for a message. Whatever it is, it may be (or hold) the
+    password itself, so only its shape is shown: the scheme and what follows the last '@' of a URL-like
+    string, else its type and length."""
+    if isinstance(value, str):
+        scheme, separator, rest = value.partition('://')
+        if separator and '@' in rest and len(scheme) < 10 and scheme.isalpha():
+            credentials, _, where = rest.rpartition('@')
+            user = credentials.partition(':')[0]
+            user = user if re.fullmatch(r'[\w.%-]{1,64}', user) else '***'
+            return repr(f'{scheme}://{user}:***@{where}'[:SHOWN_LENGTH])
+        return f'a string of {len(value)} characters'
+    return f'a {type(value).__name__}'
 
 
 def shown(value) -> str:
