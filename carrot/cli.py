@@ -13,6 +13,10 @@ Exit codes (also in README.rst):
 """
 from __future__ import annotations
 
+if __name__ == '__main__':  # python -m carrot.cli: hold the master's signals first, as carrot.launch does
+    from carrot.launch import hold_master_signals
+    hold_master_signals()
+
 import argparse
 import functools
 import logging
@@ -23,6 +27,7 @@ from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan
 
 from carrot import __version__
 from carrot.image import ImageBuilder, SettingsSummary, SettingsUnreadable, read_settings
+from carrot.launch import release_master_signals
 from carrot.logfile import LogFileError, LogFileHandler
 from carrot.options import BY_NAME, SETTINGS, add_arguments, flag_value, status_file_for
 from carrot.text import LogFormatter
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         autoreload=args.autoreload,
         queues=[q.strip() for q in args.queues.split(',') if q.strip()] if args.queues else None)
     if args.check:
+        release_master_signals()  # no master loop will take them: Ctrl-C works as usual
         return check(builder, settings_module)
 
     # The master never imports the project: the image (carrot/image.py) reads the settings, and the

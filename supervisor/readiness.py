@@ -28,6 +28,8 @@ class Readiness:
             self.next_watchdog = now
 
     def reload_started(self, now: float) -> None:
+        if not self.ready_sent:
+            return  # a HUP while starting: the start takes the newest settings and ends in READY=1 as usual
         self.notifier.reloading()
         if not self.awaiting:
             self.since = now

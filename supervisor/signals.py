@@ -31,6 +31,9 @@ class SignalQueue:
         # landing just before poll() blocks would have its wake-up byte deferred until poll() timed
         # out. The wakeup fd is written by the C-level handler at once.
         self._saved_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        # The caller may have held (blocked) them until its handlers were in place, so that a signal sent
+        # while it started was not fatal; one that arrived meanwhile is delivered, and queued, now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
 
     def fds(self) -> list[int]:
         """Descriptors a forked process must close."""

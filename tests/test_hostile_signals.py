@@ -36,7 +36,10 @@ def test_term_while_children_boot_exits_0_and_leaves_no_child(start_supervisor, 
     sup.signal(signal.SIGTERM)
     code = sup.wait_exit(EXIT_BOUND)
     seen += [pid for pid in sup.seen if pid != sup.pid]
-    assert code == 0, f'exit code {code} after TERM {delay}s into the start{sup.tail()}'
+    # Until Python has imported carrot (tens of ms), no code of ours can hold the signal: a TERM then ends
+    # the process by its default action, before it started anything (systemd counts that as clean).
+    before_python = code == -signal.SIGTERM and 'starting' not in sup.log() and not seen
+    assert code == 0 or before_python, f'exit code {code} after TERM {delay}s into the start{sup.tail()}'
     sup.wait_for(lambda: gone(seen), 10, 'every child to be gone after the master exited')
 
 

@@ -119,6 +119,18 @@ def test_a_reload_that_fails_before_the_first_ready_sends_no_ready():
     assert not [s for s in notifier.sent if s[0] == 'READY=1']
 
 
+def test_a_hup_while_starting_is_no_reload_the_start_ends_in_ready(caplog):
+    import logging
+    notifier = Recorder()
+    readiness = Readiness(notifier, logging.getLogger('test'))
+    readiness.starting(0.0)
+    readiness.reload_started(0.1)  # HUP before the first READY=1 (found by the attack tests)
+    with caplog.at_level(logging.INFO, logger='test'):
+        readiness.all_up(1.0, 2, 'up')
+    assert [s[0] for s in notifier.sent if s[0].startswith(('READY', 'RELOADING'))] == ['READY=1']
+    assert 'ready: 2 children up in 1.00s' in caplog.text
+
+
 def test_status_file_is_replaced_atomically_and_only_when_it_changes(tmp_path):
     path = tmp_path / 'status.json'
     status = StatusFile(str(path))
