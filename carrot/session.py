@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import struct
 import threading
+import weakref
 
 import pika
 import pika.data
@@ -50,6 +52,30 @@ class _PikaConnectErrors(logging.Filter):
 
 _PIKA_NOISY_LOGGERS = ('pika.adapters.utils.io_services_utils', 'pika.adapters.utils.connection_workflow',
                        'pika.adapters.blocking_connection', 'pika.adapters.base_connection')
+
+
+# Sessions with a live connection in this process (see _close_sockets_in_forked_child).
+_open_sessions: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_sockets_in_forked_child() -> None:
+    """A task that forks (os.fork, multiprocessing) leaves its child holding the worker's AMQP socket.
+    While that child lives, RabbitMQ sees the connection -- and the unacked delivery -- as alive even
+    after the worker itself died, so the message is never delivered again (found by an attack test).
+    The forked child never uses the session, so its copy of the socket is pointed at /dev/null."""
+    for session in list(_open_sessions):
+        fd = session.socket_fd()
+        if fd is None:
+            continue
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)  # the number stays taken: nothing reused can receive pika's bytes
+            os.close(null)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_close_sockets_in_forked_child)
 
 
 def quiet_pika_connection_errors() -> None:
@@ -106,12 +132,20 @@ class ConsumeSession:
     def is_open(self) -> bool:
         return self.connection is not None and self.connection.is_open
 
+    def socket_fd(self) -> int | None:
+        """The file descriptor of the connection's socket, if it is open (pika keeps it private)."""
+        try:
+            return self.connection._impl._transport._sock.fileno()
+        except (AttributeError, OSError):
+            return None
+
     def open(self, on_delivery) -> None:
         """Connect, declare <queue>, <queue>.dead and <queue>.wait, and start consuming:
         `on_delivery(method, properties, body)` is called from `poll()` for each message."""
         quiet_pika_connection_errors()
         bound_header_depth()
         self.connection = connect(self.broker)
+        _open_sessions.add(self)
         try:
             self.channel = self.connection.channel()
             declare_queue(self.channel, self.queue)
@@ -182,6 +216,7 @@ class ConsumeSession:
         self._publish_channel.basic_publish('', routing_key, message.body, props, mandatory=True)
 
     def close(self) -> None:
+        _open_sessions.discard(self)
         connection, self.connection = self.connection, None
         self.channel = self._publish_channel = self._consumer_tag = None
         if connection is not None and connection.is_open:
