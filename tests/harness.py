@@ -42,9 +42,11 @@ PREFIX = 'carrot-supervisor: '
 MASTER_TITLE = f'{PREFIX}master [{SETTINGS}]'
 
 
-def wait_for(predicate, timeout, what='the condition', tail=None, interval=0.05):
+def wait_for(predicate, timeout, what='the condition', tail=None, interval=0.05, fail=None):
     """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds
-    saying `what` (a string, or a callable giving one) was awaited, followed by `tail()` (e.g. logs)."""
+    saying `what` (a string, or a callable giving one) was awaited, followed by `tail()` (e.g. logs).
+    `fail(text)` reports the timeout: pytest.fail by default; inside a hypothesis test pass
+    `fail=assertion_failure`, since hypothesis shrinks on exceptions, not on pytest's outcomes."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -52,8 +54,16 @@ def wait_for(predicate, timeout, what='the condition', tail=None, interval=0.05)
             return value
         if time.monotonic() > deadline:
             text = what() if callable(what) else what
-            pytest.fail(f'timed out after {timeout}s waiting for {text}{tail() if tail else ""}', pytrace=False)
+            (fail or _pytest_fail)(f'timed out after {timeout}s waiting for {text}{tail() if tail else ""}')
         time.sleep(interval)
+
+
+def _pytest_fail(text):
+    pytest.fail(text, pytrace=False)
+
+
+def assertion_failure(text):
+    raise AssertionError(text)
 
 
 def figure(name, value, unit=''):

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from tests.conftest import raw_connection
-from tests.harness import ROOT, Starter
+from tests.harness import ROOT, Starter, assertion_failure, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.timeout(900)]
 
@@ -172,18 +172,6 @@ def consumer_pid(supervisor, wait=0.0) -> int | None:
         time.sleep(0.1)
 
 
-def wait(predicate, timeout, what):
-    """Like tests.waiting.wait_for, but raising AssertionError (hypothesis reports it as a failure)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout}s waiting for {what() if callable(what) else what}')
-        time.sleep(0.05)
-
-
 RAW_CONTROL = re.compile(r'[\x00-\x08\x0b-\x1f\x7f]')
 
 
@@ -235,7 +223,7 @@ class Attack:
             return f'the sentinel behind the hostile message to complete (the hostile one loops or ' \
                    f'killed the consumer); rows since: {rows!r:.2000}{sup.tail(30)}'
 
-        wait(sentinel_done, OUTCOME_TIMEOUT, stuck)
+        wait_for(sentinel_done, OUTCOME_TIMEOUT, stuck, fail=assertion_failure)
 
         assert sup.running(), f'master exited{sup.tail()}'
         now_pid = consumer_pid(sup)
@@ -478,8 +466,8 @@ def test_a_message_id_colliding_with_another_messages_row_neither_runs_nor_rewri
     # The victim: a real message that completed.
     publish(channel, json.dumps({'args': ['victim'], 'kwargs': {}}).encode(), message_id=victim_id,
             headers={'type': 'tests.testapp.tasks.echo'})
-    wait(lambda: MessageLog.objects.filter(uuid=victim_id, status=MessageLog.COMPLETED).exists(),
-         OUTCOME_TIMEOUT, 'the victim to complete')
+    wait_for(lambda: MessageLog.objects.filter(uuid=victim_id, status=MessageLog.COMPLETED).exists(),
+             OUTCOME_TIMEOUT, 'the victim to complete')
     victim = MessageLog.objects.get(uuid=victim_id)
 
     # The forger: same id, another task and other arguments.

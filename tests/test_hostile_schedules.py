@@ -12,12 +12,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import time
 import uuid
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
+from tests.harness import assertion_failure, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
 
@@ -41,17 +41,6 @@ def lines(path) -> int:
         return 0
 
 
-def wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout}s waiting for {what() if callable(what) else what}')
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def scheduled(start_supervisor, tmp_path):
     """A supervisor with its scheduler and a good schedule ticking every second into a file."""
@@ -62,7 +51,7 @@ def scheduled(start_supervisor, tmp_path):
                                         interval_count=1, queue='default')
     sup = start_supervisor('--queues', 'default', scheduler=True)
     sup.wait_ready(['consumer default#1', 'scheduler'], timeout=60)
-    wait(lambda: lines(ticks) >= 1, 30, 'the good schedule to run once')
+    wait_for(lambda: lines(ticks) >= 1, 30, 'the good schedule to run once')
     return sup, good, ticks
 
 
@@ -83,8 +72,8 @@ def still_ticking(sup, ticks, pid, runs=2, timeout=20):
             raise AssertionError(f'the scheduler child was replaced ({pid} -> {now}){sup.tail(40)}')
         return lines(ticks) >= start + runs
 
-    wait(ticked, timeout, lambda: f'the good schedule to keep running (ran {lines(ticks) - start} time(s) '
-                                  f'in {timeout}s){sup.tail(40)}')
+    wait_for(ticked, timeout, lambda: f'the good schedule to keep running (ran {lines(ticks) - start} time(s) '
+                                      f'in {timeout}s){sup.tail(40)}', fail=assertion_failure)
 
 
 hostile_text = st.lists(st.one_of(st.sampled_from(['\x00', '\n', '\x1b[31m', '"', '[', ']', '{', '}', ',',
