@@ -24,6 +24,7 @@ scalable group; CHLD wakes the loop to reap.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -31,7 +32,7 @@ import signal
 import time
 from typing import Callable
 
-from .child import become_subreaper, describe_exit, kill_and_reap, set_title
+from .child import become_subreaper, describe_exit, kill_and_reap, reaped, set_title
 from .children import Child, ChildTable
 from .exitcodes import EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
 from .image import Build, Image, ImageSet, plan_from_description, start_image
@@ -156,7 +157,7 @@ class Arbiter:
             deadlines.append(self.stop_deadline)
         if not self.stopping:
             deadlines += [self.book.records[s.name].next_start for s in self.slots if s.name not in self.table.occupied()]
-            deadlines += [c.next_deadline(now, self.heartbeat_timeout, ABORT_GRACE) for c in self.table.running()]
+            deadlines.append(self.table.next_deadline(now, self.heartbeat_timeout, ABORT_GRACE) or now + 1)
         return max(0.0, min(deadlines) - now)
 
     # -- signals -----------------------------------------------------------------------------------
@@ -192,13 +193,7 @@ class Arbiter:
                 self.reopen_logs()
             except Exception:
                 self.log.exception("reopening logs failed")
-        self.kill_children(signal.SIGUSR1)
-
-    def handle_ttin(self) -> None:
-        self.scale(+1)
-
-    def handle_ttou(self) -> None:
-        self.scale(-1)
+        self.table.signal_all(signal.SIGUSR1)
 
     def scale(self, delta: int) -> None:
         if self.stopping:
@@ -212,6 +207,9 @@ class Arbiter:
         self.log.info("scaling: %s", ", ".join(changes))
         self.set_plan(plan, fresh=False)
         self.retire_unwanted()
+
+    handle_ttin = functools.partialmethod(scale, +1)
+    handle_ttou = functools.partialmethod(scale, -1)
 
     # -- images ------------------------------------------------------------------------------------
 
@@ -245,14 +243,12 @@ class Arbiter:
     def image_ready(self, image: Image, message: dict) -> None:
         if image is not self.images.building:
             return
-        self.images.building = None
         try:
             plan = plan_from_description(message["ready"])
         except Exception as exc:
             self.image_failed(image, f"its plan is unusable: {exc}", 3)
             return
-        old, self.images.serving = self.images.serving, image
-        image.state, image.plan = "up", plan
+        old = self.images.promote(image, plan)
         for name, value in (message.get("options") or {}).items():
             if name in self.OPTIONS and value is not None:
                 setattr(self, name, value)
@@ -261,8 +257,6 @@ class Arbiter:
         outdated = [c for c in self.table.every() if c.generation < image.generation]
         self.log.info("%s is up after %.2fs; %s: %s", image.describe(), time.monotonic() - image.started_at,
                       f"rolling over {len(outdated)} children" if old else "plan", self.plan.describe())
-        if old is not None:
-            old.state = "retiring"  # its channel is closed once it has answered every request
         for child in outdated:
             self.retire_child(child)
         self.retire_unwanted()
@@ -289,12 +283,10 @@ class Arbiter:
             self.image_failed(image, f"{image.describe()} exited with {describe_exit(code)} while starting", 3)
         elif image is self.images.serving and not self.stopping:
             self.log.warning("%s exited with %s; starting a new image", image.describe(), describe_exit(code))
-            self.images.serving = None
-            self.images.retry_at = time.monotonic()
+            self.images.serving_died(time.monotonic())
 
     def replace_dead_image(self) -> None:
-        if self.images.serving is None and self.images.building is None and self.images.retry_at is not None \
-                and time.monotonic() >= self.images.retry_at:
+        if self.images.replacement_due(time.monotonic()):
             self.start_image()
 
     # -- children ----------------------------------------------------------------------------------
@@ -316,13 +308,11 @@ class Arbiter:
             return
         now, occupied = time.monotonic(), self.table.occupied()
         for slot in self.slots:
-            if slot.name not in occupied and self.book.records[slot.name].next_start <= now:
-                self.spawn_child(image, slot, now)
-
-    def spawn_child(self, image: Image, slot: Slot, now: float) -> None:
-        if self.table.request(image, slot, min(1.0, self.heartbeat_timeout / 10)) is None:
-            self.book.records[slot.name].next_start = now + 1.0
-            self.log.error("cannot ask %s for a child for %s; trying again in 1s", image.describe(), slot.name)
+            if slot.name in occupied or self.book.records[slot.name].next_start > now:
+                continue
+            if self.table.request(image, slot, min(1.0, self.heartbeat_timeout / 10)) is None:
+                self.book.records[slot.name].next_start = now + 1.0
+                self.log.error("cannot ask %s for a child for %s; trying again in 1s", image.describe(), slot.name)
 
     def child_spawned(self, image: Image, request: int, pid: int) -> None:
         child = self.table.take_pending(image, request)
@@ -334,9 +324,9 @@ class Arbiter:
         if pid in self.table.unknown_exits:  # it died before we heard of it
             self.child_exited(self.table.remove(pid), self.table.unknown_exits.pop(pid)[0])
         elif self.stopping == FAST:
-            self.kill_child(child, signal.SIGKILL, "fast stop")
+            self.table.signal(child, signal.SIGKILL, "fast stop")
         elif child.retiring:  # retired before its pid was known
-            self.kill_child(child, signal.SIGTERM)
+            self.table.signal(child, signal.SIGTERM)
 
     def spawn_failed(self, image: Image, request: int, error: str) -> None:
         child = self.table.take_pending(image, request)
@@ -346,14 +336,7 @@ class Arbiter:
             self.log.error("%s could not fork a child for %s: %s", image.describe(), child.slot, error)
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            code = os.waitstatus_to_exitcode(status)
+        for pid, code in reaped():
             if pid in self.images.by_pid:
                 self.read_images()  # what it said before it went (its failure, a child's pid) comes first
                 self.image_exited(self.images.forget(pid), code)
@@ -379,21 +362,13 @@ class Arbiter:
             self.exit_code = EXIT_CRASHING
             self.stop_fast()
 
-    def note_working(self) -> None:
-        now = time.monotonic()
-        for child in self.table.running():
-            if child.working or now - child.started_at >= self.min_uptime:
-                message = self.book.record_working(child.slot)
-                if message:
-                    self.log.info(message)
-
     def retire_child(self, child: Child) -> None:
         if child.retiring:
             return
         child.retiring = True
         child.retire_deadline = time.monotonic() + self.graceful_timeout
         if child.pid is not None:
-            self.kill_child(child, signal.SIGTERM)
+            self.table.signal(child, signal.SIGTERM)
 
     def murder_overdue(self) -> None:
         """SIGABRT then SIGKILL for the silent; SIGKILL for the retired past their graceful timeout."""
@@ -403,29 +378,17 @@ class Arbiter:
             if why == "retired":
                 self.log.warning("%s still running %.1fs after it was retired; killing", child.describe(),
                                  self.graceful_timeout)
-                self.kill_child(child, signal.SIGKILL, "retirement timeout")
+                self.table.signal(child, signal.SIGKILL, "retirement timeout")
             elif why == "silent":
                 self.log.warning("%s missed heartbeats for %.0fs; killing (SIGABRT: its stacks go to the log; "
                                  "SIGKILL in %.0fs)", child.describe(), now - child.last_beat, ABORT_GRACE)
                 child.aborted_at = now
-                self.kill_child(child, signal.SIGABRT)
+                self.table.signal(child, signal.SIGABRT)
             elif why == "hung":
-                self.kill_child(child, signal.SIGKILL, "missed heartbeats")
+                self.table.signal(child, signal.SIGKILL, "missed heartbeats")
         for child in list(self.table.pending):
             if now - child.started_at > self.heartbeat_timeout and child.image is not None:
                 self.spawn_failed(child.image, child.request or 0, "no answer from the image")
-
-    def kill_children(self, signum: int) -> None:
-        for child in self.table.running():
-            self.kill_child(child, signum)
-
-    def kill_child(self, child: Child, signum: int, reason: str | None = None) -> None:
-        if signum == signal.SIGKILL:
-            child.killed = reason or "killed"
-        try:
-            os.kill(child.pid, signum)
-        except (ProcessLookupError, TypeError):
-            pass  # already gone (the reaper will see it), or not forked yet
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -435,9 +398,8 @@ class Arbiter:
         self.notifier.stopping()
         self.log.info("graceful stop: waiting up to %.1fs for %d children", self.graceful_timeout,
                       len(self.table))
-        for child in self.table.every():
-            child.retiring = True
-        self.kill_children(signal.SIGTERM)
+        self.table.mark_retiring()
+        self.table.signal_all(signal.SIGTERM)
         self.images.kill_all()
 
     def stop_fast(self) -> None:
@@ -449,7 +411,7 @@ class Arbiter:
         for child in self.table.every():
             child.retiring = True
             if not child.killed and child.pid is not None:
-                self.kill_child(child, signal.SIGKILL, "fast stop")
+                self.table.signal(child, signal.SIGKILL, "fast stop")
         self.images.kill_all()
 
     def kill_stragglers(self) -> None:
@@ -462,11 +424,11 @@ class Arbiter:
     # -- readiness and status ----------------------------------------------------------------------
 
     def check_ready(self) -> None:
-        self.note_working()
+        for message in self.book.note_working(self.table.running(), time.monotonic()):
+            self.log.info(message)
         if self.images.serving is None or self.images.building is not None or not self.readiness.awaiting:
             return  # nothing to serve yet, or a reload's image still building
-        up = {c.slot for c in self.table.running()
-              if c.up and not c.retiring and c.generation == self.images.serving.generation}
+        up = self.table.up_slots(self.images.serving.generation)
         if all(slot.name in up for slot in self.slots):
             self.readiness.all_up(time.monotonic(), len(self.slots), status_line(self))
 

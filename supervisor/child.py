@@ -334,6 +334,19 @@ def _signal_name(signum: int) -> str:
         return str(signum)
 
 
+def reaped():
+    """(pid, exit code) of every child of this process that has ended, without waiting (waitpid WNOHANG);
+    a code below 0 is the signal that ended it."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, os.waitstatus_to_exitcode(status)
+
+
 def kill_and_reap(pids) -> None:
     """SIGKILL and wait for each of `pids` (children of this process)."""
     for pid in pids:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import select
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -81,6 +82,33 @@ class ChildTable:
 
     def every(self) -> list[Child]:
         return [*self.by_pid.values(), *self.pending]
+
+    def signal(self, child: Child, signum: int, reason: str | None = None) -> None:
+        """Send `signum` to `child`; a SIGKILL records `reason` (its exit is then no surprise)."""
+        if signum == signal.SIGKILL:
+            child.killed = reason or "killed"
+        try:
+            os.kill(child.pid, signum)
+        except (ProcessLookupError, TypeError):
+            pass  # already gone (the reaper will see it), or not forked yet
+
+    def signal_all(self, signum: int) -> None:
+        for child in self.running():
+            self.signal(child, signum)
+
+    def next_deadline(self, now: float, heartbeat_timeout: float, abort_grace: float) -> float | None:
+        """The earliest moment a running child may become overdue (see Child.overdue)."""
+        deadlines = [c.next_deadline(now, heartbeat_timeout, abort_grace) for c in self.running()]
+        return min(deadlines) if deadlines else None
+
+    def mark_retiring(self) -> None:
+        """Every child is on its way out (the master stops): their exits are no failures."""
+        for child in self.every():
+            child.retiring = True
+
+    def up_slots(self, generation: int) -> set[str]:
+        """Slots whose child from image `generation` is up and not on its way out."""
+        return {c.slot for c in self.running() if c.up and not c.retiring and c.generation == generation}
 
     def occupied(self) -> set[str]:
         return {child.slot for child in self.every()}

@@ -332,6 +332,23 @@ class ImageSet:
             self.poller.unregister(image.fileno())
             image.close()
 
+    def promote(self, image: Image, plan) -> Image | None:
+        """`image` is up and serves `plan` from now on; returns the image it replaces (now retiring: its
+        channel is closed once it has answered every request)."""
+        old, self.serving, self.building = self.serving, image, None
+        image.state, image.plan = "up", plan
+        if old is not None:
+            old.state = "retiring"
+        return old
+
+    def serving_died(self, now: float) -> None:
+        self.serving, self.retry_at = None, now
+
+    def replacement_due(self, now: float) -> bool:
+        """No image serves or is being built, and the wait after a dead or failed one is over."""
+        return self.serving is None and self.building is None and self.retry_at is not None \
+            and now >= self.retry_at
+
     def kill(self, image: Image) -> None:
         image.state = "retiring"
         if image is self.building:

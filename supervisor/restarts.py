@@ -124,6 +124,13 @@ class SlotBook:
         record.failures, record.parked, record.problem = 0, False, None
         return f"slot {slot} is up again; no longer parked" if was_parked else None
 
+    def note_working(self, children, now: float) -> list[str]:
+        """Clear the slots of `children` (records with .slot, .working, .started_at) that work or have
+        lived min_uptime; returns what to log (slots that are no longer parked)."""
+        return [message for child in children
+                if child.working or now - child.started_at >= self.policy.min_uptime
+                if (message := self.record_working(child.slot))]
+
     def parked(self) -> list[str]:
         return [name for name, record in self.records.items() if record.parked]
 

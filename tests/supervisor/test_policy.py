@@ -182,3 +182,19 @@ def test_exits_reaped_before_the_pid_was_known_are_kept_for_a_while():
     table.note_unknown_exit(41, -9, now=0.0)
     table.note_unknown_exit(42, 1, now=31.0)  # 41 is forgotten: nobody asked for it in 30 s
     assert table.unknown_exits == {42: (1, 31.0)}
+
+
+def test_a_slot_whose_child_works_or_lived_long_is_cleared_and_a_parked_one_says_so():
+    from types import SimpleNamespace
+
+    from supervisor.restarts import SlotBook
+    book = SlotBook(RestartPolicy(min_uptime=5.0, park_after=1))
+    book.reset(['a#1', 'b#1', 'c#1'], fresh=True)
+    for slot in ('a#1', 'b#1', 'c#1'):
+        book.record_exit(slot, uptime=0.1, code=1, how='exit code 1', was_working=False, now=0.0)
+    kids = [SimpleNamespace(slot='a#1', working=True, started_at=99.0),    # reached its queue
+            SimpleNamespace(slot='b#1', working=False, started_at=90.0),   # lived min_uptime
+            SimpleNamespace(slot='c#1', working=False, started_at=99.0)]   # neither, yet
+    assert book.note_working(kids, now=100.0) == ['slot a#1 is up again; no longer parked',
+                                                  'slot b#1 is up again; no longer parked']
+    assert book.parked() == ['c#1']
