@@ -387,8 +387,12 @@ class Arbiter:
             elif why == "hung":
                 self.table.signal(child, signal.SIGKILL, "missed heartbeats")
         for child in list(self.table.pending):
-            if now - child.started_at > self.heartbeat_timeout and child.image is not None:
-                self.spawn_failed(child.image, child.request or 0, "no answer from the image")
+            image = child.image
+            if now - child.started_at > self.heartbeat_timeout and image is not None:
+                self.spawn_failed(image, child.request or 0, "no answer from the image")
+                if image is self.images.serving and image.state == "up":  # hung (stopped, deadlocked)
+                    self.log.warning("%s is hung; killing it (a new image replaces it)", image.describe())
+                    self.images.kill(image)
 
     # -- stopping ----------------------------------------------------------------------------------
 
