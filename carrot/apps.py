@@ -1,3 +1,4 @@
+"""The carrot Django app: its system checks, its post-migrate schedule, and the 1.x methods of its models."""
 from importlib import import_module
 
 from django.apps import AppConfig
@@ -16,13 +17,17 @@ class CarrotAppConfig(AppConfig):
         from django.core.signals import setting_changed
         from django.db.models.signals import post_migrate
 
-        from carrot import helper_tasks
+        from carrot import models
         from carrot.config import clear_config_cache
+        from carrot.publish.outbox import requeue
+        from carrot.schedule.builtin import schedule_cleanup_after_migrate
+        from carrot.schedule.scheduler import publish_run
 
         import_module('carrot.checks')  # registers the system checks
         setting_changed.connect(_setting_changed, dispatch_uid='carrot-setting-changed')
-        post_migrate.connect(helper_tasks.schedule_cleanup_after_migrate, sender=self,
-                             dispatch_uid='carrot-schedule-cleanup')
+        post_migrate.connect(schedule_cleanup_after_migrate, sender=self, dispatch_uid='carrot-schedule-cleanup')
+        models.operations.requeue = requeue
+        models.operations.publish_schedule = publish_run
         clear_config_cache()
 
 

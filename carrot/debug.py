@@ -9,7 +9,7 @@ masks the password of every URL in the settings too, and otherwise behaves as Dj
 """
 from django.views.debug import SafeExceptionReporterFilter as DjangoFilter
 
-from carrot.config import mask_url
+from carrot.config.secrets import mask_url
 
 
 class SafeExceptionReporterFilter(DjangoFilter):

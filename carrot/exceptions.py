@@ -1,4 +1,25 @@
-"""Errors carrot raises, each named for what went wrong."""
+"""Errors carrot raises, each named for what went wrong.
+
+    CarrotError
+     ├─ CarrotConfigException (CarrotConfigError)   the CARROT setting is invalid
+     │   └─ UnknownQueue (also InvalidCall)          a queue name CARROT['queues'] does not have
+     ├─ InvalidCall (also ValueError)                 a task call carrot refuses before anything is written
+     │   ├─ NotSerialisable (also TypeError)         an argument JSON cannot carry
+     │   ├─ InvalidArguments                         stored arguments that cannot be read back
+     │   ├─ InvalidSchedule                          an interval or schedule that cannot run
+     │   └─ TaskNotRegistered                        a task carrot may not run (the allowlist)
+     ├─ PublishError                                 RabbitMQ did not take a message
+     │   ├─ BrokerUnavailable                        transient: try later (store-and-forward does)
+     │   └─ MessageRejected                          permanent: refused for good
+     │       ├─ MessageTooLarge
+     │       └─ QueueMismatchError                   a queue exists with other arguments than carrot's
+     ├─ BadMessage                                   a delivery that cannot be turned into a task call
+     └─ TaskTimeLimitExceeded
+
+`InvalidCall` is also a ValueError (and `NotSerialisable` a TypeError), so code written to catch the
+built-in types keeps working. `carrot.publish.outbox.UNSENDABLE` is the one tuple of "this message can
+never be sent".
+"""
 
 
 class CarrotError(Exception):
@@ -12,8 +33,33 @@ class CarrotConfigException(CarrotError):
 CarrotConfigError = CarrotConfigException
 
 
-class TaskNotRegistered(CarrotError):
+class InvalidCall(CarrotError, ValueError):
+    """A task call that carrot refuses before anything is written or sent; the text says why."""
+
+
+class NotSerialisable(InvalidCall, TypeError):
+    """An argument of a task call that JSON cannot carry."""
+
+
+class InvalidArguments(InvalidCall):
+    """Stored task arguments (a log row's, a schedule's) that cannot be read back. `field` names the
+    column: 'task_args' (positional) or 'content' (keyword arguments)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidSchedule(InvalidCall):
+    """A schedule's interval (or last run time) that the scheduler cannot run."""
+
+
+class TaskNotRegistered(InvalidCall):
     """A task was named that carrot is not allowed to run."""
+
+
+class UnknownQueue(CarrotConfigException, InvalidCall):
+    """A queue name that is not in CARROT['queues']."""
 
 
 class PublishError(CarrotError):
@@ -33,7 +79,7 @@ class MessageTooLarge(MessageRejected):
     """The encoded message is larger than CARROT['max_message_size']."""
 
 
-class QueueMismatchError(CarrotError):
+class QueueMismatchError(MessageRejected):
     """A queue exists on the broker with arguments other than the ones carrot declares."""
 
 

@@ -1,25 +1,25 @@
 """What carrot keeps in the project's database: a log row per message, and interval schedules."""
 from __future__ import annotations
 
-import ast
-import json
 from datetime import timedelta
+from typing import Callable
 
-from django.core.validators import MaxValueValidator, MinValueValidator
+from django.core.validators import MaxValueValidator
 from django.db import models
 
+from carrot.publish import arguments
+from carrot.schedule import rules
 
-def _loads(text, default):
-    """Stored JSON arguments; django-carrot 1.x wrote positional args as a Python tuple repr."""
-    if not text:
-        return default
-    try:
-        return json.loads(text)
-    except ValueError:
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return default
+
+class Operations:
+    """The 1.x methods MessageLog.requeue() and ScheduledTask.publish() publish, and the publish side
+    (which writes these very rows) sits above the models; so the models import nothing of it and
+    CarrotAppConfig.ready() (carrot/apps.py) hands the two operations over here."""
+    requeue: Callable | None = None           # carrot.publish.outbox.requeue(log)
+    publish_schedule: Callable | None = None  # carrot.schedule.scheduler.publish_run(schedule, priority)
+
+
+operations = Operations()
 
 
 class MessageLog(models.Model):
@@ -78,12 +78,11 @@ class MessageLog(models.Model):
 
     @property
     def positionals(self) -> list:
-        return list(_loads(self.task_args, []))
+        return list(arguments.load_logged_leniently(self.task_args, None)[0])
 
     @property
     def keywords(self) -> dict:
-        kwargs = _loads(self.content, {})
-        return kwargs if isinstance(kwargs, dict) else {}
+        return arguments.load_logged_leniently(None, self.content)[1]
 
     @property
     def duration(self) -> timedelta | None:
@@ -99,8 +98,7 @@ class MessageLog(models.Model):
 
     def requeue(self) -> MessageLog:
         """Publish a copy of this message (a new uuid and log row) and delete this row, as 1.x did."""
-        from carrot import publishing  # publishing imports this module
-        return publishing.requeue(self)
+        return operations.requeue(self)
 
 
 class ScheduledTask(models.Model):
@@ -111,11 +109,11 @@ class ScheduledTask(models.Model):
         ('hours', 'hours'),
         ('days', 'days'),
     )
-    SECONDS_PER = {'seconds': 1, 'minutes': 60, 'hours': 3600, 'days': 86400}
-    MAX_INTERVAL = timedelta(days=3650)  # a longer interval is a typo, not a schedule
+    SECONDS_PER = rules.SECONDS_PER
+    MAX_INTERVAL = rules.MAX_INTERVAL  # a longer interval is a typo, not a schedule
 
     interval_type = models.CharField(max_length=200, choices=INTERVAL_CHOICES, default='seconds')
-    interval_count = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    interval_count = models.PositiveIntegerField(default=1)  # at least 1: see carrot.schedule.rules
 
     exchange = models.CharField(max_length=200, blank=True, null=True)
     routing_key = models.CharField(max_length=200, blank=True, null=True)
@@ -150,29 +148,22 @@ class ScheduledTask(models.Model):
         unit = self.interval_type if self.interval_count != 1 else self.interval_type[:-1]
         return f'Every {self.interval_count} {unit}'
 
-    @property
-    def positional_arguments(self) -> tuple:
-        text = (self.task_args or '').strip()
-        if not text:
-            return ()
-        if text.startswith('['):
-            return tuple(_loads(text, []))
-        # 1.x stored "a, b, c"
-        return tuple(a.strip() for a in text.split(',') if a.strip())
-
-    @property
-    def keyword_arguments(self) -> dict:
-        kwargs = _loads(self.content, {})
-        return kwargs if isinstance(kwargs, dict) else {}
-
     def clean(self):
         """Refuse a schedule the scheduler could not run (used by the admin and the monitor's form)."""
-        from django.core.exceptions import ValidationError
+        from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 
-        from carrot.schedule_validation import schedule_errors
-        errors = schedule_errors(self)
-        if errors:
-            raise ValidationError(errors)
+        problems = rules.schedule_problems(self)
+        # A value the field's own validation refuses (a unit not among the choices, a negative count) is
+        # reported by Django already: once is enough.
+        for name in ('interval_type', 'interval_count'):
+            try:
+                self._meta.get_field(name).clean(getattr(self, name), self)
+            except ValidationError:
+                problems.pop(name, None)
+        if problems:
+            # The last run time is in no form: its problem is the schedule's as a whole.
+            raise ValidationError({NON_FIELD_ERRORS if field == 'last_run_time' else field: f'{text[:1].upper()}{text[1:]}.'
+                                   for field, text in problems.items()})
 
     def next_run_time(self):
         """When this schedule is due next; None means it has never run, so it is due now."""
@@ -186,13 +177,12 @@ class ScheduledTask(models.Model):
 
     def publish(self, priority: int = 0, store_and_forward: bool | None = None) -> MessageLog:
         """Publish one run of this schedule now (the scheduler calls this when it is due)."""
-        from carrot import publishing  # publishing imports this module
-        return publishing.publish_schedule(self, priority=priority, store_and_forward=store_and_forward)
+        return operations.publish_schedule(self, priority=priority, store_and_forward=store_and_forward)
 
 
 class SupervisorStatus(models.Model):
     """The last status snapshot of one carrot-supervisor master, published by its scheduler child so
-    the monitor can show every worker host. `document` is the master's status JSON (see carrot/status.py)."""
+    the monitor can show every worker host. `document` is the master's status JSON (see supervisor/status.py)."""
     name = models.CharField(max_length=255, unique=True, help_text='host:pid of the master')
     host = models.CharField(max_length=255)
     pid = models.PositiveIntegerField()

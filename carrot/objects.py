@@ -1,12 +1,12 @@
 """django-carrot 1.x's objects, kept for code written against them: VirtualHost, Message and the
-message serializer. They are thin: the work is done in carrot.config, carrot.messages and carrot.broker."""
+message serializer. They are thin: the work is done in carrot.config, carrot.amqp and carrot.publish."""
 from __future__ import annotations
 
 import uuid
 
-from carrot import messages
-from carrot.config import BrokerConfig, _Parser
-from carrot.exceptions import CarrotConfigException
+from carrot.amqp.wire import DefaultMessageSerializer
+from carrot.config import BrokerConfig
+from carrot.config.parse import parse_broker
 
 
 class VirtualHost:
@@ -14,15 +14,9 @@ class VirtualHost:
 
     def __init__(self, url: str | None = None, host: str = 'localhost', name: str = '/', port: int = 5672,
                  username: str = 'guest', password: str = 'guest', secure: bool = False):
-        parser = _Parser()
-        if url:
-            config = parser.broker_from_url('url', url)
-        else:
-            config = parser.broker_from_dict('VirtualHost', dict(
-                host=host, name=name, port=port, username=username, password=password, secure=secure))
-        if parser.problems:
-            raise CarrotConfigException('; '.join(p.message for p in parser.problems))
-        self.config = config
+        self.config = parse_broker(url, where='url') if url else parse_broker(dict(
+            host=host, name=name, port=port, username=username, password=password, secure=secure),
+            where='VirtualHost')
 
     @classmethod
     def from_config(cls, config: BrokerConfig) -> VirtualHost:
@@ -40,7 +34,7 @@ class VirtualHost:
     @property
     def blocking_connection(self):
         """A new pika BlockingConnection to this virtual host; the caller closes it."""
-        from carrot.broker import connect
+        from carrot.amqp.connection import connect
         return connect(self.config)
 
     def __str__(self):
@@ -54,24 +48,6 @@ class VirtualHost:
 
     def __hash__(self):
         return hash(self.config)
-
-
-class DefaultMessageSerializer:
-    """How a message names its task and carries its arguments (the 1.x extension point)."""
-    type_header = messages.TYPE_HEADER
-    content_type = messages.CONTENT_TYPE
-    message_type = messages.MESSAGE_TYPE
-
-    def get_task_type(self, properties, body) -> str:
-        return messages.task_type(properties)
-
-    def serialize_arguments(self, body) -> tuple[list, dict]:
-        """(args, kwargs) from a body; the 1.x name, kept (it deserialises)."""
-        return messages.decode_arguments(body)
-
-    def get_task(self, properties, body):
-        from carrot.registry import get_task
-        return get_task(self.get_task_type(properties, body))
 
 
 class Message:
@@ -92,7 +68,7 @@ class Message:
 
     @classmethod
     def from_outgoing(cls, outgoing) -> Message:
-        """The 1.x Message for a carrot.publishing.Outgoing (keeps its uuid)."""
+        """The 1.x Message for a carrot.publish.outgoing.Outgoing (keeps its uuid)."""
         message = cls(task=outgoing.task, queue=outgoing.queue, routing_key=outgoing.routing_key,
                       exchange=outgoing.exchange, priority=outgoing.priority, task_args=outgoing.args,
                       task_kwargs=outgoing.kwargs)
@@ -101,8 +77,12 @@ class Message:
 
     def publish(self, on_commit: bool = True):
         """Check, log and send this message; see carrot.utilities.publish_message."""
-        from carrot import publishing  # publishing imports the models; objects must not, at import time
-        outgoing = publishing.prepare(self.task, self.task_args, self.task_kwargs, queue=self.queue,
+        from carrot.publish.outbox import enqueue  # it imports the models; objects must not, at import time
+        from carrot.publish.outgoing import prepare
+        outgoing = prepare(self.task, self.task_args, self.task_kwargs, queue=self.queue,
                                       exchange=self.exchange, routing_key=self.routing_key,
                                       priority=self.priority, message_id=self.uuid)
-        return publishing.enqueue(outgoing, on_commit=on_commit)
+        return enqueue(outgoing, on_commit=on_commit)
+
+
+__all__ = ['VirtualHost', 'Message', 'DefaultMessageSerializer']

@@ -174,6 +174,20 @@ def _task_from_task_module(path: str, module_name: str, attribute: str) -> Calla
     return getattr(module, attribute)
 
 
+def call_problem(func: Callable, args, kwargs) -> str | None:
+    """Why `func(*args, **kwargs)` cannot be called as written (a wrong count or name of arguments), or
+    None. Checked when a call is published or scheduled, so a mistake is reported to whoever made it."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # no signature to check against: the run will tell
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        return f'the arguments do not fit {func.__name__}{signature}: {exc}'
+    return None
+
+
 def registered_task_names() -> list[str]:
     """Every registered task that carrot can see now, for the monitor's task drop-down."""
     names = set()

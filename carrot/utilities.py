@@ -1,24 +1,24 @@
 """The public helpers of django-carrot 1.x: publish a task, schedule one, look up a queue's broker.
 
-A facade: the work is done in carrot.publishing (and carrot.config for brokers)."""
+A facade: the work is done in carrot.publish.outbox (and carrot.config for brokers)."""
 from __future__ import annotations
 
-import json
 from typing import Callable
 
 from django.db import IntegrityError, transaction
 
-from carrot import messages, publishing
 from carrot.config import get_config
-from carrot.exceptions import BrokerUnavailable, MessageRejected, PublishError
+from carrot.exceptions import BrokerUnavailable, InvalidSchedule, MessageRejected, PublishError
 from carrot.models import MessageLog, ScheduledTask
 from carrot.objects import Message, VirtualHost
-from carrot.scheduler import MAX_INTERVAL
+from carrot.publish import arguments, outbox
+from carrot.publish.outgoing import encode, prepare, task_name
+from carrot.schedule import rules
 
 
 def validate_task(task: str | Callable) -> str:
     """The dotted path of `task` (a callable or a path), or TaskNotRegistered saying how to register it."""
-    return publishing.task_name(task)
+    return task_name(task)
 
 
 def get_host_from_name(name: str | None) -> VirtualHost:
@@ -33,7 +33,7 @@ def create_message(task: str | Callable, priority: int = 0, task_args: tuple = (
                    task_kwargs: dict | None = None) -> Message:
     """A checked, unpublished Message: the task is registered, the arguments JSON, the priority in range,
     the encoded message within CARROT['max_message_size']."""
-    outgoing = publishing.prepare(task, task_args, task_kwargs, queue=queue, exchange=exchange,
+    outgoing = prepare(task, task_args, task_kwargs, queue=queue, exchange=exchange,
                                   routing_key=routing_key, priority=priority)
     return Message.from_outgoing(outgoing)
 
@@ -55,34 +55,32 @@ def publish_message(task: str | Callable, *task_args, priority: int = 0, queue: 
     MessageRejected and the row says FAILED. Both are PublishError. The names priority, queue, exchange,
     routing_key and on_commit are not passed to the task.
     """
-    return publishing.publish(task, task_args, task_kwargs, queue=queue, exchange=exchange,
-                              routing_key=routing_key, priority=priority, on_commit=on_commit)
+    return outbox.publish(task, task_args, task_kwargs, queue=queue, exchange=exchange,
+                          routing_key=routing_key, priority=priority, on_commit=on_commit)
 
 
 def create_scheduled_task(task: str | Callable, interval: dict, task_name: str | None = None,
                           queue: str | None = None, task_args: list | tuple = (), **kwargs) -> ScheduledTask:
-    """Publish `task(*task_args, **kwargs)` every interval, e.g. ``{'seconds': 5}`` or ``{'hours': 1}``."""
+    """Publish `task(*task_args, **kwargs)` every interval, e.g. ``{'seconds': 5}`` or ``{'hours': 1}``.
+
+    Held to the same rules as a schedule saved in the admin or the monitor (carrot.schedule.rules):
+    InvalidCall (a ValueError) says what is wrong; nothing is saved then."""
     path = validate_task(task)
     if not isinstance(interval, dict) or len(interval) != 1:
-        raise ValueError(f"interval must be a dict with one key, e.g. {{'seconds': 5}}, got {interval!r}")
+        raise InvalidSchedule(f"interval must be a dict with one key, e.g. {{'seconds': 5}}, got {interval!r}")
     (interval_type, interval_count), = interval.items()
-    if interval_type not in ScheduledTask.SECONDS_PER:
-        raise ValueError(f'interval unit must be one of {", ".join(ScheduledTask.SECONDS_PER)}, '
-                         f'got {interval_type!r}')
-    if isinstance(interval_count, bool) or not isinstance(interval_count, int) or interval_count < 1:
-        raise ValueError(f'interval count must be a positive integer, got {interval_count!r}')
-    if interval_count * ScheduledTask.SECONDS_PER[interval_type] > MAX_INTERVAL.total_seconds():
-        raise ValueError(f'interval {interval_count} {interval_type} is longer than the longest allowed '
-                         f'({MAX_INTERVAL.days} days)')
-    messages.check_serialisable(path, tuple(task_args), kwargs)
+    # NotSerialisable names an argument JSON cannot carry; MessageTooLarge now, not at every run.
+    encode(path, tuple(task_args), kwargs)
+    stored_args, stored_kwargs = arguments.dump(task_args, kwargs)
     queue_name = get_config().queue(queue).name
-    publishing.encode(path, tuple(task_args), kwargs)  # MessageTooLarge now, not at every run
+    schedule = ScheduledTask(task=path, task_name=task_name or path, interval_type=interval_type,
+                             interval_count=interval_count, queue=queue_name, routing_key=queue_name,
+                             task_args=stored_args, content=stored_kwargs)
+    rules.check_schedule(schedule)
     try:
         with transaction.atomic(using=ScheduledTask.objects.db):
-            return ScheduledTask.objects.create(
-                task=path, task_name=task_name or path, interval_type=interval_type,
-                interval_count=interval_count, queue=queue_name, routing_key=queue_name,
-                task_args=json.dumps(list(task_args)), content=json.dumps(kwargs))
+            schedule.save(force_insert=True)
+            return schedule
     except IntegrityError:
         raise IntegrityError(f'a ScheduledTask named {task_name or path!r} already exists; pass a unique '
                              f'task_name') from None

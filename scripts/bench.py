@@ -42,7 +42,7 @@ def setup(vhost, run_dir, concurrency):
 
 def raw_publish(n):
     import pika
-    from carrot.broker import queue_arguments
+    from carrot.amqp.declare import queue_arguments
     from carrot.config import get_config
     queue = get_config().queue('default')
     connection = pika.BlockingConnection(queue.broker.connection_parameters())
@@ -136,7 +136,7 @@ class Supervisor:
         return self.wait_for(lambda: re.search(pattern, self.log_text()[after:]), repr(pattern), timeout, 0.01)
 
     def snapshot(self):
-        from carrot.status import read_snapshot
+        from carrot.run.status import read_snapshot
         return read_snapshot(self.status_file) or {}
 
     def processes(self):

@@ -821,7 +821,7 @@ class Chaos:
         """Between scenarios: empty queues and tables, settings restored, services up."""
         from django.db import connections
 
-        from carrot.broker import close_publishers
+        from carrot.amqp.publisher import close_publishers
         from carrot.models import MessageLog
         import pika
         if not self.rabbit.node_running():

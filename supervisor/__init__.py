@@ -9,30 +9,35 @@ failing: restarts.py), reloads and stops them. See `supervisor.arbiter` for the 
 
 This package knows nothing about Django or the broker: the caller hands it the child bodies.
 
+The names below are imported on first use, so that `supervisor.signals` can be imported (to hold the
+master's signals) before anything else of the package is loaded.
+
 Note: supervisord's Python package is also called ``supervisor``; install this one in the
 application's own virtualenv.
 """
+import importlib
 
-from .arbiter import Arbiter
-from .child import ChildContext
-from .image import ImageFailed
-from .exitcodes import EXIT_BROKER, EXIT_CONFIG, EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
-from .pidfile import Pidfile, PidfileHeld
-from .plan import Plan, PlanError, Slot, SlotGroup
+_EXPORTS = {
+    "Arbiter": ".arbiter",
+    "ChildContext": ".child",
+    "ImageFailed": ".image",
+    "Plan": ".plan",
+    "PlanError": ".plan",
+    "Slot": ".plan",
+    "SlotGroup": ".plan",
+    "Pidfile": ".pidfile",
+    "PidfileHeld": ".pidfile",
+    "EXIT_OK": ".exitcodes",
+    "EXIT_CONFIG": ".exitcodes",
+    "EXIT_BROKER": ".exitcodes",
+    "EXIT_PIDFILE": ".exitcodes",
+    "EXIT_CRASHING": ".exitcodes",
+}
 
-__all__ = [
-    "Arbiter",
-    "ChildContext",
-    "ImageFailed",
-    "Plan",
-    "PlanError",
-    "Slot",
-    "SlotGroup",
-    "Pidfile",
-    "PidfileHeld",
-    "EXIT_OK",
-    "EXIT_CONFIG",
-    "EXIT_BROKER",
-    "EXIT_PIDFILE",
-    "EXIT_CRASHING",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

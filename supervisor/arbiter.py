@@ -41,7 +41,7 @@ from .plan import Plan, Slot
 from .readiness import Readiness
 from .restarts import RestartPolicy, SlotBook, SlotRecord
 from .sdnotify import Notifier
-from .signals import SignalQueue, signal_name
+from .signals import MASTER_SIGNALS, SignalQueue, signal_name
 from .status import StatusFile, snapshot, status_line
 
 GRACEFUL = "graceful"
@@ -51,8 +51,7 @@ IMAGE_RETRY = 5.0  # seconds before a replacement for a dead image is tried agai
 
 
 class Arbiter:
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
-               signal.SIGTTOU, signal.SIGCHLD)
+    SIGNALS = (*MASTER_SIGNALS, signal.SIGCHLD)
     LOOP_TIMEOUT = 1.0  # sleeping longer would make deadlines (heartbeats, graceful timeout) sloppy
     OPTIONS = ("graceful_timeout", "heartbeat_timeout", "backoff_cap", "max_consecutive_failures")
 

@@ -11,6 +11,22 @@ import select
 import signal
 from typing import Iterable
 
+# The signals a master acts on (see supervisor.arbiter). CHLD only wakes its loop and is not in this list.
+MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
+                  signal.SIGTTOU)
+
+
+def hold_master_signals() -> None:
+    """Block the master's signals from a program's first line until SignalQueue.install() takes them: one
+    sent while the program starts (a reload right after start, an impatient Ctrl-C) then waits for the
+    loop instead of ending the process by its default action."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+
+
+def release_master_signals() -> None:
+    """Unblock them where no master loop will take them (e.g. a --check run)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+
 
 class SignalQueue:
     def __init__(self, signals: Iterable[int]) -> None:

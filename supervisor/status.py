@@ -1,6 +1,6 @@
 """The status snapshot: the master's picture of its slots as one JSON document in a file.
 
-The document's fields are described in carrot/status.py (the schema is the application's contract with
+The document's fields are described in carrot/run/status.py (the schema is the application's contract with
 `carrot_daemon status` and the monitor); this module only builds it from the arbiter's state and writes
 it atomically (a temporary file renamed over the old one) when it changes, and at least every
 `REFRESH` seconds so that task ages and memory stay current.

@@ -49,7 +49,7 @@ def raw_channel(carrot_vhost):
 @pytest.fixture(autouse=True)
 def empty_queues(request, carrot_vhost):
     """Every test starts with the configured queues (and their dead-letter queues) gone."""
-    from carrot.broker import close_publishers
+    from carrot.amqp.publisher import close_publishers
     from carrot.config import get_config
 
     close_publishers()

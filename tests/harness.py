@@ -147,8 +147,8 @@ class Supervisor:
             return ''
 
     def status(self) -> dict | None:
-        """The master's status snapshot (carrot/status.py), or None before it wrote one."""
-        from carrot.status import read_snapshot
+        """The master's status snapshot (carrot/run/status.py), or None before it wrote one."""
+        from carrot.run.status import read_snapshot
         return read_snapshot(self.status_path)
 
     def slot_status(self, name) -> dict | None:
@@ -409,14 +409,14 @@ def publish_raw(queue_name: str, task_path: str, *args, **kwargs) -> str:
     """Publish in carrot's wire format without a MessageLog or a check that the task is registered
     here (for task modules only the supervisor's children can import); the consumer creates the log.
     Returns the message id."""
-    from carrot import messages
-    from carrot.broker import publisher_for
+    from carrot.amqp import wire
+    from carrot.amqp.publisher import publisher_for
     from carrot.config import get_config
 
     queue = get_config().queue(queue_name)
     message_id = str(uuid.uuid4())
-    publisher_for(queue.broker).publish(queue, messages.encode_body(args, kwargs),
-                                        messages.message_properties(task_path, message_id, 0))
+    publisher_for(queue.broker).publish(queue, wire.encode_body(args, kwargs),
+                                        wire.message_properties(task_path, message_id, 0))
     return message_id
 
 

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import connection
 from django.test import override_settings
 
-from carrot.broker import declare_queue
+from carrot.amqp.declare import declare_queue
 from carrot.config import get_config
 from carrot.consumer import Consumer
 from carrot.models import MessageLog

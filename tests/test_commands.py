@@ -280,7 +280,7 @@ def mode_of(path):
 
 
 def test_log_file_is_created_mode_0640(tmp_path, umask_022):
-    from carrot.logfile import LogFileHandler
+    from carrot.run.logfile import LogFileHandler
     path = tmp_path / 'carrot.log'
     handler = LogFileHandler(str(path))
     try:
@@ -293,7 +293,7 @@ def test_log_file_is_created_mode_0640(tmp_path, umask_022):
 
 @pytest.mark.parametrize('dangling', [False, True])
 def test_log_file_that_is_a_symlink_is_refused(tmp_path, dangling):
-    from carrot.logfile import LogFileError, LogFileHandler
+    from carrot.run.logfile import LogFileError, LogFileHandler
     target = tmp_path / 'elsewhere'
     if not dangling:
         target.write_text('not yours\n')
@@ -307,7 +307,7 @@ def test_log_file_that_is_a_symlink_is_refused(tmp_path, dangling):
 
 
 def test_log_file_rotation_reopens_safely_and_never_through_a_planted_symlink(tmp_path, umask_022, capsys):
-    from carrot.logfile import LogFileHandler
+    from carrot.run.logfile import LogFileHandler
     path, target = tmp_path / 'carrot.log', tmp_path / 'target'
     target.write_text('')
     handler = LogFileHandler(str(path))

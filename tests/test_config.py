@@ -1,10 +1,13 @@
 """The CARROT setting: defaults, both broker spellings, and checks that name the bad key."""
+import os
+
 import pytest
 from django.core.checks import run_checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
+import carrot
 from carrot.config import BrokerConfig, clear_config_cache, get_config, parse_config
 from carrot.exceptions import CarrotConfigException
 from carrot.objects import VirtualHost
@@ -245,13 +248,15 @@ def test_missing_tables_are_an_error_that_says_run_migrate_and_migrate_still_run
 def test_an_unapplied_carrot_migration_is_reported_too(empty_database):
     assert run_project(empty_database, 'migrate', '-v', '0').returncode == 0
     # As after upgrading carrot without migrating: the newest migration is not recorded as applied.
+    newest = sorted(name[:-3] for name in os.listdir(os.path.join(os.path.dirname(carrot.__file__), 'migrations'))
+                    if name[:4].isdigit() and name.endswith('.py'))[-1]
     forget = ("from django.db.migrations.recorder import MigrationRecorder\n"
-              "MigrationRecorder.Migration.objects.filter(app='carrot', name='0002_hardening_and_status').delete()\n")
+              f"MigrationRecorder.Migration.objects.filter(app='carrot', name='{newest}').delete()\n")
     result = run_project(empty_database, 'shell', '-c', forget)
     assert result.returncode == 0, result.output
     result = run_project(empty_database, '--check', module='carrot.cli')
     assert result.returncode == 3, result.output
-    assert ("carrot.E007: database 'default' lacks migration carrot.0002_hardening_and_status: "
+    assert (f"carrot.E007: database 'default' lacks migration carrot.{newest}: "
             "run manage.py migrate") in result.output
 # --- the broker password never shows ------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from carrot.broker import declare_queue
+from carrot.amqp.declare import declare_queue
 from carrot.config import get_config
 from carrot.models import MessageLog
 from carrot.utilities import publish_message

@@ -11,6 +11,8 @@ from django.utils import timezone
 
 from carrot import helper_tasks
 from carrot.models import MessageLog, ScheduledTask
+from carrot.publish.arguments import load_scheduled
+from carrot.schedule.builtin import sync_cleanup_schedule
 from carrot.utilities import create_scheduled_task, publish_message
 from tests.conftest import queue_depth
 from tests.testapp import tasks
@@ -63,10 +65,10 @@ def test_cleanup_can_be_turned_off_and_its_schedule_follows():
     make_completed(10)
     with override_settings(CARROT={'cleanup_after_days': None, 'cleanup_failed_after_days': None}):
         assert helper_tasks.cleanup() == 0
-        helper_tasks.sync_cleanup_schedule()
+        sync_cleanup_schedule()
     assert MessageLog.objects.count() == 1
     assert not ScheduledTask.objects.get(pk=schedule.pk).active
-    helper_tasks.sync_cleanup_schedule()
+    sync_cleanup_schedule()
     assert ScheduledTask.objects.get(pk=schedule.pk).active
 
 
@@ -75,7 +77,7 @@ def test_create_scheduled_task():
                                      task_args=[1], flag=True)
     assert (schedule.task, schedule.interval_type, schedule.interval_count, schedule.queue) == \
         ('tests.testapp.tasks.echo', 'seconds', 5, 'other')
-    assert schedule.positional_arguments == (1,) and schedule.keyword_arguments == {'flag': True}
+    assert load_scheduled(schedule.task_args, schedule.content) == ((1,), {'flag': True})
     assert schedule.interval == timedelta(seconds=5)
     assert schedule.interval_display == 'Every 5 seconds'
     with pytest.raises(IntegrityError, match='already exists'):

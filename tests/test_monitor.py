@@ -9,6 +9,7 @@ from django.test import Client, override_settings
 from django.utils import timezone
 
 from carrot.models import MessageLog, ScheduledTask
+from carrot.publish.arguments import load_scheduled
 from carrot.monitor import broker_stats
 from carrot.utilities import publish_message
 from tests.conftest import queue_depth, raw_connection
@@ -371,8 +372,8 @@ def test_create_edit_and_list_a_scheduled_task_with_the_form(staff):
     response = staff.post('/carrot/scheduled/new/', FORM)
     assert response.status_code == 302
     schedule = ScheduledTask.objects.get(task_name='nightly echo')
-    assert (schedule.queue, schedule.routing_key, schedule.interval, schedule.positional_arguments,
-            schedule.keyword_arguments, schedule.active) == \
+    assert (schedule.queue, schedule.routing_key, schedule.interval,
+            *load_scheduled(schedule.task_args, schedule.content), schedule.active) == \
         ('other', 'other', timedelta(minutes=5), (1, 'two'), {'flag': True}, True)
     listing = staff.get('/carrot/scheduled/').content.decode()
     assert 'Every 5 minutes' in listing and 'nightly echo' in listing
@@ -387,15 +388,15 @@ def test_create_edit_and_list_a_scheduled_task_with_the_form(staff):
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('task_args', '[1, 2', 'Positional arguments is not valid JSON'),
-    ('task_args', '{"a": 1}', 'Positional arguments must be a JSON list'),
-    ('content', '[1]', 'Keyword arguments must be a JSON object'),
-    ('content', '{"a": ' * 40 + '1' + '}' * 40, 'nests too deeply'),
-    ('content', "__import__('os').system('true')", 'is not valid JSON'),
+    ('task_args', '[1, 2', 'The positional arguments are not valid JSON'),
+    ('task_args', '{"a": 1}', 'The positional arguments must be a JSON list'),
+    ('content', '[1]', 'The keyword arguments must be a JSON object'),
+    ('content', '{"a": ' * 40 + '1' + '}' * 40, 'nested too deeply'),
+    ('content', "__import__('os').system('true')", 'are not valid JSON'),
     ('task', 'os.system', 'Select a valid choice'),
     ('queue', 'nope', 'Select a valid choice'),
-    ('interval_count', '0', 'greater than or equal to 1'),
-    ('interval_count', '4000', 'At most 3650 days'),
+    ('interval_count', '0', 'at least 1'),
+    ('interval_count', '4000', 'at most 3650 days'),
     ('interval_type', 'weeks', 'Select a valid choice'),
 ])
 def test_bad_input_to_the_form_gives_an_inline_error_and_saves_nothing(staff, field, value, message):

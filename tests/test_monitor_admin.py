@@ -34,18 +34,19 @@ def test_a_good_schedule_validates():
     ({'task': 'tests.testapp.tasks._private_or_missing'}, 'task', 'not registered'),
     ({'task_args': '(1, 2)'}, 'task_args', 'not valid JSON'),
     ({'task_args': '"x"'}, 'task_args', 'must be a JSON list'),
-    ({'task_args': '[' * 5000 + ']' * 5000}, 'task_args', 'nests too deeply'),
+    ({'task_args': '[' * 5000 + ']' * 5000}, 'task_args', 'nested too deeply'),
     ({'content': '{"a": 1'}, 'content', 'not valid JSON'),
     ({'content': 'null'}, 'content', 'must be a JSON object'),
-    ({'interval_type': 'days', 'interval_count': 3651}, 'interval_count', 'At most 3650 days'),
-    ({'interval_type': 'seconds', 'interval_count': 10 ** 9}, 'interval_count', 'At most 315360000 seconds'),
-    ({'interval_count': 0}, 'interval_count', 'greater than or equal to 1'),
+    ({'interval_type': 'days', 'interval_count': 3651}, 'interval_count', 'at most 3650 days'),
+    ({'interval_type': 'seconds', 'interval_count': 10 ** 9}, 'interval_count', 'at most 315360000 seconds'),
+    ({'interval_count': 0}, 'interval_count', 'at least 1'),
     ({'interval_type': 'fortnights'}, 'interval_type', 'not a valid choice'),
     ({'queue': 'nope'}, 'queue', "There is no queue called 'nope'"),
 ])
 def test_a_bad_schedule_is_refused_with_the_reason_on_its_field(fields, field, text):
     errors = errors_of(schedule(**fields))
     assert field in errors and text in ' '.join(errors[field]), errors
+    assert len(errors[field]) == 1, errors  # one problem, one message
 
 
 def test_message_logs_are_not_added_by_hand(admin_client):
@@ -61,7 +62,7 @@ def test_the_admin_form_shows_inline_errors_and_saves_nothing(admin_client):
         'interval_count': '9999', 'task_args': '[1,', 'content': '{}', 'active': 'on'})
     assert response.status_code == 200
     html = response.content.decode()
-    assert 'errorlist' in html and 'not valid JSON' in html and 'At most 3650 days' in html
+    assert 'errorlist' in html and 'not valid JSON' in html and 'at most 3650 days' in html
     assert not ScheduledTask.objects.filter(task_name='bad').exists()
     response = admin_client.post('/admin/carrot/scheduledtask/add/', {
         'task_name': 'good', 'task': 'tests.testapp.tasks.echo', 'queue': 'other', 'interval_type': 'hours',

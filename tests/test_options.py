@@ -1,4 +1,4 @@
-"""Each supervisor option is declared once (carrot/options.py); the flags of carrot-supervisor and the
+"""Each supervisor option is declared once (carrot/config/options.py); the flags of carrot-supervisor and the
 manage.py commands, the CARROT keys and README.rst's table all come from that declaration."""
 import dataclasses
 import os
@@ -8,8 +8,8 @@ import sys
 import pytest
 from django.core.management import load_command_class
 
-from carrot import options
-from carrot.cli import build_parser
+from carrot.config import options
+from carrot.run.cli import build_parser
 from carrot.config import CarrotConfig, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +32,12 @@ def manage_parser(name):
 
 def test_readme_options_table_is_the_declared_one():
     assert readme_table() == options.rst_table(), (
-        'README.rst\'s options table differs from carrot/options.py: paste the output of '
-        '`python -m carrot.options --rst` between its markers')
+        'README.rst\'s options table differs from carrot/config/options.py: paste the output of '
+        '`python -m carrot.config.options --rst` between its markers')
 
 
 def test_python_m_carrot_options_rst_prints_the_table():
-    result = subprocess.run([sys.executable, '-m', 'carrot.options', '--rst'], capture_output=True,
+    result = subprocess.run([sys.executable, '-m', 'carrot.config.options', '--rst'], capture_output=True,
                             text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip('\n') == options.rst_table()

@@ -20,9 +20,11 @@ from django.utils import timezone
 
 from carrot import text
 from carrot.config import get_config
-from carrot.messages import MAX_NESTING, decode_delivery
+from carrot.amqp.wire import MAX_NESTING, decode_delivery
 from carrot.models import MessageLog
-from carrot.processing import Action, DefaultHooks, MessageProcessor, worker_id
+from carrot.amqp.disposition import Action
+from carrot.consume.claim import worker_id
+from carrot.consume.processor import DefaultHooks, MessageProcessor
 from carrot.utilities import publish_message
 from tests.testapp import tasks
 

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.db import transaction
 from django.test import override_settings
 
-from carrot.broker import publisher_for
+from carrot.amqp.publisher import publisher_for
 from carrot.config import get_config
 from carrot.exceptions import BrokerUnavailable, PublishError, QueueMismatchError, TaskNotRegistered
 from carrot.models import MessageLog

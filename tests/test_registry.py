@@ -12,10 +12,11 @@ from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
-from carrot import publishing, registry
+from carrot import registry
+from carrot.publish import outgoing
 from carrot.exceptions import TaskNotRegistered
 from carrot.models import MessageLog, ScheduledTask
-from carrot.scheduler import Scheduler
+from carrot.schedule.scheduler import Scheduler
 from carrot.utilities import publish_message
 from tests.conftest import run_consumer
 
@@ -143,7 +144,7 @@ def test_publish_requeue_and_scheduler_refuse_a_wrapper(shapes_listed):
     with pytest.raises(TaskNotRegistered, match='stored under another name'):
         log.requeue()
     with pytest.raises(TaskNotRegistered, match='stored under another name'):
-        publishing.prepare(f'{SHAPES}.run', (['true'],))
+        outgoing.prepare(f'{SHAPES}.run', (['true'],))
     schedule = ScheduledTask.objects.create(task=f'{SHAPES}.run', task_name='wrapper', queue='default',
                                             interval_type='seconds', interval_count=60, task_args='[["true"]]')
     Scheduler().publish_due()
@@ -155,7 +156,7 @@ def test_publish_requeue_and_scheduler_refuse_a_wrapper(shapes_listed):
 @pytest.mark.django_db(transaction=True)
 def test_the_consumer_refuses_a_wrapper_a_message_names(shapes_listed, raw_channel):
     from tests.testapp import shapes
-    from carrot.broker import declare_queue
+    from carrot.amqp.declare import declare_queue
     from carrot.config import get_config
     declare_queue(raw_channel, get_config().queue('default'))  # as carrot declares it (dead-letter TTL too)
     for name in ('run', 'instance', '_private', 'public'):

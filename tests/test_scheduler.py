@@ -17,9 +17,10 @@ from django.db import connections
 from django.test import override_settings
 from django.utils import timezone
 
-from carrot.helper_tasks import CLEANUP_TASK_NAME, sync_cleanup_schedule
+from carrot.helper_tasks import CLEANUP_TASK_NAME
+from carrot.schedule.builtin import sync_cleanup_schedule
 from carrot.models import MessageLog, ScheduledTask
-from carrot.scheduler import Scheduler
+from carrot.schedule.scheduler import Scheduler
 from carrot.utilities import create_scheduled_task
 from tests.conftest import queue_depth
 from tests.harness import SupervisorCommand as Supervisor, wait_for
@@ -571,7 +572,7 @@ def test_broken_rows_are_skipped_marked_and_logged_once_each(caplog):
 
 
 def test_schedule_problem_says_why_without_asking_the_broker():
-    from carrot.scheduler import schedule_problem
+    from carrot.schedule.scheduler import schedule_problem
     assert schedule_problem(schedule('fine')) == ''
     assert 'not valid JSON' in schedule_problem(broken('bad', task_args='{nope'))
     assert schedule_problem(broken('unreachable but fine', queue='default')) == ''

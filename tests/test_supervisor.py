@@ -188,7 +188,7 @@ def test_no_scheduler_flag_runs_no_scheduler_child(start_supervisor):
     without.wait_ready(['consumer default#1', 'consumer other#1'])
     time.sleep(1)
     assert 'scheduler' not in without.by_slot()
-    assert 'carrot.scheduler' not in without.log()
+    assert 'carrot.schedule.scheduler' not in without.log()
 
 
 @pytest.mark.timeout(60)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from carrot import publishing
+from carrot.publish import relay
 from carrot.exceptions import CarrotError
 from carrot.models import MessageLog, ScheduledTask
 from carrot.monitor import queries
@@ -100,7 +100,7 @@ def purge_queue(queue_name: str) -> Done:
     Tasks already running (IN_PROGRESS) are not touched: their messages are not in the queue any more.
     Messages published after the purge started keep their rows and run.
     """
-    from carrot.broker import connect
+    from carrot.amqp.declare import purge
     from carrot.config import get_config
     from carrot.exceptions import CarrotConfigException
     from carrot.monitor import broker_stats
@@ -109,22 +109,9 @@ def purge_queue(queue_name: str) -> Done:
         queue = get_config().queue(queue_name)
     except CarrotConfigException as exc:
         raise ActionError(str(exc), 404) from None
-    import pika.exceptions as pe
-
-    from carrot.broker import NOT_FOUND
-
     started = timezone.now()
     try:
-        connection = connect(queue.broker)
-        try:
-            purged = connection.channel().queue_purge(queue.name).method.message_count
-        except pe.ChannelClosedByBroker as exc:
-            if exc.reply_code != NOT_FOUND:
-                raise
-            purged = 0  # the broker has no such queue (reset, or never declared): nothing waits in it
-        finally:
-            if connection.is_open:
-                connection.close()
+        purged = purge(queue.broker, queue.name)
     except Exception as exc:  # unreachable broker, or it refused: nothing was purged
         raise ActionError(f'queue {queue.name!r} was not purged: {type(exc).__name__}: {exc}', 502) from None
     rows, _ = MessageLog.objects.filter(queue=queue.name, status=MessageLog.PUBLISHED,
@@ -140,7 +127,7 @@ def send_waiting(uuid: str) -> Done:
     if log.status != MessageLog.WAITING:
         raise ActionError(f'this task is not waiting for the broker (it is {log.get_status_display()})', 409)
     try:
-        publishing.send_waiting(log)
+        relay.send_waiting(log)
     except CarrotError as exc:
         raise ActionError(f'{log.task} was not sent: {exc}', 502) from None
     log.refresh_from_db()
@@ -178,7 +165,7 @@ def delete_schedule(pk) -> Done:
 def forget_gone_supervisors() -> Done:
     """Drop the Workers tab's rows of supervisors shown as gone."""
     from carrot.config import get_config
-    from carrot.status import forget_silent_supervisors
+    from carrot.run.status import forget_silent_supervisors
     count = forget_silent_supervisors(get_config().supervisor_gone_after)
     return Done(f'{count} gone supervisor(s) forgotten.', count)
 

@@ -32,49 +32,24 @@ class QueueStats:
 
 _cache: dict[str, tuple[float, QueueStats]] = {}
 _lock = threading.Lock()
-_asking = threading.local()
 
 
-class _QuietNotFound:
-    """pika logs a WARNING for every channel the broker closes; a 404 to our own passive declare is an
-    answer ("not declared"), not a problem, so it is kept out of the web server's log."""
+def _stats_of(connection, name: str) -> QueueStats:
+    from carrot.amqp.declare import QueueRefused, queue_counts
 
-    def filter(self, record):
-        return not (getattr(_asking, 'passive', False) and 'NOT_FOUND' in record.getMessage())
-
-
-def _install_filter():
-    import logging
-    logger = logging.getLogger('pika.channel')
-    if not any(isinstance(f, _QuietNotFound) for f in logger.filters):
-        logger.addFilter(_QuietNotFound())
-
-
-def _declare_passive(connection, name: str) -> QueueStats:
-    import pika.exceptions as pe
-
-    from carrot.broker import NOT_FOUND
-    channel = connection.channel()
-    _asking.passive = True
     try:
-        ok = channel.queue_declare(name, passive=True)
-    except pe.ChannelClosedByBroker as exc:
-        if exc.reply_code == NOT_FOUND:
-            return QueueStats(name, 'not declared', 0, 0)
-        return QueueStats(name, 'unreachable', error=f'RabbitMQ said: {exc.reply_text}')
-    finally:
-        _asking.passive = False
-    stats = QueueStats(name, 'ok', ok.method.message_count, ok.method.consumer_count)
-    if channel.is_open:
-        channel.close()
-    return stats
+        counts = queue_counts(connection, name)
+    except QueueRefused as exc:
+        return QueueStats(name, 'unreachable', error=f'RabbitMQ said: {exc}')
+    if counts is None:
+        return QueueStats(name, 'not declared', 0, 0)
+    return QueueStats(name, 'ok', *counts)
 
 
 def _fetch(queues: list[QueueConfig]) -> dict[str, QueueStats]:
     """Stats of `queues`, one connection per broker."""
-    from carrot.broker import connect
+    from carrot.amqp.connection import close_quietly, connect
 
-    _install_filter()
     results = {}
     by_broker: dict = {}
     for queue in queues:
@@ -91,16 +66,12 @@ def _fetch(queues: list[QueueConfig]) -> dict[str, QueueStats]:
         try:
             for queue in members:
                 try:
-                    results[queue.name] = _declare_passive(connection, queue.name)
+                    results[queue.name] = _stats_of(connection, queue.name)
                 except Exception as exc:  # a connection lost half-way: what is left is unreachable
                     results[queue.name] = QueueStats(queue.name, 'unreachable',
                                                      error=f'{type(exc).__name__}: {exc}'[:200])
         finally:
-            try:
-                if connection.is_open:
-                    connection.close()
-            except Exception:
-                pass
+            close_quietly(connection)
     return results
 
 

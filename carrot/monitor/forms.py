@@ -1,5 +1,5 @@
 """The scheduled-task form of the monitor. Choices come from what is registered and configured; the
-rest of the validation is ScheduledTask.clean() (carrot/schedule_validation.py), shared with the admin."""
+rest of the validation is ScheduledTask.clean() (carrot/schedule/rules.py), shared with the admin."""
 from __future__ import annotations
 
 from django import forms

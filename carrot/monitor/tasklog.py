@@ -1,4 +1,4 @@
-"""A task's captured log (carrot/runner.py's LOG_FORMAT lines) as entries with a level, for the
+"""A task's captured log (carrot/consume/runner.py's LOG_FORMAT lines) as entries with a level, for the
 detail page's level drop-down. Lines that do not start a record (a multi-line message, a traceback in
 the log) belong to the entry above them."""
 from __future__ import annotations

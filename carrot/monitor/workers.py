@@ -1,4 +1,4 @@
-"""The Workers tab: every supervisor that published a status snapshot (carrot/status.py), on any host.
+"""The Workers tab: every supervisor that published a status snapshot (carrot/run/status.py), on any host.
 
 A supervisor whose last snapshot is older than CARROT['supervisor_gone_after'] seconds is shown as
 gone (it stopped, was killed, or its host is unreachable); its row stays until someone deletes it.

@@ -8,7 +8,7 @@ import sys
 
 from django.core.management.base import BaseCommand
 
-from carrot.options import add_arguments, argv_for
+from carrot.config.options import add_arguments, argv_for
 
 
 def supervisor_argv(settings_module, options):

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import psutil
 from django.core.management.base import BaseCommand, CommandError
 
-from carrot.logfile import LogFileError, open_log_file
+from carrot.run.logfile import LogFileError, open_log_file
 from carrot.management.commands.carrot import python_path_for_children, supervisor_argv
-from carrot.options import add_arguments, status_file_for
-from carrot.status import read_snapshot
+from carrot.config.options import add_arguments, status_file_for
+from carrot.run.status import read_snapshot
 
 DEFAULT_PIDFILE = 'carrot.pid'
 DEFAULT_LOGFILE = 'carrot.log'
@@ -207,7 +207,7 @@ class Command(BaseCommand):
 
 
 def describe_snapshot(document: dict, path: str) -> list[str]:
-    """The master's status snapshot (carrot/status.py) as lines: its state, then one line per slot."""
+    """The master's status snapshot (carrot/run/status.py) as lines: its state, then one line per slot."""
     lines = [f"{_shown(document.get('state'))}, settings generation {_shown(document.get('generation'))}, "
              f"{_shown(document.get('restarts'))} restarts (from {path}, updated {_shown(document.get('updated'))})",
              f"{'SLOT':24}  {'PID':>7}  {'STATE':9}  {'AGE':>7}  {'RESTARTS':>8}  TASK / PROBLEM"]

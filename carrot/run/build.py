@@ -5,7 +5,7 @@ carrot-supervisor's master never imports Django, pika or the project. For every 
 `ImageBuilder`: set Django up with the settings module, run the carrot system checks (an image whose
 checks fail never serves), import the task modules, import what every child uses, close every database
 and broker connection (nothing holding a socket crosses a fork), and return the plan whose child bodies
-(carrot/worker.py) the image forks on the master's request. A settings or code file broken on disk
+(carrot/run/bodies.py) the image forks on the master's request. A settings or code file broken on disk
 later never reaches a child: children are forks of the image, not fresh imports.
 
 `read_settings` is the same reading in the calling process, for `carrot-supervisor --check`.
@@ -19,10 +19,10 @@ import os
 import traceback
 from dataclasses import dataclass, field
 
-from supervisor import EXIT_BROKER, EXIT_CONFIG, Plan, SlotGroup
+from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan, SlotGroup
 from supervisor.image import ImageFailed
 
-from carrot.worker import WorkerOptions, consumer_main, scheduler_main
+from carrot.run.bodies import WorkerOptions, consumer_main, scheduler_main
 
 
 class SettingsUnreadable(ImageFailed):
@@ -84,7 +84,7 @@ def read_settings(settings_module: str, check_brokers: bool = False, loglevel: s
 
     from carrot.checks import run_carrot_checks
     from carrot.config import config_from_settings
-    from carrot.options import settings_values
+    from carrot.config.options import settings_values
 
     config, _ = config_from_settings(settings)
     # Every check tagged 'carrot' runs, database ones included (carrot.E007: tables missing).
@@ -99,7 +99,7 @@ def read_settings(settings_module: str, check_brokers: bool = False, loglevel: s
 
 def broker_errors(config) -> list[str]:
     """Try every broker a consumer or the scheduler would use; one line per unreachable broker."""
-    from carrot.broker import connect
+    from carrot.amqp.connection import connect
 
     errors = []
     brokers = {q.broker for q in config.consumable_queues} | {config.default_broker}
@@ -112,9 +112,7 @@ def broker_errors(config) -> list[str]:
 
 
 # What every child uses, imported in the image so that children share it instead of importing it each.
-PRELOADED = ('carrot.consumer', 'carrot.scheduler', 'carrot.status', 'carrot.broker', 'pika', 'psutil')
-# The options of the master that come from CARROT (a flag, when given, wins).
-MASTER_OPTIONS = ('graceful_timeout', 'heartbeat_timeout', 'max_consecutive_failures', 'backoff_cap')
+PRELOADED = ('carrot.consumer', 'carrot.schedule.scheduler', 'carrot.run.status', 'carrot.amqp.publisher', 'pika', 'psutil')
 
 
 class ImageBuilder:
@@ -146,9 +144,9 @@ class ImageBuilder:
         self.import_code()
         close_connections()
         if self.autoreload:
-            from carrot.autoreload import start_watcher
+            from carrot.run.autoreload import start_watcher
             start_watcher(os.getppid(), generation)
-        return plan, {name: self.option(summary, name) for name in MASTER_OPTIONS}
+        return plan, {name: self.option(summary, name) for name in Arbiter.OPTIONS}
 
     def import_code(self) -> None:
         """Import the task modules and what every child runs, once, here: children share it."""
@@ -187,7 +185,7 @@ def close_connections() -> None:
     """Nothing that holds a socket crosses a fork: each child opens its own connections."""
     from django.db import connections
 
-    from carrot.broker import close_publishers
+    from carrot.amqp.publisher import close_publishers
 
     connections.close_all()
     close_publishers()

@@ -1,4 +1,4 @@
-"""The CARROT setting, parsed once into small immutable objects.
+"""The CARROT setting, parsed once into the immutable objects of carrot.config.schema.
 
 `parse_config()` turns the raw dict into a `CarrotConfig` plus a list of `ConfigProblem`s (id, text). The
 system checks (carrot/checks.py) report the problems; `get_config()` is what the rest of carrot calls and
@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, parse_qs
+from urllib.parse import unquote, urlsplit, parse_qs
 
+from carrot.config.options import SETTINGS as SUPERVISOR_SETTINGS
+from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, BrokerConfig,
+                                  CarrotConfig, ConfigProblem, QueueConfig)
+from carrot.config.secrets import ENCODE_HINT, masked_repr, shown_broker
 from carrot.exceptions import CarrotConfigException
-from carrot.options import SETTINGS as SUPERVISOR_SETTINGS, SupervisorSettings
-
-DEFAULT_BROKER = 'amqp://guest:guest@localhost:5672/'
-DEFAULT_QUEUE = 'default'
-DEFAULT_MAX_PRIORITY = 255  # what django-carrot 1.x declared; a different value would clash with its queues
 
 # Check ids, one per kind of problem (documented in README.rst).
 E_NOT_A_DICT = 'carrot.E001'
@@ -29,113 +26,11 @@ E_DUPLICATE_QUEUE = 'carrot.E004'
 E_BAD_BROKER = 'carrot.E005'
 E_NOT_IMPORTABLE = 'carrot.E006'
 
-
-@dataclass(frozen=True)
-class ConfigProblem:
-    id: str
-    message: str
-
-    def __str__(self):
-        return f'{self.id}: {self.message}'
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """Where a RabbitMQ virtual host is. `str()` and `repr()` never show the password."""
-    host: str = 'localhost'
-    port: int = 5672
-    virtual_host: str = '/'
-    username: str = 'guest'
-    password: str = field(default='guest', repr=False)
-    secure: bool = False
-    heartbeat: int | None = None  # seconds; None lets the broker propose (RabbitMQ: 60)
-
-    @property
-    def url(self) -> str:
-        """The broker URL with the password masked: safe for logs, process titles and the monitor."""
-        scheme = 'amqps' if self.secure else 'amqp'
-        return f'{scheme}://{quote(self.username, safe="")}:***@{self.host}:{self.port}/' \
-               f'{quote(self.virtual_host, safe="")}'
-
-    def __str__(self):
-        return self.url
-
-    def __repr__(self):
-        return f'BrokerConfig({self.url!r})'
-
-    def connection_parameters(self, **overrides):
-        """pika connection parameters for this broker; pika is imported only by code that connects."""
-        import ssl
-
-        import pika
-
-        options = dict(
-            host=self.host, port=self.port, virtual_host=self.virtual_host,
-            credentials=pika.PlainCredentials(self.username, self.password),
-            # A dead broker should fail a publish in seconds, not hang a web request.
-            connection_attempts=1, socket_timeout=5, blocked_connection_timeout=30,
-        )
-        if self.heartbeat is not None:
-            options['heartbeat'] = self.heartbeat
-        if self.secure:
-            options['ssl_options'] = pika.SSLOptions(ssl.create_default_context(), self.host)
-        options.update(overrides)
-        return pika.ConnectionParameters(**options)
-
-
-@dataclass(frozen=True)
-class QueueConfig:
-    name: str
-    broker: BrokerConfig
-    concurrency: int = 1
-    consumable: bool = True
-    consumer_class: str = 'carrot.consumer.Consumer'
-    max_priority: int = DEFAULT_MAX_PRIORITY
-
-    @property
-    def dead_letter_queue(self) -> str:
-        return f'{self.name}.dead'
-
-
-@dataclass(frozen=True)
-class CarrotConfig(SupervisorSettings):
-    """The parsed CARROT setting. The supervisor's keys (graceful_timeout, backoff_cap, ...) and their
-    defaults are inherited from carrot.options, where each supervisor option is declared once."""
-    default_broker: BrokerConfig = field(default_factory=BrokerConfig)
-    queues: tuple[QueueConfig, ...] = ()
-    task_modules: tuple[str, ...] = ()
-    monitor_authentication: tuple[str, ...] = ()
-    max_attempts: int = 3
-    cleanup_after_days: float | None = 3
-    # Hardening: sizes, ages and the claim lease (README.rst, "Limits and guarantees").
-    max_message_size: int = 1024 * 1024   # bytes of an encoded message body; larger ones are refused
-    max_stored_text: int = 64 * 1024      # characters kept of a task's output, exception, traceback and log
-    cleanup_failed_after_days: float | None = 30  # FAILED rows older than this are deleted (None: kept)
-    dead_letter_ttl_days: float | None = 14      # <queue>.dead drops messages older than this (None: kept)
-    claim_lease: float = 60.0  # seconds an IN_PROGRESS claim lasts unless the running worker renews it
-    store_and_forward: bool = True  # a publish the broker cannot take now waits in its row (else raises)
-    supervisor_gone_after: float = 60.0  # the monitor shows a supervisor not seen for this long as gone
-
-    def queue(self, name: str | None) -> QueueConfig:
-        """The queue called `name` (None means the default queue)."""
-        name = name or DEFAULT_QUEUE
-        for queue in self.queues:
-            if queue.name == name:
-                return queue
-        known = ', '.join(repr(q.name) for q in self.queues)
-        raise CarrotConfigException(
-            f"there is no queue called {name!r} in CARROT['queues'] (configured: {known})")
-
-    @property
-    def consumable_queues(self) -> tuple[QueueConfig, ...]:
-        return tuple(q for q in self.queues if q.consumable)
-
-
 _BROKER_DICT_KEYS = {'host', 'port', 'name', 'username', 'password', 'secure', 'heartbeat', 'url'}
 _QUEUE_KEYS = {'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'max_priority'}
 
 
-class _Parser:
+class Parser:
     """Walks the raw setting, collecting every problem instead of stopping at the first."""
 
     def __init__(self):
@@ -145,11 +40,11 @@ class _Parser:
         self.problems.append(ConfigProblem(check_id, message))
 
     def bad_value(self, path, expected, value):
-        self.problem(E_BAD_VALUE, f'{path} must be {expected}, got {shown(value)}')
+        self.problem(E_BAD_VALUE, f'{path} must be {expected}, got {masked_repr(value)}')
 
     def unknown_keys(self, path, raw, allowed):
         for key in sorted(set(raw) - allowed, key=str):
-            self.problem(E_UNKNOWN_KEY, f'{path} has an unknown key {shown(key)} '
+            self.problem(E_UNKNOWN_KEY, f'{path} has an unknown key {masked_repr(key)} '
                                         f'(allowed: {", ".join(sorted(allowed))})')
 
     # -- scalar helpers: each returns the default after recording a problem, so parsing goes on
@@ -286,7 +181,7 @@ class _Parser:
             consumer_class=consumer_class, max_priority=max_priority)
 
     def supervisor_settings(self, raw) -> dict:
-        """The supervisor's keys that `raw` sets, checked as carrot.options declares them."""
+        """The supervisor's keys that `raw` sets, checked as carrot.config.options declares them."""
         values = {}
         for option in SUPERVISOR_SETTINGS:
             if option.setting in raw:
@@ -356,91 +251,20 @@ class _Parser:
         )
 
 
-ENCODE_HINT = ("a '/', '?', '#' or '@' in the user name or password must be percent-encoded "
-               "(%2F, %3F, %23, %40), or give the broker as a dict")
-SHOWN_LENGTH = 300  # characters of a setting's value quoted in a message at most
-
-
-def mask_url(url: str) -> str:
-    """`url` with any password replaced by ***, even when it does not parse as a URL.
-
-    Everything between the first ':' after the scheme and the last '@' counts as the password, so a
-    password holding '/', '#', '?' or '@' is masked whole (a host or path is masked with it rather than
-    a secret shown). Without an '@', a ':' followed by anything but a port number is masked too.
-    """
-    scheme, separator, rest = url.partition('://')
-    if not separator:
-        scheme, rest = '', url
-    prefix = f'{scheme}://' if separator else ''
-    at = rest.rfind('@')
-    if at >= 0:
-        user, colon, _ = rest[:at].partition(':')
-        return f'{prefix}{user}:***@{rest[at + 1:]}' if colon else url
-    if separator:
-        netloc = rest.split('/', 1)[0]
-        user, colon, port = netloc.partition(':')
-        if colon and not port.isdigit():
-            return f'{prefix}{user}:***'
-    return url
-
-
-def masked(value, depth: int = 0):
-    """A copy of a setting's value safe to show: URL passwords and 'password' entries masked."""
-    if depth > 6:
-        return ...
-    if isinstance(value, str):
-        return mask_url(value)
-    if isinstance(value, (bytes, bytearray)):
-        return mask_url(bytes(value).decode('latin-1')).encode('latin-1')
-    if isinstance(value, dict):
-        return {masked(k, depth + 1): '***' if isinstance(k, str) and k.lower() == 'password'
-                else masked(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [masked(v, depth + 1) for v in value]
-    if isinstance(value, (tuple, set, frozenset)):
-        return tuple(masked(v, depth + 1) for v in value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return _Opaque(type(value).__name__)  # its repr is its own business: it might hold a secret
-
-
-class _Opaque:
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return f'<{self.name} object>'
-
-
-def shown_broker(value) -> str:
-    """A broker setting that is not a usable URL, for a message. Whatever it is, it may be (or hold) the
-    password itself, so only its shape is shown: the scheme and what follows the last '@' of a URL-like
-    string, else its type and length."""
-    if isinstance(value, str):
-        scheme, separator, rest = value.partition('://')
-        if separator and '@' in rest and len(scheme) < 10 and scheme.isalpha():
-            credentials, _, where = rest.rpartition('@')
-            user = credentials.partition(':')[0]
-            user = user if re.fullmatch(r'[\w.%-]{1,64}', user) else '***'
-            return repr(f'{scheme}://{user}:***@{where}'[:SHOWN_LENGTH])
-        return f'a string of {len(value)} characters'
-    return f'a {type(value).__name__}'
-
-
-def shown(value) -> str:
-    """repr() of a setting's value for a message: secrets masked, length bounded."""
-    try:
-        text = repr(masked(value))
-    except Exception:  # a hostile __eq__/__hash__ in a key; say only what it is
-        text = f'<{type(value).__name__} object>'
-    return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH] + '...'
-
-
 def parse_config(raw: Any) -> tuple[CarrotConfig, list[ConfigProblem]]:
     """Parse a raw CARROT value. The config is usable (bad parts replaced by defaults) even with problems."""
-    parser = _Parser()
+    parser = Parser()
     config = parser.config({} if raw is None else raw)
     return config, parser.problems
+
+
+def parse_broker(raw, where: str = 'broker') -> BrokerConfig:
+    """A broker setting (URL or dict) on its own; CarrotConfigException naming every problem."""
+    parser = Parser()
+    broker = parser.broker(where, raw)
+    if parser.problems:
+        raise CarrotConfigException('; '.join(p.message for p in parser.problems))
+    return broker
 
 
 def config_from_settings(settings) -> tuple[CarrotConfig, list[ConfigProblem]]:
@@ -465,3 +289,4 @@ def get_config() -> CarrotConfig:
 def clear_config_cache(**kwargs):
     """Forget the parsed setting (connected to Django's setting_changed for override_settings)."""
     _cached_config.cache_clear()
+

@@ -1,6 +1,6 @@
 """The bodies of the supervisor's children: a consumer of one queue, and the scheduler.
 
-They run in processes forked from the warm image (carrot/image.py): Django is set up and the task
+They run in processes forked from the warm image (carrot/run/build.py): Django is set up and the task
 modules are imported already; no connection was inherited, so each child opens its own database and
 broker connections. Each reports what it does (idle / running a task) to the master over its heartbeat
 pipe; the master puts that in its status snapshot.
@@ -93,7 +93,7 @@ def consumer_main(queue_name: str, options: WorkerOptions, ctx) -> int:
 def scheduler_main(options: WorkerOptions, ctx) -> int:
     """Publish due ScheduledTasks until the master asks this child to stop; copy the master's status
     snapshot into the database every few seconds."""
-    from carrot.scheduler import Scheduler
+    from carrot.schedule.scheduler import Scheduler
 
     scheduler = Scheduler(stopping=ctx.stopping)
     snapshots = SnapshotCopier(options.status_file)
@@ -124,7 +124,7 @@ class SnapshotCopier:
         if not self.path or now < self.next_copy:
             return
         self.next_copy = now + SNAPSHOT_EVERY
-        from carrot.status import read_snapshot, store_snapshot
+        from carrot.run.status import read_snapshot, store_snapshot
 
         try:
             document = read_snapshot(self.path)

@@ -1,4 +1,4 @@
-"""The one place that talks to RabbitMQ: connections, queue declarations, confirmed publishes.
+"""The confirmed publisher: the one way a message reaches RabbitMQ from carrot.
 
 A process keeps one publishing connection per broker and reuses it for every publish (1.x opened a TCP
 connection per message). The connection is dropped and re-opened when the broker goes away, and is never
@@ -9,90 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 
 import pika
 import pika.exceptions as pe
 
+from carrot.amqp.connection import CONNECTION_ERRORS, NOT_FOUND, close_quietly, connect
+from carrot.amqp.declare import declare_queue
 from carrot.config import BrokerConfig, QueueConfig
 from carrot.exceptions import BrokerUnavailable, MessageRejected, QueueMismatchError
 
 logger = logging.getLogger('carrot.broker')
-
-# Errors that mean "this connection is gone": drop it, reconnect, try once more.
-CONNECTION_ERRORS = (pe.AMQPConnectionError, pe.ConnectionWrongStateError, pe.ChannelWrongStateError,
-                     pe.StreamLostError, ConnectionError, OSError)
-
-PRECONDITION_FAILED = 406
-NOT_FOUND = 404
-
-
-def queue_arguments(queue: QueueConfig) -> dict:
-    """The arguments carrot declares a queue with: priorities, and failures routed to <queue>.dead."""
-    return {
-        'x-max-priority': queue.max_priority,
-        'x-dead-letter-exchange': '',
-        'x-dead-letter-routing-key': queue.dead_letter_queue,
-    }
-
-
-_FROM_SETTINGS = object()
-
-
-def dead_letter_arguments(ttl_days: float | None) -> dict:
-    """<queue>.dead keeps a message CARROT['dead_letter_ttl_days'] days, then drops it (None: for ever)."""
-    return {'x-message-ttl': int(ttl_days * 86400 * 1000)} if ttl_days else {}
-
-
-def wait_queue_name(queue: QueueConfig) -> str:
-    return f'{queue.name}.wait'
-
-
-def wait_queue_arguments(queue: QueueConfig) -> dict:
-    """<queue>.wait has no consumer: a message parked there with a per-message expiration is
-    dead-lettered back into <queue> when it expires (a delay without polling)."""
-    return {'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': queue.name}
-
-
-def declare_queue(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> None:
-    """Declare `queue` and its dead-letter queue (durable). A clash with an existing queue raises
-    QueueMismatchError naming the queue and the argument (the channel is closed by the broker then)."""
-    if dead_letter_ttl_days is _FROM_SETTINGS:
-        from carrot.config import get_config
-        dead_letter_ttl_days = get_config().dead_letter_ttl_days
-    _declare(channel, queue.dead_letter_queue, dead_letter_arguments(dead_letter_ttl_days))
-    _declare(channel, queue.name, queue_arguments(queue))
-
-
-def declare_wait_queue(channel, queue: QueueConfig) -> None:
-    _declare(channel, wait_queue_name(queue), wait_queue_arguments(queue))
-
-
-def _declare(channel, name: str, arguments: dict) -> None:
-    try:
-        channel.queue_declare(queue=name, durable=True, arguments=arguments)
-    except pe.ChannelClosedByBroker as exc:
-        if exc.reply_code == PRECONDITION_FAILED:
-            raise queue_mismatch(name, exc.reply_text, arguments) from None
-        raise
-
-
-def queue_mismatch(name: str, reply_text: str, declared: dict) -> QueueMismatchError:
-    """Turn RabbitMQ's PRECONDITION_FAILED text into an error a person can act on."""
-    match = re.search(r"inequivalent arg '([^']+)'", reply_text or '')
-    argument = match.group(1) if match else 'unknown'
-    wanted = declared.get(argument, '(not set)') if argument.startswith('x-') else \
-        'durable=True' if argument == 'durable' else '?'
-    return QueueMismatchError(
-        f"queue {name!r} already exists on the broker with a different {argument!r} than carrot "
-        f"declares ({argument}={wanted}). Drain and delete the queue (rabbitmqctl delete_queue {name}) "
-        f"or declare it the same way. Broker said: {reply_text}")
-
-
-def connect(broker: BrokerConfig, **overrides) -> pika.BlockingConnection:
-    """A new blocking connection to `broker` (the caller owns and closes it)."""
-    return pika.BlockingConnection(broker.connection_parameters(**overrides))
 
 
 class Publisher:
@@ -180,11 +107,7 @@ class Publisher:
     def _forget_connection(self):
         connection, self.connection = self.connection, None
         self._forget_channel()
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except Exception:  # already broken; nothing more to do with it
-                pass
+        close_quietly(connection)
 
     def close(self):
         with self.lock:

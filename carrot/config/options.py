@@ -7,7 +7,7 @@ can give its default), kind, default and help. From it come:
   (`add_arguments`), and the command line a manage.py command hands to the master (`argv_for`);
 - the supervisor keys of the `CARROT` setting: `SupervisorSettings`, the frozen dataclass that
   `carrot.config.CarrotConfig` extends, and the parsing of those keys in carrot/config.py;
-- the options table in README.rst (`rst_table`, printed by `python -m carrot.options --rst`;
+- the options table in README.rst (`rst_table`, printed by `python -m carrot.config.options --rst`;
   tests/test_options.py fails when README.rst's copy differs).
 
 A flag given on the command line wins over the `CARROT` key of the same name. This module imports
@@ -158,7 +158,7 @@ def _settings_field(option: Option):
 SupervisorSettings = dataclasses.make_dataclass(
     'SupervisorSettings', [_settings_field(option) for option in SETTINGS], frozen=True)
 SupervisorSettings.__module__ = __name__  # make_dataclass's module= is Python 3.12+
-SupervisorSettings.__doc__ = 'The CARROT keys that give carrot-supervisor its defaults (carrot.options).'
+SupervisorSettings.__doc__ = 'The CARROT keys that give carrot-supervisor its defaults (carrot.config.options).'
 
 
 def add_arguments(parser) -> None:
@@ -240,7 +240,7 @@ def rst_table() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m carrot.options',
+    parser = argparse.ArgumentParser(prog='python -m carrot.config.options',
                                      description="carrot-supervisor's options, declared once")
     parser.add_argument('--rst', action='store_true', help="print README.rst's options table")
     args = parser.parse_args(argv)

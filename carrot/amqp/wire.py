@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from carrot import text
-from carrot.exceptions import BadMessage
+from carrot.exceptions import BadMessage, InvalidCall, NotSerialisable
 
 TYPE_HEADER = 'type'
 CONTENT_TYPE = 'application/json'
@@ -39,7 +39,7 @@ class TaskCall:
 
 
 def check_serialisable(task: str, args: tuple, kwargs: dict) -> None:
-    """Raise TypeError naming the first argument that JSON cannot carry."""
+    """Raise NotSerialisable (a TypeError) naming the first argument that JSON cannot carry."""
     for position, value in enumerate(args, start=1):
         _check_value(value, f'positional argument {position}', task)
     for key, value in kwargs.items():
@@ -50,13 +50,13 @@ def _check_value(value: Any, what: str, task: str) -> None:
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f'{what} of task {task} is not JSON-serialisable '
+        raise NotSerialisable(f'{what} of task {task} is not JSON-serialisable '
                         f'({type(value).__name__}: {exc}); pass ids and plain values instead') from None
 
 
 def check_priority(priority: Any) -> int:
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
-        raise ValueError(f'priority must be an integer from 0 to {MAX_PRIORITY}, got {priority!r}')
+        raise InvalidCall(f'priority must be an integer from 0 to {MAX_PRIORITY}, got {priority!r}')
     return priority
 
 
@@ -178,6 +178,24 @@ def headers_too_deep(headers) -> bool:
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
     return False
+
+
+class DefaultMessageSerializer:
+    """How a message names its task and carries its arguments (the 1.x extension point)."""
+    type_header = TYPE_HEADER
+    content_type = CONTENT_TYPE
+    message_type = MESSAGE_TYPE
+
+    def get_task_type(self, properties, body) -> str:
+        return task_type(properties)
+
+    def serialize_arguments(self, body) -> tuple[list, dict]:
+        """(args, kwargs) from a body; the 1.x name, kept (it deserialises)."""
+        return decode_arguments(body)
+
+    def get_task(self, properties, body):
+        from carrot.registry import get_task
+        return get_task(self.get_task_type(properties, body))
 
 
 # -- one delivery, decoded once ---------------------------------------------------------------------

@@ -11,10 +11,8 @@ little late, at the next tick, does not push the following runs later). After do
 of missed runs: a schedule overdue by a whole interval or more runs once, and the grid starts again from
 that run.
 
-Broken schedules: a row that cannot be published as it stands (arguments that do not parse or nest
-absurdly, an unknown interval unit, an interval of zero or longer than MAX_INTERVAL or one that overflows
-the calendar, a task that is not registered, a queue that is not configured, a message over
-CARROT['max_message_size'], or one the broker refuses for good) is skipped. Its `problem` field says why
+Broken schedules: a row that cannot be published as it stands (anything carrot.schedule.rules refuses,
+a message over CARROT['max_message_size'], or one the broker refuses for good) is skipped. Its `problem` field says why
 (the admin and the monitor show it) and one line is logged when the problem appears or changes, and one
 when it is fixed, not one per tick. The other schedules are not delayed by it.
 
@@ -22,9 +20,6 @@ Broker outages: a schedule whose broker cannot take the message gets its run bac
 backoff of its own (1 s, 2 s, 4 s ... at most MAX_RETRY_DELAY); runs are not stored and forwarded, so an
 outage never ends in a burst of missed runs. The database being down slows every tick down the same way
 until it is back.
-
-Relay: every tick also sends messages that publish_message() left WAITING for the broker
-(carrot.publishing.Relay), a bounded batch per tick, with a backoff per broker while it is unavailable.
 """
 from __future__ import annotations
 
@@ -37,49 +32,37 @@ from typing import Callable
 from django.db import DatabaseError, connections
 from django.utils import timezone
 
-from carrot import publishing
-from carrot.exceptions import (BrokerUnavailable, CarrotConfigException, CarrotError, MessageRejected,
-                               MessageTooLarge, QueueMismatchError, TaskNotRegistered)
-from carrot.helper_tasks import sync_cleanup_schedule
-from carrot.models import ScheduledTask
+from carrot.backoff import Backoff
+from carrot.exceptions import BrokerUnavailable, CarrotError, MessageRejected
+from carrot.models import MessageLog, ScheduledTask
+from carrot.publish import arguments, outbox
+from carrot.publish.outgoing import Outgoing, prepare
+from carrot.schedule.builtin import sync_cleanup_schedule
+from carrot.schedule.rules import check_schedule
 from carrot.text import for_log
 
 logger = logging.getLogger('carrot.scheduler')
 
 TICK = 1.0
 MAX_RETRY_DELAY = 30.0  # while the broker or database is down, ticks slow down to this at most
-MAX_INTERVAL = ScheduledTask.MAX_INTERVAL
 # A last run this far in the future is an edit or a clock gone wrong, not another host's clock being a little
 # ahead: the schedule would silently not run until then.
 CLOCK_TOLERANCE = timedelta(minutes=5)
 REFUSED = 'the broker refused the last run: '  # how a schedule's problem starts when RabbitMQ refused it
 
-# What a broken row raises while it is checked: its problem, not the scheduler's.
-SCHEDULE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, TaskNotRegistered,
-                   CarrotConfigException, MessageTooLarge)
+
+def prepare_run(schedule: ScheduledTask, priority: int = 0) -> Outgoing:
+    """The message of one run of `schedule`, checked; raises one of outbox.UNSENDABLE when the row is
+    broken (carrot.schedule.rules says why)."""
+    check_schedule(schedule)
+    args, kwargs = arguments.load_scheduled(schedule.task_args, schedule.content)
+    return prepare(schedule.task, args, kwargs, queue=schedule.queue or None, exchange=schedule.exchange or '',
+                   routing_key=schedule.routing_key or None, priority=priority)
 
 
-def check_interval(schedule: ScheduledTask) -> None:
-    """ValueError saying what is wrong with the schedule's interval or its next run time."""
-    unit, count = schedule.interval_type, schedule.interval_count
-    if unit not in ScheduledTask.SECONDS_PER:
-        raise ValueError(f'the interval unit {unit!r} is not one of {", ".join(ScheduledTask.SECONDS_PER)}')
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f'the interval count must be a whole number of at least 1, got {count!r}')
-    if count * ScheduledTask.SECONDS_PER[unit] > MAX_INTERVAL.total_seconds():
-        raise ValueError(f'the interval of {count} {unit} is longer than the longest allowed '
-                         f'({MAX_INTERVAL.days} days)')
-    try:
-        schedule.next_run_time()
-    except OverflowError:
-        raise ValueError(f'the last run time {schedule.last_run_time} plus the interval is past the end of '
-                         f'the calendar') from None
-
-
-def prepare_run(schedule: ScheduledTask) -> publishing.Outgoing:
-    """The message of one run of `schedule`, checked; raises one of SCHEDULE_ERRORS when the row is broken."""
-    check_interval(schedule)
-    return publishing.prepare_schedule(schedule)
+def publish_run(schedule: ScheduledTask, priority: int = 0, store_and_forward: bool | None = None) -> MessageLog:
+    """Publish one run of `schedule` now (ScheduledTask.publish(), the admin's and the monitor's "run now")."""
+    return outbox.enqueue(prepare_run(schedule, priority), store_and_forward=store_and_forward)
 
 
 def schedule_problem(schedule: ScheduledTask) -> str:
@@ -87,17 +70,9 @@ def schedule_problem(schedule: ScheduledTask) -> str:
     asked: a refusal by the broker shows only once a run was tried."""
     try:
         prepare_run(schedule)
-    except SCHEDULE_ERRORS as exc:
-        return describe(exc)
-    return ''
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, RecursionError):
-        return 'the arguments are nested too deeply'
-    if isinstance(exc, (CarrotError, ValueError)):
+    except outbox.UNSENDABLE as exc:
         return str(exc)
-    return f'{type(exc).__name__}: {exc}'
+    return ''
 
 
 class Scheduler:
@@ -107,10 +82,11 @@ class Scheduler:
         self.on_tick: Callable[[], None] | None = None
         self.on_status: Callable[[str], None] | None = None
         self.published = 0
-        self.failures = 0  # consecutive ticks that failed; slows retries while a service is down
-        # Per schedule pk: (consecutive publish failures, monotonic time before which it is not retried).
-        self.retries: dict[int, tuple[int, float]] = {}
-        self.relay = publishing.Relay()
+        # Ticks slow down while the database or broker is down (the first retry is on the next tick).
+        self.tick_backoff = Backoff(base=tick, cap=MAX_RETRY_DELAY, jitter=False)
+        self.next_wait = tick
+        # Per schedule pk, while its broker cannot take its runs: when to try it again.
+        self.retries: dict[int, Backoff] = {}
 
     def run(self) -> None:
         """Publish due schedules until `stopping` is set."""
@@ -119,25 +95,16 @@ class Scheduler:
         while not self.stopping.is_set():
             if not cleanup_synced:  # until it succeeds: the database may be down at start
                 cleanup_synced = self._guarded(sync_cleanup_schedule)
-            self._guarded(self.publish_due_and_relay)
+            self._guarded(self.publish_due)
             if self.on_tick is not None:
                 self.on_tick()
             self._wait_for_next_tick()
         connections.close_all()
         logger.info('scheduler stopped after publishing %d run(s)', self.published)
 
-    def publish_due_and_relay(self) -> None:
-        """One tick's work; a database outage fails the tick as a whole (and slows the next ones)."""
-        self.publish_due()
-        self.relay.relay_waiting()
-
-    def _retry_delay(self) -> float:
-        # The first retry is on the next tick, then 2 s, 4 s ...
-        return min(self.tick * 2 ** (self.failures - 1), MAX_RETRY_DELAY) if self.failures else self.tick
-
     def _wait_for_next_tick(self) -> None:
         # Monotonic: a wall clock set back must not stall the scheduler while it keeps heartbeating.
-        deadline = time.monotonic() + self._retry_delay()
+        deadline = time.monotonic() + self.next_wait
         while not self.stopping.is_set() and time.monotonic() < deadline:
             if self.on_tick is not None:
                 self.on_tick()  # stay visibly alive to the supervisor while backing off
@@ -148,11 +115,12 @@ class Scheduler:
         try:
             step()
         except (DatabaseError, CarrotError) as exc:
-            self.failures += 1
-            logger.error('scheduler: %s: %s; retrying in %.0fs', type(exc).__name__, exc, self._retry_delay())
+            self.next_wait = self.tick_backoff.next_delay()
+            logger.error('scheduler: %s: %s; retrying in %.0fs', type(exc).__name__, exc, self.next_wait)
             connections.close_all()  # a broken connection is re-opened on the next query
             return False
-        self.failures = 0
+        self.tick_backoff.reset()
+        self.next_wait = self.tick
         return True
 
     def publish_due(self) -> int:
@@ -166,7 +134,7 @@ class Scheduler:
             except DatabaseError:
                 raise  # the whole tick fails and is retried
             except Exception as exc:  # noqa: BLE001 -- whatever this row does, the others go on
-                self.record_problem(schedule, f'unexpected error: {describe(exc)}', exc_info=True)
+                self.record_problem(schedule, f'unexpected error: {type(exc).__name__}: {exc}', exc_info=True)
         if self.on_status is not None:
             self.on_status(f'{len(schedules)} active schedule(s), {self.published} run(s) published')
         return published
@@ -174,8 +142,8 @@ class Scheduler:
     def publish_if_due(self, schedule: ScheduledTask, now) -> int:
         try:
             message = prepare_run(schedule)
-        except SCHEDULE_ERRORS as exc:
-            self.record_problem(schedule, describe(exc))
+        except outbox.UNSENDABLE as exc:
+            self.record_problem(schedule, str(exc))
             return 0
         if schedule.last_run_time and schedule.last_run_time > now + CLOCK_TOLERANCE:
             self.record_problem(schedule, f'its last run time {schedule.last_run_time:%Y-%m-%d %H:%M:%S} is in the '
@@ -197,10 +165,10 @@ class Scheduler:
             return
         ScheduledTask.objects.filter(pk=schedule.pk).update(problem=problem)
         if problem:
-            logger.error('scheduler: %s (%s) is skipped until it is fixed: %s', *shown(schedule),
+            logger.error('scheduler: %s (%s) is skipped until it is fixed: %s', *schedule_label(schedule),
                          for_log(problem), exc_info=exc_info)
         else:
-            logger.info('scheduler: %s (%s) is fixed and runs again', *shown(schedule))
+            logger.info('scheduler: %s (%s) is fixed and runs again', *schedule_label(schedule))
         schedule.problem = problem
 
     @staticmethod
@@ -220,41 +188,39 @@ class Scheduler:
         return claimed == 1
 
     def _backing_off(self, schedule: ScheduledTask) -> bool:
-        _, retry_at = self.retries.get(schedule.pk, (0, 0.0))
-        return time.monotonic() < retry_at
+        return schedule.pk in self.retries and self.retries[schedule.pk].waiting()
 
-    def publish(self, schedule: ScheduledTask, claimed_at, message: publishing.Outgoing | None = None) -> int:
+    def publish(self, schedule: ScheduledTask, claimed_at, message: Outgoing | None = None) -> int:
         try:
             # Not stored and forwarded: a run the broker cannot take is given back (below), so an
             # outage does not end in a burst of every run missed meanwhile.
-            message = message or prepare_run(schedule)
-            log = publishing.enqueue(message, store_and_forward=False)
-        except SCHEDULE_ERRORS as exc:  # broken since it was checked a moment ago
-            self.record_problem(schedule, describe(exc))
-            return 0
-        except (MessageRejected, QueueMismatchError) as exc:
+            log = outbox.enqueue(message or prepare_run(schedule), store_and_forward=False)
+        except MessageRejected as exc:
             # Refused for good (unroutable, no such exchange, a queue clash): the run is spent, and the
             # schedule is marked until one of its runs goes through.
             self.record_problem(schedule, f'{REFUSED}{exc}')
+            return 0
+        except outbox.UNSENDABLE as exc:  # broken since it was checked a moment ago
+            self.record_problem(schedule, str(exc))
             return 0
         except (BrokerUnavailable, CarrotError) as exc:
             # Give the run back so a later tick tries again, unless another scheduler ran it meanwhile.
             ScheduledTask.objects.filter(pk=schedule.pk, last_run_time=claimed_at) \
                 .update(last_run_time=schedule.last_run_time)
             # Back off this schedule only, so one unreachable broker does not hold up the others.
-            failures = self.retries.get(schedule.pk, (0, 0.0))[0] + 1
-            delay = min(self.tick * 2 ** (failures - 1), MAX_RETRY_DELAY)
-            self.retries[schedule.pk] = (failures, time.monotonic() + delay)
+            backoff = self.retries.setdefault(schedule.pk, Backoff(base=self.tick, cap=MAX_RETRY_DELAY,
+                                                                   jitter=False))
+            delay = backoff.wait_next()
             logger.error('scheduler: %s (%s) could not be published: %s; retrying in %.0fs',
-                         *shown(schedule), for_log(exc), delay)
+                         *schedule_label(schedule), for_log(exc), delay)
             return 0
         self.retries.pop(schedule.pk, None)
         self.record_problem(schedule, '')
         self.published += 1
-        logger.info('scheduler: published %s (%s) as %s', *shown(schedule), log.uuid)
+        logger.info('scheduler: published %s (%s) as %s', *schedule_label(schedule), log.uuid)
         return 1
 
 
-def shown(schedule: ScheduledTask) -> tuple[str, str]:
+def schedule_label(schedule: ScheduledTask) -> tuple[str, str]:
     """A schedule's name and task for a log line: anyone with the admin or the table writes them."""
     return for_log(repr(schedule.task_name)), for_log(schedule.task)

@@ -1,8 +1,8 @@
-"""The task slot: one executor thread that runs one job at a time, so the connection thread stays free.
+"""The task thread: one executor thread that runs one job at a time, so the connection thread stays free.
 
-The connection thread submits a job (processing one delivery) and keeps servicing the broker; the slot
+The connection thread submits a job (processing one delivery) and keeps servicing the broker; the thread
 wakes it when the job is done. A job that overruns the time limit cannot be stopped (Python threads
-cannot be killed): the slot is abandoned and the process is expected to end.
+cannot be killed): the thread is abandoned and the process is expected to end.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from django.db import connections
 
 @dataclass
 class Delivery:
-    """The message in the slot, as the connection thread (and the supervisor's status) sees it."""
+    """The message in the task thread, as the connection thread (and the supervisor's status) sees it."""
     delivery_tag: int
     task: str                      # safe to show: escaped and bounded
     message_id: str | None
@@ -35,7 +35,7 @@ class Delivery:
         return self.future is not None and self.future.done()
 
 
-class TaskSlot:
+class TaskThread:
     """A single worker thread with a name, for the jobs of one consumer."""
 
     def __init__(self, name: str):
@@ -62,7 +62,7 @@ class TaskSlot:
         self._executor.shutdown(wait=False)
 
     def close(self) -> None:
-        """Close the slot thread's database connections (from that thread) and end it."""
+        """Close the task thread's database connections (from that thread) and end it."""
         if self.abandoned:
             return
         try:

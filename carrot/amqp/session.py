@@ -12,107 +12,24 @@ Settling a delivery follows the processor's Disposition:
   is acked.
 - REQUEUE: basic_nack(requeue=True).
 
-Reconnecting is the caller's loop (carrot.consumer), paced by `Outage` from carrot.backoff.
+Reconnecting is the caller's loop (carrot.consume.loop), paced by `Outage` from carrot.backoff.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import struct
-import threading
-import weakref
 
 import pika
-import pika.data
 import pika.exceptions as pe
 
-from carrot import messages
-from carrot.broker import CONNECTION_ERRORS, connect, declare_queue, declare_wait_queue, wait_queue_name
+from carrot.amqp import pika_compat, wire
+from carrot.amqp.connection import CONNECTION_ERRORS, close_quietly, connect
+from carrot.amqp.declare import declare_queue, declare_wait_queue, wait_queue_name
+from carrot.amqp.disposition import Action, Disposition
 from carrot.config import BrokerConfig, QueueConfig
-from carrot.processing import Action, Disposition
 
 # What ends a session: the connection or channel is gone, or the broker refused something on it.
 SESSION_ERRORS = CONNECTION_ERRORS + (pe.AMQPError,)
-
-
-class _PikaConnectErrors(logging.Filter):
-    """pika logs each failed connection attempt as several ERROR records (one with a traceback). The
-    consumer logs one line per outage itself, so those records are kept only when pika's logger is set
-    to DEBUG, and then as DEBUG."""
-
-    def filter(self, record):
-        if record.levelno < logging.WARNING:
-            return True
-        if not logging.getLogger('pika').isEnabledFor(logging.DEBUG):
-            return False
-        record.levelno, record.levelname = logging.DEBUG, 'DEBUG'
-        return True
-
-
-_PIKA_NOISY_LOGGERS = ('pika.adapters.utils.io_services_utils', 'pika.adapters.utils.connection_workflow',
-                       'pika.adapters.blocking_connection', 'pika.adapters.base_connection')
-
-
-# Sessions with a live connection in this process (see _close_sockets_in_forked_child).
-_open_sessions: weakref.WeakSet = weakref.WeakSet()
-
-
-def _close_sockets_in_forked_child() -> None:
-    """A task that forks (os.fork, multiprocessing) leaves its child holding the worker's AMQP socket.
-    While that child lives, RabbitMQ sees the connection -- and the unacked delivery -- as alive even
-    after the worker itself died, so the message is never delivered again (found by an attack test).
-    The forked child never uses the session, so its copy of the socket is pointed at /dev/null."""
-    for session in list(_open_sessions):
-        fd = session.socket_fd()
-        if fd is None:
-            continue
-        try:
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, fd)  # the number stays taken: nothing reused can receive pika's bytes
-            os.close(null)
-        except OSError:
-            pass
-
-
-os.register_at_fork(after_in_child=_close_sockets_in_forked_child)
-
-
-def quiet_pika_connection_errors() -> None:
-    for name in _PIKA_NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _PikaConnectErrors) for f in logger.filters):
-            logger.addFilter(_PikaConnectErrors())
-
-
-# -- header tables nested without end -----------------------------------------------------------------
-# pika decodes AMQP tables recursively, so a message whose headers nest a few hundred levels deep (the
-# broker accepts thousands) raises RecursionError inside pika's frame reader: the connection drops,
-# the message is redelivered and drops it again, for ever, and nothing behind it is consumed. Past
-# MAX_HEADER_DEPTH levels carrot skips a nested table or array by its length prefix (no recursion) and
-# puts a messages.NestedTooDeep marker in its place; the processor then fails the message with a reason.
-MAX_HEADER_DEPTH = 32
-_depth = threading.local()
-_pika_decode_value = pika.data.decode_value
-
-
-def _bounded_decode_value(encoded, offset):
-    depth = getattr(_depth, 'value', 0)
-    kind = encoded[offset:offset + 1]
-    if depth >= MAX_HEADER_DEPTH and kind in (b'F', b'A'):
-        length = struct.unpack_from('>I', encoded, offset + 1)[0]
-        return messages.NestedTooDeep(), offset + 5 + length
-    _depth.value = depth + 1
-    try:
-        return _pika_decode_value(encoded, offset)
-    finally:
-        _depth.value = depth
-
-
-def bound_header_depth() -> None:
-    """Make pika's table decoder depth-bounded (idempotent; pika.data.decode_table looks the value
-    decoder up by its module-global name, so replacing it there is enough)."""
-    pika.data.decode_value = _bounded_decode_value
 
 
 class ConsumeSession:
@@ -132,20 +49,12 @@ class ConsumeSession:
     def is_open(self) -> bool:
         return self.connection is not None and self.connection.is_open
 
-    def socket_fd(self) -> int | None:
-        """The file descriptor of the connection's socket, if it is open (pika keeps it private)."""
-        try:
-            return self.connection._impl._transport._sock.fileno()
-        except (AttributeError, OSError):
-            return None
-
     def open(self, on_delivery) -> None:
         """Connect, declare <queue>, <queue>.dead and <queue>.wait, and start consuming:
         `on_delivery(method, properties, body)` is called from `poll()` for each message."""
-        quiet_pika_connection_errors()
-        bound_header_depth()
         self.connection = connect(self.broker)
-        _open_sessions.add(self)
+        # A task that forks must not keep this connection (and its unacked delivery) alive.
+        pika_compat.hide_from_forked_children(self.connection)
         try:
             self.channel = self.connection.channel()
             declare_queue(self.channel, self.queue)
@@ -192,7 +101,7 @@ class ConsumeSession:
         elif action is Action.RETRY_LATER:
             self._republish(message, wait_queue_name(self.queue), message.properties,
                             expiration=str(max(1, int(disposition.delay * 1000))),
-                            headers={messages.WAITS_HEADER: message.waits + 1})
+                            headers={wire.WAITS_HEADER: message.waits + 1})
             self.channel.basic_ack(delivery_tag)
         elif action is Action.ADOPT:
             self._republish(message, self.queue.name, message.properties, message_id=disposition.new_id)
@@ -216,11 +125,8 @@ class ConsumeSession:
         self._publish_channel.basic_publish('', routing_key, message.body, props, mandatory=True)
 
     def close(self) -> None:
-        _open_sessions.discard(self)
         connection, self.connection = self.connection, None
         self.channel = self._publish_channel = self._consumer_tag = None
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except Exception:  # already broken; nothing more to do with it
-                pass
+        if connection is not None:
+            pika_compat.unhide(connection)
+        close_quietly(connection)

@@ -1,0 +1,137 @@
+"""Every adaptation carrot makes to pika, in one place, installed once by the connection factory
+(carrot.amqp.connection.connect calls `install()`).
+
+pika offers no hook for any of these, so each reaches into pika where it must; tests/test_pika_compat.py
+fails loudly if a pika upgrade moves what they rely on.
+
+1. A depth-bounded header decoder. pika decodes AMQP tables recursively, so a message whose headers
+   nest a few hundred levels deep (the broker accepts thousands) raises RecursionError inside pika's
+   frame reader: the connection drops, the message is redelivered and drops it again, for ever, and
+   nothing behind it is consumed. Past MAX_HEADER_DEPTH levels a nested table or array is skipped by its
+   length prefix (no recursion) and a `wire.NestedTooDeep` marker stands in its place; the processor fails
+   the message with a reason. Relies on `pika.data.decode_table` looking `decode_value` up by its
+   module-global name.
+2. Log filters. pika logs each failed connection attempt as several ERROR records (one with a
+   traceback), and a WARNING for every channel the broker closes. carrot logs one line per outage
+   itself (with pika's exception at DEBUG), and a passive declare answered "not found" is an answer, not a
+   problem; so those records are dropped.
+3. Sockets in forked children. A task that forks (os.fork, multiprocessing) leaves its child holding
+   the worker's AMQP socket; while that child lives RabbitMQ sees the connection -- and the unacked
+   delivery -- as alive even after the worker itself died, so the message is never delivered again. In
+   a forked child, the socket of every connection registered with `hide_from_forked_children()` is
+   pointed at /dev/null (pika keeps the socket private: `socket_fd()` finds it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import weakref
+
+import pika.data
+
+from carrot.amqp.wire import NestedTooDeep
+
+MAX_HEADER_DEPTH = 32
+
+_NOISY_CONNECT_LOGGERS = ('pika.adapters.utils.io_services_utils', 'pika.adapters.utils.connection_workflow',
+                          'pika.adapters.blocking_connection', 'pika.adapters.base_connection')
+_CHANNEL_LOGGER = 'pika.channel'
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+def install() -> None:
+    """Install every adaptation in this process (idempotent, cheap after the first call)."""
+    global _installed
+    if _installed:
+        return
+    with _install_lock:
+        if _installed:
+            return
+        pika.data.decode_value = _bounded_decode_value
+        for name in _NOISY_CONNECT_LOGGERS:
+            logging.getLogger(name).addFilter(_drop_connection_errors)
+        logging.getLogger(_CHANNEL_LOGGER).addFilter(_drop_expected_not_found)
+        os.register_at_fork(after_in_child=_detach_sockets_in_forked_child)
+        _installed = True
+
+
+# -- 1. header tables nested without end ----------------------------------------------------------
+
+_depth = threading.local()
+_pika_decode_value = pika.data.decode_value
+
+
+def _bounded_decode_value(encoded, offset):
+    depth = getattr(_depth, 'value', 0)
+    kind = encoded[offset:offset + 1]
+    if depth >= MAX_HEADER_DEPTH and kind in (b'F', b'A'):
+        length = struct.unpack_from('>I', encoded, offset + 1)[0]
+        return NestedTooDeep(), offset + 5 + length
+    _depth.value = depth + 1
+    try:
+        return _pika_decode_value(encoded, offset)
+    finally:
+        _depth.value = depth
+
+
+# -- 2. log filters -------------------------------------------------------------------------------
+
+def _drop_connection_errors(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.WARNING
+
+
+_expecting_not_found = threading.local()
+
+
+class expecting_not_found:
+    """`with expecting_not_found():` -- a channel closed with NOT_FOUND meanwhile is an expected answer
+    (a passive declare of a queue that may not exist), so pika's WARNING about it is dropped."""
+
+    def __enter__(self):
+        _expecting_not_found.active = True
+
+    def __exit__(self, *exc):
+        _expecting_not_found.active = False
+
+
+def _drop_expected_not_found(record: logging.LogRecord) -> bool:
+    return not (getattr(_expecting_not_found, 'active', False) and 'NOT_FOUND' in record.getMessage())
+
+
+# -- 3. sockets in forked children ----------------------------------------------------------------
+
+_hidden: weakref.WeakSet = weakref.WeakSet()
+
+
+def socket_fd(connection) -> int | None:
+    """The file descriptor of a BlockingConnection's socket while it is open (pika keeps it private)."""
+    try:
+        return connection._impl._transport._sock.fileno()
+    except (AttributeError, OSError):
+        return None
+
+
+def hide_from_forked_children(connection) -> None:
+    _hidden.add(connection)
+
+
+def unhide(connection) -> None:
+    _hidden.discard(connection)
+
+
+def _detach_sockets_in_forked_child() -> None:
+    for connection in list(_hidden):
+        fd = socket_fd(connection)
+        if fd is None:
+            continue
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)  # the number stays taken: nothing reused can receive pika's bytes
+            os.close(null)
+        except OSError:
+            pass
+    _hidden.clear()

@@ -1,0 +1,119 @@
+"""The parsed CARROT setting: small immutable objects the rest of carrot reads.
+
+`carrot.config.parse` builds them from the raw dict (and collects every problem); nothing else creates
+them from settings. No Django and no pika at import time: the supervisor master imports this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from carrot.config.options import SupervisorSettings
+from carrot.exceptions import UnknownQueue
+
+DEFAULT_BROKER = 'amqp://guest:guest@localhost:5672/'
+DEFAULT_QUEUE = 'default'
+DEFAULT_MAX_PRIORITY = 255  # what django-carrot 1.x declared; a different value would clash with its queues
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    id: str
+    message: str
+
+    def __str__(self):
+        return f'{self.id}: {self.message}'
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where a RabbitMQ virtual host is. `str()` and `repr()` never show the password."""
+    host: str = 'localhost'
+    port: int = 5672
+    virtual_host: str = '/'
+    username: str = 'guest'
+    password: str = field(default='guest', repr=False)
+    secure: bool = False
+    heartbeat: int | None = None  # seconds; None lets the broker propose (RabbitMQ: 60)
+
+    @property
+    def url(self) -> str:
+        """The broker URL with the password masked: safe for logs, process titles and the monitor."""
+        scheme = 'amqps' if self.secure else 'amqp'
+        return f'{scheme}://{quote(self.username, safe="")}:***@{self.host}:{self.port}/' \
+               f'{quote(self.virtual_host, safe="")}'
+
+    def __str__(self):
+        return self.url
+
+    def __repr__(self):
+        return f'BrokerConfig({self.url!r})'
+
+    def connection_parameters(self, **overrides):
+        """pika connection parameters for this broker; pika is imported only by code that connects."""
+        import ssl
+
+        import pika
+
+        options = dict(
+            host=self.host, port=self.port, virtual_host=self.virtual_host,
+            credentials=pika.PlainCredentials(self.username, self.password),
+            # A dead broker should fail a publish in seconds, not hang a web request.
+            connection_attempts=1, socket_timeout=5, blocked_connection_timeout=30,
+        )
+        if self.heartbeat is not None:
+            options['heartbeat'] = self.heartbeat
+        if self.secure:
+            options['ssl_options'] = pika.SSLOptions(ssl.create_default_context(), self.host)
+        options.update(overrides)
+        return pika.ConnectionParameters(**options)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    name: str
+    broker: BrokerConfig
+    concurrency: int = 1
+    consumable: bool = True
+    consumer_class: str = 'carrot.consumer.Consumer'
+    max_priority: int = DEFAULT_MAX_PRIORITY
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f'{self.name}.dead'
+
+
+@dataclass(frozen=True)
+class CarrotConfig(SupervisorSettings):
+    """The parsed CARROT setting. The supervisor's keys (graceful_timeout, backoff_cap, ...) and their
+    defaults are inherited from carrot.options, where each supervisor option is declared once."""
+    default_broker: BrokerConfig = field(default_factory=BrokerConfig)
+    queues: tuple[QueueConfig, ...] = ()
+    task_modules: tuple[str, ...] = ()
+    monitor_authentication: tuple[str, ...] = ()
+    max_attempts: int = 3
+    cleanup_after_days: float | None = 3
+    # Hardening: sizes, ages and the claim lease (README.rst, "Limits and guarantees").
+    max_message_size: int = 1024 * 1024   # bytes of an encoded message body; larger ones are refused
+    max_stored_text: int = 64 * 1024      # characters kept of a task's output, exception, traceback and log
+    cleanup_failed_after_days: float | None = 30  # FAILED rows older than this are deleted (None: kept)
+    dead_letter_ttl_days: float | None = 14      # <queue>.dead drops messages older than this (None: kept)
+    claim_lease: float = 60.0  # seconds an IN_PROGRESS claim lasts unless the running worker renews it
+    store_and_forward: bool = True  # a publish the broker cannot take now waits in its row (else raises)
+    supervisor_gone_after: float = 60.0  # the monitor shows a supervisor not seen for this long as gone
+
+    def queue(self, name: str | None) -> QueueConfig:
+        """The queue called `name` (None means the default queue)."""
+        name = name or DEFAULT_QUEUE
+        for queue in self.queues:
+            if queue.name == name:
+                return queue
+        known = ', '.join(repr(q.name) for q in self.queues)
+        raise UnknownQueue(
+            f"there is no queue called {name!r} in CARROT['queues'] (configured: {known})")
+
+    @property
+    def consumable_queues(self) -> tuple[QueueConfig, ...]:
+        return tuple(q for q in self.queues if q.consumable)
+
+

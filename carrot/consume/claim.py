@@ -1,0 +1,103 @@
+"""The claim: at most one execution of a message at a time, on any host.
+
+A worker is named by `worker_id()` (host:pid; the MessageLog.worker column). It takes a row with one
+conditional UPDATE (`take`): from PUBLISHED or WAITING, or from IN_PROGRESS when the worker named in it is
+known dead *and* still the one that was read (a compare-and-set on worker and attempts, so two claimers
+can never both win). A worker is known dead (`worker_is_dead`) when the lease it renews
+(CARROT['claim_lease'], `renew_lease`) has run out, or when it is on this host and its process is gone.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import threading
+from datetime import timedelta
+
+import psutil
+from django.db.models import F, Q
+from django.utils import timezone
+
+from carrot.models import MessageLog
+
+
+def worker_id() -> str:
+    return f'{socket.gethostname()}:{os.getpid()}'
+
+
+# Message ids this process is processing right now (a multiset: two consumers in threads of one process
+# may hold deliveries of the same id). A row IN_PROGRESS under this process's own worker id is only
+# "dead" if no task thread of this process holds it.
+_held = collections.Counter()
+_held_lock = threading.Lock()
+
+
+def hold(message_id: str) -> None:
+    with _held_lock:
+        _held[message_id] += 1
+
+
+def release(message_id: str) -> None:
+    with _held_lock:
+        _held[message_id] -= 1
+        if _held[message_id] <= 0:
+            del _held[message_id]
+
+
+def _held_elsewhere(message_id: str, own_holds: int) -> bool:
+    with _held_lock:
+        return _held[message_id] > own_holds
+
+
+def worker_is_dead(row: MessageLog, now, own_holds: int = 0) -> bool:
+    """Whether the worker named in an IN_PROGRESS row is known dead (so its claim may be taken over).
+    `own_holds`: how many holds on this id the caller itself has (see hold)."""
+    if row.lease_expires is None or row.lease_expires <= now:
+        return True  # not renewed in time (or claimed by a carrot that kept no lease)
+    host, _, pid_text = (row.worker or '').rpartition(':')
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another host: only its lease tells
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return not _held_elsewhere(row.uuid, own_holds)
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def take(row: MessageLog, worker: str, lease: float, condition: Q, count_attempt: bool = True) -> bool:
+    """The conditional UPDATE; True if `worker` now holds the row (and `row` shows the change)."""
+    now = timezone.now()
+    changes = dict(status=MessageLog.IN_PROGRESS, started_time=now, worker=worker,
+                   lease_expires=now + timedelta(seconds=lease))
+    if count_attempt:
+        changes.update(attempts=F('attempts') + 1, exception='', traceback='', failure_time=None)
+    if not MessageLog.objects.filter(pk=row.pk).filter(condition).update(**changes):
+        return False
+    # Won: the row is as read plus these changes (attempts only ever moves by a claim, and a
+    # concurrent claim would have made this one match nothing), so no second read is needed.
+    if count_attempt:
+        changes['attempts'] = row.attempts + 1
+    for name, value in changes.items():
+        setattr(row, name, value)
+    return True
+
+
+def from_waiting() -> Q:
+    """The condition for a first claim: the row was never taken."""
+    return Q(status__in=(MessageLog.PUBLISHED, MessageLog.WAITING))
+
+
+def from_lost_worker(row: MessageLog) -> Q:
+    """The condition for taking over from a dead worker: still the very claim that was read."""
+    return Q(status=MessageLog.IN_PROGRESS, worker=row.worker, attempts=row.attempts)
+
+
+def renew_lease(message_id: str, worker: str, lease: float) -> bool:
+    """Push the lease of a row `worker` holds `lease` seconds forward; False if it holds it no more."""
+    expires = timezone.now() + timedelta(seconds=lease)
+    return bool(MessageLog.objects.filter(uuid=message_id, status=MessageLog.IN_PROGRESS,
+                                          worker=worker).update(lease_expires=expires))

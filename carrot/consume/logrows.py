@@ -1,0 +1,93 @@
+"""The MessageLog rows a worker writes: rows for messages from other publishers, checking a row logs
+the very message delivered, bounding a row to its columns, and the FAILED fields.
+"""
+from __future__ import annotations
+
+from django.utils import timezone
+
+from carrot import text
+from carrot.amqp.wire import IncomingMessage
+from carrot.config import QueueConfig
+from carrot.exceptions import CarrotError, InvalidArguments
+from carrot.models import MessageLog
+from carrot.publish import arguments
+
+# What a reduced row writes: the outcome, without the texts the database may have refused.
+REDUCED_FIELDS = ('status', 'completion_time', 'failure_time', 'lease_expires', 'output', 'log',
+                  'traceback', 'exception')
+
+
+def new_row(message: IncomingMessage, queue: QueueConfig, message_id: str, limit: int) -> MessageLog:
+    """An unsaved PUBLISHED row for `message` under `message_id`, bounded to its columns."""
+    task_args, content = message.stored_arguments
+    return MessageLog(
+        uuid=message_id, status=MessageLog.PUBLISHED, queue=queue.name, exchange=message.exchange,
+        routing_key=message.routing_key or queue.name, priority=message.priority,
+        task=text.for_column(message.shown_task, 200), task_args=text.for_column(task_args, limit),
+        content=text.for_column(content, limit), publish_time=timezone.now())
+
+
+def insert_row(message: IncomingMessage, queue: QueueConfig, message_id: str, limit: int) -> MessageLog:
+    """A new PUBLISHED row for `message` under `message_id`."""
+    row = new_row(message, queue, message_id, limit)
+    row.save(force_insert=True)
+    return row
+
+
+def get_or_insert_row(message: IncomingMessage, queue: QueueConfig, limit: int) -> MessageLog:
+    """The row of `message`'s id; inserted first for messages from other publishers. The insert
+    tolerates a concurrent one of the same uuid (INSERT ... ON CONFLICT DO NOTHING, then read)."""
+    try:
+        return MessageLog.objects.get(uuid=message.message_id)  # the usual case: carrot published it
+    except MessageLog.DoesNotExist:
+        pass
+    MessageLog.objects.bulk_create([new_row(message, queue, message.message_id, limit)], ignore_conflicts=True)
+    return MessageLog.objects.get(uuid=message.message_id)
+
+
+def same_call(row: MessageLog, message: IncomingMessage) -> bool:
+    """Whether `row` logs this very message: the same task with the same arguments."""
+    if row.task != text.for_column(message.shown_task, 200):
+        return False
+    task_args, content = message.stored_arguments
+    if message.is_bad:
+        return _same_text(row.task_args, task_args) and _same_text(row.content, content)
+    return (_same_text(row.task_args, task_args) or _stored_value(row.task_args, 0) == list(message.args)) and \
+        (_same_text(row.content, content) or _stored_value(row.content, 1) == message.kwargs)
+
+
+def _same_text(stored: str | None, ours: str) -> bool:
+    stored = stored or ''
+    if stored == ours:
+        return True
+    marker = text.CUT_MARKER.split('{')[0]
+    return marker in stored and ours.startswith(stored[:stored.index(marker)])  # a cut copy of ours
+
+
+def _stored_value(stored: str | None, index: int):
+    """The stored positional (index 0, as a list) or keyword (1) arguments, or None if unreadable."""
+    try:
+        value = arguments.load_logged(stored, None)[0] if index == 0 else arguments.load_logged(None, stored)[1]
+    except InvalidArguments:
+        return None
+    return list(value) if index == 0 else value
+
+
+def bound_row(row: MessageLog, limit: int) -> None:
+    """Bound every text field of `row` to its column (cut with a marker; NUL escaped)."""
+    for name in ('exception', 'traceback', 'output', 'log', 'task_args', 'content'):
+        setattr(row, name, text.for_column(getattr(row, name), limit))
+    for name in ('task', 'worker', 'queue', 'exchange', 'routing_key'):
+        setattr(row, name, text.for_column(getattr(row, name), 200))
+
+
+def set_failed_fields(log: MessageLog, err, traceback_text: str | None = None) -> None:
+    """Set the FAILED fields of `log` from `err` (not saved)."""
+    log.status = MessageLog.FAILED
+    log.failure_time = timezone.now()
+    log.lease_expires = None
+    # carrot's own errors already read as sentences; other exceptions are prefixed with their type.
+    plain = not isinstance(err, BaseException) or isinstance(err, CarrotError)
+    log.exception = text.for_column(str(err) if plain else f'{type(err).__name__}: {err}', None)
+    if traceback_text is not None:
+        log.traceback = traceback_text

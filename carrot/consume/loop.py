@@ -1,0 +1,335 @@
+"""The 1.x ``Consumer``: consume one queue, one task at a time, ack only once its log is written.
+
+It composes three parts, each with one job:
+
+- the session (carrot.amqp.session): the AMQP connection, consuming and settling -- the only pika user;
+- the processor (carrot.consume.processor): claim the log row, run the task, record it -> a Disposition;
+- the task thread (carrot.consume.task_thread): the executor thread the processor runs in.
+
+Threads: the thread that calls `run()` owns the connection and keeps its I/O flowing (AMQP heartbeats,
+the supervisor's heartbeat through `on_tick`, SIGTERM, the claim lease); the processor runs in the task
+thread, with its own DB connection. When the task is done the connection thread settles the delivery.
+See README.rst, "Delivery guarantees".
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from django.db import DatabaseError, connections
+
+from carrot import registry, text
+from carrot.amqp import wire
+from carrot.amqp.disposition import DEAD_LETTER, Action, Disposition
+from carrot.amqp.session import SESSION_ERRORS, ConsumeSession
+from carrot.amqp.wire import DefaultMessageSerializer, IncomingMessage
+from carrot.backoff import Outage
+from carrot.config import BrokerConfig, QueueConfig, get_config
+from carrot.config.parse import parse_broker
+from carrot.consume.claim import worker_id
+from carrot.consume.logrows import get_or_insert_row, insert_row
+from carrot.consume.processor import Hooks, MessageProcessor
+from carrot.consume.runner import TASK_LOGGER
+from carrot.consume.task_thread import Delivery, TaskThread
+from carrot.exceptions import QueueMismatchError, TaskTimeLimitExceeded
+from carrot.models import MessageLog
+
+__all__ = ['Consumer', 'Disposition', 'worker_id']
+
+IDLE_POLL = 0.5         # seconds the loop waits for broker I/O between ticks (bounds stop latency)
+RECONNECT_BASE = 1.0    # first wait before reconnecting to the broker; doubled per failure ...
+RECONNECT_CAP = 30.0    # ... up to this (jittered), and reset once a connection succeeds
+
+
+class Consumer:
+    """Consume one queue. Subclass to customise (set as a queue's ``consumer_class``).
+
+    Extension points kept from django-carrot 1.x: ``serializer``, ``get_message_log(properties, body)``,
+    ``get_task_type(properties, body)``, ``fail(log, err)`` and ``add_failure_callback(callback)`` where
+    the callback is called as ``callback(log, exception)`` after a task is marked FAILED.
+    """
+    serializer = DefaultMessageSerializer()
+
+    def __init__(self, host, queue, logger: logging.Logger | None = None, name: str | None = None,
+                 durable: bool = True, queue_arguments: dict | None = None,
+                 exchange_arguments: dict | None = None):
+        # durable, queue_arguments and exchange_arguments are accepted for 1.x subclasses; carrot always
+        # declares its queues durable with the arguments in carrot.amqp.publisher.queue_arguments.
+        self.config = get_config()
+        self.queue = queue if isinstance(queue, QueueConfig) else self.config.queue(queue)
+        self.broker = _broker_of(host) or self.queue.broker
+        self.logger = logger or logging.getLogger('carrot.consumer')
+        self.name = name or f'{self.queue.name}#1'
+        self.failure_callbacks: list[Callable] = []
+        self.stopping = threading.Event()
+        self.on_tick: Callable[[], None] | None = None        # called every loop turn (supervisor heartbeat)
+        self.on_status: Callable[[str], None] | None = None   # told 'idle' / 'running <task> 3.1s'
+        self.task_time_limit: float | None = self.config.task_time_limit
+        self.messages_settled = 0
+        self.delivery: Delivery | None = None
+        self._processor: MessageProcessor | None = None
+        self._thread: TaskThread | None = None
+        self._current_message: IncomingMessage | None = None
+        self._lease_renewed = 0.0
+        # One line when renewing the lease starts failing, a reminder a minute, one when it works again.
+        self._lease_outage = Outage(self.logger, self.name, 'the database (for the claim lease)')
+
+    @property
+    def processor(self) -> MessageProcessor:
+        """The message processor, made on first use (after the supervisor has set `stopping`)."""
+        if self._processor is None or self._processor.stopping is not self.stopping:
+            self._processor = MessageProcessor(self.queue, self.config, self.logger, self.name,
+                                               hooks=_ConsumerHooks(self), stopping=self.stopping)
+        return self._processor
+
+    # -- extension points -------------------------------------------------------------------------
+
+    def add_failure_callback(self, callback: Callable) -> None:
+        self.failure_callbacks.append(callback)
+
+    def get_task_type(self, properties, body) -> str:
+        return self.serializer.get_task_type(properties, body)
+
+    def get_message_log(self, properties, body) -> MessageLog:
+        """The log row of this message, inserted first if it came from another publisher."""
+        message = self._current_message
+        if message is None or message.properties is not properties:
+            message = self.decode(None, properties, body)
+        if message.message_id is None:
+            import uuid
+            return insert_row(message, self.queue, str(uuid.uuid4()), self.config.max_stored_text)
+        return get_or_insert_row(message, self.queue, self.config.max_stored_text)
+
+    def fail(self, log: MessageLog, err, traceback_text: str | None = None) -> None:
+        """Mark `log` FAILED with `err`, then run the failure callbacks. The loop dead-letters the message."""
+        self.logger.error('%s: task %s (%s) failed: %s', self.name, text.for_log(log.task),
+                          text.for_log(log.uuid), text.for_log(err, 1000))
+        self.processor.record_failure(log, err, traceback_text)
+        for callback in self.failure_callbacks:
+            try:
+                callback(log, err)
+            except Exception:
+                self.logger.exception('%s: failure callback %r raised', self.name, callback)
+
+    # -- one message --------------------------------------------------------------------------------
+
+    def decode(self, method, properties, body) -> IncomingMessage:
+        """The delivery as an IncomingMessage (never raises: a broken message carries its problem)."""
+        return wire.decode_delivery(method, properties, body, self.config.max_message_size,
+                                        get_task_type=self.get_task_type,
+                                        get_arguments=self.serializer.serialize_arguments)
+
+    def process(self, message: IncomingMessage, abandoned: threading.Event | None = None) -> Disposition:
+        """Claim, run and record one message (in the task thread); never raises."""
+        self._current_message = message
+        try:
+            return self.processor.process(message, abandoned)
+        finally:
+            self._current_message = None
+
+    # -- the connection loop (runs in the calling thread) -------------------------------------------
+
+    def run(self, max_messages: int | None = None, idle_timeout: float | None = None) -> None:
+        """Consume until stop() (or SIGTERM in a supervised child), `max_messages` settled, or no message
+        for `idle_timeout` seconds. Reconnects when the broker goes away. Raises TaskTimeLimitExceeded
+        when a task overruns `task_time_limit`: its thread cannot be stopped, so the process should end."""
+        if logging.getLogger(TASK_LOGGER).level == logging.NOTSET:
+            logging.getLogger(TASK_LOGGER).setLevel(logging.INFO)  # so tasks' info lines reach the log field
+        registry.autodiscover()
+        self._thread = TaskThread(self.name)
+        try:
+            self._reconnecting_loop(max_messages, idle_timeout)
+        except TaskTimeLimitExceeded:
+            self._thread.abandon()  # the overrunning task still holds the thread
+            raise
+        finally:
+            self._thread.close()
+
+    def stop(self) -> None:
+        """Stop taking messages; the task in hand is finished and acked first."""
+        self.stopping.set()
+
+    def _finished(self, max_messages) -> bool:
+        return self.stopping.is_set() or (max_messages is not None and self.messages_settled >= max_messages)
+
+    def _reconnecting_loop(self, max_messages, idle_timeout) -> None:
+        broker = Outage(self.logger, self.name, f'the broker {self.broker}', cap=RECONNECT_CAP,
+                        base=RECONNECT_BASE)
+        while not self._finished(max_messages):
+            session = ConsumeSession(self.broker, self.queue, self.logger, self.name)
+            try:
+                session.open(self._on_delivery(session))
+            except QueueMismatchError:
+                raise
+            except SESSION_ERRORS as exc:
+                self._sleep(broker.failed(_describe(exc), exc))
+                continue
+            broker.recovered()
+            self.logger.info('%s: consuming %s on %s', self.name, self.queue.name, self.broker)
+            try:
+                self._consume(session, max_messages, idle_timeout)
+                if idle_timeout is not None:
+                    return
+            except SESSION_ERRORS as exc:
+                delivery = self.delivery
+                if delivery is not None and not delivery.done:
+                    self.logger.warning('%s: lost the connection to %s (%s) while running %s (%s); the task '
+                                        'goes on, its message will be delivered again and acked as a '
+                                        'duplicate once it is done', self.name, self.broker, _describe(exc),
+                                        delivery.task, delivery.message_id)
+                self._wait_for_delivery()  # its log is written; the lost ack means a redelivery
+                self._sleep(broker.failed(_describe(exc), exc))
+            finally:
+                session.close()
+
+    def _consume(self, session: ConsumeSession, max_messages, idle_timeout) -> None:
+        self._tick()  # say "idle" (and heartbeat) now, not after the first poll
+        last_activity = time.monotonic()
+        while True:
+            session.poll(IDLE_POLL)
+            if self.delivery is not None and self.delivery.done:
+                self._settle(session, self.delivery)
+                last_activity = time.monotonic()
+            self._enforce_time_limit(session)
+            self._tick()
+            if self.delivery is not None:
+                last_activity = time.monotonic()
+                continue
+            idle_for = time.monotonic() - last_activity
+            if self._finished(max_messages) or (idle_timeout is not None and idle_for >= idle_timeout):
+                session.cancel()
+                session.poll(0)  # a delivery may have arrived just before the cancel; finish it first
+                if self.delivery is None:
+                    return
+
+    def _on_delivery(self, session: ConsumeSession):
+        def on_delivery(method, properties, body):
+            try:
+                message = self.decode(method, properties, body)
+            except Exception as exc:  # a broken decode() override: the processor still records it
+                message = IncomingMessage(task='', shown_task='(undecodable)', message_id=None, body=b'',
+                                          properties=properties,
+                                          problem=f'the message could not be decoded: '
+                                                  f'{type(exc).__name__}: {text.for_log(exc, 300)}')
+            delivery = Delivery(method.delivery_tag, message.shown_task, message.message_id, message=message)
+            self.delivery = delivery
+            self._lease_renewed = time.monotonic()
+            delivery.future = self._thread.submit(self.process, message, delivery.abandoned,
+                                                on_done=session.wake)
+        return on_delivery
+
+    def _settle(self, session: ConsumeSession, delivery: Delivery) -> None:
+        try:
+            disposition = delivery.future.result()
+        except Exception:  # process() never raises; if an override does, the message is not run again
+            self.logger.exception('%s: processing %s raised; dead-lettering it', self.name, delivery.task)
+            disposition = DEAD_LETTER
+        session.settle(delivery.delivery_tag, disposition, delivery.message)
+        self.delivery = None
+        if disposition.action in (Action.ACK, Action.DEAD_LETTER):
+            self.messages_settled += 1
+
+    def _enforce_time_limit(self, session: ConsumeSession) -> None:
+        """Fail and dead-letter a task that overran the time limit, then raise to end this process."""
+        delivery = self.delivery
+        if delivery is None or not self.task_time_limit or delivery.done:
+            return
+        if delivery.age < self.task_time_limit:
+            return
+        error = self._fail_overrun(delivery, f'the task was still running after {delivery.age:.1f}s')
+        session.reject(delivery.delivery_tag)
+        self.delivery = None
+        raise error
+
+    def _fail_overrun(self, delivery: Delivery, what: str) -> TaskTimeLimitExceeded:
+        """Mark an overrunning task FAILED (failure callbacks run); returns the error to raise."""
+        error = TaskTimeLimitExceeded(f'time limit of {self.task_time_limit:g}s exceeded: {what}, so its '
+                                      f'worker process was stopped')
+        if delivery.message_id:
+            log = MessageLog.objects.filter(uuid=delivery.message_id, status=MessageLog.IN_PROGRESS,
+                                            worker=self.processor.worker).first()
+            if log is not None:
+                self.fail(log, error)
+        return error
+
+    def _tick(self) -> None:
+        delivery = self.delivery
+        if delivery is not None:
+            self._renew_lease(delivery)
+        if self.on_status is not None:
+            try:
+                self.on_status('idle' if delivery is None else f'running {delivery.task} {delivery.age:.1f}s')
+            except Exception:  # a process title is not worth a consumer
+                self.logger.debug('%s: on_status raised', self.name, exc_info=True)
+        if self.on_tick is not None:
+            self.on_tick()
+
+    def _renew_lease(self, delivery: Delivery) -> None:
+        """Every third of CARROT['claim_lease'], push the claim of the running message forward, so other
+        workers keep counting this one as alive (from this thread: it turns even while the task runs)."""
+        if delivery.message_id is None or delivery.done:
+            return
+        now = time.monotonic()
+        if now - self._lease_renewed < self.config.claim_lease / 3:
+            return
+        self._lease_renewed = now
+        try:
+            self.processor.renew_lease(delivery.message_id)
+        except DatabaseError as exc:
+            self._lease_outage.failed(f'renewing the claim of {delivery.message_id}: '
+                                      f'{text.for_log(exc, 200)}')
+            connections.close_all()  # this thread's; a fresh one is opened on the next renewal
+        else:
+            self._lease_outage.recovered()
+
+    def _wait_for_delivery(self) -> None:
+        """After the connection is lost: let the task in hand finish (its log row gets written; the
+        message, unacked, is delivered again and then acked as a duplicate), within the time limit. A
+        delivery not yet claimed (the database is down) is dropped: RabbitMQ delivers it again."""
+        delivery = self.delivery
+        if delivery is not None:
+            delivery.abandoned.set()
+        while delivery is not None and not self._thread.wait(delivery.future, IDLE_POLL):
+            if self.task_time_limit and delivery.age > self.task_time_limit:
+                # FAILED in the log: its redelivery is then dead-lettered without running again.
+                self.delivery = None
+                raise self._fail_overrun(delivery, 'the task was still running while the broker '
+                                                   'connection was down')
+            self._tick()
+        self.delivery = None
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            self._tick()
+            self.stopping.wait(min(IDLE_POLL, max(0.0, deadline - time.monotonic())))
+
+
+class _ConsumerHooks(Hooks):
+    """The processor's hooks, routed to the consumer's 1.x extension points."""
+
+    def __init__(self, consumer: Consumer):
+        self.consumer = consumer
+
+    def get_message_log(self, message: IncomingMessage) -> MessageLog:
+        return self.consumer.get_message_log(message.properties, message.body)
+
+    def fail(self, log: MessageLog, err) -> None:
+        self.consumer.fail(log, err)
+
+
+def _describe(exc: BaseException) -> str:
+    return f'{type(exc).__name__}: {text.for_log(exc, 200) or "connection lost"}'
+
+
+def _broker_of(host) -> BrokerConfig | None:
+    """The broker a 1.x caller named: a VirtualHost (its .config), a BrokerConfig or a URL."""
+    if host is None or isinstance(host, BrokerConfig):
+        return host
+    if isinstance(getattr(host, 'config', None), BrokerConfig):  # a 1.x carrot.objects.VirtualHost
+        return host.config
+    if isinstance(host, str):
+        return parse_broker(host)
+    raise TypeError(f'host must be a VirtualHost, a BrokerConfig or a URL, got {host!r}')

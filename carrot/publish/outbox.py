@@ -1,0 +1,142 @@
+"""The transactional outbox: a message's row is written first, and the message sent once it commits.
+
+Everything that publishes comes through here: ``publish_message`` (the 1.x facade in carrot.utilities),
+``MessageLog.requeue``, the scheduler, the relay of waiting messages and the monitor's actions.
+
+1. ``prepare()`` (carrot.publish.outgoing) checks the call and builds an immutable ``Outgoing``.
+2. ``enqueue()`` writes the MessageLog row first, with status WAITING ("waiting for the broker"), and
+   sends at once, or after commit when called inside a transaction (so no consumer sees a message whose
+   row may still roll back).
+3. ``send()`` publishes through the confirmed Publisher of carrot.amqp.publisher. Once RabbitMQ
+   confirms, the row becomes PUBLISHED, but only if it is still WAITING: a fast consumer may already
+   have claimed it.
+
+   - ``BrokerUnavailable`` (unreachable, connection lost, no confirm): with
+     ``CARROT['store_and_forward']`` (the default) the row stays WAITING and the call returns normally;
+     the relay (carrot.publish.relay) sends it later. Without it, the row is marked FAILED (it can be
+     requeued from the admin or the monitor) and the error is raised.
+   - ``MessageRejected`` (unroutable, nacked, no such exchange, too large, a queue clash): FAILED at
+     once, and raised.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from django.db import transaction
+from django.utils import timezone
+
+from carrot.amqp.publisher import publisher_for
+from carrot.config import get_config
+from carrot.exceptions import BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected
+from carrot.models import MessageLog
+from carrot.publish import arguments
+from carrot.publish.outgoing import Outgoing, prepare
+
+logger = logging.getLogger('carrot.publishing')
+
+# What means "this message can never be sent as it stands": a call carrot refuses (an unregistered task,
+# arguments that cannot be read back or encoded, an unknown queue), an invalid CARROT, or a refusal for
+# good by the broker. Anything else (BrokerUnavailable above all) may pass.
+UNSENDABLE = (InvalidCall, CarrotConfigException, MessageRejected)
+
+
+def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: bool | None = None) -> MessageLog:
+    """Write the row (WAITING), then send: now, or when the surrounding transaction commits.
+
+    Returns the row: PUBLISHED once RabbitMQ has it, WAITING while it waits for the broker or the commit.
+    ``store_and_forward=None`` means CARROT['store_and_forward'].
+    """
+    if store_and_forward is None:
+        store_and_forward = get_config().store_and_forward
+    task_args, content = arguments.dump(message.args, message.kwargs)
+    log = MessageLog.objects.create(
+        status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
+        routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
+        task_args=task_args, content=content,
+        publish_time=timezone.now())
+
+    connection = transaction.get_connection(MessageLog.objects.db)
+    if on_commit and connection.in_atomic_block:
+        transaction.on_commit(lambda: _send_after_commit(message, log, store_and_forward),
+                              using=MessageLog.objects.db)
+    else:
+        send(message, log, store_and_forward=store_and_forward)
+    return log
+
+
+def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bool) -> None:
+    # The caller's transaction has committed: raising here would reach whoever committed, long after
+    # publish_message returned. The row says what happened, and the log file too.
+    try:
+        send(message, log, store_and_forward=store_and_forward)
+    except Exception:
+        logger.exception('publishing %s (%s) after commit failed', message.task, message.uuid)
+
+
+def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relaying: bool = False) -> bool:
+    """Publish a logged message and record the outcome on its row (see the module docstring).
+    True once RabbitMQ has it; False when it waits for the broker (store-and-forward)."""
+    queue = get_config().queue(message.queue)
+    try:
+        publisher_for(queue.broker).publish(queue, message.body, message.properties,
+                                            exchange=message.exchange, routing_key=message.routing_key)
+    except BrokerUnavailable as exc:
+        if store_and_forward:
+            # The relay logs an outage once per broker, not once per message and try.
+            logger.log(logging.DEBUG if relaying else logging.WARNING,
+                       '%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid, exc)
+            return False
+        fail_unsent(log, exc)
+        raise
+    except MessageRejected as exc:
+        fail_unsent(log, exc)
+        raise
+    mark_published(log)
+    return True
+
+
+def mark_published(log: MessageLog) -> None:
+    """WAITING → PUBLISHED; a row a consumer has claimed meanwhile is left as it is."""
+    if MessageLog.objects.filter(pk=log.pk, status=MessageLog.WAITING).update(status=MessageLog.PUBLISHED):
+        log.status = MessageLog.PUBLISHED
+    else:
+        log.refresh_from_db(fields=['status'])
+
+
+def fail_unsent(log: MessageLog, exc: Exception) -> None:
+    reason = f'{type(exc).__name__}: the message could not be published: {exc}'
+    MessageLog.objects.filter(pk=log.pk, status=MessageLog.WAITING).update(
+        status=MessageLog.FAILED, failure_time=timezone.now(), exception=reason)
+    log.refresh_from_db(fields=['status', 'failure_time', 'exception'])
+
+
+def publish(task: str | Callable, args: tuple = (), kwargs: dict | None = None, *, queue: str | None = None,
+            exchange: str = '', routing_key: str | None = None, priority: int = 0, on_commit: bool = True,
+            store_and_forward: bool | None = None) -> MessageLog:
+    """prepare() then enqueue(): the whole publish. See carrot.utilities.publish_message."""
+    message = prepare(task, args, kwargs, queue=queue, exchange=exchange, routing_key=routing_key,
+                      priority=priority)
+    return enqueue(message, on_commit=on_commit, store_and_forward=store_and_forward)
+
+
+def requeue(log: MessageLog) -> MessageLog:
+    """Publish a copy of a logged message (a new uuid and row) and delete the original, in one transaction:
+    there is never a moment with both rows or with neither, and the copy is sent once that commits."""
+    args, kwargs = arguments.load_logged(log.task_args, log.content)
+    message = prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
+                      routing_key=log.routing_key or None, priority=log.priority)
+    with transaction.atomic(using=MessageLog.objects.db):
+        copy = enqueue(message)
+        if log.pk:
+            MessageLog.objects.filter(pk=log.pk).delete()
+    copy.refresh_from_db(fields=['status'])
+    return copy
+
+
+def outgoing_from_row(log: MessageLog) -> Outgoing:
+    """The message a WAITING row stands for, with the row's uuid; raises one of UNSENDABLE (as prepare()
+    does, or InvalidArguments when the stored arguments cannot be read back)."""
+    args, kwargs = arguments.load_logged(log.task_args, log.content)
+    return prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
+                   routing_key=log.routing_key or None, priority=log.priority, message_id=log.uuid)

@@ -1,0 +1,80 @@
+"""A task call, checked and turned into the immutable message that is logged and sent.
+
+`prepare()` does every check before anything is written: a registered task, JSON arguments, a priority
+from 0 to 255, a configured queue, an encoded body no larger than CARROT['max_message_size']. What it
+refuses is an `InvalidCall` (also a ValueError) or `MessageTooLarge`.
+"""
+from __future__ import annotations
+
+import uuid as uuid_module
+from dataclasses import dataclass, field
+from typing import Callable
+
+from carrot import registry
+from carrot.amqp import wire
+from carrot.config import get_config
+from carrot.exceptions import InvalidCall, MessageTooLarge
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A checked task call, ready to be logged and sent."""
+    task: str
+    args: tuple
+    kwargs: dict
+    queue: str
+    exchange: str = ''
+    routing_key: str | None = None
+    priority: int = 0
+    uuid: str = field(default_factory=lambda: str(uuid_module.uuid4()))
+    body: bytes = b''
+
+    @property
+    def properties(self) -> dict:
+        return wire.message_properties(self.task, self.uuid, self.priority)
+
+
+def task_name(task: str | Callable) -> str:
+    """The dotted path of a registered task (a callable or a path), or TaskNotRegistered saying why."""
+    return _registered(task)[0]
+
+
+def _registered(task: str | Callable) -> tuple[str, Callable]:
+    path = task if isinstance(task, str) else registry.task_path(task)
+    return path, registry.get_task(path)
+
+
+def encode(task: str, args: tuple, kwargs: dict) -> bytes:
+    """The message body. NotSerialisable naming the first argument JSON cannot carry, InvalidCall for
+    arguments nested too deeply, MessageTooLarge when the body is over CARROT['max_message_size']."""
+    try:
+        body = wire.encode_body(args, kwargs)
+    except RecursionError:
+        raise InvalidCall(f'the arguments of task {task} are nested too deeply to be sent') from None
+    except (TypeError, ValueError):
+        wire.check_serialisable(task, args, kwargs)  # raises, naming the argument
+        raise
+    limit = get_config().max_message_size
+    if len(body) > limit:
+        raise MessageTooLarge(
+            f'the message for task {task} is {len(body)} bytes, more than CARROT["max_message_size"] '
+            f'({limit} bytes); pass ids and let the task fetch the data, or raise the limit')
+    return body
+
+
+def prepare(task: str | Callable, args: tuple = (), kwargs: dict | None = None, *, queue: str | None = None,
+            exchange: str = '', routing_key: str | None = None, priority: int = 0,
+            message_id: str | None = None) -> Outgoing:
+    """Check a task call and build the message. Raises InvalidCall (TaskNotRegistered, NotSerialisable,
+    a priority out of range, UnknownQueue ...) or MessageTooLarge; nothing is written before this."""
+    path, func = _registered(task)
+    args, kwargs = tuple(args), dict(kwargs or {})
+    problem = registry.call_problem(func, args, kwargs)
+    if problem:
+        raise InvalidCall(f'task {path}: {problem}')
+    wire.check_priority(priority)
+    queue_name = get_config().queue(queue).name
+    extra = {'uuid': message_id} if message_id else {}
+    return Outgoing(task=path, args=args, kwargs=kwargs, queue=queue_name, exchange=exchange or '',
+                    routing_key=routing_key or queue_name, priority=priority,
+                    body=encode(path, args, kwargs), **extra)

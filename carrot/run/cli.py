@@ -1,0 +1,139 @@
+"""carrot-supervisor: the prefork master that runs carrot's consumers and scheduler.
+
+    carrot-supervisor --settings myproj.settings [--queues a,b] [--pidfile P] [--logfile L] ...
+
+Exit codes (also in README.rst):
+    0  stopped cleanly
+    2  bad command line (argparse)
+    3  bad configuration: no settings module, settings that do not import, an invalid CARROT, carrot's
+       tables missing (run manage.py migrate), a log file that is a symlink or cannot be opened
+    4  a broker was unreachable at start
+    5  the pidfile is held by a live master (or cannot be written)
+    6  every slot was parked: its children kept crashing (see the log for why)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+
+from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan
+from supervisor.signals import release_master_signals
+
+from carrot import __version__
+from carrot.run.build import ImageBuilder, SettingsSummary, SettingsUnreadable, read_settings
+from carrot.run.logfile import LogFileError, LogFileHandler
+from carrot.config.options import BY_NAME, SETTINGS, add_arguments, flag_value, status_file_for
+from carrot.text import LogFormatter
+
+LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
+PROC_NAME = 'carrot-supervisor'
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROC_NAME, description='Run carrot consumers (one process per slot) and the scheduler.')
+    parser.add_argument('--settings', help='Django settings module (default: $DJANGO_SETTINGS_MODULE)')
+    parser.add_argument('--pythonpath', action='append', default=[],
+                        help='a directory to add to sys.path (may repeat)')
+    add_arguments(parser)  # the options shared with the manage.py commands (carrot/config/options.py)
+    parser.add_argument('--check', action='store_true',
+                        help='validate the settings and broker reachability, print the slot plan, and exit')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    return parser
+
+
+def configure_logging(args) -> logging.Handler:
+    if args.logfile:
+        # Watched: logrotate moving the file is noticed on the next line, USR1 or not. Created mode 0640,
+        # never through a symlink (LogFileError): it holds task arguments.
+        handler = LogFileHandler(args.logfile)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(args.loglevel)
+    logging.getLogger('pika').setLevel(max(logging.WARNING, logging.getLevelName(args.loglevel)))
+    return handler
+
+
+def reopen_handler(handler: logging.Handler) -> None:
+    if isinstance(handler, LogFileHandler):
+        handler.reopen()
+
+
+def describe(summary: SettingsSummary, plan: Plan) -> str:
+    lines = ['queues:']
+    for queue in summary.queues:
+        lines.append(f'  {queue.name}: concurrency {queue.concurrency}, '
+                     f'{"consumed" if queue.consumable else "not consumed"}, broker {queue.broker}')
+    lines.append('slots:')
+    lines += [f'  {slot.name}' for slot in plan.slots()]
+    return '\n'.join(lines)
+
+
+def check(builder: ImageBuilder, settings_module: str) -> int:
+    """--check: read the settings here, try the brokers, print the plan."""
+    try:
+        summary = read_settings(settings_module, check_brokers=True, loglevel=builder.loglevel)
+        plan = builder.plan_for(summary)
+    except SettingsUnreadable as exc:
+        print(f'configuration errors:\n{exc}')
+        return EXIT_CONFIG
+    print(f'settings: {settings_module}\n{describe(summary, plan)}')
+    if summary.broker_errors:
+        print('broker errors:\n' + '\n'.join(f'  {e}' for e in summary.broker_errors))
+        return EXIT_BROKER
+    print('ok')
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for path in reversed(args.pythonpath):
+        sys.path.insert(0, os.path.abspath(path))
+    if args.pythonpath:
+        # Any task that runs a Python subprocess should see the same path.
+        os.environ['PYTHONPATH'] = os.pathsep.join(
+            [os.path.abspath(p) for p in args.pythonpath] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+    if '' not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like manage.py: the project is importable from where it runs
+    try:
+        handler = configure_logging(args)
+    except LogFileError as exc:
+        print(f'{PROC_NAME}: {exc}', file=sys.stderr)
+        return EXIT_CONFIG
+    log = logging.getLogger('carrot.supervisor')
+
+    settings_module = args.settings or os.environ.get('DJANGO_SETTINGS_MODULE')
+    if not settings_module:
+        log.error('no settings: pass --settings myproj.settings or set DJANGO_SETTINGS_MODULE')
+        return EXIT_CONFIG
+    os.environ['DJANGO_SETTINGS_MODULE'] = settings_module
+
+    status_file = status_file_for(args.pidfile, args.status_file)
+    flags = {option.name: flag_value(args, option.name) for option in SETTINGS}
+    builder = ImageBuilder(
+        settings_module, flags, no_scheduler=args.no_scheduler, loglevel=args.loglevel, status_file=status_file,
+        autoreload=args.autoreload,
+        queues=[q.strip() for q in args.queues.split(',') if q.strip()] if args.queues else None)
+    if args.check:
+        release_master_signals()  # no master loop will take them: Ctrl-C works as usual
+        return check(builder, settings_module)
+
+    # The master never imports the project: the image (carrot/run/build.py) reads the settings, and the
+    # options below are replaced by the settings' (or the flags') values once it is up.
+    arbiter = Arbiter(
+        builder, title=f'master [{settings_module}]', proc_name=PROC_NAME,
+        **{name: flags[name] if flags[name] is not None else BY_NAME[name].default for name in Arbiter.OPTIONS},
+        pidfile=args.pidfile, status_file=status_file, status_extra={'settings': settings_module},
+        reopen_logs=functools.partial(reopen_handler, handler), logger=logging.getLogger('carrot.supervisor'))
+    return arbiter.run()
+
+
+def run() -> None:
+    sys.exit(main())
+

@@ -1,0 +1,1 @@
+"""Interval schedules: the scheduler child's loop, the rules a schedule must meet, the built-in cleanup."""
