@@ -2,7 +2,8 @@
 
     CarrotError
      ├─ CarrotConfigException (CarrotConfigError)   the CARROT setting is invalid
-     │   └─ UnknownQueue (also InvalidCall)          a queue name CARROT['queues'] does not have
+     │   ├─ UnknownQueue (also InvalidCall)          a queue name CARROT['queues'] does not have
+     │   └─ NotMigrated                              carrot's tables are missing: run manage.py migrate
      ├─ InvalidCall (also ValueError)                 a task call carrot refuses before anything is written
      │   ├─ NotSerialisable (also TypeError)         an argument JSON cannot carry
      │   ├─ InvalidArguments                         stored arguments that cannot be read back
@@ -60,6 +61,10 @@ class TaskNotRegistered(InvalidCall):
 
 class UnknownQueue(CarrotConfigException, InvalidCall):
     """A queue name that is not in CARROT['queues']."""
+
+
+class NotMigrated(CarrotConfigException):
+    """carrot's tables (or columns) are missing from the database: run manage.py migrate."""
 
 
 class PublishError(CarrotError):

@@ -5,6 +5,8 @@ a process, so no code path can connect without them.
 """
 from __future__ import annotations
 
+import socket
+
 import pika
 import pika.exceptions as pe
 
@@ -32,3 +34,27 @@ def close_quietly(connection) -> None:
             connection.close()
         except Exception:
             pass
+
+
+def describe_connection_error(exc: BaseException, broker: BrokerConfig) -> str:
+    """What went wrong connecting to `broker`, once, in words a person can act on (never the password)."""
+    where = f'{broker.host}:{broker.port}'
+    cause = exc.args[0] if isinstance(exc, pe.AMQPConnectionError) and exc.args else exc
+    cause = getattr(cause, 'exception', cause)  # pika wraps the socket's own error
+    if isinstance(exc, pe.ProbableAuthenticationError):
+        return (f'access refused for user {broker.username!r} on vhost {broker.virtual_host!r} at {where}: '
+                f'the user name or password is wrong')
+    if isinstance(exc, pe.ProbableAccessDeniedError):
+        said = str(cause).rsplit(' - ', 1)[-1].strip("'\"")
+        fix = (f'create it (rabbitmqctl add_vhost {broker.virtual_host})' if 'not found' in said else
+               f"grant it (rabbitmqctl set_permissions -p {broker.virtual_host} {broker.username} '.*' '.*' '.*')")
+        return (f'access refused for user {broker.username!r} on vhost {broker.virtual_host!r} at {where} '
+                f'(RabbitMQ says: {said}); {fix}')
+    if isinstance(cause, ConnectionRefusedError):
+        return f'connection refused at {where}: is RabbitMQ running there? (start it, or fix the broker in CARROT)'
+    if isinstance(cause, socket.gaierror):
+        return f'the host name {broker.host!r} cannot be resolved ({cause.strerror})'
+    if isinstance(cause, (TimeoutError, socket.timeout)) or 'timed out' in str(cause).lower():
+        return f'no answer from {where} in time (a firewall, or the wrong host or port?)'
+    text = str(exc).strip() or 'connection lost'
+    return f'{type(exc).__name__}: {text} (at {where})'

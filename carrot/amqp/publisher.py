@@ -14,7 +14,7 @@ import threading
 import pika
 import pika.exceptions as pe
 
-from carrot.amqp.connection import CONNECTION_ERRORS, NOT_FOUND, close_quietly, connect
+from carrot.amqp.connection import CONNECTION_ERRORS, NOT_FOUND, close_quietly, connect, describe_connection_error
 from carrot.amqp.declare import declare_queue
 from carrot.config import BrokerConfig, QueueConfig
 from carrot.exceptions import BrokerUnavailable, MessageRejected, QueueMismatchError
@@ -76,7 +76,7 @@ class Publisher:
                     self._forget_connection()
                     if attempt == 2 or not retry:
                         raise BrokerUnavailable(f'cannot publish to {self.broker}: '
-                                                f'{type(exc).__name__}: {exc or "connection lost"}') from None
+                                                f'{describe_connection_error(exc, self.broker)}') from None
                     logger.info('publishing connection to %s was lost (%s); reconnecting',
                                 self.broker, type(exc).__name__)
 

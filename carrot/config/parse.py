@@ -12,7 +12,7 @@ import functools
 from typing import Any
 from urllib.parse import unquote, urlsplit, parse_qs
 
-from carrot.config.options import SETTINGS as SUPERVISOR_SETTINGS
+from carrot.config.options import LOG_LEVELS, SETTINGS as SUPERVISOR_SETTINGS
 from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, BrokerConfig,
                                   CarrotConfig, ConfigProblem, QueueConfig)
 from carrot.config.secrets import ENCODE_HINT, masked_repr, shown_broker
@@ -70,6 +70,12 @@ class Parser:
             self.bad_value(path, 'True or False', value)
             return default
         return value
+
+    def log_level(self, path, value, default):
+        if isinstance(value, str) and value.upper() in LOG_LEVELS:
+            return value.upper()
+        self.bad_value(path, f'one of {", ".join(LOG_LEVELS)}', value)
+        return default
 
     def dotted_paths(self, path, value):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
@@ -247,6 +253,7 @@ class Parser:
             claim_lease=get('claim_lease', self.positive_number),
             store_and_forward=get('store_and_forward', self.boolean),
             supervisor_gone_after=get('supervisor_gone_after', self.positive_number),
+            task_log_level=get('task_log_level', self.log_level),
             **self.supervisor_settings(raw),
         )
 

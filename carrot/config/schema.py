@@ -101,6 +101,7 @@ class CarrotConfig(SupervisorSettings):
     claim_lease: float = 60.0  # seconds an IN_PROGRESS claim lasts unless the running worker renews it
     store_and_forward: bool = True  # a publish the broker cannot take now waits in its row (else raises)
     supervisor_gone_after: float = 60.0  # the monitor shows a supervisor not seen for this long as gone
+    task_log_level: str = 'DEBUG'  # the lowest level of a task's own log lines kept in its MessageLog
 
     def queue(self, name: str | None) -> QueueConfig:
         """The queue called `name` (None means the default queue)."""

@@ -11,29 +11,14 @@ import logging
 import time
 from typing import Callable
 
-from django.db import DatabaseError, InterfaceError, OperationalError, ProgrammingError, connections
+from django.db import DatabaseError, connections
 
-from carrot import text
 from carrot.backoff import Outage
+from carrot.dbfaults import describe_database_fault, is_transient
 
 
 class StopRequested(Exception):
     """The worker is stopping (or lost the delivery) while the database is down, before any claim."""
-
-
-# PostgreSQL SQLSTATEs that mean "the tables are not usable now", not "this row is bad".
-_TRANSIENT_SQLSTATES = {'42P01',  # undefined_table (not migrated, renamed)
-                        '42703',  # undefined_column (migrations behind the code)
-                        '42501'}  # insufficient_privilege (grants being changed)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """A database fault that waiting may cure (unreachable, restarting, locked, tables missing)."""
-    if isinstance(exc, (OperationalError, InterfaceError)):
-        return True
-    if isinstance(exc, ProgrammingError):
-        return getattr(exc.__cause__, 'sqlstate', None) in _TRANSIENT_SQLSTATES
-    return False
 
 
 def drop_broken_connections() -> None:
@@ -53,13 +38,6 @@ def drop_broken_connections() -> None:
         elif connection.settings_dict.get('CONN_MAX_AGE') and connection.close_at is not None \
                 and time.monotonic() >= connection.close_at:
             connection.close()
-
-
-def describe_database_fault(exc: BaseException) -> str:
-    message = text.for_log(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, 200)
-    if 'no such table' in message or 'does not exist' in message:
-        return f'{message}; are the carrot tables migrated? run manage.py migrate'
-    return f'{type(exc).__name__}: {message}'
 
 
 class DatabaseRetry:

@@ -22,6 +22,7 @@ from django.db import DatabaseError, connections
 
 from carrot import registry, text
 from carrot.amqp import wire
+from carrot.amqp.connection import describe_connection_error
 from carrot.amqp.disposition import DEAD_LETTER, Action, Disposition
 from carrot.amqp.session import SESSION_ERRORS, ConsumeSession
 from carrot.amqp.wire import DefaultMessageSerializer, IncomingMessage
@@ -135,8 +136,12 @@ class Consumer:
         """Consume until stop() (or SIGTERM in a supervised child), `max_messages` settled, or no message
         for `idle_timeout` seconds. Reconnects when the broker goes away. Raises TaskTimeLimitExceeded
         when a task overruns `task_time_limit`: its thread cannot be stopped, so the process should end."""
-        if logging.getLogger(TASK_LOGGER).level == logging.NOTSET:
-            logging.getLogger(TASK_LOGGER).setLevel(logging.INFO)  # so tasks' info lines reach the log field
+        # A task's own lines down to CARROT['task_log_level'] reach its MessageLog, whatever --loglevel says
+        # (the supervisor's log handler keeps its own level).
+        task_logger = logging.getLogger(TASK_LOGGER)
+        wanted = logging.getLevelName(self.config.task_log_level)
+        if task_logger.getEffectiveLevel() > wanted:
+            task_logger.setLevel(wanted)
         registry.autodiscover()
         self._thread = TaskThread(self.name)
         try:
@@ -164,7 +169,7 @@ class Consumer:
             except QueueMismatchError:
                 raise
             except SESSION_ERRORS as exc:
-                self._sleep(broker.failed(_describe(exc), exc))
+                self._sleep(broker.failed(self._describe(exc), exc))
                 continue
             broker.recovered()
             self.logger.info('%s: consuming %s on %s', self.name, self.queue.name, self.broker)
@@ -177,12 +182,15 @@ class Consumer:
                 if delivery is not None and not delivery.done:
                     self.logger.warning('%s: lost the connection to %s (%s) while running %s (%s); the task '
                                         'goes on, its message will be delivered again and acked as a '
-                                        'duplicate once it is done', self.name, self.broker, _describe(exc),
+                                        'duplicate once it is done', self.name, self.broker, self._describe(exc),
                                         delivery.task, delivery.message_id)
                 self._wait_for_delivery()  # its log is written; the lost ack means a redelivery
-                self._sleep(broker.failed(_describe(exc), exc))
+                self._sleep(broker.failed(self._describe(exc), exc))
             finally:
                 session.close()
+
+    def _describe(self, exc: BaseException) -> str:
+        return text.for_log(describe_connection_error(exc, self.broker), 400)
 
     def _consume(self, session: ConsumeSession, max_messages, idle_timeout) -> None:
         self._tick()  # say "idle" (and heartbeat) now, not after the first poll
@@ -320,8 +328,6 @@ class _ConsumerHooks(Hooks):
         self.consumer.fail(log, err)
 
 
-def _describe(exc: BaseException) -> str:
-    return f'{type(exc).__name__}: {text.for_log(exc, 200) or "connection lost"}'
 
 
 def _broker_of(host) -> BrokerConfig | None:

@@ -48,7 +48,7 @@ def _stats_of(connection, name: str) -> QueueStats:
 
 def _fetch(queues: list[QueueConfig]) -> dict[str, QueueStats]:
     """Stats of `queues`, one connection per broker."""
-    from carrot.amqp.connection import close_quietly, connect
+    from carrot.amqp.connection import close_quietly, connect, describe_connection_error
 
     results = {}
     by_broker: dict = {}
@@ -60,7 +60,7 @@ def _fetch(queues: list[QueueConfig]) -> dict[str, QueueStats]:
                                  blocked_connection_timeout=TIMEOUT_SECONDS, connection_attempts=1,
                                  retry_delay=0)
         except Exception as exc:  # any failure to connect (refused, timeout, auth) means "unreachable"
-            reason = f'{type(exc).__name__}: cannot reach {broker}'
+            reason = describe_connection_error(exc, broker)
             results.update({q.name: QueueStats(q.name, 'unreachable', error=reason) for q in members})
             continue
         try:

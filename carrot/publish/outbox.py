@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from carrot.amqp.publisher import publisher_for
 from carrot.config import get_config
-from carrot.exceptions import BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected
+from carrot.dbfaults import MIGRATE_HINT, tables_missing
+from carrot.exceptions import BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected, NotMigrated
 from carrot.models import MessageLog
 from carrot.publish import arguments
 from carrot.publish.outgoing import Outgoing, prepare
@@ -49,12 +50,7 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
     """
     if store_and_forward is None:
         store_and_forward = get_config().store_and_forward
-    task_args, content = arguments.dump(message.args, message.kwargs)
-    log = MessageLog.objects.create(
-        status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
-        routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
-        task_args=task_args, content=content,
-        publish_time=timezone.now())
+    log = _write_row(message)
 
     connection = transaction.get_connection(MessageLog.objects.db)
     if on_commit and connection.in_atomic_block:
@@ -63,6 +59,20 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
     else:
         send(message, log, store_and_forward=store_and_forward)
     return log
+
+
+def _write_row(message: Outgoing) -> MessageLog:
+    task_args, content = arguments.dump(message.args, message.kwargs)
+    try:
+        return MessageLog.objects.create(
+            status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
+            routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
+            task_args=task_args, content=content, publish_time=timezone.now())
+    except DatabaseError as exc:
+        if tables_missing(exc):
+            raise NotMigrated(f"carrot's tables are missing from database {MessageLog.objects.db!r} "
+                              f'({exc}): {MIGRATE_HINT}') from exc
+        raise
 
 
 def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bool) -> None:

@@ -1,4 +1,4 @@
-"""The bodies of the supervisor's children: a consumer of one queue, and the scheduler.
+"""The bodies of the supervisor's children: a consumer of one queue, the scheduler, and housekeeping.
 
 They run in processes forked from the warm image (carrot/run/build.py): Django is set up and the task
 modules are imported already; no connection was inherited, so each child opens its own database and
@@ -17,11 +17,10 @@ logger = logging.getLogger('carrot.worker')
 
 MEMORY_JITTER = 0.1  # children recycle between 100% and 110% of the memory limit
 TASKS_JITTER = 0.1   # ... and between 100% and 110% of max_tasks_per_child, so they don't all go at once
-SNAPSHOT_EVERY = 5.0  # seconds between copies of the master's status snapshot into the database
 
 
 @dataclass(frozen=True)
-class WorkerOptions:
+class ChildOptions:
     """What a child needs besides its queue: the per-child limits, and where the master's snapshot is."""
     task_time_limit: float | None = None
     max_tasks_per_child: int | None = None
@@ -33,7 +32,7 @@ def with_jitter(limit, fraction):
     return limit + random.uniform(0, fraction) * limit
 
 
-def consumer_main(queue_name: str, options: WorkerOptions, ctx) -> int:
+def consumer_main(queue_name: str, options: ChildOptions, ctx) -> int:
     """Consume `queue_name` until the master asks this child to stop, or a limit recycles it."""
     import psutil
     from django.utils.module_loading import import_string
@@ -90,51 +89,34 @@ def consumer_main(queue_name: str, options: WorkerOptions, ctx) -> int:
     return 0
 
 
-def scheduler_main(options: WorkerOptions, ctx) -> int:
-    """Publish due ScheduledTasks until the master asks this child to stop; copy the master's status
-    snapshot into the database every few seconds."""
+def scheduler_main(options: ChildOptions, ctx) -> int:
+    """Publish due ScheduledTasks until the master asks this child to stop."""
     from carrot.schedule.scheduler import Scheduler
 
     scheduler = Scheduler(stopping=ctx.stopping)
-    snapshots = SnapshotCopier(options.status_file)
     ctx.report('idle')
-
-    def on_tick():
-        ctx.heartbeat()
-        if not ctx.master_alive():
-            logger.error('scheduler: the master is gone; exiting')
-            os._exit(1)
-        snapshots.tick()
-
-    scheduler.on_tick = on_tick
+    scheduler.on_tick = _beating(ctx, 'scheduler')
     scheduler.run()
     return 0
 
 
-class SnapshotCopier:
-    """Copies the master's status file into the SupervisorStatus table, at most every SNAPSHOT_EVERY s."""
+def housekeeping_main(options: ChildOptions, ctx) -> int:
+    """This host's housekeeping (carrot.run.housekeeping) until the master asks this child to stop."""
+    from carrot.run.housekeeping import Housekeeping, relay_duty, status_copy_duty
 
-    def __init__(self, path: str | None):
-        self.path = path
-        self.next_copy = 0.0
-        self.failing = False
+    duties = [duty for duty in (relay_duty(), status_copy_duty(options.status_file)) if duty is not None]
+    housekeeping = Housekeeping(duties, stopping=ctx.stopping)
+    ctx.report('idle')
+    housekeeping.on_tick = _beating(ctx, 'housekeeping')
+    housekeeping.run()
+    return 0
 
-    def tick(self) -> None:
-        now = time.monotonic()
-        if not self.path or now < self.next_copy:
-            return
-        self.next_copy = now + SNAPSHOT_EVERY
-        from carrot.run.status import read_snapshot, store_snapshot
 
-        try:
-            document = read_snapshot(self.path)
-            if document is not None:
-                store_snapshot(document)
-        except Exception as exc:  # the database may be down: the scheduler carries on regardless
-            if not self.failing:
-                logger.warning('cannot store the supervisor status snapshot: %s', exc)
-            self.failing = True
-        else:
-            if self.failing:
-                logger.info('storing the supervisor status snapshot works again')
-            self.failing = False
+def _beating(ctx, name: str):
+    """An on_tick for a loop child: heartbeat, and exit if the master is gone."""
+    def on_tick():
+        ctx.heartbeat()
+        if not ctx.master_alive():  # where PR_SET_PDEATHSIG is missing
+            logger.error('%s: the master is gone; exiting', name)
+            os._exit(1)
+    return on_tick

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan, SlotGroup
 from supervisor.image import ImageFailed
 
-from carrot.run.bodies import WorkerOptions, consumer_main, scheduler_main
+from carrot.run.bodies import ChildOptions, consumer_main, housekeeping_main, scheduler_main
 
 
 class SettingsUnreadable(ImageFailed):
@@ -80,8 +80,12 @@ def read_settings(settings_module: str, check_brokers: bool = False, loglevel: s
         where = f' (at {frames[-1].filename}:{frames[-1].lineno})' if frames else ''
         raise SettingsUnreadable(f'cannot load settings {settings_module}: {type(exc).__name__}: {exc}{where}') \
             from exc
+    from django.apps import apps
     from django.conf import settings
 
+    if not apps.is_installed('carrot'):
+        raise SettingsUnreadable(f"'carrot' is not in INSTALLED_APPS of {settings_module}: add it "
+                                 f"(INSTALLED_APPS = [..., 'carrot']), then run manage.py migrate")
     from carrot.checks import run_carrot_checks
     from carrot.config import config_from_settings
     from carrot.config.options import settings_values
@@ -99,7 +103,7 @@ def read_settings(settings_module: str, check_brokers: bool = False, loglevel: s
 
 def broker_errors(config) -> list[str]:
     """Try every broker a consumer or the scheduler would use; one line per unreachable broker."""
-    from carrot.amqp.connection import connect
+    from carrot.amqp.connection import connect, describe_connection_error
 
     errors = []
     brokers = {q.broker for q in config.consumable_queues} | {config.default_broker}
@@ -107,12 +111,13 @@ def broker_errors(config) -> list[str]:
         try:
             connect(broker).close()
         except Exception as exc:
-            errors.append(f'broker {broker} is unreachable: {type(exc).__name__}: {exc or "no answer"}')
+            errors.append(f'broker {broker} is unreachable: {describe_connection_error(exc, broker)}')
     return errors
 
 
 # What every child uses, imported in the image so that children share it instead of importing it each.
-PRELOADED = ('carrot.consumer', 'carrot.schedule.scheduler', 'carrot.run.status', 'carrot.amqp.publisher', 'pika', 'psutil')
+PRELOADED = ('carrot.consume.loop', 'carrot.schedule.scheduler', 'carrot.run.housekeeping', 'carrot.publish.relay',
+             'carrot.run.status', 'carrot.amqp.session', 'carrot.amqp.publisher', 'pika', 'psutil')
 
 
 class ImageBuilder:
@@ -169,7 +174,7 @@ class ImageBuilder:
                 raise SettingsUnreadable(f"--queues names queues that are not in CARROT['queues']: "
                                          f"{', '.join(unknown)}")
             queues = [summary.queue(name) for name in self.queue_filter]
-        options = WorkerOptions(
+        options = ChildOptions(
             task_time_limit=self.option(summary, 'task_time_limit'),
             max_tasks_per_child=self.option(summary, 'max_tasks_per_child'),
             max_memory_per_child=self.option(summary, 'max_memory_per_child'),
@@ -178,6 +183,8 @@ class ImageBuilder:
                             scalable=True, fingerprint=q) for q in queues]
         if summary.options['scheduler'] and not self.no_scheduler:
             groups.append(SlotGroup('scheduler', 1, functools.partial(scheduler_main, options), numbered=False))
+        # Every host, whatever it consumes: relay waiting messages, copy the status to the database.
+        groups.append(SlotGroup('housekeeping', 1, functools.partial(housekeeping_main, options), numbered=False))
         return Plan(tuple(groups))
 
 

@@ -14,10 +14,13 @@ Exit codes (also in README.rst):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan
 from supervisor.signals import release_master_signals
@@ -53,6 +56,9 @@ def configure_logging(args) -> logging.Handler:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter(LOG_FORMAT))
+    # The handler keeps --loglevel: loggers may be lower (a task's lines are kept for its MessageLog down to
+    # CARROT['task_log_level']) without those lines reaching the supervisor's log.
+    handler.setLevel(args.loglevel)
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(args.loglevel)
@@ -114,15 +120,38 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     os.environ['DJANGO_SETTINGS_MODULE'] = settings_module
 
-    status_file = status_file_for(args.pidfile, args.status_file)
-    flags = {option.name: flag_value(args, option.name) for option in SETTINGS}
-    builder = ImageBuilder(
-        settings_module, flags, no_scheduler=args.no_scheduler, loglevel=args.loglevel, status_file=status_file,
-        autoreload=args.autoreload,
-        queues=[q.strip() for q in args.queues.split(',') if q.strip()] if args.queues else None)
     if args.check:
         release_master_signals()  # no master loop will take them: Ctrl-C works as usual
-        return check(builder, settings_module)
+        return check(builder_for(args, settings_module), settings_module)
+    status_file = status_file_for(args.pidfile, args.status_file)
+    if status_file is None:
+        # Housekeeping copies the snapshot into the database, where the monitor's Workers tab shows it. With
+        # no pidfile there is no agreed place for the file: a directory of this master's own, gone at exit.
+        with private_status_file() as status_file:
+            return supervise(args, settings_module, status_file, handler)
+    return supervise(args, settings_module, status_file, handler)
+
+
+def builder_for(args, settings_module: str, status_file: str | None = None) -> ImageBuilder:
+    """What each image runs to build itself, from the command line (a flag not given is None: CARROT decides)."""
+    return ImageBuilder(
+        settings_module, {option.name: flag_value(args, option.name) for option in SETTINGS},
+        no_scheduler=args.no_scheduler, loglevel=args.loglevel, status_file=status_file, autoreload=args.autoreload,
+        queues=[q.strip() for q in args.queues.split(',') if q.strip()] if args.queues else None)
+
+
+@contextlib.contextmanager
+def private_status_file():
+    directory = tempfile.mkdtemp(prefix='carrot-supervisor-')  # mode 0700, a name nobody can predict
+    try:
+        yield os.path.join(directory, 'status.json')
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def supervise(args, settings_module: str, status_file: str, handler: logging.Handler) -> int:
+    builder = builder_for(args, settings_module, status_file)
+    flags = builder.flags
 
     # The master never imports the project: the image (carrot/run/build.py) reads the settings, and the
     # options below are replaced by the settings' (or the flags') values once it is up.

@@ -2,7 +2,9 @@
 import os
 
 BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_DIR = os.environ.get('CARROT_DEMO_DIR', os.path.join(BASE_DIR, 'run'))
+# Where scripts/demo keeps the database and the log: the checkout's demo-run/, so `python manage.py shell`
+# (or runserver) in this directory afterwards finds the demo's data.
+RUN_DIR = os.environ.get('CARROT_DEMO_DIR', os.path.join(BASE_DIR, '..', '..', 'demo-run'))
 SECRET_KEY = 'demo-only'
 ALLOWED_HOSTS = ['127.0.0.1', 'localhost']
 # DEBUG also makes `runserver` (scripts/demo --serve) serve the monitor's static files; scripts/bench

@@ -44,7 +44,7 @@ class Command(BaseCommand):
 
         self.stdout.write('')
         self.stdout.write(f'{"task":<28} {"queue":<8} {"status":<10} {"worker":<18} {"took":>6}  output / error')
-        for log in MessageLog.objects.filter(publish_time__gte=started).order_by('publish_time'):
+        for log in MessageLog.objects.filter(pk__in=[log.pk for log in logs]).order_by('publish_time'):
             took = f'{log.duration.total_seconds():.2f}s' if log.duration else '-'
             result = log.output if log.status == 'COMPLETED' else log.exception
             self.stdout.write(f'{log.task.rsplit(".", 1)[-1]:<28} {log.queue:<8} {log.status:<10} '
@@ -53,6 +53,10 @@ class Command(BaseCommand):
                 self.stdout.write(f'{"":<30}log: {line}')
         runs = MessageLog.objects.filter(task='shop.tasks.heartbeat', publish_time__gte=started).count()
         self.stdout.write(f'\nthe 2-second schedule was published {runs} time(s)')
+        builtin = MessageLog.objects.filter(task='carrot.helper_tasks.cleanup', publish_time__gte=started).count()
+        if builtin:
+            self.stdout.write(f"and carrot's own hourly cleanup of old log rows ran {builtin} time(s) (it runs once "
+                              f"when a scheduler starts; CARROT['cleanup_after_days'])")
         if pending:
             self.stderr.write(f'{len(pending)} task(s) did not finish within {WAIT}s')
             raise SystemExit(1)

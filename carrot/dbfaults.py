@@ -1,0 +1,42 @@
+"""Telling database faults apart: the ones waiting may cure, and the ones that mean "run migrate".
+
+Used by the workers (carrot.consume.dbretry waits the transient ones out) and by publishing (a publish
+before `migrate` says so, rather than "no such table").
+"""
+from __future__ import annotations
+
+from django.db import InterfaceError, OperationalError, ProgrammingError
+
+from carrot import text
+
+MIGRATE_HINT = 'run manage.py migrate'
+
+# PostgreSQL SQLSTATEs that mean "the tables are not usable now", not "this row is bad".
+_TRANSIENT_SQLSTATES = {'42P01',  # undefined_table (not migrated, renamed)
+                        '42703',  # undefined_column (migrations behind the code)
+                        '42501'}  # insufficient_privilege (grants being changed)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database fault that waiting may cure (unreachable, restarting, locked, tables missing)."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    if isinstance(exc, ProgrammingError):
+        return getattr(exc.__cause__, 'sqlstate', None) in _TRANSIENT_SQLSTATES
+    return False
+
+
+def tables_missing(exc: BaseException) -> bool:
+    """Whether `exc` says one of the tables (or columns) is not there: migrations not applied."""
+    if getattr(exc.__cause__, 'sqlstate', None) in ('42P01', '42703'):
+        return True
+    message = str(exc)
+    return 'no such table' in message or 'no such column' in message or \
+        ('does not exist' in message and ('relation' in message or 'column' in message))
+
+
+def describe_database_fault(exc: BaseException) -> str:
+    message = text.for_log(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, 200)
+    if 'no such table' in message or 'does not exist' in message:
+        return f'{message}; are the carrot tables migrated? {MIGRATE_HINT}'
+    return f'{type(exc).__name__}: {message}'

@@ -1,0 +1,105 @@
+"""Housekeeping: the duties every carrot-supervisor host has besides consuming and scheduling.
+
+One `housekeeping` child per supervisor, whatever it consumes and whether it runs a scheduler:
+
+- the relay: messages left WAITING for the broker (an outage, a web process that died before its
+  after-commit send) are sent (carrot.publish.relay), a bounded batch per tick;
+- the status copy: the master's status snapshot goes into the SupervisorStatus table every few seconds,
+  so the monitor's Workers tab shows every host.
+
+Each duty backs off on its own while the database or the broker is down and logs one line per change of
+state; one duty failing never stops the others.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from django.db import DatabaseError, connections
+
+from carrot.backoff import Backoff
+from carrot.exceptions import CarrotError
+
+logger = logging.getLogger('carrot.housekeeping')
+
+TICK = 1.0
+SNAPSHOT_EVERY = 5.0  # seconds between copies of the master's status snapshot into the database
+MAX_DUTY_BACKOFF = 30.0
+
+
+@dataclass
+class Duty:
+    """One thing housekeeping does every `every` seconds, with a backoff of its own after a failure."""
+    name: str
+    run: Callable[[], object]
+    every: float = TICK
+    next_run: float = 0.0
+    failing: bool = False
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=TICK, cap=MAX_DUTY_BACKOFF))
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_run
+
+    def perform(self, now: float) -> None:
+        try:
+            self.run()
+        except (DatabaseError, CarrotError, OSError) as exc:
+            delay = self.backoff.next_delay()
+            self.next_run = now + delay
+            if not self.failing:
+                logger.warning('housekeeping: %s failed (%s: %s); retrying with backoff', self.name,
+                               type(exc).__name__, exc)
+            self.failing = True
+            connections.close_all()  # a broken connection is re-opened on the next query
+            return
+        if self.failing:
+            logger.info('housekeeping: %s works again', self.name)
+        self.failing = False
+        self.backoff.reset()
+        self.next_run = now + self.every
+
+
+class Housekeeping:
+    def __init__(self, duties: list[Duty], stopping: threading.Event | None = None, tick: float = TICK):
+        self.duties = duties
+        self.stopping = stopping or threading.Event()
+        self.tick = tick
+        self.on_tick: Callable[[], None] | None = None
+
+    def run(self) -> None:
+        """Perform the duties that are due, every tick, until `stopping` is set."""
+        logger.info('housekeeping started: %s', ', '.join(duty.name for duty in self.duties))
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            for duty in self.duties:
+                if duty.due(now) and not self.stopping.is_set():
+                    duty.perform(now)
+                if self.on_tick is not None:
+                    self.on_tick()
+            self.stopping.wait(self.tick)
+        connections.close_all()
+        logger.info('housekeeping stopped')
+
+
+def relay_duty() -> Duty:
+    from carrot.publish.relay import Relay
+
+    relay = Relay()
+    return Duty('relaying messages that wait for the broker', relay.relay_waiting)
+
+
+def status_copy_duty(path: str | None) -> Duty | None:
+    """Copies the master's status file into the database; None when the master writes none."""
+    if not path:
+        return None
+    from carrot.run.status import read_snapshot, store_snapshot
+
+    def copy():
+        document = read_snapshot(path)
+        if document is not None:
+            store_snapshot(document)
+
+    return Duty('copying the supervisor status to the database', copy, every=SNAPSHOT_EVERY)
