@@ -93,7 +93,7 @@ class Kid:
     """A child of the master as the process table shows it."""
     pid: int
     title: str
-    slot: str   # 'consumer default#1', 'scheduler'
+    slot: str   # 'consumer default#1', 'scheduler', 'housekeeping'
     state: str  # 'idle', 'running tests.testapp.tasks.sleep 1.5s', '' (scheduler, or starting)
 
     @property
@@ -112,8 +112,9 @@ def parse_title(title: str) -> tuple[str, str] | None:
         if len(words) < 2:
             return None
         return f'consumer {words[1]}', (words[2] if len(words) > 2 else '')
-    if rest == 'scheduler' or rest.startswith('scheduler '):
-        return 'scheduler', rest[len('scheduler'):].strip()
+    for single in ('scheduler', 'housekeeping'):
+        if rest == single or rest.startswith(single + ' '):
+            return single, rest[len(single):].strip()
     return None
 
 
@@ -175,7 +176,8 @@ class Supervisor:
             return f'(cannot list children: {exc})'
 
     def children(self) -> list[Kid]:
-        """Live children of the master that hold a slot (consumers, scheduler), by the process table."""
+        """Live children of the master that hold a slot (consumers, scheduler, housekeeping), by the
+        process table."""
         found = []
         try:
             procs = self.master.children()
@@ -217,16 +219,17 @@ class Supervisor:
 
     def wait_slots(self, slots, timeout=15, state='idle', exclude_pids=()) -> dict[str, Kid]:
         """Wait until exactly `slots` each hold one child whose consumer title shows `state` (the
-        scheduler shows none), none of them in `exclude_pids`; slot -> Kid."""
+        scheduler and housekeeping show none), none of them in `exclude_pids`; slot -> Kid. Housekeeping
+        (on every host) counts only where `slots` names it."""
         wanted = sorted(slots)
 
         def settled():
-            kids = self.children()
+            kids = [k for k in self.children() if k.slot != 'housekeeping' or 'housekeeping' in wanted]
             if sorted(k.slot for k in kids) != wanted:
                 return None
             if any(k.pid in exclude_pids for k in kids):
                 return None
-            if any(k.slot != 'scheduler' and not k.state.startswith(state) for k in kids):
+            if any(k.queue and not k.state.startswith(state) for k in kids):
                 return None
             return {k.slot: k for k in kids}
 
@@ -312,11 +315,12 @@ class Starter:
         self.extra_path = workdir / 'carrot_extra.py'
 
     def __call__(self, *flags, extra: str | None = None, scheduler=False, settings=True, logfile=True,
-                 env: dict | None = None, name: str | None = None) -> Supervisor:
+                 status_file=True, env: dict | None = None, name: str | None = None) -> Supervisor:
         """Start ``carrot-supervisor --settings tests.testproject.settings --logfile ... *flags``.
 
         `extra` is Python exec'd at the end of the test settings (CARROT_TEST_EXTRA); the file stays
-        in place, so `write_extra()` + HUP reloads an edit. ``--no-scheduler`` unless `scheduler`.
+        in place, so `write_extra()` + HUP reloads an edit. ``--no-scheduler`` unless `scheduler`;
+        ``--status-file`` beside the log unless `status_file` is false.
         """
         name = name or f'supervisor{len(self.started) + 1}'
         environ = dict(self.env if env is None else env)
@@ -328,8 +332,9 @@ class Starter:
         if settings:
             args += ['--settings', SETTINGS]
         if logfile:
-            args += ['--logfile', str(self.workdir / f'{name}.log'),
-                     '--status-file', str(self.workdir / f'{name}.status.json')]
+            args += ['--logfile', str(self.workdir / f'{name}.log')]
+            if status_file:
+                args += ['--status-file', str(self.workdir / f'{name}.status.json')]
         if not scheduler:
             args.append('--no-scheduler')
         supervisor = Supervisor(self.workdir, environ, [*args, *flags], name)

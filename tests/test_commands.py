@@ -60,7 +60,7 @@ def without_state(title):
 
 
 def workers(master):
-    """The master's consumer and scheduler children (not the warm image it forks them from, if any)."""
+    """The master's consumer, scheduler and housekeeping children (not the warm image it forks them from)."""
     return [c for c in master.children() if not title_of(c).startswith('carrot-supervisor: image')]
 
 
@@ -72,7 +72,7 @@ def test_carrot_check_prints_the_slot_plan(manage):
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'settings: tests.testproject.settings' in result.stdout
     slots = result.stdout.split('slots:\n', 1)[1].split()
-    assert ' '.join(slots) == 'consumer default#1 consumer other#1 scheduler ok', result.stdout
+    assert ' '.join(slots) == 'consumer default#1 consumer other#1 scheduler housekeeping ok', result.stdout
 
     result = manage('carrot', '--check', '--no-scheduler', '--queues', 'other')
     assert result.returncode == 0, result.stdout + result.stderr
@@ -111,7 +111,7 @@ def test_carrot_runs_the_supervisor_in_the_foreground_in_the_same_process(comman
     # A consumer may already be running the cleanup the scheduler publishes at start: idle or running.
     titles = sorted(without_state(title_of(child)) for child in workers(master))
     assert titles == ['carrot-supervisor: consumer default#1', 'carrot-supervisor: consumer other#1',
-                      'carrot-supervisor: scheduler'], titles
+                      'carrot-supervisor: housekeeping', 'carrot-supervisor: scheduler'], titles
     children = master.children()
 
     # It works: a published task runs in one of its children.

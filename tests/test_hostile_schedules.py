@@ -50,7 +50,7 @@ def scheduled(start_supervisor, tmp_path):
                                         task_args=json.dumps([str(ticks), 'tick']), interval_type='seconds',
                                         interval_count=1, queue='default')
     sup = start_supervisor('--queues', 'default', scheduler=True)
-    sup.wait_ready(['consumer default#1', 'scheduler'], timeout=60)
+    sup.wait_ready(['consumer default#1', 'scheduler', 'housekeeping'], timeout=60)
     wait_for(lambda: lines(ticks) >= 1, 30, 'the good schedule to run once')
     return sup, good, ticks
 

@@ -451,7 +451,8 @@ def test_scheduler_survives_an_unreachable_broker(start_supervisor, subprocess_e
     extra = tmp_path / 'extra.py'
     extra.write_text(f"CARROT['queues'] = CARROT['queues'] + [\n"
                      f"    {{'name': 'unreachable', 'host': {DEAD_BROKER!r}, 'consumable': False}}]\n")
-    supervisor = start_supervisor('--queues', 'default', env=dict(subprocess_env, CARROT_TEST_EXTRA=str(extra)))
+    supervisor = start_supervisor('--queues', 'default', '--no-scheduler',
+                                  env=dict(subprocess_env, CARROT_TEST_EXTRA=str(extra)))
     supervisor.wait_ready()
     scheduler_pid = supervisor.scheduler().pid
 
@@ -521,14 +522,15 @@ def broken(name, **fields):
 
 BROKEN_ROWS = {
     'bad json': (dict(task_args='[1,'), 'the positional arguments are not valid JSON'),
-    'deep nesting': (dict(task_args='[' * 100_000 + ']' * 100_000), 'nested too deeply'),
+    'deep nesting': (dict(task_args='[' * 40 + ']' * 40), 'nested too deeply (at most 32 levels)'),
+    'too long': (dict(task_args='[' * 100_000 + ']' * 100_000), 'too long (200000 characters, at most 65536)'),
     'kwargs not an object': (dict(content='[1]'), 'the keyword arguments must be a JSON object, got list'),
     'huge interval': (dict(interval_type='days', interval_count=10 ** 9), 'longer than the longest allowed'),
     'calendar overflow': (dict(interval_type='days', interval_count=5,
                                last_run_time=timezone.make_aware(timezone.datetime(9999, 12, 30))),
                           'past the end of the calendar'),
     'unknown unit': (dict(interval_type='fortnights'), "the interval unit 'fortnights' is not one of"),
-    'zero interval': (dict(interval_count=0), 'must be a whole number of at least 1, got 0'),
+    'zero interval': (dict(interval_count=0), 'must be a whole number of seconds, at least 1 (got 0)'),
     'not a task': (dict(task='os.system', task_args='["true"]'), 'task os.system is not registered'),
     'unknown queue': (dict(queue='nowhere'), "no queue called 'nowhere'"),
     'too large': (dict(task_args='["' + 'x' * 2000 + '"]'), 'more than CARROT["max_message_size"]'),
@@ -600,19 +602,22 @@ def test_a_schedule_the_broker_refuses_is_marked_until_a_run_goes_through(caplog
 
 
 @pytest.mark.timeout(60)
-def test_the_scheduler_loop_relays_waiting_messages():
+def test_housekeeping_relays_waiting_messages():
     import uuid
+
+    from carrot.run.housekeeping import Housekeeping, relay_duty
     waiting = MessageLog.objects.create(status='WAITING', queue='other', routing_key='other', task=ADD,
                                         uuid=str(uuid.uuid4()), task_args='[5, 5]', content='{}',
                                         publish_time=timezone.now() - timedelta(minutes=1))
     stopping = threading.Event()
-    scheduler = Scheduler(stopping=stopping)
-    scheduler.on_tick = stopping.set  # one tick
-    thread, result = run_in_thread(scheduler.run)
+    duty = relay_duty()
+    housekeeping = Housekeeping([duty], stopping=stopping)
+    housekeeping.on_tick = stopping.set  # one tick
+    thread, result = run_in_thread(housekeeping.run)
     thread.join(30)
     assert result == [None]
     waiting.refresh_from_db()
-    assert waiting.status == 'PUBLISHED' and scheduler.relay.relayed == 1
+    assert waiting.status == 'PUBLISHED' and duty.run.__self__.relayed == 1
     assert wait_for(lambda: queue_depth('other') == 1, 5, what='the relayed message')
 
 
@@ -644,13 +649,14 @@ def test_cleanup_deletes_failed_rows_older_than_cleanup_failed_after_days():
 
 
 @pytest.mark.timeout(120)
-def test_the_supervisors_scheduler_relays_a_message_published_while_the_broker_refused_it(
+def test_a_host_without_a_scheduler_relays_a_message_published_while_the_broker_refused_it(
         start_supervisor, subprocess_env, tmp_path, locked_vhost):
     from carrot.utilities import publish_message
     queue = {'name': 'locked', 'host': locked_vhost.url, 'consumable': False}
     extra = tmp_path / 'extra.py'
     extra.write_text(f"CARROT['queues'] = CARROT['queues'] + [{queue!r}]\n")
-    supervisor = start_supervisor('--queues', 'default', env=dict(subprocess_env, CARROT_TEST_EXTRA=str(extra)))
+    supervisor = start_supervisor('--queues', 'default', '--no-scheduler',
+                                  env=dict(subprocess_env, CARROT_TEST_EXTRA=str(extra)))
     supervisor.wait_ready()
 
     with override_settings(CARROT={**settings.CARROT, 'queues': [*settings.CARROT['queues'], queue]}):

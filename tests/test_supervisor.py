@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -20,7 +21,7 @@ from carrot import __version__
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import queue_depth, rabbitmqctl
-from tests.harness import MASTER_TITLE, figure, wait_all_completed, wait_status, worker_pid
+from tests.harness import MASTER_TITLE, figure, wait_all_completed, wait_for, wait_status, worker_pid
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,7 +43,7 @@ def test_check_prints_the_slot_plan_and_exits_0(start_supervisor):
                      result.output, re.M), result.output
     assert 'guest:guest' not in result.output  # the password is masked
     slots = lines[lines.index('slots:') + 1:lines.index('ok')]
-    assert slots == ['  consumer default#1', '  consumer default#2', '  consumer other#1', '  scheduler']
+    assert slots == ['  consumer default#1', '  consumer default#2', '  consumer other#1', '  scheduler', '  housekeeping']
 
 
 @pytest.mark.timeout(60)
@@ -50,7 +51,7 @@ def test_check_with_queues_and_no_scheduler_shows_the_reduced_plan(start_supervi
     result = start_supervisor.run('--check', '--queues', 'other')
     assert result.returncode == 0, result
     lines = result.output.splitlines()
-    assert lines[lines.index('slots:') + 1:lines.index('ok')] == ['  consumer other#1']
+    assert lines[lines.index('slots:') + 1:lines.index('ok')] == ['  consumer other#1', '  housekeeping']
 
 
 @pytest.mark.timeout(60)
@@ -142,7 +143,7 @@ def test_loglevel_flag_filters_the_log(start_supervisor):
 @pytest.mark.timeout(60)
 def test_process_titles_say_what_each_process_does(start_supervisor):
     supervisor = start_supervisor(scheduler=True)
-    kids = supervisor.wait_ready(['consumer default#1', 'consumer other#1', 'scheduler'])
+    kids = supervisor.wait_ready(['consumer default#1', 'consumer other#1', 'scheduler', 'housekeeping'])
     assert supervisor.title() == MASTER_TITLE
     assert kids['consumer default#1'].title == 'carrot-supervisor: consumer default#1 idle'
     assert kids['consumer other#1'].title == 'carrot-supervisor: consumer other#1 idle'
@@ -161,7 +162,7 @@ def test_process_titles_say_what_each_process_does(start_supervisor):
     later = supervisor.wait_for(lambda: (seconds_shown() or 0) >= first + 1, 5, 'the seconds to go up')
     assert later
     wait_status(log, 'COMPLETED', 15, supervisor.tail)
-    supervisor.wait_slots(['consumer default#1', 'consumer other#1', 'scheduler'])
+    supervisor.wait_slots(['consumer default#1', 'consumer other#1', 'scheduler', 'housekeeping'])
     assert supervisor.by_slot()['consumer default#1'].pid == pid
 
 
@@ -175,13 +176,39 @@ def test_queues_flag_consumes_only_the_named_queues(start_supervisor):
     time.sleep(1)
     assert MessageLog.objects.get(pk=on_default.pk).status == MessageLog.PUBLISHED
     assert queue_depth('default') == 1
-    assert {k.slot for k in supervisor.children()} == {'consumer other#1'}
+    assert {k.slot for k in supervisor.children()} == {'consumer other#1', 'housekeeping'}
+
+
+@pytest.mark.timeout(60)
+def test_a_supervisor_started_as_the_readme_shows_reports_to_the_workers_tab(start_supervisor):
+    """No pidfile, no --status-file, no scheduler: the status still reaches the database (through a
+    private file the master removes at exit), so the monitor's Workers tab lists this host."""
+    from carrot.models import SupervisorStatus
+
+    def private_dirs():
+        return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith('carrot-supervisor-')}
+
+    before = private_dirs()
+    supervisor = start_supervisor(status_file=False)
+    assert '--status-file' not in supervisor.args and '--no-scheduler' in supervisor.args
+    kids = supervisor.wait_ready(['consumer default#1', 'consumer other#1', 'housekeeping'])
+    expected = {slot: kid.pid for slot, kid in kids.items()}
+
+    def reported():
+        row = SupervisorStatus.objects.filter(pid=supervisor.pid).first()
+        return row and {slot['name']: slot['pid'] for slot in row.document['slots']} == expected
+
+    wait_for(reported, 20, what='the supervisor to report its children', tail=supervisor.tail)
+    assert len(private_dirs() - before) == 1
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait_exit(30) == 0
+    assert private_dirs() - before == set()  # removed at exit
 
 
 @pytest.mark.timeout(60)
 def test_no_scheduler_flag_runs_no_scheduler_child(start_supervisor):
     with_scheduler = start_supervisor(scheduler=True)
-    with_scheduler.wait_ready(['consumer default#1', 'consumer other#1', 'scheduler'])
+    with_scheduler.wait_ready(['consumer default#1', 'consumer other#1', 'scheduler', 'housekeeping'])
     with_scheduler.stop()
     without = start_supervisor()  # the harness passes --no-scheduler
     assert '--no-scheduler' in without.args
@@ -221,7 +248,7 @@ def open_paths(proc: psutil.Process) -> set[str]:
 @pytest.mark.timeout(60)
 def test_master_holds_no_database_or_broker_connection_and_children_do(start_supervisor):
     supervisor = start_supervisor(scheduler=True)
-    kids = supervisor.wait_ready(['consumer default#1', 'consumer other#1', 'scheduler'])
+    kids = supervisor.wait_ready(['consumer default#1', 'consumer other#1', 'scheduler', 'housekeeping'])
     # Make every consumer use its database connection (the scheduler uses its own on every tick).
     wait_all_completed([publish_message(tasks.add, 1, 1), publish_message(tasks.add, 2, 2, queue='other')],
                        15, supervisor.tail)
@@ -318,7 +345,7 @@ def test_pidfile_holds_the_master_pid_and_refuses_a_second_master(start_supervis
     assert f'pidfile {pidfile} is held by running process {first.pid}; not starting' in second.log
     assert 'spawned' not in second.log
     assert pidfile.read_text() == f'{first.pid}\n'
-    assert {k.pid for k in first.children()} == {k.pid for k in kids.values()}
+    assert {k.pid for k in first.children() if k.slot != 'housekeeping'} == {k.pid for k in kids.values()}
 
     first.signal(signal.SIGTERM)
     assert first.wait_exit(15) == 0
@@ -357,7 +384,7 @@ def test_pidfile_is_left_alone_on_exit_when_it_no_longer_holds_our_pid(start_sup
 def test_sd_notify_ready_status_watchdog_reloading_stopping(start_supervisor, subprocess_env, notify_socket):
     env = dict(subprocess_env, NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC='1000000')
     supervisor = start_supervisor(env=env, scheduler=True)
-    slots = ['consumer default#1', 'consumer other#1', 'scheduler']
+    slots = ['consumer default#1', 'consumer other#1', 'scheduler', 'housekeeping']
 
     ready = notify_socket.wait_for(supervisor, 'READY', '1')
     # READY=1 comes once every child is up: at that moment the process table shows all of them idle.
@@ -366,7 +393,7 @@ def test_sd_notify_ready_status_watchdog_reloading_stopping(start_supervisor, su
     assert all(k.state == 'idle' for k in kids.values() if k.slot != 'scheduler'), kids
     status = notify_socket.messages[ready][2].get('STATUS') or \
         notify_socket.messages[notify_socket.wait_for(supervisor, 'STATUS')][2]['STATUS']
-    assert status.startswith('3 children up'), status
+    assert status.startswith('4 children up'), status
 
     first_dog = notify_socket.wait_for(supervisor, 'WATCHDOG', '1')
     second_dog = notify_socket.wait_for(supervisor, 'WATCHDOG', '1', after=first_dog + 1, timeout=5)

@@ -282,7 +282,7 @@ def test_autoreload_rolls_over_on_an_edit_and_keeps_the_old_code_on_a_broken_one
 def test_the_status_snapshot_shows_each_slot_and_its_task_and_reaches_the_database(start_supervisor):
     from carrot.models import SupervisorStatus
     supervisor = start_supervisor(scheduler=True)
-    kids = supervisor.wait_ready(SLOTS + ['scheduler'])
+    kids = supervisor.wait_ready(SLOTS + ['scheduler', 'housekeeping'])
     log = publish_message(tasks.sleep, 8)
     entry = supervisor.wait_for(
         lambda: (supervisor.slot_status('consumer default#1') or {}).get('task') == 'tests.testapp.tasks.sleep'
@@ -297,7 +297,7 @@ def test_the_status_snapshot_shows_each_slot_and_its_task_and_reaches_the_databa
     # The scheduler child copies the document into the SupervisorStatus table.
     row = supervisor.wait_for(lambda: SupervisorStatus.objects.filter(pid=supervisor.pid).first(), 15,
                               'a SupervisorStatus row for this master')
-    assert {s['name'] for s in row.document['slots']} == set(SLOTS + ['scheduler'])
+    assert {s['name'] for s in row.document['slots']} == set(SLOTS + ['scheduler', 'housekeeping'])
     assert row.generation == 1
     wait_status(log, 'COMPLETED', 20, supervisor.tail)
     supervisor.wait_for(lambda: supervisor.slot_status('consumer default#1')['state'] == 'idle', 5, 'idle again')

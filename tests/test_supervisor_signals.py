@@ -53,7 +53,7 @@ def test_graceful_stop_finishes_and_acks_the_task_in_hand(start_supervisor, sign
 @pytest.mark.timeout(60)
 def test_term_when_idle_stops_promptly_with_exit_code_0(start_supervisor):
     supervisor = start_supervisor(scheduler=True)
-    kids = supervisor.wait_ready([*SLOTS, 'scheduler'])
+    kids = supervisor.wait_ready([*SLOTS, 'scheduler', 'housekeeping'])
     sent = time.monotonic()
     supervisor.signal(signal.SIGTERM)
     assert supervisor.wait_exit(15) == 0
@@ -277,7 +277,7 @@ def test_hup_with_broken_settings_keeps_the_running_children(start_supervisor, e
 @pytest.mark.timeout(60)
 def test_usr1_reopens_the_log_file(start_supervisor):
     supervisor = start_supervisor(scheduler=True)
-    kids = supervisor.wait_ready([*SLOTS, 'scheduler'])
+    kids = supervisor.wait_ready([*SLOTS, 'scheduler', 'housekeeping'])
     rotated = supervisor.log_path.with_name(supervisor.log_path.name + '.1')
     os.rename(supervisor.log_path, rotated)  # as logrotate does
     supervisor.signal(signal.SIGUSR1)
@@ -302,15 +302,15 @@ def test_usr1_reopens_the_log_file(start_supervisor):
 @pytest.mark.timeout(60)
 def test_ttin_and_ttou_add_and_remove_one_consumer_per_queue_never_below_one(start_supervisor):
     supervisor = start_supervisor(scheduler=True)
-    kids = supervisor.wait_ready([*SLOTS, 'scheduler'])
+    kids = supervisor.wait_ready([*SLOTS, 'scheduler', 'housekeeping'])
     supervisor.signal(signal.SIGTTIN)
-    grown = supervisor.wait_slots([*SLOTS, 'consumer default#2', 'consumer other#2', 'scheduler'])
+    grown = supervisor.wait_slots([*SLOTS, 'consumer default#2', 'consumer other#2', 'scheduler', 'housekeeping'])
     assert all(grown[s].pid == k.pid for s, k in kids.items())  # the others are left alone
     supervisor.wait_log(r'scaling: consumer default 1 -> 2, consumer other 1 -> 2')
 
     supervisor.signal(signal.SIGTTOU)
     supervisor.wait_log(r'scaling: consumer default 2 -> 1, consumer other 2 -> 1')
-    shrunk = supervisor.wait_slots([*SLOTS, 'scheduler'])
+    shrunk = supervisor.wait_slots([*SLOTS, 'scheduler', 'housekeeping'])
     assert {s: k.pid for s, k in shrunk.items()} == {s: k.pid for s, k in kids.items()}  # #2 went
     supervisor.wait_log(rf'consumer default#2 \(pid {grown["consumer default#2"].pid}\) exited with exit code 0')
 

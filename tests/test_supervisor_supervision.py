@@ -102,7 +102,7 @@ def test_a_slot_that_keeps_crashing_is_parked_and_the_others_run_on(start_superv
              "'consumer_class': 'tests.testapp.consumers.BrokenConsumer'})\n")
     supervisor = start_supervisor('--max-consecutive-failures', '4', '--backoff-cap', '1', extra=extra,
                                   scheduler=True)
-    kids = supervisor.wait_slots(SLOTS + ['scheduler'])
+    kids = supervisor.wait_slots(SLOTS + ['scheduler', 'housekeeping'])
     supervisor.wait_log(r'slot consumer broken#1 died young 4 times in a row \(last: exit code 1 after [\d.]+s\); '
                         r'parked: retrying with a backoff of up to 60s', 30)
     text = supervisor.log()
