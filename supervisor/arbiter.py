@@ -32,16 +32,16 @@ import signal
 import time
 from typing import Callable
 
-from .child import become_subreaper, describe_exit, kill_and_reap, reaped, set_title
 from .children import Child, ChildTable
 from .exitcodes import EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
 from .image import Build, Image, ImageSet, plan_from_description, start_image
 from .pidfile import Pidfile
 from .plan import Plan, Slot
+from .procs import become_subreaper, describe_exit, kill_and_reap, reaped, set_title, signal_name
 from .readiness import Readiness
 from .restarts import RestartPolicy, SlotBook, SlotRecord
 from .sdnotify import Notifier
-from .signals import MASTER_SIGNALS, SignalQueue, signal_name
+from .signals import MASTER_SIGNALS, SignalQueue
 from .status import StatusFile, snapshot, status_line
 
 GRACEFUL = "graceful"

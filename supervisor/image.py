@@ -34,14 +34,14 @@ import os
 import select
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NoReturn
 
-from .child import ChildContext, die_with_parent, forget_master, run_child, set_title
+from .child import ChildContext, run_child
 from .exitcodes import EXIT_CONFIG
 from .plan import Plan
+from .procs import die_with_parent, flush_and_exit, forget_master, set_title
 
 MAX_PACKET = 1 << 16
 # The image blocks these around fork(): a TERM sent to a brand-new child before it has installed its
@@ -182,11 +182,11 @@ def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid:
             gc.freeze()
         except ImageFailed as exc:
             _send(sock, {"failed": _one_line(exc), "exit_code": exc.exit_code})
-            return _exit(0)
+            flush_and_exit(0)
         except BaseException as exc:
             logger.debug("image build failed", exc_info=True)
             _send(sock, {"failed": _one_line(exc), "exit_code": EXIT_CONFIG})
-            return _exit(0)
+            flush_and_exit(0)
         _send(sock, {"ready": plan_description(plan), "options": options})
         set_title(f"{proc_name}: image {generation}")
         serve(sock, plan, generation=generation, master_pid=master_pid, proc_name=proc_name,
@@ -195,7 +195,7 @@ def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid:
     except BaseException:
         logger.exception("image generation %d (pid %d) failed", generation, os.getpid())
     finally:
-        _exit(code)
+        flush_and_exit(code)
 
 
 def _become_image(close_fds: Iterable[int], sigmask: Iterable[int]) -> None:
@@ -286,19 +286,6 @@ def _send(sock: socket.socket, message: dict) -> None:
         sock.send(json.dumps(message).encode()[:MAX_PACKET])
     except OSError:
         pass  # the master is gone: the next recv sees EOF
-
-
-def _exit(code: int) -> NoReturn:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    try:
-        logging.shutdown()
-    except Exception:
-        pass
-    os._exit(code)
 
 
 def _one_line(exc: BaseException) -> str:

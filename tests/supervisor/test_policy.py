@@ -7,7 +7,7 @@ import select
 
 import pytest
 
-from supervisor.child import escape_control, set_title
+from supervisor.procs import escape_control, set_title
 from supervisor.readiness import Readiness
 from supervisor.restarts import RestartPolicy, SlotRecord, all_parked, backoff, judge_exit
 from supervisor.sdnotify import Notifier
