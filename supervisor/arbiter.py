@@ -33,11 +33,12 @@ import time
 from typing import Callable
 
 from .children import Child, ChildTable
-from .exitcodes import EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
+from .exitcodes import EXIT_CONFIG, EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
 from .image import Build, Image, ImageSet, plan_from_description, start_image
 from .pidfile import Pidfile
 from .plan import Plan, Slot
 from .procs import become_subreaper, describe_exit, kill_and_reap, reaped, set_title, signal_name
+from .protocol import Eof, Failed, Ready, Spawned, SpawnFailed
 from .readiness import Readiness
 from .restarts import RestartPolicy, SlotBook, SlotRecord
 from .sdnotify import Notifier
@@ -228,27 +229,28 @@ class Arbiter:
 
     def read_images(self) -> None:
         for image, message in self.images.messages():
-            if "eof" in message:
-                self.table.drop_pending(image)
-            elif "ready" in message:
-                self.image_ready(image, message)
-            elif "failed" in message:
-                self.image_failed(image, str(message["failed"]), int(message.get("exit_code") or 3))
-            elif "spawned" in message:
-                self.child_spawned(image, message["spawned"], int(message["pid"]))
-            elif "spawn_failed" in message:
-                self.spawn_failed(image, message["spawn_failed"], str(message.get("error")))
+            match message:
+                case Eof():
+                    self.table.drop_pending(image)
+                case Ready():
+                    self.image_ready(image, message)
+                case Failed(error, exit_code):
+                    self.image_failed(image, error, exit_code)
+                case Spawned(request, pid):
+                    self.child_spawned(image, request, pid)
+                case SpawnFailed(request, error):
+                    self.spawn_failed(image, request, error)
 
-    def image_ready(self, image: Image, message: dict) -> None:
+    def image_ready(self, image: Image, message: Ready) -> None:
         if image is not self.images.building:
             return
         try:
-            plan = plan_from_description(message["ready"])
+            plan = plan_from_description(message.groups)
         except Exception as exc:
-            self.image_failed(image, f"its plan is unusable: {exc}", 3)
+            self.image_failed(image, f"its plan is unusable: {exc}", EXIT_CONFIG)
             return
         old = self.images.promote(image, plan)
-        for name, value in (message.get("options") or {}).items():
+        for name, value in message.options.items():
             if name in self.OPTIONS and value is not None:
                 setattr(self, name, value)
         self.book.policy = self.restart_policy()
@@ -279,7 +281,7 @@ class Arbiter:
     def image_exited(self, image: Image, code: int) -> None:
         self.table.drop_pending(image)
         if image.state == "starting":
-            self.image_failed(image, f"{image.describe()} exited with {describe_exit(code)} while starting", 3)
+            self.image_failed(image, f"{image.describe()} exited with {describe_exit(code)} while starting", EXIT_CONFIG)
         elif image is self.images.serving and not self.stopping:
             self.log.warning("%s exited with %s; starting a new image", image.describe(), describe_exit(code))
             self.images.serving_died(time.monotonic())

@@ -8,7 +8,6 @@ master's loop (where it would start acting as a second master).
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import os
 import signal
@@ -18,12 +17,11 @@ import time
 from typing import Callable, Iterable, NoReturn
 
 from .procs import die_with_parent, escape_control, flush_and_exit, forget_master, set_title
+from .protocol import BEAT, Report
 
 # How long a child forked by the image waits to be re-parented to the master (the image's middle
 # process exits right after the fork, so this is normally well under a millisecond).
 REPARENT_TIMEOUT = 2.0
-# One state report must fit one atomic pipe write (PIPE_BUF), so the master never reads half of one.
-MAX_REPORT = 3000
 
 
 class ChildContext:
@@ -69,7 +67,7 @@ class ChildContext:
         if now - self._last_beat < self._beat_interval:
             return
         self._last_beat = now
-        self._write(b"\n")
+        self._write(BEAT)
 
     def report(self, state: str, task: str | None = None, task_id: str | None = None,
                age: float | None = None) -> None:
@@ -82,10 +80,9 @@ class ChildContext:
         if key == self._last_report:
             return
         self._last_report = key
-        record = {"state": state, "task": _bounded(task), "task_id": _bounded(task_id), "age": age}
-        line = json.dumps(record).encode("utf-8", "replace")[:MAX_REPORT]
+        line = Report(state, _bounded(task), _bounded(task_id), age).encode()
         self._last_beat = time.monotonic()
-        self._write(line + b"\n")
+        self._write(line)
 
     def _write(self, data: bytes) -> None:
         try:

@@ -2,23 +2,21 @@
 
 A passive part of the master: it holds records and reads pipes, and decides nothing. A child enters the
 table when the master asks an image for it (`request`, pid unknown: *pending*), gets its pid when the
-image answers (`adopt`), and leaves when it is reaped (`remove`).
-
-Heartbeat pipe protocol (child -> master), one record per line: an empty line is a plain heartbeat; a
-JSON object is a state report ({"state": "idle" | "running", "task", "task_id", "age"}).
+image answers (`adopt`), and leaves when it is reaped (`remove`). What a child writes on its
+heartbeat pipe is described in protocol.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .image import Image
 from .plan import Slot
+from .protocol import Report, read_reports
 
 
 @dataclass(eq=False)
@@ -36,8 +34,8 @@ class Child:
     request: int | None = None
     up: bool = False  # has sent a heartbeat: its body is running, not just forked
     working: bool = False  # has reported a state (a consumer on its queue): able to do its job
-    state: dict = field(default_factory=dict)  # its last report: state, task, task_id, age
-    state_at: float = 0.0
+    report: Report | None = None  # its last report: state, task, task_id, age
+    report_at: float = 0.0
     retiring: bool = False  # asked to go (reload, TTOU, stop): its exit is no failure
     retire_deadline: float | None = None
     aborted_at: float | None = None
@@ -175,15 +173,9 @@ class ChildTable:
         if not child.up:
             child.up = True
             self.log.debug("%s is up", child.describe())
-        *lines, child.buffer = (child.buffer + data).split(b"\n")
-        for line in filter(None, lines):
-            try:
-                report = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(report, dict):
-                child.state, child.state_at, child.working = report, now, True
-        child.buffer = child.buffer[-4096:]
+        reports, child.buffer = read_reports(child.buffer, data)
+        if reports:
+            child.report, child.report_at, child.working = reports[-1], now, True
 
     def forget_pipe(self, child: Child, *, close: bool) -> None:
         if self.by_fd.pop(child.heartbeat_fd, None) is not None:

@@ -10,25 +10,12 @@ Children must stay the master's own: it reaps, signals and heartbeats them direc
 through a middle process that exits at once; the child is re-parented to the master, which made
 itself a child subreaper (PR_SET_CHILD_SUBREAPER). The image answers with the child's pid.
 
-The control channel is a SOCK_SEQPACKET socket pair (one JSON message per packet, and the child's
-heartbeat pipe passed as a file descriptor). Master to image::
-
-    {"spawn": <request id>, "slot": "consumer default#2", "group": "consumer default", "index": 2,
-     "beat_interval": 1.0}                                  + the write end of the heartbeat pipe
-
-Image to master::
-
-    {"ready": [<group descriptions>], "options": {...}}     once built
-    {"failed": "<why, one line>", "exit_code": 3}           the build failed; the image exits
-    {"spawned": <request id>, "pid": 4301}
-    {"spawn_failed": <request id>, "error": "..."}
-
-EOF on the channel tells the image that the master is gone or has retired it: it exits.
+Master and image talk over a socket pair; the messages are in protocol.py. EOF on the channel tells
+the image that the master is gone or has retired it: it exits.
 """
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import select
@@ -42,8 +29,8 @@ from .child import ChildContext, run_child
 from .exitcodes import EXIT_CONFIG
 from .plan import Plan
 from .procs import die_with_parent, flush_and_exit, forget_master, set_title
+from .protocol import MAX_PACKET, Eof, Failed, Message, Ready, Spawn, Spawned, SpawnFailed, decode
 
-MAX_PACKET = 1 << 16
 # The image blocks these around fork(): a TERM sent to a brand-new child before it has installed its
 # own handlers would otherwise run the image's (default: die) instead of a graceful stop.
 CHILD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
@@ -90,18 +77,17 @@ class Image:
     def request_spawn(self, slot_name: str, group: str, index: int, beat_fd: int, beat_interval: float) -> int | None:
         """Ask for a child; returns the request id, or None if the image cannot be reached."""
         self._next_request += 1
-        request = {"spawn": self._next_request, "slot": slot_name, "group": group, "index": index,
-                   "beat_interval": beat_interval}
+        request = Spawn(self._next_request, slot_name, group, index, beat_interval)
         try:
-            socket.send_fds(self.sock, [json.dumps(request).encode()], [beat_fd])
+            socket.send_fds(self.sock, [request.encode()], [beat_fd])
         except OSError:
             return None
         self.outstanding.add(self._next_request)
         return self._next_request
 
-    def receive(self) -> list[dict]:
-        """Every message waiting on the channel; [{"eof": True}] once the image has closed it."""
-        messages = []
+    def receive(self) -> list[Message]:
+        """Every message waiting on the channel, ending in Eof once the image has closed it."""
+        messages: list[Message] = []
         while True:
             try:
                 data = self.sock.recv(MAX_PACKET)
@@ -109,15 +95,11 @@ class Image:
                 return messages
             except OSError:
                 data = b""
-            if not data:
-                messages.append({"eof": True})
-                return messages
-            try:
-                message = json.loads(data)
-            except ValueError:
-                continue
-            if isinstance(message, dict):
+            message = decode(data)
+            if message is not None:  # junk is skipped
                 messages.append(message)
+            if isinstance(message, Eof):
+                return messages
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
@@ -181,13 +163,13 @@ def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid:
             # dirties) these pages again, in the image or in the children that share them.
             gc.freeze()
         except ImageFailed as exc:
-            _send(sock, {"failed": _one_line(exc), "exit_code": exc.exit_code})
+            _send(sock, Failed(_one_line(exc), exc.exit_code))
             flush_and_exit(0)
         except BaseException as exc:
             logger.debug("image build failed", exc_info=True)
-            _send(sock, {"failed": _one_line(exc), "exit_code": EXIT_CONFIG})
+            _send(sock, Failed(_one_line(exc), EXIT_CONFIG))
             flush_and_exit(0)
-        _send(sock, {"ready": plan_description(plan), "options": options})
+        _send(sock, Ready(tuple(plan_description(plan)), options))
         set_title(f"{proc_name}: image {generation}")
         serve(sock, plan, generation=generation, master_pid=master_pid, proc_name=proc_name,
               reopen_logs=reopen_logs, on_fork=on_fork, logger=logger)
@@ -217,32 +199,37 @@ def serve(sock: socket.socket, plan: Plan, *, generation: int, master_pid: int, 
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_PACKET, 4)
         except InterruptedError:
             continue
-        if not data:
-            return
-        try:
-            request = json.loads(data)
-            request_id = request["spawn"]
-        except (ValueError, KeyError, TypeError):
-            for fd in fds:
-                os.close(fd)
-            continue
-        group = groups.get(request.get("group"))
-        if group is None or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            _send(sock, {"spawn_failed": request_id, "error": f"no group {request.get('group')!r} in this image"})
-            continue
-        ctx = ChildContext(slot=request["slot"], group=group.name, index=request["index"], master_pid=master_pid,
-                           proc_name=proc_name, heartbeat_fd=fds[0], beat_interval=request["beat_interval"],
-                           generation=generation)
-        try:
-            pid = fork_child(ctx, group.target, sock, reopen_logs=reopen_logs, on_fork=on_fork, logger=logger)
-        except OSError as exc:
-            _send(sock, {"spawn_failed": request_id, "error": f"cannot fork: {exc}"})
-        else:
-            _send(sock, {"spawned": request_id, "pid": pid})
-        finally:
-            os.close(fds[0])
+        match decode(data):
+            case Eof():
+                return
+            case Spawn() as request if request.group in groups and len(fds) == 1:
+                ctx = ChildContext(slot=request.slot, group=request.group, index=request.index,
+                                   master_pid=master_pid, proc_name=proc_name, heartbeat_fd=fds[0],
+                                   beat_interval=request.beat_interval, generation=generation)
+                try:
+                    _send(sock, spawn(request, ctx, groups[request.group].target, sock, reopen_logs=reopen_logs,
+                                      on_fork=on_fork, logger=logger))
+                finally:
+                    os.close(fds[0])  # the child has its copy
+            case Spawn() as request:
+                _close(fds)
+                _send(sock, SpawnFailed(request.request, f"no group {request.group!r} in this image"))
+            case _:
+                _close(fds)  # unreadable: skipped
+
+
+def spawn(request: Spawn, ctx: ChildContext, target, sock: socket.socket, **hooks) -> Spawned | SpawnFailed:
+    """The answer to `request`: the pid of the child forked for it, or why there is none."""
+    try:
+        pid = fork_child(ctx, target, sock, **hooks)
+    except OSError as exc:
+        return SpawnFailed(request.request, f"cannot fork: {exc}")
+    return Spawned(request.request, pid)
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def fork_child(ctx: ChildContext, target, sock: socket.socket, *, reopen_logs, on_fork, logger) -> int:
@@ -281,9 +268,9 @@ def fork_child(ctx: ChildContext, target, sock: socket.socket, *, reopen_logs, o
     return int(data)
 
 
-def _send(sock: socket.socket, message: dict) -> None:
+def _send(sock: socket.socket, message: Message) -> None:
     try:
-        sock.send(json.dumps(message).encode()[:MAX_PACKET])
+        sock.send(message.encode()[:MAX_PACKET])
     except OSError:
         pass  # the master is gone: the next recv sees EOF
 
@@ -355,7 +342,7 @@ class ImageSet:
         self.close_channel(image)
         return image
 
-    def messages(self) -> list[tuple[Image, dict]]:
+    def messages(self) -> list[tuple[Image, Message]]:
         """What the images said since the last call. A retired image's channel is closed once it has
         answered every request: the EOF tells it to exit."""
         found = []
@@ -363,7 +350,7 @@ class ImageSet:
             if image.fileno() < 0:
                 continue
             for message in image.receive():
-                if "eof" in message:
+                if isinstance(message, Eof):
                     self.close_channel(image)
                 found.append((image, message))
             if image.state == "retiring" and not image.outstanding:

@@ -47,7 +47,7 @@ def slot_state(child, record) -> str:
         return "parked" if record.parked else "backoff" if record.failures else "starting"
     if child.retiring:
         return "retiring"
-    return str(child.state.get("state") or "starting") if child.up else "starting"
+    return str(child.report and child.report.state or "starting") if child.up else "starting"
 
 
 def snapshot(arbiter: "Arbiter", now: float) -> dict:
@@ -59,15 +59,15 @@ def snapshot(arbiter: "Arbiter", now: float) -> dict:
     slots = []
     for slot in arbiter.slots:
         child, record = by_slot.get(slot.name), arbiter.book.records[slot.name]
-        state = child.state if child else {}
-        age = state.get("age")
-        running = state.get("state") == "running"
+        report = child.report if child else None
+        age = report.age if report else None
+        running = report is not None and report.state == "running"
         slots.append({
             "name": slot.name, "group": slot.group.name,
             "pid": child.pid if child else None, "generation": child.generation if child else None,
             "state": slot_state(child, record),
-            "task": state.get("task") if running else None, "task_id": state.get("task_id") if running else None,
-            "task_age": round(age + now - child.state_at, 1) if running and age is not None else None,
+            "task": report.task if running else None, "task_id": report.task_id if running else None,
+            "task_age": round(age + now - child.report_at, 1) if running and age is not None else None,
             "restarts": record.restarts,
             "next_start": round(record.next_start - now, 1) if child is None and record.next_start > now else None,
             "problem": record.problem if record.parked or record.failures else None,
