@@ -22,6 +22,7 @@ _EXPORTS = {
     "ChildContext": ".child",
     "ImageFailed": ".image",
     "Plan": ".plan",
+    "GroupShape": ".plan",
     "PlanError": ".plan",
     "Slot": ".plan",
     "SlotGroup": ".plan",

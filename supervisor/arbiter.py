@@ -34,7 +34,7 @@ from typing import Callable
 
 from .children import Child, ChildTable
 from .exitcodes import EXIT_CONFIG, EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
-from .image import Build, Image, ImageSet, plan_from_description, start_image
+from .image import Build, Image, ImageSet, start_image
 from .pidfile import Pidfile
 from .plan import Plan, Slot
 from .procs import become_subreaper, describe_exit, kill_and_reap, reaped, set_title, signal_name
@@ -245,7 +245,7 @@ class Arbiter:
         if image is not self.images.building:
             return
         try:
-            plan = plan_from_description(message.groups)
+            plan = Plan.from_shape(message.groups)
         except Exception as exc:
             self.image_failed(image, f"its plan is unusable: {exc}", EXIT_CONFIG)
             return

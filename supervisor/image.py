@@ -132,18 +132,6 @@ def start_image(build: Build, generation: int, *, master_pid: int, proc_name: st
     return Image(pid=pid, generation=generation, sock=ours, started_at=time.monotonic())
 
 
-def plan_description(plan: Plan) -> list[dict]:
-    return [dict(name=g.name, size=g.size, scalable=g.scalable, numbered=g.numbered) for g in plan.groups]
-
-
-def plan_from_description(groups: list[dict]) -> Plan:
-    """The master's copy of the image's plan: the same slots, no targets (those live in the image)."""
-    from .plan import SlotGroup
-
-    return Plan(tuple(SlotGroup(g["name"], g["size"], None, scalable=g["scalable"], numbered=g["numbered"])
-                      for g in groups))
-
-
 # -- the image's side ----------------------------------------------------------------------------------
 
 def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid: int, proc_name: str,
@@ -169,7 +157,7 @@ def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid:
             logger.debug("image build failed", exc_info=True)
             _send(sock, Failed(_one_line(exc), EXIT_CONFIG))
             flush_and_exit(0)
-        _send(sock, Ready(tuple(plan_description(plan)), options))
+        _send(sock, Ready(tuple(plan.shape()), options))
         set_title(f"{proc_name}: image {generation}")
         serve(sock, plan, generation=generation, master_pid=master_pid, proc_name=proc_name,
               reopen_logs=reopen_logs, on_fork=on_fork, logger=logger)
