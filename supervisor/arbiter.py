@@ -34,7 +34,8 @@ from typing import Callable
 
 from .children import Child, ChildTable
 from .exitcodes import EXIT_CONFIG, EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
-from .image import Build, Image, ImageSet, start_image
+from .image import Build
+from .images import Image, ImageSet, start_image
 from .pidfile import Pidfile
 from .plan import Plan, Slot
 from .procs import become_subreaper, describe_exit, kill_and_reap, reaped, set_title, signal_name

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from .image import Image
+from .images import Image
 from .plan import Slot
 from .protocol import Report, read_reports
 
