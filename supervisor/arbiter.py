@@ -41,7 +41,7 @@ from .plan import Plan, Slot
 from .procs import become_subreaper, describe_exit, kill_and_reap, reaped, set_title, signal_name
 from .protocol import Eof, Failed, Ready, Spawned, SpawnFailed
 from .readiness import Readiness
-from .restarts import RestartPolicy, SlotBook, SlotRecord
+from .restarts import RestartPolicy, SlotBook
 from .sdnotify import Notifier
 from .signals import MASTER_SIGNALS, SignalQueue
 from .status import StatusFile, snapshot, status_line
@@ -157,7 +157,7 @@ class Arbiter:
         if self.stopping == GRACEFUL:
             deadlines.append(self.stop_deadline)
         if not self.stopping:
-            deadlines += [self.book.records[s.name].next_start for s in self.slots if s.name not in self.table.occupied()]
+            deadlines += [self.book.next_start(s.name) for s in self.slots if s.name not in self.table.occupied()]
             deadlines.append(self.table.next_deadline(now, self.heartbeat_timeout, ABORT_GRACE) or now + 1)
         return max(0.0, min(deadlines) - now)
 
@@ -264,17 +264,15 @@ class Arbiter:
         self.retire_unwanted()
 
     def image_failed(self, image: Image, error: str, exit_code: int) -> None:
-        image.state, image.error = "failed", error
-        if image is not self.images.building:
-            return
-        self.images.building = None
+        if not self.images.fail(image, error):
+            return  # superseded by a newer reload: nothing waits for it
         if self.images.serving is None and not self.readiness.ready_sent and not len(self.table):
             self.log.error("%s; not starting", error)
             self.exit_code = exit_code
             self.stop_fast()
         elif self.images.serving is None:
             self.log.error("no image: %s; keeping the running children, trying again in %.0fs", error, IMAGE_RETRY)
-            self.images.retry_at = time.monotonic() + IMAGE_RETRY
+            self.images.retry_from(time.monotonic() + IMAGE_RETRY)
         else:
             self.log.error("reload failed: %s; keeping the running children", error)
             self.readiness.reload_failed(status_line(self))
@@ -306,14 +304,14 @@ class Arbiter:
 
     def spawn_children(self) -> None:
         image = self.images.serving
-        if image is None or image.state != "up" or image.sock.fileno() < 0:
+        if image is None or image.state != "up" or image.fileno() < 0:
             return
         now, occupied = time.monotonic(), self.table.occupied()
         for slot in self.slots:
-            if slot.name in occupied or self.book.records[slot.name].next_start > now:
+            if slot.name in occupied or self.book.next_start(slot.name) > now:
                 continue
             if self.table.request(image, slot, min(1.0, self.heartbeat_timeout / 10)) is None:
-                self.book.records[slot.name].next_start = now + 1.0
+                self.book.hold(slot.name, now + 1.0)
                 self.log.error("cannot ask %s for a child for %s; trying again in 1s", image.describe(), slot.name)
 
     def child_spawned(self, image: Image, request: int, pid: int) -> None:
@@ -323,8 +321,8 @@ class Arbiter:
             return
         self.table.adopt(child, pid)
         self.log.info("spawned %s", child.describe())
-        if pid in self.table.unknown_exits:  # it died before we heard of it
-            self.child_exited(self.table.remove(pid), self.table.unknown_exits.pop(pid)[0])
+        if (code := self.table.take_unknown_exit(pid)) is not None:  # it died before we heard of it
+            self.child_exited(self.table.remove(pid), code)
         elif self.stopping == FAST:
             self.table.signal(child, signal.SIGKILL, "fast stop")
         elif child.retiring:  # retired before its pid was known
@@ -334,7 +332,7 @@ class Arbiter:
         child = self.table.take_pending(image, request)
         if child is not None:
             self.table.forget_pipe(child, close=True)
-            self.book.records.get(child.slot, SlotRecord()).next_start = time.monotonic() + 1.0
+            self.book.hold(child.slot, time.monotonic() + 1.0)
             self.log.error("%s could not fork a child for %s: %s", image.describe(), child.slot, error)
 
     def reap(self) -> None:
@@ -352,7 +350,7 @@ class Arbiter:
         uptime, how = now - child.started_at, describe_exit(code)
         self.log.log(logging.INFO if code == 0 else logging.WARNING, "%s exited with %s after %.1fs",
                      child.describe(), how, uptime)
-        if self.stopping or child.retiring or child.slot not in self.book.records:
+        if self.stopping or child.retiring or child.slot not in self.book:
             return  # nothing to refill now, or a new child (new code) comes at once
         self.restarts += 1
         verdict, level, message = self.book.record_exit(child.slot, uptime=uptime, code=code, how=how,
@@ -365,12 +363,7 @@ class Arbiter:
             self.stop_fast()
 
     def retire_child(self, child: Child) -> None:
-        if child.retiring:
-            return
-        child.retiring = True
-        child.retire_deadline = time.monotonic() + self.graceful_timeout
-        if child.pid is not None:
-            self.table.signal(child, signal.SIGTERM)
+        self.table.retire(child, time.monotonic() + self.graceful_timeout)
 
     def murder_overdue(self) -> None:
         """SIGABRT then SIGKILL for the silent; SIGKILL for the retired past their graceful timeout."""
@@ -384,8 +377,7 @@ class Arbiter:
             elif why == "silent":
                 self.log.warning("%s missed heartbeats for %.0fs; killing (SIGABRT: its stacks go to the log; "
                                  "SIGKILL in %.0fs)", child.describe(), now - child.last_beat, ABORT_GRACE)
-                child.aborted_at = now
-                self.table.signal(child, signal.SIGABRT)
+                self.table.abort(child, now)
             elif why == "hung":
                 self.table.signal(child, signal.SIGKILL, "missed heartbeats")
         for child in list(self.table.pending):
@@ -414,10 +406,8 @@ class Arbiter:
                 self.notifier.stopping()
             self.stopping = FAST
             self.log.info("fast stop: killing %d children", len(self.table))
-        for child in self.table.every():
-            child.retiring = True
-            if not child.killed and child.pid is not None:
-                self.table.signal(child, signal.SIGKILL, "fast stop")
+        self.table.mark_retiring()
+        self.table.kill_all("fast stop")
         self.images.kill_all()
 
     def kill_stragglers(self) -> None:

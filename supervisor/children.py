@@ -94,6 +94,25 @@ class ChildTable:
         for child in self.running():
             self.signal(child, signum)
 
+    def retire(self, child: Child, deadline: float) -> None:
+        """Ask `child` to go (TERM, at once or when its pid is known) and to be gone by `deadline`."""
+        if child.retiring:
+            return
+        child.retiring, child.retire_deadline = True, deadline
+        if child.pid is not None:
+            self.signal(child, signal.SIGTERM)
+
+    def abort(self, child: Child, now: float) -> None:
+        """SIGABRT for a silent child: faulthandler writes its stacks; SIGKILL follows (Child.overdue)."""
+        child.aborted_at = now
+        self.signal(child, signal.SIGABRT)
+
+    def kill_all(self, reason: str) -> None:
+        """SIGKILL every running child not killed yet."""
+        for child in self.running():
+            if not child.killed:
+                self.signal(child, signal.SIGKILL, reason)
+
     def next_deadline(self, now: float, heartbeat_timeout: float, abort_grace: float) -> float | None:
         """The earliest moment a running child may become overdue (see Child.overdue)."""
         deadlines = [c.next_deadline(now, heartbeat_timeout, abort_grace) for c in self.running()]
@@ -129,7 +148,8 @@ class ChildTable:
         return child
 
     def take_pending(self, image: Image, request: int) -> Child | None:
-        image.outstanding.discard(request)
+        """The pending child of `image`'s `request` (the image answered, or the master gave up on it)."""
+        image.answered(request)
         for child in self.pending:
             if child.image is image and child.request == request:
                 self.pending.remove(child)
@@ -146,12 +166,17 @@ class ChildTable:
         for child in [c for c in self.pending if c.image is image]:
             self.pending.remove(child)
             self.forget_pipe(child, close=True)
-        image.outstanding.clear()
+        image.forget_requests()
 
     def note_unknown_exit(self, pid: int, code: int, now: float) -> None:
         """A child reaped before its image told us its pid (or a stray grandchild): kept for 30 s."""
         self.unknown_exits = {p: v for p, v in self.unknown_exits.items() if now - v[1] < 30}
         self.unknown_exits[pid] = (code, now)
+
+    def take_unknown_exit(self, pid: int) -> int | None:
+        """The exit code of `pid` if it was reaped before its image told us its pid (and forget it)."""
+        known = self.unknown_exits.pop(pid, None)
+        return None if known is None else known[0]
 
     def remove(self, pid: int) -> Child:
         child = self.by_pid.pop(pid)

@@ -52,6 +52,14 @@ class Image:
         self.outstanding.add(self._next_request)
         return self._next_request
 
+    def answered(self, request: int) -> None:
+        """`request` is settled: the image answered it, or the master stopped waiting for the answer."""
+        self.outstanding.discard(request)
+
+    def forget_requests(self) -> None:
+        """No request will be answered any more: the image has closed its channel or is gone."""
+        self.outstanding.clear()
+
     def receive(self) -> list[Message]:
         """Every message waiting on the channel, ending in Eof once the image has closed it."""
         messages: list[Message] = []
@@ -125,7 +133,16 @@ class ImageSet:
             self.poller.unregister(image.fileno())
             image.close()
 
-    def promote(self, image: Image, plan) -> Image | None:
+    def fail(self, image: Image, error: str) -> bool:
+        """`image` cannot serve (`error`). True if it was the one being built, which none is now; False
+        for an image nobody waits for (superseded by a newer reload)."""
+        image.state, image.error = "failed", error
+        if image is not self.building:
+            return False
+        self.building = None
+        return True
+
+    def promote(self, image: Image, plan: Plan) -> Image | None:
         """`image` is up and serves `plan` from now on; returns the image it replaces (now retiring: its
         channel is closed once it has answered every request)."""
         old, self.serving, self.building = self.serving, image, None
@@ -136,6 +153,10 @@ class ImageSet:
 
     def serving_died(self, now: float) -> None:
         self.serving, self.retry_at = None, now
+
+    def retry_from(self, when: float) -> None:
+        """With no image serving: build a replacement from `when` on (see replacement_due)."""
+        self.retry_at = when
 
     def replacement_due(self, now: float) -> bool:
         """No image serves or is being built, and the wait after a dead or failed one is over."""
