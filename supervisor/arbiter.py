@@ -44,7 +44,7 @@ from .readiness import Readiness
 from .restarts import RestartPolicy, SlotBook
 from .sdnotify import Notifier
 from .signals import MASTER_SIGNALS, SignalQueue
-from .status import StatusFile, snapshot, status_line
+from .status import ChildView, ImageView, SlotView, StatusFile, StatusView, snapshot, status_line
 
 GRACEFUL = "graceful"
 FAST = "fast"
@@ -275,7 +275,7 @@ class Arbiter:
             self.images.retry_from(time.monotonic() + IMAGE_RETRY)
         else:
             self.log.error("reload failed: %s; keeping the running children", error)
-            self.readiness.reload_failed(status_line(self))
+            self.readiness.reload_failed(status_line(self.view()))
 
     def image_exited(self, image: Image, code: int) -> None:
         self.table.drop_pending(image)
@@ -426,15 +426,35 @@ class Arbiter:
             return  # nothing to serve yet, or a reload's image still building
         up = self.table.up_slots(self.images.serving.generation)
         if all(slot.name in up for slot in self.slots):
-            self.readiness.all_up(time.monotonic(), len(self.slots), status_line(self))
+            self.readiness.all_up(time.monotonic(), len(self.slots), status_line(self.view()))
 
     def update_status(self, now: float) -> None:
-        line = status_line(self)
+        view = self.view()
+        line = status_line(view)
         if line != self.readiness.last_status:
-            self.set_title(f"parked: {', '.join(self.book.parked())}" if self.book.parked() else "")
+            self.set_title(f"parked: {', '.join(view.parked)}" if view.parked else "")
         self.readiness.status(line)
         if self.status_file is not None:
-            self.status_file.update(snapshot(self, now))
+            self.status_file.update(snapshot(view, now))
+
+    def view(self) -> StatusView:
+        """A frozen copy of what the status document and line show, taken now."""
+        image = self.images.building or self.images.serving
+        return StatusView(
+            pid=self.pid, started=self.started, stopping=bool(self.stopping), reloading=self.readiness.reloading,
+            ready=self.readiness.ready_sent, restarts=self.restarts,
+            generation=self.images.serving.generation if self.images.serving else 0,
+            image=ImageView(image.pid, image.generation, image.state, image.error) if image else None,
+            groups=tuple(group.name for group in self.plan.groups),
+            slots=tuple(self.slot_view(slot) for slot in self.slots),
+            children=tuple(ChildView(c.slot, c.group, c.pid, c.generation, c.up, c.retiring, c.report, c.report_at)
+                           for c in self.table.every()),
+            parked=tuple(self.book.parked()), extra=dict(self.status_extra))
+
+    def slot_view(self, slot: Slot) -> SlotView:
+        record = self.book.records[slot.name]
+        return SlotView(slot.name, slot.group.name, record.restarts, record.failures, record.parked,
+                        record.next_start, record.problem)
 
     def set_title(self, state: str = "") -> None:
         set_title(f"{self.proc_name}: {self.title}" + (f" [{state}]" if state else ""))
