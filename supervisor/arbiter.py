@@ -6,7 +6,8 @@ child and one control channel per image. Each turn:
     handle queued signals -> reap -> read the images -> kill hung and retired children
     -> ask the image for children for empty slots -> READY / STATUS / WATCHDOG -> status snapshot
 
-Images (image.py): the master never imports the application. An image per settings generation builds
+Images (image.py the image process, images.py the master's handles on them, protocol.py what they say
+to each other): the master never imports the application. An image per settings generation builds
 the plan and forks the children on request. HUP (or a dead image) starts a new image while everything
 runs on; once it is ready the old one is retired and every older child retired (TERM, SIGKILL after
 `graceful_timeout`), each slot refilled from the new image as soon as its old child is gone, so a slot
@@ -280,7 +281,8 @@ class Arbiter:
     def image_exited(self, image: Image, code: int) -> None:
         self.table.drop_pending(image)
         if image.state == "starting":
-            self.image_failed(image, f"{image.describe()} exited with {describe_exit(code)} while starting", EXIT_CONFIG)
+            how = describe_exit(code)
+            self.image_failed(image, f"{image.describe()} exited with {how} while starting", EXIT_CONFIG)
         elif image is self.images.serving and not self.stopping:
             self.log.warning("%s exited with %s; starting a new image", image.describe(), describe_exit(code))
             self.images.serving_died(time.monotonic())
