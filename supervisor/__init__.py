@@ -9,6 +9,17 @@ failing: restarts.py), reloads and stops them. See `supervisor.arbiter` for the 
 
 This package knows nothing about Django or the broker: the caller hands it the child bodies.
 
+    arbiter     the master's loop: one method per signal, spawn, reap, retire, stop
+    plan        what to run: groups of slots (SlotGroup in the image, its GroupShape in the master)
+    protocol    what master, image and children say to each other
+    image       the image process: build once, fork a child on request
+    images      the master's handles on its images
+    children    the master's table of children and their heartbeat pipes
+    restarts    when to restart a slot: backoff and parking
+    child       the child side of a fork (ChildContext, run_child)
+    procs       OS helpers: titles, prctl, reaping, the way out of a forked process
+    signals, readiness, sdnotify, pidfile, status, exitcodes
+
 The names below are imported on first use, so that `supervisor.signals` can be imported (to hold the
 master's signals) before anything else of the package is loaded.
 
@@ -22,6 +33,7 @@ _EXPORTS = {
     "ChildContext": ".child",
     "ImageFailed": ".image",
     "Plan": ".plan",
+    "GroupShape": ".plan",
     "PlanError": ".plan",
     "Slot": ".plan",
     "SlotGroup": ".plan",

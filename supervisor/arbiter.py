@@ -6,7 +6,8 @@ child and one control channel per image. Each turn:
     handle queued signals -> reap -> read the images -> kill hung and retired children
     -> ask the image for children for empty slots -> READY / STATUS / WATCHDOG -> status snapshot
 
-Images (image.py): the master never imports the application. An image per settings generation builds
+Images (image.py the image process, images.py the master's handles on them, protocol.py what they say
+to each other): the master never imports the application. An image per settings generation builds
 the plan and forks the children on request. HUP (or a dead image) starts a new image while everything
 runs on; once it is ready the old one is retired and every older child retired (TERM, SIGKILL after
 `graceful_timeout`), each slot refilled from the new image as soon as its old child is gone, so a slot
@@ -32,17 +33,19 @@ import signal
 import time
 from typing import Callable
 
-from .child import become_subreaper, describe_exit, kill_and_reap, reaped, set_title
 from .children import Child, ChildTable
-from .exitcodes import EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
-from .image import Build, Image, ImageSet, plan_from_description, start_image
+from .exitcodes import EXIT_CONFIG, EXIT_CRASHING, EXIT_OK, EXIT_PIDFILE
+from .image import Build
+from .images import Image, ImageSet, start_image
 from .pidfile import Pidfile
 from .plan import Plan, Slot
+from .procs import become_subreaper, describe_exit, kill_and_reap, reaped, set_title, signal_name
+from .protocol import Eof, Failed, Ready, Spawned, SpawnFailed
 from .readiness import Readiness
-from .restarts import RestartPolicy, SlotBook, SlotRecord
+from .restarts import RestartPolicy, SlotBook
 from .sdnotify import Notifier
-from .signals import MASTER_SIGNALS, SignalQueue, signal_name
-from .status import StatusFile, snapshot, status_line
+from .signals import MASTER_SIGNALS, SignalQueue
+from .status import ChildView, ImageView, SlotView, StatusFile, StatusView, snapshot, status_line
 
 GRACEFUL = "graceful"
 FAST = "fast"
@@ -155,7 +158,7 @@ class Arbiter:
         if self.stopping == GRACEFUL:
             deadlines.append(self.stop_deadline)
         if not self.stopping:
-            deadlines += [self.book.records[s.name].next_start for s in self.slots if s.name not in self.table.occupied()]
+            deadlines += [self.book.next_start(s.name) for s in self.slots if s.name not in self.table.occupied()]
             deadlines.append(self.table.next_deadline(now, self.heartbeat_timeout, ABORT_GRACE) or now + 1)
         return max(0.0, min(deadlines) - now)
 
@@ -228,27 +231,28 @@ class Arbiter:
 
     def read_images(self) -> None:
         for image, message in self.images.messages():
-            if "eof" in message:
-                self.table.drop_pending(image)
-            elif "ready" in message:
-                self.image_ready(image, message)
-            elif "failed" in message:
-                self.image_failed(image, str(message["failed"]), int(message.get("exit_code") or 3))
-            elif "spawned" in message:
-                self.child_spawned(image, message["spawned"], int(message["pid"]))
-            elif "spawn_failed" in message:
-                self.spawn_failed(image, message["spawn_failed"], str(message.get("error")))
+            match message:
+                case Eof():
+                    self.table.drop_pending(image)
+                case Ready():
+                    self.image_ready(image, message)
+                case Failed(error, exit_code):
+                    self.image_failed(image, error, exit_code)
+                case Spawned(request, pid):
+                    self.child_spawned(image, request, pid)
+                case SpawnFailed(request, error):
+                    self.spawn_failed(image, request, error)
 
-    def image_ready(self, image: Image, message: dict) -> None:
+    def image_ready(self, image: Image, message: Ready) -> None:
         if image is not self.images.building:
             return
         try:
-            plan = plan_from_description(message["ready"])
+            plan = Plan.from_shape(message.groups)
         except Exception as exc:
-            self.image_failed(image, f"its plan is unusable: {exc}", 3)
+            self.image_failed(image, f"its plan is unusable: {exc}", EXIT_CONFIG)
             return
         old = self.images.promote(image, plan)
-        for name, value in (message.get("options") or {}).items():
+        for name, value in message.options.items():
             if name in self.OPTIONS and value is not None:
                 setattr(self, name, value)
         self.book.policy = self.restart_policy()
@@ -261,25 +265,24 @@ class Arbiter:
         self.retire_unwanted()
 
     def image_failed(self, image: Image, error: str, exit_code: int) -> None:
-        image.state, image.error = "failed", error
-        if image is not self.images.building:
-            return
-        self.images.building = None
+        if not self.images.fail(image, error):
+            return  # superseded by a newer reload: nothing waits for it
         if self.images.serving is None and not self.readiness.ready_sent and not len(self.table):
             self.log.error("%s; not starting", error)
             self.exit_code = exit_code
             self.stop_fast()
         elif self.images.serving is None:
             self.log.error("no image: %s; keeping the running children, trying again in %.0fs", error, IMAGE_RETRY)
-            self.images.retry_at = time.monotonic() + IMAGE_RETRY
+            self.images.retry_from(time.monotonic() + IMAGE_RETRY)
         else:
             self.log.error("reload failed: %s; keeping the running children", error)
-            self.readiness.reload_failed(status_line(self))
+            self.readiness.reload_failed(status_line(self.view()))
 
     def image_exited(self, image: Image, code: int) -> None:
         self.table.drop_pending(image)
         if image.state == "starting":
-            self.image_failed(image, f"{image.describe()} exited with {describe_exit(code)} while starting", 3)
+            how = describe_exit(code)
+            self.image_failed(image, f"{image.describe()} exited with {how} while starting", EXIT_CONFIG)
         elif image is self.images.serving and not self.stopping:
             self.log.warning("%s exited with %s; starting a new image", image.describe(), describe_exit(code))
             self.images.serving_died(time.monotonic())
@@ -303,14 +306,14 @@ class Arbiter:
 
     def spawn_children(self) -> None:
         image = self.images.serving
-        if image is None or image.state != "up" or image.sock.fileno() < 0:
+        if image is None or image.state != "up" or image.fileno() < 0:
             return
         now, occupied = time.monotonic(), self.table.occupied()
         for slot in self.slots:
-            if slot.name in occupied or self.book.records[slot.name].next_start > now:
+            if slot.name in occupied or self.book.next_start(slot.name) > now:
                 continue
             if self.table.request(image, slot, min(1.0, self.heartbeat_timeout / 10)) is None:
-                self.book.records[slot.name].next_start = now + 1.0
+                self.book.hold(slot.name, now + 1.0)
                 self.log.error("cannot ask %s for a child for %s; trying again in 1s", image.describe(), slot.name)
 
     def child_spawned(self, image: Image, request: int, pid: int) -> None:
@@ -320,8 +323,8 @@ class Arbiter:
             return
         self.table.adopt(child, pid)
         self.log.info("spawned %s", child.describe())
-        if pid in self.table.unknown_exits:  # it died before we heard of it
-            self.child_exited(self.table.remove(pid), self.table.unknown_exits.pop(pid)[0])
+        if (code := self.table.take_unknown_exit(pid)) is not None:  # it died before we heard of it
+            self.child_exited(self.table.remove(pid), code)
         elif self.stopping == FAST:
             self.table.signal(child, signal.SIGKILL, "fast stop")
         elif child.retiring:  # retired before its pid was known
@@ -331,7 +334,7 @@ class Arbiter:
         child = self.table.take_pending(image, request)
         if child is not None:
             self.table.forget_pipe(child, close=True)
-            self.book.records.get(child.slot, SlotRecord()).next_start = time.monotonic() + 1.0
+            self.book.hold(child.slot, time.monotonic() + 1.0)
             self.log.error("%s could not fork a child for %s: %s", image.describe(), child.slot, error)
 
     def reap(self) -> None:
@@ -349,7 +352,7 @@ class Arbiter:
         uptime, how = now - child.started_at, describe_exit(code)
         self.log.log(logging.INFO if code == 0 else logging.WARNING, "%s exited with %s after %.1fs",
                      child.describe(), how, uptime)
-        if self.stopping or child.retiring or child.slot not in self.book.records:
+        if self.stopping or child.retiring or child.slot not in self.book:
             return  # nothing to refill now, or a new child (new code) comes at once
         self.restarts += 1
         verdict, level, message = self.book.record_exit(child.slot, uptime=uptime, code=code, how=how,
@@ -362,12 +365,7 @@ class Arbiter:
             self.stop_fast()
 
     def retire_child(self, child: Child) -> None:
-        if child.retiring:
-            return
-        child.retiring = True
-        child.retire_deadline = time.monotonic() + self.graceful_timeout
-        if child.pid is not None:
-            self.table.signal(child, signal.SIGTERM)
+        self.table.retire(child, time.monotonic() + self.graceful_timeout)
 
     def murder_overdue(self) -> None:
         """SIGABRT then SIGKILL for the silent; SIGKILL for the retired past their graceful timeout."""
@@ -381,8 +379,7 @@ class Arbiter:
             elif why == "silent":
                 self.log.warning("%s missed heartbeats for %.0fs; killing (SIGABRT: its stacks go to the log; "
                                  "SIGKILL in %.0fs)", child.describe(), now - child.last_beat, ABORT_GRACE)
-                child.aborted_at = now
-                self.table.signal(child, signal.SIGABRT)
+                self.table.abort(child, now)
             elif why == "hung":
                 self.table.signal(child, signal.SIGKILL, "missed heartbeats")
         for child in list(self.table.pending):
@@ -411,10 +408,8 @@ class Arbiter:
                 self.notifier.stopping()
             self.stopping = FAST
             self.log.info("fast stop: killing %d children", len(self.table))
-        for child in self.table.every():
-            child.retiring = True
-            if not child.killed and child.pid is not None:
-                self.table.signal(child, signal.SIGKILL, "fast stop")
+        self.table.mark_retiring()
+        self.table.kill_all("fast stop")
         self.images.kill_all()
 
     def kill_stragglers(self) -> None:
@@ -433,15 +428,35 @@ class Arbiter:
             return  # nothing to serve yet, or a reload's image still building
         up = self.table.up_slots(self.images.serving.generation)
         if all(slot.name in up for slot in self.slots):
-            self.readiness.all_up(time.monotonic(), len(self.slots), status_line(self))
+            self.readiness.all_up(time.monotonic(), len(self.slots), status_line(self.view()))
 
     def update_status(self, now: float) -> None:
-        line = status_line(self)
+        view = self.view()
+        line = status_line(view)
         if line != self.readiness.last_status:
-            self.set_title(f"parked: {', '.join(self.book.parked())}" if self.book.parked() else "")
+            self.set_title(f"parked: {', '.join(view.parked)}" if view.parked else "")
         self.readiness.status(line)
         if self.status_file is not None:
-            self.status_file.update(snapshot(self, now))
+            self.status_file.update(snapshot(view, now))
+
+    def view(self) -> StatusView:
+        """A frozen copy of what the status document and line show, taken now."""
+        image = self.images.building or self.images.serving
+        return StatusView(
+            pid=self.pid, started=self.started, stopping=bool(self.stopping), reloading=self.readiness.reloading,
+            ready=self.readiness.ready_sent, restarts=self.restarts,
+            generation=self.images.serving.generation if self.images.serving else 0,
+            image=ImageView(image.pid, image.generation, image.state, image.error) if image else None,
+            groups=tuple(group.name for group in self.plan.groups),
+            slots=tuple(self.slot_view(slot) for slot in self.slots),
+            children=tuple(ChildView(c.slot, c.group, c.pid, c.generation, c.up, c.retiring, c.report, c.report_at)
+                           for c in self.table.every()),
+            parked=tuple(self.book.parked()), extra=dict(self.status_extra))
+
+    def slot_view(self, slot: Slot) -> SlotView:
+        record = self.book.records[slot.name]
+        return SlotView(slot.name, slot.group.name, record.restarts, record.failures, record.parked,
+                        record.next_start, record.problem)
 
     def set_title(self, state: str = "") -> None:
         set_title(f"{self.proc_name}: {self.title}" + (f" [{state}]" if state else ""))

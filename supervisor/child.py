@@ -8,7 +8,6 @@ master's loop (where it would start acting as a second master).
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import os
 import signal
@@ -17,25 +16,12 @@ import threading
 import time
 from typing import Callable, Iterable, NoReturn
 
-from setproctitle import setproctitle
+from .procs import die_with_parent, escape_control, flush_and_exit, forget_master, set_title
+from .protocol import BEAT, Report
 
-try:
-    import ctypes
-
-    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-except (ImportError, OSError):  # a Python without ctypes, or no libc to load: no PDEATHSIG then
-    _libc = None
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
 # How long a child forked by the image waits to be re-parented to the master (the image's middle
 # process exits right after the fork, so this is normally well under a millisecond).
 REPARENT_TIMEOUT = 2.0
-# One state report must fit one atomic pipe write (PIPE_BUF), so the master never reads half of one.
-MAX_REPORT = 3000
-
-# The child must not talk to systemd in the master's name; with NotifyAccess=all it could.
-_MASTER_ONLY_ENVIRON = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 class ChildContext:
@@ -81,7 +67,7 @@ class ChildContext:
         if now - self._last_beat < self._beat_interval:
             return
         self._last_beat = now
-        self._write(b"\n")
+        self._write(BEAT)
 
     def report(self, state: str, task: str | None = None, task_id: str | None = None,
                age: float | None = None) -> None:
@@ -94,10 +80,9 @@ class ChildContext:
         if key == self._last_report:
             return
         self._last_report = key
-        record = {"state": state, "task": _bounded(task), "task_id": _bounded(task_id), "age": age}
-        line = json.dumps(record).encode("utf-8", "replace")[:MAX_REPORT]
+        line = Report(state, _bounded(task), _bounded(task_id), age).encode()
         self._last_beat = time.monotonic()
-        self._write(line + b"\n")
+        self._write(line)
 
     def _write(self, data: bytes) -> None:
         try:
@@ -115,21 +100,6 @@ class ChildContext:
 
     def master_alive(self) -> bool:
         return not self.orphaned and os.getppid() == self.master_pid
-
-
-def escape_control(text: str) -> str:
-    """`text` with control characters (and other unprintables) shown as escapes, for titles and logs."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def set_title(title: object) -> None:
-    """Set the process title; never raises, whatever the text (it may come from a message)."""
-    try:
-        setproctitle(escape_control(str(title))[:1024])
-    except Exception:
-        pass
 
 
 def _bounded(text: str | None, limit: int = 500) -> str | None:
@@ -190,28 +160,6 @@ def _ignore(signum: int, frame: object) -> None:
     pass
 
 
-def forget_master(fds: Iterable[int]) -> None:
-    """In a process forked from the master: close the master's file descriptors `fds` and drop the
-    environment that lets a process speak to systemd in the master's name."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    for name in _MASTER_ONLY_ENVIRON:
-        os.environ.pop(name, None)
-
-
-def die_with_parent() -> bool:
-    """Ask the kernel to SIGKILL this process when its parent dies. Linux only; False elsewhere."""
-    if _libc is None:
-        return False
-    try:
-        return _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
-    except (AttributeError, OSError):
-        return False
-
-
 def exit_code_of(result: object) -> int:
     """The process exit code for what a target returned (None means success)."""
     if result is None:
@@ -266,8 +214,7 @@ def run_child(
         logger.exception("%s (pid %d): child body raised", ctx.slot, os.getpid())
         code = 1
     finally:
-        _flush_output()
-        os._exit(code)
+        flush_and_exit(code)
 
 
 def _wait_for_master_as_parent(master_pid: int) -> None:
@@ -298,60 +245,3 @@ def _dump_stacks_on_abort() -> None:
         faulthandler.enable(file=stream, all_threads=True)
     except (ValueError, OSError, AttributeError):
         pass  # no usable file descriptor (a test's captured stderr): no stacks, still a clean abort
-
-
-def _flush_output() -> None:
-    # os._exit() skips every buffer: without this the last log lines of a child would be lost.
-    try:
-        logging.shutdown()
-    except Exception:
-        pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-
-
-def become_subreaper() -> bool:
-    """Adopt orphaned descendants (the children the image forks through a middle process). Linux only."""
-    if _libc is None:
-        return False
-    try:
-        return _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (AttributeError, OSError):
-        return False
-
-
-def describe_exit(code: int) -> str:
-    return f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)}"
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
-
-
-def reaped():
-    """(pid, exit code) of every child of this process that has ended, without waiting (waitpid WNOHANG);
-    a code below 0 is the signal that ended it."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        yield pid, os.waitstatus_to_exitcode(status)
-
-
-def kill_and_reap(pids) -> None:
-    """SIGKILL and wait for each of `pids` (children of this process)."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass

@@ -2,23 +2,21 @@
 
 A passive part of the master: it holds records and reads pipes, and decides nothing. A child enters the
 table when the master asks an image for it (`request`, pid unknown: *pending*), gets its pid when the
-image answers (`adopt`), and leaves when it is reaped (`remove`).
-
-Heartbeat pipe protocol (child -> master), one record per line: an empty line is a plain heartbeat; a
-JSON object is a state report ({"state": "idle" | "running", "task", "task_id", "age"}).
+image answers (`adopt`), and leaves when it is reaped (`remove`). What a child writes on its
+heartbeat pipe is described in protocol.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .image import Image
+from .images import Image
 from .plan import Slot
+from .protocol import Report, read_reports
 
 
 @dataclass(eq=False)
@@ -36,8 +34,8 @@ class Child:
     request: int | None = None
     up: bool = False  # has sent a heartbeat: its body is running, not just forked
     working: bool = False  # has reported a state (a consumer on its queue): able to do its job
-    state: dict = field(default_factory=dict)  # its last report: state, task, task_id, age
-    state_at: float = 0.0
+    report: Report | None = None  # its last report: state, task, task_id, age
+    report_at: float = 0.0
     retiring: bool = False  # asked to go (reload, TTOU, stop): its exit is no failure
     retire_deadline: float | None = None
     aborted_at: float | None = None
@@ -96,6 +94,25 @@ class ChildTable:
         for child in self.running():
             self.signal(child, signum)
 
+    def retire(self, child: Child, deadline: float) -> None:
+        """Ask `child` to go (TERM, at once or when its pid is known) and to be gone by `deadline`."""
+        if child.retiring:
+            return
+        child.retiring, child.retire_deadline = True, deadline
+        if child.pid is not None:
+            self.signal(child, signal.SIGTERM)
+
+    def abort(self, child: Child, now: float) -> None:
+        """SIGABRT for a silent child: faulthandler writes its stacks; SIGKILL follows (Child.overdue)."""
+        child.aborted_at = now
+        self.signal(child, signal.SIGABRT)
+
+    def kill_all(self, reason: str) -> None:
+        """SIGKILL every running child not killed yet."""
+        for child in self.running():
+            if not child.killed:
+                self.signal(child, signal.SIGKILL, reason)
+
     def next_deadline(self, now: float, heartbeat_timeout: float, abort_grace: float) -> float | None:
         """The earliest moment a running child may become overdue (see Child.overdue)."""
         deadlines = [c.next_deadline(now, heartbeat_timeout, abort_grace) for c in self.running()]
@@ -131,7 +148,8 @@ class ChildTable:
         return child
 
     def take_pending(self, image: Image, request: int) -> Child | None:
-        image.outstanding.discard(request)
+        """The pending child of `image`'s `request` (the image answered, or the master gave up on it)."""
+        image.answered(request)
         for child in self.pending:
             if child.image is image and child.request == request:
                 self.pending.remove(child)
@@ -148,12 +166,17 @@ class ChildTable:
         for child in [c for c in self.pending if c.image is image]:
             self.pending.remove(child)
             self.forget_pipe(child, close=True)
-        image.outstanding.clear()
+        image.forget_requests()
 
     def note_unknown_exit(self, pid: int, code: int, now: float) -> None:
         """A child reaped before its image told us its pid (or a stray grandchild): kept for 30 s."""
         self.unknown_exits = {p: v for p, v in self.unknown_exits.items() if now - v[1] < 30}
         self.unknown_exits[pid] = (code, now)
+
+    def take_unknown_exit(self, pid: int) -> int | None:
+        """The exit code of `pid` if it was reaped before its image told us its pid (and forget it)."""
+        known = self.unknown_exits.pop(pid, None)
+        return None if known is None else known[0]
 
     def remove(self, pid: int) -> Child:
         child = self.by_pid.pop(pid)
@@ -175,15 +198,9 @@ class ChildTable:
         if not child.up:
             child.up = True
             self.log.debug("%s is up", child.describe())
-        *lines, child.buffer = (child.buffer + data).split(b"\n")
-        for line in filter(None, lines):
-            try:
-                report = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(report, dict):
-                child.state, child.state_at, child.working = report, now, True
-        child.buffer = child.buffer[-4096:]
+        reports, child.buffer = read_reports(child.buffer, data)
+        if reports:
+            child.report, child.report_at, child.working = reports[-1], now, True
 
     def forget_pipe(self, child: Child, *, close: bool) -> None:
         if self.by_fd.pop(child.heartbeat_fd, None) is not None:

@@ -10,40 +10,24 @@ Children must stay the master's own: it reaps, signals and heartbeats them direc
 through a middle process that exits at once; the child is re-parented to the master, which made
 itself a child subreaper (PR_SET_CHILD_SUBREAPER). The image answers with the child's pid.
 
-The control channel is a SOCK_SEQPACKET socket pair (one JSON message per packet, and the child's
-heartbeat pipe passed as a file descriptor). Master to image::
-
-    {"spawn": <request id>, "slot": "consumer default#2", "group": "consumer default", "index": 2,
-     "beat_interval": 1.0}                                  + the write end of the heartbeat pipe
-
-Image to master::
-
-    {"ready": [<group descriptions>], "options": {...}}     once built
-    {"failed": "<why, one line>", "exit_code": 3}           the build failed; the image exits
-    {"spawned": <request id>, "pid": 4301}
-    {"spawn_failed": <request id>, "error": "..."}
-
-EOF on the channel tells the image that the master is gone or has retired it: it exits.
+Master and image talk over a socket pair; the messages are in protocol.py. EOF on the channel tells
+the image that the master is gone or has retired it: it exits.
 """
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
-import select
 import signal
 import socket
-import sys
-import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, NoReturn
 
-from .child import ChildContext, die_with_parent, forget_master, run_child, set_title
+from .child import ChildContext, run_child
 from .exitcodes import EXIT_CONFIG
 from .plan import Plan
+from .procs import die_with_parent, flush_and_exit, forget_master, set_title
+from .protocol import MAX_PACKET, Eof, Failed, Message, Ready, Spawn, Spawned, SpawnFailed, decode
 
-MAX_PACKET = 1 << 16
 # The image blocks these around fork(): a TERM sent to a brand-new child before it has installed its
 # own handlers would otherwise run the image's (default: die) instead of a graceful stop.
 CHILD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
@@ -64,106 +48,6 @@ class ImageFailed(Exception):
 Build = Callable[[int], "tuple[Plan, dict]"]
 
 
-# -- the master's side ---------------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class Image:
-    """The master's handle on one image process."""
-    pid: int
-    generation: int
-    sock: socket.socket
-    started_at: float
-    state: str = "starting"  # starting -> up -> retiring; or starting -> failed
-    plan: Plan | None = None
-    options: dict = field(default_factory=dict)
-    error: str | None = None
-    exit_code: int = EXIT_CONFIG
-    outstanding: set = field(default_factory=set)  # spawn requests not answered yet
-    _next_request: int = 0
-
-    def describe(self) -> str:
-        return f"image generation {self.generation} (pid {self.pid})"
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def request_spawn(self, slot_name: str, group: str, index: int, beat_fd: int, beat_interval: float) -> int | None:
-        """Ask for a child; returns the request id, or None if the image cannot be reached."""
-        self._next_request += 1
-        request = {"spawn": self._next_request, "slot": slot_name, "group": group, "index": index,
-                   "beat_interval": beat_interval}
-        try:
-            socket.send_fds(self.sock, [json.dumps(request).encode()], [beat_fd])
-        except OSError:
-            return None
-        self.outstanding.add(self._next_request)
-        return self._next_request
-
-    def receive(self) -> list[dict]:
-        """Every message waiting on the channel; [{"eof": True}] once the image has closed it."""
-        messages = []
-        while True:
-            try:
-                data = self.sock.recv(MAX_PACKET)
-            except (BlockingIOError, InterruptedError):
-                return messages
-            except OSError:
-                data = b""
-            if not data:
-                messages.append({"eof": True})
-                return messages
-            try:
-                message = json.loads(data)
-            except ValueError:
-                continue
-            if isinstance(message, dict):
-                messages.append(message)
-
-    def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            self.sock.close()
-
-
-def start_image(build: Build, generation: int, *, master_pid: int, proc_name: str, close_fds: Iterable[int],
-                blocked: Iterable[int], reopen_logs: Callable[[], None] | None,
-                on_fork: Callable[[], None] | None, logger: logging.Logger) -> Image:
-    """Fork the image process of `generation` (the master's side; returns at once)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
-        pid = os.fork()
-    except OSError:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        ours.close()
-        theirs.close()
-        raise
-    if pid == 0:
-        try:
-            ours.close()
-            run_image(theirs, build, generation, master_pid=master_pid, proc_name=proc_name,
-                      close_fds=close_fds, sigmask=mask, reopen_logs=reopen_logs, on_fork=on_fork, logger=logger)
-        finally:
-            os._exit(1)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    theirs.close()
-    ours.setblocking(False)
-    return Image(pid=pid, generation=generation, sock=ours, started_at=time.monotonic())
-
-
-def plan_description(plan: Plan) -> list[dict]:
-    return [dict(name=g.name, size=g.size, scalable=g.scalable, numbered=g.numbered) for g in plan.groups]
-
-
-def plan_from_description(groups: list[dict]) -> Plan:
-    """The master's copy of the image's plan: the same slots, no targets (those live in the image)."""
-    from .plan import SlotGroup
-
-    return Plan(tuple(SlotGroup(g["name"], g["size"], None, scalable=g["scalable"], numbered=g["numbered"])
-                      for g in groups))
-
-
-# -- the image's side ----------------------------------------------------------------------------------
-
 def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid: int, proc_name: str,
               close_fds: Iterable[int], sigmask: Iterable[int], reopen_logs: Callable[[], None] | None,
               on_fork: Callable[[], None] | None, logger: logging.Logger) -> NoReturn:
@@ -181,13 +65,13 @@ def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid:
             # dirties) these pages again, in the image or in the children that share them.
             gc.freeze()
         except ImageFailed as exc:
-            _send(sock, {"failed": _one_line(exc), "exit_code": exc.exit_code})
-            return _exit(0)
+            _send(sock, Failed(_one_line(exc), exc.exit_code))
+            flush_and_exit(0)
         except BaseException as exc:
             logger.debug("image build failed", exc_info=True)
-            _send(sock, {"failed": _one_line(exc), "exit_code": EXIT_CONFIG})
-            return _exit(0)
-        _send(sock, {"ready": plan_description(plan), "options": options})
+            _send(sock, Failed(_one_line(exc), EXIT_CONFIG))
+            flush_and_exit(0)
+        _send(sock, Ready(tuple(plan.shape()), options))
         set_title(f"{proc_name}: image {generation}")
         serve(sock, plan, generation=generation, master_pid=master_pid, proc_name=proc_name,
               reopen_logs=reopen_logs, on_fork=on_fork, logger=logger)
@@ -195,7 +79,7 @@ def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid:
     except BaseException:
         logger.exception("image generation %d (pid %d) failed", generation, os.getpid())
     finally:
-        _exit(code)
+        flush_and_exit(code)
 
 
 def _become_image(close_fds: Iterable[int], sigmask: Iterable[int]) -> None:
@@ -217,32 +101,37 @@ def serve(sock: socket.socket, plan: Plan, *, generation: int, master_pid: int, 
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_PACKET, 4)
         except InterruptedError:
             continue
-        if not data:
-            return
-        try:
-            request = json.loads(data)
-            request_id = request["spawn"]
-        except (ValueError, KeyError, TypeError):
-            for fd in fds:
-                os.close(fd)
-            continue
-        group = groups.get(request.get("group"))
-        if group is None or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            _send(sock, {"spawn_failed": request_id, "error": f"no group {request.get('group')!r} in this image"})
-            continue
-        ctx = ChildContext(slot=request["slot"], group=group.name, index=request["index"], master_pid=master_pid,
-                           proc_name=proc_name, heartbeat_fd=fds[0], beat_interval=request["beat_interval"],
-                           generation=generation)
-        try:
-            pid = fork_child(ctx, group.target, sock, reopen_logs=reopen_logs, on_fork=on_fork, logger=logger)
-        except OSError as exc:
-            _send(sock, {"spawn_failed": request_id, "error": f"cannot fork: {exc}"})
-        else:
-            _send(sock, {"spawned": request_id, "pid": pid})
-        finally:
-            os.close(fds[0])
+        match decode(data):
+            case Eof():
+                return
+            case Spawn() as request if request.group in groups and len(fds) == 1:
+                ctx = ChildContext(slot=request.slot, group=request.group, index=request.index,
+                                   master_pid=master_pid, proc_name=proc_name, heartbeat_fd=fds[0],
+                                   beat_interval=request.beat_interval, generation=generation)
+                try:
+                    _send(sock, spawn(request, ctx, groups[request.group].target, sock, reopen_logs=reopen_logs,
+                                      on_fork=on_fork, logger=logger))
+                finally:
+                    os.close(fds[0])  # the child has its copy
+            case Spawn() as request:
+                _close(fds)
+                _send(sock, SpawnFailed(request.request, f"no group {request.group!r} in this image"))
+            case _:
+                _close(fds)  # unreadable: skipped
+
+
+def spawn(request: Spawn, ctx: ChildContext, target, sock: socket.socket, **hooks) -> Spawned | SpawnFailed:
+    """The answer to `request`: the pid of the child forked for it, or why there is none."""
+    try:
+        pid = fork_child(ctx, target, sock, **hooks)
+    except OSError as exc:
+        return SpawnFailed(request.request, f"cannot fork: {exc}")
+    return Spawned(request.request, pid)
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def fork_child(ctx: ChildContext, target, sock: socket.socket, *, reopen_logs, on_fork, logger) -> int:
@@ -281,109 +170,13 @@ def fork_child(ctx: ChildContext, target, sock: socket.socket, *, reopen_logs, o
     return int(data)
 
 
-def _send(sock: socket.socket, message: dict) -> None:
+def _send(sock: socket.socket, message: Message) -> None:
     try:
-        sock.send(json.dumps(message).encode()[:MAX_PACKET])
+        sock.send(message.encode()[:MAX_PACKET])
     except OSError:
         pass  # the master is gone: the next recv sees EOF
-
-
-def _exit(code: int) -> NoReturn:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    try:
-        logging.shutdown()
-    except Exception:
-        pass
-    os._exit(code)
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
-
-
-class ImageSet:
-    """The master's images: every image process not reaped yet, the one serving, the one being built."""
-
-    def __init__(self, poller) -> None:
-        self.poller = poller
-        self.by_pid: dict[int, Image] = {}
-        self.serving: Image | None = None
-        self.building: Image | None = None
-        self.retry_at: float | None = None  # when to build a replacement for a dead serving image
-
-    def __bool__(self) -> bool:
-        return bool(self.by_pid)
-
-    def fds(self) -> list[int]:
-        return [image.fileno() for image in self.by_pid.values() if image.fileno() >= 0]
-
-    def add(self, image: Image) -> None:
-        self.by_pid[image.pid] = image
-        self.poller.register(image.fileno(), select.POLLIN)
-        self.building, self.retry_at = image, None
-
-    def close_channel(self, image: Image) -> None:
-        if image.fileno() >= 0:
-            self.poller.unregister(image.fileno())
-            image.close()
-
-    def promote(self, image: Image, plan) -> Image | None:
-        """`image` is up and serves `plan` from now on; returns the image it replaces (now retiring: its
-        channel is closed once it has answered every request)."""
-        old, self.serving, self.building = self.serving, image, None
-        image.state, image.plan = "up", plan
-        if old is not None:
-            old.state = "retiring"
-        return old
-
-    def serving_died(self, now: float) -> None:
-        self.serving, self.retry_at = None, now
-
-    def replacement_due(self, now: float) -> bool:
-        """No image serves or is being built, and the wait after a dead or failed one is over."""
-        return self.serving is None and self.building is None and self.retry_at is not None \
-            and now >= self.retry_at
-
-    def kill(self, image: Image) -> None:
-        image.state = "retiring"
-        if image is self.building:
-            self.building = None
-        try:
-            os.kill(image.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def kill_all(self) -> None:
-        for image in self.by_pid.values():
-            self.kill(image)
-        self.serving = None
-
-    def forget(self, pid: int) -> Image:
-        image = self.by_pid.pop(pid)
-        self.close_channel(image)
-        return image
-
-    def messages(self) -> list[tuple[Image, dict]]:
-        """What the images said since the last call. A retired image's channel is closed once it has
-        answered every request: the EOF tells it to exit."""
-        found = []
-        for image in list(self.by_pid.values()):
-            if image.fileno() < 0:
-                continue
-            for message in image.receive():
-                if "eof" in message:
-                    self.close_channel(image)
-                found.append((image, message))
-            if image.state == "retiring" and not image.outstanding:
-                self.close_channel(image)
-        return found
-
-    def close_all(self) -> None:
-        for image in self.by_pid.values():
-            image.close()
-        self.by_pid.clear()

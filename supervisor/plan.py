@@ -1,15 +1,18 @@
 """What the master should be running: groups of slots, one child process per slot.
 
-A plan is a value. The caller builds one from its configuration (`load_plan()`), the master compares
-nothing inside it but the slot names: a slot that exists in the old and the new plan keeps its name, so
-its old child is replaced by a new one rather than joined by it.
+A plan is a value. The caller's build (in the image) makes one whose groups are `SlotGroup`s: each
+says what its children run (`target`). The master never imports the application, so it never holds a
+target: the image sends it the plan's shape (`Plan.shape()`, protocol.Ready) and the master's copy
+(`Plan.from_shape()`) is made of `GroupShape`s, the same groups without their targets. The master compares
+nothing inside a plan but the slot names: a slot that exists in the old and the new plan keeps its name,
+so its old child is replaced by a new one rather than joined by it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
 if TYPE_CHECKING:
     from .child import ChildContext
@@ -20,20 +23,18 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
-class SlotGroup:
-    """`size` identical slots that run `target` in a child process each.
+class GroupShape:
+    """`size` identical slots: a group as the master knows it.
 
     Slot names are ``f"{name}#{i}"`` for i in 1..size, or just ``name`` when ``numbered`` is false
     (a singleton such as the scheduler, whose size must be 1). A group of size 0 has no slots.
-    ``scalable`` groups follow TTIN/TTOU. ``fingerprint`` is the caller's; the master never reads it.
+    ``scalable`` groups follow TTIN/TTOU.
     """
 
     name: str
     size: int
-    target: Callable[["ChildContext"], int | None] | None  # None in the master's copy (see image.py)
-    scalable: bool = False
-    numbered: bool = True
-    fingerprint: object = None
+    scalable: bool = field(default=False, kw_only=True)
+    numbered: bool = field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -44,8 +45,6 @@ class SlotGroup:
             raise PlanError(f"group name {self.name!r} must not contain '#'")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
             raise PlanError(f"group {self.name!r}: size must be an int >= 0, not {self.size!r}")
-        if self.target is not None and not callable(self.target):
-            raise PlanError(f"group {self.name!r}: target must be callable, not {self.target!r}")
         if not self.numbered and self.size != 1:
             raise PlanError(f"group {self.name!r}: an unnumbered group has exactly one slot, not {self.size}")
         if not self.numbered and self.scalable:
@@ -57,20 +56,33 @@ class SlotGroup:
         return [f"{self.name}#{i}" for i in range(1, self.size + 1)]
 
 
+@dataclass(frozen=True)
+class SlotGroup(GroupShape):
+    """A group as the caller's build makes it: its shape and the `target` each of its children runs
+    (called with the child's ChildContext; its return value is the child's exit code)."""
+
+    target: Callable[["ChildContext"], int | None]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not callable(self.target):
+            raise PlanError(f"group {self.name!r}: target must be callable, not {self.target!r}")
+
+
 class Slot(NamedTuple):
     name: str
-    group: SlotGroup
+    group: GroupShape
     index: int  # 1-based; 1 for an unnumbered group
 
 
 @dataclass(frozen=True)
 class Plan:
-    groups: tuple[SlotGroup, ...]
+    groups: tuple[GroupShape, ...]  # SlotGroups in the image, GroupShapes in the master
 
     def __post_init__(self) -> None:
         groups = tuple(self.groups)
         for group in groups:
-            if not isinstance(group, SlotGroup):
+            if not isinstance(group, GroupShape):
                 raise PlanError(f"a plan holds SlotGroup objects, not {group!r}")
         names = [group.name for group in groups]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -103,3 +115,15 @@ class Plan:
                 group = dataclasses.replace(group, size=size)
             groups.append(group)
         return Plan(tuple(groups))
+
+    def shape(self) -> list[dict]:
+        """The plan without its targets, as JSON-able data: what the image tells the master."""
+        return [dict(name=g.name, size=g.size, scalable=g.scalable, numbered=g.numbered) for g in self.groups]
+
+    @classmethod
+    def from_shape(cls, groups: Iterable[dict]) -> Plan:
+        """The master's copy of the image's plan: the same slots, no targets (those live in the image).
+        Raises (PlanError, KeyError, TypeError) on a shape that is no plan."""
+        return cls(tuple(GroupShape(g["name"], g["size"], scalable=g["scalable"], numbered=g["numbered"])
+                         for g in groups))
+

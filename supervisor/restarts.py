@@ -82,7 +82,7 @@ class SlotBook:
     """The restart records of the current plan's slots: a passive part of the master.
 
     `record_exit` applies `judge_exit` to a slot and says what to log; `record_working` clears a slot
-    whose child now works.
+    whose child now works; `hold` keeps a slot empty for a while (its image could not be asked).
     """
 
     def __init__(self, policy: RestartPolicy) -> None:
@@ -93,6 +93,18 @@ class SlotBook:
         """Records for exactly `slot_names`; `fresh` forgets failures and backoff (a new image)."""
         old = {} if fresh else self.records
         self.records = {name: old.get(name) or SlotRecord() for name in slot_names}
+
+    def __contains__(self, slot: str) -> bool:
+        return slot in self.records
+
+    def next_start(self, slot: str) -> float:
+        """The monotonic time before which `slot` stays empty."""
+        return self.records[slot].next_start
+
+    def hold(self, slot: str, until: float) -> None:
+        """Keep `slot` empty until `until` (a slot no longer in the plan has nothing to hold)."""
+        if slot in self.records:
+            self.records[slot].next_start = until
 
     def record_exit(self, slot: str, *, uptime: float, code: int, how: str, was_working: bool,
                     now: float) -> tuple[Verdict, int, str | None]:

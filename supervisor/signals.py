@@ -82,9 +82,3 @@ class SignalQueue:
             os.close(fd)
         self.wake_r = self.wake_w = -1
 
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)

@@ -1,9 +1,37 @@
 """The status snapshot: the master's picture of its slots as one JSON document in a file.
 
-The document's fields are described in carrot/run/status.py (the schema is the application's contract with
-`carrot_daemon status` and the monitor); this module only builds it from the arbiter's state and writes
-it atomically (a temporary file renamed over the old one) when it changes, and at least every
-`REFRESH` seconds so that task ages and memory stay current.
+The master hands `snapshot()` a `StatusView` (Arbiter.view(): a frozen copy of what it knows, taken
+once per turn of its loop) and `StatusFile` writes the document atomically (a temporary file renamed
+over the old one) when it changes, and at least every `REFRESH` seconds so that task ages and memory
+stay current. The same view gives the one-line status (`status_line()`) for sd_notify and the title.
+
+The document (version 1). Field names are stable; readers (carrot: `carrot_daemon status`, the
+monitor, carrot/run/status.py) rely on them::
+
+    {
+      "version": 1,
+      "host": "worker-1", "pid": 4242,              # the master
+      "started": "2026-11-21T20:41:57+00:00",       # ISO 8601, UTC
+      "updated": "2026-11-21T20:45:03+00:00",
+      "state": "starting" | "running" | "reloading" | "stopping",
+      "generation": 3,                               # settings generation the current image serves
+      "image": {"pid": 4250, "generation": 3, "state": "starting" | "up" | "failed", "error": null},
+      "restarts": 7,
+      "slots": [
+        {"name": "consumer default#1", "group": "consumer default", "pid": 4301, "generation": 3,
+         "state": "starting" | "idle" | "running" | "retiring" | "backoff" | "parked",
+         "task": "myapp.tasks.resize" | null, "task_id": "<MessageLog uuid>" | null,
+         "task_age": 3.1 | null,                     # seconds the current task has run
+         "restarts": 0, "next_start": null | seconds from "updated",
+         "problem": null | "why the slot is parked",
+         "memory_rss": 41234432 | null, "memory_uss": 9123840 | null}
+      ],
+      ...                                            # the caller's `status_extra` (carrot: "settings")
+    }
+
+"image" is the image being built while there is one, else the one serving (null before the first).
+A slot's "state" is its child's last report ("idle", "running") once the child is up; "retiring" when
+it is asked to go; "backoff" or "parked" (restarts.py) when it is empty because its children failed.
 """
 from __future__ import annotations
 
@@ -12,15 +40,72 @@ import json
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Mapping
 
-if TYPE_CHECKING:
-    from .arbiter import Arbiter
+from .protocol import Report
 
 VERSION = 1
 REFRESH = 5.0  # seconds between rewrites when nothing but ages changed
 TASK_CHANGES = 0.5  # seconds between rewrites when only the tasks in hand changed
 MEMORY_EVERY = 10.0  # seconds between memory readings of a child (reading smaps costs)
+
+
+@dataclass(frozen=True)
+class ChildView:
+    slot: str
+    group: str
+    pid: int | None  # None until the image has said it (a pending child)
+    generation: int
+    up: bool
+    retiring: bool
+    report: Report | None
+    report_at: float  # monotonic time the report arrived
+
+
+@dataclass(frozen=True)
+class SlotView:
+    name: str
+    group: str
+    restarts: int
+    failures: int  # young failures in a row
+    parked: bool
+    next_start: float  # monotonic time before which it stays empty
+    problem: str | None
+
+
+@dataclass(frozen=True)
+class ImageView:
+    pid: int
+    generation: int
+    state: str  # starting, up, retiring, failed
+    error: str | None
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """What the status document and line show of a master, at one moment."""
+    pid: int
+    started: float  # wall-clock time
+    stopping: bool
+    reloading: bool
+    ready: bool  # READY=1 sent: every slot was up once
+    restarts: int
+    generation: int  # of the image serving; 0 while none does
+    image: ImageView | None  # the image being built, else the one serving
+    groups: tuple[str, ...]  # the plan's groups, in order
+    slots: tuple[SlotView, ...]  # the plan's slots, in order
+    children: tuple[ChildView, ...]  # every child: running ones, then those the image has not answered for
+    parked: tuple[str, ...]
+    extra: Mapping[str, object]  # added to the document as it is
+
+    @property
+    def state(self) -> str:
+        return ("stopping" if self.stopping else "reloading" if self.reloading
+                else "running" if self.ready else "starting")
+
+    def running(self) -> list[ChildView]:
+        return [child for child in self.children if child.pid is not None]
 
 
 def iso(timestamp: float) -> str:
@@ -42,67 +127,68 @@ def memory_of(pid: int) -> tuple[int | None, int | None]:
         return None, None
 
 
-def slot_state(child, record) -> str:
+def slot_state(child: ChildView | None, slot: SlotView) -> str:
     if child is None:
-        return "parked" if record.parked else "backoff" if record.failures else "starting"
+        return "parked" if slot.parked else "backoff" if slot.failures else "starting"
     if child.retiring:
         return "retiring"
-    return str(child.state.get("state") or "starting") if child.up else "starting"
+    reported = child.report.state if child.report else None
+    return str(reported or "starting") if child.up else "starting"
 
 
-def snapshot(arbiter: "Arbiter", now: float) -> dict:
-    """The document for the arbiter's state at monotonic time `now` (ages and "updated" included)."""
-    by_slot = {}
-    for child in arbiter.table.every():
+def slot_entry(slot: SlotView, child: ChildView | None, now: float) -> dict:
+    """The document's entry for one slot (memory is added by StatusFile, which reads it)."""
+    report = child.report if child else None
+    running = report is not None and report.state == "running"
+    age = report.age if running else None
+    return {
+        "name": slot.name, "group": slot.group,
+        "pid": child.pid if child else None, "generation": child.generation if child else None,
+        "state": slot_state(child, slot),
+        "task": report.task if running else None, "task_id": report.task_id if running else None,
+        "task_age": round(age + now - child.report_at, 1) if age is not None else None,
+        "restarts": slot.restarts,
+        "next_start": round(slot.next_start - now, 1) if child is None and slot.next_start > now else None,
+        "problem": slot.problem if slot.parked or slot.failures else None,
+        "memory_rss": None, "memory_uss": None,
+    }
+
+
+def snapshot(view: StatusView, now: float) -> dict:
+    """The document for `view` at monotonic time `now` (ages and "updated" included)."""
+    by_slot: dict[str, ChildView] = {}
+    for child in view.children:  # a slot's new child is shown rather than the old one it replaces
         if child.slot not in by_slot or by_slot[child.slot].retiring:
             by_slot[child.slot] = child
-    slots = []
-    for slot in arbiter.slots:
-        child, record = by_slot.get(slot.name), arbiter.book.records[slot.name]
-        state = child.state if child else {}
-        age = state.get("age")
-        running = state.get("state") == "running"
-        slots.append({
-            "name": slot.name, "group": slot.group.name,
-            "pid": child.pid if child else None, "generation": child.generation if child else None,
-            "state": slot_state(child, record),
-            "task": state.get("task") if running else None, "task_id": state.get("task_id") if running else None,
-            "task_age": round(age + now - child.state_at, 1) if running and age is not None else None,
-            "restarts": record.restarts,
-            "next_start": round(record.next_start - now, 1) if child is None and record.next_start > now else None,
-            "problem": record.problem if record.parked or record.failures else None,
-            "memory_rss": None, "memory_uss": None,
-        })
-    image = arbiter.images.building or arbiter.images.serving
+    image = view.image
     document = {
-        "version": VERSION, "host": socket.gethostname(), "pid": arbiter.pid, "started": iso(arbiter.started),
+        "version": VERSION, "host": socket.gethostname(), "pid": view.pid, "started": iso(view.started),
         "updated": iso(time.time()),
-        "state": ("stopping" if arbiter.stopping else "reloading" if arbiter.readiness.reloading
-                  else "running" if arbiter.readiness.ready_sent else "starting"),
-        "generation": arbiter.images.serving.generation if arbiter.images.serving else 0,
+        "state": view.state,
+        "generation": view.generation,
         "image": {"pid": image.pid, "generation": image.generation,
                   "state": "up" if image.state == "up" else "failed" if image.state == "failed" else "starting",
                   "error": image.error} if image else None,
-        "restarts": arbiter.restarts,
-        "slots": slots,
+        "restarts": view.restarts,
+        "slots": [slot_entry(slot, by_slot.get(slot.name), now) for slot in view.slots],
     }
-    document.update(arbiter.status_extra)
+    document.update(view.extra)
     return document
 
 
-def status_line(arbiter: "Arbiter") -> str:
+def status_line(view: StatusView) -> str:
     """The one-line status for sd_notify STATUS= and the log."""
-    if arbiter.stopping:
-        return f"stopping: {len(arbiter.table)} children left"
-    per_group: dict[str, int] = {group.name: 0 for group in arbiter.plan.groups}
-    for child in arbiter.table.running():
+    if view.stopping:
+        return f"stopping: {len(view.running())} children left"
+    per_group: dict[str, int] = {name: 0 for name in view.groups}
+    for child in view.running():
         if child.up and not child.retiring:
             per_group[child.group] = per_group.get(child.group, 0) + 1
     counts = ", ".join(f"{name}: {n}" for name, n in per_group.items())
-    line = f"{sum(per_group.values())} children up ({counts}); {arbiter.restarts} restarts"
-    if arbiter.book.parked():
-        line += f"; parked: {', '.join(arbiter.book.parked())}"
-    return f"reloading; {line}" if arbiter.readiness.reloading else line
+    line = f"{sum(per_group.values())} children up ({counts}); {view.restarts} restarts"
+    if view.parked:
+        line += f"; parked: {', '.join(view.parked)}"
+    return f"reloading; {line}" if view.reloading else line
 
 
 class StatusFile:

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 
-from supervisor.child import die_with_parent, set_title
+from supervisor.procs import die_with_parent, set_title
 
 logger = logging.getLogger('carrot.autoreload')
 

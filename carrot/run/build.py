@@ -180,7 +180,7 @@ class ImageBuilder:
             max_memory_per_child=self.option(summary, 'max_memory_per_child'),
             status_file=self.status_file)
         groups = [SlotGroup(f'consumer {q.name}', q.concurrency, functools.partial(consumer_main, q.name, options),
-                            scalable=True, fingerprint=q) for q in queues]
+                            scalable=True) for q in queues]
         if summary.options['scheduler'] and not self.no_scheduler:
             groups.append(SlotGroup('scheduler', 1, functools.partial(scheduler_main, options), numbered=False))
         # Every host, whatever it consumes: relay waiting messages, copy the status to the database.

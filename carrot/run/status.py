@@ -1,30 +1,7 @@
-"""The supervisor status snapshot: what a carrot-supervisor master is running, as one JSON document.
-
-The master (no Django) writes the document atomically to its status file whenever it changes; the
-scheduler child copies it into the SupervisorStatus table every few seconds, so `carrot_daemon status`,
-the tests and the monitor (on any host) read the same thing. Field names are stable (README.rst, "Status
-snapshot"):
-
-    {
-      "version": 1,
-      "host": "worker-1", "pid": 4242,              # the master
-      "started": "2026-11-21T20:41:57+00:00",       # ISO 8601, UTC
-      "updated": "2026-11-21T20:45:03+00:00",
-      "settings": "myproj.settings",
-      "state": "starting" | "running" | "reloading" | "stopping",
-      "generation": 3,                               # settings generation the current image serves
-      "image": {"pid": 4250, "generation": 3, "state": "starting" | "up" | "failed", "error": null},
-      "restarts": 7,
-      "slots": [
-        {"name": "consumer default#1", "group": "consumer default", "pid": 4301, "generation": 3,
-         "state": "starting" | "idle" | "running" | "retiring" | "backoff" | "parked",
-         "task": "myapp.tasks.resize" | null, "task_id": "<MessageLog uuid>" | null,
-         "task_age": 3.1 | null,                     # seconds the current task has run
-         "restarts": 0, "next_start": null | seconds from "updated",
-         "problem": null | "why the slot is parked",
-         "memory_rss": 41234432 | null, "memory_uss": 9123840 | null}
-      ]
-    }
+"""The supervisor status snapshot on carrot's side: read a master's status file, copy it into the
+SupervisorStatus table (the scheduler child does, every few seconds, so `carrot_daemon status`, the tests
+and the monitor on any host read the same thing), and forget masters gone silent. The document itself
+is produced, and its fields documented, by supervisor/status.py; carrot adds "settings" to it.
 """
 from __future__ import annotations
 

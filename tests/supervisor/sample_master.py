@@ -112,7 +112,6 @@ def load_plan(state_dir: Path) -> Plan:
             target=functools.partial(child_body, state_dir, group),
             scalable=group.get("scalable", False),
             numbered=group.get("numbered", True),
-            fingerprint=json.dumps(group, sort_keys=True),
         ))
     return Plan(tuple(groups))
 

@@ -29,7 +29,7 @@ from tests.harness import wait_for
 from supervisor import exitcodes
 from supervisor.child import ChildContext
 from supervisor.pidfile import Pidfile, PidfileHeld
-from supervisor.plan import Plan, PlanError, SlotGroup
+from supervisor.plan import GroupShape, Plan, PlanError, SlotGroup
 from supervisor.sdnotify import Notifier
 
 def group(name, size=1, behaviour="sleep", **extra):
@@ -468,6 +468,25 @@ def test_plan_slots_and_validation():
         SlotGroup("a", 1, "not callable")
     with pytest.raises(PlanError, match="'#'"):
         SlotGroup("a#1", 1, body, numbered=False)
+
+
+def test_the_master_holds_the_plans_shape_without_targets():
+    plan = Plan((SlotGroup("consumer default", 2, body, scalable=True),
+                 SlotGroup("scheduler", 1, body, numbered=False)))
+    shape = plan.shape()
+    assert shape == [{"name": "consumer default", "size": 2, "scalable": True, "numbered": True},
+                     {"name": "scheduler", "size": 1, "scalable": False, "numbered": False}]
+    copy = Plan.from_shape(json.loads(json.dumps(shape)))  # as it crosses the image's channel
+    assert [type(g) for g in copy.groups] == [GroupShape, GroupShape]
+    assert not any(hasattr(g, "target") for g in copy.groups)
+    assert copy.slots() == [(s.name, GroupShape(s.group.name, s.group.size, scalable=s.group.scalable,
+                                                numbered=s.group.numbered), s.index) for s in plan.slots()]
+    assert copy.describe() == plan.describe() and copy.shape() == shape
+    assert [g.size for g in copy.scaled(+1).groups] == [3, 1]
+    with pytest.raises(PlanError, match="exactly one slot"):
+        Plan.from_shape([{"name": "scheduler", "size": 2, "scalable": False, "numbered": False}])
+    with pytest.raises(KeyError):
+        Plan.from_shape([{"name": "a"}])
 
 
 def test_exit_codes_are_distinct_and_avoid_1_and_2():

@@ -7,7 +7,7 @@ import select
 
 import pytest
 
-from supervisor.child import escape_control, set_title
+from supervisor.procs import escape_control, set_title
 from supervisor.readiness import Readiness
 from supervisor.restarts import RestartPolicy, SlotRecord, all_parked, backoff, judge_exit
 from supervisor.sdnotify import Notifier
@@ -182,6 +182,23 @@ def test_exits_reaped_before_the_pid_was_known_are_kept_for_a_while():
     table.note_unknown_exit(41, -9, now=0.0)
     table.note_unknown_exit(42, 1, now=31.0)  # 41 is forgotten: nobody asked for it in 30 s
     assert table.unknown_exits == {42: (1, 31.0)}
+    assert table.take_unknown_exit(41) is None
+    assert table.take_unknown_exit(42) == 1 and table.take_unknown_exit(42) is None
+
+
+def test_a_held_slot_stays_empty_until_then_and_a_slot_gone_from_the_plan_holds_nothing():
+    from supervisor.restarts import SlotBook
+    book = SlotBook(RestartPolicy())
+    book.reset(['a#1'], fresh=True)
+    assert 'a#1' in book and 'b#1' not in book and book.next_start('a#1') == 0.0
+    book.hold('a#1', 12.0)
+    assert book.next_start('a#1') == 12.0
+    book.hold('b#1', 12.0)  # its child's spawn failed after a TTOU took the slot away
+    assert 'b#1' not in book
+    book.reset(['a#1'], fresh=False)
+    assert book.next_start('a#1') == 12.0  # scaling keeps what a slot waits for; a new image does not
+    book.reset(['a#1'], fresh=True)
+    assert book.next_start('a#1') == 0.0
 
 
 def test_a_slot_whose_child_works_or_lived_long_is_cleared_and_a_parked_one_says_so():
