@@ -296,7 +296,8 @@ class Arbiter:
     def set_plan(self, plan: Plan, *, fresh: bool) -> None:
         """Make `plan` the one to fill. `fresh` forgets backoff and failure counts (a new image)."""
         self.plan, self.slots = plan, plan.slots()
-        self.book.reset([slot.name for slot in self.slots], fresh=fresh)
+        self.book.reset([slot.name for slot in self.slots], fresh=fresh,
+                        auxiliary=[slot.name for slot in self.slots if slot.group.auxiliary])
 
     def retire_unwanted(self) -> None:
         wanted = {slot.name for slot in self.slots}

@@ -28,13 +28,16 @@ class GroupShape:
 
     Slot names are ``f"{name}#{i}"`` for i in 1..size, or just ``name`` when ``numbered`` is false
     (a singleton such as the scheduler, whose size must be 1). A group of size 0 has no slots.
-    ``scalable`` groups follow TTIN/TTOU.
+    ``scalable`` groups follow TTIN/TTOU. An ``auxiliary`` group is kept filled like any other, but it is
+    not the master's reason to live: when every other slot is parked the master gives up even if the
+    auxiliary ones still run (a host whose consumers all crash is down, whatever its helpers do).
     """
 
     name: str
     size: int
     scalable: bool = field(default=False, kw_only=True)
     numbered: bool = field(default=True, kw_only=True)
+    auxiliary: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -118,12 +121,14 @@ class Plan:
 
     def shape(self) -> list[dict]:
         """The plan without its targets, as JSON-able data: what the image tells the master."""
-        return [dict(name=g.name, size=g.size, scalable=g.scalable, numbered=g.numbered) for g in self.groups]
+        return [dict(name=g.name, size=g.size, scalable=g.scalable, numbered=g.numbered, auxiliary=g.auxiliary)
+                for g in self.groups]
 
     @classmethod
     def from_shape(cls, groups: Iterable[dict]) -> Plan:
         """The master's copy of the image's plan: the same slots, no targets (those live in the image).
         Raises (PlanError, KeyError, TypeError) on a shape that is no plan."""
-        return cls(tuple(GroupShape(g["name"], g["size"], scalable=g["scalable"], numbered=g["numbered"])
+        return cls(tuple(GroupShape(g["name"], g["size"], scalable=g["scalable"], numbered=g["numbered"],
+                                    auxiliary=bool(g.get("auxiliary", False)))
                          for g in groups))
 

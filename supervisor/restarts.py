@@ -17,6 +17,7 @@ one of them counts against the slot:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,11 @@ def backoff(policy: RestartPolicy, failures: int) -> float:
     return min(policy.backoff_cap, delay)
 
 
-def all_parked(records: dict[str, SlotRecord]) -> bool:
-    """True when no slot at all can stay up: the master should give up (EXIT_CRASHING)."""
-    return bool(records) and all(record.parked for record in records.values())
+def all_parked(records: dict[str, SlotRecord], auxiliary: frozenset[str] = frozenset()) -> bool:
+    """True when no slot that matters can stay up: the master should give up (EXIT_CRASHING). Auxiliary
+    slots (plan.GroupShape.auxiliary) do not count; a plan of auxiliary slots alone never gives up."""
+    essential = [record for name, record in records.items() if name not in auxiliary]
+    return bool(essential) and all(record.parked for record in essential)
 
 
 class SlotBook:
@@ -88,11 +91,14 @@ class SlotBook:
     def __init__(self, policy: RestartPolicy) -> None:
         self.policy = policy
         self.records: dict[str, SlotRecord] = {}
+        self.auxiliary: frozenset[str] = frozenset()
 
-    def reset(self, slot_names: list[str], *, fresh: bool) -> None:
-        """Records for exactly `slot_names`; `fresh` forgets failures and backoff (a new image)."""
+    def reset(self, slot_names: list[str], *, fresh: bool, auxiliary: Iterable[str] = ()) -> None:
+        """Records for exactly `slot_names`; `fresh` forgets failures and backoff (a new image).
+        `auxiliary` names the slots whose parking does not count in `all_parked`."""
         old = {} if fresh else self.records
         self.records = {name: old.get(name) or SlotRecord() for name in slot_names}
+        self.auxiliary = frozenset(auxiliary)
 
     def __contains__(self, slot: str) -> bool:
         return slot in self.records
@@ -147,4 +153,4 @@ class SlotBook:
         return [name for name, record in self.records.items() if record.parked]
 
     def all_parked(self) -> bool:
-        return all_parked(self.records)
+        return all_parked(self.records, self.auxiliary)

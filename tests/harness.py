@@ -191,8 +191,9 @@ class Supervisor:
                 found.append(Kid(proc.pid, title, *parsed))
         return found
 
-    def by_slot(self) -> dict[str, Kid]:
-        return {kid.slot: kid for kid in self.children()}
+    def by_slot(self, housekeeping: bool = False) -> dict[str, Kid]:
+        """slot -> child; the housekeeping child (on every host) only when asked for."""
+        return {kid.slot: kid for kid in self.children() if housekeeping or kid.slot != 'housekeeping'}
 
     def title(self) -> str | None:
         return title_of(self.master)

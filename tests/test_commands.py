@@ -76,7 +76,7 @@ def test_carrot_check_prints_the_slot_plan(manage):
 
     result = manage('carrot', '--check', '--no-scheduler', '--queues', 'other')
     assert result.returncode == 0, result.stdout + result.stderr
-    assert ' '.join(result.stdout.split('slots:\n', 1)[1].split()) == 'consumer other#1 ok'
+    assert ' '.join(result.stdout.split('slots:\n', 1)[1].split()) == 'consumer other#1 housekeeping ok'
 
 
 @pytest.mark.timeout(60)
@@ -189,8 +189,8 @@ def test_daemon_start_status_and_graceful_stop(manage, tmp_path):
     assert read_pid(pidfile) == pid
 
     # status: the master and every child, with title, pid, RSS and uptime.
-    wait_for(lambda: len(workers(master)) == 3 and 'ready:' in logfile.read_text(), 30,
-             what='three children', tail=logfile.read_text)
+    wait_for(lambda: len(workers(master)) == 4 and 'ready:' in logfile.read_text(), 30,
+             what='four children', tail=logfile.read_text)
     time.sleep(1.0)  # so every uptime is at least a second
     result = manage('carrot_daemon', 'status', '--pidfile', str(pidfile))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -233,7 +233,8 @@ def test_daemon_restart_and_hard_stop(manage, tmp_path):
     first = read_pid(pidfile)
     wait_for(lambda: 'ready:' in logfile.read_text(), 30, what='the first master', tail=logfile.read_text)
     titles = sorted(title_of(c) for c in workers(psutil.Process(first)))
-    assert titles == ['carrot-supervisor: consumer default#1 idle', 'carrot-supervisor: consumer other#1 idle']
+    assert titles == ['carrot-supervisor: consumer default#1 idle', 'carrot-supervisor: consumer other#1 idle',
+                      'carrot-supervisor: housekeeping']
 
     started = time.monotonic()
     result = manage('carrot_daemon', 'restart', *options)

@@ -125,7 +125,7 @@ FLOORS = [
     ('config', ['carrot.config.*']),
     ('registry', ['carrot.registry', 'carrot']),
     ('amqp', ['carrot.amqp.*']),
-    ('rows', ['carrot.publish.arguments', 'carrot.schedule.rules', 'carrot.models']),
+    ('rows', ['carrot.publish.arguments', 'carrot.schedule.rules', 'carrot.models', 'carrot.dbfaults']),
     ('logic', ['carrot.publish.*', 'carrot.consume.*', 'carrot.schedule.*', 'carrot.helper_tasks',
                'carrot.checks']),
     ('run', ['carrot.run.*']),

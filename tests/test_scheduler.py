@@ -524,7 +524,7 @@ BROKEN_ROWS = {
     'bad json': (dict(task_args='[1,'), 'the positional arguments are not valid JSON'),
     'deep nesting': (dict(task_args='[' * 40 + ']' * 40), 'nested too deeply (at most 32 levels)'),
     'too long': (dict(task_args='[' * 100_000 + ']' * 100_000), 'too long (200000 characters, at most 65536)'),
-    'kwargs not an object': (dict(content='[1]'), 'the keyword arguments must be a JSON object, got list'),
+    'kwargs not an object': (dict(content='[1]'), 'the keyword arguments must be a JSON object, e.g. {"order_id": 42}, got list'),
     'huge interval': (dict(interval_type='days', interval_count=10 ** 9), 'longer than the longest allowed'),
     'calendar overflow': (dict(interval_type='days', interval_count=5,
                                last_run_time=timezone.make_aware(timezone.datetime(9999, 12, 30))),
@@ -533,7 +533,8 @@ BROKEN_ROWS = {
     'zero interval': (dict(interval_count=0), 'must be a whole number of seconds, at least 1 (got 0)'),
     'not a task': (dict(task='os.system', task_args='["true"]'), 'task os.system is not registered'),
     'unknown queue': (dict(queue='nowhere'), "no queue called 'nowhere'"),
-    'too large': (dict(task_args='["' + 'x' * 2000 + '"]'), 'more than CARROT["max_message_size"]'),
+    'too large': (dict(task_args='["' + 'x' * 2000 + '", 1]'), 'more than CARROT["max_message_size"]'),
+    'wrong arguments': (dict(task_args='[1, 2, 3]'), 'the arguments do not fit add(a, b): too many positional'),
 }
 
 
@@ -684,4 +685,4 @@ def test_a_host_without_a_scheduler_relays_a_message_published_while_the_broker_
     finally:
         connection.close()
     assert properties.message_id == log.uuid and properties.headers == {'type': ADD}
-    assert supervisor.log_text().count('spawned scheduler') == 1
+    assert supervisor.log_text().count('spawned housekeeping') == 1 and 'spawned scheduler' not in supervisor.log_text()

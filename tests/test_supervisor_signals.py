@@ -35,7 +35,7 @@ def test_graceful_stop_finishes_and_acks_the_task_in_hand(start_supervisor, sign
     log = publish_message(tasks.sleep, 3)
     wait_status(log, 'IN_PROGRESS', 10, supervisor.tail)
     supervisor.signal(signum)
-    supervisor.wait_log(r'graceful stop: waiting up to 30\.0s for 2 children')
+    supervisor.wait_log(r'graceful stop: waiting up to 30\.0s for 3 children')
     assert supervisor.running()
     assert MessageLog.objects.get(pk=log.pk).status == MessageLog.IN_PROGRESS
     assert supervisor.wait_exit(20) == 0

@@ -184,7 +184,8 @@ class ImageBuilder:
         if summary.options['scheduler'] and not self.no_scheduler:
             groups.append(SlotGroup('scheduler', 1, functools.partial(scheduler_main, options), numbered=False))
         # Every host, whatever it consumes: relay waiting messages, copy the status to the database.
-        groups.append(SlotGroup('housekeeping', 1, functools.partial(housekeeping_main, options), numbered=False))
+        groups.append(SlotGroup('housekeeping', 1, functools.partial(housekeeping_main, options), numbered=False,
+                                auxiliary=True))
         return Plan(tuple(groups))
 
 

@@ -474,8 +474,8 @@ def test_the_master_holds_the_plans_shape_without_targets():
     plan = Plan((SlotGroup("consumer default", 2, body, scalable=True),
                  SlotGroup("scheduler", 1, body, numbered=False)))
     shape = plan.shape()
-    assert shape == [{"name": "consumer default", "size": 2, "scalable": True, "numbered": True},
-                     {"name": "scheduler", "size": 1, "scalable": False, "numbered": False}]
+    assert shape == [{"name": "consumer default", "size": 2, "scalable": True, "numbered": True, "auxiliary": False},
+                     {"name": "scheduler", "size": 1, "scalable": False, "numbered": False, "auxiliary": False}]
     copy = Plan.from_shape(json.loads(json.dumps(shape)))  # as it crosses the image's channel
     assert [type(g) for g in copy.groups] == [GroupShape, GroupShape]
     assert not any(hasattr(g, "target") for g in copy.groups)

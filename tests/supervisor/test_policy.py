@@ -215,3 +215,13 @@ def test_a_slot_whose_child_works_or_lived_long_is_cleared_and_a_parked_one_says
     assert book.note_working(kids, now=100.0) == ['slot a#1 is up again; no longer parked',
                                                   'slot b#1 is up again; no longer parked']
     assert book.parked() == ['c#1']
+
+
+def test_auxiliary_slots_never_keep_a_crashing_master_alive_nor_bring_it_down():
+    parked, up = SlotRecord(parked=True), SlotRecord()
+    # Every consumer parked: give up, whatever the helper (housekeeping) does.
+    assert all_parked({"consumer#1": parked, "helper": up}, frozenset({"helper"}))
+    # A parked helper alone is no reason to give up while a consumer runs ...
+    assert not all_parked({"consumer#1": up, "helper": parked}, frozenset({"helper"}))
+    # ... nor is a plan of helpers only.
+    assert not all_parked({"helper": parked}, frozenset({"helper"}))
