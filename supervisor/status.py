@@ -24,7 +24,7 @@ monitor, carrot/run/status.py) rely on them::
          "task_age": 3.1 | null,                     # seconds the current task has run
          "restarts": 0, "next_start": null | seconds from "updated",
          "problem": null | "why the slot is parked",
-         "memory_rss": 41234432 | null, "memory_uss": 9123840 | null}
+         "memory_rss": 41234432 | null, "memory_uss": 9123840 | null, "memory_pss": 15728640 | null}
       ],
       ...                                            # the caller's `status_extra` (carrot: "settings")
     }
@@ -39,6 +39,7 @@ import datetime as dt
 import json
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -108,12 +109,14 @@ class StatusView:
         return [child for child in self.children if child.pid is not None]
 
 
-def iso(timestamp: float) -> str:
+def iso_utc(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def memory_of(pid: int) -> tuple[int | None, int | None]:
-    """(RSS, USS) in bytes from /proc; (None, None) where it cannot be read."""
+def memory_of(pid: int) -> tuple[int | None, int | None, int | None]:
+    """(RSS, USS, PSS) in bytes from /proc; Nones where it cannot be read. Children forked from the image
+    share most of their pages with it: RSS counts those in every child, USS (private pages) is what
+    a child holds of its own, PSS adds its fair share of the shared ones."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             fields = {}
@@ -122,9 +125,9 @@ def memory_of(pid: int) -> tuple[int | None, int | None]:
                 if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
                     fields[parts[0][:-1]] = int(parts[1]) * 1024
         uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-        return fields.get("Rss"), uss
+        return fields.get("Rss"), uss, fields.get("Pss")
     except (OSError, ValueError):
-        return None, None
+        return None, None, None
 
 
 def slot_state(child: ChildView | None, slot: SlotView) -> str:
@@ -150,7 +153,7 @@ def slot_entry(slot: SlotView, child: ChildView | None, now: float) -> dict:
         "restarts": slot.restarts,
         "next_start": round(slot.next_start - now, 1) if child is None and slot.next_start > now else None,
         "problem": slot.problem if slot.parked or slot.failures else None,
-        "memory_rss": None, "memory_uss": None,
+        "memory_rss": None, "memory_uss": None, "memory_pss": None,
     }
 
 
@@ -162,8 +165,8 @@ def snapshot(view: StatusView, now: float) -> dict:
             by_slot[child.slot] = child
     image = view.image
     document = {
-        "version": VERSION, "host": socket.gethostname(), "pid": view.pid, "started": iso(view.started),
-        "updated": iso(time.time()),
+        "version": VERSION, "host": socket.gethostname(), "pid": view.pid, "started": iso_utc(view.started),
+        "updated": iso_utc(time.time()),
         "state": view.state,
         "generation": view.generation,
         "image": {"pid": image.pid, "generation": image.generation,
@@ -196,7 +199,7 @@ class StatusFile:
         self.path = path
         self.last_shape = self.last_tasks = ""
         self.last_write = 0.0
-        self.memory: dict[int, tuple[float, int | None, int | None]] = {}
+        self.memory: dict[int, tuple[float, int | None, int | None, int | None]] = {}
 
     def update(self, document: dict) -> None:
         """Write `document` if the slots' make-up changed; if only tasks moved on (a busy consumer goes
@@ -223,13 +226,21 @@ class StatusFile:
                 continue
             if pid not in self.memory or now - self.memory[pid][0] >= MEMORY_EVERY:
                 self.memory[pid] = (now, *memory_of(pid))
-            entry["memory_rss"], entry["memory_uss"] = self.memory[pid][1:]
+            entry["memory_rss"], entry["memory_uss"], entry["memory_pss"] = self.memory[pid][1:]
 
     def write(self, document: dict) -> None:
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+        # A new file of an unpredictable name, created exclusively (mkstemp: O_EXCL, mode 0600), then
+        # renamed over the old one: whoever can write the directory cannot make the master write through a
+        # link they planted (os.replace replaces a link at the target name, it does not follow it).
+        directory, name = os.path.split(self.path)
         try:
-            with open(tmp, "w") as f:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
+        except OSError:
+            return
+        try:
+            with os.fdopen(fd, "w") as f:
                 json.dump(document, f, indent=1)
+            os.chmod(tmp, 0o644)  # readable by `carrot_daemon status` and the monitor's host user
             os.replace(tmp, self.path)
         except OSError:
             try:

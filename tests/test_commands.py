@@ -203,7 +203,7 @@ def test_daemon_start_status_and_graceful_stop(manage, tmp_path):
     assert {p: without_state(title) for p, (_, _, title) in rows.items()} == expected
     assert sorted(without_state(title_of(child)) for child in workers(master)) == [
         'carrot-supervisor: consumer default#1', 'carrot-supervisor: consumer other#1',
-        'carrot-supervisor: scheduler']
+        'carrot-supervisor: housekeeping', 'carrot-supervisor: scheduler']
     for p, (rss, uptime, _) in rows.items():
         assert rss > 5, (p, rss)                          # a Python process with Django: megabytes
         assert uptime != '0m00s' and uptime.startswith('0m'), (p, uptime)

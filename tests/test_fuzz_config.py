@@ -167,3 +167,10 @@ def test_supervisor_check_on_a_bad_setting_exits_3_without_traceback_or_password
     assert finished.returncode == 3, f'exit {finished.returncode}:\n{text[-3000:]}'
     assert 'Traceback' not in text, text[-3000:]
     assert_clean([text], 'carrot-supervisor --check')
+
+
+def test_a_broker_dict_value_whose_repr_raises_is_a_problem_not_a_traceback():
+    # Found by the generated run above: the broker dict's own messages quoted repr() of the value.
+    config, problems = parse_config({'default_broker': {'host': Weird(), 'port': Weird()}})
+    assert [p.id for p in problems] == ['carrot.E005', 'carrot.E005']
+    assert all('<Weird object>' in p.message for p in problems), problems

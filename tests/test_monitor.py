@@ -322,7 +322,7 @@ def snapshot(host, pid, seconds_ago=1, **extra):
                 'settings': 'proj.settings', 'slots': [
                     {'name': 'consumer default#1', 'group': 'consumer default', 'pid': pid + 1,
                      'state': 'running', 'task': 'tests.testapp.tasks.sleep', 'task_id': 'abc', 'task_age': 3.5,
-                     'restarts': 0, 'memory_rss': 41943040},
+                     'restarts': 0, 'memory_rss': 99999999, 'memory_uss': 41943040, 'memory_pss': 52428800},
                     {'name': 'consumer other#1', 'pid': None, 'state': 'parked', 'problem': 'keeps dying',
                      'restarts': 7}]}
     document.update(extra)
@@ -341,7 +341,7 @@ def test_workers_tab_lists_every_supervisor_and_shows_silent_ones_as_gone(staff)
     assert alpha['slots'][0]['state'] == 'running' and alpha['slots'][1]['problem'] == 'keeps dying'
     html = staff.get('/carrot/workers/').content.decode()
     for text in ('alpha', 'beta', 'consumer default#1', 'tests.testapp.tasks.sleep', 'parked', 'keeps dying',
-                 '40.0 MiB', 'gone', '3.50 s'):
+                 '40.0 MiB', '50.0 MiB', 'gone', '3.50 s'):
         assert text in html, text
     assert XSS not in html
     with override_settings(CARROT={'supervisor_gone_after': 3600}):

@@ -451,8 +451,7 @@ def test_scheduler_survives_an_unreachable_broker(start_supervisor, subprocess_e
     extra = tmp_path / 'extra.py'
     extra.write_text(f"CARROT['queues'] = CARROT['queues'] + [\n"
                      f"    {{'name': 'unreachable', 'host': {DEAD_BROKER!r}, 'consumable': False}}]\n")
-    supervisor = start_supervisor('--queues', 'default', '--no-scheduler',
-                                  env=dict(subprocess_env, CARROT_TEST_EXTRA=str(extra)))
+    supervisor = start_supervisor('--queues', 'default', env=dict(subprocess_env, CARROT_TEST_EXTRA=str(extra)))
     supervisor.wait_ready()
     scheduler_pid = supervisor.scheduler().pid
 

@@ -150,8 +150,8 @@ class Parser:
                 if check(raw[key]):
                     values[key] = raw[key]
                 else:
-                    shown = '***' if key == 'password' else raw[key]
-                    self.problem(E_BAD_BROKER, f"{path}['{key}'] must be {expected}, got {shown!r}")
+                    shown = "'***'" if key == 'password' else masked_repr(raw[key])
+                    self.problem(E_BAD_BROKER, f"{path}['{key}'] must be {expected}, got {shown}")
         vhost = values.pop('name', '/') or '/'
         if vhost.lower() == '%2f':  # 1.x spelled the default vhost URL-encoded
             vhost = '/'

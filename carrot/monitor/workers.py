@@ -39,6 +39,7 @@ def slot_row(slot: dict) -> dict:
         'problem': _text(slot.get('problem')),
         'memory_rss': _number(slot.get('memory_rss')),
         'memory_uss': _number(slot.get('memory_uss')),
+        'memory_pss': _number(slot.get('memory_pss')),
     }
 
 

@@ -114,7 +114,7 @@ def test_monitor_in_a_browser(live_server, page, artifacts, start_supervisor, tm
     page.fill('#id_task_args', '["from the form"]')
     page.fill('#id_content', '{"flag": tru')
     page.get_by_role('button', name='Save').click()
-    assert 'Keyword arguments is not valid JSON' in page.locator('.field-content .error').inner_text()
+    assert 'The keyword arguments are not valid JSON' in page.locator('.field-content .error').inner_text()
     shoot(page, artifacts, 'form')
     page.fill('#id_content', '{"flag": true}')
     page.get_by_role('button', name='Save').click()
