@@ -48,9 +48,14 @@ def raw_channel(carrot_vhost):
 
 @pytest.fixture(autouse=True)
 def empty_queues(request, carrot_vhost):
-    """Every test starts with the configured queues (and their dead-letter queues) gone."""
+    """Every test starts with the configured queues (and their dead-letter queues) gone; a test marked
+    `no_broker` (the fast layer: rules, arguments, the processor's decisions) skips that."""
     from carrot.amqp.publisher import close_publishers
     from carrot.config import get_config
+
+    if request.node.get_closest_marker('no_broker'):
+        yield
+        return
 
     close_publishers()
     connection = raw_connection()

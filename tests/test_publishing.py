@@ -1,6 +1,7 @@
 """carrot.publish.outbox against the real RabbitMQ and database: the error hierarchy, size limit, a lost
 confirm, store-and-forward and the relay of waiting rows, requeue, and the import graph."""
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -271,3 +272,19 @@ def test_an_unreachable_broker_is_tried_once_per_publish_not_twice(caplog, monke
         publish_message(tasks.add, 1, 2, queue='down')
     assert len(connects) == 1
     assert MessageLog.objects.get().status == 'WAITING'
+
+
+def test_the_socket_of_an_open_connection_is_found():
+    """pika keeps the socket private; the after-fork hook (carrot.amqp.pika_compat) reaches it. Fails
+    loudly if a pika upgrade moves it, instead of silently letting a task's forked child hold it."""
+    from carrot.amqp import pika_compat
+    from carrot.amqp.connection import connect
+    connection = connect(get_config().queue('default').broker)
+    try:
+        fd = pika_compat.socket_fd(connection)
+        assert isinstance(fd, int) and fd >= 0
+        import socket
+        assert socket.socket(fileno=os.dup(fd)).getpeername()[1] == 5672
+    finally:
+        connection.close()
+    assert pika_compat.socket_fd(connection) is None
