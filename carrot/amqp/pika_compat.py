@@ -35,7 +35,8 @@ from carrot.amqp.wire import NestedTooDeep
 
 MAX_HEADER_DEPTH = 32
 
-_NOISY_CONNECT_LOGGERS = ('pika.adapters.utils.io_services_utils', 'pika.adapters.utils.connection_workflow',
+_NOISY_CONNECT_LOGGERS = ('pika.connection', 'pika.adapters.utils.io_services_utils',
+                          'pika.adapters.utils.connection_workflow',
                           'pika.adapters.blocking_connection', 'pika.adapters.base_connection')
 _CHANNEL_LOGGER = 'pika.channel'
 

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit, parse_qs
 from carrot.config.options import LOG_LEVELS, SETTINGS as SUPERVISOR_SETTINGS
 from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, BrokerConfig,
                                   CarrotConfig, ConfigProblem, QueueConfig)
-from carrot.config.secrets import ENCODE_HINT, masked_repr, shown_broker
+from carrot.config.secrets import ENCODE_HINT, masked_repr, broker_shape
 from carrot.exceptions import CarrotConfigException
 
 # Check ids, one per kind of problem (documented in README.rst).
@@ -90,12 +90,12 @@ class Parser:
             return self.broker_from_url(path, raw)
         if isinstance(raw, dict):
             return self.broker_from_dict(path, raw)
-        self.problem(E_BAD_BROKER, f'{path} must be an amqp:// URL or a dict, got {shown_broker(raw)}')
+        self.problem(E_BAD_BROKER, f'{path} must be an amqp:// URL or a dict, got {broker_shape(raw)}')
         return BrokerConfig()
 
     def broker_from_url(self, path, url) -> BrokerConfig:
         def fail(reason):
-            self.problem(E_BAD_BROKER, f'{path} is not a usable broker URL ({reason}): {shown_broker(url)}')
+            self.problem(E_BAD_BROKER, f'{path} is not a usable broker URL ({reason}): {broker_shape(url)}')
             return BrokerConfig()
 
         if not isinstance(url, str):

@@ -63,7 +63,7 @@ class _Opaque:
         return f'<{self.name} object>'
 
 
-def shown_broker(value) -> str:
+def broker_shape(value) -> str:
     """A broker setting that is not a usable URL, for a message. Whatever it is, it may be (or hold) the
     password itself, so only its shape is shown: the scheme and what follows the last '@' of a URL-like
     string, else its type and length."""

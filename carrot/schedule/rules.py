@@ -43,13 +43,13 @@ def schedule_problems(schedule) -> dict[str, str]:
         problems['task'] = str(exc)
 
     problems.update(arguments.scheduled_problems(schedule.task_args, schedule.content))
-    if func is not None and not problems:
+    if func is not None and not problems:  # a known task and arguments that read: do they fit it?
         args, kwargs = arguments.load_scheduled(schedule.task_args, schedule.content)
         problem = registry.call_problem(func, args, kwargs)
         if problem:
             problems['task_args'] = problem
 
-    problem = interval_problem(schedule.interval_type, schedule.interval_count)
+    problem = interval_problem(schedule.interval_type, schedule.interval_count)  # checked whatever else is wrong
     if problem:
         problems['interval_type' if schedule.interval_type not in SECONDS_PER else 'interval_count'] = problem
     elif schedule.last_run_time is not None:

@@ -23,6 +23,7 @@ from carrot.run.logfile import LogFileError, open_log_file
 from carrot.management.commands.carrot import python_path_for_children, supervisor_argv
 from carrot.config.options import add_arguments, status_file_for
 from carrot.run.status import read_snapshot
+from carrot.text import escape_controls
 
 DEFAULT_PIDFILE = 'carrot.pid'
 DEFAULT_LOGFILE = 'carrot.log'
@@ -223,9 +224,8 @@ def describe_snapshot(document: dict, path: str) -> list[str]:
 
 
 def _shown(value, limit=40) -> str:
-    """A snapshot value fit for a terminal: control characters escaped, long text cut."""
-    text = '-' if value is None else str(value)
-    text = ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """A snapshot value fit for a terminal: control characters escaped, long text cut to fit its column."""
+    text = escape_controls('-' if value is None else str(value))
     return text if len(text) <= limit else text[:limit - 1] + '…'
 
 
