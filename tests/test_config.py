@@ -184,27 +184,6 @@ def test_tables_check_passes_on_a_migrated_database_and_needs_databases():
     assert check_carrot_tables(databases=None) == []
 
 
-@pytest.fixture
-def empty_database(tmp_path):
-    """The NAME of a database without any table: a fresh SQLite file, or a new PostgreSQL database."""
-    from django.db import connection
-    if connection.vendor == 'sqlite':
-        yield str(tmp_path / 'empty.sqlite3')
-        return
-    import uuid
-
-    import psycopg
-    params = connection.settings_dict
-    name = f'carrot_empty_{uuid.uuid4().hex[:8]}'
-    admin = dict(host=params['HOST'], port=params['PORT'], user=params['USER'],
-                 password=params['PASSWORD'] or None, dbname='postgres', autocommit=True)
-    with psycopg.connect(**admin) as pg:
-        pg.execute(f'CREATE DATABASE {name}')
-    yield name
-    with psycopg.connect(**admin) as pg:
-        pg.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
-
-
 def run_project(database, *argv, module=None):
     """Run `tests/manage.py argv` (or `python -m module argv`) against database NAME `database`."""
     import os

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.test_config import empty_database, run_project  # noqa: F401 (a fixture)
+from tests.test_config import run_project
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def test_a_broker_that_is_not_there_or_refuses_is_said_once_in_words(tmp_path, s
 
 
 @pytest.mark.timeout(240)
-def test_publishing_before_migrate_says_run_migrate(empty_database):  # noqa: F811
+def test_publishing_before_migrate_says_run_migrate(empty_database):
     code = ("from carrot.utilities import publish_message\n"
             "from carrot.exceptions import NotMigrated\n"
             "try:\n"
