@@ -1,15 +1,10 @@
-"""carrot-supervisor: the prefork master that runs carrot's consumers and scheduler.
+"""carrot-supervisor: the prefork master that runs carrot's consumers, scheduler and housekeeping.
 
     carrot-supervisor --settings myproj.settings [--queues a,b] [--pidfile P] [--logfile L] ...
 
-Exit codes (also in README.rst):
-    0  stopped cleanly
-    2  bad command line (argparse)
-    3  bad configuration: no settings module, settings that do not import, an invalid CARROT, carrot's
-       tables missing (run manage.py migrate), a log file that is a symlink or cannot be opened
-    4  a broker was unreachable at start
-    5  the pidfile is held by a live master (or cannot be written)
-    6  every slot was parked: its children kept crashing (see the log for why)
+The master is the generic `supervisor.Arbiter`; this module reads the command line, sets up the log and
+hands the Arbiter what each image builds (carrot.run.build.ImageBuilder). Exit codes are those of
+supervisor/exitcodes.py (README.rst lists them with carrot's reasons); 2 is argparse's bad command line.
 """
 from __future__ import annotations
 
