@@ -3,14 +3,9 @@
 No pika here: the processor gets an IncomingMessage (carrot.amqp.wire) and says what the session should
 do with the delivery. It runs in the consumer's task thread, with that thread's DB connection.
 
-The claim (at most one execution of a message at a time, on any host)
-    The row is found by the message's uuid (inserted first, tolerating a concurrent insert, for
-    messages from other publishers) and taken with one conditional UPDATE: from PUBLISHED or WAITING,
-    or from IN_PROGRESS when the worker named in it is known dead *and* still the one that was read
-    (a compare-and-set on worker and attempts, so two claimers can never both win). A worker is known
-    dead when the lease it renews (CARROT['claim_lease']) has run out, or when it is on this host and
-    its process is gone. A message whose row is IN_PROGRESS under a live worker is not run now: it is
-    parked in <queue>.wait and comes back after a delay.
+The claim (carrot.consume.claim) makes sure a message runs at most once at a time, on any host; the
+row is found (or, for messages from other publishers, inserted) by carrot.consume.logrows. A message whose
+row is IN_PROGRESS under a live worker is not run now: it is parked and comes back after a delay.
 
 What ends how
     COMPLETED row: ACK (a duplicate). FAILED row: DEAD_LETTER. Bad input, unregistered task, a task that
