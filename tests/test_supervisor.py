@@ -185,11 +185,11 @@ def test_a_supervisor_started_as_the_readme_shows_reports_to_the_workers_tab(sta
     private file the master removes at exit), so the monitor's Workers tab lists this host."""
     from carrot.models import SupervisorStatus
 
-    def private_dirs():
-        return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith('carrot-supervisor-')}
-
-    before = private_dirs()
     supervisor = start_supervisor(status_file=False)
+
+    def private_dirs():
+        return [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(f'carrot-supervisor-{supervisor.pid}-')]
+
     assert '--status-file' not in supervisor.args and '--no-scheduler' in supervisor.args
     kids = supervisor.wait_ready(['consumer default#1', 'consumer other#1', 'housekeeping'])
     expected = {slot: kid.pid for slot, kid in kids.items()}
@@ -199,10 +199,10 @@ def test_a_supervisor_started_as_the_readme_shows_reports_to_the_workers_tab(sta
         return row and {slot['name']: slot['pid'] for slot in row.document['slots']} == expected
 
     wait_for(reported, 20, what='the supervisor to report its children', tail=supervisor.tail)
-    assert len(private_dirs() - before) == 1
+    assert len(private_dirs()) == 1
     supervisor.signal(signal.SIGTERM)
     assert supervisor.wait_exit(30) == 0
-    assert private_dirs() - before == set()  # removed at exit
+    assert private_dirs() == []  # removed at exit
 
 
 @pytest.mark.timeout(60)

@@ -137,7 +137,8 @@ def builder_for(args, settings_module: str, status_file: str | None = None) -> I
 
 @contextlib.contextmanager
 def private_status_file():
-    directory = tempfile.mkdtemp(prefix='carrot-supervisor-')  # mode 0700, a name nobody can predict
+    # Mode 0700, a name nobody can predict; the pid in it says whose it is.
+    directory = tempfile.mkdtemp(prefix=f'carrot-supervisor-{os.getpid()}-')
     try:
         yield os.path.join(directory, 'status.json')
     finally:
