@@ -111,7 +111,7 @@ class Consumer:
         for callback in self.failure_callbacks:
             try:
                 callback(log, err)
-            except Exception:
+            except BaseException:  # KeyboardInterrupt from a callback is its bug, not a stop request
                 self.logger.exception('%s: failure callback %r raised', self.name, callback)
 
     # -- one message --------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ class Consumer:
     def _settle(self, session: ConsumeSession, delivery: Delivery) -> None:
         try:
             disposition = delivery.future.result()
-        except Exception:  # process() never raises; if an override does, the message is not run again
+        except BaseException:  # process() never raises; if an override does, the message is not run again
             self.logger.exception('%s: processing %s raised; dead-lettering it', self.name, delivery.task)
             disposition = DEAD_LETTER
         session.settle(delivery.delivery_tag, disposition, delivery.message)
