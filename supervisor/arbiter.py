@@ -39,7 +39,8 @@ from .image import Build
 from .images import Image, ImageSet, start_image
 from .pidfile import Pidfile
 from .plan import Plan, Slot
-from .procs import become_subreaper, describe_exit, kill_and_reap, reaped, set_title, signal_name
+from .procs import (become_subreaper, child_pids, describe_exit, describe_pid, kill_and_reap, kill_tree, reaped,
+                    set_title, signal_name)
 from .protocol import Eof, Failed, Ready, Spawned, SpawnFailed
 from .readiness import Readiness
 from .restarts import RestartPolicy, SlotBook
@@ -50,6 +51,8 @@ from .status import ChildView, ImageView, SlotView, StatusFile, StatusView, snap
 GRACEFUL = "graceful"
 FAST = "fast"
 ABORT_GRACE = 2.0  # seconds between SIGABRT (stacks to the log) and SIGKILL for a hung child
+STRAY_GRACE = 10.0  # seconds an unknown process adopted by the master lives before it is killed
+STRAY_SCAN = 1.0  # seconds between two looks for such processes
 IMAGE_RETRY = 5.0  # seconds before a replacement for a dead image is tried again after it failed
 
 
@@ -93,6 +96,8 @@ class Arbiter:
         self.notifier = Notifier({}, logger=self.log)  # the real one is made in run(): see there
         self.readiness = Readiness(self.notifier, self.log)
         self.pidfile: Pidfile | None = None
+        self.strays: dict[int, float] = {}  # unknown children of the master (see sweep_strays): first seen
+        self.strays_scanned = 0.0
 
     def restart_policy(self) -> RestartPolicy:
         return RestartPolicy(self.min_uptime, self.backoff_base, self.backoff_cap, self.max_consecutive_failures,
@@ -127,8 +132,10 @@ class Arbiter:
             self.handle_signals()
             self.reap()
             self.read_images()
+            self.sweep_strays(time.monotonic())
             if self.stopping:
                 if not self.table.every() and not self.images:
+                    self.sweep_strays(time.monotonic(), final=True)
                     break
                 self.kill_stragglers()
             else:
@@ -390,6 +397,31 @@ class Arbiter:
                 if image is self.images.serving and image.state == "up":  # hung (stopped, deadlocked)
                     self.log.warning("%s is hung; killing it (a new image replaces it)", image.describe())
                     self.images.kill(image)
+
+    def sweep_strays(self, now: float, final: bool = False) -> None:
+        """Kill the processes the master adopted that are none of its images or children: what a task
+        started and its child left behind when it died (the master is a subreaper, so they become its
+        children). Nothing a task starts outlives its slot, nor the master. An unknown child is given
+        STRAY_GRACE first (a child the image has just forked is the master's before the image names it);
+        at the end of a stop (`final`) none is."""
+        if not final and now - self.strays_scanned < STRAY_SCAN:
+            return
+        self.strays_scanned = now
+        for _ in range(10 if final else 1):
+            known = set(self.table.by_pid) | set(self.images.by_pid)
+            unknown = [pid for pid in child_pids(self.pid or None) if pid not in known]
+            self.strays = {pid: self.strays.get(pid, now) for pid in unknown}
+            due = [pid for pid, seen in self.strays.items() if final or now - seen >= STRAY_GRACE]
+            if not due:
+                return
+            for pid in due:
+                self.log.warning("killing %s: a process left behind by a child that is gone", describe_pid(pid))
+                kill_tree(pid)
+                self.strays.pop(pid, None)
+            if final:
+                time.sleep(0.05)
+                for pid, code in reaped():
+                    self.table.note_unknown_exit(pid, code, time.monotonic())
 
     # -- stopping ----------------------------------------------------------------------------------
 

@@ -164,3 +164,68 @@ def test_a_task_raising_a_base_exception_fails_once_with_its_own_reason_and_the_
     assert sorted(lines(record)) == sorted(f'{kind} {consumer.pid}' for kind in kinds)  # each ran once
     assert sup.by_slot()['consumer default#1'].pid == consumer.pid, 'the consumer was replaced'
     assert 'exited with' not in sup.log()
+
+
+# -- a task that starts processes and returns (issue 14): nothing it starts outlives its slot ----------
+
+def _pids(path):
+    return [int(line) for line in lines(path) if line.strip().isdigit()]
+
+
+def _living(pids):
+    from tests.harness import alive
+    return [pid for pid in pids if alive(pid)]
+
+
+@pytest.mark.parametrize('how', ['fork', 'daemon', 'exec', 'both'])
+def test_processes_a_task_leaves_behind_are_killed_when_it_returns(start_supervisor, tmp_path, how):
+    from carrot.models import MessageLog
+    from tests.harness import wait_for
+    sup = start_supervisor('--queues', 'default')
+    consumer = sup.wait_ready(['consumer default#1'])['consumer default#1']
+    record = tmp_path / 'started.txt'
+    uuid = publish_raw('default', 'tests.testapp.tasks.fork_and_return', str(record), 300, how)
+    row = wait_for(lambda: MessageLog.objects.filter(uuid=uuid, status='COMPLETED').first(), 30,
+                   'the task to complete', sup.tail)
+    started = _pids(record)
+    assert started, 'the task started no process'
+    wait_for(lambda: not _living(started), 10, f'the processes the task left ({started}) to be killed', sup.tail)
+    # The task's own result, recorded once, by the worker (a forked copy returning from the task is not
+    # a second worker).
+    if how in ('fork', 'both'):
+        assert row.output == str(started[0]), row.output
+    assert MessageLog.objects.filter(uuid=uuid).count() == 1
+    assert sup.by_slot()['consumer default#1'].pid == consumer.pid
+    if how != 'both':
+        sup.wait_log(r'the task left \d+ process\(es\) running; killed')
+    # The worker goes on taking messages.
+    after = publish_raw('default', 'tests.testapp.tasks.add', 2, 2)
+    wait_for(lambda: MessageLog.objects.filter(uuid=after, status='COMPLETED').exists(), 20, 'the next task')
+
+
+def test_processes_left_by_a_killed_worker_are_killed_by_the_master(start_supervisor, tmp_path):
+    from tests.harness import wait_for
+    sup = start_supervisor('--queues', 'default')
+    consumer = sup.wait_ready(['consumer default#1'])['consumer default#1']
+    record = tmp_path / 'started.txt'
+    publish_raw('default', 'tests.testapp.tasks.fork_and_work', str(record), 300, 300)
+    wait_for(lambda: _pids(record), 20, 'the task to fork', sup.tail)
+    os.kill(consumer.pid, signal.SIGKILL)  # an OOM kill, mid-task: its forked copy is the master's now
+    started = _pids(record)
+    wait_for(lambda: not _living(started), 25, f'the master to kill what the dead worker left ({started})',
+             sup.tail)
+    sup.wait_log(r'killing pid \d+ .*left behind by a child that is gone')
+
+
+@pytest.mark.parametrize('stop', ['graceful', 'fast'])
+def test_the_supervisors_stop_leaves_no_process_a_task_started(start_supervisor, tmp_path, stop):
+    from tests.harness import wait_for
+    sup = start_supervisor('--queues', 'default', '--graceful-timeout', '20')
+    sup.wait_ready(['consumer default#1'])
+    record = tmp_path / 'started.txt'
+    publish_raw('default', 'tests.testapp.tasks.fork_and_work', str(record), 300, 2)
+    wait_for(lambda: _pids(record), 20, 'the task to fork', sup.tail)
+    sup.signal(signal.SIGTERM if stop == 'graceful' else signal.SIGQUIT)
+    assert sup.wait_exit(30) == 0, sup.tail()
+    started = _pids(record)
+    wait_for(lambda: not _living(started), 5, f'no process the task started ({started}) to be left', sup.tail)

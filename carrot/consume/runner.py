@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import traceback
 from dataclasses import dataclass
@@ -73,9 +74,16 @@ def run_task(func: Callable, args: list, kwargs: dict, log_limit: int | None = N
     logger = logging.getLogger(TASK_LOGGER)
     capture = _ThreadCapture(log_limit)
     logger.addHandler(capture)
+    pid = os.getpid()
     try:
         try:
-            value = func(*args, **kwargs)
+            try:
+                value = func(*args, **kwargs)
+            finally:
+                if os.getpid() != pid:
+                    # A copy of the worker the task forked, returning (or raising) out of the task: it
+                    # must not go on as a second worker, recording a result or taking messages.
+                    os._exit(0)
         except TypeError as exc:
             # A TypeError raised by the call itself (wrong arguments) is the message's fault, not the
             # task's; say so. One raised inside the task keeps its own traceback below.

@@ -281,8 +281,9 @@ def leaves_transaction(kind, username):
 
 def fork_and_return(path, linger, how='fork'):
     """Start a process that outlives the task, and return at once. `how`: fork (a copy of the worker,
-    holding its sockets), daemon (double fork + setsid, as a daemon does), or exec (a new program in a
-    session of its own). The started process writes its pid to `path`."""
+    holding its sockets), daemon (double fork + setsid, as a daemon does), exec (a new program in a
+    session of its own), or both (the forked copy returns from the task too, as the worker does). The
+    started process writes its pid to `path`."""
     import subprocess
     import sys
     if how == 'exec':
@@ -293,6 +294,11 @@ def fork_and_return(path, linger, how='fork'):
         time.sleep(0.3)
         return process.pid
     pid = os.fork()
+    if pid == 0 and how == 'both':  # the copy returns from the task as the worker does
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        os.close(fd)
+        return 'the copy'
     if pid == 0:
         try:
             if how == 'daemon':
