@@ -30,6 +30,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import time
 from typing import Callable
 
@@ -113,13 +114,14 @@ class Arbiter:
         self.readiness = Readiness(self.notifier, self.log)
         self.set_title()
         if self.pidfile_path:
-            self.pidfile = Pidfile.take(self.pidfile_path, self.log)
+            self.pidfile = Pidfile.take(self.pidfile_path, self.log, proc_name=self.proc_name)
             if self.pidfile is None:
                 return EXIT_PIDFILE
         try:
             self.signals.install(self.poller)  # first: a TERM during the first image's build is queued
             become_subreaper()
             self.log.info("master %d starting", self.pid)
+            self.warn_shared_directories()
             self.readiness.starting(time.monotonic())
             self.start_image()
             self.main_loop()
@@ -397,6 +399,29 @@ class Arbiter:
                 if image is self.images.serving and image.state == "up":  # hung (stopped, deadlocked)
                     self.log.warning("%s is hung; killing it (a new image replaces it)", image.describe())
                     self.images.kill(image)
+
+    def warn_shared_directories(self) -> None:
+        """A pidfile or status file in a directory other users can write (/tmp, a shared project folder):
+        the master never writes through a link planted there (exclusive creates of unpredictable names,
+        then rename), but whoever can write there can still remove or replace those files. Said once, at
+        start, with the fix."""
+        warned = set()
+        paths = (("pidfile", self.pidfile_path), ("status file", self.status_file.path if self.status_file else None))
+        for what, path in paths:
+            if not path:
+                continue
+            directory = os.path.dirname(os.path.abspath(path))
+            try:
+                mode = os.stat(directory).st_mode
+            except OSError:
+                continue
+            if directory in warned or not mode & stat.S_IWOTH:
+                continue
+            warned.add(directory)
+            self.log.warning("the %s directory %s is writable by other users%s: they can remove or replace the "
+                             "%s (carrot never writes through a link planted there). Keep it in a directory only "
+                             "this user can write, such as /run/carrot (systemd: RuntimeDirectory=carrot)", what,
+                             directory, " (sticky)" if mode & stat.S_ISVTX else "", what)
 
     def sweep_strays(self, now: float, final: bool = False) -> None:
         """Kill the processes the master adopted that are none of its images or children: what a task
