@@ -36,7 +36,7 @@ from carrot.consume.runner import TASK_LOGGER
 from carrot.consume.task_thread import Delivery, TaskThread
 from carrot.exceptions import QueueMismatchError, TaskTimeLimitExceeded
 from carrot.models import MessageLog
-from carrot.run.offload import Offload
+from carrot.consume.offload import Offload
 
 __all__ = ['Consumer', 'Disposition', 'worker_id']
 

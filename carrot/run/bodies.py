@@ -107,7 +107,7 @@ def consumer_main(queue_name: str, options: ChildOptions, ctx) -> int:
 
 def scheduler_main(options: ChildOptions, ctx) -> int:
     """Publish due ScheduledTasks until the master asks this child to stop."""
-    from carrot.run.offload import Offload
+    from carrot.consume.offload import Offload
     from carrot.schedule.scheduler import Scheduler
 
     scheduler = Scheduler(stopping=ctx.stopping)
@@ -121,7 +121,7 @@ def scheduler_main(options: ChildOptions, ctx) -> int:
 def housekeeping_main(options: ChildOptions, ctx) -> int:
     """This host's housekeeping (carrot.run.housekeeping) until the master asks this child to stop."""
     from carrot.run.housekeeping import Housekeeping, relay_duty, status_copy_duty
-    from carrot.run.offload import Offload
+    from carrot.consume.offload import Offload
 
     duties = [duty for duty in (relay_duty(), status_copy_duty(options.status_file)) if duty is not None]
     housekeeping = Housekeeping(duties, stopping=ctx.stopping)

@@ -68,7 +68,7 @@ class Housekeeping:
         self.stopping = stopping or threading.Event()
         self.tick = tick
         self.on_tick: Callable[[], None] | None = None
-        self.offload = None  # a carrot.run.offload.Offload: duties off the heartbeating thread
+        self.offload = None  # a carrot.consume.offload.Offload: duties off the heartbeating thread
 
     def run(self) -> None:
         """Perform the duties that are due, every tick, until `stopping` is set. With `offload` (the

@@ -87,10 +87,10 @@ class Scheduler:
         self.next_wait = tick
         # Per schedule pk, while its broker cannot take its runs: when to try it again.
         self.retries: dict[int, Backoff] = {}
-        self.offload = None  # a carrot.run.offload.Offload: database steps off the heartbeating thread
+        self.offload = None  # a carrot.consume.offload.Offload: database steps off the heartbeating thread
 
     def run(self) -> None:
-        """Publish due schedules until `stopping` is set. With `offload` (carrot.run.offload.Offload, as the
+        """Publish due schedules until `stopping` is set. With `offload` (carrot.consume.offload.Offload, as the
         supervisor's scheduler child has), every database step runs on its thread while this one goes on
         calling on_tick: a lock on the log table never makes the scheduler look hung."""
         logger.info('scheduler started')
