@@ -94,3 +94,7 @@ class BadMessage(CarrotError):
 
 class TaskTimeLimitExceeded(CarrotError):
     """A task ran past the time limit; its log says FAILED and its message was dead-lettered."""
+
+
+class AlreadyRequeued(CarrotError):
+    """A requeue found its row gone or changed: another requeue (or a delete) got there first."""

@@ -778,6 +778,111 @@ def ttin_ttou_storm(run: Run, seconds=10):
     run.wait_settled(120)
 
 
+def _lock_log_table(seconds: float) -> None:
+    """LOCK TABLE carrot_messagelog IN ACCESS EXCLUSIVE MODE from a session of its own, for `seconds`
+    (what a plain CREATE INDEX, many migrations and VACUUM FULL take)."""
+    import psycopg
+    with psycopg.connect(host='127.0.0.1', port=PG_PORT, user='postgres', dbname=DB_NAME) as pg:
+        pg.execute('LOCK TABLE carrot_messagelog IN ACCESS EXCLUSIVE MODE')
+        time.sleep(seconds)
+        pg.rollback()
+
+
+def log_table_locked(run: Run, seconds=15, heartbeat_timeout=5):
+    """The log table locked (ACCESS EXCLUSIVE) for 3x the heartbeat timeout under load: no child is killed
+    as hung, no task runs twice, the work resumes once the lock is released (issue 14)."""
+    sup = run.start_supervisor(extra_flags=('--heartbeat-timeout', str(heartbeat_timeout)))
+    sup.wait_ready()
+    run.publish(60, seconds=0.3)
+    time.sleep(2)
+    _lock_log_table(seconds)
+    run.wait_settled(120)
+    killed = re.findall(r': ((?:consumer \S+|scheduler|housekeeping) \(pid \d+\)) missed heartbeats', sup.log())
+    if killed:
+        run.result.error = f'killed as hung during the lock: {", ".join(sorted(set(killed)))}'
+    run.note(f'lock held {seconds}s against a {heartbeat_timeout}s heartbeat timeout; '
+             f'{len(killed)} child(ren) killed as hung')
+
+
+def misbehaving_tasks(run: Run):
+    """Tasks that misbehave towards their worker among ordinary ones (issue 14): BaseExceptions, a
+    connection left in a transaction, processes forked and left behind. The ordinary tasks run once each,
+    the misbehaving ones end as they should, no consumer dies and nothing they started is left."""
+    from carrot.models import MessageLog
+    from carrot.utilities import publish_message
+    sup = run.start_supervisor()
+    sup.wait_ready()
+    pids_file = run.project.workdir / 'forked.txt'
+    hostile = {}
+    for kind in ('KeyboardInterrupt', 'GeneratorExit', 'SystemExit', 'custom'):
+        hostile[publish_message('tests.testapp.tasks.raises_base', kind).uuid] = 'FAILED'
+    for kind in ('begin', 'atomic', 'autocommit', 'broken'):
+        hostile[publish_message('tests.testapp.tasks.leaves_transaction', kind, f'chaos-{uuid.uuid4().hex}').uuid] \
+            = 'COMPLETED'
+    for how in ('fork', 'daemon', 'exec', 'both'):
+        hostile[publish_message('tests.testapp.tasks.fork_and_return', str(pids_file), 300, how).uuid] = 'COMPLETED'
+    run.publish(40, seconds=0.05)
+    run.wait_settled(90)
+    wait_until(lambda: MessageLog.objects.filter(uuid__in=list(hostile)).exclude(
+        status__in=('PUBLISHED', 'IN_PROGRESS')).count() == len(hostile), 60, 'the misbehaving tasks to settle')
+    wrong = [f'{u[:8]} {s}' for u, s in MessageLog.objects.filter(uuid__in=list(hostile)).values_list('uuid', 'status')
+             if s != hostile[u]]
+    time.sleep(1)
+    left = [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
+    alive = [pid for pid in left if psutil.pid_exists(pid) and _not_zombie(pid)]
+    deaths = re.findall(r'consumer \S+ \(pid \d+\) exited with', sup.log())
+    problems = ([f'ended wrong: {", ".join(wrong)}'] if wrong else []) + \
+        ([f'{len(alive)} forked process(es) left running'] if alive else []) + \
+        ([f'{len(deaths)} consumer(s) died'] if deaths else [])
+    if problems:
+        run.result.error = '; '.join(problems)
+    run.note(f'{len(hostile)} misbehaving tasks settled as expected, {len(left)} processes they started all gone'
+             if not problems else 'misbehaving tasks: ' + '; '.join(problems))
+
+
+def requeue_twice_at_once(run: Run, rows=200):
+    """Failed rows requeued by two staff users at the same moment while consumers run (issue 14): one
+    copy per row, each task runs once."""
+    from django.db import connections
+    from django.utils import timezone
+
+    from carrot.models import MessageLog
+    from carrot.monitor import actions
+    sup = run.start_supervisor()
+    sup.wait_ready()
+    now = timezone.now()
+    tokens = [f'{run.result.name}-{uuid.uuid4().hex[:12]}' for _ in range(rows)]
+    MessageLog.objects.bulk_create([
+        MessageLog(uuid=str(uuid.uuid4()), status='FAILED', task=RECORD, queue='default', failure_time=now,
+                   publish_time=now, task_args=json.dumps([str(run.project.executions), token, 0.02]), content='{}')
+        for token in tokens])
+    run.result.published += rows
+    barrier = threading.Barrier(2)
+    outcomes = []
+
+    def requeue():
+        try:
+            barrier.wait(10)
+            outcomes.append(actions.requeue_failed().count)
+        finally:
+            connections.close_all()
+    threads = [threading.Thread(target=requeue) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    by_token = {}
+    for message_uuid, task_args in MessageLog.objects.filter(task=RECORD).values_list('uuid', 'task_args'):
+        token = json.loads(task_args)[1]
+        if token in tokens:
+            if token in by_token:
+                run.result.error = f'two copies of {token}'
+            by_token[token] = message_uuid
+    run.tokens.update({token: by_token.get(token) for token in tokens})
+    run.note(f'two requeues at once requeued {" + ".join(map(str, outcomes))} of {rows} rows')
+    run.wait_settled(90)
+
+
 SCENARIOS = {
     'kill-children-every-0.5s': kill_children,
     'same-message-twice-at-once': duplicate_delivery,
@@ -792,12 +897,17 @@ SCENARIOS = {
     'two-supervisors-one-queue': two_supervisors,
     'hup-storm': hup_storm,
     'ttin-ttou-storm-then-term-hup': ttin_ttou_storm,
+    'log-table-locked-3x-heartbeat-timeout': log_table_locked,
+    'misbehaving-tasks-among-ordinary-ones': misbehaving_tasks,
+    'requeue-twice-at-once-under-load': requeue_twice_at_once,
 }
 SHORT = {
     'kill-children-every-0.5s': lambda run: kill_children(run, seconds=8, count=60),
     'same-message-twice-at-once': duplicate_delivery,
     'rabbitmq-stopped-10s-twice': lambda run: rabbitmq_outages(run, outages=1),
     'master-sigkilled': master_sigkill,
+    'log-table-locked-3x-heartbeat-timeout': log_table_locked,
+    'misbehaving-tasks-among-ordinary-ones': misbehaving_tasks,
 }
 
 

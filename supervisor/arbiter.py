@@ -30,6 +30,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import time
 from typing import Callable
 
@@ -39,7 +40,8 @@ from .image import Build
 from .images import Image, ImageSet, start_image
 from .pidfile import Pidfile
 from .plan import Plan, Slot
-from .procs import become_subreaper, describe_exit, kill_and_reap, reaped, set_title, signal_name
+from .procs import (become_subreaper, child_pids, describe_exit, describe_pid, kill_and_reap, kill_tree, reaped,
+                    set_title, signal_name)
 from .protocol import Eof, Failed, Ready, Spawned, SpawnFailed
 from .readiness import Readiness
 from .restarts import RestartPolicy, SlotBook
@@ -50,6 +52,8 @@ from .status import ChildView, ImageView, SlotView, StatusFile, StatusView, snap
 GRACEFUL = "graceful"
 FAST = "fast"
 ABORT_GRACE = 2.0  # seconds between SIGABRT (stacks to the log) and SIGKILL for a hung child
+STRAY_GRACE = 10.0  # seconds an unknown process adopted by the master lives before it is killed
+STRAY_SCAN = 1.0  # seconds between two looks for such processes
 IMAGE_RETRY = 5.0  # seconds before a replacement for a dead image is tried again after it failed
 
 
@@ -93,6 +97,8 @@ class Arbiter:
         self.notifier = Notifier({}, logger=self.log)  # the real one is made in run(): see there
         self.readiness = Readiness(self.notifier, self.log)
         self.pidfile: Pidfile | None = None
+        self.strays: dict[int, float] = {}  # unknown children of the master (see sweep_strays): first seen
+        self.strays_scanned = 0.0
 
     def restart_policy(self) -> RestartPolicy:
         return RestartPolicy(self.min_uptime, self.backoff_base, self.backoff_cap, self.max_consecutive_failures,
@@ -108,13 +114,14 @@ class Arbiter:
         self.readiness = Readiness(self.notifier, self.log)
         self.set_title()
         if self.pidfile_path:
-            self.pidfile = Pidfile.take(self.pidfile_path, self.log)
+            self.pidfile = Pidfile.take(self.pidfile_path, self.log, proc_name=self.proc_name)
             if self.pidfile is None:
                 return EXIT_PIDFILE
         try:
             self.signals.install(self.poller)  # first: a TERM during the first image's build is queued
             become_subreaper()
             self.log.info("master %d starting", self.pid)
+            self.warn_shared_directories()
             self.readiness.starting(time.monotonic())
             self.start_image()
             self.main_loop()
@@ -127,8 +134,10 @@ class Arbiter:
             self.handle_signals()
             self.reap()
             self.read_images()
+            self.sweep_strays(time.monotonic())
             if self.stopping:
                 if not self.table.every() and not self.images:
+                    self.sweep_strays(time.monotonic(), final=True)
                     break
                 self.kill_stragglers()
             else:
@@ -390,6 +399,54 @@ class Arbiter:
                 if image is self.images.serving and image.state == "up":  # hung (stopped, deadlocked)
                     self.log.warning("%s is hung; killing it (a new image replaces it)", image.describe())
                     self.images.kill(image)
+
+    def warn_shared_directories(self) -> None:
+        """A pidfile or status file in a directory other users can write (/tmp, a shared project folder):
+        the master never writes through a link planted there (exclusive creates of unpredictable names,
+        then rename), but whoever can write there can still remove or replace those files. Said once, at
+        start, with the fix."""
+        warned = set()
+        paths = (("pidfile", self.pidfile_path), ("status file", self.status_file.path if self.status_file else None))
+        for what, path in paths:
+            if not path:
+                continue
+            directory = os.path.dirname(os.path.abspath(path))
+            try:
+                mode = os.stat(directory).st_mode
+            except OSError:
+                continue
+            if directory in warned or not mode & stat.S_IWOTH:
+                continue
+            warned.add(directory)
+            self.log.warning("the %s directory %s is writable by other users%s: they can remove or replace the "
+                             "%s (carrot never writes through a link planted there). Keep it in a directory only "
+                             "this user can write, such as /run/carrot (systemd: RuntimeDirectory=carrot)", what,
+                             directory, " (sticky)" if mode & stat.S_ISVTX else "", what)
+
+    def sweep_strays(self, now: float, final: bool = False) -> None:
+        """Kill the processes the master adopted that are none of its images or children: what a task
+        started and its child left behind when it died (the master is a subreaper, so they become its
+        children). Nothing a task starts outlives its slot, nor the master. An unknown child is given
+        STRAY_GRACE first (a child the image has just forked is the master's before the image names it);
+        at the end of a stop (`final`) none is."""
+        if not final and now - self.strays_scanned < STRAY_SCAN:
+            return
+        self.strays_scanned = now
+        for _ in range(10 if final else 1):
+            known = set(self.table.by_pid) | set(self.images.by_pid)
+            unknown = [pid for pid in child_pids(self.pid or None) if pid not in known]
+            self.strays = {pid: self.strays.get(pid, now) for pid in unknown}
+            due = [pid for pid, seen in self.strays.items() if final or now - seen >= STRAY_GRACE]
+            if not due:
+                return
+            for pid in due:
+                self.log.warning("killing %s: a process left behind by a child that is gone", describe_pid(pid))
+                kill_tree(pid)
+                self.strays.pop(pid, None)
+            if final:
+                time.sleep(0.05)
+                for pid, code in reaped():
+                    self.table.note_unknown_exit(pid, code, time.monotonic())
 
     # -- stopping ----------------------------------------------------------------------------------
 

@@ -105,6 +105,93 @@ def reaped() -> Iterator[tuple[int, int]]:
         yield pid, os.waitstatus_to_exitcode(status)
 
 
+def child_pids(pid: int | None = None) -> list[int]:
+    """The pids of the direct children of `pid` (this process by default); [] when it has none or is gone.
+    Reads /proc/<pid>/task/*/children (cheap: no scan of every process), else asks psutil."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        found: list[int] = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(word) for word in f.read().split())
+        return found
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            return []
+    except (OSError, ValueError):
+        pass
+    try:
+        import psutil
+        return [child.pid for child in psutil.Process(pid).children()]
+    except Exception:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every descendant of it, parents before their children."""
+    tree, index = [pid], 0
+    while index < len(tree) and len(tree) < 100_000:
+        tree.extend(child for child in child_pids(tree[index]) if child not in tree)
+        index += 1
+    return tree
+
+
+def describe_pid(pid: int) -> str:
+    """A short description of a process for the log: its pid and command line, escaped."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read(300).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        command = ""
+    return f"pid {pid}" + (f" ({escape_control(command)[:200]})" if command else "")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL `pid` and all its descendants (listed first: a killed parent's children would move away)."""
+    tree = process_tree(pid)
+    for member in reversed(tree):
+        try:
+            os.kill(member, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return tree
+
+
+def end_descendants(keep: Iterable[int] = (), timeout: float = 5.0) -> list[str]:
+    """SIGKILL every descendant of this process but `keep` and reap them; returns what was ended, for
+    the log. Meant for a child subreaper (become_subreaper): orphaned grandchildren (a double fork, a
+    setsid daemon) become its direct children, so they are found and reaped here too."""
+    import time
+    keep = set(keep)
+    ended: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        direct = [pid for pid in child_pids() if pid not in keep]
+        if not direct:
+            break
+        for pid in direct:
+            if not _is_zombie(pid):  # a finished process nobody waited for is only reaped
+                ended.append(describe_pid(pid))
+            kill_tree(pid)
+        for pid in direct:  # SIGKILLed: each is gone at once, unless stuck in the kernel
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.005)
+    return ended
+
+
 def kill_and_reap(pids: Iterable[int]) -> None:
     """SIGKILL and wait for each of `pids` (children of this process)."""
     for pid in pids:

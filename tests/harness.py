@@ -619,10 +619,10 @@ STATES = {"idle", "working", "stopping", "hung", "crashing"}
 class SampleMaster:
     """One sample_master.py process and what the test can see of it."""
 
-    def __init__(self, state_dir: Path, groups, *, env=None, pidfile=None, **options):
+    def __init__(self, state_dir: Path, groups, *, env=None, pidfile=None, proc_name=None, **options):
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.proc_name = f"carrot-test-{uuid.uuid4().hex[:8]}"
+        self.proc_name = proc_name or f"carrot-test-{uuid.uuid4().hex[:8]}"
         self.write_plan(groups)
         args = [sys.executable, str(SAMPLE), "--state-dir", str(state_dir), "--proc-name", self.proc_name]
         if pidfile is not None:

@@ -475,3 +475,25 @@ def test_a_child_that_has_not_set_its_title_yet_is_not_taken_for_its_master(tmp_
     finally:
         for process in [*parent.children(), parent]:
             process.kill()
+
+
+@pytest.mark.timeout(60)
+def test_daemon_never_signals_the_master_of_another_project(manage, tmp_path):
+    """Two projects given the same pidfile: `stop` with a pidfile naming another project's live master
+    (its title names other settings) signals nothing and leaves that master's pidfile alone."""
+    pidfile = tmp_path / 'carrot.pid'
+    options = ['--pidfile', str(pidfile), '--timeout', '10']
+    other = detached(tmp_path, 'sleep', '60', name='carrot-supervisor: master [otherproject.settings]')
+    for mode in ('stop', 'status', 'start', 'restart'):
+        pidfile.write_text(f'{other.pid}\n')
+        result = manage('carrot_daemon', mode, *options)
+        assert result.returncode != 0, (mode, result.stdout)
+        assert 'names the master of another project' in result.stderr and 'otherproject.settings' in result.stderr, \
+            (mode, result.stderr)
+        assert alive(other) and pidfile.read_text() == f'{other.pid}\n', mode
+    # The same title with this project's settings is this project's master: stop signals it.
+    ours = detached(tmp_path, 'sleep', '60', name='carrot-supervisor: master [tests.testproject.settings]')
+    pidfile.write_text(f'{ours.pid}\n')
+    result = manage('carrot_daemon', 'stop', *options)
+    assert result.returncode == 0 and f'carrot stopped (pid {ours.pid})' in result.stdout, result.stdout + result.stderr
+    assert alive(other)

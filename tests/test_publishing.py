@@ -162,10 +162,19 @@ def test_the_relay_leaves_fresh_rows_to_their_publisher_and_sends_a_bounded_batc
     assert relay.relay_waiting() == 0  # written just now: the process that wrote them may still send them
     for log in rows:
         age(log)
-    assert relay.relay_waiting() == 2
-    assert relay.relay_waiting() == 1
+    assert relay.relay_waiting(budget=0) == 2  # one batch per call when there is no time for more
+    assert relay.relay_waiting(budget=0) == 1
     assert queue_depth('default') == 3
     assert MessageLog.objects.filter(status='PUBLISHED').count() == 3
+
+
+def test_the_relay_sends_batch_after_batch_within_its_budget(raw_channel):
+    for i in range(5):
+        age(MessageLog.objects.create(status='WAITING', queue='default', routing_key='default', task=ADD,
+                                      uuid=str(uuid.uuid4()), task_args=f'[{i}, 1]', content='{}',
+                                      publish_time=timezone.now()))
+    assert Relay(batch=2, relay_after=30).relay_waiting() == 5
+    assert queue_depth('default') == 5
 
 
 def test_the_relay_fails_rows_it_can_never_send(raw_channel):

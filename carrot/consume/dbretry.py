@@ -23,21 +23,81 @@ class StopRequested(Exception):
 
 def drop_broken_connections() -> None:
     """Before each message, close this thread's connections that the last task left unusable (errors,
-    autocommit switched off) or that outlived a positive CONN_MAX_AGE, so one task's mess does not fail
-    the next message. Unlike Django's per-request close_old_connections(), the default CONN_MAX_AGE=0
-    does not mean "reconnect for every message": a worker is not a request, and that would cost more
-    than the task."""
+    autocommit switched off, a transaction open) or that outlived a positive CONN_MAX_AGE, so one task's
+    mess does not fail the next message. Unlike Django's per-request close_old_connections(), the default
+    CONN_MAX_AGE=0 does not mean "reconnect for every message": a worker is not a request, and that would
+    cost more than the task."""
+    reset_connections_left_in_transaction()
     for connection in connections.all(initialized_only=True):
         if connection.connection is None:
             continue
-        if connection.get_autocommit() != connection.settings_dict['AUTOCOMMIT'] or \
-                (connection.errors_occurred and not connection.is_usable()):
-            connection.close()
+        if connection.errors_occurred and not connection.is_usable():
+            replace_connection(connection.alias)
         elif connection.errors_occurred:
             connection.errors_occurred = False
         elif connection.settings_dict.get('CONN_MAX_AGE') and connection.close_at is not None \
                 and time.monotonic() >= connection.close_at:
             connection.close()
+
+
+def left_in_transaction(connection) -> str | None:
+    """How `connection` (this thread's) was left in a transaction, in words, or None when it is clean:
+    an atomic() block entered and never left, autocommit switched off, or a transaction begun by hand
+    (a raw BEGIN, seen by the database driver) with autocommit on."""
+    if connection.connection is None:
+        return None
+    if connection.in_atomic_block:
+        return 'an atomic() block was entered and never left'
+    if connection.get_autocommit() != connection.settings_dict['AUTOCOMMIT']:
+        return 'autocommit was switched off (set_autocommit(False)) and not back on'
+    if _driver_in_transaction(connection.connection):
+        return 'a transaction was begun (BEGIN) and neither committed nor rolled back'
+    return None
+
+
+def _driver_in_transaction(raw) -> bool:
+    """Whether the DB-API connection is inside a transaction: psycopg's transaction status, sqlite3's
+    in_transaction. A driver that says neither is taken as clean."""
+    status = getattr(getattr(raw, 'info', None), 'transaction_status', None)
+    if status is not None:
+        try:
+            return int(status) != 0  # psycopg (2 and 3): 0 is IDLE
+        except (TypeError, ValueError):
+            return False
+    in_transaction = getattr(raw, 'in_transaction', None)
+    return in_transaction if isinstance(in_transaction, bool) else False
+
+
+def replace_connection(alias: str) -> None:
+    """Throw this thread's connection `alias` away, whatever state a task left it in (inside atomic()
+    blocks, autocommit off, a transaction open), and let the next query open a fresh one. The DB-API
+    connection is closed (the database rolls back what was not committed); the wrapper is dropped rather
+    than closed, as Django's close() inside an atomic block leaves a wrapper that refuses every query."""
+    connection = connections[alias]
+    raw, connection.connection = connection.connection, None
+    if raw is not None:
+        try:
+            raw.close()
+        except Exception:  # a connection that is already broken: it is gone either way
+            pass
+    connection.run_on_commit = []
+    del connections[alias]  # this thread's next connections[alias] is a new wrapper in a clean state
+
+
+def reset_connections_left_in_transaction() -> dict[str, str]:
+    """After a task: replace this thread's connections it left in a transaction, so carrot's own writes
+    (the task's result) go to a connection in a known clean state. What the task did not commit is
+    rolled back, as the database would on a disconnect. Returns {alias: how it was left} for the log."""
+    found = {}
+    for connection in connections.all(initialized_only=True):
+        try:
+            how = left_in_transaction(connection)
+        except Exception as exc:  # a connection too broken to say: replace it all the same
+            how = f'its state could not be read ({type(exc).__name__})'
+        if how is not None:
+            found[connection.alias] = how
+            replace_connection(connection.alias)
+    return found
 
 
 class DatabaseRetry:

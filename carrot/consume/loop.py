@@ -36,6 +36,7 @@ from carrot.consume.runner import TASK_LOGGER
 from carrot.consume.task_thread import Delivery, TaskThread
 from carrot.exceptions import QueueMismatchError, TaskTimeLimitExceeded
 from carrot.models import MessageLog
+from carrot.consume.offload import Offload
 
 __all__ = ['Consumer', 'Disposition', 'worker_id']
 
@@ -67,6 +68,9 @@ class Consumer:
         self.stopping = threading.Event()
         self.on_tick: Callable[[], None] | None = None        # called every loop turn (supervisor heartbeat)
         self.on_status: Callable[[str], None] | None = None   # told 'idle' / 'running <task> 3.1s'
+        # Called in the task thread after each message is processed (the supervised child ends there
+        # whatever processes the task left running).
+        self.after_task: Callable[[], None] | None = None
         self.task_time_limit: float | None = self.config.task_time_limit
         self.messages_settled = 0
         self.delivery: Delivery | None = None
@@ -74,6 +78,8 @@ class Consumer:
         self._thread: TaskThread | None = None
         self._current_message: IncomingMessage | None = None
         self._lease_renewed = 0.0
+        self._lease_future = None        # the renewal in flight on the lease thread
+        self._lease_offload: Offload | None = None
         # One line when renewing the lease starts failing, a reminder a minute, one when it works again.
         self._lease_outage = Outage(self.logger, self.name, 'the database (for the claim lease)')
 
@@ -111,7 +117,7 @@ class Consumer:
         for callback in self.failure_callbacks:
             try:
                 callback(log, err)
-            except Exception:
+            except BaseException:  # KeyboardInterrupt from a callback is its bug, not a stop request
                 self.logger.exception('%s: failure callback %r raised', self.name, callback)
 
     # -- one message --------------------------------------------------------------------------------
@@ -129,6 +135,11 @@ class Consumer:
             return self.processor.process(message, abandoned)
         finally:
             self._current_message = None
+            if self.after_task is not None:
+                try:
+                    self.after_task()
+                except BaseException:  # noqa: B036 -- a clean-up problem is logged, never the worker's end
+                    self.logger.exception('%s: cleaning up after the task failed', self.name)
 
     # -- the connection loop (runs in the calling thread) -------------------------------------------
 
@@ -143,6 +154,7 @@ class Consumer:
         if task_logger.getEffectiveLevel() > wanted:
             task_logger.setLevel(wanted)
         registry.autodiscover()
+        self.processor  # made here, once: the task thread and the lease thread share it
         self._thread = TaskThread(self.name)
         try:
             self._reconnecting_loop(max_messages, idle_timeout)
@@ -151,6 +163,10 @@ class Consumer:
             raise
         finally:
             self._thread.close()
+            if self._lease_offload is not None:
+                self._lease_offload.close(timeout=1.0)
+                self._lease_offload = None
+                self._lease_future = None
 
     def stop(self) -> None:
         """Stop taking messages; the task in hand is finished and acked first."""
@@ -231,7 +247,7 @@ class Consumer:
     def _settle(self, session: ConsumeSession, delivery: Delivery) -> None:
         try:
             disposition = delivery.future.result()
-        except Exception:  # process() never raises; if an override does, the message is not run again
+        except BaseException:  # process() never raises; if an override does, the message is not run again
             self.logger.exception('%s: processing %s raised; dead-lettering it', self.name, delivery.task)
             disposition = DEAD_LETTER
         session.settle(delivery.delivery_tag, disposition, delivery.message)
@@ -256,11 +272,14 @@ class Consumer:
         error = TaskTimeLimitExceeded(f'time limit of {self.task_time_limit:g}s exceeded: {what}, so its '
                                       f'worker process was stopped')
         if delivery.message_id:
-            log = MessageLog.objects.filter(uuid=delivery.message_id, status=MessageLog.IN_PROGRESS,
-                                            worker=self.processor.worker).first()
-            if log is not None:
-                self.fail(log, error)
+            self._on_lease_thread(self._fail_overrun_row, delivery.message_id, error)
         return error
+
+    def _fail_overrun_row(self, message_id: str, error: TaskTimeLimitExceeded) -> None:
+        log = MessageLog.objects.filter(uuid=message_id, status=MessageLog.IN_PROGRESS,
+                                        worker=self.processor.worker).first()
+        if log is not None:
+            self.fail(log, error)
 
     def _tick(self) -> None:
         delivery = self.delivery
@@ -276,21 +295,50 @@ class Consumer:
 
     def _renew_lease(self, delivery: Delivery) -> None:
         """Every third of CARROT['claim_lease'], push the claim of the running message forward, so other
-        workers keep counting this one as alive (from this thread: it turns even while the task runs)."""
+        workers keep counting this one as alive. The renewal runs on the lease thread: this thread, which
+        heartbeats, never waits on the database (a lock on the log table, a CREATE INDEX, VACUUM FULL).
+        A renewal still waiting when the next is due is not doubled: the next one goes once it is done."""
+        pending = self._lease_future
+        if pending is not None:
+            if not pending.done():
+                return
+            self._lease_future = None
+            self._note_renewal(pending, delivery)
         if delivery.message_id is None or delivery.done:
             return
         now = time.monotonic()
         if now - self._lease_renewed < self.config.claim_lease / 3:
             return
         self._lease_renewed = now
+        self._lease_future = self._lease_thread.submit(self._renew_in_lease_thread, delivery.message_id)
+
+    def _renew_in_lease_thread(self, message_id: str) -> bool:
         try:
-            self.processor.renew_lease(delivery.message_id)
-        except DatabaseError as exc:
-            self._lease_outage.failed(f'renewing the claim of {delivery.message_id}: '
-                                      f'{text.for_log(exc, 200)}')
-            connections.close_all()  # this thread's; a fresh one is opened on the next renewal
+            return self.processor.renew_lease(message_id)
+        except DatabaseError:
+            connections.close_all()  # the lease thread's; a fresh one is opened on the next renewal
+            raise
+
+    def _note_renewal(self, future, delivery: Delivery) -> None:
+        exc = future.exception()
+        if isinstance(exc, DatabaseError):
+            self._lease_outage.failed(f'renewing the claim of {delivery.message_id}: {text.for_log(exc, 200)}')
+        elif exc is not None:
+            self.logger.error('%s: renewing the claim of %s raised %s', self.name, delivery.message_id,
+                              text.for_log(f'{type(exc).__name__}: {exc}', 300))
         else:
             self._lease_outage.recovered()
+
+    @property
+    def _lease_thread(self) -> Offload:
+        """The thread for the connection thread's database work (lease renewals, an overrun's row)."""
+        if self._lease_offload is None:
+            self._lease_offload = Offload(f'{self.name}-lease')
+        return self._lease_offload
+
+    def _on_lease_thread(self, step, *args):
+        """`step(*args)` on the lease thread, heartbeating while it waits on the database."""
+        return self._lease_thread.call(step, *args, on_tick=self.on_tick)
 
     def _wait_for_delivery(self) -> None:
         """After the connection is lost: let the task in hand finish (its log row gets written; the

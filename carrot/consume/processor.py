@@ -29,10 +29,11 @@ from carrot.amqp.disposition import ACK, DEAD_LETTER, REQUEUE, Disposition, adop
 from carrot.amqp.wire import IncomingMessage
 from carrot.config import CarrotConfig, QueueConfig
 from carrot.consume import claim
-from carrot.consume.dbretry import DatabaseRetry, StopRequested, drop_broken_connections
+from carrot.consume.dbretry import (DatabaseRetry, StopRequested, drop_broken_connections,
+                                    reset_connections_left_in_transaction)
 from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, get_or_insert_row, insert_row, same_call,
                                     set_failed_fields)
-from carrot.consume.runner import TaskOutcome, run_task
+from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, run_task
 from carrot.exceptions import BadMessage, CarrotError, TaskNotRegistered
 from carrot.models import MessageLog
 
@@ -86,7 +87,7 @@ class MessageProcessor:
                                 'unclaimed', self.name, 'stopping' if self.stopping.is_set() else
                                 'lost the delivery', message.shown_task, message.message_id)
             return REQUEUE
-        except Exception as exc:
+        except BaseException as exc:  # a hook or override raising KeyboardInterrupt must not end the worker
             return self._unexpected(message, exc)
         finally:
             if message.message_id is not None:
@@ -171,6 +172,7 @@ class MessageProcessor:
         outcome = self.run(func, list(message.args), dict(message.kwargs),
                            log_limit=self.config.max_stored_text)
         row.log = outcome.log
+        self._clean_up_after_task(row, message)
         if not outcome.succeeded:
             row.traceback = outcome.traceback
             self._fail_row(row, outcome.exception)
@@ -183,12 +185,29 @@ class MessageProcessor:
         self.logger.info('%s: %s (%s) completed', self.name, message.shown_task, row.uuid)
         return ACK
 
+    def _clean_up_after_task(self, row: MessageLog, message: IncomingMessage) -> None:
+        """Whatever transaction state the task left its connections in, carrot's own writes (the result)
+        go to a clean one: a connection left in a transaction is replaced (what the task did not commit
+        is rolled back), and the task's log says so."""
+        try:
+            left = reset_connections_left_in_transaction()
+        except Exception:  # never worth the result: the next message's drop_broken_connections tries again
+            self.logger.exception('%s: could not check the database connections after %s', self.name, row.uuid)
+            return
+        for alias, how in left.items():
+            note = (f'the task left the database connection {alias!r} in a transaction ({how}); carrot rolled '
+                    f'back what it had not committed and recorded the result on a fresh connection')
+            self.logger.warning('%s: %s (%s): %s', self.name, message.shown_task, row.uuid, note)
+            line = logging.Formatter(LOG_FORMAT).format(logging.LogRecord(
+                TASK_LOGGER, logging.WARNING, __file__, 0, 'carrot: %s', (note,), None))
+            row.log = f'{row.log}\n{line}' if row.log else line
+
     def _fail_row(self, row: MessageLog, err) -> None:
         """FAILED through the consumer's fail() (1.x extension point: failure callbacks run there)."""
         row.lease_expires = None
         try:
             self._database(lambda: self.hooks.fail(row, err), 'recording the failure', interruptible=False)
-        except Exception as exc:  # a broken fail() override or an unwritable row: still FAILED
+        except BaseException as exc:  # a broken fail() override or an unwritable row: still FAILED
             self.logger.error('%s: fail() raised %s for %s; writing a reduced FAILED row', self.name,
                               text.for_log(f'{type(exc).__name__}: {exc}'), row.uuid)
             row.status = MessageLog.FAILED
@@ -253,7 +272,7 @@ class MessageProcessor:
         self._fail_row(own, BadMessage(problem))
         return DEAD_LETTER
 
-    def _unexpected(self, message: IncomingMessage, exc: Exception) -> Disposition:
+    def _unexpected(self, message: IncomingMessage, exc: BaseException) -> Disposition:
         """Anything that is not a known transient fault ends as FAILED + dead-letter, never a requeue."""
         self.logger.error('%s: unexpected error processing %s (%s); failing and dead-lettering it',
                           self.name, message.shown_task, text.for_log(message.message_id, 100),
@@ -267,7 +286,7 @@ class MessageProcessor:
                 'recording the failure', interruptible=False)
             row.traceback = ''.join(traceback.format_exception(exc))
             self._fail_row(row, BadMessage(problem))
-        except Exception:
+        except BaseException:
             self.logger.exception('%s: could not even record that failure', self.name)
         return DEAD_LETTER
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import traceback
 from dataclasses import dataclass
@@ -61,19 +62,28 @@ def encode_output(value) -> str | None:
         pass
     try:
         return str(value)
-    except Exception:  # a __str__ that raises (or recurses) must not turn a success into a failure
+    except BaseException:  # a __str__ that raises (or recurses) must not turn a success into a failure
         return f'<{type(value).__name__} object that cannot be shown>'
 
 
 def run_task(func: Callable, args: list, kwargs: dict, log_limit: int | None = None) -> TaskOutcome:
-    """Run ``func(*args, **kwargs)``; never raises for what the task does (SystemExit included).
+    """Run ``func(*args, **kwargs)``; never raises for what the task does: any BaseException it raises
+    (SystemExit, KeyboardInterrupt, GeneratorExit, a subclass of its own) is its failure, described by
+    its own type and message -- it must not end the worker, whose next delivery would run it again.
     At most about `log_limit` characters of the task's log lines are kept."""
     logger = logging.getLogger(TASK_LOGGER)
     capture = _ThreadCapture(log_limit)
     logger.addHandler(capture)
+    pid = os.getpid()
     try:
         try:
-            value = func(*args, **kwargs)
+            try:
+                value = func(*args, **kwargs)
+            finally:
+                if os.getpid() != pid:
+                    # A copy of the worker the task forked, returning (or raising) out of the task: it
+                    # must not go on as a second worker, recording a result or taking messages.
+                    os._exit(0)
         except TypeError as exc:
             # A TypeError raised by the call itself (wrong arguments) is the message's fault, not the
             # task's; say so. One raised inside the task keeps its own traceback below.
@@ -81,7 +91,7 @@ def run_task(func: Callable, args: list, kwargs: dict, log_limit: int | None = N
             if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
                 outcome.exception = f'the message arguments do not fit the task: {exc}'
             return _with_log(outcome, capture)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:  # noqa: B036 -- whatever the task raises is the task's failure
             return _with_log(_failure(exc), capture)
         return _with_log(TaskOutcome(succeeded=True, output=encode_output(value)), capture)
     finally:
@@ -91,11 +101,11 @@ def run_task(func: Callable, args: list, kwargs: dict, log_limit: int | None = N
 def _failure(exc: BaseException) -> TaskOutcome:
     try:
         described = f'{type(exc).__name__}: {exc}'
-    except Exception:  # an exception whose __str__ raises
+    except BaseException:  # an exception whose __str__ raises (anything)
         described = f'{type(exc).__name__} (its message cannot be shown)'
     try:
         trace = ''.join(traceback.format_exception(exc))
-    except Exception:
+    except BaseException:
         trace = ''
     return TaskOutcome(succeeded=False, exception=described, traceback=trace)
 

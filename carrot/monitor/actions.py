@@ -9,7 +9,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from carrot.publish import relay
-from carrot.exceptions import CarrotError
+from carrot.publish.outbox import requeue_many
+from carrot.exceptions import AlreadyRequeued, CarrotConfigException, CarrotError, InvalidCall
 from carrot.models import MessageLog, ScheduledTask
 from carrot.monitor import queries
 
@@ -51,21 +52,29 @@ def requeue_one(uuid: str) -> Done:
         raise ActionError(f'only failed tasks can be requeued; this one is {log.get_status_display()}', 409)
     try:
         copy = log.requeue()
+    except AlreadyRequeued:
+        raise ActionError(f'{log.task} was requeued or deleted meanwhile (by someone else, or a click before '
+                          f'this one); it was not published again', 409) from None
+    except (InvalidCall, CarrotConfigException) as exc:
+        raise ActionError(f'{log.task} was not requeued: {exc}', 400) from None
     except CarrotError as exc:
         raise ActionError(f'{log.task} was not requeued: {exc}', 502) from None
     return Done(f'{log.task} requeued.', 1, uuid=copy.uuid)
 
 
 def _requeue_all(rows: QuerySet) -> Done:
-    done, errors = 0, []
-    for log in rows.iterator():
-        try:
-            log.requeue()
-            done += 1
-        except CarrotError as exc:
-            errors.append(f'{log.task} ({log.uuid}) was not requeued: {exc}')
-    return Done(f'{done} failed task(s) requeued.' + (f' {len(errors)} could not be.' if errors else ''),
-                done, errors)
+    """Set-based and batched (carrot.publish.outbox.requeue_many): of two requeues at once each row is
+    published once, and 10,000 rows answer in seconds."""
+    result = requeue_many(rows)
+    message = f'{result.requeued} failed task(s) requeued.'
+    if result.sent < result.requeued:
+        message += (f' {result.sent} sent now; the other {result.requeued - result.sent} wait in the outbox '
+                    f'(Waiting tab) and are sent by the supervisor\'s relay within seconds.')
+    if result.gone:
+        message += f' {result.gone} were requeued or deleted meanwhile by someone else.'
+    if result.errors:
+        message += f' {len(result.errors)} could not be.'
+    return Done(message, result.requeued, result.errors)
 
 
 def failed_rows(search: str = '', queue: str = '', uuids: list[str] | None = None) -> QuerySet:

@@ -12,7 +12,7 @@ from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
 from carrot.monitor import actions, queries, tasklog
-from carrot.monitor.access import monitor_api_view
+from carrot.monitor.access import check_text, monitor_api_view
 from carrot.monitor.forms import ScheduledTaskForm
 from carrot.monitor.overview import overview
 from carrot.monitor.workers import supervisors
@@ -27,12 +27,52 @@ def payload(request):
     if request.content_type == 'application/json':
         try:
             data = json.loads(request.body or b'{}')
+        except RecursionError:
+            raise actions.ActionError('the body is nested too deep') from None
         except ValueError:
             raise actions.ActionError('the body is not valid JSON') from None
         if not isinstance(data, dict):
             raise actions.ActionError('the body must be a JSON object')
+        _check_json(data)
         return data
     return {key: (values if key == 'uuid' else values[-1]) for key, values in request.POST.lists()}
+
+
+JSON_DEPTH = 20  # levels a JSON body may have (task arguments inside it included)
+
+
+def _check_json(value, where='the body', depth=0) -> None:
+    """A JSON body's values must be usable text: no NUL, no lone surrogate, not nested past JSON_DEPTH."""
+    if depth > JSON_DEPTH:
+        raise actions.ActionError(f'{where} is nested too deep (more than {JSON_DEPTH} levels)')
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_text(f'a key in {where}', key, 200)
+            _check_json(item, f'{key!r}' if depth == 0 else where, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, where, depth + 1)
+    elif isinstance(value, str):
+        check_text(f'the field {where}' if depth else where, value)
+
+
+def _texts(value, field: str, limit: int = 1000) -> list[str]:
+    """A field that takes one text or a list of texts (uuid): the texts, or ActionError for another shape."""
+    if value in (None, '', []):
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+        raise actions.ActionError(f'{field} must be a text or a list of texts')
+    return [str(v) for v in values][:limit]
+
+
+def _text(value, field: str) -> str:
+    """A field that takes one text (q, queue): the text, or ActionError for a list, an object..."""
+    if value is None:
+        return ''
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise actions.ActionError(f'{field} must be a text')
+    return str(value)
 
 
 def _act(action, *args, **kwargs) -> JsonResponse:
@@ -94,10 +134,10 @@ def failed_action(request, action):
         data = payload(request)
     except actions.ActionError as exc:
         return error(str(exc))
-    uuids = data.get('uuid') or []
-    if isinstance(uuids, str):
-        uuids = [uuids]
-    arguments = (str(data.get('q', '')), str(data.get('queue', '')), [str(u) for u in uuids][:1000])
+    try:
+        arguments = (_text(data.get('q'), 'q'), _text(data.get('queue'), 'queue'), _texts(data.get('uuid'), 'uuid'))
+    except actions.ActionError as exc:
+        return error(str(exc))
     if action == 'requeue':
         return _act(actions.requeue_failed, *arguments)
     if action == 'delete':
@@ -166,6 +206,9 @@ def _save_schedule(request, instance):
             data[key] = json.dumps(data[key])
     if isinstance(data.get('active'), bool):
         data['active'] = 'on' if data['active'] else ''
+    for key, value in list(data.items()):  # a form field takes one text: a list or an object is refused
+        if key not in ('task_args', 'content') and isinstance(value, (list, dict)):
+            return error(f'{key} must be a single value, not a {type(value).__name__}')
     form = ScheduledTaskForm(data, instance=instance)
     if not form.is_valid():
         return JsonResponse({'error': 'the scheduled task is not valid',
@@ -191,6 +234,8 @@ def schedule_action(request, pk, action):
         active = data.get('active')
         if isinstance(active, str):
             active = active.lower() in ('true', '1', 'on', 'yes')
+        if not isinstance(active, (bool, int, type(None))):
+            return error('active must be true or false')
         return _act(actions.set_schedule_active, pk, bool(active))
     return error(f'unknown action {action!r}', 404)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from django.contrib import messages as flash
-from django.http import Http404, HttpResponseBadRequest
+from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -15,7 +15,7 @@ from django.views.decorators.http import require_POST
 
 from carrot.models import MessageLog
 from carrot.monitor import actions, queries, tasklog
-from carrot.monitor.access import monitor_view
+from carrot.monitor.access import error_response, monitor_view
 from carrot.monitor.forms import ScheduledTaskForm
 from carrot.monitor.overview import overview
 from carrot.monitor.workers import supervisors
@@ -91,7 +91,7 @@ def message_list(request, tab='queued'):
         search, queue = _filters(request)
         page, paginator = queries.paginate(queries.messages(current, search, queue), request.GET.get('page'))
     except queries.BadQuery as exc:
-        return HttpResponseBadRequest(str(exc))
+        return error_response(str(exc))
     rows = [dict(queries.message_row(log), args_text=_args_text(log.positionals),
                  kwargs_text=_args_text(log.keywords)) for log in page.object_list]
     return render(request, 'carrot/list.html', _context(
@@ -168,7 +168,7 @@ def bulk_action(request, action):
         return redirect(reverse(list_name) + (f'?queue={queue}' if queue and action == 'purge' else ''))
     if action == 'purge':
         if queue not in _queue_names():
-            return HttpResponseBadRequest('choose a configured queue to purge')
+            return error_response('choose a configured queue to purge')
         affected = queries.messages(queries.TABS['queued'], '', queue).filter(status='PUBLISHED')
     else:
         affected = actions.failed_rows(search, queue, uuids)

@@ -21,15 +21,20 @@ Everything that publishes comes through here: ``publish_message`` (the 1.x facad
 from __future__ import annotations
 
 import logging
+import time
+import uuid as uuid_module
+from dataclasses import dataclass, field
 from typing import Callable
 
 from django.db import DatabaseError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from carrot.amqp.publisher import publisher_for
 from carrot.config import get_config
 from carrot.dbfaults import MIGRATE_HINT, tables_missing
-from carrot.exceptions import BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected, NotMigrated
+from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected,
+                               NotMigrated)
 from carrot.models import MessageLog
 from carrot.publish import arguments
 from carrot.publish.outgoing import Outgoing, prepare
@@ -132,16 +137,111 @@ def publish(task: str | Callable, args: tuple = (), kwargs: dict | None = None, 
 
 def requeue(log: MessageLog) -> MessageLog:
     """Publish a copy of a logged message (a new uuid and row) and delete the original, in one transaction:
-    there is never a moment with both rows or with neither, and the copy is sent once that commits."""
+    there is never a moment with both rows or with neither, and the copy is sent once that commits.
+
+    Idempotent under concurrency: the original is deleted first, and only if it is still there as it was
+    read (same status); a requeue that finds it gone -- another requeue, a double click, a delete got
+    there first -- raises AlreadyRequeued and publishes nothing. Of two requeues at once, one copy."""
     args, kwargs = arguments.load_logged(log.task_args, log.content)
     message = prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
                       routing_key=log.routing_key or None, priority=log.priority)
     with transaction.atomic(using=MessageLog.objects.db):
+        if log.pk and not _claim(MessageLog.objects.filter(pk=log.pk, status=log.status), 1):
+            raise AlreadyRequeued(f'{log.task} ({log.uuid}) was requeued or deleted meanwhile; it was not '
+                                  f'published again')
         copy = enqueue(message)
-        if log.pk:
-            MessageLog.objects.filter(pk=log.pk).delete()
     copy.refresh_from_db(fields=['status'])
     return copy
+
+
+REQUEUE_BATCH = 500   # rows per transaction in requeue_many
+REQUEUE_SEND_FOR = 2.0  # seconds requeue_many spends sending; what is left waits for the relay
+
+
+@dataclass
+class Requeued:
+    """What requeue_many did: rows requeued (copies written), copies sent now, rows that were not."""
+    requeued: int = 0
+    sent: int = 0
+    gone: int = 0  # requeued or deleted by someone else meanwhile
+    errors: list[str] = field(default_factory=list)
+
+
+def requeue_many(rows: QuerySet, send_for: float = REQUEUE_SEND_FOR, batch: int = REQUEUE_BATCH) -> Requeued:
+    """Requeue every row of `rows` as `requeue()` does, set-based: per batch of rows, one transaction
+    claims them (a conditional UPDATE first, so of two requeues at once each row goes to one), writes
+    their copies WAITING and deletes the originals. Copies are then sent for up to `send_for` seconds;
+    the rest wait in the outbox and the relay (carrot-supervisor's housekeeping) sends them, so a request
+    requeuing 10,000 rows answers in seconds."""
+    result = Requeued()
+    pks = list(rows.order_by().values_list('pk', flat=True))
+    written: list[tuple[Outgoing, MessageLog]] = []
+    for start in range(0, len(pks), batch):
+        originals = list(MessageLog.objects.filter(pk__in=pks[start:start + batch]))
+        result.gone += len(pks[start:start + batch]) - len(originals)
+        prepared = {}
+        for log in originals:
+            try:
+                args, kwargs = arguments.load_logged(log.task_args, log.content)
+                prepared[log.pk] = (log, prepare(log.task, args, kwargs, queue=log.queue,
+                                                 exchange=log.exchange or '',
+                                                 routing_key=log.routing_key or None, priority=log.priority))
+            except UNSENDABLE as exc:
+                result.errors.append(f'{log.task} ({log.uuid}) was not requeued: {exc}')
+        if prepared:
+            copies = _requeue_batch(prepared)
+            result.gone += len(prepared) - len(copies)
+            result.requeued += len(copies)
+            written.extend(copies)
+    deadline = time.monotonic() + send_for
+    store_and_forward = True  # a copy the broker cannot take now waits for the relay, never fails
+    for message, copy in written:
+        if time.monotonic() >= deadline:
+            break
+        try:
+            if send(message, copy, store_and_forward=store_and_forward, relaying=True):
+                result.sent += 1
+            else:
+                break  # the broker is away: the relay sends them all once it is back
+        except MessageRejected as exc:
+            result.errors.append(f'{message.task} ({message.uuid}) was refused by the broker: {exc}')
+    return result
+
+
+def _requeue_batch(prepared: dict) -> list[tuple[Outgoing, MessageLog]]:
+    token = f'requeue:{uuid_module.uuid4()}'
+    with transaction.atomic(using=MessageLog.objects.db):
+        by_status: dict[str, list[int]] = {}
+        for pk, (log, _) in prepared.items():
+            by_status.setdefault(log.status, []).append(pk)
+        # The claim, the transaction's first write: a row another requeue (or a delete) holds or has
+        # taken matches nothing here once that one commits.
+        for status, pks in by_status.items():
+            MessageLog.objects.filter(pk__in=pks, status=status).update(worker=token)
+        claimed = set(MessageLog.objects.filter(pk__in=list(prepared), worker=token).values_list('pk', flat=True))
+        if not claimed:
+            return []
+        now = timezone.now()
+        copies = []
+        for pk in claimed:
+            _, message = prepared[pk]
+            task_args, content = arguments.dump(message.args, message.kwargs)
+            copies.append((message, MessageLog(
+                status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
+                routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
+                task_args=task_args, content=content, publish_time=now)))
+        MessageLog.objects.bulk_create([copy for _, copy in copies], batch_size=REQUEUE_BATCH)
+        if any(copy.pk is None for _, copy in copies):  # a database that does not return the new keys
+            keys = dict(MessageLog.objects.filter(uuid__in=[m.uuid for m, _ in copies]).values_list('uuid', 'pk'))
+            for message, copy in copies:
+                copy.pk = keys[message.uuid]
+        MessageLog.objects.filter(pk__in=claimed, worker=token).delete()
+    return copies
+
+
+def _claim(rows: QuerySet, expected: int) -> bool:
+    """Delete `rows` as the first write of the caller's transaction; True when all `expected` were there."""
+    return rows.delete()[0] == expected
 
 
 def outgoing_from_row(log: MessageLog) -> Outgoing:

@@ -8,6 +8,7 @@ lost confirm, the relay racing the original sender) is claimed and run once by t
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from django.utils import timezone
@@ -22,6 +23,7 @@ logger = logging.getLogger('carrot.publishing')
 
 RELAY_AFTER = 5.0        # seconds a WAITING row is left to the process that wrote it before the relay sends it
 RELAY_BATCH = 200        # rows the relay sends per call at most, so one call never holds up a housekeeping tick
+RELAY_BUDGET = 2.0       # seconds one call spends sending batch after batch, at most (about)
 RELAY_BACKOFF_CAP = 60.0  # the longest wait before the relay tries an unavailable broker again
 
 
@@ -36,8 +38,18 @@ class Relay:
         self.unavailable: dict[BrokerConfig, Backoff] = {}  # brokers that could not take a message
         self.relayed = 0
 
-    def relay_waiting(self) -> int:
-        """Send up to `batch` WAITING rows older than `relay_after` seconds; returns how many were sent."""
+    def relay_waiting(self, budget: float = RELAY_BUDGET) -> int:
+        """Send WAITING rows older than `relay_after` seconds, `batch` at a time, for up to about `budget`
+        seconds (a bulk requeue leaves thousands); returns how many were sent."""
+        sent = 0
+        deadline = time.monotonic() + budget
+        while True:
+            sent_now = self._relay_batch()
+            sent += sent_now
+            if sent_now < self.batch or time.monotonic() >= deadline:
+                return sent
+
+    def _relay_batch(self) -> int:
         config = get_config()
         skipped_queues = [q.name for q in config.queues
                           if q.broker in self.unavailable and self.unavailable[q.broker].waiting()]

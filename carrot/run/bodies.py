@@ -37,6 +37,8 @@ def consumer_main(queue_name: str, options: ChildOptions, ctx) -> int:
     import psutil
     from django.utils.module_loading import import_string
 
+    from supervisor.procs import become_subreaper, end_descendants
+
     from carrot.config import get_config
     from carrot.exceptions import TaskTimeLimitExceeded
 
@@ -55,6 +57,18 @@ def consumer_main(queue_name: str, options: ChildOptions, ctx) -> int:
             ctx.report('running', delivery.task, delivery.message_id, time.monotonic() - delivery.started)
 
     consumer.on_status = on_status
+
+    # Nothing a task starts outlives it: this child adopts whatever the task's processes orphan (a
+    # double fork, a setsid daemon), and after each task every process still below it is killed.
+    become_subreaper()
+
+    def end_what_the_task_left():
+        ended = end_descendants()
+        if ended:
+            logger.warning('%s: the task left %d process(es) running; killed: %s', ctx.slot, len(ended),
+                           ', '.join(ended[:5]) + (' ...' if len(ended) > 5 else ''))
+
+    consumer.after_task = end_what_the_task_left
 
     process = psutil.Process()
     baseline = process.memory_info().rss
@@ -84,6 +98,8 @@ def consumer_main(queue_name: str, options: ChildOptions, ctx) -> int:
         # The overrunning task's thread cannot be stopped; ending the process is what stops it.
         logger.error('%s: %s; this worker exits and is replaced', ctx.slot, exc)
         return 0
+    finally:
+        end_what_the_task_left()
     if max_messages is not None and consumer.messages_settled >= max_messages:
         logger.info('%s: ran %d tasks (max_tasks_per_child); recycling', ctx.slot, consumer.messages_settled)
     return 0
@@ -91,9 +107,11 @@ def consumer_main(queue_name: str, options: ChildOptions, ctx) -> int:
 
 def scheduler_main(options: ChildOptions, ctx) -> int:
     """Publish due ScheduledTasks until the master asks this child to stop."""
+    from carrot.consume.offload import Offload
     from carrot.schedule.scheduler import Scheduler
 
     scheduler = Scheduler(stopping=ctx.stopping)
+    scheduler.offload = Offload('scheduler')
     ctx.report('idle')
     scheduler.on_tick = _beating(ctx, 'scheduler')
     scheduler.run()
@@ -103,9 +121,11 @@ def scheduler_main(options: ChildOptions, ctx) -> int:
 def housekeeping_main(options: ChildOptions, ctx) -> int:
     """This host's housekeeping (carrot.run.housekeeping) until the master asks this child to stop."""
     from carrot.run.housekeeping import Housekeeping, relay_duty, status_copy_duty
+    from carrot.consume.offload import Offload
 
     duties = [duty for duty in (relay_duty(), status_copy_duty(options.status_file)) if duty is not None]
     housekeeping = Housekeeping(duties, stopping=ctx.stopping)
+    housekeeping.offload = Offload('housekeeping')
     ctx.report('idle')
     housekeeping.on_tick = _beating(ctx, 'housekeeping')
     housekeeping.run()

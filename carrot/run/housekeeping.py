@@ -68,19 +68,28 @@ class Housekeeping:
         self.stopping = stopping or threading.Event()
         self.tick = tick
         self.on_tick: Callable[[], None] | None = None
+        self.offload = None  # a carrot.consume.offload.Offload: duties off the heartbeating thread
 
     def run(self) -> None:
-        """Perform the duties that are due, every tick, until `stopping` is set."""
+        """Perform the duties that are due, every tick, until `stopping` is set. With `offload` (the
+        supervisor's housekeeping child), each duty runs on its thread while this one goes on calling
+        on_tick: a locked table slows a duty down, it never makes the child look hung."""
         logger.info('housekeeping started: %s', ', '.join(duty.name for duty in self.duties))
         while not self.stopping.is_set():
             now = time.monotonic()
             for duty in self.duties:
                 if duty.due(now) and not self.stopping.is_set():
-                    duty.perform(now)
+                    if self.offload is None:
+                        duty.perform(now)
+                    else:
+                        self.offload.call(duty.perform, now, on_tick=self.on_tick)
                 if self.on_tick is not None:
                     self.on_tick()
             self.stopping.wait(self.tick)
-        connections.close_all()
+        if self.offload is not None:
+            self.offload.close()
+        else:
+            connections.close_all()
         logger.info('housekeeping stopped')
 
 

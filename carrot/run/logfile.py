@@ -39,6 +39,9 @@ class LogFileHandler(logging.handlers.WatchedFileHandler):
 
     def __init__(self, path: str):
         self.refusal: str | None = None
+        self.write_failure: str | None = None  # why lines cannot be written now (a full disk), once said
+        self.dropped = 0
+        self._failed_now = False
         super().__init__(path, encoding='utf-8', errors='backslashreplace')
 
     def _open(self):
@@ -54,7 +57,34 @@ class LogFileHandler(logging.handlers.WatchedFileHandler):
             self._refused(exc)
             return
         self.refusal = None
-        logging.StreamHandler.emit(self, record)
+        self._failed_now = False
+        logging.StreamHandler.emit(self, record)  # a write that fails comes back through handleError
+        if not self._failed_now and self.write_failure is not None:
+            print(f'carrot: writing to the log file {self.baseFilename} again ({self.dropped} line(s) were '
+                  f'dropped)', file=sys.stderr, flush=True)
+            self.write_failure = None
+            self.dropped = 0
+
+    def handleError(self, record):
+        """A line that cannot be written (a full disk, a file size limit, an I/O error): dropped, with one
+        line on stderr when writing starts failing (and one when it works again), not a traceback per
+        line -- a flood journald would have to keep. Other errors (a bad format) are Python's usual report."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        self._failed_now = True
+        self.dropped += 1
+        if self.stream is not None:  # what the buffer holds could not be written: let it go, reopen next line
+            try:
+                self.stream.close()
+            except Exception:
+                pass
+            self.stream = None
+        why = f'cannot write to the log file {self.baseFilename}: {exc.strerror or exc}'
+        if why != self.write_failure:
+            self.write_failure = why
+            print(f'carrot: log lines dropped: {why}', file=sys.stderr, flush=True)
 
     def reopen(self) -> None:
         """Close and open the file again (USR1)."""

@@ -87,20 +87,31 @@ class Scheduler:
         self.next_wait = tick
         # Per schedule pk, while its broker cannot take its runs: when to try it again.
         self.retries: dict[int, Backoff] = {}
+        self.offload = None  # a carrot.consume.offload.Offload: database steps off the heartbeating thread
 
     def run(self) -> None:
-        """Publish due schedules until `stopping` is set."""
+        """Publish due schedules until `stopping` is set. With `offload` (carrot.consume.offload.Offload, as the
+        supervisor's scheduler child has), every database step runs on its thread while this one goes on
+        calling on_tick: a lock on the log table never makes the scheduler look hung."""
         logger.info('scheduler started')
         cleanup_synced = False
         while not self.stopping.is_set():
             if not cleanup_synced:  # until it succeeds: the database may be down at start
-                cleanup_synced = self._guarded(sync_cleanup_schedule)
-            self._guarded(self.publish_due)
+                cleanup_synced = self._step(sync_cleanup_schedule)
+            self._step(self.publish_due)
             if self.on_tick is not None:
                 self.on_tick()
             self._wait_for_next_tick()
-        connections.close_all()
+        if self.offload is not None:
+            self.offload.close()
+        else:
+            connections.close_all()
         logger.info('scheduler stopped after publishing %d run(s)', self.published)
+
+    def _step(self, step) -> bool:
+        if self.offload is None:
+            return self._guarded(step)
+        return self.offload.call(self._guarded, step, on_tick=self.on_tick)
 
     def _wait_for_next_tick(self) -> None:
         # Monotonic: a wall clock set back must not stall the scheduler while it keeps heartbeating.

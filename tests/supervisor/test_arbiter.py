@@ -353,14 +353,47 @@ def test_usr1_reopens_logs_in_master_and_children(start_master):
 
 
 @pytest.mark.timeout(30)
-def test_pidfile_held_by_a_live_process_refuses_to_start(start_master, tmp_path):
+def test_pidfile_held_by_a_live_master_refuses_to_start(start_master, tmp_path):
     pidfile = tmp_path / "carrot.pid"
-    pidfile.write_text(f"{os.getpid()}\n")
-    master = start_master([group("consumer a", 1)], pidfile=pidfile)
-    assert master.wait_exit(10) == exitcodes.EXIT_PIDFILE
-    assert pidfile.read_text() == f"{os.getpid()}\n"
-    assert master.records() == []
-    assert f"held by running process {os.getpid()}" in master.log()
+    first = start_master([group("consumer a", 1)], pidfile=pidfile)
+    wait_for(lambda: pidfile.exists() and pidfile.read_text() == f"{first.pid}\n", 10,
+             lambda: f"the pidfile to name the first master{first.tail()}")
+    second = start_master([group("consumer a", 1)], pidfile=pidfile, proc_name=first.proc_name)
+    assert second.wait_exit(10) == exitcodes.EXIT_PIDFILE
+    assert pidfile.read_text() == f"{first.pid}\n"
+    assert second.records() == []
+    assert f"held by running process {first.pid}" in second.log()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("holder", ["unrelated", "child", "younger"])
+def test_pidfile_naming_a_live_process_that_is_no_master_is_stale(start_master, tmp_path, holder):
+    """A pid reused after a crash or a reboot: README promises a refusal only while a live master holds
+    the file. An unrelated process, a child of a master, or a master that started after the file was
+    written (so it did not write it) does not."""
+    pidfile = tmp_path / "carrot.pid"
+    other, proc_name = None, None
+    if holder == "unrelated":
+        pid = os.getpid()  # pytest: alive, and no master
+    elif holder == "child":
+        other = start_master([group("consumer a", 1)])
+        pid = next(iter(other.wait_up({"consumer a#1"}).values()))
+        proc_name = other.proc_name
+    else:
+        pidfile.write_text("1\n")
+        os.utime(pidfile, (time.time() - 3600, time.time() - 3600))
+        other = start_master([group("consumer a", 1)])
+        other.wait_up({"consumer a#1"})
+        pid = other.pid
+        proc_name = other.proc_name
+    pidfile.write_text(f"{pid}\n")
+    if holder == "younger":
+        os.utime(pidfile, (time.time() - 3600, time.time() - 3600))
+    master = start_master([group("consumer a", 1)], pidfile=pidfile, proc_name=proc_name)
+    wait_for(lambda: pidfile.read_text() == f"{master.pid}\n", 10,
+             lambda: f"the pidfile to name the new master{master.tail()}")
+    master.wait_up({"consumer a#1"})
+    assert re.search(rf"replacing stale pidfile .*process {pid} ", master.log()), master.tail()
 
 
 def dead_pid():
@@ -527,7 +560,20 @@ def test_pidfile_release_leaves_another_masters_file(tmp_path):
     pidfile.release()
     assert path.read_text() == "1\n"
     with pytest.raises(PidfileHeld):
-        Pidfile(str(path)).acquire()
+        Pidfile(str(path), holder_check=lambda pid, name, written: None).acquire()  # pid 1 as a master
+    Pidfile(str(path)).acquire()  # pid 1 is no carrot-supervisor master: the file is stale
+    assert path.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_pidfile_holder_is_judged_by_title_command_line_and_start_time(tmp_path):
+    from supervisor.pidfile import master_holding
+    me = psutil.Process()
+    assert "is not a carrot-supervisor master" in master_holding(os.getpid(), "carrot-supervisor", None)
+    assert master_holding(os.getpid(), "carrot-supervisor", me.create_time() - 3600).startswith(
+        f"process {os.getpid()} started after the pidfile was written")
+    assert "is not running" in master_holding(dead_pid(), "carrot-supervisor", None)
+    name = os.path.basename(me.cmdline()[0])  # this process, as if it were the program: a master
+    assert master_holding(os.getpid(), name, None) is None
 
 
 def test_heartbeats_are_rate_limited():

@@ -229,3 +229,96 @@ def log_at_every_level(marker):
     task_logger = logging.getLogger('carrot')
     task_logger.debug('debug %s', marker)
     task_logger.info('info %s', marker)
+
+
+# -- tasks that misbehave (issue 14, tests/test_hostile_tasks.py) --
+
+class NotAnException(BaseException):
+    """A BaseException of a task's own, outside Exception."""
+
+
+def raises_base(kind, path=None):
+    """Raise a BaseException that is not an Exception, after recording the execution in `path`."""
+    if path:
+        record_execution(path, kind)
+    if kind == 'KeyboardInterrupt':
+        raise KeyboardInterrupt('pressed in a task')
+    if kind == 'GeneratorExit':
+        raise GeneratorExit('closed in a task')
+    if kind == 'SystemExit':
+        raise SystemExit(3)
+    if kind == 'custom':
+        raise NotAnException('a BaseException of its own')
+    raise ValueError(kind)
+
+
+def leaves_transaction(kind, username):
+    """Write a user row, then return with the task's database connection left in a transaction."""
+    from django.contrib.auth.models import User
+    from django.db import connection, transaction
+    if kind == 'begin':
+        connection.cursor().execute('BEGIN')
+    elif kind == 'atomic':
+        transaction.atomic().__enter__()
+    elif kind == 'nested':
+        transaction.atomic().__enter__()
+        transaction.atomic().__enter__()
+    elif kind == 'autocommit':
+        transaction.set_autocommit(False)
+    elif kind == 'broken':
+        transaction.atomic().__enter__()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute('SELECT * FROM no_such_table_at_all')
+        except Exception:
+            pass
+    else:
+        raise ValueError(kind)
+    if kind != 'broken':
+        User.objects.create(username=username)
+    return kind
+
+
+def fork_and_return(path, linger, how='fork'):
+    """Start a process that outlives the task, and return at once. `how`: fork (a copy of the worker,
+    holding its sockets), daemon (double fork + setsid, as a daemon does), exec (a new program in a
+    session of its own), or both (the forked copy returns from the task too, as the worker does). The
+    started process writes its pid to `path`."""
+    import subprocess
+    import sys
+    if how == 'exec':
+        process = subprocess.Popen([sys.executable, '-c', 'import os, sys, time; '
+                                    'open(sys.argv[1], "a").write(f"{os.getpid()}\\n"); time.sleep(float(sys.argv[2]))',
+                                    path, str(linger)], start_new_session=True, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        return process.pid
+    pid = os.fork()
+    if pid == 0 and how == 'both':  # the copy returns from the task as the worker does
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        os.close(fd)
+        return 'the copy'
+    if pid == 0:
+        try:
+            if how == 'daemon':
+                os.setsid()
+                if os.fork() != 0:
+                    os._exit(0)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, f'{os.getpid()}\n'.encode())
+            os.close(fd)
+            time.sleep(linger)
+        finally:
+            os._exit(0)
+    if how == 'daemon':
+        os.waitpid(pid, 0)
+    time.sleep(0.3)
+    return pid
+
+
+def fork_and_work(path, linger, seconds):
+    """Fork a lingering copy (its pid in `path`), then keep working for `seconds`."""
+    fork_and_return(path, linger)
+    time.sleep(seconds)
+    return seconds

@@ -52,6 +52,21 @@ def is_master(process: psutil.Process) -> bool:
     return parent is None or not names_supervisor(parent)
 
 
+def settings_of(argv: list[str]) -> str | None:
+    """The settings module a master runs with: from its title ("carrot-supervisor: master [<settings>]"),
+    or, before it set its title, from --settings on its command line; None when neither says."""
+    title = ' '.join(argv)
+    prefix = f'{PROC_NAME}: master ['
+    if title.startswith(prefix):
+        return title[len(prefix):].split(']', 1)[0] or None
+    for index, arg in enumerate(argv):
+        if arg == '--settings' and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith('--settings='):
+            return arg.split('=', 1)[1]
+    return None
+
+
 @dataclass
 class PidfileLookup:
     """What a pidfile names: a running master (`process`), or why it names none (`stale`)."""
@@ -60,6 +75,7 @@ class PidfileLookup:
     pid: int | None = None
     process: psutil.Process | None = None
     stale: str | None = None  # why the file names no master, when it exists
+    settings: str | None = None  # the settings module the master runs with, when its title says
 
 
 def look_up(pidfile: str) -> PidfileLookup:
@@ -85,6 +101,7 @@ def look_up(pidfile: str) -> PidfileLookup:
             started = process.create_time()
             master = is_master(process)
             what = ' '.join(process.cmdline())[:80] or process.name()
+            lookup.settings = settings_of(process.cmdline())
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         lookup.stale = f'process {lookup.pid} is not running'
         return lookup
@@ -135,6 +152,13 @@ class Command(BaseCommand):
         lookup = look_up(options['pidfile'])
         if lookup.stale:
             remove_stale(lookup, self.stdout.write)
+        ours = os.environ.get('DJANGO_SETTINGS_MODULE')
+        if lookup.process is not None and lookup.settings and ours and lookup.settings != ours:
+            # Another project's live master (two projects given the same pidfile): never signalled, and
+            # its pidfile is its own.
+            raise CommandError(f'pidfile {lookup.path} names the master of another project (pid {lookup.pid}, '
+                               f'settings {escape_controls(lookup.settings)[:100]}), not of {ours}; nothing was '
+                               f'signalled. Give this project a pidfile of its own (--pidfile).')
         return lookup.process
 
     def start(self, options):
