@@ -12,6 +12,12 @@ Settling a delivery follows the processor's Disposition:
   is acked.
 - REQUEUE: basic_nack(requeue=True).
 
+Prefetch is per consumer (basic.qos with global=False), never global: RabbitMQ refuses global QoS on a
+quorum queue by closing the whole connection.
+
+A consumer the broker cancels (its queue was deleted, or it moved away with a node) ends the session like
+a lost connection, so the caller's loop declares and consumes again.
+
 Reconnecting is the caller's loop (carrot.consume.loop), paced by `Outage` from carrot.backoff.
 """
 from __future__ import annotations
@@ -23,53 +29,79 @@ import pika
 import pika.exceptions as pe
 
 from carrot.amqp import pika_compat, wire
-from carrot.amqp.connection import CONNECTION_ERRORS, close_quietly, connect
-from carrot.amqp.declare import declare_queue, declare_wait_queue, wait_queue_name
+from carrot.amqp.connection import CONNECTION_ERRORS, close_quietly, connect, connection_lost, node_of
+from carrot.amqp.declare import declare_all, wait_queue_name
 from carrot.amqp.disposition import Action, Disposition
 from carrot.config import BrokerConfig, QueueConfig
+from carrot.config.schema import node_text
 
-# What ends a session: the connection or channel is gone, or the broker refused something on it.
-SESSION_ERRORS = CONNECTION_ERRORS + (pe.AMQPError,)
+
+class ConsumerCancelled(pe.AMQPError):
+    """The broker cancelled this session's consumer (basic.cancel): the session is over."""
+
+
+# What ends a session: the connection or channel is gone, the broker refused something on it or cancelled
+# the consumer, or a parked copy was not confirmed in time.
+SESSION_ERRORS = CONNECTION_ERRORS + (pe.AMQPError, pika_compat.ConfirmTimedOut)
 
 
 class ConsumeSession:
     """One connection consuming one queue. Not thread-safe except `wake()`."""
 
-    def __init__(self, broker: BrokerConfig, queue: QueueConfig, logger: logging.Logger, name: str):
+    def __init__(self, broker: BrokerConfig, queue: QueueConfig, logger: logging.Logger, name: str,
+                 confirm_timeout: float | None = None):
         self.broker = broker
         self.queue = queue
         self.logger = logger
         self.name = name
+        self.confirm_timeout = confirm_timeout  # for the copies it parks or adopts (None: no deadline)
         self.connection = None
+        self.node = None  # (host, port) of the node it is connected to
         self.channel = None
         self._publish_channel = None
         self._consumer_tag = None
+        self._cancelled_by_broker = False
 
     @property
     def is_open(self) -> bool:
         return self.connection is not None and self.connection.is_open
 
+    @property
+    def where(self) -> str:
+        """The broker, and the node of it this session is on when it has several (for log lines)."""
+        if self.node is not None and len(self.broker.nodes) > 1:
+            return f'node {node_text(self.node)} of {self.broker}'
+        return str(self.broker)
+
     def open(self, on_delivery) -> None:
         """Connect, declare <queue>, <queue>.dead and <queue>.wait, and start consuming:
         `on_delivery(method, properties, body)` is called from `poll()` for each message."""
         self.connection = connect(self.broker)
+        self.node = node_of(self.connection)
         # A task that forks must not keep this connection (and its unacked delivery) alive.
         pika_compat.hide_from_forked_children(self.connection)
         try:
             self.channel = self.connection.channel()
-            declare_queue(self.channel, self.queue)
-            declare_wait_queue(self.channel, self.queue)
-            self.channel.basic_qos(prefetch_count=1)
+            declare_all(self.channel, self.queue)
+            self.channel.basic_qos(prefetch_count=1, global_qos=False)  # never global: see the docstring
+            self.channel.add_on_cancel_callback(self._on_cancelled_by_broker)
             self._consumer_tag = self.channel.basic_consume(
                 self.queue.name, lambda channel, method, properties, body: on_delivery(method, properties,
                                                                                        body))
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            self.close(lost=isinstance(exc, CONNECTION_ERRORS))
             raise
 
+    def _on_cancelled_by_broker(self, method_frame) -> None:
+        self._cancelled_by_broker = True
+
     def poll(self, seconds: float) -> None:
-        """Service the connection (heartbeats, deliveries, callbacks) for up to `seconds`."""
+        """Service the connection (heartbeats, deliveries, callbacks) for up to `seconds`. Raises
+        ConsumerCancelled once the broker has cancelled the consumer."""
         self.connection.process_data_events(time_limit=seconds)
+        if self._cancelled_by_broker:
+            raise ConsumerCancelled(f'RabbitMQ cancelled the consumer of queue {self.queue.name!r} '
+                                    f'(the queue was deleted, or is moving with a node)')
 
     def wake(self) -> None:
         """From any thread: make a running `poll()` return now."""
@@ -122,11 +154,18 @@ class ConsumeSession:
         if self._publish_channel is None or not self._publish_channel.is_open:
             self._publish_channel = self.connection.channel()
             self._publish_channel.confirm_delivery()
-        self._publish_channel.basic_publish('', routing_key, message.body, props, mandatory=True)
+        # Unconfirmed in time (the parking queue lost its quorum): the session ends, the original is not
+        # acked and comes back; the copy, if it lands after all, is recognised by its message_id.
+        with pika_compat.confirm_deadline(self.connection, self.confirm_timeout):
+            self._publish_channel.basic_publish('', routing_key, message.body, props, mandatory=True)
 
-    def close(self) -> None:
+    def close(self, lost: bool = False) -> None:
+        """Close the connection; `lost`: it broke (its node may be gone), so the next one tries another."""
         connection, self.connection = self.connection, None
         self.channel = self._publish_channel = self._consumer_tag = None
+        self._cancelled_by_broker = False
         if connection is not None:
             pika_compat.unhide(connection)
+            if lost:
+                connection_lost(connection)
         close_quietly(connection)
