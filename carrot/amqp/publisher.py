@@ -40,7 +40,7 @@ class Publisher:
         self.lock = threading.Lock()
         self.connection: pika.BlockingConnection | None = None
         self.channel = None
-        self.declared: set[str] = set()
+        self.declared: set[QueueConfig] = set()  # by the whole config: another type is declared anew
 
     def publish(self, queue: QueueConfig, body: bytes, properties: dict, exchange: str = '',
                 routing_key: str | None = None) -> None:
@@ -61,9 +61,9 @@ class Publisher:
                 try:
                     channel = self._open_channel()
                     retry = True
-                    if queue.name not in self.declared:
+                    if queue not in self.declared:
                         declare_queue(channel, queue)
-                        self.declared.add(queue.name)
+                        self.declared.add(queue)
                     with pika_compat.confirm_deadline(self.connection, self._confirm_timeout()):
                         self._basic_publish(channel, exchange, routing_key, body, properties)
                     return

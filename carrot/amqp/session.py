@@ -4,7 +4,9 @@ code that calls pika.
 Settling a delivery follows the processor's Disposition:
 
 - ACK: basic_ack.
-- DEAD_LETTER: basic_reject(requeue=False); RabbitMQ moves the message to <queue>.dead.
+- DEAD_LETTER: basic_reject(requeue=False); RabbitMQ moves the message to <queue>.dead. A message whose
+  `x-death` header would crash RabbitMQ's dead-lettering (carrot.amqp.wire) is moved by carrot instead:
+  a copy with that header set aside goes to <queue>.dead (confirmed), then the original is acked.
 - RETRY_LATER(delay): a copy goes to <queue>.wait with a per-message expiration; when it expires
   RabbitMQ dead-letters it back into <queue>. The copy is confirmed before the original is acked, so a
   crash in between leaves a duplicate (harmless: the claim sees it) rather than a loss.
@@ -127,7 +129,11 @@ class ConsumeSession:
         if action is Action.ACK:
             self.channel.basic_ack(delivery_tag)
         elif action is Action.DEAD_LETTER:
-            self.channel.basic_reject(delivery_tag, requeue=False)
+            if message is not None and wire.x_death_crashes_rabbitmq(getattr(message.properties, 'headers', None)):
+                self._republish(message, self.queue.dead_letter_queue, message.properties)
+                self.channel.basic_ack(delivery_tag)
+            else:
+                self.channel.basic_reject(delivery_tag, requeue=False)
         elif action is Action.REQUEUE:
             self.channel.basic_nack(delivery_tag, requeue=True)
         elif action is Action.RETRY_LATER:
@@ -141,8 +147,9 @@ class ConsumeSession:
         else:  # pragma: no cover - every Action is handled above
             raise ValueError(f'unknown disposition {disposition}')
 
-    def reject(self, delivery_tag: int) -> None:
-        self.channel.basic_reject(delivery_tag, requeue=False)
+    def reject(self, delivery_tag: int, message=None) -> None:
+        """Dead-letter a delivery (as DEAD_LETTER does)."""
+        self.settle(delivery_tag, Disposition(Action.DEAD_LETTER), message)
 
     def _republish(self, message, routing_key: str, properties, headers: dict | None = None, **changes):
         """Publish a copy of `message` (same body and properties, with `changes`), confirmed."""
@@ -151,6 +158,8 @@ class ConsumeSession:
             setattr(props, key, value)
         if headers:
             props.headers = {**(props.headers if isinstance(props.headers, dict) else {}), **headers}
+        if isinstance(props.headers, dict):  # a parked copy is dead-lettered back by RabbitMQ
+            props.headers = wire.without_unusable_x_death(props.headers)
         if self._publish_channel is None or not self._publish_channel.is_open:
             self._publish_channel = self.connection.channel()
             self._publish_channel.confirm_delivery()

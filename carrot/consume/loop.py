@@ -266,7 +266,7 @@ class Consumer:
         if delivery.age < self.task_time_limit:
             return
         error = self._fail_overrun(delivery, f'the task was still running after {delivery.age:.1f}s')
-        session.reject(delivery.delivery_tag)
+        session.reject(delivery.delivery_tag, delivery.message)
         self.delivery = None
         raise error
 
