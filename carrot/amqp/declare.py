@@ -99,13 +99,15 @@ def wait_queue_name(queue: QueueConfig) -> str:
     return f'{queue.name}.wait'
 
 
-def declarations(queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> list[Declaration]:
+def declarations(queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS,
+                 queue_type: str | None = None) -> list[Declaration]:
     """Every queue carrot declares for `queue`, in the order to declare them: a dead-letter target before
-    the queue that dead-letters into it. `dead_letter_ttl_days`: CARROT's by default."""
+    the queue that dead-letters into it. `dead_letter_ttl_days`: CARROT's by default. `queue_type`: as if
+    the queue were of that type (by default its own)."""
     if dead_letter_ttl_days is _FROM_SETTINGS:
         from carrot.config import get_config
         dead_letter_ttl_days = get_config().dead_letter_ttl_days
-    kind = queue.queue_type
+    kind = queue_type or queue.queue_type
     dead_ttl = int(dead_letter_ttl_days * 86400 * 1000) if dead_letter_ttl_days else None
     return [
         Declaration(queue.dead_letter_queue, Role.DEAD, kind,
@@ -145,34 +147,61 @@ def declare(channel, declaration: Declaration, queue: QueueConfig) -> None:
     except pe.ChannelClosedByBroker as exc:
         if exc.reply_code != PRECONDITION_FAILED:
             raise
-        existing = existing_queue_type(channel.connection, declaration.name)
+        existing = existing_queue_type(channel.connection, declaration, queue, exc.reply_text)
         if existing is not None and existing != declaration.queue_type:
             raise type_mismatch(declaration, existing, queue) from None
         raise queue_mismatch(declaration.name, exc.reply_text, declaration.arguments) from None
 
 
-def existing_queue_type(connection, name: str) -> str | None:
-    """The type of the existing queue `name`, or None if it cannot be told. AMQP has no way to ask, but
-    RabbitMQ compares the type before anything else when a declaration names another type than a quorum
-    queue's, and takes "classic" for a classic queue: so a declaration that names only the type 'classic'
-    fails on 'x-queue-type' for a queue of another type, and on nothing, or another argument, for a classic
-    one. Declaring a queue that exists changes nothing."""
-    try:
-        channel = connection.channel()
-    except pe.AMQPError:
-        return None
-    try:
-        channel.queue_declare(queue=name, durable=True, arguments={'x-queue-type': CLASSIC})
-    except pe.ChannelClosedByBroker as exc:
-        if exc.reply_code != PRECONDITION_FAILED:
+# What RabbitMQ says when it compares the type: "inequivalent arg 'x-queue-type' for queue 'q' in vhost '/':
+# received 'classic' but current is 'quorum'" (or "... but current is the value 'quorum' of type
+# 'longstr'", or "... but current is none" for a classic queue declared without a type).
+_TYPE_SAID = re.compile(r"inequivalent arg 'x-queue-type'.*?but current is (?:the value )?(none|'[^']+')")
+
+
+def existing_queue_type(connection, declaration: Declaration, queue: QueueConfig,
+                        reply_text: str = '') -> str | None:
+    """The type of the existing queue `declaration.name` that refused `declaration`, or None if it cannot
+    be told. AMQP cannot ask, and RabbitMQ names the first argument that differs, not always the type. So
+    the queue is declared again the ways it could have been declared before -- by carrot as the other
+    type, by django-carrot 1.x (x-max-priority only), without arguments -- and the one RabbitMQ accepts
+    (declaring a queue that exists as it is changes nothing) tells the type; failing that, what RabbitMQ
+    said about x-queue-type on the way."""
+    other = QUORUM if declaration.queue_type == CLASSIC else CLASSIC
+    same = dict(dead_letter_to=declaration.arguments.get('x-dead-letter-routing-key'),
+                message_ttl=declaration.arguments.get('x-message-ttl'), max_priority=queue.max_priority)
+    if other == QUORUM:
+        limits = {queue.delivery_limit, _default_delivery_limit(), None}
+        candidates = [(QUORUM, arguments_for(QUORUM, declaration.role, delivery_limit=limit, **same))
+                      for limit in limits]
+    else:
+        candidates = [(CLASSIC, arguments_for(CLASSIC, declaration.role, **same))]
+    if declaration.role is Role.MAIN:
+        candidates.append((CLASSIC, {'x-max-priority': queue.max_priority}))
+    candidates.append((CLASSIC, {}))
+    said = [reply_text]
+    for kind, arguments in candidates:
+        try:
+            channel = connection.channel()
+            channel.queue_declare(queue=declaration.name, durable=True, arguments=arguments)
+        except pe.ChannelClosedByBroker as exc:
+            said.append(exc.reply_text or '')
+            continue
+        except pe.AMQPError:
             return None
-        match = re.search(r"inequivalent arg 'x-queue-type'.*current is the value '([^']+)'", exc.reply_text or '')
-        return match.group(1) if match else CLASSIC
-    except pe.AMQPError:
-        return None
-    if channel.is_open:
-        channel.close()
-    return CLASSIC
+        if channel.is_open:
+            channel.close()
+        return kind
+    for text in said:
+        match = _TYPE_SAID.search(text or '')
+        if match:
+            return CLASSIC if match.group(1) == 'none' else match.group(1).strip("'")
+    return None
+
+
+def _default_delivery_limit():
+    from carrot.config import get_config
+    return get_config().delivery_limit
 
 
 def type_mismatch(declaration: Declaration, existing: str, queue: QueueConfig) -> QueueTypeMismatch:

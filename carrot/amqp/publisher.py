@@ -75,7 +75,10 @@ class Publisher:
                                           f'to exchange {exchange!r} with routing key {routing_key!r}') from None
                 except pe.NackError:
                     # Not the message's fault: the queue cannot take it now (it has lost its quorum, or is
-                    # full under reject-publish). Trying later may work.
+                    # full under reject-publish). Trying later may work -- on another channel: RabbitMQ's
+                    # channel remembers that a quorum queue rejects publishes, and may go on nacking after
+                    # the queue takes messages again.
+                    self._forget_channel()
                     raise BrokerUnavailable(f'RabbitMQ did not take (nacked) the message for queue '
                                             f'{queue.name!r}: the queue cannot take messages now (a quorum '
                                             f'queue without its quorum, or a full queue)') from None
@@ -133,8 +136,13 @@ class Publisher:
         return self.channel
 
     def _forget_channel(self):
-        self.channel = None
+        channel, self.channel = self.channel, None
         self.declared.clear()
+        if channel is not None and channel.is_open:
+            try:
+                channel.close()
+            except Exception:  # the connection may be going too; the next publish finds out
+                pass
 
     def _forget_connection(self):
         connection, self.connection = self.connection, None
