@@ -807,17 +807,19 @@ def quorum_leader_killed(run: Run, tasks=3000, task_seconds=0.02, down=10):
             schedule = ScheduledTask.objects.create(
                 task=RECORD, task_name='chaos every second', queue='default', interval_type='seconds',
                 interval_count=1, task_args=json.dumps([str(run.project.executions), 'schedule']))
+            # Published before the supervisors start, so the kill comes a third of the way through the
+            # work however fast it is published; the scheduler publishes through the kill.
+            started = time.monotonic()
+            run.publish(tasks, seconds=task_seconds, raise_errors=True)
+            run.note(f'{tasks} published in {time.monotonic() - started:.0f}s')
             supervisors = [run.start_supervisor(f'host{n}') for n in (1, 2, 3)]
             for sup in supervisors:
                 sup.wait_ready(timeout=90)
             sampler = Every(0.5, lambda: [sup.children() for sup in supervisors])
             sampler.start()
-            started = time.monotonic()
-            run.publish(tasks, seconds=task_seconds, raise_errors=True)
-            run.note(f'{tasks} published in {time.monotonic() - started:.0f}s')
             uuids = [u for u in run.tokens.values() if u]
-            wait_until(lambda: MessageLog.objects.filter(uuid__in=uuids, status='COMPLETED').count() >= tasks // 3,
-                       600, 'a third of the tasks to complete', interval=0.5)
+            wait_until(lambda: MessageLog.objects.filter(uuid__in=uuids, status='COMPLETED').count()
+                       >= tasks // 3, 600, 'a third of the tasks to complete', interval=0.5)
             leader = nodes.leader_of('default')
             killed_at = timezone.now()
             nodes.kill_node(leader)
@@ -835,8 +837,8 @@ def quorum_leader_killed(run: Run, tasks=3000, task_seconds=0.02, down=10):
                                   'completed': row['completion_time']}
                     for row in MessageLog.objects.values('uuid', 'status', 'worker', 'started_time',
                                                          'completion_time')}
-            schedule_times = list(MessageLog.objects.filter(task=RECORD, task_args__contains='"schedule"')
-                                  .values_list('publish_time', flat=True))
+            schedule_times = list(MessageLog.objects.filter(task=RECORD, task_args__contains='"schedule"',
+                                                            status='COMPLETED').values_list('publish_time', flat=True))
             result = tally(run.tokens, rows, read_executions(run.project.executions),
                            {sup.name: set(sup.seen) for sup in supervisors}, schedule_token='schedule',
                            schedule_times=schedule_times, killed_at=killed_at, killed_node=leader)

@@ -14,6 +14,6 @@ from carrot.config.schema import (CLASSIC, DEFAULT_BROKER, DEFAULT_MAX_PRIORITY,
                                   BrokerConfig, CarrotConfig, ConfigProblem, Node, QueueConfig)
 
 __all__ = ['get_config', 'parse_config', 'config_from_settings', 'clear_config_cache', 'CarrotConfig',
-           'QueueConfig', 'BrokerConfig', 'ConfigProblem', 'DEFAULT_BROKER', 'DEFAULT_QUEUE',
-           'DEFAULT_MAX_PRIORITY', 'CLASSIC', 'QUORUM', 'QUEUE_TYPES', 'Node', 'E_NOT_A_DICT', 'E_UNKNOWN_KEY', 'E_BAD_VALUE', 'E_DUPLICATE_QUEUE',
-           'E_BAD_BROKER', 'E_NOT_IMPORTABLE']
+           'QueueConfig', 'BrokerConfig', 'ConfigProblem', 'Node', 'DEFAULT_BROKER', 'DEFAULT_QUEUE',
+           'DEFAULT_MAX_PRIORITY', 'CLASSIC', 'QUORUM', 'QUEUE_TYPES', 'E_NOT_A_DICT', 'E_UNKNOWN_KEY',
+           'E_BAD_VALUE', 'E_DUPLICATE_QUEUE', 'E_BAD_BROKER', 'E_NOT_IMPORTABLE']
