@@ -316,3 +316,9 @@ def test_error_pages_hide_the_password_of_a_dict_and_with_carrots_filter_of_a_ur
         safe = CarrotFilter().get_safe_settings()['CARROT']
         assert SECRET not in str(safe)
         assert safe['default_broker'] == 'amqp://carrot:***@rabbit/'
+    as_nodes = {'default_broker': [f'amqp://carrot:{SECRET}@rabbit{n}/' for n in (1, 2, 3)],
+                'queues': [{'name': 'q', 'host': {'hosts': ['r1', 'r2'], 'password': SECRET}}]}
+    with override_settings(CARROT=as_nodes):  # the nodes of a cluster, in both spellings
+        safe = CarrotFilter().get_safe_settings()['CARROT']
+        assert SECRET not in str(safe)
+        assert safe['default_broker'] == [f'amqp://carrot:***@rabbit{n}/' for n in (1, 2, 3)]

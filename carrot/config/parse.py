@@ -134,8 +134,9 @@ class Parser:
     def hosts(self, path, raw, default_port) -> list | None:
         """The dict form's 'hosts': ['rabbit1:5672', 'rabbit2', '[::1]:5673'] -> [(host, port), ...]."""
         if not isinstance(raw, (list, tuple)) or not raw:
+            # Only its shape: whatever stands where the hosts belong may be, or hold, the password.
             self.problem(E_BAD_BROKER, f"{path} must be a non-empty list of 'host' or 'host:port' strings, "
-                                       f'got {masked_repr(raw)}')
+                                       f'got {broker_shape(raw)}')
             return None
         nodes = []
         for index, entry in enumerate(raw):
@@ -148,7 +149,7 @@ class Parser:
                     node = None
             if node is None:
                 self.problem(E_BAD_BROKER, f"{path}[{index}] must be 'host' or 'host:port', got "
-                                           f'{masked_repr(entry)}')
+                                           f'{broker_shape(entry)}')
                 return None
             nodes.append(node)
         return nodes
