@@ -12,6 +12,8 @@ started once for this module (about 15 s) and stopped at its end, also when a te
 """
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 import uuid
 from datetime import timedelta
@@ -114,6 +116,21 @@ def test_tasks_run_through_a_quorum_queue_and_failures_are_dead_lettered(cluster
     wait_for(lambda: queue_depth('default.dead') == 1, 10, 'the failed message in default.dead')
     assert {row['name']: row['type'] for row in cluster.quorum_queues()} == dict.fromkeys(QUEUES, 'quorum')
     assert cluster.leader_of('default') in (1, 2, 3)
+
+
+def test_scripts_cluster_says_which_nodes_run_and_which_leads_each_quorum_queue(cluster, on_cluster):
+    publish_message(tasks.add, 1, 1)  # declares the quorum queues
+    command = [sys.executable, str(ROOT / 'scripts' / 'cluster.py'), '--dir', str(cluster.base)]
+    status = subprocess.run([*command, 'status'], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert sum(1 for line in lines if ' running ' in line) == 3, status.stdout
+    leader = cluster.leader_of('default')
+    assert f"quorum queue 'default': leader carrot-test-cluster-{leader}@localhost" in status.stdout
+    urls = subprocess.run([*command, 'urls'], capture_output=True, text=True, timeout=60).stdout.split()
+    assert urls == cluster.urls == [f'amqp://guest:guest@127.0.0.1:{FIRST_PORT + n}/' for n in range(3)]
+    cookie = cluster.base / 'home' / '.erlang.cookie'  # its own, readable by its owner only
+    assert cookie.stat().st_mode & 0o777 == 0o400
 
 
 def test_a_nack_from_a_full_queue_leaves_the_row_waiting_and_the_relay_sends_it(cluster, on_cluster, caplog):
