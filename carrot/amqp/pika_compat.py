@@ -24,13 +24,16 @@ fails loudly if a pika upgrade moves what they rely on.
    time limit, and a quorum queue that has lost its quorum sends neither until a majority of its nodes is
    back -- a web request publishing to it would hang that long. `confirm_deadline()` arms a timer on the
    connection's own I/O loop (pika keeps it private: `connection._impl.ioloop`), which runs while the
-   publish waits, and raises ConfirmTimedOut out of the wait.
+   publish waits, and raises ConfirmTimedOut out of the wait. Closing that connection the AMQP way would
+   wait again (RabbitMQ answers the close only once the stuck channel lets go, 12 s here): `drop()` shuts
+   its socket down instead, and lets pika notice the lost stream and clean up.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import socket
 import struct
 import threading
 import weakref
@@ -168,3 +171,19 @@ def confirm_deadline(connection, seconds: float | None):
         yield
     finally:
         ioloop.remove_timeout(timer)
+
+
+def drop(connection) -> None:
+    """Drop `connection` without the AMQP close handshake (the broker cleans up when the socket goes)."""
+    fd = socket_fd(connection)
+    if fd is None:
+        return
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+        connection.process_data_events(time_limit=0)  # pika reads the end of the stream and tears down
+    except Exception:  # the stream is gone either way
+        pass

@@ -78,13 +78,15 @@ class Publisher:
                     # full under reject-publish). Trying later may work -- on another channel: RabbitMQ's
                     # channel remembers that a quorum queue rejects publishes, and may go on nacking after
                     # the queue takes messages again.
-                    self._forget_channel()
+                    self._forget_channel(close=True)
                     raise BrokerUnavailable(f'RabbitMQ did not take (nacked) the message for queue '
                                             f'{queue.name!r}: the queue cannot take messages now (a quorum '
                                             f'queue without its quorum, or a full queue)') from None
                 except pika_compat.ConfirmTimedOut as exc:
-                    # A late confirm would be taken for the next message's: this connection is done.
+                    # A late confirm would be taken for the next message's: this connection is done, and
+                    # dropped rather than closed (RabbitMQ would answer the close only after a while).
                     node = node_of(self.connection)
+                    pika_compat.drop(self.connection)
                     self._forget_connection()
                     raise BrokerUnavailable(f'{exc} for queue {queue.name!r} (at {self._where(node)}): the '
                                             f'queue may have lost its quorum') from None
@@ -135,10 +137,12 @@ class Publisher:
             self.declared.clear()
         return self.channel
 
-    def _forget_channel(self):
+    def _forget_channel(self, close: bool = False):
+        """Use a new channel for the next publish; `close` this one (not when the connection goes too:
+        closing a channel that waits for a confirm waits for RabbitMQ, closing the connection does not)."""
         channel, self.channel = self.channel, None
         self.declared.clear()
-        if channel is not None and channel.is_open:
+        if close and channel is not None and channel.is_open:
             try:
                 channel.close()
             except Exception:  # the connection may be going too; the next publish finds out

@@ -17,8 +17,9 @@ Settling a delivery follows the processor's Disposition:
 Prefetch is per consumer (basic.qos with global=False), never global: RabbitMQ refuses global QoS on a
 quorum queue by closing the whole connection.
 
-A consumer the broker cancels (its queue was deleted, or it moved away with a node) ends the session like
-a lost connection, so the caller's loop declares and consumes again.
+A consumer the broker cancels (basic.cancel: its queue was deleted, for one) ends the session like a lost
+connection, so the caller's loop declares the queue and consumes again; pika alone would go on waiting
+for deliveries that never come.
 
 Reconnecting is the caller's loop (carrot.consume.loop), paced by `Outage` from carrot.backoff.
 """
@@ -103,7 +104,7 @@ class ConsumeSession:
         self.connection.process_data_events(time_limit=seconds)
         if self._cancelled_by_broker:
             raise ConsumerCancelled(f'RabbitMQ cancelled the consumer of queue {self.queue.name!r} '
-                                    f'(the queue was deleted, or is moving with a node)')
+                                    f'(the queue was deleted, for one)')
 
     def wake(self) -> None:
         """From any thread: make a running `poll()` return now."""
@@ -169,7 +170,9 @@ class ConsumeSession:
             self._publish_channel.basic_publish('', routing_key, message.body, props, mandatory=True)
 
     def close(self, lost: bool = False) -> None:
-        """Close the connection; `lost`: it broke (its node may be gone), so the next one tries another."""
+        """Close the connection. `lost`: it broke (its node may be gone), so the next one tries another
+        node first, and it is dropped rather than closed (a close would wait for an answer that may be long
+        in coming, e.g. while a channel waits for a confirm)."""
         connection, self.connection = self.connection, None
         self.channel = self._publish_channel = self._consumer_tag = None
         self._cancelled_by_broker = False
@@ -177,4 +180,5 @@ class ConsumeSession:
             pika_compat.unhide(connection)
             if lost:
                 connection_lost(connection)
+                pika_compat.drop(connection)
         close_quietly(connection)
