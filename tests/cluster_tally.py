@@ -40,7 +40,7 @@ class Tally:
     schedule_runs: int = 0
     schedule_intervals: int = 0                       # intervals from its first to its last run
     schedule_doubles: int = 0                         # intervals that ran twice
-    schedule_missed: int = 0                          # intervals without a run (a gap of two or more)
+    schedule_missed: int = 0                          # intervals without a run, or the grid shifted by a late run
     schedule_longest_gap: float = 0.0                 # seconds between two consecutive runs at most
     schedule_duplicated: int = 0                      # runs executed more than once
     killed_node: int | None = None
