@@ -110,13 +110,7 @@ def tally(tokens: dict[str, str], rows: dict[str, dict], executions: dict[str, l
     if len(times) > 1:
         gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
         result.schedule_longest_gap = max(gaps)
-        # A short gap right after a long one is a run whose row was written late (a slow database, a
-        # publish retried), then the next run on time: two intervals, two runs. Any other short gap is an
-        # interval that ran twice.
-        result.schedule_doubles = sum(
-            1 for index, gap in enumerate(gaps) if gap < DOUBLE_RUN * schedule_interval
-            and not (index and gaps[index - 1] + gap >= (2 - DOUBLE_RUN) * schedule_interval))
-        result.schedule_missed = max(0, round(sum(gaps) / schedule_interval) + 1 - len(times))
+        result.schedule_doubles, result.schedule_missed = _doubled_and_missed(gaps, schedule_interval)
         result.schedule_intervals = round((times[-1] - times[0]).total_seconds() / schedule_interval)
     if schedule_token is not None:
         runs = executions.get(schedule_token, ())
@@ -133,3 +127,22 @@ def tally(tokens: dict[str, str], rows: dict[str, dict], executions: dict[str, l
             marks = [killed_at] + done
             result.longest_pause = max((b - a).total_seconds() for a, b in zip(marks, marks[1:]))
     return result
+
+
+def _doubled_and_missed(gaps: list[float], interval: float) -> tuple[int, int]:
+    """Intervals that ran twice, and intervals without a run, from the gaps between consecutive runs.
+    A short gap right after a long one is a run whose row was written late (a slow database, a publish
+    retried at the next tick) followed by one on time: the two gaps are judged together."""
+    spans = []
+    for gap in gaps:
+        if spans and gap < DOUBLE_RUN * interval and len(spans[-1]) == 1 \
+                and spans[-1][0] > (1 + DOUBLE_RUN) * interval:
+            spans[-1].append(gap)
+        else:
+            spans.append([gap])
+    doubled = missed = 0
+    for span in spans:
+        expected = round(sum(span) / interval)
+        doubled += max(0, len(span) - expected)
+        missed += max(0, expected - len(span))
+    return doubled, missed
