@@ -200,8 +200,13 @@ def existing_queue_type(connection, declaration: Declaration, queue: QueueConfig
 
 
 def _default_delivery_limit():
+    """CARROT['delivery_limit'], what a quorum queue declared by carrot has (None if CARROT is broken)."""
     from carrot.config import get_config
-    return get_config().delivery_limit
+    from carrot.exceptions import CarrotConfigException
+    try:
+        return get_config().delivery_limit
+    except CarrotConfigException:
+        return None
 
 
 def type_mismatch(declaration: Declaration, existing: str, queue: QueueConfig) -> QueueTypeMismatch:
