@@ -119,6 +119,18 @@ def test_tasks_run_through_a_quorum_queue_and_failures_are_dead_lettered(cluster
     assert cluster.leader_of('default') in (1, 2, 3)
 
 
+def test_a_quorum_queue_named_as_classic_is_a_type_error(cluster, on_cluster):
+    from carrot.checks import check_carrot_queues
+    from carrot.exceptions import QueueTypeMismatch
+    publish_message(tasks.add, 1, 1)  # declares the quorum queues
+    with override_settings(CARROT={**on_cluster, 'queues': [{'name': 'default', 'queue_type': 'classic'}]}):
+        with pytest.raises(QueueTypeMismatch) as caught:
+            publish_message(tasks.add, 2, 2)
+        assert (caught.value.existing, caught.value.wanted) == ('quorum', 'classic')
+        assert 'is a quorum queue, and CARROT declares it as a classic queue' in str(caught.value)
+        assert [error.id for error in check_carrot_queues()] == ['carrot.E008']
+
+
 def test_scripts_cluster_says_which_nodes_run_and_which_leads_each_quorum_queue(cluster, on_cluster):
     publish_message(tasks.add, 1, 1)  # declares the quorum queues
     command = [sys.executable, str(ROOT / 'scripts' / 'cluster.py'), '--dir', str(cluster.base)]

@@ -113,6 +113,16 @@ def test_a_classic_queue_named_as_quorum_is_a_clear_error_and_a_check_error(capl
         assert 'this worker waits and tries again' in caplog.text
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_queue_left_by_django_carrot_1_named_as_quorum_is_a_type_error_too(raw_channel):
+    raw_channel.queue_declare('default', durable=True, arguments={'x-max-priority': 255})  # as 1.x did
+    with override_settings(CARROT=QUORUM_DEFAULT):
+        with pytest.raises(QueueTypeMismatch) as caught:
+            publish_message(tasks.add, 1, 1)
+    assert "queue 'default' on" in str(caught.value) and 'is a classic queue' in str(caught.value)
+    assert (caught.value.existing, caught.value.wanted) == ('classic', 'quorum')
+
+
 def _run_catching(consumer, failure):
     try:
         consumer.run()
