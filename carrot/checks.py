@@ -5,6 +5,10 @@
   Like Django's own database checks it runs only for the databases it is given
   (`manage.py check --database default`; Django 6 also gives every database to `check --tag carrot`);
   `run_carrot_checks()` gives it carrot's databases.
+- carrot.E008 / E009: a queue on the broker has another type (classic / quorum) than CARROT names, or
+  other arguments than carrot declares. They ask the broker, so they are deployment checks
+  (`manage.py check --deploy`); `run_carrot_checks()` (carrot-supervisor, --check) runs them. A broker
+  that cannot be reached is not reported by them (carrot-supervisor says so itself at start).
 """
 import importlib
 import logging
@@ -16,7 +20,10 @@ from django.core.checks import Error, Tags, register
 from carrot.config import E_NOT_IMPORTABLE, config_from_settings
 
 E_TABLES_MISSING = 'carrot.E007'
+E_QUEUE_TYPE = 'carrot.E008'
+E_QUEUE_ARGUMENTS = 'carrot.E009'
 MIGRATE_HINT = 'run manage.py migrate'
+BROKER_CHECK_TIMEOUT = 3.0  # seconds per node: the queue checks must not hold up a start or a reload
 
 logger = logging.getLogger('carrot.checks')
 
@@ -45,6 +52,32 @@ def _importable(path, where, attribute=True):
     except (ImportError, AttributeError, ValueError) as exc:
         return [Error(f'{where} {path!r} cannot be imported: {exc}', id=E_NOT_IMPORTABLE)]
     return []
+
+
+@register(Tags.compatibility, 'carrot', deploy=True)
+def check_carrot_queues(app_configs=None, **kwargs):
+    """Each configured queue (and its .dead and .wait queues) that exists on its broker, against what carrot
+    declares: a queue's type and arguments cannot change once it exists."""
+    from carrot.amqp.declare import clashes
+    from carrot.exceptions import QueueTypeMismatch
+
+    config, problems = config_from_settings(settings)
+    if problems:
+        return []  # check_carrot_setting reports them; the queues are not what they will be
+    by_broker: dict = {}
+    for queue in config.queues:
+        by_broker.setdefault(queue.broker, []).append(queue)
+    errors = []
+    for broker, queues in by_broker.items():
+        try:
+            found = clashes(broker, queues, config.dead_letter_ttl_days, socket_timeout=BROKER_CHECK_TIMEOUT,
+                            stack_timeout=BROKER_CHECK_TIMEOUT)
+        except Exception as exc:  # unreachable, refused: not this check's to report
+            logger.debug('carrot.E008/E009 skipped for %s: %s: %s', broker, type(exc).__name__, exc)
+            continue
+        errors += [Error(str(clash), id=E_QUEUE_TYPE if isinstance(clash, QueueTypeMismatch) else E_QUEUE_ARGUMENTS)
+                   for clash in found]
+    return errors
 
 
 @register(Tags.database, 'carrot')
@@ -119,4 +152,5 @@ def run_carrot_checks() -> list:
     runs before it starts anything (it exits 3 with them)."""
     from django.core.checks import run_checks
 
-    return [e for e in run_checks(tags=['carrot'], databases=carrot_databases()) if e.is_serious()]
+    return [e for e in run_checks(tags=['carrot'], databases=carrot_databases(), include_deployment_checks=True)
+            if e.is_serious()]

@@ -14,6 +14,7 @@
      │   └─ MessageRejected                          permanent: refused for good
      │       ├─ MessageTooLarge
      │       └─ QueueMismatchError                   a queue exists with other arguments than carrot's
+     │           └─ QueueTypeMismatch                ... of another type (classic / quorum)
      ├─ BadMessage                                   a delivery that cannot be turned into a task call
      └─ TaskTimeLimitExceeded
 
@@ -72,12 +73,14 @@ class PublishError(CarrotError):
 
 
 class BrokerUnavailable(PublishError):
-    """Transient: the broker could not be reached, or did not confirm in time. Trying later may work;
-    with CARROT['store_and_forward'] the message waits in its log row and is relayed later."""
+    """Transient: the broker could not be reached, did not confirm in time, or nacked the message (a quorum
+    queue that has lost its quorum, or is full under reject-publish). Trying later may work; with
+    CARROT['store_and_forward'] the message waits in its log row and is relayed later."""
 
 
 class MessageRejected(PublishError):
-    """Permanent: the broker (or carrot) refused this message for good: unroutable, nacked, too large."""
+    """Permanent: the broker (or carrot) refused this message for good: unroutable, no such exchange, too
+    large, a queue clash."""
 
 
 class MessageTooLarge(MessageRejected):
@@ -85,7 +88,22 @@ class MessageTooLarge(MessageRejected):
 
 
 class QueueMismatchError(MessageRejected):
-    """A queue exists on the broker with arguments other than the ones carrot declares."""
+    """A queue exists on the broker with arguments other than the ones carrot declares. `queue` names it."""
+
+    def __init__(self, message: str, queue: str | None = None):
+        super().__init__(message)
+        self.queue = queue
+
+
+class QueueTypeMismatch(QueueMismatchError):
+    """A queue exists on the broker as another type (`existing`: 'classic', 'quorum', ...) than CARROT
+    names (`wanted`); RabbitMQ cannot change it. The text says how to move the queue."""
+
+    def __init__(self, message: str, queue: str | None = None, existing: str | None = None,
+                 wanted: str | None = None):
+        super().__init__(message, queue)
+        self.existing = existing
+        self.wanted = wanted
 
 
 class BadMessage(CarrotError):

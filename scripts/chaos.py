@@ -40,11 +40,14 @@ from pathlib import Path
 
 import psutil
 
+from cluster import Cluster  # scripts/cluster.py, beside this file
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = 'tests.testproject.settings'
 RABBIT_NODE = 'carrot-chaos@localhost'
 RABBIT_PORT = 5673
 RABBIT_DIST_PORT = 25673
+CLUSTER_PORT = 5686  # the quorum scenario's cluster: 5686-5688 (scripts/cluster.py)
 PG_PORT = 5433
 DB_NAME = 'carrot_chaos'
 RECORD = 'tests.testapp.tasks.record_execution'
@@ -883,6 +886,81 @@ def requeue_twice_at_once(run: Run, rows=200):
     run.wait_settled(90)
 
 
+def quorum_leader_killed(run: Run, tasks=3000, task_seconds=0.02, down=10):
+    """Issue 15: a 3-node RabbitMQ cluster (scripts/cluster.py, ports 5686-5688), three supervisors each
+    with two consumers of one quorum queue and a scheduler, a schedule every second; the node that leads
+    the queue is SIGKILLed a third of the way through and started again `down` s later. Every task
+    COMPLETED once, each supervisor ran >= 15 %, the schedule once per interval, work on within 5 s."""
+    from django.test import override_settings
+    from django.utils import timezone
+
+    from carrot.amqp.publisher import close_publishers
+    from carrot.models import MessageLog, ScheduledTask
+    from tests.cluster_tally import read_executions, tally
+
+    nodes = Cluster(run.chaos.workdir / 'cluster', name='carrot-chaos-cluster', first_port=CLUSTER_PORT)
+    log(f'starting a 3-node RabbitMQ cluster ({nodes.name}-1..3, ports {CLUSTER_PORT}-{CLUSTER_PORT + 2})')
+    run.note(f'cluster up in {nodes.start():.0f}s')
+    carrot = {'default_broker': nodes.urls, 'cleanup_after_days': None,
+              'queues': [{'name': 'default', 'queue_type': 'quorum', 'concurrency': 2}]}
+    run.project.write_settings(f'CARROT = {carrot!r}\n')
+    schedule = None
+    sampler = None
+    try:
+        with override_settings(CARROT=carrot):
+            close_publishers()
+            schedule = ScheduledTask.objects.create(
+                task=RECORD, task_name='chaos every second', queue='default', interval_type='seconds',
+                interval_count=1, task_args=json.dumps([str(run.project.executions), 'schedule']))
+            # Published before the supervisors start, so the kill comes a third of the way through the
+            # work however fast it is published; the scheduler publishes through the kill.
+            started = time.monotonic()
+            run.publish(tasks, seconds=task_seconds, raise_errors=True)
+            run.note(f'{tasks} published in {time.monotonic() - started:.0f}s')
+            supervisors = [run.start_supervisor(f'host{n}') for n in (1, 2, 3)]
+            for sup in supervisors:
+                sup.wait_ready(timeout=90)
+            sampler = Every(0.5, lambda: [sup.children() for sup in supervisors])
+            sampler.start()
+            uuids = [u for u in run.tokens.values() if u]
+            wait_until(lambda: MessageLog.objects.filter(uuid__in=uuids, status='COMPLETED').count()
+                       >= tasks // 3, 600, 'a third of the tasks to complete', interval=0.5)
+            leader = nodes.leader_of('default')
+            killed_at = timezone.now()
+            nodes.kill_node(leader)
+            log(f'node {leader} (leader of the queue) killed')
+            time.sleep(down)
+            nodes.start_node(leader)
+            log(f'node {leader} started again')
+            run.wait_settled(900)
+            ScheduledTask.objects.filter(pk=schedule.pk).update(active=False)
+            time.sleep(2)  # the last run may still be running
+            sampler.stop()
+            for sup in supervisors:
+                sup.children()
+            rows = {row['uuid']: {'status': row['status'], 'worker': row['worker'], 'started': row['started_time'],
+                                  'completed': row['completion_time']}
+                    for row in MessageLog.objects.values('uuid', 'status', 'worker', 'started_time',
+                                                         'completion_time')}
+            schedule_times = list(MessageLog.objects.filter(task=RECORD, task_args__contains='"schedule"',
+                                                            status='COMPLETED').values_list('publish_time', flat=True))
+            result = tally(run.tokens, rows, read_executions(run.project.executions),
+                           {sup.name: set(sup.seen) for sup in supervisors}, schedule_token='schedule',
+                           schedule_times=schedule_times, killed_at=killed_at, killed_node=leader)
+            run.note(result.figures())
+            if result.problems():
+                run.result.error = '; '.join(result.problems())
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        for sup in run.supervisors:
+            sup.stop()
+        if schedule is not None:
+            ScheduledTask.objects.filter(pk=schedule.pk).delete()
+        close_publishers()
+        nodes.stop()
+
+
 SCENARIOS = {
     'kill-children-every-0.5s': kill_children,
     'same-message-twice-at-once': duplicate_delivery,
@@ -900,6 +978,7 @@ SCENARIOS = {
     'log-table-locked-3x-heartbeat-timeout': log_table_locked,
     'misbehaving-tasks-among-ordinary-ones': misbehaving_tasks,
     'requeue-twice-at-once-under-load': requeue_twice_at_once,
+    'quorum-leader-killed': quorum_leader_killed,
 }
 SHORT = {
     'kill-children-every-0.5s': lambda run: kill_children(run, seconds=8, count=60),

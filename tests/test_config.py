@@ -252,7 +252,12 @@ SECRET = 's3cr3t'
     {'default_broker': f'amqp://carrot:{SECRET}@rabbit:5672/prod?x=1'},      # unsupported query
     {'default_broker': f'amqp://carrot:{SECRET}@rabbit:99999/'},             # port out of range
     {'default_broker': f'amqp://carrot:{SECRET}@rabbit/'.encode()},          # bytes, not str
-    {'default_broker': [f'amqp://carrot:{SECRET}@rabbit/']},                 # a list
+    {'default_broker': [f'amqp://carrot:{SECRET}@rabbit/', 'amqp://carrot:x@r2/']},  # nodes, other passwords
+    {'default_broker': [f'amqp://carrot:{SECRET}@rabbit/', f'amqp://carrot:{SECRET}#x@r2/']},
+    {'default_broker': [f'amqp://carrot:{SECRET}@rabbit/', f'amqp://carrot:{SECRET}@rabbit/']},  # a node twice
+    {'default_broker': {'hosts': [f'carrot:{SECRET}@rabbit'], 'password': SECRET}},  # a URL where a host belongs
+    {'default_broker': {'hosts': f'carrot:{SECRET}@rabbit'}},
+    {'default_broker': {'url': [f'amqp://carrot:{SECRET}@rabbit/', 42]}},
     {'default_broker': {'url': f'amqp://carrot:{SECRET}/x@rabbit/'}},
     {'default_broker': {'url': 42, 'password': SECRET}},
     {'default_broker': {'host': 'rabbit', 'password': [SECRET]}},            # password of the wrong type
@@ -311,3 +316,9 @@ def test_error_pages_hide_the_password_of_a_dict_and_with_carrots_filter_of_a_ur
         safe = CarrotFilter().get_safe_settings()['CARROT']
         assert SECRET not in str(safe)
         assert safe['default_broker'] == 'amqp://carrot:***@rabbit/'
+    as_nodes = {'default_broker': [f'amqp://carrot:{SECRET}@rabbit{n}/' for n in (1, 2, 3)],
+                'queues': [{'name': 'q', 'host': {'hosts': ['r1', 'r2'], 'password': SECRET}}]}
+    with override_settings(CARROT=as_nodes):  # the nodes of a cluster, in both spellings
+        safe = CarrotFilter().get_safe_settings()['CARROT']
+        assert SECRET not in str(safe)
+        assert safe['default_broker'] == [f'amqp://carrot:***@rabbit{n}/' for n in (1, 2, 3)]

@@ -23,9 +23,11 @@ KEYS = ['default_broker', 'queues', 'task_modules', 'monitor_authentication', 'm
         'cleanup_after_days', 'max_message_size', 'max_stored_text', 'cleanup_failed_after_days',
         'dead_letter_ttl_days', 'claim_lease', 'store_and_forward', 'supervisor_gone_after',
         'graceful_timeout', 'heartbeat_timeout', 'task_time_limit', 'max_tasks_per_child',
-        'max_memory_per_child', 'scheduler', 'max_consecutive_failures', 'backoff_cap']
-QUEUE_KEYS = ['name', 'host', 'concurrency', 'consumable', 'consumer_class', 'max_priority']
-BROKER_KEYS = ['host', 'port', 'name', 'username', 'password', 'secure', 'heartbeat', 'url']
+        'max_memory_per_child', 'scheduler', 'max_consecutive_failures', 'backoff_cap', 'queue_type',
+        'delivery_limit', 'confirm_timeout']
+QUEUE_KEYS = ['name', 'host', 'concurrency', 'consumable', 'consumer_class', 'max_priority', 'queue_type',
+              'delivery_limit']
+BROKER_KEYS = ['host', 'hosts', 'port', 'name', 'username', 'password', 'secure', 'heartbeat', 'url']
 CHECK_ID = re.compile(r'^carrot\.E\d{3}$')
 
 HYPOTHESIS = dict(deadline=None, database=None, max_examples=200, suppress_health_check=list(HealthCheck))
@@ -77,16 +79,32 @@ broker_url = st.one_of(
     st.just(f'amqp://guest:{SECRET}@'), st.just(f'amqp://:{SECRET}@host:notaport/'),
     st.just(f'amqp://guest:{SECRET}@[::1/vhost'), st.just(f'amqp://user:{SECRET}'),
 )
+# The nodes of a cluster: a list of URLs (some fine, some broken, users and passwords that differ), or
+# the dict form's 'hosts' (host:port entries, or a URL or user:password@host where a host belongs).
+host_entry = st.one_of(url_part, st.just(f'carrot:{SECRET}@rabbit'), st.just(f'amqp://u:{SECRET}@r/'),
+                       st.builds(lambda h, p: f'{h}:{p}', url_part, st.integers(-5, 99999)),
+                       st.sampled_from(['rabbit1', 'rabbit2:5672', '[::1]:5673', 'r:0', '']))
+fine_url = st.builds(lambda user, host, port: f'amqp://{user}:{SECRET}@{host}:{port}/vhost',
+                     st.sampled_from(['carrot', 'other']), st.sampled_from(['r1', 'r2', 'r3']),
+                     st.sampled_from([5672, 5673]))
+broker_nodes = st.lists(st.one_of(fine_url, broker_url, broker_anything), max_size=4)
 broker_dict = st.fixed_dictionaries({'password': st.one_of(st.just(SECRET), st.just(SECRET.encode()),
                                                            st.builds(Secretive))},
-                                    optional={k: anything for k in BROKER_KEYS if k != 'password'})
-broker = st.one_of(broker_url, broker_dict, broker_anything)
-queue = st.one_of(st.fixed_dictionaries({}, optional={k: (broker if k == 'host' else anything) for k in QUEUE_KEYS}),
+                                    optional={k: (st.one_of(st.lists(host_entry, max_size=4), anything)
+                                                  if k == 'hosts' else st.one_of(broker_nodes, anything)
+                                                  if k == 'url' else anything)
+                                              for k in BROKER_KEYS if k != 'password'})
+broker = st.one_of(broker_url, broker_nodes, broker_dict, broker_anything)
+queue_type = st.one_of(st.sampled_from(['classic', 'quorum', 'stream', 'QUORUM', '']), anything)
+queue = st.one_of(st.fixed_dictionaries({}, optional={k: (broker if k == 'host' else queue_type
+                                                          if k == 'queue_type' else anything)
+                                                      for k in QUEUE_KEYS}),
                   anything)
 carrot_setting = st.one_of(
     anything,
     st.fixed_dictionaries({'default_broker': broker},
                           optional={**{k: anything for k in KEYS if k not in ('default_broker', 'queues')},
+                                    'queue_type': queue_type,
                                     'queues': st.one_of(st.lists(queue, max_size=4), anything),
                                     'concurency': anything, '': anything, 'x' * 300: anything}),
 )
@@ -134,7 +152,14 @@ def test_the_system_check_reports_errors_never_a_traceback(raw):
     {'default_broker': {'host': 'h', 'password': 12345678}},
     {'default_broker': {'host': 'h', 'password': Secretive()}},
     {'default_broker': {'url': f'amqp://u:{SECRET}@h:1:2/'}},
-    {'default_broker': [f'amqp://guest:{SECRET}@localhost/']},          # wrong type, holding the URL
+    {'default_broker': [f'amqp://guest:{SECRET}@localhost/']},          # a node whose password needs encoding
+    {'default_broker': [f'amqp://guest:{SECRET}%2F@a/', 'amqp://guest:other@b/']},  # nodes, other passwords
+    {'default_broker': [f'amqp://guest:{SECRET}%2F@a/', f'amqp://guest:{SECRET}%2F@a/']},  # a node twice
+    {'default_broker': [f'amqp://guest:{SECRET}%2F@a/', SECRET]},       # the password alone among the nodes
+    {'default_broker': {'hosts': [f'carrot:{SECRET}@rabbit'], 'password': SECRET}},
+    {'default_broker': {'hosts': f'rabbit,{SECRET}', 'password': SECRET}},
+    {'default_broker': {'host': 'a', 'hosts': ['b'], 'password': SECRET}},
+    {'queue_type': 'quorum', 'queues': [{'name': 'q', 'max_priority': 10, 'host': [f'amqp://u:{SECRET}@a/']}]},
     {'default_broker': (SECRET,)},
     {'default_broker': SECRET},                                         # the password alone, not a URL
     {'queues': [{'name': 'q', 'host': f'amqp://u:{SECRET}@:5672/'}]},
@@ -155,12 +180,13 @@ BAD_EXTRA = [
     f"CARROT = {{'default_broker': {{'host': 'localhost', 'password': {SECRET!r}, 'port': 'x'}}}}",
     f"CARROT = {{'default_broker': ['amqp://guest:{SECRET}@localhost/']}}",
     f"CARROT = 'amqp://guest:{SECRET}@localhost/'",
+    f"CARROT = {{'default_broker': {{'hosts': ['u:{SECRET}@localhost'], 'password': {SECRET!r}}}}}",
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize('extra', BAD_EXTRA, ids=['bad-port', 'dict-bad-port', 'list', 'url-not-dict'])
+@pytest.mark.parametrize('extra', BAD_EXTRA, ids=['bad-port', 'dict-bad-port', 'list', 'url-not-dict', 'hosts'])
 def test_supervisor_check_on_a_bad_setting_exits_3_without_traceback_or_password(start_supervisor, extra):
     finished = start_supervisor.run('--check', extra=extra, timeout=90)
     text = finished.output + finished.log

@@ -1,65 +1,229 @@
-"""How carrot declares its queues: <queue> with priorities and dead-lettering, <queue>.dead, and
-<queue>.wait (parking), and what a clash with an existing queue means.
+"""How carrot declares its queues, by type and role, in one place -- and what a clash with an existing
+queue means.
+
+A configured queue is declared as three RabbitMQ queues (`declarations()`), each in a role:
+
+- MAIN, <queue>: consumed; what fails is dead-lettered to <queue>.dead;
+- DEAD, <queue>.dead: nothing consumes it; it keeps a message CARROT['dead_letter_ttl_days'] days;
+- PARKING, <queue>.wait: nothing consumes it; a message parked there with a per-message expiration is
+  dead-lettered back into <queue> when it expires (a delay without polling). Any other helper queue whose
+  messages expire back into a queue (a delay level) has this role too.
+
+`arguments_for(queue_type, role, ...)` says what a queue of each type gets in each role:
+
+============ ============================================== ==============================================
+role         classic                                        quorum
+============ ============================================== ==============================================
+MAIN         x-max-priority (255), dead-letter route        dead-letter route, at-least-once; x-delivery-limit
+DEAD         x-message-ttl                                  x-message-ttl
+PARKING      dead-letter route (+ x-message-ttl)            dead-letter route, at-least-once (+ x-message-ttl)
+============ ============================================== ==============================================
+
+A quorum queue has no x-max-priority (RabbitMQ before 4.0 refuses the argument; 4.x gives every quorum
+queue two priority levels). Its dead-lettering is at-least-once (`x-dead-letter-strategy`, which RabbitMQ
+accepts only with `x-overflow: reject-publish`): a message moves to its dead-letter queue only once that
+queue has confirmed it, so nothing is lost between two queues when a node dies. `x-delivery-limit` is a
+backstop for a message that kills its worker before carrot could count the attempt: past that many
+deliveries RabbitMQ dead-letters it itself. The helper queues of a quorum queue are quorum queues too:
+what they hold must survive a node as well as what the main queue holds.
+
+A queue's type and arguments cannot change once it is declared: a declaration that differs raises
+QueueMismatchError, and QueueTypeMismatch (with the way out) when the type differs.
 """
 from __future__ import annotations
 
+import enum
 import re
+from dataclasses import dataclass
 
 import pika.exceptions as pe
 
 from carrot.amqp import pika_compat
 from carrot.amqp.connection import NOT_FOUND, PRECONDITION_FAILED, close_quietly, connect
-from carrot.config import QueueConfig
-from carrot.exceptions import QueueMismatchError
+from carrot.config import CLASSIC, DEFAULT_MAX_PRIORITY, QUORUM, QueueConfig
+from carrot.exceptions import QueueMismatchError, QueueTypeMismatch
 
-def queue_arguments(queue: QueueConfig) -> dict:
-    """The arguments carrot declares a queue with: priorities, and failures routed to <queue>.dead."""
-    return {
-        'x-max-priority': queue.max_priority,
-        'x-dead-letter-exchange': '',
-        'x-dead-letter-routing-key': queue.dead_letter_queue,
-    }
+DEFAULT_EXCHANGE = ''  # dead-letter routes go through it, by queue name
+
+
+class Role(enum.Enum):
+    MAIN = 'main'        # consumed; failures are dead-lettered to <queue>.dead
+    DEAD = 'dead'        # <queue>.dead: kept for inspection, nothing consumes it
+    PARKING = 'parking'  # no consumer: what expires there is dead-lettered back into a queue
+
+
+def arguments_for(queue_type: str, role: Role, *, dead_letter_to: str | None = None,
+                  message_ttl: int | None = None, max_priority: int = DEFAULT_MAX_PRIORITY,
+                  delivery_limit: int | None = None) -> dict:
+    """The arguments of a carrot queue of `queue_type` ('classic' or 'quorum') in `role`.
+
+    `dead_letter_to`: the queue its dead letters go to (MAIN: <queue>.dead; PARKING: the queue its
+    messages go back to; DEAD: none). `message_ttl`: milliseconds (DEAD: dead_letter_ttl_days; a delay
+    level: its delay). `max_priority`: classic MAIN only. `delivery_limit`: quorum MAIN only (None: not set).
+    """
+    if queue_type not in (CLASSIC, QUORUM):
+        raise ValueError(f'unknown queue type {queue_type!r}')
+    arguments = {}
+    if queue_type == QUORUM:
+        arguments['x-queue-type'] = QUORUM
+    # Classic queues are declared without x-queue-type, as 1.x and earlier carrot versions declared them
+    # (RabbitMQ counts "classic" and "not set" as the same).
+    if role is Role.MAIN and queue_type == CLASSIC:
+        arguments['x-max-priority'] = max_priority
+    if message_ttl is not None:
+        arguments['x-message-ttl'] = int(message_ttl)
+    if dead_letter_to is not None:
+        arguments['x-dead-letter-exchange'] = DEFAULT_EXCHANGE
+        arguments['x-dead-letter-routing-key'] = dead_letter_to
+        if queue_type == QUORUM:
+            arguments['x-dead-letter-strategy'] = 'at-least-once'
+            arguments['x-overflow'] = 'reject-publish'
+    if role is Role.MAIN and queue_type == QUORUM and delivery_limit is not None:
+        arguments['x-delivery-limit'] = delivery_limit
+    return arguments
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One RabbitMQ queue carrot declares for a configured queue."""
+    name: str
+    role: Role
+    queue_type: str
+    arguments: dict
 
 
 _FROM_SETTINGS = object()
-
-
-def dead_letter_arguments(ttl_days: float | None) -> dict:
-    """<queue>.dead keeps a message CARROT['dead_letter_ttl_days'] days, then drops it (None: for ever)."""
-    return {'x-message-ttl': int(ttl_days * 86400 * 1000)} if ttl_days else {}
 
 
 def wait_queue_name(queue: QueueConfig) -> str:
     return f'{queue.name}.wait'
 
 
-def wait_queue_arguments(queue: QueueConfig) -> dict:
-    """<queue>.wait has no consumer: a message parked there with a per-message expiration is
-    dead-lettered back into <queue> when it expires (a delay without polling)."""
-    return {'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': queue.name}
-
-
-def declare_queue(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> None:
-    """Declare `queue` and its dead-letter queue (durable). A clash with an existing queue raises
-    QueueMismatchError naming the queue and the argument (the channel is closed by the broker then)."""
+def declarations(queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS,
+                 queue_type: str | None = None) -> list[Declaration]:
+    """Every queue carrot declares for `queue`, in the order to declare them: a dead-letter target before
+    the queue that dead-letters into it. `dead_letter_ttl_days`: CARROT's by default. `queue_type`: as if
+    the queue were of that type (by default its own)."""
     if dead_letter_ttl_days is _FROM_SETTINGS:
         from carrot.config import get_config
         dead_letter_ttl_days = get_config().dead_letter_ttl_days
-    _declare(channel, queue.dead_letter_queue, dead_letter_arguments(dead_letter_ttl_days))
-    _declare(channel, queue.name, queue_arguments(queue))
+    kind = queue_type or queue.queue_type
+    dead_ttl = int(dead_letter_ttl_days * 86400 * 1000) if dead_letter_ttl_days else None
+    return [
+        Declaration(queue.dead_letter_queue, Role.DEAD, kind,
+                    arguments_for(kind, Role.DEAD, message_ttl=dead_ttl)),
+        Declaration(queue.name, Role.MAIN, kind,
+                    arguments_for(kind, Role.MAIN, dead_letter_to=queue.dead_letter_queue,
+                                  max_priority=queue.max_priority, delivery_limit=queue.delivery_limit)),
+        Declaration(wait_queue_name(queue), Role.PARKING, kind,
+                    arguments_for(kind, Role.PARKING, dead_letter_to=queue.name)),
+    ]
 
 
-def declare_wait_queue(channel, queue: QueueConfig) -> None:
-    _declare(channel, wait_queue_name(queue), wait_queue_arguments(queue))
+def queue_arguments(queue: QueueConfig) -> dict:
+    """The arguments of <queue> itself (scripts/bench declares its baseline queue like carrot's)."""
+    return arguments_for(queue.queue_type, Role.MAIN, dead_letter_to=queue.dead_letter_queue,
+                         max_priority=queue.max_priority, delivery_limit=queue.delivery_limit)
 
 
-def _declare(channel, name: str, arguments: dict) -> None:
+def declare_queue(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> None:
+    """Declare what publishing to `queue` needs: <queue> and its dead-letter queue (durable). A clash with
+    an existing queue raises QueueMismatchError (QueueTypeMismatch for another type) naming the queue and
+    what differs; the channel is closed by the broker then."""
+    for declaration in declarations(queue, dead_letter_ttl_days):
+        if declaration.role is not Role.PARKING:
+            declare(channel, declaration, queue)
+
+
+def declare_all(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> None:
+    """Declare every queue of `queue` (what consuming it needs: the parking queue too)."""
+    for declaration in declarations(queue, dead_letter_ttl_days):
+        declare(channel, declaration, queue)
+
+
+def declare(channel, declaration: Declaration, queue: QueueConfig) -> None:
     try:
-        channel.queue_declare(queue=name, durable=True, arguments=arguments)
+        channel.queue_declare(queue=declaration.name, durable=True, arguments=declaration.arguments)
     except pe.ChannelClosedByBroker as exc:
-        if exc.reply_code == PRECONDITION_FAILED:
-            raise queue_mismatch(name, exc.reply_text, arguments) from None
-        raise
+        if exc.reply_code != PRECONDITION_FAILED:
+            raise
+        existing = existing_queue_type(channel.connection, declaration, queue, exc.reply_text)
+        if existing is not None and existing != declaration.queue_type:
+            raise type_mismatch(declaration, existing, queue) from None
+        raise queue_mismatch(declaration.name, exc.reply_text, declaration.arguments) from None
+
+
+# What RabbitMQ says when it compares the type: "inequivalent arg 'x-queue-type' for queue 'q' in vhost '/':
+# received 'classic' but current is 'quorum'" (or "... but current is the value 'quorum' of type
+# 'longstr'", or "... but current is none" for a classic queue declared without a type).
+_TYPE_SAID = re.compile(r"inequivalent arg 'x-queue-type'.*?but current is (?:the value )?(none|'[^']+')")
+
+
+def existing_queue_type(connection, declaration: Declaration, queue: QueueConfig,
+                        reply_text: str = '') -> str | None:
+    """The type of the existing queue `declaration.name` that refused `declaration`, or None if it cannot
+    be told. AMQP cannot ask, and RabbitMQ names the first argument that differs, not always the type. So
+    the queue is declared again the ways it could have been declared before -- by carrot as the other
+    type, by django-carrot 1.x (x-max-priority only), without arguments -- and the one RabbitMQ accepts
+    (declaring a queue that exists as it is changes nothing) tells the type; failing that, what RabbitMQ
+    said about x-queue-type on the way."""
+    other = QUORUM if declaration.queue_type == CLASSIC else CLASSIC
+    same = dict(dead_letter_to=declaration.arguments.get('x-dead-letter-routing-key'),
+                message_ttl=declaration.arguments.get('x-message-ttl'), max_priority=queue.max_priority)
+    if other == QUORUM:
+        limits = {queue.delivery_limit, _default_delivery_limit(), None}
+        candidates = [(QUORUM, arguments_for(QUORUM, declaration.role, delivery_limit=limit, **same))
+                      for limit in limits]
+    else:
+        candidates = [(CLASSIC, arguments_for(CLASSIC, declaration.role, **same))]
+    if declaration.role is Role.MAIN:
+        candidates.append((CLASSIC, {'x-max-priority': queue.max_priority}))
+    candidates.append((CLASSIC, {}))
+    said = [reply_text]
+    for kind, arguments in candidates:
+        try:
+            channel = connection.channel()
+            channel.queue_declare(queue=declaration.name, durable=True, arguments=arguments)
+        except pe.ChannelClosedByBroker as exc:
+            said.append(exc.reply_text or '')
+            continue
+        except pe.AMQPError:
+            return None
+        if channel.is_open:
+            channel.close()
+        return kind
+    for text in said:
+        match = _TYPE_SAID.search(text or '')
+        if match:
+            return CLASSIC if match.group(1) == 'none' else match.group(1).strip("'")
+    return None
+
+
+def _default_delivery_limit():
+    """CARROT['delivery_limit'], what a quorum queue declared by carrot has (None if CARROT is broken)."""
+    from carrot.config import get_config
+    from carrot.exceptions import CarrotConfigException
+    try:
+        return get_config().delivery_limit
+    except CarrotConfigException:
+        return None
+
+
+def type_mismatch(declaration: Declaration, existing: str, queue: QueueConfig) -> QueueTypeMismatch:
+    """The way out when CARROT names a queue of another type than the one on the broker."""
+    names = ' '.join(d.name for d in declarations(queue, None))
+    vhost = queue.broker.virtual_host
+    return QueueTypeMismatch(
+        f"queue {declaration.name!r} on {queue.broker} is a {existing} queue, and CARROT declares it as a "
+        f"{declaration.queue_type} queue ('queue_type' of queue {queue.name!r}); RabbitMQ cannot change "
+        f"the type of a queue. Either give the {declaration.queue_type} queue a new name (add it to "
+        f"CARROT['queues'] with 'queue_type': {declaration.queue_type!r} and publish to it; keep "
+        f"{queue.name!r} as {existing!r} until the workers have emptied it, then remove it), or drain and "
+        f"delete it: stop publishing to {queue.name!r}, let the workers empty it (rabbitmqctl list_queues "
+        f"-p {vhost} name messages), stop them, delete {names} (rabbitmqctl delete_queue -p {vhost} <name>), "
+        f"and start the workers with the new queue_type: they declare the queues anew. README.rst, "
+        f"\"Running on several hosts\", has the steps.", queue=declaration.name, existing=existing,
+        wanted=declaration.queue_type)
 
 
 def queue_mismatch(name: str, reply_text: str, declared: dict) -> QueueMismatchError:
@@ -71,9 +235,38 @@ def queue_mismatch(name: str, reply_text: str, declared: dict) -> QueueMismatchE
     return QueueMismatchError(
         f"queue {name!r} already exists on the broker with a different {argument!r} than carrot "
         f"declares ({argument}={wanted}). Drain and delete the queue (rabbitmqctl delete_queue {name}) "
-        f"or declare it the same way. Broker said: {reply_text}")
+        f"or declare it the same way. Broker said: {reply_text}", queue=name)
 
 
+def clashes(broker, queues: list[QueueConfig], dead_letter_ttl_days=_FROM_SETTINGS,
+            **connect_options) -> list[QueueMismatchError]:
+    """What of carrot's declarations for `queues` (all on `broker`) clashes with queues that exist there,
+    without creating any: a queue that does not exist yet is skipped; one that does is declared as carrot
+    would (which changes nothing when it is the same). Raises the connection's error when the broker
+    cannot be reached."""
+    found = []
+    connection = connect(broker, **connect_options)
+    try:
+        for queue in queues:
+            for declaration in declarations(queue, dead_letter_ttl_days):
+                channel = connection.channel()
+                try:
+                    with pika_compat.expecting_not_found():
+                        channel.queue_declare(declaration.name, passive=True)
+                except pe.ChannelClosedByBroker as exc:
+                    if exc.reply_code == NOT_FOUND:
+                        continue
+                    raise
+                try:
+                    declare(channel, declaration, queue)
+                except QueueMismatchError as exc:
+                    found.append(exc)
+                    break  # the first clash of a queue says what to do with all of them
+                if channel.is_open:
+                    channel.close()
+    finally:
+        close_quietly(connection)
+    return found
 
 
 class QueueRefused(Exception):

@@ -20,11 +20,20 @@ fails loudly if a pika upgrade moves what they rely on.
    delivery -- as alive even after the worker itself died, so the message is never delivered again. In
    a forked child, the socket of every connection registered with `hide_from_forked_children()` is
    pointed at /dev/null (pika keeps the socket private: `socket_fd()` finds it).
+4. A deadline for a publisher confirm. pika's blocking publish waits for RabbitMQ's ack or nack with no
+   time limit, and a quorum queue that has lost its quorum sends neither until a majority of its nodes is
+   back -- a web request publishing to it would hang that long. `confirm_deadline()` arms a timer on the
+   connection's own I/O loop (pika keeps it private: `connection._impl.ioloop`), which runs while the
+   publish waits, and raises ConfirmTimedOut out of the wait. Closing that connection the AMQP way would
+   wait again (RabbitMQ answers the close only once the stuck channel lets go, 12 s here): `drop()` shuts
+   its socket down instead, and lets pika notice the lost stream and clean up.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import struct
 import threading
 import weakref
@@ -136,3 +145,45 @@ def _detach_sockets_in_forked_child() -> None:
         except OSError:
             pass
     _hidden.clear()
+
+
+# -- 4. a deadline for a publisher confirm ---------------------------------------------------------
+
+class ConfirmTimedOut(Exception):
+    """No confirm (ack or nack) came within the deadline. The message may still be taken later; the
+    connection must not publish again (a late confirm would be taken for the next message's): close it."""
+
+
+@contextlib.contextmanager
+def confirm_deadline(connection, seconds: float | None):
+    """`with confirm_deadline(connection, 10): channel.basic_publish(...)` -- ConfirmTimedOut if the
+    publish is still waiting for its confirm after `seconds` (None: no deadline)."""
+    if not seconds:
+        yield
+        return
+    ioloop = connection._impl.ioloop
+
+    def expired():
+        raise ConfirmTimedOut(f'RabbitMQ did not confirm the message within {seconds:g}s')
+
+    timer = ioloop.call_later(seconds, expired)
+    try:
+        yield
+    finally:
+        ioloop.remove_timeout(timer)
+
+
+def drop(connection) -> None:
+    """Drop `connection` without the AMQP close handshake (the broker cleans up when the socket goes)."""
+    fd = socket_fd(connection)
+    if fd is None:
+        return
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+        connection.process_data_events(time_limit=0)  # pika reads the end of the stream and tears down
+    except Exception:  # the stream is gone either way
+        pass

@@ -1,9 +1,14 @@
 """The confirmed publisher: the one way a message reaches RabbitMQ from carrot.
 
 A process keeps one publishing connection per broker and reuses it for every publish (1.x opened a TCP
-connection per message). The connection is dropped and re-opened when the broker goes away, and is never
-used across a fork: a child that inherits one forgets it (without closing the parent's socket) and opens
-its own.
+connection per message). The connection is dropped and re-opened when the broker goes away -- on another
+node of a cluster when its node went away (carrot.amqp.connection) -- and is never used across a fork: a
+child that inherits one forgets it (without closing the parent's socket) and opens its own.
+
+A confirm that does not come within CARROT['confirm_timeout'] seconds (a quorum queue that has lost its
+quorum answers nothing until a majority of its nodes is back) and a nack (that, or a queue full under
+reject-publish) are transient: BrokerUnavailable, so the row waits and is relayed. The message may still
+arrive later as well; it keeps its message_id, so the consumers run it once.
 """
 from __future__ import annotations
 
@@ -14,9 +19,12 @@ import threading
 import pika
 import pika.exceptions as pe
 
-from carrot.amqp.connection import CONNECTION_ERRORS, NOT_FOUND, close_quietly, connect, describe_connection_error
+from carrot.amqp import pika_compat
+from carrot.amqp.connection import (CONNECTION_ERRORS, NOT_FOUND, close_quietly, connect, connection_lost,
+                                    describe_connection_error, node_of)
 from carrot.amqp.declare import declare_queue
 from carrot.config import BrokerConfig, QueueConfig
+from carrot.config.schema import node_text
 from carrot.exceptions import BrokerUnavailable, MessageRejected, QueueMismatchError
 
 logger = logging.getLogger('carrot.broker')
@@ -25,23 +33,24 @@ logger = logging.getLogger('carrot.broker')
 class Publisher:
     """A confirmed publishing channel to one broker, owned by one process and shared by its threads."""
 
-    def __init__(self, broker: BrokerConfig):
+    def __init__(self, broker: BrokerConfig, confirm_timeout: float | None = None):
         self.broker = broker
+        self.confirm_timeout = confirm_timeout  # None: CARROT['confirm_timeout']
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.connection: pika.BlockingConnection | None = None
         self.channel = None
-        self.declared: set[str] = set()
+        self.declared: set[QueueConfig] = set()  # by the whole config: another type is declared anew
 
     def publish(self, queue: QueueConfig, body: bytes, properties: dict, exchange: str = '',
                 routing_key: str | None = None) -> None:
         """Publish and return once RabbitMQ has confirmed the message.
 
-        Raises BrokerUnavailable (transient: unreachable, connection lost, the confirm never came, e.g. a
-        blocked connection past its timeout) or MessageRejected (permanent: unroutable, nacked, no such
-        exchange); both are PublishError. A connection lost mid-publish is retried once on a new
-        connection with the same properties, so the same message_id: if the first copy did arrive (only
-        its confirm was lost), consumers recognise the second by its id.
+        Raises BrokerUnavailable (transient: unreachable, connection lost, nacked, the confirm did not come
+        in time) or MessageRejected (permanent: unroutable, no such exchange, a queue clash); both are
+        PublishError. A connection lost mid-publish is retried once on a new connection (on another node,
+        if the broker has several) with the same properties, so the same message_id: if the first copy did
+        arrive (only its confirm was lost), consumers recognise the second by its id.
         """
         routing_key = routing_key or queue.name
         with self.lock:
@@ -52,10 +61,11 @@ class Publisher:
                 try:
                     channel = self._open_channel()
                     retry = True
-                    if queue.name not in self.declared:
+                    if queue not in self.declared:
                         declare_queue(channel, queue)
-                        self.declared.add(queue.name)
-                    self._basic_publish(channel, exchange, routing_key, body, properties)
+                        self.declared.add(queue)
+                    with pika_compat.confirm_deadline(self.connection, self._confirm_timeout()):
+                        self._basic_publish(channel, exchange, routing_key, body, properties)
                     return
                 except QueueMismatchError:
                     self._forget_channel()
@@ -64,21 +74,48 @@ class Publisher:
                     raise MessageRejected(f'RabbitMQ returned the message as unroutable: no queue is bound '
                                           f'to exchange {exchange!r} with routing key {routing_key!r}') from None
                 except pe.NackError:
-                    raise MessageRejected(f'RabbitMQ refused (nacked) the message for queue '
-                                          f'{queue.name!r}') from None
+                    # Not the message's fault: the queue cannot take it now (it has lost its quorum, or is
+                    # full under reject-publish). Trying later may work -- on another channel: RabbitMQ's
+                    # channel remembers that a quorum queue rejects publishes, and may go on nacking after
+                    # the queue takes messages again.
+                    self._forget_channel(close=True)
+                    raise BrokerUnavailable(f'RabbitMQ did not take (nacked) the message for queue '
+                                            f'{queue.name!r}: the queue cannot take messages now (a quorum '
+                                            f'queue without its quorum, or a full queue)') from None
+                except pika_compat.ConfirmTimedOut as exc:
+                    # A late confirm would be taken for the next message's: this connection is done, and
+                    # dropped rather than closed (RabbitMQ would answer the close only after a while).
+                    node = node_of(self.connection)
+                    pika_compat.drop(self.connection)
+                    self._forget_connection()
+                    raise BrokerUnavailable(f'{exc} for queue {queue.name!r} (at {self._where(node)}): the '
+                                            f'queue may have lost its quorum') from None
                 except pe.ChannelClosedByBroker as exc:
                     self._forget_channel()
-                    if exc.reply_code == NOT_FOUND:
+                    if exc.reply_code == NOT_FOUND and not home_node_down(exc.reply_text):
                         raise MessageRejected(f'RabbitMQ says: {exc.reply_text}') from None
                     if attempt == 2:
                         raise BrokerUnavailable(f'RabbitMQ closed the channel: {exc.reply_text}') from None
                 except CONNECTION_ERRORS as exc:
+                    node = node_of(self.connection) if self.connection is not None else None
+                    if self.connection is not None:
+                        connection_lost(self.connection)  # its node may be gone: try another first
                     self._forget_connection()
                     if attempt == 2 or not retry:
                         raise BrokerUnavailable(f'cannot publish to {self.broker}: '
-                                                f'{describe_connection_error(exc, self.broker)}') from None
+                                                f'{describe_connection_error(exc, self.broker, node)}') from None
                     logger.info('publishing connection to %s was lost (%s); reconnecting',
-                                self.broker, type(exc).__name__)
+                                self._where(node), type(exc).__name__)
+
+    def _confirm_timeout(self) -> float:
+        if self.confirm_timeout is not None:
+            return self.confirm_timeout
+        from carrot.config import get_config
+        return get_config().confirm_timeout
+
+    def _where(self, node) -> str:
+        return f'node {node_text(node)} of {self.broker}' if node and len(self.broker.nodes) > 1 else \
+            str(self.broker)
 
     @staticmethod
     def _basic_publish(channel, exchange, routing_key, body, properties) -> None:
@@ -100,9 +137,16 @@ class Publisher:
             self.declared.clear()
         return self.channel
 
-    def _forget_channel(self):
-        self.channel = None
+    def _forget_channel(self, close: bool = False):
+        """Use a new channel for the next publish; `close` this one (not when the connection goes too:
+        closing a channel that waits for a confirm waits for RabbitMQ, closing the connection does not)."""
+        channel, self.channel = self.channel, None
         self.declared.clear()
+        if close and channel is not None and channel.is_open:
+            try:
+                channel.close()
+            except Exception:  # the connection may be going too; the next publish finds out
+                pass
 
     def _forget_connection(self):
         connection, self.connection = self.connection, None
@@ -112,6 +156,12 @@ class Publisher:
     def close(self):
         with self.lock:
             self._forget_connection()
+
+
+def home_node_down(reply_text: str | None) -> bool:
+    """Whether a NOT_FOUND means "the node this classic queue lives on is down" (transient: it comes back
+    with the node), not "no such queue or exchange"."""
+    return 'down or inaccessible' in (reply_text or '')
 
 
 _publishers: dict[BrokerConfig, Publisher] = {}

@@ -4,13 +4,22 @@ code that calls pika.
 Settling a delivery follows the processor's Disposition:
 
 - ACK: basic_ack.
-- DEAD_LETTER: basic_reject(requeue=False); RabbitMQ moves the message to <queue>.dead.
+- DEAD_LETTER: basic_reject(requeue=False); RabbitMQ moves the message to <queue>.dead. A message whose
+  `x-death` header would crash RabbitMQ's dead-lettering (carrot.amqp.wire) is moved by carrot instead:
+  a copy with that header set aside goes to <queue>.dead (confirmed), then the original is acked.
 - RETRY_LATER(delay): a copy goes to <queue>.wait with a per-message expiration; when it expires
   RabbitMQ dead-letters it back into <queue>. The copy is confirmed before the original is acked, so a
   crash in between leaves a duplicate (harmless: the claim sees it) rather than a loss.
 - ADOPT(new id): a copy with that message_id goes to the back of <queue> (confirmed), then the original
   is acked.
 - REQUEUE: basic_nack(requeue=True).
+
+Prefetch is per consumer (basic.qos with global=False), never global: RabbitMQ refuses global QoS on a
+quorum queue by closing the whole connection.
+
+A consumer the broker cancels (basic.cancel: its queue was deleted, for one) ends the session like a lost
+connection, so the caller's loop declares the queue and consumes again; pika alone would go on waiting
+for deliveries that never come.
 
 Reconnecting is the caller's loop (carrot.consume.loop), paced by `Outage` from carrot.backoff.
 """
@@ -23,53 +32,79 @@ import pika
 import pika.exceptions as pe
 
 from carrot.amqp import pika_compat, wire
-from carrot.amqp.connection import CONNECTION_ERRORS, close_quietly, connect
-from carrot.amqp.declare import declare_queue, declare_wait_queue, wait_queue_name
+from carrot.amqp.connection import CONNECTION_ERRORS, close_quietly, connect, connection_lost, node_of
+from carrot.amqp.declare import declare_all, wait_queue_name
 from carrot.amqp.disposition import Action, Disposition
 from carrot.config import BrokerConfig, QueueConfig
+from carrot.config.schema import node_text
 
-# What ends a session: the connection or channel is gone, or the broker refused something on it.
-SESSION_ERRORS = CONNECTION_ERRORS + (pe.AMQPError,)
+
+class ConsumerCancelled(pe.AMQPError):
+    """The broker cancelled this session's consumer (basic.cancel): the session is over."""
+
+
+# What ends a session: the connection or channel is gone, the broker refused something on it or cancelled
+# the consumer, or a parked copy was not confirmed in time.
+SESSION_ERRORS = CONNECTION_ERRORS + (pe.AMQPError, pika_compat.ConfirmTimedOut)
 
 
 class ConsumeSession:
     """One connection consuming one queue. Not thread-safe except `wake()`."""
 
-    def __init__(self, broker: BrokerConfig, queue: QueueConfig, logger: logging.Logger, name: str):
+    def __init__(self, broker: BrokerConfig, queue: QueueConfig, logger: logging.Logger, name: str,
+                 confirm_timeout: float | None = None):
         self.broker = broker
         self.queue = queue
         self.logger = logger
         self.name = name
+        self.confirm_timeout = confirm_timeout  # for the copies it parks or adopts (None: no deadline)
         self.connection = None
+        self.node = None  # (host, port) of the node it is connected to
         self.channel = None
         self._publish_channel = None
         self._consumer_tag = None
+        self._cancelled_by_broker = False
 
     @property
     def is_open(self) -> bool:
         return self.connection is not None and self.connection.is_open
 
+    @property
+    def where(self) -> str:
+        """The broker, and the node of it this session is on when it has several (for log lines)."""
+        if self.node is not None and len(self.broker.nodes) > 1:
+            return f'node {node_text(self.node)} of {self.broker}'
+        return str(self.broker)
+
     def open(self, on_delivery) -> None:
         """Connect, declare <queue>, <queue>.dead and <queue>.wait, and start consuming:
         `on_delivery(method, properties, body)` is called from `poll()` for each message."""
         self.connection = connect(self.broker)
+        self.node = node_of(self.connection)
         # A task that forks must not keep this connection (and its unacked delivery) alive.
         pika_compat.hide_from_forked_children(self.connection)
         try:
             self.channel = self.connection.channel()
-            declare_queue(self.channel, self.queue)
-            declare_wait_queue(self.channel, self.queue)
-            self.channel.basic_qos(prefetch_count=1)
+            declare_all(self.channel, self.queue)
+            self.channel.basic_qos(prefetch_count=1, global_qos=False)  # never global: see the docstring
+            self.channel.add_on_cancel_callback(self._on_cancelled_by_broker)
             self._consumer_tag = self.channel.basic_consume(
                 self.queue.name, lambda channel, method, properties, body: on_delivery(method, properties,
                                                                                        body))
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            self.close(lost=isinstance(exc, CONNECTION_ERRORS))
             raise
 
+    def _on_cancelled_by_broker(self, method_frame) -> None:
+        self._cancelled_by_broker = True
+
     def poll(self, seconds: float) -> None:
-        """Service the connection (heartbeats, deliveries, callbacks) for up to `seconds`."""
+        """Service the connection (heartbeats, deliveries, callbacks) for up to `seconds`. Raises
+        ConsumerCancelled once the broker has cancelled the consumer."""
         self.connection.process_data_events(time_limit=seconds)
+        if self._cancelled_by_broker:
+            raise ConsumerCancelled(f'RabbitMQ cancelled the consumer of queue {self.queue.name!r} '
+                                    f'(the queue was deleted, for one)')
 
     def wake(self) -> None:
         """From any thread: make a running `poll()` return now."""
@@ -95,7 +130,11 @@ class ConsumeSession:
         if action is Action.ACK:
             self.channel.basic_ack(delivery_tag)
         elif action is Action.DEAD_LETTER:
-            self.channel.basic_reject(delivery_tag, requeue=False)
+            if message is not None and wire.x_death_crashes_rabbitmq(getattr(message.properties, 'headers', None)):
+                self._republish(message, self.queue.dead_letter_queue, message.properties)
+                self.channel.basic_ack(delivery_tag)
+            else:
+                self.channel.basic_reject(delivery_tag, requeue=False)
         elif action is Action.REQUEUE:
             self.channel.basic_nack(delivery_tag, requeue=True)
         elif action is Action.RETRY_LATER:
@@ -109,8 +148,9 @@ class ConsumeSession:
         else:  # pragma: no cover - every Action is handled above
             raise ValueError(f'unknown disposition {disposition}')
 
-    def reject(self, delivery_tag: int) -> None:
-        self.channel.basic_reject(delivery_tag, requeue=False)
+    def reject(self, delivery_tag: int, message=None) -> None:
+        """Dead-letter a delivery (as DEAD_LETTER does)."""
+        self.settle(delivery_tag, Disposition(Action.DEAD_LETTER), message)
 
     def _republish(self, message, routing_key: str, properties, headers: dict | None = None, **changes):
         """Publish a copy of `message` (same body and properties, with `changes`), confirmed."""
@@ -119,14 +159,26 @@ class ConsumeSession:
             setattr(props, key, value)
         if headers:
             props.headers = {**(props.headers if isinstance(props.headers, dict) else {}), **headers}
+        if isinstance(props.headers, dict):  # a parked copy is dead-lettered back by RabbitMQ
+            props.headers = wire.without_unusable_x_death(props.headers)
         if self._publish_channel is None or not self._publish_channel.is_open:
             self._publish_channel = self.connection.channel()
             self._publish_channel.confirm_delivery()
-        self._publish_channel.basic_publish('', routing_key, message.body, props, mandatory=True)
+        # Unconfirmed in time (the parking queue lost its quorum): the session ends, the original is not
+        # acked and comes back; the copy, if it lands after all, is recognised by its message_id.
+        with pika_compat.confirm_deadline(self.connection, self.confirm_timeout):
+            self._publish_channel.basic_publish('', routing_key, message.body, props, mandatory=True)
 
-    def close(self) -> None:
+    def close(self, lost: bool = False) -> None:
+        """Close the connection. `lost`: it broke (its node may be gone), so the next one tries another
+        node first, and it is dropped rather than closed (a close would wait for an answer that may be long
+        in coming, e.g. while a channel waits for a confirm)."""
         connection, self.connection = self.connection, None
         self.channel = self._publish_channel = self._consumer_tag = None
+        self._cancelled_by_broker = False
         if connection is not None:
             pika_compat.unhide(connection)
+            if lost:
+                connection_lost(connection)
+                pika_compat.drop(connection)
         close_quietly(connection)

@@ -180,6 +180,31 @@ def headers_too_deep(headers) -> bool:
     return False
 
 
+# -- headers RabbitMQ itself reads when it dead-letters a message ------------------------------------
+
+DEATH_HEADER = 'x-death'                    # RabbitMQ's record of earlier dead-letterings
+SET_ASIDE_HEADER = 'x-carrot-unusable-x-death'  # where carrot moves an x-death that would crash RabbitMQ
+
+
+def x_death_crashes_rabbitmq(headers) -> bool:
+    """Whether dead-lettering a message with these headers would crash the queue inside RabbitMQ (seen with
+    3.10): an `x-death` array holding anything but tables, or a table whose `count` is not an integer. A
+    classic queue's process dies and the message is lost; a quorum queue's state machine stops."""
+    value = headers.get(DEATH_HEADER) if isinstance(headers, dict) else None
+    if not isinstance(value, (list, tuple)):
+        return False  # absent, or not an array: RabbitMQ replaces it
+    return not all(isinstance(entry, dict) and type(entry.get('count', 0)) is int for entry in value)
+
+
+def without_unusable_x_death(headers: dict) -> dict:
+    """`headers` with an `x-death` that would crash RabbitMQ moved aside, as text (nothing is dropped)."""
+    if not x_death_crashes_rabbitmq(headers):
+        return headers
+    kept = {key: value for key, value in headers.items() if key != DEATH_HEADER}
+    kept[SET_ASIDE_HEADER] = text.for_log(headers[DEATH_HEADER], 2000)
+    return kept
+
+
 class DefaultMessageSerializer:
     """How a message names its task and carries its arguments (the 1.x extension point)."""
     type_header = TYPE_HEADER

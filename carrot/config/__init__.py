@@ -10,10 +10,10 @@
 from carrot.config.parse import (E_BAD_BROKER, E_BAD_VALUE, E_DUPLICATE_QUEUE, E_NOT_A_DICT, E_NOT_IMPORTABLE,
                                  E_UNKNOWN_KEY, clear_config_cache, config_from_settings, get_config,
                                  parse_config)
-from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, BrokerConfig, CarrotConfig,
-                                  ConfigProblem, QueueConfig)
+from carrot.config.schema import (CLASSIC, DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, QUEUE_TYPES, QUORUM,
+                                  BrokerConfig, CarrotConfig, ConfigProblem, Node, QueueConfig)
 
 __all__ = ['get_config', 'parse_config', 'config_from_settings', 'clear_config_cache', 'CarrotConfig',
-           'QueueConfig', 'BrokerConfig', 'ConfigProblem', 'DEFAULT_BROKER', 'DEFAULT_QUEUE',
-           'DEFAULT_MAX_PRIORITY', 'E_NOT_A_DICT', 'E_UNKNOWN_KEY', 'E_BAD_VALUE', 'E_DUPLICATE_QUEUE',
-           'E_BAD_BROKER', 'E_NOT_IMPORTABLE']
+           'QueueConfig', 'BrokerConfig', 'ConfigProblem', 'Node', 'DEFAULT_BROKER', 'DEFAULT_QUEUE',
+           'DEFAULT_MAX_PRIORITY', 'CLASSIC', 'QUORUM', 'QUEUE_TYPES', 'E_NOT_A_DICT', 'E_UNKNOWN_KEY',
+           'E_BAD_VALUE', 'E_DUPLICATE_QUEUE', 'E_BAD_BROKER', 'E_NOT_IMPORTABLE']

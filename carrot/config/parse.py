@@ -13,8 +13,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, parse_qs
 
 from carrot.config.options import LOG_LEVELS, SETTINGS as SUPERVISOR_SETTINGS
-from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, BrokerConfig,
-                                  CarrotConfig, ConfigProblem, QueueConfig)
+from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, QUEUE_TYPES, QUORUM,
+                                  BrokerConfig, CarrotConfig, ConfigProblem, QueueConfig, node_text)
 from carrot.config.secrets import ENCODE_HINT, masked_repr, broker_shape
 from carrot.exceptions import CarrotConfigException
 
@@ -26,8 +26,12 @@ E_DUPLICATE_QUEUE = 'carrot.E004'
 E_BAD_BROKER = 'carrot.E005'
 E_NOT_IMPORTABLE = 'carrot.E006'
 
-_BROKER_DICT_KEYS = {'host', 'port', 'name', 'username', 'password', 'secure', 'heartbeat', 'url'}
-_QUEUE_KEYS = {'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'max_priority'}
+_BROKER_DICT_KEYS = {'host', 'hosts', 'port', 'name', 'username', 'password', 'secure', 'heartbeat', 'url'}
+_QUEUE_KEYS = {'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'max_priority', 'queue_type',
+               'delivery_limit'}
+# What the nodes named by one broker setting must share: a cluster is one broker with one set of users.
+_SHARED_BY_NODES = (('username', 'user name'), ('password', 'password'), ('virtual_host', 'virtual host'),
+                    ('secure', 'scheme (amqp:// or amqps://)'), ('heartbeat', 'heartbeat'))
 
 
 class Parser:
@@ -37,7 +41,9 @@ class Parser:
         self.problems: list[ConfigProblem] = []
 
     def problem(self, check_id, message):
-        self.problems.append(ConfigProblem(check_id, message))
+        problem = ConfigProblem(check_id, message)
+        if problem not in self.problems:  # a default every queue inherits is reported once
+            self.problems.append(problem)
 
     def bad_value(self, path, expected, value):
         self.problem(E_BAD_VALUE, f'{path} must be {expected}, got {masked_repr(value)}')
@@ -88,10 +94,65 @@ class Parser:
     def broker(self, path, raw) -> BrokerConfig:
         if isinstance(raw, str):
             return self.broker_from_url(path, raw)
+        if isinstance(raw, (list, tuple)):
+            return self.broker_from_urls(path, raw)
         if isinstance(raw, dict):
             return self.broker_from_dict(path, raw)
-        self.problem(E_BAD_BROKER, f'{path} must be an amqp:// URL or a dict, got {broker_shape(raw)}')
+        self.problem(E_BAD_BROKER, f'{path} must be an amqp:// URL, a list of them (the nodes of a cluster) '
+                                   f'or a dict, got {broker_shape(raw)}')
         return BrokerConfig()
+
+    def broker_from_urls(self, path, urls) -> BrokerConfig:
+        """The nodes of one cluster as a list of URLs, which differ only in host and port."""
+        if not urls:
+            self.problem(E_BAD_BROKER, f'{path} is an empty list: name at least one node')
+            return BrokerConfig()
+        before = len(self.problems)
+        nodes = [self.broker_from_url(f'{path}[{index}]', url) for index, url in enumerate(urls)]
+        if len(self.problems) > before:
+            return BrokerConfig()
+        first = nodes[0]
+        for index, node in enumerate(nodes[1:], start=1):
+            for attribute, what in _SHARED_BY_NODES:
+                if getattr(node, attribute) != getattr(first, attribute):
+                    self.problem(E_BAD_BROKER, f'{path}[{index}] has another {what} than {path}[0]: the nodes '
+                                               f'of one broker share the user, password, virtual host, scheme '
+                                               f'and heartbeat (a list names the nodes of one cluster)')
+                    return BrokerConfig()
+        return self.with_nodes(path, first, [(node.host, node.port) for node in nodes])
+
+    def with_nodes(self, path, broker: BrokerConfig, nodes: list) -> BrokerConfig:
+        """`broker` on `nodes` (the first is host:port); a node named twice is a problem."""
+        seen = set()
+        for index, node in enumerate(nodes):
+            if node in seen:
+                self.problem(E_BAD_BROKER, f'{path}[{index}] names the node {node_text(node)} a second time')
+            seen.add(node)
+        (host, port), *others = dict.fromkeys(nodes)
+        return dataclasses.replace(broker, host=host, port=port, other_nodes=tuple(others))
+
+    def hosts(self, path, raw, default_port) -> list | None:
+        """The dict form's 'hosts': ['rabbit1:5672', 'rabbit2', '[::1]:5673'] -> [(host, port), ...]."""
+        if not isinstance(raw, (list, tuple)) or not raw:
+            # Only its shape: whatever stands where the hosts belong may be, or hold, the password.
+            self.problem(E_BAD_BROKER, f"{path} must be a non-empty list of 'host' or 'host:port' strings, "
+                                       f'got {broker_shape(raw)}')
+            return None
+        nodes = []
+        for index, entry in enumerate(raw):
+            node = None
+            if isinstance(entry, str) and entry and not any(c in entry for c in '@/?#\\ ') and entry.isprintable():
+                try:
+                    parts = urlsplit(f'//{entry}')
+                    node = (parts.hostname, parts.port or default_port) if parts.hostname else None
+                except ValueError:
+                    node = None
+            if node is None:
+                self.problem(E_BAD_BROKER, f"{path}[{index}] must be 'host' or 'host:port', got "
+                                           f'{broker_shape(entry)}')
+                return None
+            nodes.append(node)
+        return nodes
 
     def broker_from_url(self, path, url) -> BrokerConfig:
         def fail(reason):
@@ -133,8 +194,13 @@ class Parser:
 
     def broker_from_dict(self, path, raw) -> BrokerConfig:
         self.unknown_keys(path, raw, _BROKER_DICT_KEYS)
-        if 'url' in raw:  # django-carrot 1.x's VirtualHost(url=...) spelling
-            return self.broker_from_url(f"{path}['url']", raw['url'])
+        if 'url' in raw:  # django-carrot 1.x's VirtualHost(url=...) spelling; a list names a cluster's nodes
+            url = raw['url']
+            return self.broker_from_urls(f"{path}['url']", url) if isinstance(url, (list, tuple)) else \
+                self.broker_from_url(f"{path}['url']", url)
+        if 'host' in raw and 'hosts' in raw:
+            self.problem(E_BAD_BROKER, f"{path} gives both 'host' and 'hosts': name one node with 'host', or "
+                                       f"every node of a cluster with 'hosts'")
         values = {}
         for key, expected, check in (
                 ('host', 'a host name', lambda v: isinstance(v, str) and v),
@@ -157,11 +223,22 @@ class Parser:
             vhost = '/'
         secure = values.get('secure', False)
         values.setdefault('port', 5671 if secure else 5672)
-        return BrokerConfig(virtual_host=vhost, **values)
+        broker = BrokerConfig(virtual_host=vhost, **values)
+        if 'hosts' in raw and 'host' not in raw:
+            nodes = self.hosts(f"{path}['hosts']", raw['hosts'], values['port'])
+            if nodes:
+                broker = self.with_nodes(f"{path}['hosts']", broker, nodes)
+        return broker
 
     # -- the whole setting
 
-    def queue(self, path, raw, default_broker) -> QueueConfig | None:
+    def queue_type(self, path, value, default):
+        if value in QUEUE_TYPES:
+            return value
+        self.bad_value(path, ' or '.join(repr(t) for t in QUEUE_TYPES), value)
+        return default
+
+    def queue(self, path, raw, default_broker, defaults: CarrotConfig) -> QueueConfig | None:
         if not isinstance(raw, dict):
             self.bad_value(path, 'a dict', raw)
             return None
@@ -180,11 +257,30 @@ class Parser:
                 or not 1 <= max_priority <= 255:
             self.bad_value(f"{path}['max_priority']", 'an integer from 1 to 255', max_priority)
             max_priority = DEFAULT_MAX_PRIORITY
+        queue_type = self.queue_type(f"{path}['queue_type']", raw.get('queue_type', defaults.queue_type),
+                                     defaults.queue_type)
+        delivery_limit = None
+        if queue_type == QUORUM:
+            if 'max_priority' in raw:
+                self.problem(E_BAD_VALUE, f"{path}['max_priority'] is for classic queues: a quorum queue has "
+                                          f'no x-max-priority (see README.rst, "Running on several hosts")')
+            delivery_limit = self.positive_int(f"{path}['delivery_limit']",
+                                               raw.get('delivery_limit', defaults.delivery_limit),
+                                               defaults.delivery_limit, allow_none=True)
+            if delivery_limit is not None and delivery_limit <= defaults.max_attempts:
+                where = f"{path}['delivery_limit']" if 'delivery_limit' in raw else "CARROT['delivery_limit']"
+                self.problem(E_BAD_VALUE, f'{where} ({delivery_limit}) must be above max_attempts '
+                                          f'({defaults.max_attempts}), or RabbitMQ dead-letters a message '
+                                          f'before carrot has marked it FAILED')
+        elif 'delivery_limit' in raw:
+            self.problem(E_BAD_VALUE, f"{path}['delivery_limit'] is for quorum queues (RabbitMQ's "
+                                      f"x-delivery-limit); this queue is {queue_type}")
         return QueueConfig(
             name=name, broker=broker,
             concurrency=self.positive_int(f"{path}['concurrency']", raw.get('concurrency', 1), 1),
             consumable=self.boolean(f"{path}['consumable']", raw.get('consumable', True), True),
-            consumer_class=consumer_class, max_priority=max_priority)
+            consumer_class=consumer_class, max_priority=max_priority, queue_type=queue_type,
+            delivery_limit=delivery_limit)
 
     def supervisor_settings(self, raw) -> dict:
         """The supervisor's keys that `raw` sets, checked as carrot.config.options declares them."""
@@ -204,7 +300,16 @@ class Parser:
         allowed = {f.name for f in dataclasses.fields(CarrotConfig)}
         self.unknown_keys('CARROT', raw, allowed)
         defaults = CarrotConfig()
+
+        def get(key, parse, **kwargs):
+            return parse(f"CARROT['{key}']", raw[key], getattr(defaults, key), **kwargs) \
+                if key in raw else getattr(defaults, key)
+
         default_broker = self.broker("CARROT['default_broker']", raw.get('default_broker', DEFAULT_BROKER))
+        # What every queue that does not say otherwise gets.
+        queue_defaults = CarrotConfig(queue_type=get('queue_type', self.queue_type),
+                                      delivery_limit=get('delivery_limit', self.positive_int, allow_none=True),
+                                      max_attempts=get('max_attempts', self.positive_int))
 
         queues = []
         raw_queues = raw.get('queues', [])
@@ -213,7 +318,7 @@ class Parser:
             raw_queues = []
         seen = set()
         for index, raw_queue in enumerate(raw_queues):
-            queue = self.queue(f"CARROT['queues'][{index}]", raw_queue, default_broker)
+            queue = self.queue(f"CARROT['queues'][{index}]", raw_queue, default_broker, queue_defaults)
             if queue is None:
                 continue
             if queue.name in seen:
@@ -224,11 +329,8 @@ class Parser:
             queues.append(queue)
         if DEFAULT_QUEUE not in seen:
             # As in django-carrot 1.x, there is always a `default` queue for publishes that name none.
-            queues.insert(0, QueueConfig(DEFAULT_QUEUE, default_broker))
-
-        def get(key, parse, **kwargs):
-            return parse(f"CARROT['{key}']", raw[key], getattr(defaults, key), **kwargs) \
-                if key in raw else getattr(defaults, key)
+            queues.insert(0, self.queue("CARROT's implicit default queue", {'name': DEFAULT_QUEUE},
+                                        default_broker, queue_defaults))
 
         def days(key):
             value = raw.get(key, getattr(defaults, key))
@@ -244,7 +346,7 @@ class Parser:
             task_modules=self.dotted_paths("CARROT['task_modules']", raw.get('task_modules', [])),
             monitor_authentication=self.dotted_paths("CARROT['monitor_authentication']",
                                                      raw.get('monitor_authentication', [])),
-            max_attempts=get('max_attempts', self.positive_int),
+            max_attempts=queue_defaults.max_attempts,
             cleanup_after_days=days('cleanup_after_days'),
             max_message_size=get('max_message_size', self.positive_int),
             max_stored_text=get('max_stored_text', self.positive_int),
@@ -254,6 +356,9 @@ class Parser:
             store_and_forward=get('store_and_forward', self.boolean),
             supervisor_gone_after=get('supervisor_gone_after', self.positive_number),
             task_log_level=get('task_log_level', self.log_level),
+            queue_type=queue_defaults.queue_type,
+            delivery_limit=queue_defaults.delivery_limit,
+            confirm_timeout=get('confirm_timeout', self.positive_number),
             **self.supervisor_settings(raw),
         )
 

@@ -14,6 +14,10 @@ from carrot.exceptions import UnknownQueue
 DEFAULT_BROKER = 'amqp://guest:guest@localhost:5672/'
 DEFAULT_QUEUE = 'default'
 DEFAULT_MAX_PRIORITY = 255  # what django-carrot 1.x declared; a different value would clash with its queues
+CLASSIC = 'classic'
+QUORUM = 'quorum'
+QUEUE_TYPES = (CLASSIC, QUORUM)
+DEFAULT_QUEUE_TYPE = CLASSIC  # what 1.x queues are; a quorum queue is chosen per queue or for all in CARROT
 
 
 @dataclass(frozen=True)
@@ -25,9 +29,14 @@ class ConfigProblem:
         return f'{self.id}: {self.message}'
 
 
+Node = tuple[str, int]  # (host, port) of one RabbitMQ node
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
-    """Where a RabbitMQ virtual host is. `str()` and `repr()` never show the password."""
+    """Where a RabbitMQ virtual host is: one node, or the nodes of a cluster (`host`:`port` first, then
+    `other_nodes`), all with the same user, password and virtual host. `str()` and `repr()` never show the
+    password."""
     host: str = 'localhost'
     port: int = 5672
     virtual_host: str = '/'
@@ -35,12 +44,19 @@ class BrokerConfig:
     password: str = field(default='guest', repr=False)
     secure: bool = False
     heartbeat: int | None = None  # seconds; None lets the broker propose (RabbitMQ: 60)
+    other_nodes: tuple[Node, ...] = ()
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """Every node of this broker, in the order the setting names them."""
+        return ((self.host, self.port),) + self.other_nodes
 
     @property
     def url(self) -> str:
-        """The broker URL with the password masked: safe for logs, process titles and the monitor."""
+        """The broker URL with the password masked: safe for logs, process titles and the monitor. The
+        nodes of a cluster are listed comma-separated (amqp://app:***@rabbit1:5672,rabbit2:5672/app)."""
         scheme = 'amqps' if self.secure else 'amqp'
-        return f'{scheme}://{quote(self.username, safe="")}:***@{self.host}:{self.port}/' \
+        return f'{scheme}://{quote(self.username, safe="")}:***@{",".join(map(node_text, self.nodes))}/' \
                f'{quote(self.virtual_host, safe="")}'
 
     def __str__(self):
@@ -49,14 +65,16 @@ class BrokerConfig:
     def __repr__(self):
         return f'BrokerConfig({self.url!r})'
 
-    def connection_parameters(self, **overrides):
-        """pika connection parameters for this broker; pika is imported only by code that connects."""
+    def connection_parameters(self, node: Node | None = None, **overrides):
+        """pika connection parameters for `node` of this broker (the first one by default); pika is
+        imported only by code that connects (carrot.amqp.connection chooses the node)."""
         import ssl
 
         import pika
 
+        host, port = node or self.nodes[0]
         options = dict(
-            host=self.host, port=self.port, virtual_host=self.virtual_host,
+            host=host, port=port, virtual_host=self.virtual_host,
             credentials=pika.PlainCredentials(self.username, self.password),
             # A dead broker should fail a publish in seconds, not hang a web request.
             connection_attempts=1, socket_timeout=5, blocked_connection_timeout=30,
@@ -64,9 +82,15 @@ class BrokerConfig:
         if self.heartbeat is not None:
             options['heartbeat'] = self.heartbeat
         if self.secure:
-            options['ssl_options'] = pika.SSLOptions(ssl.create_default_context(), self.host)
+            options['ssl_options'] = pika.SSLOptions(ssl.create_default_context(), host)
         options.update(overrides)
         return pika.ConnectionParameters(**options)
+
+
+def node_text(node: Node) -> str:
+    """host:port, with an IPv6 address in brackets ([::1]:5672)."""
+    host, port = node
+    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
 
 
 @dataclass(frozen=True)
@@ -76,11 +100,17 @@ class QueueConfig:
     concurrency: int = 1
     consumable: bool = True
     consumer_class: str = 'carrot.consumer.Consumer'
-    max_priority: int = DEFAULT_MAX_PRIORITY
+    max_priority: int = DEFAULT_MAX_PRIORITY  # classic queues only: a quorum queue has no x-max-priority
+    queue_type: str = DEFAULT_QUEUE_TYPE      # 'classic' or 'quorum' (carrot.amqp.declare says what each means)
+    delivery_limit: int | None = None         # quorum queues: RabbitMQ's x-delivery-limit (None: not set)
 
     @property
     def dead_letter_queue(self) -> str:
         return f'{self.name}.dead'
+
+    @property
+    def is_quorum(self) -> bool:
+        return self.queue_type == QUORUM
 
 
 @dataclass(frozen=True)
@@ -102,6 +132,10 @@ class CarrotConfig(SupervisorSettings):
     store_and_forward: bool = True  # a publish the broker cannot take now waits in its row (else raises)
     supervisor_gone_after: float = 60.0  # the monitor shows a supervisor not seen for this long as gone
     task_log_level: str = 'DEBUG'  # the lowest level of a task's own log lines kept in its MessageLog
+    # Several hosts, a RabbitMQ cluster (README.rst, "Running on several hosts").
+    queue_type: str = DEFAULT_QUEUE_TYPE  # the type of a queue that names none
+    delivery_limit: int | None = 20  # quorum queues: deliveries before RabbitMQ itself dead-letters a message
+    confirm_timeout: float = 10.0  # seconds a publish waits for RabbitMQ's confirm before it counts as unsent
 
     def queue(self, name: str | None) -> QueueConfig:
         """The queue called `name` (None means the default queue)."""

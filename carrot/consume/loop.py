@@ -43,6 +43,8 @@ __all__ = ['Consumer', 'Disposition', 'worker_id']
 IDLE_POLL = 0.5         # seconds the loop waits for broker I/O between ticks (bounds stop latency)
 RECONNECT_BASE = 1.0    # first wait before reconnecting to the broker; doubled per failure ...
 RECONNECT_CAP = 30.0    # ... up to this (jittered), and reset once a connection succeeds
+CLASH_RETRY = 30.0      # seconds between tries to declare a queue that clashes with the existing one
+CLASH_REMINDER = 600.0  # ... and between the ERROR lines saying so
 
 
 class Consumer:
@@ -58,7 +60,7 @@ class Consumer:
                  durable: bool = True, queue_arguments: dict | None = None,
                  exchange_arguments: dict | None = None):
         # durable, queue_arguments and exchange_arguments are accepted for 1.x subclasses; carrot always
-        # declares its queues durable with the arguments in carrot.amqp.publisher.queue_arguments.
+        # declares its queues durable with the arguments of carrot.amqp.declare (by queue type).
         self.config = get_config()
         self.queue = queue if isinstance(queue, QueueConfig) else self.config.queue(queue)
         self.broker = _broker_of(host) or self.queue.broker
@@ -178,35 +180,52 @@ class Consumer:
     def _reconnecting_loop(self, max_messages, idle_timeout) -> None:
         broker = Outage(self.logger, self.name, f'the broker {self.broker}', cap=RECONNECT_CAP,
                         base=RECONNECT_BASE)
+        clash = None  # monotonic time the queue clash was last logged, while there is one
         while not self._finished(max_messages):
-            session = ConsumeSession(self.broker, self.queue, self.logger, self.name)
+            session = ConsumeSession(self.broker, self.queue, self.logger, self.name,
+                                     confirm_timeout=self.config.confirm_timeout)
             try:
                 session.open(self._on_delivery(session))
-            except QueueMismatchError:
-                raise
+            except QueueMismatchError as exc:
+                if idle_timeout is not None:  # a bounded run (a test, a script) is told at once
+                    raise
+                # Restarting this worker would clash again: it waits instead, and tries again now and then
+                # (the operator may delete or rename the queue meanwhile).
+                if clash is None or time.monotonic() - clash >= CLASH_REMINDER:
+                    self.logger.error('%s: cannot consume %s: %s -- this worker waits and tries again every '
+                                      '%.0fs', self.name, self.queue.name, exc, CLASH_RETRY)
+                    clash = time.monotonic()
+                self._sleep(CLASH_RETRY)
+                continue
             except SESSION_ERRORS as exc:
-                self._sleep(broker.failed(self._describe(exc), exc))
+                self._sleep(broker.failed(self._describe(exc, session), exc))
                 continue
             broker.recovered()
-            self.logger.info('%s: consuming %s on %s', self.name, self.queue.name, self.broker)
+            if clash is not None:
+                self.logger.info('%s: the clash of queue %s is resolved', self.name, self.queue.name)
+                clash = None
+            self.logger.info('%s: consuming %s on %s', self.name, self.queue.name, session.where)
+            lost = False
             try:
                 self._consume(session, max_messages, idle_timeout)
                 if idle_timeout is not None:
                     return
             except SESSION_ERRORS as exc:
+                lost = True
                 delivery = self.delivery
                 if delivery is not None and not delivery.done:
                     self.logger.warning('%s: lost the connection to %s (%s) while running %s (%s); the task '
                                         'goes on, its message will be delivered again and acked as a '
-                                        'duplicate once it is done', self.name, self.broker, self._describe(exc),
-                                        delivery.task, delivery.message_id)
+                                        'duplicate once it is done', self.name, session.where,
+                                        self._describe(exc, session), delivery.task, delivery.message_id)
                 self._wait_for_delivery()  # its log is written; the lost ack means a redelivery
-                self._sleep(broker.failed(self._describe(exc), exc))
+                self._sleep(broker.failed(self._describe(exc, session), exc))
             finally:
-                session.close()
+                session.close(lost=lost)
 
-    def _describe(self, exc: BaseException) -> str:
-        return text.for_log(describe_connection_error(exc, self.broker), 400)
+    def _describe(self, exc: BaseException, session: ConsumeSession | None = None) -> str:
+        node = session.node if session is not None else None
+        return text.for_log(describe_connection_error(exc, self.broker, node), 400)
 
     def _consume(self, session: ConsumeSession, max_messages, idle_timeout) -> None:
         self._tick()  # say "idle" (and heartbeat) now, not after the first poll
@@ -263,7 +282,7 @@ class Consumer:
         if delivery.age < self.task_time_limit:
             return
         error = self._fail_overrun(delivery, f'the task was still running after {delivery.age:.1f}s')
-        session.reject(delivery.delivery_tag)
+        session.reject(delivery.delivery_tag, delivery.message)
         self.delivery = None
         raise error
 
