@@ -17,7 +17,9 @@ def cleanup(days: float | None = None, failed_days: float | None = None) -> int:
     CARROT['cleanup_failed_after_days'] (either None: kept); returns how many rows were deleted.
 
     A FAILED row's age is counted from its failure (or, for rows without a failure time, its publication),
-    so a flood of bad messages cannot fill the database for good.
+    so a flood of bad messages cannot fill the database for good. A FAILED row whose run_after is still
+    ahead (a delayed task cancelled before it ran) is kept until then: its message is still in the delay
+    levels, and without its row the worker it reaches would take it for a new message and run it.
     """
     from django.db.models import Q
 
@@ -36,5 +38,6 @@ def cleanup(days: float | None = None, failed_days: float | None = None) -> int:
         cutoff = now - timedelta(days=failed_days)
         deleted += MessageLog.objects.filter(
             Q(failure_time__lt=cutoff) | Q(failure_time__isnull=True, publish_time__lt=cutoff),
+            Q(run_after__isnull=True) | Q(run_after__lt=now),
             status=MessageLog.FAILED).delete()[0]
     return deleted

@@ -23,14 +23,17 @@ operations = Operations()
 
 
 class MessageLog(models.Model):
-    """One message's life: PUBLISHED, then IN_PROGRESS in a worker, then COMPLETED or FAILED."""
+    """One message's life: PUBLISHED (or SCHEDULED, to run later), then IN_PROGRESS in a worker, then
+    COMPLETED or FAILED."""
     WAITING = 'WAITING'  # logged, not yet taken by the broker (store-and-forward); relayed later
+    SCHEDULED = 'SCHEDULED'  # taken by the broker, in the delay levels until run_after (or a retry's time)
     PUBLISHED = 'PUBLISHED'
     IN_PROGRESS = 'IN_PROGRESS'
     FAILED = 'FAILED'
     COMPLETED = 'COMPLETED'
     STATUS_CHOICES = (
         (WAITING, 'Waiting for the broker'),
+        (SCHEDULED, 'Scheduled for later'),
         (PUBLISHED, 'Published'),
         (IN_PROGRESS, 'In progress'),
         (FAILED, 'Failed'),
@@ -54,6 +57,9 @@ class MessageLog(models.Model):
     log = models.TextField(blank=True, null=True)
 
     publish_time = models.DateTimeField(null=True, blank=True)
+    run_after = models.DateTimeField(
+        null=True, blank=True,
+        help_text='The earliest the task may run (a delayed publish, or the next retry); empty: at once')
     started_time = models.DateTimeField(null=True, blank=True)
     failure_time = models.DateTimeField(null=True, blank=True)
     completion_time = models.DateTimeField(null=True, blank=True)
@@ -71,6 +77,7 @@ class MessageLog(models.Model):
             models.Index(fields=['status', '-publish_time'], name='carrot_log_status_published'),
             models.Index(fields=['status', '-completion_time'], name='carrot_log_status_completed'),
             models.Index(fields=['status', '-failure_time'], name='carrot_log_status_failed'),
+            models.Index(fields=['status', 'run_after'], name='carrot_log_status_run_after'),
         ]
 
     def __str__(self):

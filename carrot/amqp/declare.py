@@ -1,5 +1,9 @@
-"""How carrot declares its queues: <queue> with priorities and dead-lettering, <queue>.dead, and
-<queue>.wait (parking), and what a clash with an existing queue means.
+"""How carrot declares its queues: <queue> with priorities and dead-lettering, <queue>.dead, the binding
+that lets delayed messages reach <queue>, and the delay levels (carrot.amqp.delays); and what a clash with
+an existing queue means.
+
+carrot no longer declares <queue>.wait: parking moved onto the delay levels. A <queue>.wait left by an
+earlier version still dead-letters what is in it back into <queue>; delete it once it is empty.
 """
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import re
 
 import pika.exceptions as pe
 
-from carrot.amqp import pika_compat
+from carrot.amqp import delays, pika_compat
 from carrot.amqp.connection import NOT_FOUND, PRECONDITION_FAILED, close_quietly, connect
 from carrot.config import QueueConfig
 from carrot.exceptions import QueueMismatchError
@@ -29,28 +33,29 @@ def dead_letter_arguments(ttl_days: float | None) -> dict:
     return {'x-message-ttl': int(ttl_days * 86400 * 1000)} if ttl_days else {}
 
 
-def wait_queue_name(queue: QueueConfig) -> str:
-    return f'{queue.name}.wait'
-
-
-def wait_queue_arguments(queue: QueueConfig) -> dict:
-    """<queue>.wait has no consumer: a message parked there with a per-message expiration is
-    dead-lettered back into <queue> when it expires (a delay without polling)."""
-    return {'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': queue.name}
-
-
 def declare_queue(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> None:
-    """Declare `queue` and its dead-letter queue (durable). A clash with an existing queue raises
-    QueueMismatchError naming the queue and the argument (the channel is closed by the broker then)."""
+    """Declare `queue` and its dead-letter queue (durable), and bind `queue` to the exchange delayed
+    messages are delivered through, so none that comes out of the levels for it is dropped. A clash with
+    an existing queue raises QueueMismatchError naming the queue and the argument (the channel is closed
+    by the broker then)."""
     if dead_letter_ttl_days is _FROM_SETTINGS:
         from carrot.config import get_config
         dead_letter_ttl_days = get_config().dead_letter_ttl_days
     _declare(channel, queue.dead_letter_queue, dead_letter_arguments(dead_letter_ttl_days))
     _declare(channel, queue.name, queue_arguments(queue))
+    delays.declare_delivery(channel)
+    delays.bind_target(channel, queue.name)
 
 
-def declare_wait_queue(channel, queue: QueueConfig) -> None:
-    _declare(channel, wait_queue_name(queue), wait_queue_arguments(queue))
+def declare_delays(channel, levels: int) -> None:
+    """The delay levels of this virtual host (idempotent; see carrot.amqp.delays)."""
+    delays.declare_levels(channel, levels, _declare)
+
+
+def repair_delays(channel, levels: int) -> list[int]:
+    """Replace the levels whose queue RabbitMQ no longer runs (see carrot.amqp.delays); `channel` is in
+    confirm mode. Returns the levels replaced."""
+    return delays.repair_levels(channel, levels, _declare)
 
 
 def _declare(channel, name: str, arguments: dict) -> None:

@@ -14,8 +14,9 @@ import threading
 import pika
 import pika.exceptions as pe
 
+from carrot.amqp import delays
 from carrot.amqp.connection import CONNECTION_ERRORS, NOT_FOUND, close_quietly, connect, describe_connection_error
-from carrot.amqp.declare import declare_queue
+from carrot.amqp.declare import declare_delays, declare_queue, repair_delays
 from carrot.config import BrokerConfig, QueueConfig
 from carrot.exceptions import BrokerUnavailable, MessageRejected, QueueMismatchError
 
@@ -34,8 +35,13 @@ class Publisher:
         self.declared: set[str] = set()
 
     def publish(self, queue: QueueConfig, body: bytes, properties: dict, exchange: str = '',
-                routing_key: str | None = None) -> None:
+                routing_key: str | None = None, delay: int = 0,
+                delay_levels: int = delays.DEFAULT_LEVELS) -> None:
         """Publish and return once RabbitMQ has confirmed the message.
+
+        With a `delay` (whole seconds) the message goes round the delay levels of carrot.amqp.delays
+        (declared on first use) and reaches `queue` that much later; `exchange` and `routing_key` are not
+        used then. A level RabbitMQ no longer runs (it nacks) is replaced and the publish tried again.
 
         Raises BrokerUnavailable (transient: unreachable, connection lost, the confirm never came, e.g. a
         blocked connection past its timeout) or MessageRejected (permanent: unroutable, nacked, no such
@@ -44,7 +50,11 @@ class Publisher:
         its confirm was lost), consumers recognise the second by its id.
         """
         routing_key = routing_key or queue.name
+        if delay > 0:
+            exchange, routing_key = delays.entry_exchange(delay_levels), delays.routing_key(delay, delay_levels)
+            properties = dict(properties, headers=delays.delayed_headers(properties.get('headers'), queue.name))
         with self.lock:
+            repaired = False
             for attempt in (1, 2):
                 # Retried: a kept connection that turns out stale, or one lost mid-publish. Not retried: a
                 # connection that cannot be opened now (that would double the wait for an unreachable host).
@@ -55,15 +65,22 @@ class Publisher:
                     if queue.name not in self.declared:
                         declare_queue(channel, queue)
                         self.declared.add(queue.name)
+                    if delay > 0 and _LEVELS not in self.declared:
+                        declare_delays(channel, delay_levels)
+                        self.declared.add(_LEVELS)
                     self._basic_publish(channel, exchange, routing_key, body, properties)
                     return
                 except QueueMismatchError:
                     self._forget_channel()
                     raise
-                except pe.UnroutableError:
-                    raise MessageRejected(f'RabbitMQ returned the message as unroutable: no queue is bound '
-                                          f'to exchange {exchange!r} with routing key {routing_key!r}') from None
-                except pe.NackError:
+                except (pe.UnroutableError, pe.NackError) as exc:
+                    if delay > 0 and not repaired:
+                        repaired = True
+                        self._repair_levels(channel, delay_levels)
+                        continue
+                    if isinstance(exc, pe.UnroutableError):
+                        raise MessageRejected(f'RabbitMQ returned the message as unroutable: no queue is bound '
+                                              f'to exchange {exchange!r} with routing key {routing_key!r}') from None
                     raise MessageRejected(f'RabbitMQ refused (nacked) the message for queue '
                                           f'{queue.name!r}') from None
                 except pe.ChannelClosedByBroker as exc:
@@ -79,6 +96,30 @@ class Publisher:
                                                 f'{describe_connection_error(exc, self.broker)}') from None
                     logger.info('publishing connection to %s was lost (%s); reconnecting',
                                 self.broker, type(exc).__name__)
+
+    def _repair_levels(self, channel, levels: int) -> None:
+        fixed = repair_delays(channel, levels)
+        logger.error('a delay level on %s refused a message; replaced the levels RabbitMQ no longer ran: '
+                     '%s', self.broker, ', '.join(map(delays.level_name, fixed)) or 'none')
+
+    def repair_levels(self, levels: int) -> list[int]:
+        """Replace the delay levels of this broker that RabbitMQ no longer runs; the levels replaced.
+        BrokerUnavailable when the broker cannot be reached."""
+        with self.lock:
+            try:
+                channel = self._open_channel()
+                if _LEVELS not in self.declared:
+                    declare_delays(channel, levels)
+                    self.declared.add(_LEVELS)
+                fixed = repair_delays(channel, levels)
+            except CONNECTION_ERRORS + (pe.AMQPError,) as exc:
+                self._forget_connection()
+                raise BrokerUnavailable(f'cannot check the delay levels on {self.broker}: '
+                                        f'{describe_connection_error(exc, self.broker)}') from None
+        if fixed:
+            logger.error('replaced the delay levels RabbitMQ no longer ran on %s: %s', self.broker,
+                         ', '.join(map(delays.level_name, fixed)))
+        return fixed
 
     @staticmethod
     def _basic_publish(channel, exchange, routing_key, body, properties) -> None:
@@ -113,6 +154,8 @@ class Publisher:
         with self.lock:
             self._forget_connection()
 
+
+_LEVELS = object()  # in Publisher.declared: the delay levels are declared on this channel
 
 _publishers: dict[BrokerConfig, Publisher] = {}
 _publishers_lock = threading.Lock()

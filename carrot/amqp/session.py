@@ -4,10 +4,12 @@ code that calls pika.
 Settling a delivery follows the processor's Disposition:
 
 - ACK: basic_ack.
-- DEAD_LETTER: basic_reject(requeue=False); RabbitMQ moves the message to <queue>.dead.
-- RETRY_LATER(delay): a copy goes to <queue>.wait with a per-message expiration; when it expires
-  RabbitMQ dead-letters it back into <queue>. The copy is confirmed before the original is acked, so a
-  crash in between leaves a duplicate (harmless: the claim sees it) rather than a loss.
+- DEAD_LETTER: basic_reject(requeue=False); RabbitMQ moves the message to <queue>.dead. A message whose
+  x-death header would crash the queue that dead-letters it (RabbitMQ 3.10; wire.death_header_crashes_broker)
+  is copied to <queue>.dead without that header instead (confirmed), then acked.
+- RETRY_LATER(delay): a copy goes round the delay levels (carrot.amqp.delays) and comes back into <queue>
+  after `delay` seconds, rounded up to whole seconds. The copy is confirmed before the original is acked,
+  so a crash in between leaves a duplicate (harmless: the claim sees it) rather than a loss.
 - ADOPT(new id): a copy with that message_id goes to the back of <queue> (confirmed), then the original
   is acked.
 - REQUEUE: basic_nack(requeue=True).
@@ -22,9 +24,9 @@ import logging
 import pika
 import pika.exceptions as pe
 
-from carrot.amqp import pika_compat, wire
+from carrot.amqp import delays, pika_compat, wire
 from carrot.amqp.connection import CONNECTION_ERRORS, close_quietly, connect
-from carrot.amqp.declare import declare_queue, declare_wait_queue, wait_queue_name
+from carrot.amqp.declare import declare_delays, declare_queue, repair_delays
 from carrot.amqp.disposition import Action, Disposition
 from carrot.config import BrokerConfig, QueueConfig
 
@@ -35,22 +37,25 @@ SESSION_ERRORS = CONNECTION_ERRORS + (pe.AMQPError,)
 class ConsumeSession:
     """One connection consuming one queue. Not thread-safe except `wake()`."""
 
-    def __init__(self, broker: BrokerConfig, queue: QueueConfig, logger: logging.Logger, name: str):
+    def __init__(self, broker: BrokerConfig, queue: QueueConfig, logger: logging.Logger, name: str,
+                 delay_levels: int = delays.DEFAULT_LEVELS):
         self.broker = broker
         self.queue = queue
         self.logger = logger
         self.name = name
+        self.delay_levels = delay_levels
         self.connection = None
         self.channel = None
         self._publish_channel = None
         self._consumer_tag = None
+        self._levels_declared = False
 
     @property
     def is_open(self) -> bool:
         return self.connection is not None and self.connection.is_open
 
     def open(self, on_delivery) -> None:
-        """Connect, declare <queue>, <queue>.dead and <queue>.wait, and start consuming:
+        """Connect, declare <queue> and <queue>.dead, and start consuming:
         `on_delivery(method, properties, body)` is called from `poll()` for each message."""
         self.connection = connect(self.broker)
         # A task that forks must not keep this connection (and its unacked delivery) alive.
@@ -58,7 +63,6 @@ class ConsumeSession:
         try:
             self.channel = self.connection.channel()
             declare_queue(self.channel, self.queue)
-            declare_wait_queue(self.channel, self.queue)
             self.channel.basic_qos(prefetch_count=1)
             self._consumer_tag = self.channel.basic_consume(
                 self.queue.name, lambda channel, method, properties, body: on_delivery(method, properties,
@@ -95,38 +99,80 @@ class ConsumeSession:
         if action is Action.ACK:
             self.channel.basic_ack(delivery_tag)
         elif action is Action.DEAD_LETTER:
-            self.channel.basic_reject(delivery_tag, requeue=False)
+            self._dead_letter(delivery_tag, message)
         elif action is Action.REQUEUE:
             self.channel.basic_nack(delivery_tag, requeue=True)
         elif action is Action.RETRY_LATER:
-            self._republish(message, wait_queue_name(self.queue), message.properties,
-                            expiration=str(max(1, int(disposition.delay * 1000))),
-                            headers={wire.WAITS_HEADER: message.waits + 1})
+            self._park(message, disposition.delay or 0.0, disposition.busy)
             self.channel.basic_ack(delivery_tag)
         elif action is Action.ADOPT:
-            self._republish(message, self.queue.name, message.properties, message_id=disposition.new_id)
+            self._republish(message, '', self.queue.name, message.properties, message_id=disposition.new_id)
             self.channel.basic_ack(delivery_tag)
         else:  # pragma: no cover - every Action is handled above
             raise ValueError(f'unknown disposition {disposition}')
 
-    def reject(self, delivery_tag: int) -> None:
-        self.channel.basic_reject(delivery_tag, requeue=False)
+    def reject(self, delivery_tag: int, message=None) -> None:
+        """Dead-letter a delivery (the time limit's way out)."""
+        self._dead_letter(delivery_tag, message)
 
-    def _republish(self, message, routing_key: str, properties, headers: dict | None = None, **changes):
+    def _dead_letter(self, delivery_tag: int, message) -> None:
+        properties = getattr(message, 'properties', None)
+        if not wire.death_header_crashes_broker(properties):
+            self.channel.basic_reject(delivery_tag, requeue=False)
+            return
+        self.logger.warning('%s: dead-lettering %s by hand: its x-death header would crash the queue on '
+                            'RabbitMQ 3.10', self.name, getattr(message, 'shown_task', 'a message'))
+        headers = {key: value for key, value in properties.headers.items() if key not in delays.DEATH_HEADERS}
+        self._republish(message, '', self.queue.dead_letter_queue, properties, replace_headers=headers)
+        self.channel.basic_ack(delivery_tag)
+
+    def _park(self, message, delay: float, busy: bool) -> None:
+        """Send a copy round the delay levels, back into <queue> in `delay` seconds (rounded up)."""
+        channel = self._confirmed_channel()
+        if not self._levels_declared:
+            declare_delays(channel, self.delay_levels)
+            self._levels_declared = True
+        properties = message.properties
+        headers = delays.delayed_headers(getattr(properties, 'headers', None), self.queue.name)
+        if busy:
+            headers[wire.WAITS_HEADER] = message.waits + 1
+        else:
+            headers.pop(wire.WAITS_HEADER, None)
+        key = delays.routing_key(delays.whole_seconds(delay), self.delay_levels)
+        for attempt in (1, 2):
+            try:
+                # A publisher's own expiration would cut the delay short: the copy has none.
+                self._republish(message, delays.entry_exchange(self.delay_levels), key, properties,
+                                replace_headers=headers, expiration=None)
+                return
+            except (pe.NackError, pe.UnroutableError):
+                if attempt == 2:
+                    raise
+                repaired = repair_delays(channel, self.delay_levels)
+                self.logger.error('%s: a delay level refused a message; replaced the levels RabbitMQ no '
+                                  'longer ran: %s', self.name, ', '.join(map(delays.level_name, repaired)) or
+                                  'none')
+
+    def _confirmed_channel(self):
+        if self._publish_channel is None or not self._publish_channel.is_open:
+            self._publish_channel = self.connection.channel()
+            self._publish_channel.confirm_delivery()
+        return self._publish_channel
+
+    def _republish(self, message, exchange: str, routing_key: str, properties,
+                   replace_headers: dict | None = None, **changes):
         """Publish a copy of `message` (same body and properties, with `changes`), confirmed."""
         props = copy.copy(properties) if properties is not None else pika.BasicProperties()
         for key, value in changes.items():
             setattr(props, key, value)
-        if headers:
-            props.headers = {**(props.headers if isinstance(props.headers, dict) else {}), **headers}
-        if self._publish_channel is None or not self._publish_channel.is_open:
-            self._publish_channel = self.connection.channel()
-            self._publish_channel.confirm_delivery()
-        self._publish_channel.basic_publish('', routing_key, message.body, props, mandatory=True)
+        if replace_headers is not None:
+            props.headers = replace_headers
+        self._confirmed_channel().basic_publish(exchange, routing_key, message.body, props, mandatory=True)
 
     def close(self) -> None:
         connection, self.connection = self.connection, None
         self.channel = self._publish_channel = self._consumer_tag = None
+        self._levels_declared = False
         if connection is not None:
             pika_compat.unhide(connection)
         close_quietly(connection)

@@ -27,7 +27,7 @@ MAX_PRIORITY = 255
 MAX_ID_LENGTH = 200       # MessageLog.uuid
 MAX_TASK_LENGTH = 200     # MessageLog.task
 MAX_NESTING = 100         # levels of lists/objects in a body; deeper is refused, not parsed further
-WAITS_HEADER = 'x-carrot-waits'  # how often a delivery was parked in <queue>.wait (carrot adds it)
+WAITS_HEADER = 'x-carrot-waits'  # how often a delivery was parked because another worker ran it
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,19 @@ class NestedTooDeep:
         return '<nested too deeply; not read>'
 
 
+def death_header_crashes_broker(properties) -> bool:
+    """Whether RabbitMQ 3.10 would crash the queue that dead-letters this message: its x-death header is
+    an array holding anything but tables (a client that re-published it with its headers turned into
+    strings, or anyone on purpose). carrot dead-letters such a message itself (carrot.amqp.session)."""
+    headers = getattr(properties, 'headers', None)
+    if not isinstance(headers, dict):
+        return False
+    deaths = headers.get('x-death')
+    if isinstance(deaths, NestedTooDeep):
+        return True  # not read, so not known to be harmless
+    return isinstance(deaths, list) and not all(isinstance(death, dict) for death in deaths)
+
+
 def headers_too_deep(headers) -> bool:
     """Whether a NestedTooDeep marker is anywhere in `headers` (walked without recursion)."""
     stack = [headers]
@@ -215,7 +228,7 @@ class IncomingMessage:
     size: int = 0                  # bytes of the body
     exchange: str = ''
     routing_key: str = ''
-    waits: int = 0                 # times carrot parked it in <queue>.wait because another worker ran it
+    waits: int = 0                 # times carrot parked it because another worker was running it
     problem: str | None = None     # why it cannot be run (it is FAILED and dead-lettered), None if fine
     body: bytes = b''
     properties: Any = None         # the pika properties, as received (for republishing)

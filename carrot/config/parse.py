@@ -26,6 +26,8 @@ E_DUPLICATE_QUEUE = 'carrot.E004'
 E_BAD_BROKER = 'carrot.E005'
 E_NOT_IMPORTABLE = 'carrot.E006'
 
+MAX_DELAY_LEVELS = 32  # 2^32 s is 136 years; carrot.amqp.delays reads the same bound
+
 _BROKER_DICT_KEYS = {'host', 'port', 'name', 'username', 'password', 'secure', 'heartbeat', 'url'}
 _QUEUE_KEYS = {'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'max_priority'}
 
@@ -69,6 +71,12 @@ class Parser:
         if not isinstance(value, bool):
             self.bad_value(path, 'True or False', value)
             return default
+        return value
+
+    def delay_levels(self, value):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DELAY_LEVELS:
+            self.bad_value("CARROT['delay_levels']", f'an integer from 1 to {MAX_DELAY_LEVELS}', value)
+            return CarrotConfig.delay_levels
         return value
 
     def log_level(self, path, value, default):
@@ -254,6 +262,8 @@ class Parser:
             store_and_forward=get('store_and_forward', self.boolean),
             supervisor_gone_after=get('supervisor_gone_after', self.positive_number),
             task_log_level=get('task_log_level', self.log_level),
+            delay_levels=self.delay_levels(raw.get('delay_levels', defaults.delay_levels)),
+            delay_sweep_after=get('delay_sweep_after', self.positive_number),
             **self.supervisor_settings(raw),
         )
 

@@ -102,6 +102,10 @@ class CarrotConfig(SupervisorSettings):
     store_and_forward: bool = True  # a publish the broker cannot take now waits in its row (else raises)
     supervisor_gone_after: float = 60.0  # the monitor shows a supervisor not seen for this long as gone
     task_log_level: str = 'DEBUG'  # the lowest level of a task's own log lines kept in its MessageLog
+    # Delays (README.rst, "Delayed tasks"): the binary delay levels of carrot.amqp.delays, and how long a
+    # scheduled row may be overdue before housekeeping sends its message again (a hop lost, a broker reset).
+    delay_levels: int = 28
+    delay_sweep_after: float = 300.0
 
     def queue(self, name: str | None) -> QueueConfig:
         """The queue called `name` (None means the default queue)."""

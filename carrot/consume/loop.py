@@ -163,7 +163,8 @@ class Consumer:
         broker = Outage(self.logger, self.name, f'the broker {self.broker}', cap=RECONNECT_CAP,
                         base=RECONNECT_BASE)
         while not self._finished(max_messages):
-            session = ConsumeSession(self.broker, self.queue, self.logger, self.name)
+            session = ConsumeSession(self.broker, self.queue, self.logger, self.name,
+                                     delay_levels=self.config.delay_levels)
             try:
                 session.open(self._on_delivery(session))
             except QueueMismatchError:
@@ -247,7 +248,7 @@ class Consumer:
         if delivery.age < self.task_time_limit:
             return
         error = self._fail_overrun(delivery, f'the task was still running after {delivery.age:.1f}s')
-        session.reject(delivery.delivery_tag)
+        session.reject(delivery.delivery_tag, delivery.message)
         self.delivery = None
         raise error
 

@@ -5,12 +5,17 @@ do with the delivery. It runs in the consumer's task thread, with that thread's 
 
 The claim (at most one execution of a message at a time, on any host)
     The row is found by the message's uuid (inserted first, tolerating a concurrent insert, for
-    messages from other publishers) and taken with one conditional UPDATE: from PUBLISHED or WAITING,
-    or from IN_PROGRESS when the worker named in it is known dead *and* still the one that was read
-    (a compare-and-set on worker and attempts, so two claimers can never both win). A worker is known
-    dead when the lease it renews (CARROT['claim_lease']) has run out, or when it is on this host and
-    its process is gone. A message whose row is IN_PROGRESS under a live worker is not run now: it is
-    parked in <queue>.wait and comes back after a delay.
+    messages from other publishers) and taken with one conditional UPDATE: from PUBLISHED, WAITING or
+    SCHEDULED, or from IN_PROGRESS when the worker named in it is known dead *and* still the one that
+    was read (a compare-and-set on worker and attempts, so two claimers can never both win). A worker is
+    known dead when the lease it renews (CARROT['claim_lease']) has run out, or when it is on this host
+    and its process is gone. A message whose row is IN_PROGRESS under a live worker is not run now: it
+    is parked in the delay levels and comes back after a delay.
+
+Not before its time
+    The row, not the message, says when a task may run: a message that arrives before its row's
+    run_after (a clock ahead of the publisher's, a "run now" that was undone, a copy from before a retry
+    was scheduled) is parked again for the rest, unclaimed and unrun.
 
 What ends how
     COMPLETED row: ACK (a duplicate). FAILED row: DEAD_LETTER. Bad input, unregistered task, a task that
@@ -41,7 +46,7 @@ from carrot.consume.runner import TaskOutcome, run_task
 from carrot.exceptions import BadMessage, CarrotError, TaskNotRegistered
 from carrot.models import MessageLog
 
-RETRY_BASE = 2.0  # seconds a message waits in <queue>.wait the first time; doubled each time after
+RETRY_BASE = 2.0  # seconds a message of a busy row is parked the first time; doubled each time after
 
 
 # -- the processor -----------------------------------------------------------------------------------
@@ -116,9 +121,23 @@ class MessageProcessor:
 
     # -- the claim
 
+    def _too_early(self, row: MessageLog, message: IncomingMessage) -> Disposition | None:
+        """Park a message that came before its row's run_after for the rest of the wait."""
+        if row.run_after is None or row.status not in claim.TAKEABLE:
+            return None
+        left = (row.run_after - timezone.now()).total_seconds()
+        if left <= 0:
+            return None
+        self.logger.info('%s: %s (%s) may run at %s; parked for another %.1fs', self.name, message.shown_task,
+                         row.uuid, row.run_after.isoformat(), left)
+        return retry_later(left)
+
     def claim(self, row: MessageLog, message: IncomingMessage) -> Disposition | None:
         """Take the row for this worker (returns None: run it now), or say what to do instead."""
         for _ in range(5):  # each lost compare-and-set re-reads the row; five is more than enough
+            early = self._too_early(row, message)
+            if early is not None:
+                return early
             now = timezone.now()
             if row.status == MessageLog.COMPLETED:
                 self.logger.warning('%s: %s (%s) is already COMPLETED; acking the duplicate delivery '
@@ -133,12 +152,12 @@ class MessageProcessor:
                     delay = min(self.config.claim_lease, RETRY_BASE * 2 ** message.waits)
                     self.logger.info('%s: %s (%s) is running on %s; trying again in %gs', self.name,
                                      message.shown_task, row.uuid, text.for_log(row.worker, 100), delay)
-                    return retry_later(delay)
+                    return retry_later(delay, busy=True)
                 if row.attempts >= self.config.max_attempts:
                     return self._worker_lost(row, message)
                 taken = self._take(row, claim.from_lost_worker(row))
-            elif row.status in (MessageLog.PUBLISHED, MessageLog.WAITING):
-                taken = self._take(row, claim.from_waiting())
+            elif row.status in claim.TAKEABLE:
+                taken = self._take(row, claim.from_waiting(now))
             else:
                 self._fail_row(row, BadMessage(f'its log row has an unknown status '
                                                f'{text.for_log(row.status, 40)!r}'))
@@ -237,8 +256,7 @@ class MessageProcessor:
         row = None
         if message.message_id is not None:
             row = self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
-            if not same_call(row, message) or row.status not in (MessageLog.PUBLISHED, MessageLog.WAITING,
-                                                                 MessageLog.FAILED):
+            if not same_call(row, message) or row.status not in (*claim.TAKEABLE, MessageLog.FAILED):
                 row = None
             elif row.status == MessageLog.FAILED:
                 return DEAD_LETTER  # recorded by an earlier delivery of this very message

@@ -32,6 +32,8 @@ TABS = {
                      'completion_time'),
     'waiting': Tab('waiting', 'Waiting for the broker', (MessageLog.WAITING,), ('-publish_time', '-id'),
                    'publish_time'),
+    # Delayed tasks and tasks waiting for their next retry, the soonest first.
+    'later': Tab('later', 'Later', (MessageLog.SCHEDULED,), ('run_after', 'id'), 'run_after'),
 }
 
 
@@ -123,6 +125,7 @@ def message_row(log: MessageLog, now=None) -> dict:
         'args': log.positionals,
         'kwargs': log.keywords,
         'publish_time': iso(log.publish_time),
+        'run_after': iso(log.run_after),
         'started_time': iso(log.started_time),
         'completion_time': iso(log.completion_time),
         'failure_time': iso(log.failure_time),

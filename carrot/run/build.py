@@ -117,6 +117,7 @@ def broker_errors(config) -> list[str]:
 
 # What every child uses, imported in the image so that children share it instead of importing it each.
 PRELOADED = ('carrot.consume.loop', 'carrot.schedule.scheduler', 'carrot.run.housekeeping', 'carrot.publish.relay',
+             'carrot.publish.sweep',
              'carrot.run.status', 'carrot.amqp.session', 'carrot.amqp.publisher', 'pika', 'psutil')
 
 

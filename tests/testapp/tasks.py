@@ -229,3 +229,10 @@ def log_at_every_level(marker):
     task_logger = logging.getLogger('carrot')
     task_logger.debug('debug %s', marker)
     task_logger.info('info %s', marker)
+
+
+def stamp(path, label):
+    """Append "<label> <unix time>" to `path`: when the task ran, for the delay tests."""
+    with open(path, 'a') as f:
+        f.write(f'{label} {time.time():.3f}\n')
+    return label
