@@ -3,7 +3,19 @@
 from django.contrib import admin, messages
 
 from carrot.exceptions import CarrotError
-from carrot.models import MessageLog, ScheduledTask, SupervisorStatus
+from carrot.models import MessageLog, ScheduledTask, SupervisorStatus, TaskAttempt
+
+
+class TaskAttemptInline(admin.TabularInline):
+    """The attempts of a task that did not succeed (see README.rst, "Retries"), read only."""
+    model = TaskAttempt
+    fields = ('number', 'outcome', 'worker', 'started_time', 'finished_time', 'exception_class', 'exception')
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(MessageLog)
@@ -13,9 +25,10 @@ class MessageLogAdmin(admin.ModelAdmin):
     list_filter = ('status', 'queue', 'task')
     search_fields = ('uuid', 'task', 'exception', 'task_args', 'content')
     date_hierarchy = 'publish_time'
-    readonly_fields = ('uuid', 'status', 'publish_time', 'started_time', 'completion_time', 'failure_time',
-                       'attempts', 'worker', 'lease_expires')
+    readonly_fields = ('uuid', 'status', 'publish_time', 'run_after', 'started_time', 'completion_time',
+                       'failure_time', 'attempts', 'retries', 'worker', 'lease_expires')
     actions = ['requeue']
+    inlines = [TaskAttemptInline]
 
     def has_add_permission(self, request):
         # A row is written by publishing a message; one typed in by hand would describe nothing real.

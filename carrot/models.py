@@ -1,7 +1,8 @@
 """What carrot keeps in the project's database: a log row per message, and interval schedules."""
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Callable
 
 from django.core.validators import MaxValueValidator
@@ -65,6 +66,8 @@ class MessageLog(models.Model):
     completion_time = models.DateTimeField(null=True, blank=True)
 
     attempts = models.PositiveIntegerField(default=0, help_text='How many times a worker started the task')
+    retries = models.PositiveIntegerField(
+        default=0, help_text='How many times a failed run was retried (the lost workers are not counted here)')
     worker = models.CharField(max_length=200, blank=True, default='',
                               help_text='host:pid of the worker that ran it last')
     lease_expires = models.DateTimeField(
@@ -106,6 +109,63 @@ class MessageLog(models.Model):
     def requeue(self) -> MessageLog:
         """Publish a copy of this message (a new uuid and log row) and delete this row, as 1.x did."""
         return operations.requeue(self)
+
+    def attempt_history(self) -> list[AttemptRecord]:
+        """Every attempt, the first first: the ones that did not succeed are TaskAttempt rows; the row
+        itself is the latest attempt while it runs or once it completed."""
+        records = [AttemptRecord(a.number, a.worker, a.started_time, a.finished_time, a.outcome, a.exception_class,
+                                 a.exception, a.traceback)
+                   for a in self.past_attempts.order_by('number')]
+        recorded = {record.number for record in records}
+        if self.attempts and self.attempts not in recorded and self.started_time:
+            finished = self.completion_time or self.failure_time
+            outcome = {self.IN_PROGRESS: 'RUNNING', self.COMPLETED: 'COMPLETED'}.get(self.status, self.status)
+            failed = self.status == self.FAILED
+            records.append(AttemptRecord(self.attempts, self.worker, self.started_time, finished, outcome, '',
+                                         self.exception or '' if failed else '',
+                                         self.traceback or '' if failed else ''))
+        return records
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One attempt of a task, as MessageLog.attempt_history() gives it."""
+    number: int
+    worker: str
+    started: datetime | None
+    finished: datetime | None
+    outcome: str           # RUNNING, COMPLETED, FAILED, RETRIED, LOST
+    exception_class: str   # the dotted path of what it raised ('' when unknown)
+    exception: str
+    traceback: str
+
+
+class TaskAttempt(models.Model):
+    """An attempt of a task that did not succeed: it failed (and was retried, or not), or its worker was
+    lost. A successful attempt is its MessageLog row itself, so running a task writes nothing here."""
+    FAILED = 'FAILED'    # the last one: the task is FAILED
+    RETRIED = 'RETRIED'  # it failed and the task runs again later
+    LOST = 'LOST'        # its worker died or lost its connection while it ran
+    OUTCOMES = ((FAILED, 'Failed'), (RETRIED, 'Failed, retried'), (LOST, 'Worker lost'))
+
+    message_log = models.ForeignKey(MessageLog, on_delete=models.CASCADE, related_name='past_attempts')
+    number = models.PositiveIntegerField(help_text='1 for the first attempt')
+    outcome = models.CharField(max_length=20, choices=OUTCOMES)
+    worker = models.CharField(max_length=200, blank=True, default='')
+    started_time = models.DateTimeField(null=True, blank=True)
+    finished_time = models.DateTimeField(null=True, blank=True)
+    exception_class = models.CharField(max_length=200, blank=True, default='',
+                                       help_text='The dotted path of the exception class')
+    exception = models.TextField(blank=True, default='')
+    traceback = models.TextField(blank=True, default='')
+    log = models.TextField(blank=True, default='', help_text="The task's own log lines of this attempt")
+
+    class Meta:
+        ordering = ('message_log', 'number')
+        constraints = [models.UniqueConstraint(fields=['message_log', 'number'], name='carrot_attempt_once')]
+
+    def __str__(self):
+        return f'{self.message_log_id} #{self.number} {self.outcome}'
 
 
 class ScheduledTask(models.Model):

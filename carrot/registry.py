@@ -26,7 +26,9 @@ from typing import Callable
 from carrot.exceptions import TaskNotRegistered
 
 _decorated: dict[str, Callable] = {}
+_options: dict[str, dict] = {}  # the retry options given to @carrot.task, by task path
 _lock = threading.Lock()
+RETRY_OPTIONS = ('max_retries', 'retry_backoff', 'retry_backoff_max', 'retry_on')
 
 HOW_TO_REGISTER = ("put it in an installed app's tasks.py, list its module in CARROT['task_modules'], "
                    "or decorate it with @carrot.task")
@@ -37,19 +39,64 @@ def task_path(func: Callable) -> str:
     return f'{func.__module__}.{func.__qualname__}'
 
 
-def task(func: Callable | None = None, *, name: str | None = None):
+def task(func: Callable | None = None, *, name: str | None = None, max_retries: int | None = None,
+         retry_backoff: float | Callable | None = None, retry_backoff_max: float | None = None,
+         retry_on: tuple | None = None):
     """Register a function as a carrot task: ``@task`` or ``@task(name='billing.send_invoice')``.
 
-    The function is returned unchanged, so it can still be called directly.
+    Retries (README.rst, "Retries"): ``max_retries`` (how often a failing run is retried), ``retry_backoff``
+    (seconds before the first retry, doubled for each next one, with up to 20% jitter; or a callable
+    ``(exception, retry) -> seconds or None``), ``retry_backoff_max`` (the longest wait) and ``retry_on``
+    (the exception classes that are retried; all of Exception by default). What is not given comes from
+    CARROT (``max_retries`` 0: no retries, as in 1.x). The function is returned unchanged, so it can
+    still be called directly.
     """
+    options = retry_options(max_retries=max_retries, retry_backoff=retry_backoff,
+                            retry_backoff_max=retry_backoff_max, retry_on=retry_on)
+
     def register(f):
         if not inspect.isfunction(f):
             raise TypeError(f'@carrot.task decorates functions, not {type(f).__name__} {f!r}')
+        path = name or task_path(f)
         with _lock:
-            _decorated[name or task_path(f)] = f
+            _decorated[path] = f
+            _options[path] = options
         return f
 
     return register(func) if func is not None else register
+
+
+def retry_options(max_retries=None, retry_backoff=None, retry_backoff_max=None, retry_on=None) -> dict:
+    """The retry options that are given, checked (TypeError saying which is wrong); None means not given."""
+    options = {}
+    if max_retries is not None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise TypeError(f'max_retries must be a whole number >= 0, got {max_retries!r}')
+        options['max_retries'] = max_retries
+    if retry_backoff is not None:
+        if not callable(retry_backoff) and (isinstance(retry_backoff, bool) or
+                                            not isinstance(retry_backoff, (int, float)) or retry_backoff < 0):
+            raise TypeError(f'retry_backoff must be seconds >= 0 or a callable (exception, retry) -> seconds, '
+                            f'got {retry_backoff!r}')
+        options['retry_backoff'] = retry_backoff
+    if retry_backoff_max is not None:
+        if isinstance(retry_backoff_max, bool) or not isinstance(retry_backoff_max, (int, float)) \
+                or retry_backoff_max <= 0:
+            raise TypeError(f'retry_backoff_max must be seconds > 0, got {retry_backoff_max!r}')
+        options['retry_backoff_max'] = retry_backoff_max
+    if retry_on is not None:
+        classes = (retry_on,) if isinstance(retry_on, type) else tuple(retry_on) \
+            if isinstance(retry_on, (tuple, list)) else None
+        if not classes or not all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+            raise TypeError(f'retry_on must be an exception class or a tuple of them, got {retry_on!r}')
+        options['retry_on'] = classes
+    return options
+
+
+def task_options(path: str) -> dict:
+    """The retry options @carrot.task was given for the task at `path` (empty: none, or not decorated)."""
+    with _lock:
+        return dict(_options.get(path, {}))
 
 
 def task_module_names() -> list[str]:

@@ -143,7 +143,7 @@ def test_list_rows_have_stable_field_names(staff):
     row, = staff.get('/carrot/api/messages/?tab=completed').json()['results']
     assert set(row) == {'uuid', 'task', 'queue', 'status', 'priority', 'args', 'kwargs', 'publish_time',
                         'run_after', 'started_time', 'completion_time', 'failure_time', 'duration', 'age',
-                        'attempts', 'worker', 'exception'}
+                        'attempts', 'retries', 'worker', 'exception'}
     assert (row['args'], row['kwargs'], row['duration'], row['worker']) == ([1, 2], {}, 2.0, 'host:1')
 
 

@@ -59,6 +59,12 @@ class Parser:
             return default
         return value
 
+    def whole_number(self, path, value, default):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.bad_value(path, 'a whole number >= 0', value)
+            return default
+        return value
+
     def positive_number(self, path, value, default, allow_none=False):
         if value is None and allow_none:
             return None
@@ -264,6 +270,9 @@ class Parser:
             task_log_level=get('task_log_level', self.log_level),
             delay_levels=self.delay_levels(raw.get('delay_levels', defaults.delay_levels)),
             delay_sweep_after=get('delay_sweep_after', self.positive_number),
+            max_retries=get('max_retries', self.whole_number),
+            retry_backoff=get('retry_backoff', self.positive_number),
+            retry_backoff_max=get('retry_backoff_max', self.positive_number),
             **self.supervisor_settings(raw),
         )
 

@@ -106,6 +106,10 @@ class CarrotConfig(SupervisorSettings):
     # scheduled row may be overdue before housekeeping sends its message again (a hop lost, a broker reset).
     delay_levels: int = 28
     delay_sweep_after: float = 300.0
+    # Retries (README.rst, "Retries"): the defaults of @carrot.task(max_retries=..., retry_backoff=...).
+    max_retries: int = 0               # a failing task is not retried (as in 1.x)
+    retry_backoff: float = 5.0         # seconds before the first retry; doubled for each next one
+    retry_backoff_max: float = 3600.0  # the longest wait between two tries
 
     def queue(self, name: str | None) -> QueueConfig:
         """The queue called `name` (None means the default queue)."""

@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 from django.db import DatabaseError, connections
+from django.utils import timezone
 
 from carrot import registry, text
 from carrot.amqp import wire
@@ -30,12 +31,12 @@ from carrot.backoff import Outage
 from carrot.config import BrokerConfig, QueueConfig, get_config
 from carrot.config.parse import parse_broker
 from carrot.consume.claim import worker_id
-from carrot.consume.logrows import get_or_insert_row, insert_row
+from carrot.consume.logrows import get_or_insert_row, insert_row, record_attempt
 from carrot.consume.processor import Hooks, MessageProcessor
-from carrot.consume.runner import TASK_LOGGER
+from carrot.consume.runner import TASK_LOGGER, exception_class_path
 from carrot.consume.task_thread import Delivery, TaskThread
 from carrot.exceptions import QueueMismatchError, TaskTimeLimitExceeded
-from carrot.models import MessageLog
+from carrot.models import MessageLog, TaskAttempt
 
 __all__ = ['Consumer', 'Disposition', 'worker_id']
 
@@ -260,6 +261,9 @@ class Consumer:
             log = MessageLog.objects.filter(uuid=delivery.message_id, status=MessageLog.IN_PROGRESS,
                                             worker=self.processor.worker).first()
             if log is not None:
+                record_attempt(log, TaskAttempt.FAILED, self.config.max_stored_text,
+                               exception_class=exception_class_path(error), exception=str(error),
+                               finished=timezone.now())
                 self.fail(log, error)
         return error
 

@@ -18,8 +18,11 @@ Not before its time
     was scheduled) is parked again for the rest, unclaimed and unrun.
 
 What ends how
-    COMPLETED row: ACK (a duplicate). FAILED row: DEAD_LETTER. Bad input, unregistered task, a task that
-    raises, anything unexpected: FAILED + DEAD_LETTER. No message_id: ADOPT (republished with one).
+    COMPLETED row: ACK (a duplicate). FAILED row: DEAD_LETTER. A task that raises and may be retried
+    (carrot.consume.retry): the attempt is kept, the row SCHEDULED for the retry, RETRY_LATER. Bad input,
+    unregistered task, a task that raises for good, anything unexpected: FAILED + DEAD_LETTER. No
+    message_id: ADOPT (republished with one). Every attempt that does not succeed is kept as a
+    TaskAttempt (failed, retried, worker lost).
     Database unreachable or its tables missing: the message is held and the step retried with backoff
     -- never a requeue loop, and never a second run of a task whose result could not be written.
 """
@@ -29,6 +32,7 @@ import logging
 import threading
 import traceback
 import uuid
+from datetime import timedelta
 from typing import Callable
 
 from django.db import DatabaseError
@@ -38,13 +42,13 @@ from carrot import registry, text
 from carrot.amqp.disposition import ACK, DEAD_LETTER, REQUEUE, Disposition, adopt, retry_later
 from carrot.amqp.wire import IncomingMessage
 from carrot.config import CarrotConfig, QueueConfig
-from carrot.consume import claim
+from carrot.consume import claim, retry
 from carrot.consume.dbretry import DatabaseRetry, StopRequested, drop_broken_connections
-from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, get_or_insert_row, insert_row, same_call,
-                                    set_failed_fields)
-from carrot.consume.runner import TaskOutcome, run_task
-from carrot.exceptions import BadMessage, CarrotError, TaskNotRegistered
-from carrot.models import MessageLog
+from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, get_or_insert_row, insert_row, record_attempt,
+                                    same_call, set_failed_fields)
+from carrot.consume.runner import TaskOutcome, exception_class_path, run_task
+from carrot.exceptions import BadMessage, TaskNotRegistered, WorkerLost
+from carrot.models import MessageLog, TaskAttempt
 
 RETRY_BASE = 2.0  # seconds a message of a busy row is parked the first time; doubled each time after
 
@@ -153,8 +157,10 @@ class MessageProcessor:
                     self.logger.info('%s: %s (%s) is running on %s; trying again in %gs', self.name,
                                      message.shown_task, row.uuid, text.for_log(row.worker, 100), delay)
                     return retry_later(delay, busy=True)
-                if row.attempts >= self.config.max_attempts:
+                # Retries are counted apart: only the runs whose worker was lost count towards max_attempts.
+                if row.attempts - row.retries >= self.config.max_attempts:
                     return self._worker_lost(row, message)
+                self._keep_lost_attempt(row)
                 taken = self._take(row, claim.from_lost_worker(row))
             elif row.status in claim.TAKEABLE:
                 taken = self._take(row, claim.from_waiting(now))
@@ -171,12 +177,29 @@ class MessageProcessor:
         return claim.take(row, self.worker, self.config.claim_lease, condition, count_attempt)
 
     def _worker_lost(self, row: MessageLog, message: IncomingMessage) -> Disposition:
+        self._keep_lost_attempt(row)
         if not self._take(row, claim.from_lost_worker(row), count_attempt=False):
             return retry_later(RETRY_BASE)  # someone else took it meanwhile; look again later
-        self._fail_row(row, CarrotError(
-            f'worker lost after {row.attempts} attempts: the process running this task died or lost its '
-            f'connection each time (CARROT["max_attempts"] is {self.config.max_attempts})'))
+        self._fail_row(row, WorkerLost(
+            f'worker lost after {row.attempts - row.retries} attempts: the process running this task died or '
+            f'lost its connection each time (CARROT["max_attempts"] is {self.config.max_attempts})'))
         return DEAD_LETTER
+
+    def _keep_lost_attempt(self, row: MessageLog) -> None:
+        """Keep the attempt of a dead worker (before a claim overwrites its worker and start)."""
+        self._keep_attempt(row, TaskAttempt.LOST, exception_class=exception_class_path(WorkerLost()),
+                           exception=f'worker lost: {row.worker} died or lost its connection while it ran the task',
+                           finished=None)
+
+    def _keep_attempt(self, row: MessageLog, outcome: str, finished=False, **fields) -> None:
+        """Keep the attempt `row` holds now as a TaskAttempt; a database that refuses it costs the history
+        that one line, never the task's result."""
+        finished = timezone.now() if finished is False else finished
+        try:
+            self._database(lambda: record_attempt(row, outcome, self.config.max_stored_text, finished=finished,
+                                                  **fields), 'recording the attempt', interruptible=False)
+        except DatabaseError:
+            self.logger.exception('%s: attempt %d of %s could not be kept', self.name, row.attempts, row.uuid)
 
     def renew_lease(self, message_id: str) -> bool:
         """Push the lease of a row this worker holds forward (called from the connection thread)."""
@@ -190,12 +213,20 @@ class MessageProcessor:
         try:
             func = registry.get_task(message.task)
         except TaskNotRegistered as exc:
+            self._keep_attempt(row, TaskAttempt.FAILED, exception_class=exception_class_path(exc),
+                               exception=str(exc))
             self._fail_row(row, exc)
             return DEAD_LETTER
         outcome = self.run(func, list(message.args), dict(message.kwargs),
                            log_limit=self.config.max_stored_text)
         row.log = outcome.log
         if not outcome.succeeded:
+            delay = retry.next_delay(retry.policy_for(message.task, func, self.config), outcome.error,
+                                     row.retries)
+            if delay is not None:
+                return self._retry(row, message, outcome, delay)
+            self._keep_attempt(row, TaskAttempt.FAILED, exception_class=outcome.exception_class,
+                               exception=outcome.exception, traceback=outcome.traceback, log=outcome.log)
             row.traceback = outcome.traceback
             self._fail_row(row, outcome.exception)
             return DEAD_LETTER
@@ -206,6 +237,20 @@ class MessageProcessor:
         self.save(row, interruptible=False)
         self.logger.info('%s: %s (%s) completed', self.name, message.shown_task, row.uuid)
         return ACK
+
+    def _retry(self, row: MessageLog, message: IncomingMessage, outcome: TaskOutcome, delay: float) -> Disposition:
+        """Keep the failed attempt, schedule the row for the retry, and park the message until then."""
+        now = timezone.now()
+        self._keep_attempt(row, TaskAttempt.RETRIED, exception_class=outcome.exception_class,
+                           exception=outcome.exception, traceback=outcome.traceback, log=outcome.log, finished=now)
+        row.status = MessageLog.SCHEDULED
+        row.run_after = now + timedelta(seconds=delay)
+        row.retries += 1
+        row.exception, row.traceback, row.lease_expires = outcome.exception, outcome.traceback, None
+        self.save(row, interruptible=False)
+        self.logger.warning('%s: %s (%s) failed (%s); retry %d in %.1fs', self.name, message.shown_task, row.uuid,
+                            text.for_log(outcome.exception, 200), row.retries, delay)
+        return retry_later(delay)
 
     def _fail_row(self, row: MessageLog, err) -> None:
         """FAILED through the consumer's fail() (1.x extension point: failure callbacks run there)."""

@@ -19,6 +19,8 @@ class TaskOutcome:
     exception: str = ''
     traceback: str = ''
     log: str = ''
+    exception_class: str = ''              # the dotted path of the exception's class
+    error: BaseException | None = None     # what the task raised; None when a retry cannot help
 
 
 class _ThreadCapture(logging.Handler):
@@ -80,6 +82,7 @@ def run_task(func: Callable, args: list, kwargs: dict, log_limit: int | None = N
             outcome = _failure(exc)
             if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
                 outcome.exception = f'the message arguments do not fit the task: {exc}'
+                outcome.error = None  # the message's fault: the same call fails the same way again
             return _with_log(outcome, capture)
         except (Exception, SystemExit) as exc:
             return _with_log(_failure(exc), capture)
@@ -97,7 +100,13 @@ def _failure(exc: BaseException) -> TaskOutcome:
         trace = ''.join(traceback.format_exception(exc))
     except Exception:
         trace = ''
-    return TaskOutcome(succeeded=False, exception=described, traceback=trace)
+    return TaskOutcome(succeeded=False, exception=described, traceback=trace, error=exc,
+                       exception_class=exception_class_path(exc))
+
+
+def exception_class_path(exc: BaseException) -> str:
+    kind = type(exc)
+    return f'{kind.__module__}.{kind.__qualname__}'
 
 
 def _with_log(outcome: TaskOutcome, capture: _ThreadCapture) -> TaskOutcome:
