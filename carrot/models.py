@@ -46,7 +46,13 @@ class MessageLog(models.Model):
     queue = models.CharField(max_length=200, blank=True, null=True)
     routing_key = models.CharField(max_length=200, blank=True, null=True)
     uuid = models.CharField(max_length=200, unique=True)
+    origin = models.CharField(
+        max_length=200, blank=True, default='', db_index=True,
+        help_text='The uuid this message was first published under, when it is a requeued copy: its id in '
+                  "Django's tasks API stays the same")
     priority = models.PositiveIntegerField(default=0, validators=[MaxValueValidator(255)])
+    backend = models.CharField(max_length=100, blank=True, default='',
+                               help_text="The django.tasks backend alias that enqueued it ('' for carrot's own API)")
 
     task = models.CharField(max_length=200, help_text='The dotted path of the task function')
     task_args = models.TextField(null=True, blank=True, verbose_name='Task positional arguments')

@@ -10,7 +10,11 @@ broker, so carrot never imports or runs whatever a message names. A task is
   system``) and a wrapper built there (``run = _wrap(subprocess.call)``) are not tasks; or
 - a function decorated with ``@carrot.task``, in any module. A decorated task in a module of an installed
   app is found on demand: when a message names it, that module is imported, and the task accepted only if
-  importing it registered that name by decorator.
+  importing it registered that name by decorator; or
+- a ``django.tasks`` Task (``@task`` of Django 6, or of the django-tasks backport) whose function is a
+  public function defined at module level, under that very name, in a tasks module or a module of an
+  installed app: the module attribute is then the Task object, and carrot runs it the way Django's tasks
+  API does (carrot.consume.djangotask).
 
 Nothing outside installed apps and ``CARROT['task_modules']`` is ever imported because a message names
 it. The same rule holds for publishing, consuming, requeue, the scheduler and ``registered_task_names()``,
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import threading
 from typing import Callable
 
@@ -35,8 +40,24 @@ HOW_TO_REGISTER = ("put it in an installed app's tasks.py, list its module in CA
 
 
 def task_path(func: Callable) -> str:
-    """The dotted path a message uses for `func`."""
+    """The dotted path a message uses for `func` (a function, or a django.tasks Task: its function's)."""
+    django_task_object = django_task(func)
+    if django_task_object is not None:
+        func = django_task_object.func
     return f'{func.__module__}.{func.__qualname__}'
+
+
+_DJANGO_TASK_MODULES = ('django.tasks.base', 'django_tasks.base')
+
+
+def django_task(value):
+    """`value` if it is a django.tasks Task object (Django 6, or the django-tasks backport), else None.
+    Nothing is imported: a Task object exists only once its module was."""
+    for name in _DJANGO_TASK_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(value, module.Task):
+            return value
+    return None
 
 
 def task(func: Callable | None = None, *, name: str | None = None, max_retries: int | None = None,
@@ -138,6 +159,8 @@ def why_not_a_task(module_name: str, attribute: str, value) -> str | None:
     where = f'{module_name}.{attribute}'
     if attribute.startswith('_'):
         return f"{where} starts with '_': private helpers are not tasks"
+    if django_task(value) is not None:
+        value = value.func  # a django.tasks Task: its function must be one of the module's own
     if not inspect.isfunction(value):
         return (f'{where} is a {type(value).__name__}, not a function: classes, callable objects and '
                 f'builtins are not tasks')
@@ -189,13 +212,16 @@ def get_task(path: str) -> Callable:
         raise TaskNotRegistered(f'task {path} is not registered: {module_name} is private (a part of its '
                                 f"name starts with '_'), so carrot does not import it to look for "
                                 f'@carrot.task functions')
-    # A module of an installed app may hold @carrot.task functions nobody imported yet.
-    _import_task_module(path, module_name)
+    # A module of an installed app may hold @carrot.task functions (or django.tasks Tasks) nobody imported yet.
+    module = _import_task_module(path, module_name)
     func = _decorated_task(path)
     if func is None:
+        value = getattr(module, attribute, None)
+        if django_task(value) is not None and why_not_a_task(module_name, attribute, value) is None:
+            return value
         raise TaskNotRegistered(
             f'task {path} is not registered: {module_name} (of installed app {app}) is not a tasks module, '
-            f'and it has no function {attribute!r} decorated with @carrot.task')
+            f'and it has no function {attribute!r} decorated with @carrot.task (or a django.tasks @task)')
     return func
 
 
@@ -223,7 +249,13 @@ def _task_from_task_module(path: str, module_name: str, attribute: str) -> Calla
 
 def call_problem(func: Callable, args, kwargs) -> str | None:
     """Why `func(*args, **kwargs)` cannot be called as written (a wrong count or name of arguments), or
-    None. Checked when a call is published or scheduled, so a mistake is reported to whoever made it."""
+    None. Checked when a call is published or scheduled, so a mistake is reported to whoever made it. A
+    django.tasks Task that takes context gets its context from the worker, before the arguments."""
+    django_task_object = django_task(func)
+    if django_task_object is not None:
+        func = django_task_object.func
+        if django_task_object.takes_context:
+            args = (None, *args)
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):  # no signature to check against: the run will tell

@@ -42,7 +42,7 @@ from carrot import registry, text
 from carrot.amqp.disposition import ACK, DEAD_LETTER, REQUEUE, Disposition, adopt, retry_later
 from carrot.amqp.wire import IncomingMessage
 from carrot.config import CarrotConfig, QueueConfig
-from carrot.consume import claim, retry
+from carrot.consume import claim, djangotask, retry
 from carrot.consume.dbretry import DatabaseRetry, StopRequested, drop_broken_connections
 from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, get_or_insert_row, insert_row, record_attempt,
                                     same_call, set_failed_fields)
@@ -217,7 +217,9 @@ class MessageProcessor:
                                exception=str(exc))
             self._fail_row(row, exc)
             return DEAD_LETTER
-        outcome = self.run(func, list(message.args), dict(message.kwargs),
+        # A django.tasks Task runs the way Django's tasks API says (context, signals, strict JSON).
+        django_run = djangotask.DjangoRun(func, row, self.config) if registry.django_task(func) else None
+        outcome = self.run(django_run or func, list(message.args), dict(message.kwargs),
                            log_limit=self.config.max_stored_text)
         row.log = outcome.log
         if not outcome.succeeded:
@@ -229,12 +231,16 @@ class MessageProcessor:
                                exception=outcome.exception, traceback=outcome.traceback, log=outcome.log)
             row.traceback = outcome.traceback
             self._fail_row(row, outcome.exception)
+            if django_run is not None:
+                django_run.finished(row)
             return DEAD_LETTER
         row.status = MessageLog.COMPLETED
         row.completion_time = timezone.now()
         row.output = outcome.output
         row.lease_expires = None
         self.save(row, interruptible=False)
+        if django_run is not None:
+            django_run.finished(row)
         self.logger.info('%s: %s (%s) completed', self.name, message.shown_task, row.uuid)
         return ACK
 

@@ -1,12 +1,15 @@
 """The one place that runs a task: call it, capture what it logs, and describe how it ended."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
 import traceback
 from dataclasses import dataclass
 from typing import Callable
+
+from asgiref.sync import async_to_sync
 
 TASK_LOGGER = 'carrot'
 LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
@@ -75,7 +78,10 @@ def run_task(func: Callable, args: list, kwargs: dict, log_limit: int | None = N
     logger.addHandler(capture)
     try:
         try:
-            value = func(*args, **kwargs)
+            if inspect.iscoroutinefunction(func):  # an async def task runs to completion here
+                value = async_to_sync(func)(*args, **kwargs)
+            else:
+                value = func(*args, **kwargs)
         except TypeError as exc:
             # A TypeError raised by the call itself (wrong arguments) is the message's fault, not the
             # task's; say so. One raised inside the task keeps its own traceback below.

@@ -43,11 +43,15 @@ logger = logging.getLogger('carrot.publishing')
 UNSENDABLE = (InvalidCall, CarrotConfigException, MessageRejected)
 
 
-def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: bool | None = None) -> MessageLog:
+def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: bool | None = None,
+            on_enqueued: Callable[[MessageLog], None] | None = None) -> MessageLog:
     """Write the row (WAITING), then send: now, or when the surrounding transaction commits.
 
     Returns the row: PUBLISHED once RabbitMQ has it, WAITING while it waits for the broker or the commit.
-    ``store_and_forward=None`` means CARROT['store_and_forward'].
+    ``store_and_forward=None`` means CARROT['store_and_forward']. ``on_enqueued(row)`` is called once the
+    task is sure to be delivered, never after a rollback: with store-and-forward when its row is
+    committed, before the send (so before any worker can start it); without, once RabbitMQ has it.
+    django.tasks' task_enqueued is sent there.
     """
     if store_and_forward is None:
         store_and_forward = get_config().store_and_forward
@@ -55,11 +59,20 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
 
     connection = transaction.get_connection(MessageLog.objects.db)
     if on_commit and connection.in_atomic_block:
-        transaction.on_commit(lambda: _send_after_commit(message, log, store_and_forward),
+        transaction.on_commit(lambda: _send_after_commit(message, log, store_and_forward, on_enqueued),
                               using=MessageLog.objects.db)
     else:
-        send(message, log, store_and_forward=store_and_forward)
+        _deliver(message, log, store_and_forward, on_enqueued)
     return log
+
+
+def _deliver(message: Outgoing, log: MessageLog, store_and_forward: bool,
+             on_enqueued: Callable[[MessageLog], None] | None) -> None:
+    if on_enqueued is not None and store_and_forward:
+        on_enqueued(log)  # the committed row is enough: the relay sends it if this send cannot
+    send(message, log, store_and_forward=store_and_forward)
+    if on_enqueued is not None and not store_and_forward:
+        on_enqueued(log)
 
 
 def _write_row(message: Outgoing) -> MessageLog:
@@ -68,7 +81,8 @@ def _write_row(message: Outgoing) -> MessageLog:
         return MessageLog.objects.create(
             status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
             routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
-            task_args=task_args, content=content, publish_time=timezone.now(), run_after=message.run_after)
+            task_args=task_args, content=content, publish_time=timezone.now(), run_after=message.run_after,
+            backend=message.backend, origin=message.origin)
     except DatabaseError as exc:
         if tables_missing(exc):
             raise NotMigrated(f"carrot's tables are missing from database {MessageLog.objects.db!r} "
@@ -76,11 +90,12 @@ def _write_row(message: Outgoing) -> MessageLog:
         raise
 
 
-def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bool) -> None:
+def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bool,
+                       on_enqueued: Callable[[MessageLog], None] | None) -> None:
     # The caller's transaction has committed: raising here would reach whoever committed, long after
     # publish_message returned. The row says what happened, and the log file too.
     try:
-        send(message, log, store_and_forward=store_and_forward)
+        _deliver(message, log, store_and_forward, on_enqueued)
     except Exception:
         logger.exception('publishing %s (%s) after commit failed', message.task, message.uuid)
 
@@ -131,11 +146,12 @@ def fail_unsent(log: MessageLog, exc: Exception, from_status: str = MessageLog.W
 
 def publish(task: str | Callable, args: tuple = (), kwargs: dict | None = None, *, queue: str | None = None,
             exchange: str = '', routing_key: str | None = None, priority: int = 0, on_commit: bool = True,
-            store_and_forward: bool | None = None, run_after=None, countdown: float | None = None) -> MessageLog:
+            store_and_forward: bool | None = None, run_after=None, countdown: float | None = None,
+            backend: str = '', on_enqueued: Callable[[MessageLog], None] | None = None) -> MessageLog:
     """prepare() then enqueue(): the whole publish. See carrot.utilities.publish_message."""
     message = prepare(task, args, kwargs, queue=queue, exchange=exchange, routing_key=routing_key,
-                      priority=priority, run_after=run_after, countdown=countdown)
-    return enqueue(message, on_commit=on_commit, store_and_forward=store_and_forward)
+                      priority=priority, run_after=run_after, countdown=countdown, backend=backend)
+    return enqueue(message, on_commit=on_commit, store_and_forward=store_and_forward, on_enqueued=on_enqueued)
 
 
 def requeue(log: MessageLog) -> MessageLog:
@@ -143,7 +159,8 @@ def requeue(log: MessageLog) -> MessageLog:
     there is never a moment with both rows or with neither, and the copy is sent once that commits."""
     args, kwargs = arguments.load_logged(log.task_args, log.content)
     message = prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
-                      routing_key=log.routing_key or None, priority=log.priority)
+                      routing_key=log.routing_key or None, priority=log.priority, backend=log.backend,
+                      origin=log.origin or log.uuid)
     with transaction.atomic(using=MessageLog.objects.db):
         copy = enqueue(message)
         if log.pk:
@@ -180,4 +197,4 @@ def outgoing_from_row(log: MessageLog) -> Outgoing:
     args, kwargs = arguments.load_logged(log.task_args, log.content)
     return prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
                    routing_key=log.routing_key or None, priority=log.priority, message_id=log.uuid,
-                   run_after=log.run_after)
+                   run_after=log.run_after, backend=log.backend, origin=log.origin)

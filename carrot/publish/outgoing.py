@@ -32,6 +32,8 @@ class Outgoing:
     uuid: str = field(default_factory=lambda: str(uuid_module.uuid4()))
     body: bytes = b''
     run_after: datetime | None = None  # the earliest it may run; None: at once
+    backend: str = ''     # the django.tasks backend alias that enqueued it ('' for carrot's own API)
+    origin: str = ''      # the uuid of the message this one is a requeued copy of (its first)
 
     @property
     def properties(self) -> dict:
@@ -103,7 +105,7 @@ def run_after_of(run_after: datetime | None, countdown: float | None) -> datetim
 def prepare(task: str | Callable, args: tuple = (), kwargs: dict | None = None, *, queue: str | None = None,
             exchange: str = '', routing_key: str | None = None, priority: int = 0,
             message_id: str | None = None, run_after: datetime | None = None,
-            countdown: float | None = None) -> Outgoing:
+            countdown: float | None = None, backend: str = '', origin: str = '') -> Outgoing:
     """Check a task call and build the message. Raises InvalidCall (TaskNotRegistered, NotSerialisable,
     a priority out of range, UnknownQueue, a naive run_after ...) or MessageTooLarge; nothing is written
     before this."""
@@ -121,4 +123,5 @@ def prepare(task: str | Callable, args: tuple = (), kwargs: dict | None = None, 
     extra = {'uuid': message_id} if message_id else {}
     return Outgoing(task=path, args=args, kwargs=kwargs, queue=queue_name, exchange=exchange or '',
                     routing_key=routing_key or queue_name, priority=priority,
-                    body=encode(path, args, kwargs), run_after=run_after, **extra)
+                    body=encode(path, args, kwargs), run_after=run_after, backend=backend, origin=origin,
+                    **extra)
