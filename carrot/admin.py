@@ -1,9 +1,10 @@
 """carrot in the Django admin: task logs (read, requeue, never added by hand) and scheduled tasks
-(validated on save by ScheduledTask.clean(), run now, activate/deactivate)."""
+(validated on save by ScheduledTask.clean(), run now, activate/deactivate); the other carrot's Task rows
+(created here, they run) and Worker rows (queues with a concurrency; the supervisor takes them on HUP)."""
 from django.contrib import admin, messages
 
 from carrot.exceptions import CarrotError
-from carrot.models import MessageLog, ScheduledTask, SupervisorStatus, TaskAttempt
+from carrot.models import MessageLog, ScheduledTask, SupervisorStatus, Task, TaskAttempt, Worker
 
 
 class TaskAttemptInline(admin.TabularInline):
@@ -97,3 +98,26 @@ class SupervisorStatusAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+
+@admin.register(Worker)
+class WorkerAdmin(admin.ModelAdmin):
+    list_display = ('name', 'concurrency', 'enabled', 'description')
+    list_filter = ('enabled',)
+    search_fields = ('name', 'description')
+
+
+@admin.register(Task)
+class TaskAdmin(admin.ModelAdmin):
+    list_display = ('kallable', 'worker', 'status_display', 'created_on', 'started_on', 'completed_on')
+    list_filter = ('worker',)
+    search_fields = ('kallable', 'message_id')
+    readonly_fields = ('message_id', 'status_display', 'started_on', 'completed_on', 'message')
+
+    def get_readonly_fields(self, request, obj=None):
+        # Once created, a Task is sent: what it runs cannot change any more.
+        return self.readonly_fields + (('kallable', 'args', 'kwargs', 'worker') if obj is not None else ())
+
+    @admin.display(description='Status')
+    def status_display(self, task):
+        return task.get_status_display()

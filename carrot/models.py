@@ -1,4 +1,5 @@
-"""What carrot keeps in the project's database: a log row per message, and interval schedules."""
+"""What carrot keeps in the project's database: a log row per message (and the attempts that did not
+succeed), interval schedules, supervisor statuses, and the other carrot's Task and Worker rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ class Operations:
     CarrotAppConfig.ready() (carrot/apps.py) hands the two operations over here."""
     requeue: Callable | None = None           # carrot.publish.outbox.requeue(log)
     publish_schedule: Callable | None = None  # carrot.schedule.scheduler.publish_run(schedule, priority)
+    send_waiting: Callable | None = None      # carrot.publish.relay.send_now(log): a created Task's message
 
 
 operations = Operations()
@@ -270,3 +272,125 @@ class SupervisorStatus(models.Model):
 
     def __str__(self):
         return self.name
+
+
+# -- the other "carrot" (djangocarrot): Task rows and Worker rows ---------------------------------------------
+#
+# People who come from that project create a Task row to run a function and Worker rows for queues with a
+# concurrency of their own. Here a Task row is the request as it was written (kallable, args, kwargs,
+# worker); creating one writes its MessageLog row (WAITING) in the same transaction, and that row is the
+# one source of truth for everything after: carrot sends it once the transaction commits (or the relay
+# does: store-and-forward), the allowlist applies, and status, dates and output are read from it.
+
+class Worker(models.Model):
+    """A queue of its own, consumed with `concurrency` worker processes: carrot-supervisor adds the Worker
+    rows to CARROT['queues'] when it starts and on every HUP (a name in both is a check error, carrot.E009).
+    Its queue is on the default broker; `enabled=False` keeps it unconsumed (tasks for it wait)."""
+    name = models.CharField(max_length=200, unique=True, help_text='The queue name')
+    concurrency = models.PositiveIntegerField(default=4, help_text='Worker processes for this queue')
+    description = models.TextField(blank=True, default='')
+    enabled = models.BooleanField(default=True, help_text='Whether carrot-supervisor consumes this queue')
+
+    class Meta:
+        ordering = ('name',)
+
+    def __str__(self):
+        return self.name
+
+    def clean(self):
+        from django.core.exceptions import ValidationError
+
+        from carrot.config import get_config
+        if any(queue.name == self.name for queue in get_config().queues):
+            raise ValidationError({'name': f"{self.name!r} is a queue of CARROT['queues'] already"})
+        if not self.concurrency:
+            raise ValidationError({'concurrency': 'at least 1'})
+
+
+def worker_queues(config) -> tuple:
+    """The queues of the Worker rows, for carrot.config (CarrotConfig.queue and all_queues). A database
+    that cannot be read now -- not migrated, unreachable, or not to be used here (before the apps are
+    ready, a test without one) -- adds none."""
+    from carrot.config import QueueConfig
+    try:
+        rows = list(Worker.objects.values_list('name', 'concurrency', 'enabled'))
+    except Exception:
+        return ()
+    return tuple(QueueConfig(name=name, broker=config.default_broker, concurrency=max(1, concurrency),
+                             consumable=enabled) for name, concurrency, enabled in rows)
+
+
+class Task(models.Model):
+    """``Task.objects.create(kallable='myapp.tasks.process', args=[...], kwargs={...}, worker='files')``
+    runs ``kallable(*args, **kwargs)`` on the queue `worker` names (a Worker, or a CARROT queue; default
+    ``default``). The row keeps the request; `log` is its MessageLog, where the rest is kept."""
+    kallable = models.CharField(max_length=200, help_text='The dotted path of a registered task')
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    worker = models.CharField(max_length=200, default='default', help_text='The queue (a Worker) to run it on')
+    created_on = models.DateTimeField(auto_now_add=True)
+    message_id = models.CharField(max_length=200, blank=True, default='', editable=False,
+                                  help_text='The uuid of its MessageLog')
+
+    class Meta:
+        ordering = ('-created_on', '-id')
+
+    def __str__(self):
+        return self.kallable
+
+    def save(self, *args, **kwargs):
+        """Creating a Task writes its MessageLog (WAITING) in the same transaction; the message is sent
+        once that commits. Saving it again changes nothing that was sent."""
+        from django.db import transaction
+        from django.utils import timezone
+
+        if isinstance(self.worker, Worker):
+            self.worker = self.worker.name
+        self.worker = self.worker or 'default'
+        if not self._state.adding or self.message_id:
+            return super().save(*args, **kwargs)
+        import json
+        import uuid
+        with transaction.atomic(using=MessageLog.objects.db):
+            log = MessageLog.objects.create(
+                status=MessageLog.WAITING, queue=self.worker, routing_key=self.worker, exchange='',
+                uuid=str(uuid.uuid4()), task=str(self.kallable)[:200],
+                task_args=json.dumps(list(self.args or [])), content=json.dumps(dict(self.kwargs or {})),
+                publish_time=timezone.now())
+            self.message_id = log.uuid
+            super().save(*args, **kwargs)
+            if operations.send_waiting is not None:
+                transaction.on_commit(lambda: operations.send_waiting(log), using=MessageLog.objects.db)
+
+    @property
+    def log(self) -> MessageLog | None:
+        """Its MessageLog (the requeued copy, after a requeue)."""
+        if not self.message_id:
+            return None
+        return MessageLog.objects.filter(models.Q(uuid=self.message_id) | models.Q(origin=self.message_id)) \
+            .order_by('-id').first()
+
+    @property
+    def status(self) -> str:
+        log = self.log
+        return log.status if log is not None else ''
+
+    def get_status_display(self) -> str:
+        log = self.log
+        return log.get_status_display() if log is not None else 'Unknown (its log was deleted)'
+
+    @property
+    def started_on(self):
+        log = self.log
+        return log.started_time if log is not None else None
+
+    @property
+    def completed_on(self):
+        log = self.log
+        return (log.completion_time or log.failure_time) if log is not None else None
+
+    @property
+    def message(self) -> str:
+        """Why it failed, when it did."""
+        log = self.log
+        return (log.exception or '') if log is not None else ''

@@ -6,6 +6,7 @@ them from settings. No Django and no pika at import time: the supervisor master 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import quote
 
 from carrot.config.options import SupervisorSettings
@@ -112,17 +113,43 @@ class CarrotConfig(SupervisorSettings):
     retry_backoff_max: float = 3600.0  # the longest wait between two tries
 
     def queue(self, name: str | None) -> QueueConfig:
-        """The queue called `name` (None means the default queue)."""
+        """The queue called `name` (None means the default queue): one of CARROT['queues'], or of the
+        Worker rows (carrot.models.Worker)."""
         name = name or DEFAULT_QUEUE
         for queue in self.queues:
             if queue.name == name:
                 return queue
-        known = ', '.join(repr(q.name) for q in self.queues)
+        extra = extra_queues(self)
+        for queue in extra:
+            if queue.name == name:
+                return queue
+        known = ', '.join(repr(q.name) for q in (*self.queues, *extra))
         raise UnknownQueue(
             f"there is no queue called {name!r} in CARROT['queues'] (configured: {known})")
 
     @property
+    def all_queues(self) -> tuple[QueueConfig, ...]:
+        """CARROT['queues'], then the queues of Worker rows (read from the database now) that CARROT does
+        not name."""
+        names = {q.name for q in self.queues}
+        return self.queues + tuple(q for q in extra_queues(self) if q.name not in names)
+
+    @property
     def consumable_queues(self) -> tuple[QueueConfig, ...]:
-        return tuple(q for q in self.queues if q.consumable)
+        return tuple(q for q in self.all_queues if q.consumable)
+
+
+# Where queues besides CARROT['queues'] come from: carrot.models.worker_queues (the Worker rows), set by
+# CarrotAppConfig.ready(), so this module needs neither Django nor the models.
+_queue_source: Callable[[CarrotConfig], tuple[QueueConfig, ...]] | None = None
+
+
+def set_queue_source(source: Callable[[CarrotConfig], tuple[QueueConfig, ...]] | None) -> None:
+    global _queue_source
+    _queue_source = source
+
+
+def extra_queues(config: CarrotConfig) -> tuple[QueueConfig, ...]:
+    return _queue_source(config) if _queue_source is not None else ()
 
 

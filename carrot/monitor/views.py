@@ -39,7 +39,7 @@ def _filters(request) -> tuple[str, str]:
 
 def _queue_names() -> list[str]:
     from carrot.config import get_config
-    return [queue.name for queue in get_config().queues]
+    return [queue.name for queue in get_config().all_queues]
 
 
 def _context(request, active: str, **extra) -> dict:

@@ -94,6 +94,17 @@ def give_up(log: MessageLog, exc: Exception, from_status: str = MessageLog.WAITI
     logger.error('relay: %s (%s) cannot be sent and is marked FAILED: %s', log.task, log.uuid, exc)
 
 
+def send_now(log: MessageLog) -> None:
+    """Send a WAITING row at once, after the commit that wrote it (a created carrot.models.Task): what
+    cannot be sent now waits for the relay, and a row that can never be sent is FAILED saying why."""
+    try:
+        send_waiting(log)
+    except MessageRejected as exc:
+        logger.error('%s (%s) cannot be sent: %s', log.task, log.uuid, exc)
+    except BrokerUnavailable:
+        pass  # the row waits; the relay sends it
+
+
 def send_waiting(log: MessageLog) -> None:
     """Send one WAITING row now (the monitor's "send now"), with its own uuid. BrokerUnavailable when the
     broker still cannot take it (the row keeps waiting); MessageRejected when it never will (FAILED). A

@@ -96,8 +96,9 @@ def read_settings(settings_module: str, check_brokers: bool = False, loglevel: s
     if problems:
         raise SettingsUnreadable('\n'.join(problems))
     options = settings_values(config)
+    # The Worker rows (carrot.models.Worker) are queues too: read at every start and every reload (HUP).
     return SettingsSummary(
-        queues=tuple(QueueSummary(q.name, q.concurrency, q.consumable, str(q.broker)) for q in config.queues),
+        queues=tuple(QueueSummary(q.name, q.concurrency, q.consumable, str(q.broker)) for q in config.all_queues),
         options=options, broker_errors=tuple(broker_errors(config)) if check_brokers else ())
 
 
