@@ -111,7 +111,8 @@ class Retry(Exception):
     """
 
     def __init__(self, reason: str = '', *, delay: float | None = None):
-        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0):
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                                  or not 0 <= delay < float('inf')):
             raise TypeError(f'Retry(delay=...) takes a number of seconds >= 0, got {delay!r}')
         super().__init__(reason or (f'retry in {delay:g}s' if delay is not None else 'retry requested'))
         self.delay = delay

@@ -55,6 +55,9 @@ def test_a_task_may_ask_for_a_retry_with_a_delay_of_its_own():
     assert retry.next_delay(policy(max_retries=0, explicit_max=3), Retry(delay=1), 3) is None
     with pytest.raises(TypeError):
         Retry(delay=-1)
+    with pytest.raises(TypeError):
+        Retry(delay=float('inf'))
+    assert retry.next_delay(policy(), Retry(delay=1e300), 0) == retry.LONGEST  # a datetime can hold it
 
 
 @pytest.mark.no_broker

@@ -98,7 +98,12 @@ class Publisher:
                                 self.broker, type(exc).__name__)
 
     def _repair_levels(self, channel, levels: int) -> None:
-        fixed = repair_delays(channel, levels)
+        try:
+            fixed = repair_delays(channel, levels)
+        except CONNECTION_ERRORS + (pe.AMQPError,) as exc:
+            self._forget_connection()
+            raise BrokerUnavailable(f'cannot repair the delay levels on {self.broker}: '
+                                    f'{describe_connection_error(exc, self.broker)}') from None
         logger.error('a delay level on %s refused a message; replaced the levels RabbitMQ no longer ran: '
                      '%s', self.broker, ', '.join(map(delays.level_name, fixed)) or 'none')
 

@@ -15,7 +15,7 @@ from carrot.publish import arguments
 
 # What a reduced row writes: the outcome, without the texts the database may have refused.
 REDUCED_FIELDS = ('status', 'completion_time', 'failure_time', 'lease_expires', 'output', 'log',
-                  'traceback', 'exception')
+                  'traceback', 'exception', 'run_after', 'retries')
 
 
 def new_row(message: IncomingMessage, queue: QueueConfig, message_id: str, limit: int) -> MessageLog:

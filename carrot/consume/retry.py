@@ -32,6 +32,7 @@ logger = logging.getLogger('carrot.consumer')
 
 JITTER = 0.2                # up to this fraction of the backoff is added at random
 EXPLICIT_RETRIES = 3        # the retries a task that raises Retry gets when it sets no max_retries
+LONGEST = 2.0 ** 31         # seconds (68 years): no wait is longer, whatever a task asks
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,12 @@ def next_delay(policy: RetryPolicy, error: BaseException | None, retries: int,
     if isinstance(error, Retry):
         if retries >= policy.explicit_max:
             return None
-        return float(error.delay) if error.delay is not None else backoff(policy, error, retry, rng)
-    if retries >= policy.max_retries or not isinstance(error, policy.retry_on):
+        wait = float(error.delay) if error.delay is not None else backoff(policy, error, retry, rng)
+    elif retries >= policy.max_retries or not isinstance(error, policy.retry_on):
         return None
-    return backoff(policy, error, retry, rng)
+    else:
+        wait = backoff(policy, error, retry, rng)
+    return None if wait is None else min(wait, LONGEST)
 
 
 def backoff(policy: RetryPolicy, error: BaseException, retry: int, rng: random.Random | None = None) -> float | None:
@@ -85,7 +88,7 @@ def backoff(policy: RetryPolicy, error: BaseException, retry: int, rng: random.R
             return None
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float('inf'):
             logger.error('retry_backoff %r returned %r, not seconds >= 0 or None; the task is not retried',
                          policy.backoff, value)
             return None
