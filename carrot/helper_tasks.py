@@ -24,7 +24,7 @@ def cleanup(days: float | None = None, failed_days: float | None = None) -> int:
     from django.db.models import Q
 
     from carrot.config import get_config
-    from carrot.models import MessageLog
+    from carrot.models import MessageLog, Task
 
     config = get_config()
     days = config.cleanup_after_days if days is None else days
@@ -40,4 +40,12 @@ def cleanup(days: float | None = None, failed_days: float | None = None) -> int:
             Q(failure_time__lt=cutoff) | Q(failure_time__isnull=True, publish_time__lt=cutoff),
             Q(run_after__isnull=True) | Q(run_after__lt=now),
             status=MessageLog.FAILED).delete()[0]
+    if days and failed_days:
+        # The other carrot's Task rows (carrot.models.Task) whose log is gone: the request of a task that
+        # ran long ago. Only rows older than both ages are looked at.
+        cutoff = now - timedelta(days=max(days, failed_days))
+        gone = Task.objects.filter(created_on__lt=cutoff).exclude(
+            message_id__in=MessageLog.objects.values('uuid')).exclude(
+            message_id__in=MessageLog.objects.exclude(origin='').values('origin'))
+        deleted += gone.delete()[0]
     return deleted

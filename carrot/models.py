@@ -2,6 +2,8 @@
 succeed), interval schedules, supervisor statuses, and the other carrot's Task and Worker rows."""
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
@@ -349,8 +351,6 @@ class Task(models.Model):
         self.worker = self.worker or 'default'
         if not self._state.adding or self.message_id:
             return super().save(*args, **kwargs)
-        import json
-        import uuid
         with transaction.atomic(using=MessageLog.objects.db):
             log = MessageLog.objects.create(
                 status=MessageLog.WAITING, queue=self.worker, routing_key=self.worker, exchange='',

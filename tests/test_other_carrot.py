@@ -108,3 +108,18 @@ def test_worker_service_runs_the_supervisor_in_the_foreground(subprocess_env, tm
         assert 'fast stop' not in (tmp_path / 'w.log').read_text()
     finally:
         service.stop()
+
+
+def test_cleanup_deletes_task_rows_whose_log_it_deleted():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from carrot.helper_tasks import cleanup
+    old = timezone.now() - timedelta(days=40)
+    done = Task.objects.create(kallable='tests.testapp.tasks.add', args=[1, 2])
+    recent = Task.objects.create(kallable='tests.testapp.tasks.add', args=[3, 4])
+    Task.objects.filter(pk=done.pk).update(created_on=old)
+    MessageLog.objects.filter(uuid=done.message_id).update(status='COMPLETED', completion_time=old)
+    assert cleanup() == 2  # the completed log, then its Task
+    assert list(Task.objects.all()) == [recent] and recent.log is not None

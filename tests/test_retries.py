@@ -208,3 +208,22 @@ def test_retries_are_not_counted_as_lost_workers(subprocess_env):
     assert (log.status, log.attempts) == ('IN_PROGRESS', 7)
     assert [(a.number, a.outcome) for a in log.past_attempts.all()] == [(6, 'LOST')]
     assert log.past_attempts.get().exception_class == 'carrot.exceptions.WorkerLost'
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(120)
+def test_a_worker_killed_between_scheduling_a_retry_and_parking_it_runs_the_retry_once(start_supervisor,
+                                                                                      subprocess_env, tmp_path):
+    marker, died = tmp_path / 'runs', tmp_path / 'died'
+    supervisor = start_supervisor(
+        extra="CARROT['queues'][0]['consumer_class'] = 'tests.testapp.consumers.DiesBeforeParking'\n",
+        env=dict(subprocess_env, CARROT_TEST_DIE_MARKER=str(died)))
+    supervisor.wait_ready(['consumer default#1', 'consumer other#1'], timeout=60)
+    log = publish_message(tasks.flaky, str(marker), 1)
+    supervisor.wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'COMPLETED', 60, 'the retry to run')
+    assert died.exists()  # the first worker did die in between
+    log.refresh_from_db()
+    assert (log.retries, log.attempts, log.output) == (1, 2, '2')
+    first, second = run_times(marker)
+    assert second >= log.past_attempts.get().finished_time.timestamp() + 1.0  # the retry waited its backoff
+    assert (queue_depth('default'), queue_depth('default.dead')) == (0, 0)
