@@ -1,9 +1,22 @@
 """carrot in the Django admin: task logs (read, requeue, never added by hand) and scheduled tasks
-(validated on save by ScheduledTask.clean(), run now, activate/deactivate)."""
+(validated on save by ScheduledTask.clean(), run now, activate/deactivate); the other carrot's Task rows
+(created here, they run) and Worker rows (queues with a concurrency; the supervisor takes them on HUP)."""
 from django.contrib import admin, messages
 
 from carrot.exceptions import CarrotError
-from carrot.models import MessageLog, ScheduledTask, SupervisorStatus
+from carrot.models import MessageLog, ScheduledTask, SupervisorStatus, Task, TaskAttempt, Worker
+
+
+class TaskAttemptInline(admin.TabularInline):
+    """The attempts of a task that did not succeed (see README.rst, "Retries"), read only."""
+    model = TaskAttempt
+    fields = ('number', 'outcome', 'worker', 'started_time', 'finished_time', 'exception_class', 'exception')
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(MessageLog)
@@ -13,9 +26,10 @@ class MessageLogAdmin(admin.ModelAdmin):
     list_filter = ('status', 'queue', 'task')
     search_fields = ('uuid', 'task', 'exception', 'task_args', 'content')
     date_hierarchy = 'publish_time'
-    readonly_fields = ('uuid', 'status', 'publish_time', 'started_time', 'completion_time', 'failure_time',
-                       'attempts', 'worker', 'lease_expires')
+    readonly_fields = ('uuid', 'status', 'publish_time', 'run_after', 'started_time', 'completion_time',
+                       'failure_time', 'attempts', 'retries', 'worker', 'lease_expires')
     actions = ['requeue']
+    inlines = [TaskAttemptInline]
 
     def has_add_permission(self, request):
         # A row is written by publishing a message; one typed in by hand would describe nothing real.
@@ -84,3 +98,26 @@ class SupervisorStatusAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+
+@admin.register(Worker)
+class WorkerAdmin(admin.ModelAdmin):
+    list_display = ('name', 'concurrency', 'enabled', 'description')
+    list_filter = ('enabled',)
+    search_fields = ('name', 'description')
+
+
+@admin.register(Task)
+class TaskAdmin(admin.ModelAdmin):
+    list_display = ('kallable', 'worker', 'status_display', 'created_on', 'started_on', 'completed_on')
+    list_filter = ('worker',)
+    search_fields = ('kallable', 'message_id')
+    readonly_fields = ('message_id', 'status_display', 'started_on', 'completed_on', 'message')
+
+    def get_readonly_fields(self, request, obj=None):
+        # Once created, a Task is sent: what it runs cannot change any more.
+        return self.readonly_fields + (('kallable', 'args', 'kwargs', 'worker') if obj is not None else ())
+
+    @admin.display(description='Status')
+    def status_display(self, task):
+        return task.get_status_display()

@@ -19,7 +19,9 @@ class CarrotAppConfig(AppConfig):
 
         from carrot import models
         from carrot.config import clear_config_cache
+        from carrot.config.schema import set_queue_source
         from carrot.publish.outbox import requeue
+        from carrot.publish.relay import send_now
         from carrot.schedule.builtin import schedule_cleanup_after_migrate
         from carrot.schedule.scheduler import publish_run
 
@@ -28,6 +30,8 @@ class CarrotAppConfig(AppConfig):
         post_migrate.connect(schedule_cleanup_after_migrate, sender=self, dispatch_uid='carrot-schedule-cleanup')
         models.operations.requeue = requeue
         models.operations.publish_schedule = publish_run
+        models.operations.send_waiting = send_now
+        set_queue_source(models.worker_queues)  # Worker rows are queues too
         clear_config_cache()
 
 

@@ -2,6 +2,8 @@
 
 - carrot.E001-E006: the CARROT setting (carrot/config.py parses it and names each problem).
 - carrot.E007: carrot's tables are missing from its database, or its migrations are not all applied.
+- carrot.E009: a Worker row (carrot.models.Worker) is named like a queue of CARROT['queues'].
+  (carrot.E008, a django.tasks backend's QUEUES that CARROT lacks, is the backend's own check.)
   Like Django's own database checks it runs only for the databases it is given
   (`manage.py check --database default`; Django 6 also gives every database to `check --tag carrot`);
   `run_carrot_checks()` gives it carrot's databases.
@@ -22,6 +24,7 @@ from carrot.config import E_NOT_IMPORTABLE, config_from_settings
 E_TABLES_MISSING = 'carrot.E007'
 E_QUEUE_TYPE = 'carrot.E008'
 E_QUEUE_ARGUMENTS = 'carrot.E009'
+E_WORKER_CLASH = 'carrot.E010'
 MIGRATE_HINT = 'run manage.py migrate'
 BROKER_CHECK_TIMEOUT = 3.0  # seconds per node: the queue checks must not hold up a start or a reload
 
@@ -91,6 +94,24 @@ def check_carrot_tables(app_configs=None, databases=None, **kwargs):
             errors.append(Error(f'database {alias!r} {problem}: {MIGRATE_HINT}', id=E_TABLES_MISSING,
                                 hint='python manage.py migrate (all apps, so the admin works too)'))
     return errors
+
+
+@register(Tags.database, 'carrot')
+def check_worker_rows(app_configs=None, databases=None, **kwargs):
+    """A Worker row named like a queue of CARROT['queues'] is one queue with two settings: refused."""
+    if not databases or _migrate_is_running():
+        return []
+    from django.db import DatabaseError
+
+    from carrot.models import Worker
+    config, _ = config_from_settings(settings)
+    names = {queue.name for queue in config.queues}
+    try:
+        clashes = sorted(Worker.objects.filter(name__in=names).values_list('name', flat=True))
+    except DatabaseError:  # not migrated (carrot.E007 says so) or unreachable
+        return []
+    return [Error(f"the Worker row {name!r} is named like a queue of CARROT['queues']: rename or delete one "
+                  f"of them", id=E_WORKER_CLASH) for name in clashes]
 
 
 def describe_missing_schema(alias: str) -> str | None:

@@ -16,7 +16,9 @@
      │       └─ QueueMismatchError                   a queue exists with other arguments than carrot's
      │           └─ QueueTypeMismatch                ... of another type (classic / quorum)
      ├─ BadMessage                                   a delivery that cannot be turned into a task call
-     └─ TaskTimeLimitExceeded
+     ├─ TaskTimeLimitExceeded
+     └─ WorkerLost                                   the worker running a task died or lost its connection
+    Retry                                           raised by a task: run me again later (not an error)
 
 `InvalidCall` is also a ValueError (and `NotSerialisable` a TypeError), so code written to catch the
 built-in types keeps working. `carrot.publish.outbox.UNSENDABLE` is the one tuple of "this message can
@@ -116,3 +118,23 @@ class TaskTimeLimitExceeded(CarrotError):
 
 class AlreadyRequeued(CarrotError):
     """A requeue found its row gone or changed: another requeue (or a delete) got there first."""
+
+
+class WorkerLost(CarrotError):
+    """The worker running a task died or lost its connection (an attempt's error; see max_attempts)."""
+
+
+class Retry(Exception):
+    """Raised by a task to be run again later: ``raise carrot.Retry(delay=30)``.
+
+    The attempt is recorded and the task runs again after `delay` seconds (None: the task's backoff),
+    counted in the row's retries, up to the task's ``max_retries`` (3 when it sets none). Past that the
+    task is FAILED like any other failure. `reason` is shown with the attempt.
+    """
+
+    def __init__(self, reason: str = '', *, delay: float | None = None):
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                                  or not 0 <= delay < float('inf')):
+            raise TypeError(f'Retry(delay=...) takes a number of seconds >= 0, got {delay!r}')
+        super().__init__(reason or (f'retry in {delay:g}s' if delay is not None else 'retry requested'))
+        self.delay = delay

@@ -10,7 +10,11 @@ broker, so carrot never imports or runs whatever a message names. A task is
   system``) and a wrapper built there (``run = _wrap(subprocess.call)``) are not tasks; or
 - a function decorated with ``@carrot.task``, in any module. A decorated task in a module of an installed
   app is found on demand: when a message names it, that module is imported, and the task accepted only if
-  importing it registered that name by decorator.
+  importing it registered that name by decorator; or
+- a ``django.tasks`` Task (``@task`` of Django 6, or of the django-tasks backport) whose function is a
+  public function defined at module level, under that very name, in a tasks module or a module of an
+  installed app: the module attribute is then the Task object, and carrot runs it the way Django's tasks
+  API does (carrot.consume.djangotask).
 
 Nothing outside installed apps and ``CARROT['task_modules']`` is ever imported because a message names
 it. The same rule holds for publishing, consuming, requeue, the scheduler and ``registered_task_names()``,
@@ -20,36 +24,100 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import threading
 from typing import Callable
 
 from carrot.exceptions import TaskNotRegistered
 
 _decorated: dict[str, Callable] = {}
+_options: dict[str, dict] = {}  # the retry options given to @carrot.task, by task path
 _lock = threading.Lock()
+RETRY_OPTIONS = ('max_retries', 'retry_backoff', 'retry_backoff_max', 'retry_on')
 
 HOW_TO_REGISTER = ("put it in an installed app's tasks.py, list its module in CARROT['task_modules'], "
                    "or decorate it with @carrot.task")
 
 
 def task_path(func: Callable) -> str:
-    """The dotted path a message uses for `func`."""
+    """The dotted path a message uses for `func` (a function, or a django.tasks Task: its function's)."""
+    django_task_object = django_task(func)
+    if django_task_object is not None:
+        func = django_task_object.func
     return f'{func.__module__}.{func.__qualname__}'
 
 
-def task(func: Callable | None = None, *, name: str | None = None):
+_DJANGO_TASK_MODULES = ('django.tasks.base', 'django_tasks.base')
+
+
+def django_task(value):
+    """`value` if it is a django.tasks Task object (Django 6, or the django-tasks backport), else None.
+    Nothing is imported: a Task object exists only once its module was."""
+    for name in _DJANGO_TASK_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(value, module.Task):
+            return value
+    return None
+
+
+def task(func: Callable | None = None, *, name: str | None = None, max_retries: int | None = None,
+         retry_backoff: float | Callable | None = None, retry_backoff_max: float | None = None,
+         retry_on: tuple | None = None):
     """Register a function as a carrot task: ``@task`` or ``@task(name='billing.send_invoice')``.
 
-    The function is returned unchanged, so it can still be called directly.
+    Retries (README.rst, "Retries"): ``max_retries`` (how often a failing run is retried), ``retry_backoff``
+    (seconds before the first retry, doubled for each next one, with up to 20% jitter; or a callable
+    ``(exception, retry) -> seconds or None``), ``retry_backoff_max`` (the longest wait) and ``retry_on``
+    (the exception classes that are retried; all of Exception by default). What is not given comes from
+    CARROT (``max_retries`` 0: no retries, as in 1.x). The function is returned unchanged, so it can
+    still be called directly.
     """
+    options = retry_options(max_retries=max_retries, retry_backoff=retry_backoff,
+                            retry_backoff_max=retry_backoff_max, retry_on=retry_on)
+
     def register(f):
         if not inspect.isfunction(f):
             raise TypeError(f'@carrot.task decorates functions, not {type(f).__name__} {f!r}')
+        path = name or task_path(f)
         with _lock:
-            _decorated[name or task_path(f)] = f
+            _decorated[path] = f
+            _options[path] = options
         return f
 
     return register(func) if func is not None else register
+
+
+def retry_options(max_retries=None, retry_backoff=None, retry_backoff_max=None, retry_on=None) -> dict:
+    """The retry options that are given, checked (TypeError saying which is wrong); None means not given."""
+    options = {}
+    if max_retries is not None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise TypeError(f'max_retries must be a whole number >= 0, got {max_retries!r}')
+        options['max_retries'] = max_retries
+    if retry_backoff is not None:
+        if not callable(retry_backoff) and (isinstance(retry_backoff, bool) or
+                                            not isinstance(retry_backoff, (int, float)) or retry_backoff < 0):
+            raise TypeError(f'retry_backoff must be seconds >= 0 or a callable (exception, retry) -> seconds, '
+                            f'got {retry_backoff!r}')
+        options['retry_backoff'] = retry_backoff
+    if retry_backoff_max is not None:
+        if isinstance(retry_backoff_max, bool) or not isinstance(retry_backoff_max, (int, float)) \
+                or retry_backoff_max <= 0:
+            raise TypeError(f'retry_backoff_max must be seconds > 0, got {retry_backoff_max!r}')
+        options['retry_backoff_max'] = retry_backoff_max
+    if retry_on is not None:
+        classes = (retry_on,) if isinstance(retry_on, type) else tuple(retry_on) \
+            if isinstance(retry_on, (tuple, list)) else None
+        if not classes or not all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+            raise TypeError(f'retry_on must be an exception class or a tuple of them, got {retry_on!r}')
+        options['retry_on'] = classes
+    return options
+
+
+def task_options(path: str) -> dict:
+    """The retry options @carrot.task was given for the task at `path` (empty: none, or not decorated)."""
+    with _lock:
+        return dict(_options.get(path, {}))
 
 
 def task_module_names() -> list[str]:
@@ -91,6 +159,8 @@ def why_not_a_task(module_name: str, attribute: str, value) -> str | None:
     where = f'{module_name}.{attribute}'
     if attribute.startswith('_'):
         return f"{where} starts with '_': private helpers are not tasks"
+    if django_task(value) is not None:
+        value = value.func  # a django.tasks Task: its function must be one of the module's own
     if not inspect.isfunction(value):
         return (f'{where} is a {type(value).__name__}, not a function: classes, callable objects and '
                 f'builtins are not tasks')
@@ -142,13 +212,16 @@ def get_task(path: str) -> Callable:
         raise TaskNotRegistered(f'task {path} is not registered: {module_name} is private (a part of its '
                                 f"name starts with '_'), so carrot does not import it to look for "
                                 f'@carrot.task functions')
-    # A module of an installed app may hold @carrot.task functions nobody imported yet.
-    _import_task_module(path, module_name)
+    # A module of an installed app may hold @carrot.task functions (or django.tasks Tasks) nobody imported yet.
+    module = _import_task_module(path, module_name)
     func = _decorated_task(path)
     if func is None:
+        value = getattr(module, attribute, None)
+        if django_task(value) is not None and why_not_a_task(module_name, attribute, value) is None:
+            return value
         raise TaskNotRegistered(
             f'task {path} is not registered: {module_name} (of installed app {app}) is not a tasks module, '
-            f'and it has no function {attribute!r} decorated with @carrot.task')
+            f'and it has no function {attribute!r} decorated with @carrot.task (or a django.tasks @task)')
     return func
 
 
@@ -176,7 +249,13 @@ def _task_from_task_module(path: str, module_name: str, attribute: str) -> Calla
 
 def call_problem(func: Callable, args, kwargs) -> str | None:
     """Why `func(*args, **kwargs)` cannot be called as written (a wrong count or name of arguments), or
-    None. Checked when a call is published or scheduled, so a mistake is reported to whoever made it."""
+    None. Checked when a call is published or scheduled, so a mistake is reported to whoever made it. A
+    django.tasks Task that takes context gets its context from the worker, before the arguments."""
+    django_task_object = django_task(func)
+    if django_task_object is not None:
+        func = django_task_object.func
+        if django_task_object.takes_context:
+            args = (None, *args)
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):  # no signature to check against: the run will tell

@@ -10,6 +10,7 @@ urlpatterns = [
     path('failed/', views.message_list, {'tab': 'failed'}, name='failed'),
     path('completed/', views.message_list, {'tab': 'completed'}, name='completed'),
     path('waiting/', views.message_list, {'tab': 'waiting'}, name='waiting'),
+    path('later/', views.message_list, {'tab': 'later'}, name='later'),
     path('scheduled/', views.schedule_list, name='scheduled'),
     path('scheduled/new/', views.schedule_edit, name='schedule-new'),
     path('scheduled/<int:pk>/', views.schedule_edit, name='schedule-edit'),

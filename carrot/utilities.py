@@ -3,6 +3,7 @@
 A facade: the work is done in carrot.publish.outbox (and carrot.config for brokers)."""
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Callable
 
 from django.db import IntegrityError, transaction
@@ -40,6 +41,7 @@ def create_message(task: str | Callable, priority: int = 0, task_args: tuple = (
 
 def publish_message(task: str | Callable, *task_args, priority: int = 0, queue: str | None = None,
                     exchange: str = '', routing_key: str | None = None, on_commit: bool = True,
+                    run_after: datetime | None = None, countdown: float | None = None,
                     **task_kwargs) -> MessageLog:
     """Put `task(*task_args, **task_kwargs)` on a queue and log it; returns the MessageLog.
 
@@ -52,11 +54,16 @@ def publish_message(task: str | Callable, *task_args, priority: int = 0, queue: 
     When RabbitMQ cannot take the message now, the row says WAITING and carrot-supervisor's scheduler
     relays it later (store-and-forward, the default); with CARROT['store_and_forward'] = False the row
     says FAILED and BrokerUnavailable is raised. A message the broker refuses for good raises
-    MessageRejected and the row says FAILED. Both are PublishError. The names priority, queue, exchange,
-    routing_key and on_commit are not passed to the task.
+    MessageRejected and the row says FAILED. Both are PublishError.
+
+    ``run_after`` (an aware datetime) or ``countdown`` (seconds) delays the task: the row says SCHEDULED
+    until then and the message waits in RabbitMQ's delay levels (see README.rst, "Delayed tasks"). The
+    names priority, queue, exchange, routing_key, on_commit, run_after and countdown are not passed to
+    the task.
     """
     return outbox.publish(task, task_args, task_kwargs, queue=queue, exchange=exchange,
-                          routing_key=routing_key, priority=priority, on_commit=on_commit)
+                          routing_key=routing_key, priority=priority, on_commit=on_commit,
+                          run_after=run_after, countdown=countdown)
 
 
 def create_scheduled_task(task: str | Callable, interval: dict, task_name: str | None = None,

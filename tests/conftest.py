@@ -48,8 +48,10 @@ def raw_channel(carrot_vhost):
 
 @pytest.fixture(autouse=True)
 def empty_queues(request, carrot_vhost):
-    """Every test starts with the configured queues (and their dead-letter queues) gone; a test marked
-    `no_broker` (the fast layer: rules, arguments, the processor's decisions) skips that."""
+    """Every test starts with the configured queues (and their dead-letter queues) and the delay levels
+    gone, so no message of an earlier test turns up in it; a test marked `no_broker` (the fast layer:
+    rules, arguments, the processor's decisions) skips that."""
+    from carrot.amqp import delays
     from carrot.amqp.publisher import close_publishers
     from carrot.config import get_config
 
@@ -64,6 +66,8 @@ def empty_queues(request, carrot_vhost):
         channel.queue_delete(queue.name)
         channel.queue_delete(queue.dead_letter_queue)
         channel.queue_delete(f'{queue.name}.wait')
+    for level in range(get_config().delay_levels):
+        channel.queue_delete(delays.level_name(level))
     connection.close()
     yield
     close_publishers()
@@ -95,6 +99,13 @@ def queue_depth(name):
     finally:
         if connection.is_open:
             connection.close()
+
+
+def delay_depth():
+    """Messages waiting in the delay levels (carrot.amqp.delays), all levels together."""
+    from carrot.amqp import delays
+    from carrot.config import get_config
+    return sum(queue_depth(delays.level_name(level)) for level in range(get_config().delay_levels))
 
 
 def dead_letters(channel, queue='default'):

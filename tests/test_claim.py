@@ -18,7 +18,7 @@ from carrot.config import get_config
 from carrot.consumer import Consumer
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
-from tests.conftest import dead_letters, queue_depth, rabbitmqctl, raw_connection, run_consumer
+from tests.conftest import dead_letters, delay_depth, queue_depth, rabbitmqctl, raw_connection, run_consumer
 from tests.test_consumer import consume_in_subprocess
 from tests.testapp import tasks
 
@@ -99,7 +99,7 @@ def test_the_same_message_delivered_twice_at_once_runs_once(raw_channel, tmp_pat
     log.refresh_from_db()
     assert (log.status, log.attempts) == ('COMPLETED', 1)
     assert sum(c.consumer.messages_settled for c in consumers) == 2  # the run, and the duplicate's ack
-    assert (queue_depth('default'), queue_depth('default.wait'), queue_depth('default.dead')) == (0, 0, 0)
+    assert (queue_depth('default'), delay_depth(), queue_depth('default.dead')) == (0, 0, 0)
 
 
 @pytest.mark.timeout(120)
@@ -343,8 +343,6 @@ def test_dead_letter_queue_keeps_messages_for_the_configured_days():
     run_consumer(idle_timeout=0.5)
     channel = raw_connection().channel()
     channel.queue_declare('default.dead', durable=True, arguments={'x-message-ttl': 14 * 86400 * 1000})
-    channel.queue_declare('default.wait', durable=True, arguments={
-        'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': 'default'})
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
         channel.queue_declare('default.dead', durable=True)  # without the TTL: not what carrot declared
     assert refused.value.reply_code == 406
@@ -383,5 +381,5 @@ def test_supervised_children_survive_hostile_input_and_run_a_double_delivery_onc
     assert len(dead_letters(raw_channel)) == len(hostile)
     assert {slot: kid.pid for slot, kid in supervisor.by_slot().items()} == \
         {slot: kid.pid for slot, kid in kids.items()}  # no child died
-    assert (queue_depth('default'), queue_depth('default.wait')) == (0, 0)
+    assert (queue_depth('default'), delay_depth()) == (0, 0)
     assert '\x00' not in supervisor.log() and '\x1b' not in supervisor.log()

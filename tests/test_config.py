@@ -199,7 +199,8 @@ def run_project(database, *argv, module=None):
     return result
 
 
-MISSING = "has no table carrot_messagelog, carrot_scheduledtask, carrot_supervisorstatus: run manage.py migrate"
+MISSING = ("has no table carrot_messagelog, carrot_scheduledtask, carrot_supervisorstatus, carrot_task, "
+           "carrot_taskattempt, carrot_worker: run manage.py migrate")
 
 
 @pytest.mark.timeout(240)

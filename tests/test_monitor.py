@@ -48,7 +48,8 @@ def make_log(uuid, status='COMPLETED', task='tests.testapp.tasks.add', queue='de
 
 # -- who may see it ------------------------------------------------------------------------------
 
-PAGES = ['/carrot/', '/carrot/failed/', '/carrot/completed/', '/carrot/waiting/', '/carrot/scheduled/',
+PAGES = ['/carrot/', '/carrot/failed/', '/carrot/completed/', '/carrot/waiting/', '/carrot/later/',
+         '/carrot/scheduled/',
          '/carrot/workers/', '/carrot/scheduled/new/']
 API = ['/carrot/api/messages/', '/carrot/api/overview/', '/carrot/api/workers/', '/carrot/api/scheduled/']
 
@@ -122,9 +123,13 @@ def test_tabs_show_their_statuses_newest_first_with_counts(staff):
     make_log('c1', 'COMPLETED', minutes_ago=5)
     make_log('c2', 'COMPLETED', minutes_ago=1)
     make_log('w1', 'WAITING')
+    make_log('s1', 'SCHEDULED', run_after=timezone.now() + timedelta(hours=2))
+    make_log('s2', 'SCHEDULED', run_after=timezone.now() + timedelta(hours=1))
     data = staff.get('/carrot/api/messages/?tab=queued').json()
     assert [r['uuid'] for r in data['results']] == ['r1', 'p1']
-    assert data['counts'] == {'queued': 2, 'failed': 1, 'completed': 2, 'waiting': 1, 'scheduled': 1}
+    assert data['counts'] == {'queued': 2, 'failed': 1, 'completed': 2, 'waiting': 1, 'later': 2,
+                              'scheduled': 1}
+    assert [r['uuid'] for r in staff.get('/carrot/api/messages/?tab=later').json()['results']] == ['s2', 's1']
     assert [r['uuid'] for r in staff.get('/carrot/api/messages/?tab=completed').json()['results']] == ['c2', 'c1']
     assert [r['uuid'] for r in staff.get('/carrot/api/messages/?tab=waiting').json()['results']] == ['w1']
     page = staff.get('/carrot/failed/').content.decode()
@@ -137,8 +142,8 @@ def test_list_rows_have_stable_field_names(staff):
     make_log('c1', output='3', worker='host:1', attempts=1)
     row, = staff.get('/carrot/api/messages/?tab=completed').json()['results']
     assert set(row) == {'uuid', 'task', 'queue', 'status', 'priority', 'args', 'kwargs', 'publish_time',
-                        'started_time', 'completion_time', 'failure_time', 'duration', 'age', 'attempts',
-                        'worker', 'exception'}
+                        'run_after', 'started_time', 'completion_time', 'failure_time', 'duration', 'age',
+                        'attempts', 'retries', 'worker', 'exception'}
     assert (row['args'], row['kwargs'], row['duration'], row['worker']) == ([1, 2], {}, 2.0, 'host:1')
 
 

@@ -56,7 +56,7 @@ def test_arguments_by_type_and_role():
 
 
 @pytest.mark.no_broker
-def test_a_configured_queue_is_three_queues_of_its_type_dead_letter_target_first():
+def test_a_configured_queue_is_two_queues_of_its_type_dead_letter_target_first():
     config, problems = parse_config({'queue_type': 'quorum', 'delivery_limit': 7,
                                      'queues': [{'name': 'q'}, {'name': 'c', 'queue_type': 'classic'}]})
     assert problems == []
@@ -66,7 +66,7 @@ def test_a_configured_queue_is_three_queues_of_its_type_dead_letter_target_first
     assert config.queue('default').queue_type == 'quorum'  # the implicit default queue follows CARROT
     found = declarations(quorum, dead_letter_ttl_days=1)
     assert [(d.name, d.role, d.queue_type) for d in found] == [
-        ('q.dead', Role.DEAD, 'quorum'), ('q', Role.MAIN, 'quorum'), ('q.wait', Role.PARKING, 'quorum')]
+        ('q.dead', Role.DEAD, 'quorum'), ('q', Role.MAIN, 'quorum')]  # parking: the delay levels
     assert found[0].arguments['x-message-ttl'] == 86400 * 1000 and found[1].arguments['x-delivery-limit'] == 7
     assert all('x-max-priority' not in d.arguments for d in found)
     assert declarations(classic, None)[1].arguments['x-max-priority'] == 255

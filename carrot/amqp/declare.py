@@ -1,20 +1,23 @@
 """How carrot declares its queues, by type and role, in one place -- and what a clash with an existing
 queue means.
 
-A configured queue is declared as three RabbitMQ queues (`declarations()`), each in a role:
+A configured queue is declared as two RabbitMQ queues (`declarations()`), each in a role, and bound to
+the exchange delayed messages are delivered through (carrot.amqp.delays):
 
 - MAIN, <queue>: consumed; what fails is dead-lettered to <queue>.dead;
-- DEAD, <queue>.dead: nothing consumes it; it keeps a message CARROT['dead_letter_ttl_days'] days;
-- PARKING, <queue>.wait: nothing consumes it; a message parked there with a per-message expiration is
-  dead-lettered back into <queue> when it expires (a delay without polling). Any other helper queue whose
-  messages expire back into a queue (a delay level) has this role too.
+- DEAD, <queue>.dead: nothing consumes it; it keeps a message CARROT['dead_letter_ttl_days'] days.
+
+A third role, PARKING, is a queue without a consumer whose messages expire into another queue: the delay
+levels of a virtual host (carrot.amqp.delays; parked and retried messages go round them too). carrot no
+longer declares <queue>.wait; one left by an earlier version still dead-letters what is in it back into
+<queue>: delete it once it is empty.
 
 `arguments_for(queue_type, role, ...)` says what a queue of each type gets in each role:
 
 ============ ============================================== ==============================================
 role         classic                                        quorum
 ============ ============================================== ==============================================
-MAIN         x-max-priority (255), dead-letter route        dead-letter route, at-least-once; x-delivery-limit
+MAIN         x-max-priority, dead-letter route              dead-letter route, at-least-once; x-delivery-limit
 DEAD         x-message-ttl                                  x-message-ttl
 PARKING      dead-letter route (+ x-message-ttl)            dead-letter route, at-least-once (+ x-message-ttl)
 ============ ============================================== ==============================================
@@ -24,8 +27,10 @@ queue two priority levels). Its dead-lettering is at-least-once (`x-dead-letter-
 accepts only with `x-overflow: reject-publish`): a message moves to its dead-letter queue only once that
 queue has confirmed it, so nothing is lost between two queues when a node dies. `x-delivery-limit` is a
 backstop for a message that kills its worker before carrot could count the attempt: past that many
-deliveries RabbitMQ dead-letters it itself. The helper queues of a quorum queue are quorum queues too:
-what they hold must survive a node as well as what the main queue holds.
+deliveries RabbitMQ dead-letters it itself. The delay levels stay classic whatever the queues they feed
+(on RabbitMQ 3.10 a quorum level with at-least-once dead-lettering stops on one malformed message, and
+with at-most-once it expires late at every hop): a delayed message's row is the source of truth, and
+housekeeping sends a row that a lost node kept from arriving again (CARROT['delay_sweep_after']).
 
 A queue's type and arguments cannot change once it is declared: a declaration that differs raises
 QueueMismatchError, and QueueTypeMismatch (with the way out) when the type differs.
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 
 import pika.exceptions as pe
 
-from carrot.amqp import pika_compat
+from carrot.amqp import delays, pika_compat
 from carrot.amqp.connection import NOT_FOUND, PRECONDITION_FAILED, close_quietly, connect
 from carrot.config import CLASSIC, DEFAULT_MAX_PRIORITY, QUORUM, QueueConfig
 from carrot.exceptions import QueueMismatchError, QueueTypeMismatch
@@ -95,10 +100,6 @@ class Declaration:
 _FROM_SETTINGS = object()
 
 
-def wait_queue_name(queue: QueueConfig) -> str:
-    return f'{queue.name}.wait'
-
-
 def declarations(queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS,
                  queue_type: str | None = None) -> list[Declaration]:
     """Every queue carrot declares for `queue`, in the order to declare them: a dead-letter target before
@@ -115,8 +116,6 @@ def declarations(queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS,
         Declaration(queue.name, Role.MAIN, kind,
                     arguments_for(kind, Role.MAIN, dead_letter_to=queue.dead_letter_queue,
                                   max_priority=queue.max_priority, delivery_limit=queue.delivery_limit)),
-        Declaration(wait_queue_name(queue), Role.PARKING, kind,
-                    arguments_for(kind, Role.PARKING, dead_letter_to=queue.name)),
     ]
 
 
@@ -127,18 +126,34 @@ def queue_arguments(queue: QueueConfig) -> dict:
 
 
 def declare_queue(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> None:
-    """Declare what publishing to `queue` needs: <queue> and its dead-letter queue (durable). A clash with
+    """Declare `queue` and its dead-letter queue (durable), and bind `queue` to the exchange delayed
+    messages are delivered through, so none that comes out of the levels for it is dropped. A clash with
     an existing queue raises QueueMismatchError (QueueTypeMismatch for another type) naming the queue and
     what differs; the channel is closed by the broker then."""
     for declaration in declarations(queue, dead_letter_ttl_days):
-        if declaration.role is not Role.PARKING:
-            declare(channel, declaration, queue)
-
-
-def declare_all(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> None:
-    """Declare every queue of `queue` (what consuming it needs: the parking queue too)."""
-    for declaration in declarations(queue, dead_letter_ttl_days):
         declare(channel, declaration, queue)
+    delays.declare_delivery(channel)
+    delays.bind_target(channel, queue.name)
+
+
+def declare_delays(channel, levels: int) -> None:
+    """The delay levels of this virtual host (idempotent; see carrot.amqp.delays)."""
+    delays.declare_levels(channel, levels, _declare_level)
+
+
+def repair_delays(channel, levels: int) -> list[int]:
+    """Replace the levels whose queue RabbitMQ no longer runs (see carrot.amqp.delays); `channel` is in
+    confirm mode. Returns the levels replaced."""
+    return delays.repair_levels(channel, levels, _declare_level)
+
+
+def _declare_level(channel, name: str, arguments: dict) -> None:
+    try:
+        channel.queue_declare(queue=name, durable=True, arguments=arguments)
+    except pe.ChannelClosedByBroker as exc:
+        if exc.reply_code == PRECONDITION_FAILED:
+            raise queue_mismatch(name, exc.reply_text, arguments) from None
+        raise
 
 
 def declare(channel, declaration: Declaration, queue: QueueConfig) -> None:

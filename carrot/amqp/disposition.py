@@ -4,7 +4,9 @@ The processor decides (carrot.consume.processor); the session carries it out (ca
 
 - ACK: done -- completed, or a duplicate of a completed message;
 - DEAD_LETTER: failed for good -- rejected without requeue, so RabbitMQ moves it to <queue>.dead;
-- RETRY_LATER(delay): not now (another worker runs it) -- parked for `delay` seconds, then back;
+- RETRY_LATER(delay): not now -- parked in the delay levels for `delay` seconds, then back in the queue:
+  another worker runs it (`busy`: the waits header counts these), it came before its run_after, or its
+  task failed and is retried later;
 - ADOPT(new_id): it came without a message_id -- republished with one, this copy acked;
 - REQUEUE: given back untouched (only when stopping before it was claimed).
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 class Action(enum.Enum):
     ACK = 'ack'                    # done: completed, or a duplicate of a completed message
     DEAD_LETTER = 'dead-letter'    # failed for good: rejected without requeue, so it goes to <queue>.dead
-    RETRY_LATER = 'retry-later'    # not now (another worker runs it): park in <queue>.wait for `delay`
+    RETRY_LATER = 'retry-later'    # not now: parked in the delay levels for `delay` seconds
     ADOPT = 'adopt'                # no message_id: republish it with `new_id`, ack this copy
     REQUEUE = 'requeue'            # give it back untouched (only when stopping before it was claimed)
 
@@ -27,6 +29,7 @@ class Disposition:
     action: Action
     delay: float | None = None
     new_id: str | None = None
+    busy: bool = False  # RETRY_LATER because another worker runs it (counted in the waits header)
 
     def __str__(self):
         extra = f' {self.delay:g}s' if self.delay is not None else f' {self.new_id}' if self.new_id else ''
@@ -38,8 +41,8 @@ DEAD_LETTER = Disposition(Action.DEAD_LETTER)
 REQUEUE = Disposition(Action.REQUEUE)
 
 
-def retry_later(delay: float) -> Disposition:
-    return Disposition(Action.RETRY_LATER, delay=delay)
+def retry_later(delay: float, busy: bool = False) -> Disposition:
+    return Disposition(Action.RETRY_LATER, delay=delay, busy=busy)
 
 
 def adopt(new_id: str) -> Disposition:

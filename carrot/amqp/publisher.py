@@ -19,10 +19,10 @@ import threading
 import pika
 import pika.exceptions as pe
 
-from carrot.amqp import pika_compat
+from carrot.amqp import delays, pika_compat
 from carrot.amqp.connection import (CONNECTION_ERRORS, NOT_FOUND, close_quietly, connect, connection_lost,
                                     describe_connection_error, node_of)
-from carrot.amqp.declare import declare_queue
+from carrot.amqp.declare import declare_delays, declare_queue, repair_delays
 from carrot.config import BrokerConfig, QueueConfig
 from carrot.config.schema import node_text
 from carrot.exceptions import BrokerUnavailable, MessageRejected, QueueMismatchError
@@ -43,8 +43,13 @@ class Publisher:
         self.declared: set[QueueConfig] = set()  # by the whole config: another type is declared anew
 
     def publish(self, queue: QueueConfig, body: bytes, properties: dict, exchange: str = '',
-                routing_key: str | None = None) -> None:
+                routing_key: str | None = None, delay: int = 0,
+                delay_levels: int = delays.DEFAULT_LEVELS) -> None:
         """Publish and return once RabbitMQ has confirmed the message.
+
+        With a `delay` (whole seconds) the message goes round the delay levels of carrot.amqp.delays
+        (declared on first use) and reaches `queue` that much later; `exchange` and `routing_key` are not
+        used then. A level RabbitMQ no longer runs (it nacks) is replaced and the publish tried again.
 
         Raises BrokerUnavailable (transient: unreachable, connection lost, nacked, the confirm did not come
         in time) or MessageRejected (permanent: unroutable, no such exchange, a queue clash); both are
@@ -53,7 +58,11 @@ class Publisher:
         arrive (only its confirm was lost), consumers recognise the second by its id.
         """
         routing_key = routing_key or queue.name
+        if delay > 0:
+            exchange, routing_key = delays.entry_exchange(delay_levels), delays.routing_key(delay, delay_levels)
+            properties = dict(properties, headers=delays.delayed_headers(properties.get('headers'), queue.name))
         with self.lock:
+            repaired = False
             for attempt in (1, 2):
                 # Retried: a kept connection that turns out stale, or one lost mid-publish. Not retried: a
                 # connection that cannot be opened now (that would double the wait for an unreachable host).
@@ -64,16 +73,23 @@ class Publisher:
                     if queue not in self.declared:
                         declare_queue(channel, queue)
                         self.declared.add(queue)
+                    if delay > 0 and _LEVELS not in self.declared:
+                        declare_delays(channel, delay_levels)
+                        self.declared.add(_LEVELS)
                     with pika_compat.confirm_deadline(self.connection, self._confirm_timeout()):
                         self._basic_publish(channel, exchange, routing_key, body, properties)
                     return
                 except QueueMismatchError:
                     self._forget_channel()
                     raise
-                except pe.UnroutableError:
-                    raise MessageRejected(f'RabbitMQ returned the message as unroutable: no queue is bound '
-                                          f'to exchange {exchange!r} with routing key {routing_key!r}') from None
-                except pe.NackError:
+                except (pe.UnroutableError, pe.NackError) as exc:
+                    if delay > 0 and not repaired:  # a delay level RabbitMQ no longer runs: replace it
+                        repaired = True
+                        self._repair_levels(channel, delay_levels)
+                        continue
+                    if isinstance(exc, pe.UnroutableError):
+                        raise MessageRejected(f'RabbitMQ returned the message as unroutable: no queue is bound '
+                                              f'to exchange {exchange!r} with routing key {routing_key!r}') from None
                     # Not the message's fault: the queue cannot take it now (it has lost its quorum, or is
                     # full under reject-publish). Trying later may work -- on another channel: RabbitMQ's
                     # channel remembers that a quorum queue rejects publishes, and may go on nacking after
@@ -106,6 +122,9 @@ class Publisher:
                                                 f'{describe_connection_error(exc, self.broker, node)}') from None
                     logger.info('publishing connection to %s was lost (%s); reconnecting',
                                 self._where(node), type(exc).__name__)
+            # Both tries used, the last one on replacing a delay level: not sent (the row waits).
+            raise BrokerUnavailable(f'cannot publish to {self.broker}: a delay level had to be replaced; '
+                                    f'the message is sent again later')
 
     def _confirm_timeout(self) -> float:
         if self.confirm_timeout is not None:
@@ -116,6 +135,35 @@ class Publisher:
     def _where(self, node) -> str:
         return f'node {node_text(node)} of {self.broker}' if node and len(self.broker.nodes) > 1 else \
             str(self.broker)
+
+    def _repair_levels(self, channel, levels: int) -> None:
+        try:
+            fixed = repair_delays(channel, levels)
+        except CONNECTION_ERRORS + (pe.AMQPError,) as exc:
+            self._forget_connection()
+            raise BrokerUnavailable(f'cannot repair the delay levels on {self.broker}: '
+                                    f'{describe_connection_error(exc, self.broker)}') from None
+        logger.error('a delay level on %s refused a message; replaced the levels RabbitMQ no longer ran: '
+                     '%s', self.broker, ', '.join(map(delays.level_name, fixed)) or 'none')
+
+    def repair_levels(self, levels: int) -> list[int]:
+        """Replace the delay levels of this broker that RabbitMQ no longer runs; the levels replaced.
+        BrokerUnavailable when the broker cannot be reached."""
+        with self.lock:
+            try:
+                channel = self._open_channel()
+                if _LEVELS not in self.declared:
+                    declare_delays(channel, levels)
+                    self.declared.add(_LEVELS)
+                fixed = repair_delays(channel, levels)
+            except CONNECTION_ERRORS + (pe.AMQPError,) as exc:
+                self._forget_connection()
+                raise BrokerUnavailable(f'cannot check the delay levels on {self.broker}: '
+                                        f'{describe_connection_error(exc, self.broker)}') from None
+        if fixed:
+            logger.error('replaced the delay levels RabbitMQ no longer ran on %s: %s', self.broker,
+                         ', '.join(map(delays.level_name, fixed)))
+        return fixed
 
     @staticmethod
     def _basic_publish(channel, exchange, routing_key, body, properties) -> None:
@@ -163,6 +211,8 @@ def home_node_down(reply_text: str | None) -> bool:
     with the node), not "no such queue or exchange"."""
     return 'down or inaccessible' in (reply_text or '')
 
+
+_LEVELS = object()  # in Publisher.declared: the delay levels are declared on this channel
 
 _publishers: dict[BrokerConfig, Publisher] = {}
 _publishers_lock = threading.Lock()

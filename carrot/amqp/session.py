@@ -5,11 +5,12 @@ Settling a delivery follows the processor's Disposition:
 
 - ACK: basic_ack.
 - DEAD_LETTER: basic_reject(requeue=False); RabbitMQ moves the message to <queue>.dead. A message whose
-  `x-death` header would crash RabbitMQ's dead-lettering (carrot.amqp.wire) is moved by carrot instead:
-  a copy with that header set aside goes to <queue>.dead (confirmed), then the original is acked.
-- RETRY_LATER(delay): a copy goes to <queue>.wait with a per-message expiration; when it expires
-  RabbitMQ dead-letters it back into <queue>. The copy is confirmed before the original is acked, so a
-  crash in between leaves a duplicate (harmless: the claim sees it) rather than a loss.
+  x-death header would crash the queue that dead-letters it (RabbitMQ 3.10; wire.x_death_crashes_rabbitmq)
+  is moved by carrot instead: a copy with that header set aside goes to <queue>.dead (confirmed), then the
+  original is acked.
+- RETRY_LATER(delay): a copy goes round the delay levels (carrot.amqp.delays) and comes back into <queue>
+  after `delay` seconds, rounded up to whole seconds. The copy is confirmed before the original is acked,
+  so a crash in between leaves a duplicate (harmless: the claim sees it) rather than a loss.
 - ADOPT(new id): a copy with that message_id goes to the back of <queue> (confirmed), then the original
   is acked.
 - REQUEUE: basic_nack(requeue=True).
@@ -31,9 +32,9 @@ import logging
 import pika
 import pika.exceptions as pe
 
-from carrot.amqp import pika_compat, wire
+from carrot.amqp import delays, pika_compat, wire
 from carrot.amqp.connection import CONNECTION_ERRORS, close_quietly, connect, connection_lost, node_of
-from carrot.amqp.declare import declare_all, wait_queue_name
+from carrot.amqp.declare import declare_delays, declare_queue, repair_delays
 from carrot.amqp.disposition import Action, Disposition
 from carrot.config import BrokerConfig, QueueConfig
 from carrot.config.schema import node_text
@@ -52,17 +53,19 @@ class ConsumeSession:
     """One connection consuming one queue. Not thread-safe except `wake()`."""
 
     def __init__(self, broker: BrokerConfig, queue: QueueConfig, logger: logging.Logger, name: str,
-                 confirm_timeout: float | None = None):
+                 delay_levels: int = delays.DEFAULT_LEVELS, confirm_timeout: float | None = None):
         self.broker = broker
         self.queue = queue
         self.logger = logger
         self.name = name
+        self.delay_levels = delay_levels
         self.confirm_timeout = confirm_timeout  # for the copies it parks or adopts (None: no deadline)
         self.connection = None
         self.node = None  # (host, port) of the node it is connected to
         self.channel = None
         self._publish_channel = None
         self._consumer_tag = None
+        self._levels_declared = False
         self._cancelled_by_broker = False
 
     @property
@@ -77,7 +80,7 @@ class ConsumeSession:
         return str(self.broker)
 
     def open(self, on_delivery) -> None:
-        """Connect, declare <queue>, <queue>.dead and <queue>.wait, and start consuming:
+        """Connect, declare <queue> and <queue>.dead, and start consuming:
         `on_delivery(method, properties, body)` is called from `poll()` for each message."""
         self.connection = connect(self.broker)
         self.node = node_of(self.connection)
@@ -85,7 +88,7 @@ class ConsumeSession:
         pika_compat.hide_from_forked_children(self.connection)
         try:
             self.channel = self.connection.channel()
-            declare_all(self.channel, self.queue)
+            declare_queue(self.channel, self.queue)
             self.channel.basic_qos(prefetch_count=1, global_qos=False)  # never global: see the docstring
             self.channel.add_on_cancel_callback(self._on_cancelled_by_broker)
             self._consumer_tag = self.channel.basic_consume(
@@ -130,44 +133,79 @@ class ConsumeSession:
         if action is Action.ACK:
             self.channel.basic_ack(delivery_tag)
         elif action is Action.DEAD_LETTER:
-            if message is not None and wire.x_death_crashes_rabbitmq(getattr(message.properties, 'headers', None)):
-                self._republish(message, self.queue.dead_letter_queue, message.properties)
-                self.channel.basic_ack(delivery_tag)
-            else:
-                self.channel.basic_reject(delivery_tag, requeue=False)
+            self._dead_letter(delivery_tag, message)
         elif action is Action.REQUEUE:
             self.channel.basic_nack(delivery_tag, requeue=True)
         elif action is Action.RETRY_LATER:
-            self._republish(message, wait_queue_name(self.queue), message.properties,
-                            expiration=str(max(1, int(disposition.delay * 1000))),
-                            headers={wire.WAITS_HEADER: message.waits + 1})
+            self._park(message, disposition.delay or 0.0, disposition.busy)
             self.channel.basic_ack(delivery_tag)
         elif action is Action.ADOPT:
-            self._republish(message, self.queue.name, message.properties, message_id=disposition.new_id)
+            self._republish(message, '', self.queue.name, message.properties, message_id=disposition.new_id)
             self.channel.basic_ack(delivery_tag)
         else:  # pragma: no cover - every Action is handled above
             raise ValueError(f'unknown disposition {disposition}')
 
     def reject(self, delivery_tag: int, message=None) -> None:
-        """Dead-letter a delivery (as DEAD_LETTER does)."""
-        self.settle(delivery_tag, Disposition(Action.DEAD_LETTER), message)
+        """Dead-letter a delivery (the time limit's way out)."""
+        self._dead_letter(delivery_tag, message)
 
-    def _republish(self, message, routing_key: str, properties, headers: dict | None = None, **changes):
+    def _dead_letter(self, delivery_tag: int, message) -> None:
+        properties = getattr(message, 'properties', None)
+        headers = getattr(properties, 'headers', None)
+        if not wire.x_death_crashes_rabbitmq(headers):
+            self.channel.basic_reject(delivery_tag, requeue=False)
+            return
+        self.logger.warning('%s: dead-lettering %s by hand: its x-death header would crash the queue on '
+                            'RabbitMQ 3.10', self.name, getattr(message, 'shown_task', 'a message'))
+        self._republish(message, '', self.queue.dead_letter_queue, properties,
+                        replace_headers=wire.without_unusable_x_death(headers))
+        self.channel.basic_ack(delivery_tag)
+
+    def _park(self, message, delay: float, busy: bool) -> None:
+        """Send a copy round the delay levels, back into <queue> in `delay` seconds (rounded up)."""
+        channel = self._confirmed_channel()
+        if not self._levels_declared:
+            declare_delays(channel, self.delay_levels)
+            self._levels_declared = True
+        properties = message.properties
+        headers = delays.delayed_headers(getattr(properties, 'headers', None), self.queue.name)
+        if busy:
+            headers[wire.WAITS_HEADER] = message.waits + 1
+        else:
+            headers.pop(wire.WAITS_HEADER, None)
+        key = delays.routing_key(delays.whole_seconds(delay), self.delay_levels)
+        for attempt in (1, 2):
+            try:
+                # A publisher's own expiration would cut the delay short: the copy has none.
+                self._republish(message, delays.entry_exchange(self.delay_levels), key, properties,
+                                replace_headers=headers, expiration=None)
+                return
+            except (pe.NackError, pe.UnroutableError):
+                if attempt == 2:
+                    raise
+                repaired = repair_delays(channel, self.delay_levels)
+                self.logger.error('%s: a delay level refused a message; replaced the levels RabbitMQ no '
+                                  'longer ran: %s', self.name, ', '.join(map(delays.level_name, repaired)) or
+                                  'none')
+
+    def _confirmed_channel(self):
+        if self._publish_channel is None or not self._publish_channel.is_open:
+            self._publish_channel = self.connection.channel()
+            self._publish_channel.confirm_delivery()
+        return self._publish_channel
+
+    def _republish(self, message, exchange: str, routing_key: str, properties,
+                   replace_headers: dict | None = None, **changes):
         """Publish a copy of `message` (same body and properties, with `changes`), confirmed."""
         props = copy.copy(properties) if properties is not None else pika.BasicProperties()
         for key, value in changes.items():
             setattr(props, key, value)
-        if headers:
-            props.headers = {**(props.headers if isinstance(props.headers, dict) else {}), **headers}
-        if isinstance(props.headers, dict):  # a parked copy is dead-lettered back by RabbitMQ
-            props.headers = wire.without_unusable_x_death(props.headers)
-        if self._publish_channel is None or not self._publish_channel.is_open:
-            self._publish_channel = self.connection.channel()
-            self._publish_channel.confirm_delivery()
-        # Unconfirmed in time (the parking queue lost its quorum): the session ends, the original is not
-        # acked and comes back; the copy, if it lands after all, is recognised by its message_id.
+        if replace_headers is not None:
+            props.headers = replace_headers
+        # Unconfirmed in time (the queue lost its quorum): the session ends, the original is not acked and
+        # comes back; the copy, if it lands after all, is recognised by its message_id.
         with pika_compat.confirm_deadline(self.connection, self.confirm_timeout):
-            self._publish_channel.basic_publish('', routing_key, message.body, props, mandatory=True)
+            self._confirmed_channel().basic_publish(exchange, routing_key, message.body, props, mandatory=True)
 
     def close(self, lost: bool = False) -> None:
         """Close the connection. `lost`: it broke (its node may be gone), so the next one tries another
@@ -175,6 +213,7 @@ class ConsumeSession:
         in coming, e.g. while a channel waits for a confirm)."""
         connection, self.connection = self.connection, None
         self.channel = self._publish_channel = self._consumer_tag = None
+        self._levels_declared = False
         self._cancelled_by_broker = False
         if connection is not None:
             pika_compat.unhide(connection)

@@ -27,7 +27,7 @@ MAX_PRIORITY = 255
 MAX_ID_LENGTH = 200       # MessageLog.uuid
 MAX_TASK_LENGTH = 200     # MessageLog.task
 MAX_NESTING = 100         # levels of lists/objects in a body; deeper is refused, not parsed further
-WAITS_HEADER = 'x-carrot-waits'  # how often a delivery was parked in <queue>.wait (carrot adds it)
+WAITS_HEADER = 'x-carrot-waits'  # how often a delivery was parked because another worker ran it
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,8 @@ def x_death_crashes_rabbitmq(headers) -> bool:
     3.10): an `x-death` array holding anything but tables, or a table whose `count` is not an integer. A
     classic queue's process dies and the message is lost; a quorum queue's state machine stops."""
     value = headers.get(DEATH_HEADER) if isinstance(headers, dict) else None
+    if isinstance(value, NestedTooDeep):
+        return True  # not read, so not known to be harmless
     if not isinstance(value, (list, tuple)):
         return False  # absent, or not an array: RabbitMQ replaces it
     return not all(isinstance(entry, dict) and type(entry.get('count', 0)) is int for entry in value)
@@ -240,7 +242,7 @@ class IncomingMessage:
     size: int = 0                  # bytes of the body
     exchange: str = ''
     routing_key: str = ''
-    waits: int = 0                 # times carrot parked it in <queue>.wait because another worker ran it
+    waits: int = 0                 # times carrot parked it because another worker was running it
     problem: str | None = None     # why it cannot be run (it is FAILED and dead-lettered), None if fine
     body: bytes = b''
     properties: Any = None         # the pika properties, as received (for republishing)

@@ -26,6 +26,8 @@ E_DUPLICATE_QUEUE = 'carrot.E004'
 E_BAD_BROKER = 'carrot.E005'
 E_NOT_IMPORTABLE = 'carrot.E006'
 
+MAX_DELAY_LEVELS = 32  # 2^32 s is 136 years; carrot.amqp.delays reads the same bound
+
 _BROKER_DICT_KEYS = {'host', 'hosts', 'port', 'name', 'username', 'password', 'secure', 'heartbeat', 'url'}
 _QUEUE_KEYS = {'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'max_priority', 'queue_type',
                'delivery_limit'}
@@ -63,6 +65,12 @@ class Parser:
             return default
         return value
 
+    def whole_number(self, path, value, default):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.bad_value(path, 'a whole number >= 0', value)
+            return default
+        return value
+
     def positive_number(self, path, value, default, allow_none=False):
         if value is None and allow_none:
             return None
@@ -75,6 +83,12 @@ class Parser:
         if not isinstance(value, bool):
             self.bad_value(path, 'True or False', value)
             return default
+        return value
+
+    def delay_levels(self, value):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DELAY_LEVELS:
+            self.bad_value("CARROT['delay_levels']", f'an integer from 1 to {MAX_DELAY_LEVELS}', value)
+            return CarrotConfig.delay_levels
         return value
 
     def log_level(self, path, value, default):
@@ -359,6 +373,11 @@ class Parser:
             queue_type=queue_defaults.queue_type,
             delivery_limit=queue_defaults.delivery_limit,
             confirm_timeout=get('confirm_timeout', self.positive_number),
+            delay_levels=self.delay_levels(raw.get('delay_levels', defaults.delay_levels)),
+            delay_sweep_after=get('delay_sweep_after', self.positive_number),
+            max_retries=get('max_retries', self.whole_number),
+            retry_backoff=get('retry_backoff', self.positive_number),
+            retry_backoff_max=get('retry_backoff_max', self.positive_number),
             **self.supervisor_settings(raw),
         )
 

@@ -6,6 +6,7 @@ them from settings. No Django and no pika at import time: the supervisor master 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import quote
 
 from carrot.config.options import SupervisorSettings
@@ -136,19 +137,53 @@ class CarrotConfig(SupervisorSettings):
     queue_type: str = DEFAULT_QUEUE_TYPE  # the type of a queue that names none
     delivery_limit: int | None = 20  # quorum queues: deliveries before RabbitMQ itself dead-letters a message
     confirm_timeout: float = 10.0  # seconds a publish waits for RabbitMQ's confirm before it counts as unsent
+    # Delays (README.rst, "Delayed tasks"): the binary delay levels of carrot.amqp.delays, and how long a
+    # scheduled row may be overdue before housekeeping sends its message again (a hop lost, a broker reset).
+    delay_levels: int = 28
+    delay_sweep_after: float = 300.0
+    # Retries (README.rst, "Retries"): the defaults of @carrot.task(max_retries=..., retry_backoff=...).
+    max_retries: int = 0               # a failing task is not retried (as in 1.x)
+    retry_backoff: float = 5.0         # seconds before the first retry; doubled for each next one
+    retry_backoff_max: float = 3600.0  # the longest wait between two tries
 
     def queue(self, name: str | None) -> QueueConfig:
-        """The queue called `name` (None means the default queue)."""
+        """The queue called `name` (None means the default queue): one of CARROT['queues'], or of the
+        Worker rows (carrot.models.Worker)."""
         name = name or DEFAULT_QUEUE
         for queue in self.queues:
             if queue.name == name:
                 return queue
-        known = ', '.join(repr(q.name) for q in self.queues)
+        extra = extra_queues(self)
+        for queue in extra:
+            if queue.name == name:
+                return queue
+        known = ', '.join(repr(q.name) for q in (*self.queues, *extra))
         raise UnknownQueue(
             f"there is no queue called {name!r} in CARROT['queues'] (configured: {known})")
 
     @property
+    def all_queues(self) -> tuple[QueueConfig, ...]:
+        """CARROT['queues'], then the queues of Worker rows (read from the database now) that CARROT does
+        not name."""
+        names = {q.name for q in self.queues}
+        return self.queues + tuple(q for q in extra_queues(self) if q.name not in names)
+
+    @property
     def consumable_queues(self) -> tuple[QueueConfig, ...]:
-        return tuple(q for q in self.queues if q.consumable)
+        return tuple(q for q in self.all_queues if q.consumable)
+
+
+# Where queues besides CARROT['queues'] come from: carrot.models.worker_queues (the Worker rows), set by
+# CarrotAppConfig.ready(), so this module needs neither Django nor the models.
+_queue_source: Callable[[CarrotConfig], tuple[QueueConfig, ...]] | None = None
+
+
+def set_queue_source(source: Callable[[CarrotConfig], tuple[QueueConfig, ...]] | None) -> None:
+    global _queue_source
+    _queue_source = source
+
+
+def extra_queues(config: CarrotConfig) -> tuple[QueueConfig, ...]:
+    return _queue_source(config) if _queue_source is not None else ()
 
 

@@ -1,7 +1,7 @@
 """The claim: at most one execution of a message at a time, on any host.
 
 A worker is named by `worker_id()` (host:pid; the MessageLog.worker column). It takes a row with one
-conditional UPDATE (`take`): from PUBLISHED or WAITING, or from IN_PROGRESS when the worker named in it is
+conditional UPDATE (`take`): from PUBLISHED, WAITING or SCHEDULED, or from IN_PROGRESS when the worker named in it is
 known dead *and* still the one that was read (a compare-and-set on worker and attempts, so two claimers
 can never both win). A worker is known dead (`worker_is_dead`) when the lease it renews
 (CARROT['claim_lease'], `renew_lease`) has run out, or when it is on this host and its process is gone.
@@ -86,9 +86,13 @@ def take(row: MessageLog, worker: str, lease: float, condition: Q, count_attempt
     return True
 
 
-def from_waiting() -> Q:
-    """The condition for a first claim: the row was never taken."""
-    return Q(status__in=(MessageLog.PUBLISHED, MessageLog.WAITING))
+TAKEABLE = (MessageLog.PUBLISHED, MessageLog.WAITING, MessageLog.SCHEDULED)
+
+
+def from_waiting(now) -> Q:
+    """The condition for a claim of a row no worker holds: never taken, or scheduled (to run later, or to
+    be retried), and due at `now`."""
+    return Q(status__in=TAKEABLE) & (Q(run_after__isnull=True) | Q(run_after__lte=now))
 
 
 def from_lost_worker(row: MessageLog) -> Q:

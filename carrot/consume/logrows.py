@@ -1,5 +1,6 @@
 """The MessageLog rows a worker writes: rows for messages from other publishers, checking a row logs
-the very message delivered, bounding a row to its columns, and the FAILED fields.
+the very message delivered, bounding a row to its columns, the FAILED fields, and the TaskAttempt rows
+of the attempts that did not succeed.
 """
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from carrot import text
 from carrot.amqp.wire import IncomingMessage
 from carrot.config import QueueConfig
 from carrot.exceptions import CarrotError, InvalidArguments
-from carrot.models import MessageLog
+from carrot.models import MessageLog, TaskAttempt
 from carrot.publish import arguments
 
 # What a reduced row writes: the outcome, without the texts the database may have refused.
 REDUCED_FIELDS = ('status', 'completion_time', 'failure_time', 'lease_expires', 'output', 'log',
-                  'traceback', 'exception')
+                  'traceback', 'exception', 'run_after', 'retries')
 
 
 def new_row(message: IncomingMessage, queue: QueueConfig, message_id: str, limit: int) -> MessageLog:
@@ -79,6 +80,18 @@ def bound_row(row: MessageLog, limit: int) -> None:
         setattr(row, name, text.for_column(getattr(row, name), limit))
     for name in ('task', 'worker', 'queue', 'exchange', 'routing_key'):
         setattr(row, name, text.for_column(getattr(row, name), 200))
+
+
+def record_attempt(row: MessageLog, outcome: str, limit: int, exception_class: str = '', exception: str = '',
+                   traceback: str = '', log: str = '', finished=None) -> None:
+    """Keep the attempt `row` holds now (its number, worker and start) as a TaskAttempt with `outcome`. A
+    second record of the same attempt (a redelivery after a crash in between) is ignored."""
+    attempt = TaskAttempt(
+        message_log=row, number=row.attempts, outcome=outcome, worker=text.for_column(row.worker or '', 200),
+        started_time=row.started_time, finished_time=finished, exception_class=text.for_column(exception_class, 200),
+        exception=text.for_column(exception, limit), traceback=text.for_column(traceback, limit),
+        log=text.for_column(log, limit))
+    TaskAttempt.objects.bulk_create([attempt], ignore_conflicts=True)
 
 
 def set_failed_fields(log: MessageLog, err, traceback_text: str | None = None) -> None:

@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 from django.db import DatabaseError, connections
+from django.utils import timezone
 
 from carrot import registry, text
 from carrot.amqp import wire
@@ -30,13 +31,13 @@ from carrot.backoff import Outage
 from carrot.config import BrokerConfig, QueueConfig, get_config
 from carrot.config.parse import parse_broker
 from carrot.consume.claim import worker_id
-from carrot.consume.logrows import get_or_insert_row, insert_row
+from carrot.consume.logrows import get_or_insert_row, insert_row, record_attempt
 from carrot.consume.processor import Hooks, MessageProcessor
-from carrot.consume.runner import TASK_LOGGER
+from carrot.consume.runner import TASK_LOGGER, exception_class_path
 from carrot.consume.task_thread import Delivery, TaskThread
 from carrot.exceptions import QueueMismatchError, TaskTimeLimitExceeded
-from carrot.models import MessageLog
 from carrot.consume.offload import Offload
+from carrot.models import MessageLog, TaskAttempt
 
 __all__ = ['Consumer', 'Disposition', 'worker_id']
 
@@ -183,6 +184,7 @@ class Consumer:
         clash = None  # monotonic time the queue clash was last logged, while there is one
         while not self._finished(max_messages):
             session = ConsumeSession(self.broker, self.queue, self.logger, self.name,
+                                     delay_levels=self.config.delay_levels,
                                      confirm_timeout=self.config.confirm_timeout)
             try:
                 session.open(self._on_delivery(session))
@@ -298,6 +300,9 @@ class Consumer:
         log = MessageLog.objects.filter(uuid=message_id, status=MessageLog.IN_PROGRESS,
                                         worker=self.processor.worker).first()
         if log is not None:
+            record_attempt(log, TaskAttempt.FAILED, self.config.max_stored_text,
+                           exception_class=exception_class_path(error), exception=str(error),
+                           finished=timezone.now())
             self.fail(log, error)
 
     def _tick(self) -> None:

@@ -5,11 +5,20 @@ do with the delivery. It runs in the consumer's task thread, with that thread's 
 
 The claim (carrot.consume.claim) makes sure a message runs at most once at a time, on any host; the
 row is found (or, for messages from other publishers, inserted) by carrot.consume.logrows. A message whose
-row is IN_PROGRESS under a live worker is not run now: it is parked and comes back after a delay.
+row is IN_PROGRESS under a live worker is not run now: it is parked in the delay levels and comes back
+after a delay.
+
+Not before its time
+    The row, not the message, says when a task may run: a message that arrives before its row's
+    run_after (a clock ahead of the publisher's, a "run now" that was undone, a copy from before a retry
+    was scheduled) is parked again for the rest, unclaimed and unrun.
 
 What ends how
-    COMPLETED row: ACK (a duplicate). FAILED row: DEAD_LETTER. Bad input, unregistered task, a task that
-    raises, anything unexpected: FAILED + DEAD_LETTER. No message_id: ADOPT (republished with one).
+    COMPLETED row: ACK (a duplicate). FAILED row: DEAD_LETTER. A task that raises and may be retried
+    (carrot.consume.retry): the attempt is kept, the row SCHEDULED for the retry, RETRY_LATER. Bad input,
+    unregistered task, a task that raises for good, anything unexpected: FAILED + DEAD_LETTER. No
+    message_id: ADOPT (republished with one). Every attempt that does not succeed is kept as a
+    TaskAttempt (failed, retried, worker lost).
     Database unreachable or its tables missing: the message is held and the step retried with backoff
     -- never a requeue loop, and never a second run of a task whose result could not be written.
 """
@@ -19,6 +28,7 @@ import logging
 import threading
 import traceback
 import uuid
+from datetime import timedelta
 from typing import Callable
 
 from django.db import DatabaseError
@@ -28,16 +38,16 @@ from carrot import registry, text
 from carrot.amqp.disposition import ACK, DEAD_LETTER, REQUEUE, Disposition, adopt, retry_later
 from carrot.amqp.wire import IncomingMessage
 from carrot.config import CarrotConfig, QueueConfig
-from carrot.consume import claim
+from carrot.consume import claim, djangotask, retry
 from carrot.consume.dbretry import (DatabaseRetry, StopRequested, drop_broken_connections,
                                     reset_connections_left_in_transaction)
-from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, get_or_insert_row, insert_row, same_call,
-                                    set_failed_fields)
-from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, run_task
-from carrot.exceptions import BadMessage, CarrotError, TaskNotRegistered
-from carrot.models import MessageLog
+from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, get_or_insert_row, insert_row, record_attempt,
+                                    same_call, set_failed_fields)
+from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, exception_class_path, run_task
+from carrot.exceptions import BadMessage, TaskNotRegistered, WorkerLost
+from carrot.models import MessageLog, TaskAttempt
 
-RETRY_BASE = 2.0  # seconds a message waits in <queue>.wait the first time; doubled each time after
+RETRY_BASE = 2.0  # seconds a message of a busy row is parked the first time; doubled each time after
 
 
 # -- the processor -----------------------------------------------------------------------------------
@@ -112,9 +122,23 @@ class MessageProcessor:
 
     # -- the claim
 
+    def _too_early(self, row: MessageLog, message: IncomingMessage) -> Disposition | None:
+        """Park a message that came before its row's run_after for the rest of the wait."""
+        if row.run_after is None or row.status not in claim.TAKEABLE:
+            return None
+        left = (row.run_after - timezone.now()).total_seconds()
+        if left <= 0:
+            return None
+        self.logger.info('%s: %s (%s) may run at %s; parked for another %.1fs', self.name, message.shown_task,
+                         row.uuid, row.run_after.isoformat(), left)
+        return retry_later(left)
+
     def claim(self, row: MessageLog, message: IncomingMessage) -> Disposition | None:
         """Take the row for this worker (returns None: run it now), or say what to do instead."""
         for _ in range(5):  # each lost compare-and-set re-reads the row; five is more than enough
+            early = self._too_early(row, message)
+            if early is not None:
+                return early
             now = timezone.now()
             if row.status == MessageLog.COMPLETED:
                 self.logger.warning('%s: %s (%s) is already COMPLETED; acking the duplicate delivery '
@@ -129,12 +153,14 @@ class MessageProcessor:
                     delay = min(self.config.claim_lease, RETRY_BASE * 2 ** message.waits)
                     self.logger.info('%s: %s (%s) is running on %s; trying again in %gs', self.name,
                                      message.shown_task, row.uuid, text.for_log(row.worker, 100), delay)
-                    return retry_later(delay)
-                if row.attempts >= self.config.max_attempts:
+                    return retry_later(delay, busy=True)
+                # Retries are counted apart: only the runs whose worker was lost count towards max_attempts.
+                if row.attempts - row.retries >= self.config.max_attempts:
                     return self._worker_lost(row, message)
+                self._keep_lost_attempt(row)
                 taken = self._take(row, claim.from_lost_worker(row))
-            elif row.status in (MessageLog.PUBLISHED, MessageLog.WAITING):
-                taken = self._take(row, claim.from_waiting())
+            elif row.status in claim.TAKEABLE:
+                taken = self._take(row, claim.from_waiting(now))
             else:
                 self._fail_row(row, BadMessage(f'its log row has an unknown status '
                                                f'{text.for_log(row.status, 40)!r}'))
@@ -148,12 +174,29 @@ class MessageProcessor:
         return claim.take(row, self.worker, self.config.claim_lease, condition, count_attempt)
 
     def _worker_lost(self, row: MessageLog, message: IncomingMessage) -> Disposition:
+        self._keep_lost_attempt(row)
         if not self._take(row, claim.from_lost_worker(row), count_attempt=False):
             return retry_later(RETRY_BASE)  # someone else took it meanwhile; look again later
-        self._fail_row(row, CarrotError(
-            f'worker lost after {row.attempts} attempts: the process running this task died or lost its '
-            f'connection each time (CARROT["max_attempts"] is {self.config.max_attempts})'))
+        self._fail_row(row, WorkerLost(
+            f'worker lost after {row.attempts - row.retries} attempts: the process running this task died or '
+            f'lost its connection each time (CARROT["max_attempts"] is {self.config.max_attempts})'))
         return DEAD_LETTER
+
+    def _keep_lost_attempt(self, row: MessageLog) -> None:
+        """Keep the attempt of a dead worker (before a claim overwrites its worker and start)."""
+        self._keep_attempt(row, TaskAttempt.LOST, exception_class=exception_class_path(WorkerLost()),
+                           exception=f'worker lost: {row.worker} died or lost its connection while it ran the task',
+                           finished=None)
+
+    def _keep_attempt(self, row: MessageLog, outcome: str, finished=False, **fields) -> None:
+        """Keep the attempt `row` holds now as a TaskAttempt; a database that refuses it costs the history
+        that one line, never the task's result."""
+        finished = timezone.now() if finished is False else finished
+        try:
+            self._database(lambda: record_attempt(row, outcome, self.config.max_stored_text, finished=finished,
+                                                  **fields), 'recording the attempt', interruptible=False)
+        except DatabaseError:
+            self.logger.exception('%s: attempt %d of %s could not be kept', self.name, row.attempts, row.uuid)
 
     def renew_lease(self, message_id: str) -> bool:
         """Push the lease of a row this worker holds forward (called from the connection thread)."""
@@ -167,21 +210,35 @@ class MessageProcessor:
         try:
             func = registry.get_task(message.task)
         except TaskNotRegistered as exc:
+            self._keep_attempt(row, TaskAttempt.FAILED, exception_class=exception_class_path(exc),
+                               exception=str(exc))
             self._fail_row(row, exc)
             return DEAD_LETTER
-        outcome = self.run(func, list(message.args), dict(message.kwargs),
+        # A django.tasks Task runs the way Django's tasks API says (context, signals, strict JSON).
+        django_run = djangotask.DjangoRun(func, row, self.config) if registry.django_task(func) else None
+        outcome = self.run(django_run or func, list(message.args), dict(message.kwargs),
                            log_limit=self.config.max_stored_text)
         row.log = outcome.log
         self._clean_up_after_task(row, message)
         if not outcome.succeeded:
+            delay = retry.next_delay(retry.policy_for(message.task, func, self.config), outcome.error,
+                                     row.retries)
+            if delay is not None:
+                return self._retry(row, message, outcome, delay)
+            self._keep_attempt(row, TaskAttempt.FAILED, exception_class=outcome.exception_class,
+                               exception=outcome.exception, traceback=outcome.traceback, log=outcome.log)
             row.traceback = outcome.traceback
             self._fail_row(row, outcome.exception)
+            if django_run is not None:
+                django_run.finished(row)
             return DEAD_LETTER
         row.status = MessageLog.COMPLETED
         row.completion_time = timezone.now()
         row.output = outcome.output
         row.lease_expires = None
         self.save(row, interruptible=False)
+        if django_run is not None:
+            django_run.finished(row)
         self.logger.info('%s: %s (%s) completed', self.name, message.shown_task, row.uuid)
         return ACK
 
@@ -201,6 +258,20 @@ class MessageProcessor:
             line = logging.Formatter(LOG_FORMAT).format(logging.LogRecord(
                 TASK_LOGGER, logging.WARNING, __file__, 0, 'carrot: %s', (note,), None))
             row.log = f'{row.log}\n{line}' if row.log else line
+
+    def _retry(self, row: MessageLog, message: IncomingMessage, outcome: TaskOutcome, delay: float) -> Disposition:
+        """Keep the failed attempt, schedule the row for the retry, and park the message until then."""
+        now = timezone.now()
+        self._keep_attempt(row, TaskAttempt.RETRIED, exception_class=outcome.exception_class,
+                           exception=outcome.exception, traceback=outcome.traceback, log=outcome.log, finished=now)
+        row.status = MessageLog.SCHEDULED
+        row.run_after = now + timedelta(seconds=delay)
+        row.retries += 1
+        row.exception, row.traceback, row.lease_expires = outcome.exception, outcome.traceback, None
+        self.save(row, interruptible=False)
+        self.logger.warning('%s: %s (%s) failed (%s); retry %d in %.1fs', self.name, message.shown_task, row.uuid,
+                            text.for_log(outcome.exception, 200), row.retries, delay)
+        return retry_later(delay)
 
     def _fail_row(self, row: MessageLog, err) -> None:
         """FAILED through the consumer's fail() (1.x extension point: failure callbacks run there)."""
@@ -251,8 +322,7 @@ class MessageProcessor:
         row = None
         if message.message_id is not None:
             row = self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
-            if not same_call(row, message) or row.status not in (MessageLog.PUBLISHED, MessageLog.WAITING,
-                                                                 MessageLog.FAILED):
+            if not same_call(row, message) or row.status not in (*claim.TAKEABLE, MessageLog.FAILED):
                 row = None
             elif row.status == MessageLog.FAILED:
                 return DEAD_LETTER  # recorded by an earlier delivery of this very message

@@ -1,6 +1,7 @@
 """The one place that runs a task: call it, capture what it logs, and describe how it ended."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -8,6 +9,8 @@ import threading
 import traceback
 from dataclasses import dataclass
 from typing import Callable
+
+from asgiref.sync import async_to_sync
 
 TASK_LOGGER = 'carrot'
 LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
@@ -20,6 +23,8 @@ class TaskOutcome:
     exception: str = ''
     traceback: str = ''
     log: str = ''
+    exception_class: str = ''              # the dotted path of the exception's class
+    error: BaseException | None = None     # what the task raised; None when a retry cannot help
 
 
 class _ThreadCapture(logging.Handler):
@@ -78,7 +83,10 @@ def run_task(func: Callable, args: list, kwargs: dict, log_limit: int | None = N
     try:
         try:
             try:
-                value = func(*args, **kwargs)
+                if inspect.iscoroutinefunction(func):  # an async def task runs to completion here
+                    value = async_to_sync(func)(*args, **kwargs)
+                else:
+                    value = func(*args, **kwargs)
             finally:
                 if os.getpid() != pid:
                     # A copy of the worker the task forked, returning (or raising) out of the task: it
@@ -90,6 +98,7 @@ def run_task(func: Callable, args: list, kwargs: dict, log_limit: int | None = N
             outcome = _failure(exc)
             if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
                 outcome.exception = f'the message arguments do not fit the task: {exc}'
+                outcome.error = None  # the message's fault: the same call fails the same way again
             return _with_log(outcome, capture)
         except BaseException as exc:  # noqa: B036 -- whatever the task raises is the task's failure
             return _with_log(_failure(exc), capture)
@@ -107,7 +116,13 @@ def _failure(exc: BaseException) -> TaskOutcome:
         trace = ''.join(traceback.format_exception(exc))
     except BaseException:
         trace = ''
-    return TaskOutcome(succeeded=False, exception=described, traceback=trace)
+    return TaskOutcome(succeeded=False, exception=described, traceback=trace, error=exc,
+                       exception_class=exception_class_path(exc))
+
+
+def exception_class_path(exc: BaseException) -> str:
+    kind = type(exc)
+    return f'{kind.__module__}.{kind.__qualname__}'
 
 
 def _with_log(outcome: TaskOutcome, capture: _ThreadCapture) -> TaskOutcome:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from carrot.publish import relay
-from carrot.publish.outbox import requeue_many
 from carrot.exceptions import AlreadyRequeued, CarrotConfigException, CarrotError, InvalidCall
+from carrot.publish import outbox, relay
+from carrot.publish.outbox import requeue_many
 from carrot.models import MessageLog, ScheduledTask
 from carrot.monitor import queries
 
@@ -94,12 +94,17 @@ def delete_one(uuid: str) -> Done:
     if log.status not in DELETABLE:
         raise ActionError(f'a task that is {log.get_status_display().lower()} cannot be deleted: its '
                           f'message is on the queue (purge the queue instead)', 409)
+    if log.run_after is not None and log.run_after > timezone.now():
+        raise ActionError(f'its message waits in the delay levels until {log.run_after.isoformat()}: '
+                          f'without this row it would run then; delete it after that', 409)
     log.delete()
     return Done(f'{log.task} deleted.', 1)
 
 
 def delete_failed(search: str = '', queue: str = '', uuids: list[str] | None = None) -> Done:
-    count, _ = failed_rows(search, queue, uuids).delete()
+    # Rows of cancelled delayed tasks whose message is still in the delay levels stay (see delete_one).
+    rows = failed_rows(search, queue, uuids).exclude(run_after__gt=timezone.now())
+    count, _ = rows.delete()
     return Done(f'{count} failed task(s) deleted.', count)
 
 
@@ -179,5 +184,31 @@ def forget_gone_supervisors() -> Done:
     return Done(f'{count} gone supervisor(s) forgotten.', count)
 
 
+def run_now(uuid: str) -> Done:
+    """Run a scheduled task now: its run_after becomes now and its message is sent again, straight to its
+    queue, under the same uuid (the copy still in the delay levels finds it done and is acked)."""
+    log = get_message(uuid)
+    if log.status != MessageLog.SCHEDULED:
+        raise ActionError(f'only tasks scheduled for later can be run now; this one is '
+                          f'{log.get_status_display()}', 409)
+    try:
+        outbox.run_scheduled_now(log)
+    except CarrotError as exc:
+        raise ActionError(f'{log.task} was not sent: {exc}', 502) from None
+    return Done(f'{log.task} sent to run now ({log.get_status_display().lower()}).', 1, uuid=log.uuid)
+
+
+def cancel(uuid: str) -> Done:
+    """Cancel a scheduled task: FAILED, saying so; its message, when it comes out of the delay levels,
+    finds the row FAILED and is dead-lettered without running."""
+    log = get_message(uuid)
+    if not outbox.cancel_scheduled(log, 'cancelled in the monitor before it ran'):
+        log.refresh_from_db()
+        raise ActionError(f'only tasks scheduled for later can be cancelled; this one is '
+                          f'{log.get_status_display()}', 409)
+    return Done(f'{log.task} cancelled.', 1, uuid=log.uuid)
+
+
 # What a POST to a message's action URL may do (the pages and the JSON API share it).
-MESSAGE_ACTIONS = {'requeue': requeue_one, 'delete': delete_one, 'send': send_waiting}
+MESSAGE_ACTIONS = {'requeue': requeue_one, 'delete': delete_one, 'send': send_waiting, 'run': run_now,
+                   'cancel': cancel}

@@ -18,7 +18,7 @@ def task_choices(current: str | None = None) -> list[tuple[str, str]]:
 
 def queue_choices() -> list[tuple[str, str]]:
     from carrot.config import get_config
-    return [(queue.name, queue.name) for queue in get_config().queues]
+    return [(queue.name, queue.name) for queue in get_config().all_queues]
 
 
 class ScheduledTaskForm(forms.ModelForm):

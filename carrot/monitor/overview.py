@@ -17,7 +17,7 @@ def _per_queue(**filters) -> dict[str, int]:
 
 def overview() -> list[dict]:
     from carrot.config import get_config
-    queues = list(get_config().queues)
+    queues = list(get_config().all_queues)
     hour_ago = timezone.now() - timedelta(hours=1)
     completed = _per_queue(status=MessageLog.COMPLETED, completion_time__gte=hour_ago)
     failed = _per_queue(status=MessageLog.FAILED, failure_time__gte=hour_ago)

@@ -32,6 +32,8 @@ TABS = {
                      'completion_time'),
     'waiting': Tab('waiting', 'Waiting for the broker', (MessageLog.WAITING,), ('-publish_time', '-id'),
                    'publish_time'),
+    # Delayed tasks and tasks waiting for their next retry, the soonest first.
+    'later': Tab('later', 'Later', (MessageLog.SCHEDULED,), ('run_after', 'id'), 'run_after'),
 }
 
 
@@ -123,12 +125,14 @@ def message_row(log: MessageLog, now=None) -> dict:
         'args': log.positionals,
         'kwargs': log.keywords,
         'publish_time': iso(log.publish_time),
+        'run_after': iso(log.run_after),
         'started_time': iso(log.started_time),
         'completion_time': iso(log.completion_time),
         'failure_time': iso(log.failure_time),
         'duration': duration.total_seconds() if duration is not None else None,
         'age': (now - log.publish_time).total_seconds() if log.publish_time else None,
         'attempts': log.attempts,
+        'retries': log.retries,
         'worker': log.worker,
         'exception': log.exception or '',
     }
@@ -146,8 +150,19 @@ def message_detail(log: MessageLog) -> dict:
         'output_text': log.output or '',
         'traceback': log.traceback or '',
         'log': [entry.as_dict() for entry in parse_log(log.log)],
+        'next_retry': iso(log.run_after) if log.status == MessageLog.SCHEDULED and log.retries else None,
+        'attempt_history': [attempt_row(record) for record in log.attempt_history()],
     })
     return detail
+
+
+def attempt_row(record) -> dict:
+    """One attempt of the detail document (carrot.models.AttemptRecord)."""
+    duration = (record.finished - record.started).total_seconds() if record.started and record.finished else None
+    return {'number': record.number, 'outcome': record.outcome, 'worker': record.worker,
+            'started': iso(record.started), 'finished': iso(record.finished), 'duration': duration,
+            'exception_class': record.exception_class, 'exception': record.exception,
+            'traceback': record.traceback}
 
 
 def virtual_host_of(queue: str | None) -> str:

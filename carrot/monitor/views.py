@@ -27,8 +27,10 @@ COLUMNS = {
     'failed': ('select', 'time', 'task', 'queue', 'exception', 'args', 'attempts', 'actions'),
     'completed': ('time', 'task', 'queue', 'args', 'kwargs', 'duration'),
     'waiting': ('time', 'task', 'queue', 'age', 'args', 'kwargs', 'actions'),
+    'later': ('time', 'task', 'queue', 'args', 'kwargs', 'attempts', 'actions'),
 }
-TIME_TITLES = {'queued': 'Published', 'failed': 'Failed', 'completed': 'Completed', 'waiting': 'Published'}
+TIME_TITLES = {'queued': 'Published', 'failed': 'Failed', 'completed': 'Completed', 'waiting': 'Published',
+               'later': 'Runs at'}
 
 
 def _filters(request) -> tuple[str, str]:
@@ -37,7 +39,7 @@ def _filters(request) -> tuple[str, str]:
 
 def _queue_names() -> list[str]:
     from carrot.config import get_config
-    return [queue.name for queue in get_config().queues]
+    return [queue.name for queue in get_config().all_queues]
 
 
 def _context(request, active: str, **extra) -> dict:
@@ -115,7 +117,8 @@ def message_detail(request, uuid):
         request, tab, log=log, detail=detail, arguments=arguments,
         positional_count=len(detail['args']),
         entries=tasklog.parse_log(log.log), log_level=level, levels=tasklog.LEVELS,
-        level_numbers=tasklog.LEVEL_NUMBERS, live=log.status in ('PUBLISHED', 'IN_PROGRESS', 'WAITING'),
+        level_numbers=tasklog.LEVEL_NUMBERS,
+        live=log.status in ('PUBLISHED', 'IN_PROGRESS', 'WAITING', 'SCHEDULED'),
         api_url=reverse('carrot:api-message', args=[log.uuid])))
 
 
@@ -134,7 +137,7 @@ def message_action(request, uuid, action):
 
 
 def _tab_of(status: str) -> str:
-    tab = {'PUBLISHED': 'queued', 'IN_PROGRESS': 'queued'}.get(status, str(status).lower())
+    tab = {'PUBLISHED': 'queued', 'IN_PROGRESS': 'queued', 'SCHEDULED': 'later'}.get(status, str(status).lower())
     return tab if tab in queries.TABS else 'queued'
 
 

@@ -7,9 +7,10 @@ Everything that publishes comes through here: ``publish_message`` (the 1.x facad
 2. ``enqueue()`` writes the MessageLog row first, with status WAITING ("waiting for the broker"), and
    sends at once, or after commit when called inside a transaction (so no consumer sees a message whose
    row may still roll back).
-3. ``send()`` publishes through the confirmed Publisher of carrot.amqp.publisher. Once RabbitMQ
-   confirms, the row becomes PUBLISHED, but only if it is still WAITING: a fast consumer may already
-   have claimed it.
+3. ``send()`` publishes through the confirmed Publisher of carrot.amqp.publisher -- a message whose
+   ``run_after`` is still ahead through the delay levels (carrot.amqp.delays), for the seconds left.
+   Once RabbitMQ confirms, the row becomes PUBLISHED (SCHEDULED when delayed), but only if it is still
+   WAITING: a fast consumer may already have claimed it.
 
    - ``BrokerUnavailable`` (unreachable, connection lost, no confirm): with
      ``CARROT['store_and_forward']`` (the default) the row stays WAITING and the call returns normally;
@@ -47,11 +48,15 @@ logger = logging.getLogger('carrot.publishing')
 UNSENDABLE = (InvalidCall, CarrotConfigException, MessageRejected)
 
 
-def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: bool | None = None) -> MessageLog:
+def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: bool | None = None,
+            on_enqueued: Callable[[MessageLog], None] | None = None) -> MessageLog:
     """Write the row (WAITING), then send: now, or when the surrounding transaction commits.
 
     Returns the row: PUBLISHED once RabbitMQ has it, WAITING while it waits for the broker or the commit.
-    ``store_and_forward=None`` means CARROT['store_and_forward'].
+    ``store_and_forward=None`` means CARROT['store_and_forward']. ``on_enqueued(row)`` is called once the
+    task is sure to be delivered, never after a rollback: with store-and-forward when its row is
+    committed, before the send (so before any worker can start it); without, once RabbitMQ has it.
+    django.tasks' task_enqueued is sent there.
     """
     if store_and_forward is None:
         store_and_forward = get_config().store_and_forward
@@ -59,11 +64,20 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
 
     connection = transaction.get_connection(MessageLog.objects.db)
     if on_commit and connection.in_atomic_block:
-        transaction.on_commit(lambda: _send_after_commit(message, log, store_and_forward),
+        transaction.on_commit(lambda: _send_after_commit(message, log, store_and_forward, on_enqueued),
                               using=MessageLog.objects.db)
     else:
-        send(message, log, store_and_forward=store_and_forward)
+        _deliver(message, log, store_and_forward, on_enqueued)
     return log
+
+
+def _deliver(message: Outgoing, log: MessageLog, store_and_forward: bool,
+             on_enqueued: Callable[[MessageLog], None] | None) -> None:
+    if on_enqueued is not None and store_and_forward:
+        on_enqueued(log)  # the committed row is enough: the relay sends it if this send cannot
+    send(message, log, store_and_forward=store_and_forward)
+    if on_enqueued is not None and not store_and_forward:
+        on_enqueued(log)
 
 
 def _write_row(message: Outgoing) -> MessageLog:
@@ -72,7 +86,8 @@ def _write_row(message: Outgoing) -> MessageLog:
         return MessageLog.objects.create(
             status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
             routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
-            task_args=task_args, content=content, publish_time=timezone.now())
+            task_args=task_args, content=content, publish_time=timezone.now(), run_after=message.run_after,
+            backend=message.backend, origin=message.origin)
     except DatabaseError as exc:
         if tables_missing(exc):
             raise NotMigrated(f"carrot's tables are missing from database {MessageLog.objects.db!r} "
@@ -80,59 +95,68 @@ def _write_row(message: Outgoing) -> MessageLog:
         raise
 
 
-def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bool) -> None:
+def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bool,
+                       on_enqueued: Callable[[MessageLog], None] | None) -> None:
     # The caller's transaction has committed: raising here would reach whoever committed, long after
     # publish_message returned. The row says what happened, and the log file too.
     try:
-        send(message, log, store_and_forward=store_and_forward)
+        _deliver(message, log, store_and_forward, on_enqueued)
     except Exception:
         logger.exception('publishing %s (%s) after commit failed', message.task, message.uuid)
 
 
-def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relaying: bool = False) -> bool:
-    """Publish a logged message and record the outcome on its row (see the module docstring).
-    True once RabbitMQ has it; False when it waits for the broker (store-and-forward)."""
-    queue = get_config().queue(message.queue)
+def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relaying: bool = False,
+         from_status: str = MessageLog.WAITING) -> bool:
+    """Publish a logged message and record the outcome on its row (see the module docstring), if the row
+    is still `from_status`. True once RabbitMQ has it; False when it waits for the broker
+    (store-and-forward)."""
+    config = get_config()
+    queue = config.queue(message.queue)
+    delay = message.delay(timezone.now())
     try:
         publisher_for(queue.broker).publish(queue, message.body, message.properties,
-                                            exchange=message.exchange, routing_key=message.routing_key)
+                                            exchange=message.exchange, routing_key=message.routing_key,
+                                            delay=delay, delay_levels=config.delay_levels)
     except BrokerUnavailable as exc:
         if store_and_forward:
             # The relay logs an outage once per broker, not once per message and try.
             logger.log(logging.DEBUG if relaying else logging.WARNING,
                        '%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid, exc)
             return False
-        fail_unsent(log, exc)
+        fail_unsent(log, exc, from_status)
         raise
     except MessageRejected as exc:
-        fail_unsent(log, exc)
+        fail_unsent(log, exc, from_status)
         raise
-    mark_published(log)
+    mark_published(log, scheduled=delay > 0, from_status=from_status)
     return True
 
 
-def mark_published(log: MessageLog) -> None:
-    """WAITING → PUBLISHED; a row a consumer has claimed meanwhile is left as it is."""
-    if MessageLog.objects.filter(pk=log.pk, status=MessageLog.WAITING).update(status=MessageLog.PUBLISHED):
-        log.status = MessageLog.PUBLISHED
+def mark_published(log: MessageLog, scheduled: bool = False, from_status: str = MessageLog.WAITING) -> None:
+    """WAITING (or `from_status`) → PUBLISHED, or SCHEDULED when it is in the delay levels; a row a
+    consumer has claimed meanwhile is left as it is."""
+    status = MessageLog.SCHEDULED if scheduled else MessageLog.PUBLISHED
+    if MessageLog.objects.filter(pk=log.pk, status=from_status).update(status=status):
+        log.status = status
     else:
         log.refresh_from_db(fields=['status'])
 
 
-def fail_unsent(log: MessageLog, exc: Exception) -> None:
+def fail_unsent(log: MessageLog, exc: Exception, from_status: str = MessageLog.WAITING) -> None:
     reason = f'{type(exc).__name__}: the message could not be published: {exc}'
-    MessageLog.objects.filter(pk=log.pk, status=MessageLog.WAITING).update(
+    MessageLog.objects.filter(pk=log.pk, status=from_status).update(
         status=MessageLog.FAILED, failure_time=timezone.now(), exception=reason)
     log.refresh_from_db(fields=['status', 'failure_time', 'exception'])
 
 
 def publish(task: str | Callable, args: tuple = (), kwargs: dict | None = None, *, queue: str | None = None,
             exchange: str = '', routing_key: str | None = None, priority: int = 0, on_commit: bool = True,
-            store_and_forward: bool | None = None) -> MessageLog:
+            store_and_forward: bool | None = None, run_after=None, countdown: float | None = None,
+            backend: str = '', on_enqueued: Callable[[MessageLog], None] | None = None) -> MessageLog:
     """prepare() then enqueue(): the whole publish. See carrot.utilities.publish_message."""
     message = prepare(task, args, kwargs, queue=queue, exchange=exchange, routing_key=routing_key,
-                      priority=priority)
-    return enqueue(message, on_commit=on_commit, store_and_forward=store_and_forward)
+                      priority=priority, run_after=run_after, countdown=countdown, backend=backend)
+    return enqueue(message, on_commit=on_commit, store_and_forward=store_and_forward, on_enqueued=on_enqueued)
 
 
 def requeue(log: MessageLog) -> MessageLog:
@@ -144,7 +168,8 @@ def requeue(log: MessageLog) -> MessageLog:
     there first -- raises AlreadyRequeued and publishes nothing. Of two requeues at once, one copy."""
     args, kwargs = arguments.load_logged(log.task_args, log.content)
     message = prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
-                      routing_key=log.routing_key or None, priority=log.priority)
+                      routing_key=log.routing_key or None, priority=log.priority, backend=log.backend,
+                      origin=log.origin or log.uuid)
     with transaction.atomic(using=MessageLog.objects.db):
         if log.pk and not _claim(MessageLog.objects.filter(pk=log.pk, status=log.status), 1):
             raise AlreadyRequeued(f'{log.task} ({log.uuid}) was requeued or deleted meanwhile; it was not '
@@ -244,9 +269,32 @@ def _claim(rows: QuerySet, expected: int) -> bool:
     return rows.delete()[0] == expected
 
 
+def run_scheduled_now(log: MessageLog) -> None:
+    """A SCHEDULED row's task runs now: run_after becomes now and the message is sent straight to its
+    queue (same uuid; the delayed copy still in the levels finds it claimed or done when it comes).
+    The row stays SCHEDULED if the broker cannot take it now: housekeeping's sweep sends it later."""
+    now = timezone.now()
+    if not MessageLog.objects.filter(pk=log.pk, status=MessageLog.SCHEDULED).update(run_after=now):
+        log.refresh_from_db()
+        return
+    log.run_after = now
+    send(outgoing_from_row(log), log, store_and_forward=True, from_status=MessageLog.SCHEDULED)
+
+
+def cancel_scheduled(log: MessageLog, reason: str) -> bool:
+    """SCHEDULED -> FAILED with `reason` (False: the row was not SCHEDULED any more). The message in the
+    delay levels is dead-lettered, unrun, when it comes out."""
+    done = MessageLog.objects.filter(pk=log.pk, status=MessageLog.SCHEDULED).update(
+        status=MessageLog.FAILED, failure_time=timezone.now(), exception=f'Cancelled: {reason}')
+    if done:
+        log.refresh_from_db()
+    return bool(done)
+
+
 def outgoing_from_row(log: MessageLog) -> Outgoing:
     """The message a WAITING row stands for, with the row's uuid; raises one of UNSENDABLE (as prepare()
     does, or InvalidArguments when the stored arguments cannot be read back)."""
     args, kwargs = arguments.load_logged(log.task_args, log.content)
     return prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
-                   routing_key=log.routing_key or None, priority=log.priority, message_id=log.uuid)
+                   routing_key=log.routing_key or None, priority=log.priority, message_id=log.uuid,
+                   run_after=log.run_after, backend=log.backend, origin=log.origin)

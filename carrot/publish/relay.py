@@ -96,12 +96,25 @@ class Relay:
                 logger.info('relay: broker %s takes messages again', broker)
 
 
-def give_up(log: MessageLog, exc: Exception) -> None:
-    """A WAITING row whose message can never be sent: FAILED, saying why."""
-    reason = f'{type(exc).__name__}: a waiting message could not be relayed: {exc}'
-    MessageLog.objects.filter(pk=log.pk, status=MessageLog.WAITING).update(
+def give_up(log: MessageLog, exc: Exception, from_status: str = MessageLog.WAITING) -> None:
+    """A WAITING (or `from_status`) row whose message can never be sent: FAILED, saying why."""
+    what = 'a waiting message could not be relayed' if from_status == MessageLog.WAITING else \
+        'an overdue scheduled message could not be sent again'
+    reason = f'{type(exc).__name__}: {what}: {exc}'
+    MessageLog.objects.filter(pk=log.pk, status=from_status).update(
         status=MessageLog.FAILED, failure_time=timezone.now(), exception=reason)
     logger.error('relay: %s (%s) cannot be sent and is marked FAILED: %s', log.task, log.uuid, exc)
+
+
+def send_now(log: MessageLog) -> None:
+    """Send a WAITING row at once, after the commit that wrote it (a created carrot.models.Task): what
+    cannot be sent now waits for the relay, and a row that can never be sent is FAILED saying why."""
+    try:
+        send_waiting(log)
+    except MessageRejected as exc:
+        logger.error('%s (%s) cannot be sent: %s', log.task, log.uuid, exc)
+    except BrokerUnavailable:
+        pass  # the row waits; the relay sends it
 
 
 def send_waiting(log: MessageLog) -> None:

@@ -120,10 +120,11 @@ def scheduler_main(options: ChildOptions, ctx) -> int:
 
 def housekeeping_main(options: ChildOptions, ctx) -> int:
     """This host's housekeeping (carrot.run.housekeeping) until the master asks this child to stop."""
-    from carrot.run.housekeeping import Housekeeping, relay_duty, status_copy_duty
     from carrot.consume.offload import Offload
+    from carrot.run.housekeeping import Housekeeping, relay_duty, status_copy_duty, sweep_duty
 
-    duties = [duty for duty in (relay_duty(), status_copy_duty(options.status_file)) if duty is not None]
+    duties = [duty for duty in (relay_duty(), sweep_duty(), status_copy_duty(options.status_file))
+              if duty is not None]
     housekeeping = Housekeeping(duties, stopping=ctx.stopping)
     housekeeping.offload = Offload('housekeeping')
     ctx.report('idle')

@@ -96,8 +96,9 @@ def read_settings(settings_module: str, check_brokers: bool = False, loglevel: s
     if problems:
         raise SettingsUnreadable('\n'.join(problems))
     options = settings_values(config)
+    # The Worker rows (carrot.models.Worker) are queues too: read at every start and every reload (HUP).
     return SettingsSummary(
-        queues=tuple(QueueSummary(q.name, q.concurrency, q.consumable, str(q.broker)) for q in config.queues),
+        queues=tuple(QueueSummary(q.name, q.concurrency, q.consumable, str(q.broker)) for q in config.all_queues),
         options=options, broker_errors=tuple(broker_errors(config)) if check_brokers else ())
 
 
@@ -116,7 +117,8 @@ def broker_errors(config) -> list[str]:
 
 
 # What every child uses, imported in the image so that children share it instead of importing it each.
-PRELOADED = ('carrot.consume.loop', 'carrot.consume.offload', 'carrot.schedule.scheduler', 'carrot.run.housekeeping', 'carrot.publish.relay',
+PRELOADED = ('carrot.consume.loop', 'carrot.consume.offload', 'carrot.schedule.scheduler', 'carrot.run.housekeeping',
+             'carrot.publish.relay', 'carrot.publish.sweep',
              'carrot.run.status', 'carrot.amqp.session', 'carrot.amqp.publisher', 'pika', 'psutil')
 
 

@@ -4,6 +4,8 @@ One `housekeeping` child per supervisor, whatever it consumes and whether it run
 
 - the relay: messages left WAITING for the broker (an outage, a web process that died before its
   after-commit send) are sent (carrot.publish.relay), a bounded batch per tick;
+- the sweep: scheduled messages overdue by more than CARROT['delay_sweep_after'] seconds (their copy in
+  the delay levels was lost) are sent again under the same uuid (carrot.publish.sweep);
 - the status copy: the master's status snapshot goes into the SupervisorStatus table every few seconds,
   so the monitor's Workers tab shows every host.
 
@@ -27,6 +29,7 @@ logger = logging.getLogger('carrot.housekeeping')
 
 TICK = 1.0
 SNAPSHOT_EVERY = 5.0  # seconds between copies of the master's status snapshot into the database
+SWEEP_EVERY = 10.0    # seconds between looks for overdue scheduled rows
 MAX_DUTY_BACKOFF = 30.0
 
 
@@ -98,6 +101,13 @@ def relay_duty() -> Duty:
 
     relay = Relay()
     return Duty('relaying messages that wait for the broker', relay.relay_waiting)
+
+
+def sweep_duty() -> Duty:
+    from carrot.publish.sweep import Sweep
+
+    sweep = Sweep()
+    return Duty('sending overdue scheduled messages again', sweep.sweep_overdue, every=SWEEP_EVERY)
 
 
 def status_copy_duty(path: str | None) -> Duty | None:

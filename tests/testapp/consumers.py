@@ -21,3 +21,18 @@ class BrokenConsumer(Consumer):
 
     def __init__(self, *args, **kwargs):
         raise RuntimeError('BrokenConsumer cannot start (on purpose)')
+
+
+class DiesBeforeParking(Consumer):
+    """Dies, as a SIGKILL would, once: after a failed run was recorded for a retry (row SCHEDULED), before
+    the retry's copy reaches the delay levels and the delivery is acked (tests/test_retries.py)."""
+
+    def _settle(self, session, delivery):
+        import os
+
+        from carrot.amqp.disposition import Action
+        marker = os.environ.get('CARROT_TEST_DIE_MARKER')
+        if marker and not os.path.exists(marker) and delivery.future.result().action is Action.RETRY_LATER:
+            open(marker, 'w').close()
+            os._exit(17)
+        super()._settle(session, delivery)

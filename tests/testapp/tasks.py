@@ -322,3 +322,46 @@ def fork_and_work(path, linger, seconds):
     fork_and_return(path, linger)
     time.sleep(seconds)
     return seconds
+
+
+def stamp(path, label):
+    """Append "<label> <unix time>" to `path`: when the task ran, for the delay tests."""
+    with open(path, 'a') as f:
+        f.write(f'{label} {time.time():.3f}\n')
+    return label
+
+
+# -- for the retry tests (tests/test_retries.py) --
+
+import carrot  # noqa: E402
+
+
+def _count_run(path):
+    with open(path, 'a') as f:
+        f.write(f'{time.time():.3f}\n')
+    with open(path) as f:
+        return len(f.read().splitlines())
+
+
+@carrot.task(max_retries=3, retry_backoff=1, retry_backoff_max=30, retry_on=(OSError,))
+def flaky(path, failures):
+    """Raise OSError the first `failures` runs (each run appends its time to `path`), then succeed."""
+    runs = _count_run(path)
+    if runs <= failures:
+        raise OSError(f'flaky run {runs}')
+    return runs
+
+
+@carrot.task(max_retries=2, retry_backoff=1, retry_on=(OSError,))
+def wrong_kind(path):
+    """Raises what its retry_on does not cover: failed at once."""
+    _count_run(path)
+    raise KeyError('not retried')
+
+
+def asks_again(path, times, delay=1):
+    """A plain task (no retry options) that raises carrot.Retry the first `times` runs."""
+    runs = _count_run(path)
+    if runs <= times:
+        raise carrot.Retry('not yet', delay=delay)
+    return runs

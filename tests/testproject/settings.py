@@ -7,6 +7,7 @@ Environment:
                       subprocesses, created and deleted by tests/conftest.py)
   CARROT_TEST_EXTRA   a file of Python that may change CARROT (supervisor tests edit it, then send HUP)
 """
+import importlib.util
 import os
 import tempfile
 import uuid
@@ -81,6 +82,12 @@ CARROT = {
     ],
     'cleanup_after_days': 3,
 }
+
+# Django's tasks API on carrot (tests/test_backend.py): django.tasks on Django 6, the django-tasks backport
+# (a test extra) on 5.2.
+TASKS = {'default': {'BACKEND': 'carrot.backends.CarrotBackend', 'QUEUES': ['default', 'other']}}
+if importlib.util.find_spec('django.tasks') is None and importlib.util.find_spec('django_tasks') is not None:
+    INSTALLED_APPS.append('django_tasks')
 
 LOGGING = {
     'version': 1,

@@ -62,7 +62,7 @@
   // -- lists
 
   var TIME_FIELDS = {queued: 'publish_time', failed: 'failure_time', completed: 'completion_time',
-                     waiting: 'publish_time'};
+                     waiting: 'publish_time', later: 'run_after'};
 
   function taskUrl(template, uuid, action) {
     var url = template.replace('UUID', encodeURIComponent(uuid));
@@ -103,6 +103,9 @@
         } else if (tab === 'waiting') {
           td.appendChild(postForm(taskUrl(actionUrl, row.uuid, 'send'), 'Send now'));
           td.appendChild(postForm(taskUrl(actionUrl, row.uuid, 'delete'), 'Delete', true));
+        } else if (tab === 'later') {
+          td.appendChild(postForm(taskUrl(actionUrl, row.uuid, 'run'), 'Run now'));
+          td.appendChild(postForm(taskUrl(actionUrl, row.uuid, 'cancel'), 'Cancel', true));
         }
         break;
     }
