@@ -41,7 +41,7 @@ from tests.testapp import tasks
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PORT = 5691
 RECORD = 'tests.testapp.tasks.record_execution'
-QUEUES = ('default', 'default.dead', 'default.wait')
+QUEUES = ('default', 'default.dead')  # parked and retried messages go round the delay levels (classic)
 
 # Once per scripts/test run, in its PostgreSQL pass (which runs beside the longer SQLite pass): the database
 # decides nothing here, the three-node cluster is what is under test.

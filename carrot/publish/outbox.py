@@ -163,18 +163,22 @@ def requeue(log: MessageLog) -> MessageLog:
     """Publish a copy of a logged message (a new uuid and row) and delete the original, in one transaction:
     there is never a moment with both rows or with neither, and the copy is sent once that commits.
 
-    Idempotent under concurrency: the original is deleted first, and only if it is still there as it was
+    Idempotent under concurrency: the original is claimed first (a conditional UPDATE, the transaction's
+    first write, so SQLite takes its write lock before any read), and only if it is still there as it was
     read (same status); a requeue that finds it gone -- another requeue, a double click, a delete got
     there first -- raises AlreadyRequeued and publishes nothing. Of two requeues at once, one copy."""
     args, kwargs = arguments.load_logged(log.task_args, log.content)
     message = prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
                       routing_key=log.routing_key or None, priority=log.priority, backend=log.backend,
                       origin=log.origin or log.uuid)
+    token = f'requeue:{uuid_module.uuid4()}'
     with transaction.atomic(using=MessageLog.objects.db):
-        if log.pk and not _claim(MessageLog.objects.filter(pk=log.pk, status=log.status), 1):
+        if log.pk and not MessageLog.objects.filter(pk=log.pk, status=log.status).update(worker=token):
             raise AlreadyRequeued(f'{log.task} ({log.uuid}) was requeued or deleted meanwhile; it was not '
                                   f'published again')
         copy = enqueue(message)
+        if log.pk:
+            MessageLog.objects.filter(pk=log.pk, worker=token).delete()
     copy.refresh_from_db(fields=['status'])
     return copy
 
@@ -210,7 +214,8 @@ def requeue_many(rows: QuerySet, send_for: float = REQUEUE_SEND_FOR, batch: int 
                 args, kwargs = arguments.load_logged(log.task_args, log.content)
                 prepared[log.pk] = (log, prepare(log.task, args, kwargs, queue=log.queue,
                                                  exchange=log.exchange or '',
-                                                 routing_key=log.routing_key or None, priority=log.priority))
+                                                 routing_key=log.routing_key or None, priority=log.priority,
+                                                 backend=log.backend, origin=log.origin or log.uuid))
             except UNSENDABLE as exc:
                 result.errors.append(f'{log.task} ({log.uuid}) was not requeued: {exc}')
         if prepared:
@@ -254,7 +259,8 @@ def _requeue_batch(prepared: dict) -> list[tuple[Outgoing, MessageLog]]:
             copies.append((message, MessageLog(
                 status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
                 routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
-                task_args=task_args, content=content, publish_time=now)))
+                task_args=task_args, content=content, publish_time=now, backend=message.backend,
+                origin=message.origin)))
         MessageLog.objects.bulk_create([copy for _, copy in copies], batch_size=REQUEUE_BATCH)
         if any(copy.pk is None for _, copy in copies):  # a database that does not return the new keys
             keys = dict(MessageLog.objects.filter(uuid__in=[m.uuid for m, _ in copies]).values_list('uuid', 'pk'))
@@ -262,11 +268,6 @@ def _requeue_batch(prepared: dict) -> list[tuple[Outgoing, MessageLog]]:
                 copy.pk = keys[message.uuid]
         MessageLog.objects.filter(pk__in=claimed, worker=token).delete()
     return copies
-
-
-def _claim(rows: QuerySet, expected: int) -> bool:
-    """Delete `rows` as the first write of the caller's transaction; True when all `expected` were there."""
-    return rows.delete()[0] == expected
 
 
 def run_scheduled_now(log: MessageLog) -> None:
