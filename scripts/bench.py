@@ -897,7 +897,7 @@ def print_table(results: dict) -> None:
              ratio(drain['per_s'], ceiling))
         if empty:
             line('    of the empty-table drain', f'{drain["per_s"] / empty:.0%}')
-        line('  monitor GET, median ms: small table -> after the old rows', '')
+        line(f'  monitor GET as staff, median ms: empty log -> {million["old_rows"]:,} old rows', '')
         for label, ms in million['monitor_ms'].items():
             line(f'    {label}', f'{million["monitor_ms_empty"][label]:.0f} -> {ms:.0f} ms')
     print('\n'.join(lines))
