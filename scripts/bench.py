@@ -257,13 +257,13 @@ def raw_latency(url: str, queue: str, calls: int, spacing: float, consumers: int
     ready, results = context.Semaphore(0), context.Queue()
     connection, channel = raw_channel(url)
     channel.queue_declare(queue, durable=True)
-    channel.queue_purge(queue)
     channel.confirm_delivery()
     persistent = pika.BasicProperties(delivery_mode=2)
     processes = [context.Process(target=raw_latency_consumer, args=(url, queue, ready, results), daemon=True)
                  for _ in range(consumers)]
     latencies = []
     try:
+        channel.queue_purge(queue)
         for process in processes:
             process.start()
         for _ in processes:
@@ -324,9 +324,6 @@ def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: in
     queue = 'bench-raw'
     publish = raw_publish(url, queue, n)
     drain = raw_drain(url, queue, n)
-    _, channel = raw_channel(url)
-    channel.queue_delete(queue)
-    channel.connection.close()
     latencies = raw_latency(url, queue, latency_calls, spacing)
     return {'consumers': CHILDREN, 'prefetch': PREFETCH, 'messages': n, 'drain_per_s': drain,
             'publish_confirmed_per_s': publish, 'latency_calls': latency_calls,
@@ -580,7 +577,7 @@ def track_supported() -> bool:
     from carrot.config import parse_config
     raw = dict(settings.CARROT, queues=[dict(settings.DEFAULT_QUEUE, track='failures')])
     _, problems = parse_config(raw)
-    return not problems
+    return not any('track' in str(problem) for problem in problems)
 
 
 def failures_row(run_dir: str, n: int) -> dict:
@@ -798,15 +795,22 @@ def monitor_timings(repeat: int = 5) -> dict[str, float]:
 
 
 def million_row(run_dir: str, n: int, rows: int) -> dict:
+    """Row 9: the drain and the monitor on an empty log table, then again with `rows` old rows in it.
+    The empty-table drain is run here again, just before, with the same backlog: on a shared machine two
+    drains minutes apart differ by more than the table's size could make them."""
     from django.utils import timezone
     reset_log_and_queue()
-    before = monitor_timings()
+    since = timezone.now()
+    fill_backlog(n)
+    empty = timed_drain(run_dir, 'million-empty', n, since)
+    reset_log_and_queue()
+    monitor_empty = monitor_timings()
     took = insert_old_rows(rows)
     since = timezone.now()
     fill_backlog(n)
     drain = timed_drain(run_dir, 'million', n, since)
-    return {'old_rows': rows, 'insert_and_vacuum_s': took, 'drain': drain,
-            'monitor_ms_empty': before, 'monitor_ms': monitor_timings()}
+    return {'old_rows': rows, 'insert_and_vacuum_s': took, 'drain_empty': empty, 'drain': drain,
+            'monitor_ms_empty': monitor_empty, 'monitor_ms': monitor_timings()}
 
 
 # -- the report -----------------------------------------------------------------------------------------------
@@ -834,7 +838,9 @@ def print_table(results: dict) -> None:
 
     machine = results['machine']
     print(f'\ncarrot bench: {results["options"]["messages"]:,} messages, {machine["cpus"]} CPUs, '
-          f'PostgreSQL {machine["postgresql"]}, RabbitMQ {machine["rabbitmq"]}; one run, {results["wall_time_s"]:.0f}s')
+          f'PostgreSQL {machine["postgresql"]}, RabbitMQ {machine["rabbitmq"]}; one run, {results["wall_time_s"]:.0f}s, '
+          f'load average {results["load_average"]["start"]:.1f} at the start, {results["load_average"]["end"]:.1f} '
+          f'at the end')
     line('', 'figure', 'vs raw pika')
     if raw:
         line(f'1 raw pika drain, {raw["consumers"]} processes, prefetch {raw["prefetch"]}, ack each',
@@ -891,12 +897,11 @@ def print_table(results: dict) -> None:
             line(f"8 drain track='all', {children} children", rate(per_s), ratio(per_s, ceiling))
     if 'million' in rows:
         million = rows['million']
-        drain = million['drain']
-        empty = rows.get('drain', {}).get('per_s')
-        line(f'9 drain with {million["old_rows"]:,} old rows in the log', rate(drain['per_s']),
-             ratio(drain['per_s'], ceiling))
-        if empty:
-            line('    of the empty-table drain', f'{drain["per_s"] / empty:.0%}')
+        drain, empty = million['drain']['per_s'], million['drain_empty']['per_s']
+        line('9 drain, empty log table, just before', rate(empty), ratio(empty, ceiling))
+        line(f'  drain with {million["old_rows"]:,} old rows in the log', rate(drain), ratio(drain, ceiling))
+        line('    of the empty-table drain', f'{drain / empty:.0%}')
+        line(f'  (inserting them and VACUUM ANALYZE took {million["insert_and_vacuum_s"]:.0f}s)', '')
         line(f'  monitor GET as staff, median ms: empty log -> {million["old_rows"]:,} old rows', '')
         for label, ms in million['monitor_ms'].items():
             line(f'    {label}', f'{million["monitor_ms_empty"][label]:.0f} -> {ms:.0f} ms')
@@ -974,6 +979,7 @@ def run_rows(args, run_dir: str) -> dict:
 def leave_on_term(signum, frame):
     # TERM (a CI timeout, `kill`) unwinds like Ctrl-C: the finally blocks stop the supervisor and drop
     # the virtual host and the database.
+    print(f'bench: stopped by signal {signum}; cleaning up', file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
@@ -981,6 +987,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, leave_on_term)
     started = time.monotonic()
+    # Other work on the machine moves every figure: the report says how busy it was.
+    load_at_start = os.getloadavg()[0]
     run_dir = tempfile.mkdtemp(prefix='carrot-bench-')
     json_path = os.path.abspath(args.json or os.path.join(run_dir, 'bench-results.json'))
     create_vhost(args.vhost)
@@ -996,7 +1004,8 @@ def main(argv=None) -> int:
         drop_vhost(args.vhost)
     results = {'machine': machine, 'options': {'messages': args.messages, 'rows': sorted(args.rows),
                                                'quick': args.quick, 'prefetch': PREFETCH, 'children': CHILDREN},
-               'wall_time_s': time.monotonic() - started, 'run_dir': run_dir, 'rows': rows}
+               'wall_time_s': time.monotonic() - started, 'run_dir': run_dir,
+               'load_average': {'start': load_at_start, 'end': os.getloadavg()[0]}, 'rows': rows}
     with open(json_path, 'w') as f:
         json.dump(results, f, indent=2, default=str)
     print_table(results)

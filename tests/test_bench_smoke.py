@@ -40,8 +40,10 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     vhost, database = f'carrot-bench-smoke-{settings.RUN_ID}', f'carrot_bench_smoke_{settings.RUN_ID}'
     postgres_databases()  # reachable, or a clear failure
     out = tmp_path / 'bench.json'
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the run directory (logs) goes with the test's
     result = subprocess.run([sys.executable, BENCH, '--quick', '--json', str(out), '--vhost', vhost,
-                             '--database', database], capture_output=True, text=True, timeout=200, cwd=ROOT)
+                             '--database', database], capture_output=True, text=True, timeout=200, cwd=ROOT,
+                            env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'raw pika drain' in result.stdout and str(out) in result.stdout
 
