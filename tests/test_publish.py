@@ -178,7 +178,7 @@ def test_queues_are_durable_with_priority_and_a_dead_letter_queue(carrot_vhost):
     assert queues['default']['durable'] is True
     arguments = {a[0]: a[2] for a in queues['default']['arguments']} if isinstance(
         queues['default']['arguments'], list) else queues['default']['arguments']
-    assert arguments['x-max-priority'] == 255
+    assert arguments['x-max-priority'] == 10  # a small range by default (carrot.config.schema.DEFAULT_MAX_PRIORITY)
     assert arguments['x-dead-letter-exchange'] == ''
     assert arguments['x-dead-letter-routing-key'] == 'default.dead'
     assert queues['default.dead']['durable'] is True

@@ -37,7 +37,7 @@ CLOSED_PORT = 1  # nothing listens on 127.0.0.1:1: a node that refuses at once
 @pytest.mark.no_broker
 def test_arguments_by_type_and_role():
     assert arguments_for('classic', Role.MAIN, dead_letter_to='q.dead') == {
-        'x-max-priority': 255, 'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': 'q.dead'}
+        'x-max-priority': 10, 'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': 'q.dead'}
     assert arguments_for('quorum', Role.MAIN, dead_letter_to='q.dead', delivery_limit=20) == {
         'x-queue-type': 'quorum', 'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': 'q.dead',
         'x-dead-letter-strategy': 'at-least-once', 'x-overflow': 'reject-publish', 'x-delivery-limit': 20}
@@ -69,7 +69,7 @@ def test_a_configured_queue_is_two_queues_of_its_type_dead_letter_target_first()
         ('q.dead', Role.DEAD, 'quorum'), ('q', Role.MAIN, 'quorum')]  # parking: the delay levels
     assert found[0].arguments['x-message-ttl'] == 86400 * 1000 and found[1].arguments['x-delivery-limit'] == 7
     assert all('x-max-priority' not in d.arguments for d in found)
-    assert declarations(classic, None)[1].arguments['x-max-priority'] == 255
+    assert declarations(classic, None)[1].arguments['x-max-priority'] == 10
 
 
 # -- a queue of another type ------------------------------------------------------------------------
@@ -297,3 +297,40 @@ def test_which_x_death_headers_rabbitmq_cannot_dead_letter():
                                         {'x-death': [{'queue': 5}]}))
     assert all(crashes({'x-death': bad}) for bad in (['a'], [[1]], [{'count': 'x'}], [{'count': 1.5}],
                                                     [{'count': True}], [{'count': 1}, 7]))
+
+
+# -- adopting queues declared before (1.x, or carrot with x-max-priority 255) ------------------------------
+
+@pytest.mark.django_db(transaction=True)
+def test_a_queue_of_django_carrot_1_is_adopted_and_its_failures_still_reach_the_dead_letter_queue(raw_channel):
+    raw_channel.queue_declare('default', durable=True, arguments={'x-max-priority': 255})  # as 1.x did
+    publish_message(tasks.add, 1, 2)
+    publish_message(tasks.explode, 'kept')
+    run_consumer(max_messages=2)
+    assert set(MessageLog.objects.values_list('status', flat=True)) == {'COMPLETED', 'FAILED'}
+    bodies = dead_letters(raw_channel)  # no dead-letter route on the queue: the consumer moved it by hand
+    assert len(bodies) == 1 and b'kept' in bodies[0][1]
+    assert check_carrot_queues() == []  # nothing to report: adopted as it is
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_carrot_queue_declared_with_255_levels_is_adopted_with_its_priority(raw_channel):
+    old = declarations(get_config().queue('default'))
+    for declaration in old:
+        arguments = dict(declaration.arguments)
+        if declaration.role is Role.MAIN:
+            arguments['x-max-priority'] = 255
+        raw_channel.queue_declare(declaration.name, durable=True, arguments=arguments)
+    publish_message(tasks.explode, 'routed')
+    run_consumer(max_messages=1)
+    bodies = dead_letters(raw_channel)  # the queue's own dead-letter route
+    assert len(bodies) == 1 and b'routed' in bodies[0][1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_priority_named_in_carrot_is_not_adopted_away(raw_channel):
+    raw_channel.queue_declare('default', durable=True, arguments={'x-max-priority': 255})
+    named = {**settings.CARROT, 'queues': [{'name': 'default', 'max_priority': 10}]}
+    with override_settings(CARROT=named):
+        errors = check_carrot_queues()
+    assert [e.id for e in errors] == ['carrot.E009'] and 'x-' in errors[0].msg

@@ -125,15 +125,23 @@ def queue_arguments(queue: QueueConfig) -> dict:
                          max_priority=queue.max_priority, delivery_limit=queue.delivery_limit)
 
 
-def declare_queue(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> None:
+def declare_queue(channel, queue: QueueConfig, dead_letter_ttl_days=_FROM_SETTINGS) -> dict:
     """Declare `queue` and its dead-letter queue (durable), and bind `queue` to the exchange delayed
     messages are delivered through, so none that comes out of the levels for it is dropped. A clash with
     an existing queue raises QueueMismatchError (QueueTypeMismatch for another type) naming the queue and
-    what differs; the channel is closed by the broker then."""
+    what differs. Returns the arguments `queue` itself has. Each queue is declared on a channel of its
+    own, as a declaration RabbitMQ refuses closes its channel: `channel` stays open for the caller."""
+    main = {}
     for declaration in declarations(queue, dead_letter_ttl_days):
-        declare(channel, declaration, queue)
+        own = channel.connection.channel()
+        arguments = declare(own, declaration, queue)
+        if own.is_open:
+            own.close()
+        if declaration.role is Role.MAIN:
+            main = arguments
     delays.declare_delivery(channel)
     delays.bind_target(channel, queue.name)
+    return main
 
 
 def declare_delays(channel, levels: int) -> None:
@@ -156,16 +164,61 @@ def _declare_level(channel, name: str, arguments: dict) -> None:
         raise
 
 
-def declare(channel, declaration: Declaration, queue: QueueConfig) -> None:
+def declare(channel, declaration: Declaration, queue: QueueConfig) -> dict:
+    """Declare one queue; returns the arguments it has (carrot's, or those of an existing queue adopted:
+    see `adopted_arguments`). A clash raises QueueMismatchError (QueueTypeMismatch for another type)."""
     try:
         channel.queue_declare(queue=declaration.name, durable=True, arguments=declaration.arguments)
+        return declaration.arguments
     except pe.ChannelClosedByBroker as exc:
         if exc.reply_code != PRECONDITION_FAILED:
             raise
+        adopted = adopted_arguments(channel.connection, declaration, queue, exc.reply_text)
+        if adopted is not None:
+            return adopted
         existing = existing_queue_type(channel.connection, declaration, queue, exc.reply_text)
         if existing is not None and existing != declaration.queue_type:
             raise type_mismatch(declaration, existing, queue) from None
         raise queue_mismatch(declaration.name, exc.reply_text, declaration.arguments) from None
+
+
+# "inequivalent arg 'x-max-priority' for queue 'q' in vhost '/': received '10' but current is '255'" (or
+# "... the value '255' of type 'signedint'").
+_PRIORITY_SAID = re.compile(r"inequivalent arg 'x-max-priority'.*?but current is (?:the value )?'(\d+)'")
+
+
+def adopted_arguments(connection, declaration: Declaration, queue: QueueConfig, reply_text: str) -> dict | None:
+    """The arguments of an existing classic <queue> that carrot takes as they are, or None.
+
+    Two shapes are adopted rather than refused, when CARROT does not name max_priority: carrot's own
+    arguments with another x-max-priority (a queue declared before the default became 10), and the queue
+    django-carrot 1.x declared, with x-max-priority only and no dead-letter route (the consumer then
+    moves a failed message to <queue>.dead itself: carrot.amqp.session)."""
+    if declaration.role is not Role.MAIN or declaration.queue_type != CLASSIC or queue.max_priority_set:
+        return None
+    said = _PRIORITY_SAID.search(reply_text or '')
+    priorities = [int(said.group(1))] if said else [255]  # 1.x's, when RabbitMQ named another argument
+    for priority in priorities:
+        for arguments in ({**declaration.arguments, 'x-max-priority': priority}, {'x-max-priority': priority}):
+            channel = connection.channel()
+            try:
+                channel.queue_declare(queue=declaration.name, durable=True, arguments=arguments)
+            except pe.ChannelClosedByBroker as exc:
+                again = _PRIORITY_SAID.search(exc.reply_text or '')
+                if again and int(again.group(1)) not in priorities:
+                    priorities.append(int(again.group(1)))
+                continue
+            except pe.AMQPError:
+                return None
+            if channel.is_open:
+                channel.close()
+            return arguments
+    return None
+
+
+def has_dead_letter_route(arguments: dict) -> bool:
+    """Whether a queue with these arguments dead-letters a rejected message (a 1.x queue does not)."""
+    return 'x-dead-letter-routing-key' in arguments
 
 
 # What RabbitMQ says when it compares the type: "inequivalent arg 'x-queue-type' for queue 'q' in vhost '/':
@@ -191,8 +244,8 @@ def existing_queue_type(connection, declaration: Declaration, queue: QueueConfig
                       for limit in limits]
     else:
         candidates = [(CLASSIC, arguments_for(CLASSIC, declaration.role, **same))]
-    if declaration.role is Role.MAIN:
-        candidates.append((CLASSIC, {'x-max-priority': queue.max_priority}))
+    if declaration.role is Role.MAIN:  # 1.x's shape, with its 255 levels or the ones CARROT names
+        candidates += [(CLASSIC, {'x-max-priority': levels}) for levels in dict.fromkeys((queue.max_priority, 255))]
     candidates.append((CLASSIC, {}))
     said = [reply_text]
     for kind, arguments in candidates:

@@ -7,7 +7,8 @@ Settling a delivery follows the processor's Disposition:
 - DEAD_LETTER: basic_reject(requeue=False); RabbitMQ moves the message to <queue>.dead. A message whose
   x-death header would crash the queue that dead-letters it (RabbitMQ 3.10; wire.x_death_crashes_rabbitmq)
   is moved by carrot instead: a copy with that header set aside goes to <queue>.dead (confirmed), then the
-  original is acked.
+  original is acked; so is every failure of a queue django-carrot 1.x declared (adopted as it is, it
+  has no dead-letter route).
 - RETRY_LATER(delay): a copy goes round the delay levels (carrot.amqp.delays) and comes back into <queue>
   after `delay` seconds, rounded up to whole seconds. The copy is confirmed before the original is acked,
   so a crash in between leaves a duplicate (harmless: the claim sees it) rather than a loss.
@@ -34,7 +35,7 @@ import pika.exceptions as pe
 
 from carrot.amqp import delays, pika_compat, wire
 from carrot.amqp.connection import CONNECTION_ERRORS, close_quietly, connect, connection_lost, node_of
-from carrot.amqp.declare import declare_delays, declare_queue, repair_delays
+from carrot.amqp.declare import declare_delays, declare_queue, has_dead_letter_route, repair_delays
 from carrot.amqp.disposition import Action, Disposition
 from carrot.config import BrokerConfig, QueueConfig
 from carrot.config.schema import node_text
@@ -67,6 +68,7 @@ class ConsumeSession:
         self._consumer_tag = None
         self._levels_declared = False
         self._cancelled_by_broker = False
+        self._routes_dead_letters = True
 
     @property
     def is_open(self) -> bool:
@@ -88,7 +90,8 @@ class ConsumeSession:
         pika_compat.hide_from_forked_children(self.connection)
         try:
             self.channel = self.connection.channel()
-            declare_queue(self.channel, self.queue)
+            # A 1.x queue, adopted as it is, has no dead-letter route: failures are moved by hand then.
+            self._routes_dead_letters = has_dead_letter_route(declare_queue(self.channel, self.queue))
             self.channel.basic_qos(prefetch_count=1, global_qos=False)  # never global: see the docstring
             self.channel.add_on_cancel_callback(self._on_cancelled_by_broker)
             self._consumer_tag = self.channel.basic_consume(
@@ -152,11 +155,14 @@ class ConsumeSession:
     def _dead_letter(self, delivery_tag: int, message) -> None:
         properties = getattr(message, 'properties', None)
         headers = getattr(properties, 'headers', None)
-        if not wire.x_death_crashes_rabbitmq(headers):
+        if not self._routes_dead_letters:
+            pass  # a 1.x queue: RabbitMQ would drop what is rejected
+        elif not wire.x_death_crashes_rabbitmq(headers):
             self.channel.basic_reject(delivery_tag, requeue=False)
             return
-        self.logger.warning('%s: dead-lettering %s by hand: its x-death header would crash the queue on '
-                            'RabbitMQ 3.10', self.name, getattr(message, 'shown_task', 'a message'))
+        else:
+            self.logger.warning('%s: dead-lettering %s by hand: its x-death header would crash the queue on '
+                                'RabbitMQ 3.10', self.name, getattr(message, 'shown_task', 'a message'))
         self._republish(message, '', self.queue.dead_letter_queue, properties,
                         replace_headers=wire.without_unusable_x_death(headers))
         self.channel.basic_ack(delivery_tag)

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, parse_qs
 
 from carrot.config.options import LOG_LEVELS, SETTINGS as SUPERVISOR_SETTINGS
-from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, QUEUE_TYPES, QUORUM,
+from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, QUEUE_TYPES, QUORUM, TRACK_LEVELS,
                                   BrokerConfig, CarrotConfig, ConfigProblem, QueueConfig, node_text)
 from carrot.config.secrets import ENCODE_HINT, masked_repr, broker_shape
 from carrot.exceptions import CarrotConfigException
@@ -30,7 +30,7 @@ MAX_DELAY_LEVELS = 32  # 2^32 s is 136 years; carrot.amqp.delays reads the same 
 
 _BROKER_DICT_KEYS = {'host', 'hosts', 'port', 'name', 'username', 'password', 'secure', 'heartbeat', 'url'}
 _QUEUE_KEYS = {'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'max_priority', 'queue_type',
-               'delivery_limit'}
+               'delivery_limit', 'track'}
 # What the nodes named by one broker setting must share: a cluster is one broker with one set of users.
 _SHARED_BY_NODES = (('username', 'user name'), ('password', 'password'), ('virtual_host', 'virtual host'),
                     ('secure', 'scheme (amqp:// or amqps://)'), ('heartbeat', 'heartbeat'))
@@ -294,7 +294,14 @@ class Parser:
             concurrency=self.positive_int(f"{path}['concurrency']", raw.get('concurrency', 1), 1),
             consumable=self.boolean(f"{path}['consumable']", raw.get('consumable', True), True),
             consumer_class=consumer_class, max_priority=max_priority, queue_type=queue_type,
-            delivery_limit=delivery_limit)
+            delivery_limit=delivery_limit, max_priority_set='max_priority' in raw,
+            track=self.track(f"{path}['track']", raw.get('track', 'all')))
+
+    def track(self, path, value):
+        if value in TRACK_LEVELS:
+            return value
+        self.bad_value(path, ' or '.join(repr(level) for level in TRACK_LEVELS), value)
+        return 'all'
 
     def supervisor_settings(self, raw) -> dict:
         """The supervisor's keys that `raw` sets, checked as carrot.config.options declares them."""
@@ -378,6 +385,7 @@ class Parser:
             max_retries=get('max_retries', self.whole_number),
             retry_backoff=get('retry_backoff', self.positive_number),
             retry_backoff_max=get('retry_backoff_max', self.positive_number),
+            async_commits=get('async_commits', self.boolean),
             **self.supervisor_settings(raw),
         )
 

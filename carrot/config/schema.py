@@ -14,7 +14,12 @@ from carrot.exceptions import UnknownQueue
 
 DEFAULT_BROKER = 'amqp://guest:guest@localhost:5672/'
 DEFAULT_QUEUE = 'default'
-DEFAULT_MAX_PRIORITY = 255  # what django-carrot 1.x declared; a different value would clash with its queues
+# A small priority range: RabbitMQ keeps one internal queue per level, and 255 levels (what django-carrot 1.x
+# declared) cost the broker several times more per message than 10. An existing queue declared with
+# another x-max-priority (a 1.x queue: 255) is adopted as it is unless CARROT names max_priority.
+DEFAULT_MAX_PRIORITY = 10
+TRACK_ALL, TRACK_FAILURES, TRACK_NONE = 'all', 'failures', 'none'
+TRACK_LEVELS = (TRACK_ALL, TRACK_FAILURES, TRACK_NONE)  # what a queue's tasks write to MessageLog (README.rst, "Speed")
 CLASSIC = 'classic'
 QUORUM = 'quorum'
 QUEUE_TYPES = (CLASSIC, QUORUM)
@@ -104,6 +109,8 @@ class QueueConfig:
     max_priority: int = DEFAULT_MAX_PRIORITY  # classic queues only: a quorum queue has no x-max-priority
     queue_type: str = DEFAULT_QUEUE_TYPE      # 'classic' or 'quorum' (carrot.amqp.declare says what each means)
     delivery_limit: int | None = None         # quorum queues: RabbitMQ's x-delivery-limit (None: not set)
+    max_priority_set: bool = False            # CARROT names max_priority (else an existing queue's is adopted)
+    track: str = 'all'                        # 'all', 'failures' or 'none': the rows its tasks write
 
     @property
     def dead_letter_queue(self) -> str:
@@ -145,6 +152,9 @@ class CarrotConfig(SupervisorSettings):
     max_retries: int = 0               # a failing task is not retried (as in 1.x)
     retry_backoff: float = 5.0         # seconds before the first retry; doubled for each next one
     retry_backoff_max: float = 3600.0  # the longest wait between two tries
+    # Speed (README.rst, "Speed"): claims, lease renewals and the publisher's own rows commit without
+    # waiting for PostgreSQL's disk flush (carrot.commits says why that loses nothing).
+    async_commits: bool = True
 
     def queue(self, name: str | None) -> QueueConfig:
         """The queue called `name` (None means the default queue): one of CARROT['queues'], or of the

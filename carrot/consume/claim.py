@@ -3,7 +3,7 @@
 A worker is named by `worker_id()` (host:pid; the MessageLog.worker column). It takes a row with one
 conditional UPDATE (`take`): from PUBLISHED, WAITING or SCHEDULED, or from IN_PROGRESS when the worker named in it is
 known dead *and* still the one that was read (a compare-and-set on worker and attempts, so two claimers
-can never both win). A worker is known dead (`worker_is_dead`) when the lease it renews
+can never both win; committed without waiting for the disk, see carrot.commits). A worker is known dead (`worker_is_dead`) when the lease it renews
 (CARROT['claim_lease'], `renew_lease`) has run out, or when it is on this host and its process is gone.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import psutil
 from django.db.models import F, Q
 from django.utils import timezone
 
+from carrot.commits import without_waiting_for_disk
 from carrot.models import MessageLog
 
 
@@ -75,7 +76,9 @@ def take(row: MessageLog, worker: str, lease: float, condition: Q, count_attempt
                    lease_expires=now + timedelta(seconds=lease))
     if count_attempt:
         changes.update(attempts=F('attempts') + 1, exception='', traceback='', failure_time=None)
-    if not MessageLog.objects.filter(pk=row.pk).filter(condition).update(**changes):
+    with without_waiting_for_disk():  # visible to every claimer at once; see carrot.commits
+        taken = MessageLog.objects.filter(pk=row.pk).filter(condition).update(**changes)
+    if not taken:
         return False
     # Won: the row is as read plus these changes (attempts only ever moves by a claim, and a
     # concurrent claim would have made this one match nothing), so no second read is needed.
@@ -103,5 +106,6 @@ def from_lost_worker(row: MessageLog) -> Q:
 def renew_lease(message_id: str, worker: str, lease: float) -> bool:
     """Push the lease of a row `worker` holds `lease` seconds forward; False if it holds it no more."""
     expires = timezone.now() + timedelta(seconds=lease)
-    return bool(MessageLog.objects.filter(uuid=message_id, status=MessageLog.IN_PROGRESS,
-                                          worker=worker).update(lease_expires=expires))
+    with without_waiting_for_disk():
+        return bool(MessageLog.objects.filter(uuid=message_id, status=MessageLog.IN_PROGRESS,
+                                              worker=worker).update(lease_expires=expires))

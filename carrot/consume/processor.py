@@ -36,17 +36,21 @@ from django.utils import timezone
 
 from carrot import registry, text
 from carrot.amqp.disposition import ACK, DEAD_LETTER, REQUEUE, Disposition, adopt, retry_later
+from carrot.amqp import delays, wire
 from carrot.amqp.wire import IncomingMessage
 from carrot.config import CarrotConfig, QueueConfig
+from carrot.config.schema import TRACK_ALL, TRACK_NONE
 from carrot.consume import claim, djangotask, retry
 from carrot.consume.dbretry import (DatabaseRetry, StopRequested, drop_broken_connections,
                                     reset_connections_left_in_transaction)
-from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, get_or_insert_row, insert_row, record_attempt,
-                                    same_call, set_failed_fields)
+from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, get_or_insert_row, insert_row, new_row,
+                                    record_attempt, same_call, set_failed_fields)
 from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, exception_class_path, run_task
 from carrot.exceptions import BadMessage, TaskNotRegistered, WorkerLost
 from carrot.models import MessageLog, TaskAttempt
 
+# What a success changes in the claimed row: an UPDATE of these alone is a third of a full-row one.
+COMPLETION_FIELDS = ('status', 'completion_time', 'output', 'log', 'lease_expires')
 RETRY_BASE = 2.0  # seconds a message of a busy row is parked the first time; doubled each time after
 
 
@@ -111,6 +115,10 @@ class MessageProcessor:
             self.logger.info('%s: %s arrived without a message_id; republishing it as %s so its attempts '
                              'are counted', self.name, message.shown_task, new_id)
             return adopt(new_id)
+        if self.queue.track != TRACK_ALL:
+            untracked = self._untracked(message)
+            if untracked is not None:
+                return untracked
         row = self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
         if not same_call(row, message):
             return self._conflict(message, row)
@@ -119,6 +127,65 @@ class MessageProcessor:
             return verdict
         self._claimed = row
         return self._run_claimed(row, message)
+
+    # -- queues that track less ('track': 'failures' or 'none')
+
+    def _untracked(self, message: IncomingMessage) -> Disposition | None:
+        """Run a message of a queue that logs only failures (or nothing) without a row, or return None to
+        take the tracked way: when it has a row (written because the broker was down when it was
+        published, or for a retry) or is a django.tasks Task (whose result lives in its row).
+
+        Without a row there is no claim: a delivery is run by the one consumer RabbitMQ gave it to, and
+        a copy -- a redelivery after a lost connection, a duplicate publish -- runs again (at least once,
+        as Celery's acks_late). A first delivery (never redelivered, never round the delay levels) has
+        no row by construction, so it is run without asking the database at all."""
+        try:
+            func = registry.get_task(message.task)
+        except TaskNotRegistered:
+            return None  # refused the tracked way: a FAILED row says why
+        if registry.django_task(func):
+            return None
+        if not _first_delivery(message):
+            found = self._database(lambda: MessageLog.objects.filter(uuid=message.message_id).exists(),
+                                   'reading the log row')
+            if found:
+                return None
+        outcome = self.run(func, list(message.args), dict(message.kwargs), log_limit=self.config.max_stored_text)
+        task_log = self._clean_up_after_task(message, outcome.log)
+        if outcome.succeeded:
+            return ACK
+        delay = retry.next_delay(retry.policy_for(message.task, func, self.config), outcome.error, 0)
+        if delay is None and self.queue.track == TRACK_NONE:
+            self.logger.error('%s: %s (%s) failed: %s', self.name, message.shown_task, message.message_id,
+                              text.for_log(outcome.exception, 1000))
+            return DEAD_LETTER
+        # A failure is logged in full, and a retry needs a row to count on: write it now, as if claimed.
+        row = self._database(lambda: self._insert_claimed(message), 'recording the failure', interruptible=False)
+        if row is None:
+            return retry_later(RETRY_BASE)  # a row appeared meanwhile (a copy): look again later
+        self._claimed = row
+        row.log = task_log
+        if delay is not None:
+            return self._retry(row, message, outcome, delay)
+        self._keep_attempt(row, TaskAttempt.FAILED, exception_class=outcome.exception_class,
+                           exception=outcome.exception, traceback=outcome.traceback, log=outcome.log)
+        row.traceback = outcome.traceback
+        self._fail_row(row, outcome.exception)
+        return DEAD_LETTER
+
+    def _insert_claimed(self, message: IncomingMessage) -> MessageLog | None:
+        """The row of an untracked message that failed, as the claim would have left it; None if the id
+        has a row already."""
+        row = new_row(message, self.queue, message.message_id, self.config.max_stored_text)
+        now = timezone.now()
+        row.status, row.attempts, row.worker, row.started_time = MessageLog.IN_PROGRESS, 1, self.worker, now
+        if not MessageLog.objects.bulk_create([row], ignore_conflicts=True) or \
+                not MessageLog.objects.filter(uuid=row.uuid, worker=self.worker, attempts=1,
+                                              status=MessageLog.IN_PROGRESS).exists():
+            return None
+        row.pk = MessageLog.objects.only('pk').get(uuid=row.uuid).pk
+        row._state.adding = False
+        return row
 
     # -- the claim
 
@@ -218,8 +285,7 @@ class MessageProcessor:
         django_run = djangotask.DjangoRun(func, row, self.config) if registry.django_task(func) else None
         outcome = self.run(django_run or func, list(message.args), dict(message.kwargs),
                            log_limit=self.config.max_stored_text)
-        row.log = outcome.log
-        self._clean_up_after_task(row, message)
+        row.log = self._clean_up_after_task(message, outcome.log)
         if not outcome.succeeded:
             delay = retry.next_delay(retry.policy_for(message.task, func, self.config), outcome.error,
                                      row.retries)
@@ -236,28 +302,30 @@ class MessageProcessor:
         row.completion_time = timezone.now()
         row.output = outcome.output
         row.lease_expires = None
-        self.save(row, interruptible=False)
+        self.save(row, interruptible=False, fields=COMPLETION_FIELDS)
         if django_run is not None:
             django_run.finished(row)
         self.logger.info('%s: %s (%s) completed', self.name, message.shown_task, row.uuid)
         return ACK
 
-    def _clean_up_after_task(self, row: MessageLog, message: IncomingMessage) -> None:
+    def _clean_up_after_task(self, message: IncomingMessage, log: str | None) -> str | None:
         """Whatever transaction state the task left its connections in, carrot's own writes (the result)
         go to a clean one: a connection left in a transaction is replaced (what the task did not commit
-        is rolled back), and the task's log says so."""
+        is rolled back). Returns the task's `log` with a line that says so."""
         try:
             left = reset_connections_left_in_transaction()
         except Exception:  # never worth the result: the next message's drop_broken_connections tries again
-            self.logger.exception('%s: could not check the database connections after %s', self.name, row.uuid)
-            return
+            self.logger.exception('%s: could not check the database connections after %s', self.name,
+                                  message.message_id)
+            return log
         for alias, how in left.items():
             note = (f'the task left the database connection {alias!r} in a transaction ({how}); carrot rolled '
                     f'back what it had not committed and recorded the result on a fresh connection')
-            self.logger.warning('%s: %s (%s): %s', self.name, message.shown_task, row.uuid, note)
+            self.logger.warning('%s: %s (%s): %s', self.name, message.shown_task, message.message_id, note)
             line = logging.Formatter(LOG_FORMAT).format(logging.LogRecord(
                 TASK_LOGGER, logging.WARNING, __file__, 0, 'carrot: %s', (note,), None))
-            row.log = f'{row.log}\n{line}' if row.log else line
+            log = f'{log}\n{line}' if log else line
+        return log
 
     def _retry(self, row: MessageLog, message: IncomingMessage, outcome: TaskOutcome, delay: float) -> Disposition:
         """Keep the failed attempt, schedule the row for the retry, and park the message until then."""
@@ -291,13 +359,14 @@ class MessageProcessor:
         set_failed_fields(row, err, traceback_text)
         self.save(row, interruptible=False)
 
-    def save(self, row: MessageLog, interruptible: bool = True) -> None:
-        """Write `row`, bounded to its columns. A transient fault is waited out (the ack waits too); a
-        row the database refuses for good is written reduced, so a task that ran is never run again
-        because its result could not be stored."""
+    def save(self, row: MessageLog, interruptible: bool = True, fields: tuple[str, ...] | None = None) -> None:
+        """Write `row` (only `fields`, when given), bounded to its columns. A transient fault is waited out
+        (the ack waits too); a row the database refuses for good is written reduced, so a task that ran is
+        never run again because its result could not be stored."""
         bound_row(row, self.config.max_stored_text)
         try:
-            self._database(row.save, 'recording the result', interruptible=interruptible)
+            self._database(lambda: row.save(update_fields=fields), 'recording the result',
+                           interruptible=interruptible)
         except DatabaseError as exc:
             reason = text.for_log(f'{type(exc).__name__}: {exc}', 500)
             self.logger.error('%s: the database refused the log row of %s (%s); writing it without '
@@ -364,6 +433,14 @@ class MessageProcessor:
 
     def _should_give_up(self) -> bool:
         return self.stopping.is_set() or (self.abandoned is not None and self.abandoned.is_set())
+
+
+def _first_delivery(message: IncomingMessage) -> bool:
+    """Whether this is the message as its publisher sent it: not redelivered, not back from the delay levels
+    (a delayed publish, a retry, a parked copy) and not dead-lettered before."""
+    headers = getattr(message.properties, 'headers', None) or {}
+    return not message.redelivered and not message.waits and delays.TARGET_HEADER not in headers \
+        and wire.DEATH_HEADER not in headers
 
 
 class DefaultHooks(Hooks):

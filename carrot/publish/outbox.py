@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from django.db import DatabaseError, transaction
-from django.db.models import QuerySet
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from carrot.amqp.publisher import publisher_for
+from carrot.commits import without_waiting_for_disk
 from carrot.config import get_config
+from carrot.config.schema import TRACK_ALL
 from carrot.dbfaults import MIGRATE_HINT, tables_missing
 from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected,
                                NotMigrated)
@@ -60,7 +62,10 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
     """
     if store_and_forward is None:
         store_and_forward = get_config().store_and_forward
-    log = _write_row(message)
+    if _untracked(message):
+        return _enqueue_untracked(message, on_commit, store_and_forward, on_enqueued)
+    with without_waiting_for_disk():  # outside a transaction: see carrot.commits
+        log = _write_row(message)
 
     connection = transaction.get_connection(MessageLog.objects.db)
     if on_commit and connection.in_atomic_block:
@@ -68,6 +73,54 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
                               using=MessageLog.objects.db)
     else:
         _deliver(message, log, store_and_forward, on_enqueued)
+    return log
+
+
+def _untracked(message: Outgoing) -> bool:
+    """Whether `message` goes to a queue that logs only failures (or nothing) and needs no row to be
+    sent: not delayed (the row says when it may run) and not a django.tasks Task (its result is there)."""
+    return get_config().queue(message.queue).track != TRACK_ALL and message.run_after is None \
+        and not message.backend
+
+
+def _enqueue_untracked(message: Outgoing, on_commit: bool, store_and_forward: bool,
+                       on_enqueued: Callable[[MessageLog], None] | None) -> MessageLog:
+    """Send without a row: the unsaved row is returned, as the caller may read it. A row is written
+    after all when the message must wait for the broker (the relay sends it from there) or is refused."""
+    log = MessageLog(status=MessageLog.PUBLISHED, queue=message.queue, exchange=message.exchange,
+                     routing_key=message.routing_key, uuid=message.uuid, priority=message.priority,
+                     task=message.task, publish_time=timezone.now(), origin=message.origin)
+    log.task_args, log.content = arguments.dump(message.args, message.kwargs)
+
+    def deliver():
+        try:
+            publisher_for(get_config().queue(message.queue).broker).publish(
+                get_config().queue(message.queue), message.body, message.properties, exchange=message.exchange,
+                routing_key=message.routing_key)
+        except BrokerUnavailable as exc:
+            if not store_and_forward:
+                raise
+            logger.warning('%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid, exc)
+            stored = _write_row(message)  # a commit that waits: the row is all there is of this task now
+            log.pk, log.status, log._state.adding = stored.pk, stored.status, False
+        except MessageRejected as exc:
+            stored = _write_row(message)
+            fail_unsent(stored, exc)
+            log.pk, log.status, log._state.adding = stored.pk, stored.status, False
+            raise
+        if on_enqueued is not None:
+            on_enqueued(log)
+
+    connection = transaction.get_connection(MessageLog.objects.db)
+    if on_commit and connection.in_atomic_block:
+        def after_commit():
+            try:
+                deliver()
+            except Exception:
+                logger.exception('publishing %s (%s) after commit failed', message.task, message.uuid)
+        transaction.on_commit(after_commit, using=MessageLog.objects.db)
+    else:
+        deliver()
     return log
 
 
@@ -122,6 +175,8 @@ def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relayin
             # The relay logs an outage once per broker, not once per message and try.
             logger.log(logging.DEBUG if relaying else logging.WARNING,
                        '%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid, exc)
+            if not relaying:
+                _make_durable(log)
             return False
         fail_unsent(log, exc, from_status)
         raise
@@ -136,10 +191,21 @@ def mark_published(log: MessageLog, scheduled: bool = False, from_status: str = 
     """WAITING (or `from_status`) → PUBLISHED, or SCHEDULED when it is in the delay levels; a row a
     consumer has claimed meanwhile is left as it is."""
     status = MessageLog.SCHEDULED if scheduled else MessageLog.PUBLISHED
-    if MessageLog.objects.filter(pk=log.pk, status=from_status).update(status=status):
+    with without_waiting_for_disk():  # lost in a crash, the row reads WAITING: relayed, a harmless copy
+        changed = MessageLog.objects.filter(pk=log.pk, status=from_status).update(status=status)
+    if changed:
         log.status = status
     else:
         log.refresh_from_db(fields=['status'])
+
+
+def _make_durable(log: MessageLog) -> None:
+    """Wait until the row of a message that waits for the broker is on disk: it is all there is of the
+    task now. A commit that waits flushes every earlier one, the row's own (which did not wait) too."""
+    try:
+        MessageLog.objects.filter(pk=log.pk).update(status=F('status'))
+    except DatabaseError:
+        logger.exception('could not make sure the row of %s (%s) is on disk', log.task, log.uuid)
 
 
 def fail_unsent(log: MessageLog, exc: Exception, from_status: str = MessageLog.WAITING) -> None:
