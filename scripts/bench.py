@@ -921,7 +921,7 @@ def machine_facts(postgres_version: str) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog='scripts/bench', description='carrot beside a raw pika ceiling, one run on this machine.')
-    parser.add_argument('--messages', type=int, default=None, help='tasks per drain and publish (default 2000)')
+    parser.add_argument('--messages', type=int, default=None, help='tasks per drain and publish (default 5000)')
     parser.add_argument('--only', help=f'comma-separated rows: {",".join(ALL_ROWS)}')
     parser.add_argument('--json', help='where the results go (default: bench-results.json in the run directory)')
     parser.add_argument('--million', action='store_true', help='also row 9: 1,000,000 old rows in the log')
@@ -940,7 +940,7 @@ def parse_args(argv=None):
         args.rows = set(DEFAULT_ROWS) | ({'million'} if args.million else set()) | \
             ({'scaling'} if args.scaling else set())
     quick = args.quick
-    args.messages = args.messages or (60 if quick else 2000)
+    args.messages = args.messages or (60 if quick else 5000)
     args.latency_calls, args.spacing = (20, 0.02) if quick else (200, 0.02)
     args.kills = 2 if quick else 5
     args.memory_tasks = 200 if quick else 6000
