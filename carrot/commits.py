@@ -26,12 +26,18 @@ from django.db import connections, transaction
 
 
 @contextlib.contextmanager
-def without_waiting_for_disk(using: str = 'default'):
+def without_waiting_for_disk(using: str = 'default', atomic: bool = False):
     """A transaction whose commit does not wait for the WAL flush (PostgreSQL, when CARROT allows it).
-    Inside a transaction that is already open (the caller's), nothing changes: its commit is its own."""
+    Inside a transaction that is already open (the caller's), nothing changes: its commit is its own.
+    `atomic`: a transaction (savepoint) all the same where the commit cannot be made cheaper, so the
+    block rolls back as one whatever the database."""
     connection = connections[using]
     if connection.vendor != 'postgresql' or connection.in_atomic_block or not _allowed():
-        yield
+        if atomic:
+            with transaction.atomic(using=using):
+                yield
+        else:
+            yield
         return
     with transaction.atomic(using=using):
         with connection.cursor() as cursor:

@@ -457,3 +457,40 @@ def test_a_return_value_too_deep_to_show_does_not_turn_success_into_failure():
     assert processor().process(message).action is Action.ACK
     log = MessageLog.objects.get(uuid=message.message_id)
     assert log.status == 'COMPLETED' and log.output == '<list object that cannot be shown>'
+
+
+def test_two_deliveries_claiming_in_one_statement_at_once_run_the_task_once(tmp_path, monkeypatch):
+    """The usual path reads and claims the row in one UPDATE ... RETURNING: two slots sending it at the
+    same moment still run the task once."""
+    from carrot.consume import claim
+    target = tmp_path / 'runs'
+    log = publish_message(tasks.append_and_sleep, str(target), 'x', 1.0, on_commit=False)
+    message = incoming('tests.testapp.tasks.append_and_sleep', args=[str(target), 'x', 1.0], message_id=log.uuid)
+    both_are_claiming = threading.Barrier(2, timeout=20)
+    take = claim.take_on_arrival
+    taken = []
+
+    def at_the_same_moment(*args, **kwargs):
+        both_are_claiming.wait()
+        row = take(*args, **kwargs)
+        taken.append(row is not None)
+        return row
+
+    monkeypatch.setattr(claim, 'take_on_arrival', at_the_same_moment)
+    results = []
+
+    def one_slot(name):
+        try:
+            results.append(processor(name).process(message).action)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=one_slot, args=(f'default#{n}',)) for n in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(a.value for a in results) == ['ack', 'retry-later']
+    assert lines(target) == ['x']
+    assert MessageLog.objects.get(uuid=message.message_id).attempts == 1
+    assert sorted(taken) == [False, True]  # one UPDATE won, the other matched nothing

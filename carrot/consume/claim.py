@@ -15,6 +15,7 @@ import threading
 from datetime import timedelta
 
 import psutil
+from django.db import connections
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -90,6 +91,49 @@ def take(row: MessageLog, worker: str, lease: float, condition: Q, count_attempt
 
 
 TAKEABLE = (MessageLog.PUBLISHED, MessageLog.WAITING, MessageLog.SCHEDULED)
+
+
+class _NotThisCall(Exception):
+    """Rolls back a claim whose row turned out to log another call."""
+
+
+def connection_for_rows():
+    return connections[MessageLog.objects.db]
+
+
+def can_take_on_arrival() -> bool:
+    """Whether the database has UPDATE ... RETURNING (PostgreSQL; SQLite from 3.35)."""
+    connection = connection_for_rows()
+    if connection.vendor == 'postgresql':
+        return True
+    if connection.vendor == 'sqlite':
+        import sqlite3
+        return sqlite3.sqlite_version_info >= (3, 35)
+    return False
+
+
+def take_on_arrival(message_id: str, task: str, worker: str, lease: float, is_this_call) -> MessageLog | None:
+    """The usual case in one statement: the row of `message_id` for `task`, due and waiting, taken for
+    `worker` (UPDATE ... RETURNING; PostgreSQL, and SQLite from 3.35), and returned as it now is -- or
+    None, having changed nothing, when it is not that simple (no row, another status, not due yet, or
+    `is_this_call(row)` says the row logs other arguments): then the caller reads the row and decides."""
+    table = MessageLog._meta.db_table
+    now = timezone.now()
+    sql = (f'UPDATE {table} SET status = %s, started_time = %s, worker = %s, lease_expires = %s, '
+           f"attempts = attempts + 1, exception = '', traceback = '', failure_time = NULL "
+           f'WHERE uuid = %s AND task = %s AND status IN (%s, %s, %s) AND (run_after IS NULL OR run_after <= %s) '
+           f'RETURNING *')
+    at = connection_for_rows().ops.adapt_datetimefield_value
+    params = [MessageLog.IN_PROGRESS, at(now), worker, at(now + timedelta(seconds=lease)), message_id, task,
+              *TAKEABLE, at(now)]
+    try:
+        with without_waiting_for_disk(atomic=True):
+            rows = list(MessageLog.objects.raw(sql, params))
+            if rows and not is_this_call(rows[0]):
+                raise _NotThisCall
+    except _NotThisCall:
+        return None
+    return rows[0] if rows else None
 
 
 def from_waiting(now) -> Q:

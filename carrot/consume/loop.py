@@ -399,6 +399,9 @@ class _ConsumerHooks(Hooks):
     def fail(self, log: MessageLog, err) -> None:
         self.consumer.fail(log, err)
 
+    def finds_rows_as_carrot_does(self) -> bool:
+        return type(self.consumer).get_message_log is Consumer.get_message_log
+
 
 
 

@@ -65,6 +65,10 @@ class Hooks:
     def fail(self, log: MessageLog, err) -> None:
         raise NotImplementedError
 
+    def finds_rows_as_carrot_does(self) -> bool:
+        """False when get_message_log is overridden: every row is then found through it."""
+        return False
+
 
 class MessageProcessor:
     """Claim, run and record one message at a time; `process()` returns what to do with the delivery."""
@@ -82,6 +86,7 @@ class MessageProcessor:
         self.worker = claim.worker_id()
         self._database = DatabaseRetry(logger, name, self._should_give_up)
         self.abandoned: threading.Event | None = None  # set: the delivery in hand is gone (see process)
+        self._returning = claim.can_take_on_arrival()
 
     # -- one message
 
@@ -119,6 +124,14 @@ class MessageProcessor:
             untracked = self._untracked(message)
             if untracked is not None:
                 return untracked
+        # Read and claim a waiting row in one statement, unless a consumer finds its rows its own way.
+        if self._returning and self.hooks.finds_rows_as_carrot_does():
+            row = self._database(lambda: claim.take_on_arrival(
+                message.message_id, text.for_column(message.shown_task, 200), self.worker, self.config.claim_lease,
+                lambda found: same_call(found, message)), 'claiming the message')
+            if row is not None:  # due, waiting, this very call: taken
+                self._claimed = row
+                return self._run_claimed(row, message)
         row = self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
         if not same_call(row, message):
             return self._conflict(message, row)
@@ -451,6 +464,9 @@ class DefaultHooks(Hooks):
 
     def get_message_log(self, message):
         return get_or_insert_row(message, self.processor.queue, self.processor.config.max_stored_text)
+
+    def finds_rows_as_carrot_does(self) -> bool:
+        return type(self).get_message_log is DefaultHooks.get_message_log
 
     def fail(self, log, err, traceback_text=None):
         self.processor.record_failure(log, err, traceback_text)
