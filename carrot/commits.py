@@ -26,18 +26,12 @@ from django.db import connections, transaction
 
 
 @contextlib.contextmanager
-def without_waiting_for_disk(using: str = 'default', atomic: bool = False):
+def without_waiting_for_disk(using: str = 'default'):
     """A transaction whose commit does not wait for the WAL flush (PostgreSQL, when CARROT allows it).
-    Inside a transaction that is already open (the caller's), nothing changes: its commit is its own.
-    `atomic`: a transaction (savepoint) all the same where the commit cannot be made cheaper, so the
-    block rolls back as one whatever the database."""
+    Inside a transaction that is already open (the caller's), nothing changes: its commit is its own."""
     connection = connections[using]
-    if connection.vendor != 'postgresql' or connection.in_atomic_block or not _allowed():
-        if atomic:
-            with transaction.atomic(using=using):
-                yield
-        else:
-            yield
+    if connection.vendor != 'postgresql' or connection.in_atomic_block or not commits_may_skip_the_disk():
+        yield
         return
     with transaction.atomic(using=using):
         with connection.cursor() as cursor:
@@ -45,7 +39,8 @@ def without_waiting_for_disk(using: str = 'default', atomic: bool = False):
         yield
 
 
-def _allowed() -> bool:
+def commits_may_skip_the_disk() -> bool:
+    """CARROT['async_commits'] (False when CARROT cannot be read)."""
     from carrot.config import get_config
     from carrot.exceptions import CarrotConfigException
     try:

@@ -58,6 +58,7 @@ class ChildContext:
         self._beat_interval = beat_interval
         self._last_beat = float("-inf")
         self._last_report: tuple | None = None
+        self._last_title: str | None = None
 
     def __repr__(self) -> str:
         return f"<ChildContext {self.slot} master={self.master_pid}>"
@@ -95,6 +96,9 @@ class ChildContext:
             self.orphaned = True
 
     def set_title(self, state: str) -> None:
+        if state == self._last_title:
+            return  # a system call saved on every loop turn
+        self._last_title = state
         title = f"{self._proc_name}: {self.slot}"
         set_title(f"{title} {state}" if state else title)
 

@@ -383,3 +383,21 @@ def test_supervised_children_survive_hostile_input_and_run_a_double_delivery_onc
         {slot: kid.pid for slot, kid in kids.items()}  # no child died
     assert (queue_depth('default'), delay_depth()) == (0, 0)
     assert '\x00' not in supervisor.log() and '\x1b' not in supervisor.log()
+
+
+def test_the_one_statement_claim_returns_the_row_as_a_read_would():
+    from django.forms.models import model_to_dict
+    from carrot.consume import claim
+    from carrot.utilities import publish_message as publish
+    log = publish(tasks.echo, 'a', [1, {'b': None}], key='ü', on_commit=False)
+    row = claim.take_on_arrival(log.uuid, log.task, log.task_args, log.content, 'host:1', 60)
+    assert row is not None and row.pk == log.pk
+    assert model_to_dict(row) == model_to_dict(MessageLog.objects.get(pk=log.pk))
+    assert (row.status, row.attempts, row.worker) == ('IN_PROGRESS', 1, 'host:1')
+    assert row.lease_expires > row.started_time
+    # Taken: a second claim (another delivery of it) matches nothing and changes nothing.
+    assert claim.take_on_arrival(log.uuid, log.task, log.task_args, log.content, 'host:2', 60) is None
+    assert MessageLog.objects.get(pk=log.pk).worker == 'host:1'
+    # Other arguments under its id: nothing.
+    other = publish(tasks.echo, 'b', on_commit=False)
+    assert claim.take_on_arrival(other.uuid, other.task, '["a"]', other.content, 'host:3', 60) is None

@@ -126,9 +126,10 @@ class MessageProcessor:
                 return untracked
         # Read and claim a waiting row in one statement, unless a consumer finds its rows its own way.
         if self._returning and self.hooks.finds_rows_as_carrot_does():
+            task_args, content = message.stored_arguments
             row = self._database(lambda: claim.take_on_arrival(
-                message.message_id, text.for_column(message.shown_task, 200), self.worker, self.config.claim_lease,
-                lambda found: same_call(found, message)), 'claiming the message')
+                message.message_id, text.for_column(message.shown_task, 200), task_args, content, self.worker,
+                self.config.claim_lease), 'claiming the message')
             if row is not None:  # due, waiting, this very call: taken
                 self._claimed = row
                 return self._run_claimed(row, message)
@@ -285,8 +286,9 @@ class MessageProcessor:
     # -- running and recording
 
     def _run_claimed(self, row: MessageLog, message: IncomingMessage) -> Disposition:
-        self.logger.info('%s: running %s (%s), attempt %d', self.name, message.shown_task, row.uuid,
-                         row.attempts)
+        # One line per task at INFO, when it ends: the process title and the Workers tab show what runs.
+        self.logger.debug('%s: running %s (%s), attempt %d', self.name, message.shown_task, row.uuid,
+                          row.attempts)
         try:
             func = registry.get_task(message.task)
         except TaskNotRegistered as exc:
@@ -318,7 +320,8 @@ class MessageProcessor:
         self.save(row, interruptible=False, fields=COMPLETION_FIELDS)
         if django_run is not None:
             django_run.finished(row)
-        self.logger.info('%s: %s (%s) completed', self.name, message.shown_task, row.uuid)
+        self.logger.info('%s: %s (%s) completed in %.3fs, attempt %d', self.name, message.shown_task, row.uuid,
+                         (row.completion_time - row.started_time).total_seconds(), row.attempts)
         return ACK
 
     def _clean_up_after_task(self, message: IncomingMessage, log: str | None) -> str | None:
