@@ -18,6 +18,12 @@ Everything that publishes comes through here: ``publish_message`` (the 1.x facad
      requeued from the admin or the monitor) and the error is raised.
    - ``MessageRejected`` (unroutable, nacked, no such exchange, too large, a queue clash): FAILED at
      once, and raised.
+
+Outside a transaction the row's INSERT and its PUBLISHED commit without waiting for the disk
+(carrot.commits); a row left WAITING for the relay is flushed before the call returns. A queue that
+tracks only failures (or nothing) gets no row at all unless one is needed (`_enqueue_untracked`).
+``publish_many()`` does the same for many calls of one task, in batches whose confirms are awaited
+together.
 """
 from __future__ import annotations
 
