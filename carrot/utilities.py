@@ -66,6 +66,19 @@ def publish_message(task: str | Callable, *task_args, priority: int = 0, queue: 
                           run_after=run_after, countdown=countdown)
 
 
+def publish_messages(task: str | Callable, calls, queue: str | None = None, priority: int = 0,
+                     on_commit: bool = True) -> list[MessageLog]:
+    """Publish `task` once for each ``(args, kwargs)`` pair of `calls` -- e.g. ``publish_messages(send_mail,
+    [((1,), {}), ((2,), {'urgent': True})], queue='mail')`` -- much faster than as many publish_message
+    calls: the rows are written in one INSERT per thousand, and RabbitMQ's confirms are awaited together.
+
+    Every call is checked first (InvalidCall names the entry that is wrong); then the rows (WAITING) and,
+    as for publish_message, the messages sent now or when the surrounding transaction commits. Returns
+    the rows, in the order of `calls`. What RabbitMQ cannot take now waits in its rows for the relay
+    (CARROT['store_and_forward']); a refusal for good marks that batch's rows FAILED and raises."""
+    return outbox.publish_many(task, calls, queue=queue, priority=priority, on_commit=on_commit)
+
+
 def create_scheduled_task(task: str | Callable, interval: dict, task_name: str | None = None,
                           queue: str | None = None, task_args: list | tuple = (), **kwargs) -> ScheduledTask:
     """Publish `task(*task_args, **kwargs)` every interval, e.g. ``{'seconds': 5}`` or ``{'hours': 1}``.

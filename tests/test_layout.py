@@ -127,7 +127,8 @@ FLOORS = [
     # Task with it (carrot.consume.djangotask); the backend itself sits on top.
     ('registry', ['carrot.registry', 'carrot', 'carrot.backends.compat']),
     ('amqp', ['carrot.amqp.*']),
-    ('rows', ['carrot.publish.arguments', 'carrot.schedule.rules', 'carrot.models', 'carrot.dbfaults']),
+    ('rows', ['carrot.publish.arguments', 'carrot.schedule.rules', 'carrot.models', 'carrot.dbfaults',
+              'carrot.commits']),
     ('logic', ['carrot.publish.*', 'carrot.consume.*', 'carrot.schedule.*', 'carrot.helper_tasks',
                'carrot.checks']),
     ('run', ['carrot.run.*']),

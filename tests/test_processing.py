@@ -494,3 +494,17 @@ def test_two_deliveries_claiming_in_one_statement_at_once_run_the_task_once(tmp_
     assert lines(target) == ['x']
     assert MessageLog.objects.get(uuid=message.message_id).attempts == 1
     assert sorted(taken) == [False, True]  # one UPDATE won, the other matched nothing
+
+
+def test_with_debug_on_the_query_log_does_not_grow_with_the_tasks():
+    """DEBUG keeps every query of a connection until the next request; a worker empties it per message,
+    or it would grow by megabytes over a few thousand tasks."""
+    slot = processor()
+    with override_settings(DEBUG=True):
+        connection.queries_log.clear()
+        for n in range(200):
+            log = publish_message(tasks.add, n, n, on_commit=False)
+            assert slot.process(incoming(ADD, args=[n, n], message_id=log.uuid)).action is Action.ACK
+        # What the last message (and the publish after it) left, not 200 messages' worth.
+        assert len(connection.queries) < 20
+    assert MessageLog.objects.filter(status='COMPLETED').count() == 200

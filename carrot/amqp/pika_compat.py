@@ -187,3 +187,67 @@ def drop(connection) -> None:
         connection.process_data_events(time_limit=0)  # pika reads the end of the stream and tears down
     except Exception:  # the stream is gone either way
         pass
+
+
+# -- 5. many publishes, their confirms awaited together ---------------------------------------------
+
+class ConfirmedBatch:
+    """Publish many messages on a channel of their own and wait for all their confirms at once.
+
+    pika's BlockingChannel waits for each confirm before it returns from basic_publish: one round trip
+    per message. This drives the channel underneath it (`_impl`): the publishes go out back to back and
+    the confirms (RabbitMQ acks several at once, `multiple`) are counted as they come. A channel that
+    has published a batch is used for batches only, and dropped after a batch that did not end well."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.channel = connection.channel()
+        self._impl = self.channel._impl
+        self._next_tag = 1
+        self._confirmed: set[int] = set()
+        self._refused: set[int] = set()
+        self._first_open = 1  # the lowest tag neither confirmed nor refused yet
+        self._returned = 0
+        self._impl.add_on_return_callback(self._on_return)
+        ready = []
+        self._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda frame: ready.append(1))
+        self._until(lambda: ready, 10, 'RabbitMQ did not put the channel in confirm mode within 10s')
+
+    def _on_confirm(self, frame) -> None:
+        method = frame.method
+        # `multiple` settles every tag up to this one that is still open; they are settled in order
+        # mostly, so the search for the first open tag starts where the last one ended.
+        tags = range(self._first_open, method.delivery_tag + 1) if method.multiple else [method.delivery_tag]
+        into = self._confirmed if type(method).__name__ == 'Ack' else self._refused
+        into.update(tag for tag in tags if tag not in self._confirmed and tag not in self._refused)
+        while self._first_open in self._confirmed or self._first_open in self._refused:
+            self._first_open += 1
+
+    def _on_return(self, channel, method, properties, body) -> None:
+        self._returned += 1
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, properties) -> None:
+        self._impl.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        self._next_tag += 1
+
+    def flush(self) -> None:
+        """Hand what is published so far to the socket (pika writes when it services the connection)."""
+        self.connection.process_data_events(time_limit=0)
+
+    def wait(self, seconds: float) -> tuple[int, int, int]:
+        """Wait up to `seconds` for every confirm: (confirmed, refused (nacked), returned as unroutable).
+        ConfirmTimedOut if some are still open then."""
+        sent = self._next_tag - 1
+        self._until(lambda: len(self._confirmed) + len(self._refused) >= sent, seconds,
+                    lambda: f'RabbitMQ confirmed {len(self._confirmed)} of {sent} messages within {seconds:g}s')
+        return len(self._confirmed), len(self._refused), self._returned
+
+    def _until(self, done, seconds: float, what) -> None:
+        """Service the connection until `done()`, or ConfirmTimedOut after `seconds`. Short polls: a
+        BlockingConnection waits out the whole time_limit it is given, events or not."""
+        import time
+        deadline = time.monotonic() + seconds
+        while not done():
+            if time.monotonic() >= deadline:
+                raise ConfirmTimedOut(what() if callable(what) else what)
+            self.connection.process_data_events(time_limit=0.002)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Callable
 
 import pika
 import pika.exceptions as pe
@@ -125,6 +126,49 @@ class Publisher:
             # Both tries used, the last one on replacing a delay level: not sent (the row waits).
             raise BrokerUnavailable(f'cannot publish to {self.broker}: a delay level had to be replaced; '
                                     f'the message is sent again later')
+
+    def publish_batch(self, queue: QueueConfig, messages: list[tuple[bytes, dict]],
+                      while_confirming: Callable[[], None] | None = None) -> None:
+        """Publish `messages` ((body, properties) each) to `queue` and return once RabbitMQ has confirmed
+        every one: the confirms are awaited together (pika_compat.ConfirmedBatch), not one by one, and
+        `while_confirming()` is called once the messages are out, before the wait (other work overlaps it).
+        Raises BrokerUnavailable or MessageRejected, as publish() does, for the batch as a whole (some
+        may have arrived: they keep their message_ids, so consumers run each once)."""
+        with self.lock:
+            try:
+                channel = self._open_channel()
+                if queue not in self.declared:
+                    declare_queue(channel, queue)
+                    self.declared.add(queue)
+                batch = pika_compat.ConfirmedBatch(self.connection)
+                for body, properties in messages:
+                    batch.publish('', queue.name, body, pika.BasicProperties(**properties))
+                batch.flush()
+                if while_confirming is not None:
+                    while_confirming()
+                confirmed, refused, returned = batch.wait(self._confirm_timeout())
+            except QueueMismatchError:
+                self._forget_channel()
+                raise
+            except pika_compat.ConfirmTimedOut as exc:
+                pika_compat.drop(self.connection)
+                self._forget_connection()
+                raise BrokerUnavailable(f'{exc} for queue {queue.name!r}') from None
+            except CONNECTION_ERRORS + (pe.AMQPError,) as exc:
+                node = node_of(self.connection) if self.connection is not None else None
+                if self.connection is not None:
+                    connection_lost(self.connection)
+                self._forget_connection()
+                raise BrokerUnavailable(f'cannot publish to {self.broker}: '
+                                        f'{describe_connection_error(exc, self.broker, node)}') from None
+            if batch.channel.is_open:
+                batch.channel.close()
+        if returned:
+            raise MessageRejected(f'RabbitMQ returned {returned} of {len(messages)} messages as unroutable '
+                                  f'(queue {queue.name!r})')
+        if refused:
+            raise BrokerUnavailable(f'RabbitMQ did not take (nacked) {refused} of {len(messages)} messages for '
+                                    f'queue {queue.name!r}: the queue cannot take messages now')
 
     def _confirm_timeout(self) -> float:
         if self.confirm_timeout is not None:

@@ -18,6 +18,12 @@ Everything that publishes comes through here: ``publish_message`` (the 1.x facad
      requeued from the admin or the monitor) and the error is raised.
    - ``MessageRejected`` (unroutable, nacked, no such exchange, too large, a queue clash): FAILED at
      once, and raised.
+
+Outside a transaction the row's INSERT and its PUBLISHED commit without waiting for the disk
+(carrot.commits); a row left WAITING for the relay is flushed before the call returns. A queue that
+tracks only failures (or nothing) gets no row at all unless one is needed (`_enqueue_untracked`).
+``publish_many()`` does the same for many calls of one task, in batches whose confirms are awaited
+together.
 """
 from __future__ import annotations
 
@@ -87,10 +93,7 @@ def _enqueue_untracked(message: Outgoing, on_commit: bool, store_and_forward: bo
                        on_enqueued: Callable[[MessageLog], None] | None) -> MessageLog:
     """Send without a row: the unsaved row is returned, as the caller may read it. A row is written
     after all when the message must wait for the broker (the relay sends it from there) or is refused."""
-    log = MessageLog(status=MessageLog.PUBLISHED, queue=message.queue, exchange=message.exchange,
-                     routing_key=message.routing_key, uuid=message.uuid, priority=message.priority,
-                     task=message.task, publish_time=timezone.now(), origin=message.origin)
-    log.task_args, log.content = arguments.dump(message.args, message.kwargs)
+    log = _unsaved_row(message)
 
     def deliver():
         try:
@@ -223,6 +226,125 @@ def publish(task: str | Callable, args: tuple = (), kwargs: dict | None = None, 
     message = prepare(task, args, kwargs, queue=queue, exchange=exchange, routing_key=routing_key,
                       priority=priority, run_after=run_after, countdown=countdown, backend=backend)
     return enqueue(message, on_commit=on_commit, store_and_forward=store_and_forward, on_enqueued=on_enqueued)
+
+
+BATCH_SIZE = 1000  # messages per batch of publish_many: rows written and confirms awaited together
+
+
+def publish_many(task: str | Callable, calls, *, queue: str | None = None, priority: int = 0,
+                 on_commit: bool = True, store_and_forward: bool | None = None) -> list[MessageLog]:
+    """Publish `task` once per (args, kwargs) of `calls`: see carrot.utilities.publish_messages.
+
+    Every call is checked before anything is written. Per batch of BATCH_SIZE: the rows in one INSERT
+    (WAITING; none on a queue that tracks only failures), the messages sent back to back and their
+    confirms awaited together, then the rows PUBLISHED in one UPDATE. What cannot be sent now waits in
+    its rows for the relay (store-and-forward), as a single publish does."""
+    if store_and_forward is None:
+        store_and_forward = get_config().store_and_forward
+    messages = [prepare(task, *_one_call(call, index), queue=queue, priority=priority)
+                for index, call in enumerate(calls)]
+    if not messages:
+        return []
+    tracked = not _untracked(messages[0])
+    batches = [messages[start:start + BATCH_SIZE] for start in range(0, len(messages), BATCH_SIZE)]
+
+    def rows_for(batch):
+        return _write_rows(batch) if tracked else [_unsaved_row(message) for message in batch]
+
+    connection = transaction.get_connection(MessageLog.objects.db)
+    if on_commit and connection.in_atomic_block:
+        written = [rows_for(batch) for batch in batches]
+
+        def after_commit():
+            for batch, batch_rows in zip(batches, written):
+                try:
+                    _send_batch(batch, batch_rows, tracked, store_and_forward)
+                except Exception:
+                    logger.exception('publishing %d messages of %s after commit failed', len(batch), batch[0].task)
+        transaction.on_commit(after_commit, using=MessageLog.objects.db)
+        return [row for batch_rows in written for row in batch_rows]
+    # Outside a transaction the next batch's rows are written while RabbitMQ confirms this one's messages.
+    written = [rows_for(batches[0])]
+    for index, batch in enumerate(batches):
+        def write_next(index=index):
+            if index + 1 < len(batches):
+                written.append(rows_for(batches[index + 1]))
+        _send_batch(batch, written[index], tracked, store_and_forward, while_confirming=write_next)
+        if len(written) == index + 1:  # not written while confirming (the send failed first)
+            write_next()
+    return [row for batch_rows in written for row in batch_rows]
+
+
+def _one_call(call, index: int) -> tuple[tuple, dict]:
+    """(args, kwargs) of one entry of publish_many's `calls`, or InvalidCall saying which is wrong."""
+    if not isinstance(call, (tuple, list)) or len(call) != 2 or not isinstance(call[0], (tuple, list)) \
+            or not isinstance(call[1], dict):
+        raise InvalidCall(f'calls[{index}] must be an (args, kwargs) pair such as ((1, 2), {{}}), got {call!r}')
+    return tuple(call[0]), call[1]
+
+
+def _write_rows(messages: list[Outgoing]) -> list[MessageLog]:
+    now = timezone.now()
+    rows = []
+    for message in messages:
+        task_args, content = arguments.dump(message.args, message.kwargs)
+        rows.append(MessageLog(status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
+                               routing_key=message.routing_key, uuid=message.uuid, priority=message.priority,
+                               task=message.task, task_args=task_args, content=content, publish_time=now))
+    try:
+        with without_waiting_for_disk():
+            return MessageLog.objects.bulk_create(rows)
+    except DatabaseError as exc:
+        if tables_missing(exc):
+            raise NotMigrated(f"carrot's tables are missing from database {MessageLog.objects.db!r} "
+                              f'({exc}): {MIGRATE_HINT}') from exc
+        raise
+
+
+def _unsaved_row(message: Outgoing) -> MessageLog:
+    log = MessageLog(status=MessageLog.PUBLISHED, queue=message.queue, exchange=message.exchange,
+                     routing_key=message.routing_key, uuid=message.uuid, priority=message.priority,
+                     task=message.task, publish_time=timezone.now(), origin=message.origin)
+    log.task_args, log.content = arguments.dump(message.args, message.kwargs)
+    return log
+
+
+def _send_batch(messages: list[Outgoing], rows: list[MessageLog], tracked: bool, store_and_forward: bool,
+                while_confirming: Callable[[], None] | None = None) -> None:
+    queue = get_config().queue(messages[0].queue)
+    try:
+        publisher_for(queue.broker).publish_batch(queue, [(m.body, m.properties) for m in messages],
+                                                  while_confirming=while_confirming)
+    except BrokerUnavailable as exc:
+        if not tracked:  # rows after all: what the relay sends from, or the failure to log
+            rows[:] = _write_rows(messages)
+        if store_and_forward:
+            logger.warning('%d messages of %s wait for the broker and will be relayed: %s', len(messages),
+                           messages[0].task, exc)
+            _make_durable(rows[0])
+            return
+        _fail_rows(rows, exc)
+        raise
+    except MessageRejected as exc:
+        if not tracked:
+            rows[:] = _write_rows(messages)
+        _fail_rows(rows, exc)
+        raise
+    if tracked:
+        with without_waiting_for_disk():
+            MessageLog.objects.filter(pk__in=[row.pk for row in rows], status=MessageLog.WAITING).update(
+                status=MessageLog.PUBLISHED)
+        for row in rows:
+            row.status = MessageLog.PUBLISHED
+
+
+def _fail_rows(rows: list[MessageLog], exc: Exception) -> None:
+    reason = f'{type(exc).__name__}: the message could not be published: {exc}'
+    now = timezone.now()
+    MessageLog.objects.filter(pk__in=[row.pk for row in rows], status=MessageLog.WAITING).update(
+        status=MessageLog.FAILED, failure_time=now, exception=reason)
+    for row in rows:
+        row.status, row.failure_time, row.exception = MessageLog.FAILED, now, reason
 
 
 def requeue(log: MessageLog) -> MessageLog:
