@@ -47,3 +47,19 @@ def commits_may_skip_the_disk() -> bool:
         return get_config().async_commits
     except CarrotConfigException:
         return False
+
+
+def execute_without_waiting(sql: str, params, using: str = 'default', fetch: bool = False):
+    """Run one statement whose commit need not wait for the disk, in one round trip: on PostgreSQL (when
+    CARROT allows it, outside a transaction) it goes in one query string behind `SET LOCAL
+    synchronous_commit TO off`, which PostgreSQL runs as one transaction; elsewhere as it is. Returns the
+    first row (`fetch`: for RETURNING) or the number of rows changed."""
+    connection = connections[using]
+    one_trip = connection.vendor == 'postgresql' and not connection.in_atomic_block and commits_may_skip_the_disk()
+    with connection.cursor() as cursor:
+        if one_trip:
+            cursor.execute(f'SET LOCAL synchronous_commit TO off; {sql}', params)
+            cursor.cursor.nextset()  # past the SET's empty result, to the statement's
+        else:
+            cursor.execute(sql, params)
+        return cursor.fetchone() if fetch else cursor.rowcount

@@ -19,7 +19,7 @@ from django.db import connections
 from django.db.models import F, Q
 from django.utils import timezone
 
-from carrot.commits import commits_may_skip_the_disk, without_waiting_for_disk
+from carrot.commits import execute_without_waiting, without_waiting_for_disk
 from carrot.models import MessageLog
 
 
@@ -116,9 +116,8 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
     changed nothing, when it is not that simple (no row, another status, not due yet, arguments stored
     otherwise): then the caller reads the row and decides.
 
-    On PostgreSQL the statement goes with a `SET LOCAL synchronous_commit TO off` in the same query
-    string, which PostgreSQL runs as one transaction: the claim commits without waiting for the disk
-    (carrot.commits says why that is safe) at no extra round trip."""
+    The claim commits without waiting for the disk (carrot.commits says why that is safe), at no extra
+    round trip."""
     connection = connection_for_rows()
     fields = MessageLog._meta.concrete_fields
     now = timezone.now()
@@ -131,14 +130,7 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
            f'RETURNING {", ".join(connection.ops.quote_name(f.column) for f in fields)}')
     params = [MessageLog.IN_PROGRESS, at(now), worker, at(now + timedelta(seconds=lease)), message_id, task,
               task_args, content, *TAKEABLE, at(now)]
-    one_trip = connection.vendor == 'postgresql' and not connection.in_atomic_block and commits_may_skip_the_disk()
-    with connection.cursor() as cursor:
-        if one_trip:
-            cursor.execute(f'SET LOCAL synchronous_commit TO off; {sql}', params)
-            cursor.cursor.nextset()  # past the SET's empty result, to the UPDATE's
-        else:
-            cursor.execute(sql, params)
-        found = cursor.fetchone()
+    found = execute_without_waiting(sql, params, using=MessageLog.objects.db, fetch=True)
     if found is None:
         return None
     values = [_from_db(connection, field, value) for field, value in zip(fields, found)]
@@ -167,6 +159,8 @@ def from_lost_worker(row: MessageLog) -> Q:
 def renew_lease(message_id: str, worker: str, lease: float) -> bool:
     """Push the lease of a row `worker` holds `lease` seconds forward; False if it holds it no more."""
     expires = timezone.now() + timedelta(seconds=lease)
-    with without_waiting_for_disk():
-        return bool(MessageLog.objects.filter(uuid=message_id, status=MessageLog.IN_PROGRESS,
-                                              worker=worker).update(lease_expires=expires))
+    connection = connection_for_rows()
+    sql = (f'UPDATE {connection.ops.quote_name(MessageLog._meta.db_table)} SET lease_expires = %s '
+           f'WHERE uuid = %s AND status = %s AND worker = %s')
+    params = [connection.ops.adapt_datetimefield_value(expires), message_id, MessageLog.IN_PROGRESS, worker]
+    return bool(execute_without_waiting(sql, params, using=MessageLog.objects.db))

@@ -38,7 +38,7 @@ from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from carrot.amqp.publisher import publisher_for
-from carrot.commits import without_waiting_for_disk
+from carrot.commits import execute_without_waiting, without_waiting_for_disk
 from carrot.config import get_config
 from carrot.config.schema import TRACK_ALL
 from carrot.dbfaults import MIGRATE_HINT, tables_missing
@@ -70,8 +70,7 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
         store_and_forward = get_config().store_and_forward
     if _untracked(message):
         return _enqueue_untracked(message, on_commit, store_and_forward, on_enqueued)
-    with without_waiting_for_disk():  # outside a transaction: see carrot.commits
-        log = _write_row(message)
+    log = _write_row(message, wait_for_disk=False)  # outside a transaction: see carrot.commits
 
     connection = transaction.get_connection(MessageLog.objects.db)
     if on_commit and connection.in_atomic_block:
@@ -136,19 +135,42 @@ def _deliver(message: Outgoing, log: MessageLog, store_and_forward: bool,
         on_enqueued(log)
 
 
-def _write_row(message: Outgoing) -> MessageLog:
+def _write_row(message: Outgoing, wait_for_disk: bool = True) -> MessageLog:
+    """The WAITING row of `message`; its commit (outside a transaction) waits for the disk unless told
+    not to, in one round trip either way."""
     task_args, content = arguments.dump(message.args, message.kwargs)
+    row = MessageLog(
+        status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
+        routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
+        task_args=task_args, content=content, publish_time=timezone.now(), run_after=message.run_after,
+        backend=message.backend, origin=message.origin)
     try:
-        return MessageLog.objects.create(
-            status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
-            routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
-            task_args=task_args, content=content, publish_time=timezone.now(), run_after=message.run_after,
-            backend=message.backend, origin=message.origin)
+        if wait_for_disk:
+            row.save(force_insert=True)
+        else:
+            row.pk = execute_without_waiting(*_insert_sql(row), using=MessageLog.objects.db, fetch=True)[0]
+            row._state.adding, row._state.db = False, MessageLog.objects.db
+        return row
     except DatabaseError as exc:
         if tables_missing(exc):
             raise NotMigrated(f"carrot's tables are missing from database {MessageLog.objects.db!r} "
                               f'({exc}): {MIGRATE_HINT}') from exc
         raise
+
+
+def _insert_sql(row: MessageLog) -> tuple[str, list]:
+    """The INSERT ... RETURNING id of `row`, as the ORM would write it."""
+    from django.db import connections
+    from django.db.models.sql import InsertQuery
+    fields = [f for f in MessageLog._meta.concrete_fields if not f.primary_key]
+    query = InsertQuery(MessageLog)
+    query.insert_values(fields, [row])
+    compiler = query.get_compiler(using=MessageLog.objects.db)
+    compiler.returning_fields = [MessageLog._meta.pk]
+    sql, params = compiler.as_sql()[0]
+    if 'RETURNING' not in sql.upper():  # a database that cannot return from an INSERT
+        sql = f'{sql} RETURNING {connections[MessageLog.objects.db].ops.quote_name(MessageLog._meta.pk.column)}'
+    return sql, list(params)
 
 
 def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bool,
@@ -194,8 +216,10 @@ def mark_published(log: MessageLog, scheduled: bool = False, from_status: str = 
     """WAITING (or `from_status`) → PUBLISHED, or SCHEDULED when it is in the delay levels; a row a
     consumer has claimed meanwhile is left as it is."""
     status = MessageLog.SCHEDULED if scheduled else MessageLog.PUBLISHED
-    with without_waiting_for_disk():  # lost in a crash, the row reads WAITING: relayed, a harmless copy
-        changed = MessageLog.objects.filter(pk=log.pk, status=from_status).update(status=status)
+    # Lost in a server crash, the row reads WAITING: relayed, a harmless copy (carrot.commits).
+    table = MessageLog._meta.db_table
+    changed = execute_without_waiting(f'UPDATE {table} SET status = %s WHERE id = %s AND status = %s',
+                                      [status, log.pk, from_status], using=MessageLog.objects.db)
     if changed:
         log.status = status
     else:
