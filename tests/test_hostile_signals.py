@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from tests.harness import alive, publish_raw, wait_status
+from tests.harness import alive, publish_raw, wait_for, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -43,12 +43,26 @@ def test_term_while_children_boot_exits_0_and_leaves_no_child(start_supervisor, 
     sup.wait_for(lambda: gone(seen), 10, 'every child to be gone after the master exited')
 
 
+def takes_or_holds(pid: int, signum: int) -> bool:
+    """Whether process `pid` blocks `signum` or has a handler for it (/proc/PID/status)."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            masks = dict(line.split(':', 1) for line in f if line.startswith(('SigBlk', 'SigCgt')))
+    except FileNotFoundError:
+        return False
+    bit = 1 << (signum - 1)
+    return any(int(mask.strip(), 16) & bit for mask in masks.values())
+
+
 def test_hup_before_ready_still_comes_up_and_runs_a_task(start_supervisor):
     from carrot.models import MessageLog
     sup = start_supervisor('--queues', 'default')
+    # From the console script's first line on (not before: nothing can run before the interpreter has
+    # started, which takes over 0.1 s on a busy machine), a HUP must not end it.
+    wait_for(lambda: takes_or_holds(sup.pid, signal.SIGHUP), 10, 'the console script to start')
     for _ in range(3):
-        time.sleep(0.1)
         sup.signal(signal.SIGHUP)
+        time.sleep(0.1)
     time.sleep(1)
     assert sup.running(), f'a HUP before the master was ready ended it (exit {sup.proc.poll()}): signal ' \
                           f'handlers are installed too late{sup.tail()}'
