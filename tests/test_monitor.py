@@ -475,3 +475,21 @@ def test_purge_reports_an_unreachable_broker_and_deletes_nothing(staff):
         response = staff.post('/carrot/api/queues/default/purge/')
     assert response.status_code == 502 and 'not purged' in response.json()['error']
     assert MessageLog.objects.filter(uuid='p1').exists()
+
+
+def test_counts_stop_at_the_limit_so_a_huge_log_does_not_slow_every_page(staff, monkeypatch):
+    """With a million COMPLETED rows, counting them all cost each page over 100 ms; past COUNT_LIMIT a
+    tab says "more than" (the figure is in the note of issue 13: scripts/bench --million)."""
+    from carrot.monitor import queries
+    monkeypatch.setattr(queries, 'COUNT_LIMIT', 5)
+    for n in range(8):
+        make_log(f'c{n}', minutes_ago=n + 1)
+    make_log('f1', 'FAILED')
+    page = staff.get('/carrot/completed/')
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert 'data-count="completed">5+</span>' in text and 'data-count="failed">1</span>' in text
+    document = staff.get('/carrot/api/messages/', {'tab': 'completed', 'page_size': 2}).json()
+    assert document['count_limit'] == 5 and document['totals']['completed'] == 6 and document['count'] == 6
+    assert document['pages'] == 3 and [r['uuid'] for r in document['results']] == ['c0', 'c1']
+    assert staff.get('/carrot/api/overview/').json()['count_limit'] == 5

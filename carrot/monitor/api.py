@@ -98,7 +98,8 @@ def message_list(request):
     except queries.BadQuery as exc:
         return error(str(exc))
     document = _page_document(page, paginator, [queries.message_row(log) for log in page.object_list])
-    document.update(tab=tab.name, counts=queries.counts(search, queue), totals=queries.counts())
+    document.update(tab=tab.name, counts=queries.counts(search, queue), totals=queries.counts(),
+                    count_limit=queries.COUNT_LIMIT)
     return JsonResponse(document)
 
 
@@ -155,7 +156,7 @@ def purge_queue(request, name):
 @monitor_api_view
 @require_GET
 def overview_document(request):
-    return JsonResponse({'queues': overview(), 'counts': queries.counts()})
+    return JsonResponse({'queues': overview(), 'counts': queries.counts(), 'count_limit': queries.COUNT_LIMIT})
 
 
 @monitor_api_view

@@ -65,3 +65,12 @@ def task_url(uuid, action=''):
     from django.urls import reverse
     base = reverse('carrot:queued')
     return f'{base}task/{quote(str(uuid), safe="")}/' + (f'{quote(action, safe="")}/' if action else '')
+
+
+@register.filter
+def bounded(count):
+    """A tab's count as the monitor shows it: '10,000+' past the limit counts stop at (monitor.queries)."""
+    from carrot.monitor.queries import COUNT_LIMIT
+    if isinstance(count, int) and count > COUNT_LIMIT:
+        return f'{COUNT_LIMIT:,}+'
+    return count

@@ -112,10 +112,12 @@
     return td;
   }
 
-  function updateCounts(counts) {
+  function updateCounts(counts, limit) {
+    // Counts stop past `limit` (the API's count_limit): the tab then says "10,000+".
     Object.keys(counts || {}).forEach(function (name) {
+      var count = counts[name];
       document.querySelectorAll('[data-count="' + name + '"]').forEach(function (node) {
-        node.textContent = counts[name];
+        node.textContent = limit && count > limit ? limit.toLocaleString('en') + '+' : count;
       });
     });
   }
@@ -134,7 +136,7 @@
     function refresh() {
       if (document.hidden) { return; }
       getJSON(url).then(function (data) {
-        updateCounts(data.totals);
+        updateCounts(data.totals, data.count_limit);
         var shown = document.querySelector('[data-filtered-count]');
         if (shown) { shown.textContent = data.count; }
         // Ages change every second: compare without them, so an unchanged list keeps the reader's
@@ -179,7 +181,7 @@
     setInterval(function () {
       if (document.hidden) { return; }
       getJSON(url).then(function (data) {
-        updateCounts(data.counts);
+        updateCounts(data.counts, data.count_limit);
         data.queues.forEach(function (item) {
           var card = document.querySelector('.queue-card[data-queue="' + CSS.escape(item.queue) + '"]');
           if (!card) { return; }
