@@ -179,13 +179,7 @@ class MessageProcessor:
             return retry_later(RETRY_BASE)  # a row appeared meanwhile (a copy): look again later
         self._claimed = row
         row.log = task_log
-        if delay is not None:
-            return self._retry(row, message, outcome, delay)
-        self._keep_attempt(row, TaskAttempt.FAILED, exception_class=outcome.exception_class,
-                           exception=outcome.exception, traceback=outcome.traceback, log=outcome.log)
-        row.traceback = outcome.traceback
-        self._fail_row(row, outcome.exception)
-        return DEAD_LETTER
+        return self._failed(row, message, outcome, delay)
 
     def _insert_claimed(self, message: IncomingMessage) -> MessageLog | None:
         """The row of an untracked message that failed, as the claim would have left it; None if the id
@@ -304,15 +298,10 @@ class MessageProcessor:
         if not outcome.succeeded:
             delay = retry.next_delay(retry.policy_for(message.task, func, self.config), outcome.error,
                                      row.retries)
-            if delay is not None:
-                return self._retry(row, message, outcome, delay)
-            self._keep_attempt(row, TaskAttempt.FAILED, exception_class=outcome.exception_class,
-                               exception=outcome.exception, traceback=outcome.traceback, log=outcome.log)
-            row.traceback = outcome.traceback
-            self._fail_row(row, outcome.exception)
-            if django_run is not None:
+            disposition = self._failed(row, message, outcome, delay)
+            if disposition is DEAD_LETTER and django_run is not None:
                 django_run.finished(row)
-            return DEAD_LETTER
+            return disposition
         row.status = MessageLog.COMPLETED
         row.completion_time = timezone.now()
         row.output = outcome.output
@@ -323,6 +312,17 @@ class MessageProcessor:
         self.logger.info('%s: %s (%s) completed in %.3fs, attempt %d', self.name, message.shown_task, row.uuid,
                          (row.completion_time - row.started_time).total_seconds(), row.attempts)
         return ACK
+
+    def _failed(self, row: MessageLog, message: IncomingMessage, outcome: TaskOutcome,
+                delay: float | None) -> Disposition:
+        """A run that raised: retried in `delay` seconds, or (None) kept as a failed attempt and FAILED."""
+        if delay is not None:
+            return self._retry(row, message, outcome, delay)
+        self._keep_attempt(row, TaskAttempt.FAILED, exception_class=outcome.exception_class,
+                           exception=outcome.exception, traceback=outcome.traceback, log=outcome.log)
+        row.traceback = outcome.traceback
+        self._fail_row(row, outcome.exception)
+        return DEAD_LETTER
 
     def _clean_up_after_task(self, message: IncomingMessage, log: str | None) -> str | None:
         """Whatever transaction state the task left its connections in, carrot's own writes (the result)
