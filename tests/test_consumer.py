@@ -253,3 +253,21 @@ def test_task_longer_than_two_heartbeats_completes_and_is_acked_once(raw_channel
     assert queue_depth('default') == 0
     # Neither a lost connection nor a redelivery (which carrot would ack as a duplicate) happened.
     assert 'connection to' not in caplog.text and 'already COMPLETED' not in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_prefetch_above_one_runs_every_message_once_in_order_and_a_stop_returns_the_held_ones(tmp_path):
+    """With 'prefetch': 3 a consumer holds the next deliveries while one runs: each still runs once, one at
+    a time, in order; those it holds when it stops go back to the queue, unacked, for the next worker."""
+    from django.conf import settings
+    from django.test import override_settings
+    record = tmp_path / 'runs'
+    with override_settings(CARROT={**settings.CARROT, 'queues': [{'name': 'default', 'prefetch': 3}]}):
+        for n in range(12):
+            publish_message(tasks.record_execution, str(record), f'm{n:02d}', 0.05)
+        run_consumer(max_messages=7)  # stops with up to two held
+        assert queue_depth('default') == 5  # the held ones are back
+        run_consumer(max_messages=5)
+    tokens = [line.split()[0] for line in record.read_text().splitlines()]
+    assert tokens == [f'm{n:02d}' for n in range(12)]
+    assert MessageLog.objects.filter(status='COMPLETED', attempts=1).count() == 12

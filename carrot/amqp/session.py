@@ -1,5 +1,5 @@
-"""The AMQP consume session: connect, declare, consume with prefetch 1, settle. The only consume-side
-code that calls pika.
+"""The AMQP consume session: connect, declare, consume (prefetch: the queue's, 1 by default), settle. The
+only consume-side code that calls pika.
 
 Settling a delivery follows the processor's Disposition:
 
@@ -92,7 +92,7 @@ class ConsumeSession:
             self.channel = self.connection.channel()
             # A 1.x queue, adopted as it is, has no dead-letter route: failures are moved by hand then.
             self._routes_dead_letters = has_dead_letter_route(declare_queue(self.channel, self.queue))
-            self.channel.basic_qos(prefetch_count=1, global_qos=False)  # never global: see the docstring
+            self.channel.basic_qos(prefetch_count=self.queue.prefetch, global_qos=False)  # see the docstring
             self.channel.add_on_cancel_callback(self._on_cancelled_by_broker)
             self._consumer_tag = self.channel.basic_consume(
                 self.queue.name, lambda channel, method, properties, body: on_delivery(method, properties,

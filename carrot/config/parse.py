@@ -26,11 +26,14 @@ E_DUPLICATE_QUEUE = 'carrot.E004'
 E_BAD_BROKER = 'carrot.E005'
 E_NOT_IMPORTABLE = 'carrot.E006'
 
+# A consumer runs one task at a time; what it holds beyond that only waits (and no other consumer can
+# take it meanwhile), so a few are plenty.
+MAX_PREFETCH = 100
 MAX_DELAY_LEVELS = 32  # 2^32 s is 136 years; carrot.amqp.delays reads the same bound
 
 _BROKER_DICT_KEYS = {'host', 'hosts', 'port', 'name', 'username', 'password', 'secure', 'heartbeat', 'url'}
 _QUEUE_KEYS = {'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'max_priority', 'queue_type',
-               'delivery_limit', 'track'}
+               'delivery_limit', 'track', 'prefetch'}
 # What the nodes named by one broker setting must share: a cluster is one broker with one set of users.
 _SHARED_BY_NODES = (('username', 'user name'), ('password', 'password'), ('virtual_host', 'virtual host'),
                     ('secure', 'scheme (amqp:// or amqps://)'), ('heartbeat', 'heartbeat'))
@@ -295,7 +298,14 @@ class Parser:
             consumable=self.boolean(f"{path}['consumable']", raw.get('consumable', True), True),
             consumer_class=consumer_class, max_priority=max_priority, queue_type=queue_type,
             delivery_limit=delivery_limit, max_priority_set='max_priority' in raw,
-            track=self.track(f"{path}['track']", raw.get('track', 'all')))
+            track=self.track(f"{path}['track']", raw.get('track', 'all')),
+            prefetch=self.prefetch(f"{path}['prefetch']", raw.get('prefetch', 1)))
+
+    def prefetch(self, path, value):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PREFETCH:
+            self.bad_value(path, f'an integer from 1 to {MAX_PREFETCH}', value)
+            return 1
+        return value
 
     def track(self, path, value):
         if value in TRACK_LEVELS:

@@ -111,6 +111,7 @@ class QueueConfig:
     delivery_limit: int | None = None         # quorum queues: RabbitMQ's x-delivery-limit (None: not set)
     max_priority_set: bool = False            # CARROT names max_priority (else an existing queue's is adopted)
     track: str = 'all'                        # 'all', 'failures' or 'none': the rows its tasks write
+    prefetch: int = 1                         # deliveries a consumer holds: the running one and those next
 
     @property
     def dead_letter_queue(self) -> str:

@@ -13,6 +13,7 @@ See README.rst, "Delivery guarantees".
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -77,6 +78,8 @@ class Consumer:
         self.task_time_limit: float | None = self.config.task_time_limit
         self.messages_settled = 0
         self.delivery: Delivery | None = None
+        # Deliveries in hand beyond the running one (a queue's 'prefetch' above 1), in arrival order.
+        self._held: collections.deque[Delivery] = collections.deque()
         self._processor: MessageProcessor | None = None
         self._thread: TaskThread | None = None
         self._current_message: IncomingMessage | None = None
@@ -223,6 +226,7 @@ class Consumer:
                 self._wait_for_delivery()  # its log is written; the lost ack means a redelivery
                 self._sleep(broker.failed(self._describe(exc, session), exc))
             finally:
+                self._held.clear()  # unacked: RabbitMQ delivers them again once the channel is gone
                 session.close(lost=lost)
 
     def _describe(self, exc: BaseException, session: ConsumeSession | None = None) -> str:
@@ -237,6 +241,8 @@ class Consumer:
             if self.delivery is not None and self.delivery.done:
                 self._settle(session, self.delivery)
                 last_activity = time.monotonic()
+                if self._held and not self._finished(max_messages):
+                    self._start(self._held.popleft(), session)
             self._enforce_time_limit(session)
             self._tick()
             if self.delivery is not None:
@@ -259,11 +265,18 @@ class Consumer:
                                           problem=f'the message could not be decoded: '
                                                   f'{type(exc).__name__}: {text.for_log(exc, 300)}')
             delivery = Delivery(method.delivery_tag, message.shown_task, message.message_id, message=message)
-            self.delivery = delivery
-            self._lease_renewed = time.monotonic()
-            delivery.future = self._thread.submit(self.process, message, delivery.abandoned,
-                                                on_done=session.wake)
+            if self.delivery is None:
+                self._start(delivery, session)
+            else:
+                self._held.append(delivery)  # prefetch above 1: it waits its turn here, unacked
         return on_delivery
+
+    def _start(self, delivery: Delivery, session: ConsumeSession) -> None:
+        self.delivery = delivery
+        self._lease_renewed = time.monotonic()
+        delivery.started = time.monotonic()
+        delivery.future = self._thread.submit(self.process, delivery.message, delivery.abandoned,
+                                              on_done=session.wake)
 
     def _settle(self, session: ConsumeSession, delivery: Delivery) -> None:
         try:
