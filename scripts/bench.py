@@ -840,7 +840,8 @@ def print_table(results: dict) -> None:
 
     machine = results['machine']
     print(f'\ncarrot bench: {results["options"]["messages"]:,} messages, {machine["cpus"]} CPUs, '
-          f'PostgreSQL {machine["postgresql"]}, RabbitMQ {machine["rabbitmq"]}; one run, {results["wall_time_s"]:.0f}s, '
+          f'PostgreSQL {machine["postgresql"]}, RabbitMQ {machine["rabbitmq"]}, carrot prefetch '
+          f'{os.environ.get("CARROT_DEMO_PREFETCH", "1")}; one run, {results["wall_time_s"]:.0f}s, '
           f'load average {results["load_average"]["start"]:.1f} at the start, {results["load_average"]["end"]:.1f} '
           f'at the end')
     line('', 'figure', 'vs raw pika')
@@ -933,6 +934,8 @@ def parse_args(argv=None):
     parser.add_argument('--million', action='store_true', help='also row 9: 1,000,000 old rows in the log')
     parser.add_argument('--scaling', action='store_true', help='also row 8: 1, 2 and 4 consumer children')
     parser.add_argument('--quick', action='store_true', help='tiny numbers, for the smoke test')
+    parser.add_argument('--prefetch', type=int, default=1,
+                        help="the 'prefetch' of carrot's queue in every row (default 1, as CARROT's)")
     parser.add_argument('--vhost', default='carrot-bench', help='the RabbitMQ virtual host made (and dropped) here')
     parser.add_argument('--database', default='carrot_bench',
                         help='the PostgreSQL database made (and dropped) here')
@@ -952,6 +955,7 @@ def parse_args(argv=None):
     args.memory_tasks = 200 if quick else 6000
     args.old_rows = 10_000 if quick else 1_000_000
     args.postgres_commits = 50 if quick else 500
+    os.environ['CARROT_DEMO_PREFETCH'] = str(args.prefetch)  # read by the demo settings, in every supervisor
     return args
 
 

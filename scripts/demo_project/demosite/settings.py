@@ -70,6 +70,8 @@ DEFAULT_QUEUE = {'name': 'default', 'concurrency': int(os.environ.get('CARROT_DE
 # that does not know the key yet still reads these settings.
 if os.environ.get('CARROT_DEMO_TRACK'):
     DEFAULT_QUEUE['track'] = os.environ['CARROT_DEMO_TRACK']
+if os.environ.get('CARROT_DEMO_PREFETCH', '1') != '1':  # scripts/bench --prefetch
+    DEFAULT_QUEUE['prefetch'] = int(os.environ['CARROT_DEMO_PREFETCH'])
 
 CARROT = {
     'default_broker': os.environ.get('CARROT_DEMO_BROKER', 'amqp://guest:guest@127.0.0.1:5672/carrot-demo'),
