@@ -1,0 +1,168 @@
+"""Attacks on issue 13's speed work: the one-statement claim (take_on_arrival), the 'track' levels,
+publish_messages with its batched confirms, adopted (1.x) queues, and the config keys that came with them.
+
+Everything runs against the real RabbitMQ and database (SQLite, or PostgreSQL with CARROT_TEST_DB=postgres);
+executions are counted by the tasks themselves (one line per run), never assumed.
+"""
+import json
+import threading
+import time
+import uuid
+
+import pika
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.db import connection, transaction
+from django.test import override_settings
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from carrot.amqp.declare import declare_queue
+from carrot.config import get_config
+from carrot.consume import claim
+from carrot.exceptions import BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected
+from carrot.models import MessageLog
+from carrot.publish import arguments, outbox
+from carrot.publish.relay import Relay
+from carrot.utilities import publish_message, publish_messages
+from tests.conftest import dead_letters, delay_depth, queue_depth, rabbitmqctl, raw_connection, run_consumer
+from tests.harness import wait_for
+from tests.testapp import background, tasks
+
+pytestmark = pytest.mark.django_db(transaction=True)
+RECORD = 'tests.testapp.tasks.record_execution'
+
+
+def runs(path):
+    """The tokens of every execution recorded in `path` (tasks.record_execution: '<token> <pid>')."""
+    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def tracking(level, **carrot):
+    return override_settings(CARROT={**settings.CARROT, **carrot,
+                                     'queues': [{'name': 'default', 'track': level}, {'name': 'other'}]})
+
+
+def publish_raw(channel, body, properties, queue='default'):
+    declare_queue(channel, get_config().queue(queue))
+    channel.basic_publish('', queue, body, properties)
+
+
+def forged(message_id, task=RECORD):
+    return pika.BasicProperties(headers={'type': task}, message_id=message_id, content_type='application/json',
+                                delivery_mode=2)
+
+
+# -- a forged or duplicated message on a 'all' queue -------------------------------------------------------
+
+# The same call as ["<path>", "t"] / {} in JSON that reads differently: spacing, escapes, key order.
+REFORMATTED = [
+    '{"args": [PATH, "t"], "kwargs": {}}',
+    '{ "kwargs" : { }  ,\n "args" : [ PATH ,\t"\\u0074" ] }',
+    '{"args":[PATH,"t"],"kwargs":{}}',
+]
+
+
+@pytest.mark.parametrize('body', REFORMATTED)
+@pytest.mark.parametrize('settled', ['COMPLETED', 'FAILED'])
+def test_a_forged_copy_of_a_settled_message_is_not_run_again(raw_channel, tmp_path, body, settled):
+    """A writer on the queue replays a finished message under its id, its JSON written otherwise."""
+    record = tmp_path / 'runs'
+    log = publish_message(tasks.record_execution, str(record), 't')
+    run_consumer(max_messages=1)
+    if settled == 'FAILED':
+        MessageLog.objects.filter(pk=log.pk).update(status='FAILED', exception='failed earlier')
+    assert runs(record) == ['t']
+    text = body.replace('PATH', json.dumps(str(record)))
+    for _ in range(3):
+        publish_raw(raw_channel, text.encode(), forged(log.uuid))
+    run_consumer(max_messages=3)
+    assert runs(record) == ['t']
+    row = MessageLog.objects.get(pk=log.pk)
+    assert (row.status, row.attempts) == (settled, 1)
+    assert MessageLog.objects.count() == 1  # same call: no conflict row either
+    assert len(dead_letters(raw_channel)) == (3 if settled == 'FAILED' else 0)
+
+
+def test_a_forged_copy_of_a_message_running_elsewhere_is_parked_not_run(raw_channel, tmp_path):
+    record = tmp_path / 'runs'
+    log = publish_message(tasks.record_execution, str(record), 't')
+    raw_channel.queue_purge('default')
+    from django.utils import timezone
+    from datetime import timedelta
+    MessageLog.objects.filter(pk=log.pk).update(status='IN_PROGRESS', worker='elsewhere:4242', attempts=1,
+                                                lease_expires=timezone.now() + timedelta(minutes=5))
+    publish_raw(raw_channel, json.dumps({'args': [str(record), 't'], 'kwargs': {}}).encode(), forged(log.uuid))
+    run_consumer(max_messages=1)
+    assert runs(record) == []
+    row = MessageLog.objects.get(pk=log.pk)
+    assert (row.status, row.worker, row.attempts) == ('IN_PROGRESS', 'elsewhere:4242', 1)
+    assert delay_depth() == 1  # parked in the delay levels, to look again later
+
+
+def test_a_forged_message_with_another_call_under_a_waiting_id_is_refused(raw_channel, tmp_path):
+    """Equal text in every column but one: the one-statement claim must not take the row."""
+    record = tmp_path / 'runs'
+    log = publish_message(tasks.record_execution, str(record), 'real')
+    raw_channel.queue_purge('default')
+    publish_raw(raw_channel, json.dumps({'args': [str(record), 'forged'], 'kwargs': {}}).encode(),
+                forged(log.uuid))
+    run_consumer(max_messages=1)
+    assert runs(record) == []
+    assert MessageLog.objects.get(pk=log.pk).status == 'PUBLISHED'
+
+
+# -- take_on_arrival with any arguments, on both databases -------------------------------------------------
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2 ** 63, max_value=2 ** 63),
+                      st.floats(allow_nan=False), st.text(max_size=40),
+                      st.sampled_from(['\x00', 'a\x00b', '\U0001f955', '\ud800', '\u2028', "'; DROP TABLE x; --",
+                                       '%s', '%(x)s', '\\', '"', '\x1b[31m']))
+json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) |
+                          st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=st.lists(json_value, max_size=4), kwargs=st.dictionaries(
+    st.text(min_size=1, max_size=10).filter(str.isidentifier), json_value, max_size=3))
+def test_the_one_statement_claim_takes_a_row_of_any_arguments_exactly_once(args, kwargs):
+    task_args, content = arguments.dump(args, kwargs)
+    row = MessageLog.objects.create(uuid=str(uuid.uuid4()), status=MessageLog.PUBLISHED, queue='default',
+                                    task='tests.testapp.tasks.echo', task_args=task_args, content=content)
+    taken = claim.take_on_arrival(row.uuid, row.task, task_args, content, 'host:1', 60)
+    assert taken is not None and taken.pk == row.pk
+    assert (taken.task_args, taken.content, taken.status, taken.attempts) == (task_args, content, 'IN_PROGRESS', 1)
+    assert claim.take_on_arrival(row.uuid, row.task, task_args, content, 'host:2', 60) is None
+    other_args, other_content = arguments.dump([*args, 0], kwargs)
+    assert claim.take_on_arrival(row.uuid, row.task, other_args, content, 'host:3', 60) is None
+    assert MessageLog.objects.get(pk=row.pk).worker == 'host:1'
+
+
+@pytest.mark.parametrize('value', ['a\x00b' * 1000, '\U0001f955' * 20_000, 'x' * 300_000, '\ud800\udfff\x00'],
+                         ids=['nul', 'non-bmp', 'huge', 'surrogates'])
+def test_strange_arguments_run_once_and_complete(value, tmp_path):
+    log = publish_message(tasks.echo, value, k=value)
+    publish_raw(raw_connection().channel(), json.dumps({'args': [value], 'kwargs': {'k': value}}).encode(),
+                forged(log.uuid, 'tests.testapp.tasks.echo'))  # and a copy of it, as a second publisher sends
+    run_consumer(max_messages=2)
+    row = MessageLog.objects.get(pk=log.pk)
+    assert (row.status, row.attempts) == ('COMPLETED', 1)
+    assert row.output.startswith('{"args": [')  # cut to CARROT['max_stored_text'] when long
+    assert MessageLog.objects.count() == 1 and queue_depth('default') == 0
+
+
+# -- config -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('value', [None, 'ALL', 'all ', b'all', ['all'], {'all': 1}, 1, True, 0.0])
+def test_a_track_level_of_the_wrong_value_or_type_is_a_clear_config_error(value):
+    with override_settings(CARROT={**settings.CARROT, 'queues': [{'name': 'default', 'track': value}]}):
+        with pytest.raises(CarrotConfigException, match=r"\['queues'\]\[0\]\['track'\] must be 'all' or "
+                                                         r"'failures' or 'none', got "):
+            get_config()
+
+
+@pytest.mark.parametrize('value', ['yes', 'false', 1, 0, None, [], 2.0])
+def test_async_commits_must_be_a_bool(value):
+    with override_settings(CARROT={**settings.CARROT, 'async_commits': value}):
+        with pytest.raises(CarrotConfigException, match=r"\['async_commits'\] must be True or False"):
+            get_config()
