@@ -166,3 +166,39 @@ def test_async_commits_must_be_a_bool(value):
     with override_settings(CARROT={**settings.CARROT, 'async_commits': value}):
         with pytest.raises(CarrotConfigException, match=r"\['async_commits'\] must be True or False"):
             get_config()
+
+
+# -- the one-statement claim on every PostgreSQL driver set-up Django supports ------------------------------
+
+CONSUME_WITH = """
+import runpy, sys
+if sys.argv[1] == 'psycopg2':
+    sys.modules['psycopg'] = None  # Django falls back to psycopg2, as on a site that only has psycopg2
+else:
+    import tests.testproject.settings as s
+    s.DATABASES['default'].setdefault('OPTIONS', {})['server_side_binding'] = True
+sys.argv[1:] = ['default', '2', '3']
+runpy.run_path('tests/consume.py', run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('driver', ['psycopg2', 'server_side_binding'])
+def test_the_claim_works_with_psycopg2_and_with_server_side_binding(driver, subprocess_env, tmp_path):
+    """Django on PostgreSQL runs on psycopg 3 with client-side binding (its default), psycopg 3 with
+    OPTIONS['server_side_binding'], or psycopg2; a claim that only works on the first fails every task."""
+    if connection.vendor != 'postgresql':
+        pytest.skip('PostgreSQL only')
+    if driver == 'psycopg2':
+        pytest.importorskip('psycopg2')
+    import subprocess
+    import sys
+    from tests.harness import ROOT
+    record = tmp_path / 'runs'
+    logs = [publish_message(tasks.record_execution, str(record), f't{n}') for n in range(2)]
+    result = subprocess.run([sys.executable, '-c', CONSUME_WITH, driver], env=subprocess_env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = MessageLog.objects.filter(pk__in=[log.pk for log in logs])
+    assert {(row.status, row.attempts) for row in rows} == {('COMPLETED', 1)}, \
+        [(row.status, row.exception) for row in rows]
+    assert sorted(runs(record)) == ['t0', 't1']

@@ -131,18 +131,35 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
            f'RETURNING {", ".join(connection.ops.quote_name(f.column) for f in fields)}')
     params = [MessageLog.IN_PROGRESS, at(now), worker, at(now + timedelta(seconds=lease)), message_id, task,
               task_args, content, *TAKEABLE, at(now)]
-    one_trip = connection.vendor == 'postgresql' and not connection.in_atomic_block and commits_may_skip_the_disk()
+    skip_the_disk = connection.vendor == 'postgresql' and not connection.in_atomic_block and \
+        commits_may_skip_the_disk()
     with connection.cursor() as cursor:
-        if one_trip:
+        if skip_the_disk and _takes_two_statements(cursor):
             cursor.execute(f'SET LOCAL synchronous_commit TO off; {sql}', params)
             cursor.cursor.nextset()  # past the SET's empty result, to the UPDATE's
+            found = cursor.fetchone()
+        elif skip_the_disk:  # psycopg2, or psycopg 3 binding on the server: the SET in a transaction of its own
+            with without_waiting_for_disk(MessageLog.objects.db):
+                cursor.execute(sql, params)
+                found = cursor.fetchone()
         else:
             cursor.execute(sql, params)
-        found = cursor.fetchone()
+            found = cursor.fetchone()
     if found is None:
         return None
     values = [_from_db(connection, field, value) for field, value in zip(fields, found)]
     return MessageLog.from_db(MessageLog.objects.db, [f.attname for f in fields], values)
+
+
+def _takes_two_statements(cursor) -> bool:
+    """Whether `cursor` runs 'SET ...; UPDATE ...' with parameters and steps to the second result: psycopg 3
+    binding on the client (Django's default). Not psycopg 3 with OPTIONS['server_side_binding'] (a
+    prepared statement is one command), nor psycopg2 (whose nextset() raises NotSupportedError)."""
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(cursor.cursor, psycopg.ClientCursor)
 
 
 def _from_db(connection, field, value):
