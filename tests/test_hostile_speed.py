@@ -202,3 +202,91 @@ def test_the_claim_works_with_psycopg2_and_with_server_side_binding(driver, subp
     assert {(row.status, row.attempts) for row in rows} == {('COMPLETED', 1)}, \
         [(row.status, row.exception) for row in rows]
     assert sorted(runs(record)) == ['t0', 't1']
+
+
+# -- queues that track less ----------------------------------------------------------------------------------
+
+UNREACHABLE = 'amqp://guest:guest@127.0.0.1:1/'
+
+
+@pytest.mark.parametrize('level', ['failures', 'none'])
+def test_a_message_relayed_from_its_row_is_tracked_as_all_and_its_row_completed(tmp_path, level):
+    """README: a message that must wait for the broker keeps a WAITING row for the relay 'and is then tracked
+    as all'. The relayed copy is a first delivery: it must still find its row, or the row reads PUBLISHED for
+    ever (the monitor shows a task that never ran) and a copy of it runs again unclaimed."""
+    record = tmp_path / 'runs'
+    with tracking(level, default_broker=UNREACHABLE, confirm_timeout=2):
+        log = publish_message(tasks.record_execution, str(record), 'relayed')
+    assert MessageLog.objects.get(uuid=log.uuid).status == 'WAITING'
+    with tracking(level):
+        assert Relay(relay_after=0).relay_waiting() == 1
+        run_consumer(max_messages=1)
+    assert runs(record) == ['relayed']
+    row = MessageLog.objects.get(uuid=log.uuid)
+    assert (row.status, row.attempts) == ('COMPLETED', 1)
+
+
+@pytest.mark.parametrize('level', ['failures', 'none'])
+def test_an_untracked_publish_that_fails_after_the_commit_leaves_a_failed_row(level):
+    """store_and_forward off, inside a transaction: nothing can be raised into the caller after the commit,
+    so the row must say FAILED (as on a 'all' queue) rather than the message vanish with a log line."""
+    with tracking(level, default_broker=UNREACHABLE, confirm_timeout=2, store_and_forward=False):
+        with transaction.atomic():
+            log = publish_message(tasks.add, 1, 2)
+        with pytest.raises(BrokerUnavailable):
+            publish_message(tasks.add, 3, 4)  # outside a transaction: raised, as on a 'all' queue
+    rows = MessageLog.objects.order_by('id')
+    assert [(row.task_args, row.status) for row in rows] == [('[1, 2]', 'FAILED'), ('[3, 4]', 'FAILED')]
+    assert rows[0].uuid == log.uuid and 'BrokerUnavailable' in rows[0].exception
+
+
+@pytest.mark.parametrize('level', ['failures', 'none'])
+@pytest.mark.parametrize('kind', ['KeyboardInterrupt', 'SystemExit', 'GeneratorExit', 'custom'])
+def test_an_untracked_task_raising_a_base_exception_fails_once_and_the_worker_goes_on(tmp_path, raw_channel,
+                                                                                      level, kind):
+    record = tmp_path / 'runs'
+    with tracking(level):
+        publish_message(tasks.raises_base, kind, str(record))
+        publish_message(tasks.record_execution, str(record), 'after')
+        run_consumer(max_messages=2)
+    assert sorted(runs(record)) == sorted([kind, 'after'])
+    assert len(dead_letters(raw_channel)) == 1 and queue_depth('default') == 0
+    if level == 'none':
+        assert MessageLog.objects.count() == 0
+    else:
+        row = MessageLog.objects.get()
+        assert (row.status, row.attempts, row.task) == ('FAILED', 1, 'tests.testapp.tasks.raises_base')
+
+
+@pytest.mark.parametrize('kind', ['begin', 'atomic', 'nested', 'autocommit', 'broken'])
+def test_an_untracked_task_leaving_a_transaction_open_is_rolled_back_and_the_next_runs(tmp_path, kind):
+    record = tmp_path / 'runs'
+    with tracking('failures'):
+        publish_message(tasks.leaves_transaction, kind, f'user-{kind}')
+        publish_message(tasks.record_execution, str(record), 'after')
+        publish_message(tasks.explode, 'logged')
+        run_consumer(max_messages=3)
+    assert runs(record) == ['after']
+    assert not User.objects.filter(username=f'user-{kind}').exists()  # never committed by the task
+    assert MessageLog.objects.get().status == 'FAILED'  # the one failure, recorded on a clean connection
+
+
+def test_a_django_task_on_an_untracked_queue_keeps_its_result():
+    with tracking('none'):
+        result = background.add.enqueue(2, 3)
+        run_consumer(max_messages=1)
+    result.refresh()
+    assert result.return_value == 5
+    assert MessageLog.objects.get(uuid=result.id).status == 'COMPLETED'
+
+
+@pytest.mark.parametrize('level', ['failures', 'none'])
+def test_an_untracked_message_from_a_1x_publisher_without_id_runs_once(tmp_path, raw_channel, level):
+    record = tmp_path / 'runs'
+    with tracking(level):
+        for n in range(3):
+            publish_raw(raw_channel, json.dumps({'args': [str(record), f'old{n}'], 'kwargs': {}}).encode(),
+                        pika.BasicProperties(headers={'type': RECORD}, content_type='application/json'))
+        run_consumer(max_messages=6, idle_timeout=3)
+    assert sorted(runs(record)) == ['old0', 'old1', 'old2']
+    assert (queue_depth('default'), delay_depth(), queue_depth('default.dead')) == (0, 0, 0)

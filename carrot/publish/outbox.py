@@ -37,6 +37,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
+from carrot.amqp import wire
 from carrot.amqp.publisher import publisher_for
 from carrot.commits import without_waiting_for_disk
 from carrot.config import get_config
@@ -101,7 +102,10 @@ def _enqueue_untracked(message: Outgoing, on_commit: bool, store_and_forward: bo
                 get_config().queue(message.queue), message.body, message.properties, exchange=message.exchange,
                 routing_key=message.routing_key)
         except BrokerUnavailable as exc:
-            if not store_and_forward:
+            if not store_and_forward:  # FAILED, as a row of a 'all' queue (after a commit, all there is)
+                stored = _write_row(message)
+                fail_unsent(stored, exc)
+                log.pk, log.status, log._state.adding = stored.pk, stored.status, False
                 raise
             logger.warning('%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid, exc)
             stored = _write_row(message)  # a commit that waits: the row is all there is of this task now
@@ -169,8 +173,11 @@ def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relayin
     config = get_config()
     queue = config.queue(message.queue)
     delay = message.delay(timezone.now())
+    properties = message.properties
+    if queue.track != TRACK_ALL:  # sent from its row: the consumer must claim it there, not run it untracked
+        properties = wire.with_logged_header(properties)
     try:
-        publisher_for(queue.broker).publish(queue, message.body, message.properties,
+        publisher_for(queue.broker).publish(queue, message.body, properties,
                                             exchange=message.exchange, routing_key=message.routing_key,
                                             delay=delay, delay_levels=config.delay_levels)
     except BrokerUnavailable as exc:
