@@ -1,19 +1,40 @@
-"""Measure carrot against a raw pika baseline in the same run; run it through scripts/bench.
+"""carrot's speed and memory beside a raw pika ceiling, all from one run on this machine: run scripts/bench.
 
-Figures (messages per second, and the ratio to raw pika doing the same broker work):
-  publish   raw: basic_publish with confirms on one connection
-            carrot: publish_message (MessageLog row + confirmed publish)
-  consume   raw: basic_consume, prefetch 1, ack each message
-            carrot: one in-process Consumer (get-or-create log, IN_PROGRESS, run, COMPLETED, ack)
-  end-to-end carrot-supervisor with N consumer children draining a published backlog
-and the supervisor's lifecycle: start to ready, child respawn after SIGKILL, HUP to new children, TERM
-to exit when idle, and the memory of the master and a child. The database is SQLite (the demo project's);
-every number comes from this machine and this run, so compare ratios, not absolutes, across machines.
+The database is PostgreSQL (a database of the bench's own, created and dropped here), the broker a
+private RabbitMQ virtual host; the project is scripts/demo_project, its settings switched by the
+CARROT_DEMO_* variables. The rows (names for --only):
+
+  raw       the ceiling: 2 processes consuming a plain durable queue (no priority, no dead-lettering),
+            prefetch 1, ack each, drain a backlog published beforehand; confirmed publishes from one
+            process; and, for context, one-row PostgreSQL commits from one process (what each log
+            write waits for on this disk)
+  drain     track='all': a backlog of no-op tasks published with publish_message, then carrot-supervisor
+            with 2 consumer children, timed from its start to the last row COMPLETED
+  failures  the same with the queue's track='failures' (successful tasks write no row): timed by the
+            broker's queue count instead
+  publish   publish_message (the drain row's backlog: the same calls, timed) and publish_messages (bulk)
+  latency   an idle supervisor: publish_message to the task body's first line, against raw pika's
+            publish to the consumer's receipt
+  respawn   SIGKILL a consumer child: until its slot holds a new child that consumes
+  memory    USS of every process, idle after start and after draining 6,000 tasks; DEBUG off and on
+  scaling   (--scaling) the drain with 1, 2 and 4 consumer children
+  million   (--million) 1,000,000 old COMPLETED rows in the log table: the drain again, and the
+            monitor's list pages and API
+
+Every figure comes from this machine and this run: compare the ratios to the ceiling across machines,
+not the absolute numbers. Every wait is bounded; every process started here is stopped, and the virtual
+host and the database are dropped, on the way out.
 """
+from __future__ import annotations
+
 import argparse
+import json
+import math
+import multiprocessing
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,277 +42,985 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.join(ROOT, 'scripts', 'demo_project')
+NOOP = 'shop.tasks.noop'
+NOTE_START = 'shop.tasks.note_start'
+PREFETCH = 1  # what a carrot consumer child takes at a time: the ceiling is held to the same
+CHILDREN = 2
+EXIT_CONFIG = 3  # carrot-supervisor's "the settings are broken" (supervisor/exitcodes.py)
+NOT_SUPPORTED = 'n/a (not supported by this carrot)'
+
+DEFAULT_ROWS = ('raw', 'drain', 'failures', 'publish', 'latency', 'respawn', 'memory')
+ALL_ROWS = DEFAULT_ROWS + ('scaling', 'million')
 
 
-def setup(vhost, run_dir, concurrency):
-    os.environ['CARROT_DEMO_DIR'] = run_dir
-    os.environ['CARROT_DEMO_BROKER'] = f'amqp://guest:guest@127.0.0.1:5672/{vhost}'
-    os.environ['CARROT_DEMO_CONCURRENCY'] = str(concurrency)
-    # As in production: with DEBUG on, Django keeps the last 9,000 queries of every connection in
-    # memory, which shows up as ~12 MiB of growth per consumer child after a few thousand tasks.
-    os.environ.setdefault('CARROT_DEMO_DEBUG', '0')
-    os.environ['DJANGO_SETTINGS_MODULE'] = 'demosite.settings'
+class BenchError(Exception):
+    """Something the bench waited for did not happen in time, or a figure cannot be trusted."""
+
+
+def wait_until(predicate, what: str, timeout: float, interval: float = 0.01):
+    """The first true value of predicate(), polled every `interval`; BenchError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f'{what} did not happen within {timeout:.0f}s')
+        time.sleep(interval)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: a value that was measured, never one interpolated between two."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def drain_timeout(tasks: int) -> float:
+    # Generous (a slow disk drains at tens of tasks a second), but a hung run still ends.
+    return 120 + tasks / 10
+
+
+# -- the bench's own RabbitMQ virtual host and PostgreSQL database -----------------------------------------
+
+def rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(['rabbitmqctl', *args], capture_output=True, text=True, timeout=60)
+
+
+def create_vhost(name: str) -> None:
+    rabbitmqctl('delete_vhost', name)  # one left behind by a run that was killed
+    for args in (('add_vhost', name), ('set_permissions', '-p', name, 'guest', '.*', '.*', '.*')):
+        result = rabbitmqctl(*args)
+        if result.returncode != 0:
+            raise BenchError(f'rabbitmqctl {" ".join(args)} failed (it needs root or the rabbitmq user): '
+                             f'{result.stderr.strip()}')
+
+
+def drop_vhost(name: str) -> None:
+    rabbitmqctl('delete_vhost', name)
+
+
+def postgres_admin():
+    """An autocommit connection to the server's `postgres` database, as PGUSER (scripts/services)."""
+    import psycopg
+    return psycopg.connect(host=os.environ.get('PGHOST', '127.0.0.1'), port=os.environ.get('PGPORT', '5432'),
+                           user=os.environ.get('PGUSER', 'postgres'), password=os.environ.get('PGPASSWORD') or None,
+                           dbname='postgres', autocommit=True, connect_timeout=10)
+
+
+def create_database(name: str) -> str:
+    """Create database `name` anew; the server's version, for the report."""
+    with postgres_admin() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+        return admin.execute('SHOW server_version').fetchone()[0]
+
+
+def drop_database(name: str) -> None:
+    from django.conf import settings
+    if settings.configured:
+        from django.db import connections
+        connections.close_all()
+    with postgres_admin() as admin:
+        # FORCE: a child killed mid-task may leave its session behind for a moment.
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def setup_django(run_dir: str, vhost: str, database: str) -> None:
+    """Point the demo project at this run's broker, database and directory, then migrate."""
+    os.environ.update(
+        CARROT_DEMO_DIR=run_dir, CARROT_DEMO_BROKER=broker_url(vhost), CARROT_DEMO_DB='postgres',
+        CARROT_DEMO_DB_NAME=database, CARROT_DEMO_CONCURRENCY=str(CHILDREN),
+        # As in production: with DEBUG on, Django keeps every query of a connection in memory. The
+        # memory row turns it on for its second supervisor, on purpose.
+        CARROT_DEMO_DEBUG='0', DJANGO_SETTINGS_MODULE='demosite.settings')
+    os.environ.pop('CARROT_DEMO_TRACK', None)
     sys.path.insert(0, PROJECT)
     import django
     django.setup()
     from django.core.management import call_command
     call_command('migrate', verbosity=0)
-    from carrot.models import ScheduledTask
-    ScheduledTask.objects.update(active=False)  # no scheduled runs mixed into the figures
 
 
-def raw_publish(n):
-    import pika
-    from carrot.amqp.declare import queue_arguments
+def broker_url(vhost: str) -> str:
+    return f'amqp://guest:guest@127.0.0.1:5672/{vhost}'
+
+
+def bench_broker() -> str:
+    return os.environ['CARROT_DEMO_BROKER']
+
+
+def bench_vhost() -> str:
+    return bench_broker().rsplit('/', 1)[1]
+
+
+def reset_log_and_queue() -> None:
+    """An empty log table and an empty 'default' queue: each drain starts from the same place."""
+    from django.db import connection
+
+    from carrot.amqp.declare import purge
     from carrot.config import get_config
+    from carrot.models import MessageLog, TaskAttempt
+    with connection.cursor() as cursor:
+        cursor.execute(f'TRUNCATE {MessageLog._meta.db_table}, {TaskAttempt._meta.db_table}')
     queue = get_config().queue('default')
-    connection = pika.BlockingConnection(queue.broker.connection_parameters())
-    channel = connection.channel()
-    channel.queue_declare('bench-raw', durable=True, arguments=queue_arguments(queue))
-    channel.queue_purge('bench-raw')
+    purge(queue.broker, queue.name)
+    purge(queue.broker, queue.dead_letter_queue)
+
+
+# -- row 1: the raw ceiling ---------------------------------------------------------------------------------
+
+def raw_channel(url: str):
+    import pika
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    return connection, connection.channel()
+
+
+def raw_publish(url: str, queue: str, n: int) -> float:
+    """Confirmed publishes per second from one process, onto a plain durable queue (left holding them)."""
+    import pika
+    connection, channel = raw_channel(url)
+    channel.queue_declare(queue, durable=True)
+    channel.queue_purge(queue)
     channel.confirm_delivery()
-    body = b'{"args": [], "kwargs": {}}'
+    persistent = pika.BasicProperties(delivery_mode=2, content_type='application/json')
     started = time.perf_counter()
     for i in range(n):
-        channel.basic_publish('', 'bench-raw', body, pika.BasicProperties(
-            headers={'type': 'shop.tasks.heartbeat'}, message_id=str(i), content_type='application/json',
-            delivery_mode=2))
+        channel.basic_publish('', queue, b'{"args": [], "kwargs": {}}', persistent)
     elapsed = time.perf_counter() - started
     connection.close()
     return n / elapsed
 
 
-def raw_consume(n):
-    import pika
-    from carrot.config import get_config
-    queue = get_config().queue('default')
-    connection = pika.BlockingConnection(queue.broker.connection_parameters())
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=1)
-    seen = 0
-    started = time.perf_counter()
-    for method, _, _ in channel.consume('bench-raw', inactivity_timeout=5):
+def raw_drain_consumer(url: str, queue: str, ready, go, results) -> None:
+    """One ceiling consumer (run in a process of its own): prefetch 1, ack each, until the queue stays
+    empty for a second. Reports (messages, time of the last ack)."""
+    connection, channel = raw_channel(url)
+    channel.basic_qos(prefetch_count=PREFETCH)
+    ready.release()
+    go.wait(30)
+    count, last_ack = 0, None
+    for method, _, _ in channel.consume(queue, inactivity_timeout=1):
         if method is None:
             break
         channel.basic_ack(method.delivery_tag)
-        seen += 1
-        if seen == n:
-            break
-    elapsed = time.perf_counter() - started
+        count, last_ack = count + 1, time.time()
     channel.cancel()
-    channel.queue_delete('bench-raw')
     connection.close()
-    return seen / elapsed
+    results.put((count, last_ack))
 
 
-def carrot_publish(n):
+def raw_drain(url: str, queue: str, n: int, consumers: int = CHILDREN) -> float:
+    """Messages per second that `consumers` processes drain from `queue` (holding n), from the moment all
+    are connected to the last ack."""
+    context = multiprocessing.get_context('spawn')  # nothing of this process (Django, sockets) is inherited
+    ready, go, results = context.Semaphore(0), context.Event(), context.Queue()
+    processes = [context.Process(target=raw_drain_consumer, args=(url, queue, ready, go, results), daemon=True)
+                 for _ in range(consumers)]
+    try:
+        for process in processes:
+            process.start()
+        for _ in processes:
+            if not ready.acquire(timeout=30):
+                raise BenchError('a raw consumer did not connect within 30s')
+        started = time.time()
+        go.set()
+        reports = [take(results, drain_timeout(n), 'a raw consumer\'s report') for _ in processes]
+    finally:
+        stop_processes(processes)
+    drained = sum(count for count, _ in reports)
+    if drained != n:
+        raise BenchError(f'the raw consumers drained {drained} messages of {n}')
+    return n / (max(last for _, last in reports if last) - started)
+
+
+def raw_latency_consumer(url: str, queue: str, ready, results) -> None:
+    """A ceiling consumer that reports when each message arrived, until a b'stop' (or 30s of nothing)."""
+    connection, channel = raw_channel(url)
+    channel.basic_qos(prefetch_count=PREFETCH)
+    ready.release()
+    for method, _, body in channel.consume(queue, inactivity_timeout=30):
+        received = time.time()
+        if method is None:
+            break
+        channel.basic_ack(method.delivery_tag)
+        if body == b'stop':
+            break
+        results.put((body.decode(), received))
+    channel.cancel()
+    connection.close()
+
+
+def raw_latency(url: str, queue: str, calls: int, spacing: float, consumers: int = CHILDREN) -> list[float]:
+    """Milliseconds from basic_publish (confirmed) to the consumer's receipt, one message at a time."""
+    import pika
+    context = multiprocessing.get_context('spawn')
+    ready, results = context.Semaphore(0), context.Queue()
+    connection, channel = raw_channel(url)
+    channel.queue_declare(queue, durable=True)
+    channel.confirm_delivery()
+    persistent = pika.BasicProperties(delivery_mode=2)
+    processes = [context.Process(target=raw_latency_consumer, args=(url, queue, ready, results), daemon=True)
+                 for _ in range(consumers)]
+    latencies = []
+    try:
+        channel.queue_purge(queue)
+        for process in processes:
+            process.start()
+        for _ in processes:
+            if not ready.acquire(timeout=30):
+                raise BenchError('a raw consumer did not connect within 30s')
+        time.sleep(0.2)  # both consumers' basic_consume registered, so each message has a taker at once
+        for i in range(calls):
+            token = str(i)
+            sent = time.time()
+            channel.basic_publish('', queue, token.encode(), persistent)
+            got, received = take(results, 10, f'raw message {token}')
+            if got != token:
+                raise BenchError(f'raw latency: expected message {token}, got {got}')
+            latencies.append((received - sent) * 1000)
+            time.sleep(spacing)
+        for _ in processes:
+            channel.basic_publish('', queue, b'stop', persistent)
+    finally:
+        stop_processes(processes)
+        channel.queue_delete(queue)
+        connection.close()
+    return latencies
+
+
+def take(results, timeout: float, what: str):
+    """The next report on a multiprocessing queue; BenchError when none comes within `timeout` seconds."""
+    import queue
+    try:
+        return results.get(timeout=timeout)
+    except queue.Empty:
+        raise BenchError(f'{what} did not come within {timeout:.0f}s') from None
+
+
+def stop_processes(processes) -> None:
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+
+
+def postgres_commits(n: int) -> float:
+    """One-row INSERTs, each its own transaction, per second: the disk's commit rate, which every log row
+    written outside a bigger transaction waits for (a regular table: a temporary one writes no WAL)."""
+    from django.db import connection
+    with connection.cursor() as cursor:
+        cursor.execute('CREATE TABLE bench_commits (n integer)')
+        try:
+            started = time.perf_counter()
+            for i in range(n):
+                cursor.execute('INSERT INTO bench_commits VALUES (%s)', [i])
+            return n / (time.perf_counter() - started)
+        finally:
+            cursor.execute('DROP TABLE bench_commits')
+
+
+def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: int) -> dict:
+    queue = 'bench-raw'
+    publish = raw_publish(url, queue, n)
+    drain = raw_drain(url, queue, n)
+    latencies = raw_latency(url, queue, latency_calls, spacing)
+    return {'consumers': CHILDREN, 'prefetch': PREFETCH, 'messages': n, 'drain_per_s': drain,
+            'publish_confirmed_per_s': publish, 'latency_calls': latency_calls,
+            'latency_p50_ms': percentile(latencies, 50), 'latency_p99_ms': percentile(latencies, 99),
+            'postgres_commits_per_s': postgres_commits(postgres_n)}
+
+
+# -- publishing -------------------------------------------------------------------------------------------
+
+def bulk_publisher():
+    """carrot.utilities.publish_messages, or None where this carrot has none yet."""
+    try:
+        from carrot.utilities import publish_messages
+    except ImportError:
+        return None
+    return publish_messages
+
+
+def publish_single(n: int) -> float:
+    """publish_message calls per second from one process (row + confirmed publish each)."""
     from carrot.utilities import publish_message
     started = time.perf_counter()
     for _ in range(n):
-        publish_message('shop.tasks.heartbeat')
+        publish_message(NOOP)
     return n / (time.perf_counter() - started)
 
 
-def carrot_consume(n):
-    import logging
-    from carrot.consumer import Consumer
-    from carrot.models import MessageLog
-    logging.getLogger('carrot').setLevel(logging.WARNING)
-    consumer = Consumer(None, 'default')
+def publish_bulk(n: int) -> float:
     started = time.perf_counter()
-    consumer.run(max_messages=n, idle_timeout=5)
-    elapsed = time.perf_counter() - started
-    done = MessageLog.objects.filter(status='COMPLETED').count()
-    return consumer.messages_settled / elapsed, done
+    bulk_publisher()(NOOP, [((), {})] * n, queue='default')
+    return n / (time.perf_counter() - started)
+
+
+def fill_backlog(n: int) -> None:
+    """n no-op tasks on 'default' with their rows, as publish_message leaves them (PUBLISHED), when the
+    publishing is not what is measured: carrot's bulk publish where there is one; else the rows in one
+    transaction and the messages (carrot's own, from prepare()) on one unconfirmed stream. Rows go first:
+    a consumer that found no row would write one of its own."""
+    bulk = bulk_publisher()
+    if bulk is not None:
+        bulk(NOOP, [((), {})] * n, queue='default')
+        return
+    import pika
+    from django.utils import timezone
+
+    from carrot.amqp.declare import declare_queue
+    from carrot.config import get_config
+    from carrot.models import MessageLog
+    from carrot.publish import arguments
+    from carrot.publish.outgoing import prepare
+
+    messages = [prepare(NOOP, queue='default') for _ in range(n)]
+    task_args, content = arguments.dump((), {})
+    MessageLog.objects.bulk_create([
+        MessageLog(status=MessageLog.PUBLISHED, queue=m.queue, exchange=m.exchange, routing_key=m.routing_key,
+                   uuid=m.uuid, priority=m.priority, task=m.task, task_args=task_args, content=content,
+                   publish_time=timezone.now()) for m in messages], batch_size=2000)
+    queue = get_config().queue('default')
+    connection, channel = raw_channel(bench_broker())
+    try:
+        declare_queue(channel, queue)
+        before = channel.queue_declare(queue.name, passive=True).method.message_count
+        for m in messages:
+            channel.basic_publish(m.exchange, m.routing_key, m.body, pika.BasicProperties(**m.properties))
+        # With nobody consuming, a drain is timed next: it must not start before the whole backlog is in.
+        # (With consumers, their completions are what is waited for.)
+        if channel.queue_declare(queue.name, passive=True).method.consumer_count == 0:
+            wait_until(lambda: channel.queue_declare(queue.name, passive=True).method.message_count >= before + n,
+                       f'the backlog of {n} messages reaching the queue', timeout=60, interval=0.05)
+    finally:
+        connection.close()
+
+
+# -- carrot-supervisor, run as a user runs it ----------------------------------------------------------------
+
+class SupervisorExited(BenchError):
+    def __init__(self, code: int, log_tail: str):
+        super().__init__(f'carrot-supervisor exited with {code} before it was ready:\n{log_tail}')
+        self.code = code
+        self.log_tail = log_tail
 
 
 class Supervisor:
-    def __init__(self, run_dir):
-        self.log = os.path.join(run_dir, 'carrot.log')
-        self.status_file = os.path.join(run_dir, 'carrot.status.json')
+    """carrot-supervisor on the demo project's 'default' queue (no scheduler), in a subprocess."""
+
+    def __init__(self, run_dir: str, name: str, children: int = CHILDREN, debug: bool = False,
+                 track: str | None = None):
+        self.log = os.path.join(run_dir, f'carrot-{name}.log')
+        self.env = dict(os.environ, CARROT_DEMO_CONCURRENCY=str(children), CARROT_DEMO_DEBUG='1' if debug else '0')
+        if track:
+            self.env['CARROT_DEMO_TRACK'] = track
+        self.children = children
         self.process = None
+        self.started = None  # time.time() just before the command was started
 
-    def start(self):
-        open(self.log, 'w').close()
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, '-m', 'carrot.cli', '--pythonpath', PROJECT, '--logfile', self.log, '--no-scheduler',
-             '--status-file', self.status_file],
-            cwd=PROJECT, env=dict(os.environ), stdin=subprocess.DEVNULL)
+    def start(self) -> None:
+        command = os.path.join(os.path.dirname(sys.executable), 'carrot-supervisor')
+        self.started = time.time()
+        with open(self.log + '.stderr', 'w') as stderr:  # what comes before the log file is open
+            self.process = subprocess.Popen(
+                [command, '--settings', 'demosite.settings', '--pythonpath', PROJECT, '--queues', 'default',
+                 '--no-scheduler', '--logfile', self.log],
+                cwd=PROJECT, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
 
-    def log_text(self):
-        with open(self.log) as f:
-            return f.read()
+    def log_text(self) -> str:
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ''
 
-    def wait_for(self, predicate, what, timeout=60, interval=0.001):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise SystemExit(f'bench: {what} did not happen within {timeout}s (log: {self.log})')
+    def check_running(self) -> bool:
+        """True while the master runs; SupervisorExited (with the end of its log) once it has exited."""
+        if self.process.poll() is None:
+            return True
+        with open(self.log + '.stderr') as f:
+            tail = (self.log_text() + f.read())[-2000:]
+        raise SupervisorExited(self.process.returncode, tail)
 
-    def wait_for_log(self, pattern, timeout=60, after=0):
-        return self.wait_for(lambda: re.search(pattern, self.log_text()[after:]), repr(pattern), timeout, 0.01)
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the master says every child is up; SupervisorExited if it gives up first."""
+        wait_until(lambda: self.check_running() and re.search(r'ready: \d+ children up', self.log_text()),
+                   f'carrot-supervisor ready (log: {self.log})', timeout, 0.02)
 
-    def snapshot(self):
-        from carrot.run.status import read_snapshot
-        return read_snapshot(self.status_file) or {}
+    def consuming(self) -> dict[str, int]:
+        """slot name -> pid of the consumer children whose process title says they wait for a message."""
+        import psutil
+        found = {}
+        for role, process in self.processes():
+            try:
+                if role.startswith('consumer ') and process_title(process).endswith(' idle'):
+                    found[role] = process.pid
+            except psutil.Error:
+                continue
+        return found
 
-    def processes(self):
-        """(role, psutil.Process) for the master, its image(s) and every child, by their titles."""
+    def wait_consuming(self, timeout: float = 30) -> dict[str, int]:
+        def every_child_consuming():
+            self.check_running()
+            found = self.consuming()
+            return found if len(found) == self.children else None
+        return wait_until(every_child_consuming, 'every consumer child consuming', timeout, 0.01)
+
+    def processes(self) -> list[tuple[str, object]]:
+        """(role, psutil.Process) of the master and each of its children, the role read from the title."""
         import psutil
         master = psutil.Process(self.process.pid)
         found = [('master', master)]
         for child in master.children():
             try:
-                title = ' '.join(child.cmdline()).strip().replace('carrot-supervisor: ', '')
+                found.append((role_of(process_title(child)), child))
             except psutil.Error:
                 continue
-            role = 'image' if title.startswith('image') else title.rsplit(' ', 1)[0] if title.endswith(' idle') \
-                else title
-            found.append((role, child))
         return found
 
-    def consuming(self):
-        """slot -> pid of the children whose title says they consume (idle)."""
+    def memory(self) -> dict[str, float]:
+        """role -> USS in MiB: the memory the process alone holds (not what it shares with the image)."""
         import psutil
-        kids = {}
-        for role, proc in self.processes():
+        figures = {}
+        for role, process in self.processes():
             try:
-                if role.startswith('consumer ') and ' '.join(proc.cmdline()).strip().endswith(' idle'):
-                    kids[role] = proc.pid
+                figures[role] = process.memory_full_info().uss / 2 ** 20
             except psutil.Error:
-                pass
-        return kids
+                continue
+        return figures
 
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            self.process.wait(timeout=30)
-
-
-def memory(supervisor):
-    """role -> (USS, PSS, RSS) in MiB, for every process of the supervisor."""
-    import psutil
-    figures = {}
-    for role, proc in supervisor.processes():
+    def stop(self, timeout: float = 30) -> None:
+        """TERM (children finish the task in hand), then KILL of the master and every process below it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        import psutil
         try:
-            info = proc.memory_full_info()
+            family = psutil.Process(self.process.pid).children(recursive=True)
         except psutil.Error:
-            continue
-        figures[role] = (info.uss / 2 ** 20, info.pss / 2 ** 20, info.rss / 2 ** 20)
-    return figures
+            family = []
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        for process in family:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass  # gone already, as it should be
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
-def supervisor_figures(n, kills):
+def process_title(process) -> str:
+    return ' '.join(process.cmdline()).strip().replace('carrot-supervisor: ', '')
+
+
+def role_of(title: str) -> str:
+    """'consumer default#2' from 'consumer default#2 running shop.tasks.noop 0.0s' (or '... idle')."""
+    words = title.split()
+    if words[:1] == ['consumer'] and len(words) > 1:
+        return ' '.join(words[:2])
+    return words[0] if words else '?'
+
+
+# -- rows 2 to 8: carrot ----------------------------------------------------------------------------------
+
+def completed_since(since) -> int:
     from carrot.models import MessageLog
-    from carrot.utilities import publish_message
+    return MessageLog.objects.filter(status=MessageLog.COMPLETED, publish_time__gte=since).count()
 
-    MessageLog.objects.all().delete()
-    for _ in range(n):
-        publish_message('shop.tasks.heartbeat')
-    supervisor = Supervisor(os.environ['CARROT_DEMO_DIR'])
-    figures = {}
+
+def failed_count() -> int:
+    from carrot.models import MessageLog
+    return MessageLog.objects.filter(status=MessageLog.FAILED).count()
+
+
+def timed_drain(run_dir: str, name: str, n: int, since, children: int = CHILDREN) -> dict:
+    """carrot-supervisor started on a backlog of n logged no-op tasks: tasks per second from its start to
+    the last completion, and from the first task started (both read from the rows' own times)."""
+    from django.db.models import Max, Min
+
+    from carrot.models import MessageLog
+    with Supervisor(run_dir, name, children=children) as supervisor:
+        wait_until(lambda: supervisor.check_running() and completed_since(since) >= n, f'{n} tasks COMPLETED',
+                   drain_timeout(n), 0.05)
+    if failed_count():
+        raise BenchError(f'{failed_count()} tasks FAILED in the {name} drain (see {supervisor.log})')
+    times = MessageLog.objects.filter(status=MessageLog.COMPLETED, publish_time__gte=since).aggregate(
+        first=Min('started_time'), last=Max('completion_time'))
+    last = times['last'].timestamp()
+    return {'tasks': n, 'children': children, 'per_s': n / (last - supervisor.started),
+            'from_first_started_per_s': n / (last - times['first'].timestamp())}
+
+
+def drain_row(run_dir: str, n: int) -> tuple[dict, float]:
+    """Row 2, and row 4's publish_message figure: the backlog is published with it, timed."""
+    from django.utils import timezone
+    reset_log_and_queue()
+    since = timezone.now()
+    publish = publish_single(n)
+    return timed_drain(run_dir, 'drain', n, since), publish
+
+
+def track_supported() -> bool:
+    """Whether this carrot accepts a queue's 'track' key (it reports an unknown key as a problem)."""
+    from django.conf import settings
+
+    from carrot.config import parse_config
+    raw = dict(settings.CARROT, queues=[dict(settings.DEFAULT_QUEUE, track='failures')])
+    _, problems = parse_config(raw)
+    return not any('track' in str(problem) for problem in problems)
+
+
+def failures_row(run_dir: str, n: int) -> dict:
+    """Row 3: the drain with track='failures'. Successful tasks leave no row, so the end is read from
+    the broker: the moment the queue has no message left to hand out. One per child (prefetch 1) may
+    still be running then; rabbitmqctl confirms afterwards that all were acked."""
+    if not track_supported():
+        return {'supported': False, 'note': NOT_SUPPORTED}
+    from django.conf import settings
+    from django.test import override_settings
+    reset_log_and_queue()
+    failures_settings = dict(settings.CARROT, queues=[dict(settings.DEFAULT_QUEUE, track='failures')])
+    publish = None
+    with override_settings(CARROT=failures_settings):  # publish as the supervisor's settings say
+        bulk = bulk_publisher()
+        if bulk is not None:
+            bulk(NOOP, [((), {})] * n, queue='default')
+        else:
+            publish = publish_single(n)  # no row written: a figure of its own for row 4
+    connection, channel = raw_channel(bench_broker())
     try:
-        supervisor.start()
-        supervisor.wait_for_log(r'ready: \d+ children up')
-        figures['start_to_ready_s'] = time.monotonic() - supervisor.started
-        started = time.perf_counter()
-        supervisor.wait_for(lambda: MessageLog.objects.filter(status='COMPLETED').count() >= n,
-                            'draining the backlog', timeout=600, interval=0.05)
-        figures['end_to_end_per_s'] = n / (time.perf_counter() - started)
-        figures['memory_after_tasks'] = memory(supervisor)
-
-        # Respawn: SIGKILL a consuming child; time until its slot holds a new child that consumes.
-        times = []
-        for _ in range(kills):
-            kids = supervisor.wait_for(supervisor.consuming, 'children consuming')
-            slot, pid = sorted(kids.items())[0]
-            os.kill(pid, signal.SIGKILL)
-            killed = time.monotonic()
-            supervisor.wait_for(lambda: supervisor.consuming().get(slot) not in (None, pid), 'a respawn', 10)
-            times.append((time.monotonic() - killed) * 1000)
-            time.sleep(0.2)
-        times.sort()
-        figures['respawn_to_consuming_ms'] = times[len(times) // 2]
-        figures['respawn_to_consuming_max_ms'] = times[-1]
-
-        # HUP: until every slot holds a child of the new image generation that consumes.
-        time.sleep(1)
-        generation = supervisor.snapshot().get('generation', 1)
-        slots = {s['name'] for s in supervisor.snapshot().get('slots', ())}
-        mark = len(supervisor.log_text())
-        supervisor.process.send_signal(signal.SIGHUP)
-        hup = time.monotonic()
-
-        def all_new():
-            document = supervisor.snapshot()
-            entries = document.get('slots', ())
-            return document.get('generation') == generation + 1 and {e['name'] for e in entries} == slots and \
-                all(e['generation'] == generation + 1 and e['state'] == 'idle' for e in entries)
-
-        supervisor.wait_for(all_new, 'all children on the new image', timeout=60)
-        figures['hup_to_all_children_on_new_code_s'] = time.monotonic() - hup
-        supervisor.wait_for_log(r'reload done', after=mark)
-        time.sleep(1)
-        figures['memory_idle'] = memory(supervisor)
-
-        supervisor.process.send_signal(signal.SIGTERM)
-        term = time.monotonic()
-        supervisor.process.wait(timeout=60)
-        figures['term_to_exit_idle_s'] = time.monotonic() - term
+        supervisor = Supervisor(run_dir, 'failures', track='failures')
+        with supervisor:
+            try:
+                supervisor.wait_ready()
+            except SupervisorExited as exc:
+                if exc.code == EXIT_CONFIG and 'track' in exc.log_tail:
+                    return {'supported': False, 'note': NOT_SUPPORTED}
+                raise
+            wait_until(lambda: supervisor.check_running() and
+                       channel.queue_declare('default', passive=True).method.message_count == 0,
+                       'the queue handed out every message', drain_timeout(n), 0.02)
+            emptied = time.time()
+            wait_until(lambda: unacknowledged('default') == 0, 'every message acked', 60, 0.5)
     finally:
-        supervisor.stop()
+        connection.close()
+    if failed_count():
+        raise BenchError(f'{failed_count()} tasks FAILED in the failures drain (see {supervisor.log})')
+    return {'supported': True, 'tasks': n, 'children': CHILDREN, 'per_s': n / (emptied - supervisor.started),
+            'publish_single_per_s': publish}
+
+
+def unacknowledged(queue: str) -> int | None:
+    """Messages ready plus unacknowledged in `queue`, from rabbitmqctl (AMQP reports only the ready)."""
+    result = rabbitmqctl('list_queues', '-q', '-p', bench_vhost(), 'name', 'messages')
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == queue and fields[1].isdigit():
+            return int(fields[1])
+    return None
+
+
+def publish_bulk_row(n: int) -> float | None:
+    if bulk_publisher() is None:
+        return None
+    reset_log_and_queue()
+    rate = publish_bulk(n)
+    reset_log_and_queue()
+    return rate
+
+
+def latency_and_respawn(run_dir: str, calls: int, spacing: float, kills: int, rows: set) -> dict:
+    """Rows 5 and 6 on one idle supervisor: first the latency, then the kills."""
+    reset_log_and_queue()
+    figures = {}
+    with Supervisor(run_dir, 'latency') as supervisor:
+        supervisor.wait_ready()
+        supervisor.wait_consuming()
+        if 'latency' in rows:
+            latencies = task_start_latency(run_dir, calls, spacing)
+            figures['latency'] = {'calls': calls, 'spacing_ms': spacing * 1000,
+                                  'p50_ms': percentile(latencies, 50), 'p99_ms': percentile(latencies, 99)}
+        if 'respawn' in rows:
+            figures['respawn'] = respawn_times(supervisor, kills)
     return figures
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--messages', type=int, default=2000)
-    parser.add_argument('--concurrency', type=int, default=2)
-    parser.add_argument('--vhost', default='carrot-bench')
-    parser.add_argument('--kills', type=int, default=11, help='SIGKILLs for the respawn median')
-    parser.add_argument('--supervisor-only', action='store_true',
-                        help='only the supervisor figures (e.g. --messages 10000 for 5,000 tasks per child)')
-    args = parser.parse_args()
-    n = args.messages
-    with tempfile.TemporaryDirectory(prefix='carrot-bench-') as run_dir:
-        setup(args.vhost, run_dir, args.concurrency)
-        from carrot.models import MessageLog
-        if not args.supervisor_only:
-            raw_pub = raw_publish(n)
-            raw_con = raw_consume(n)
-            MessageLog.objects.all().delete()
-            pub = carrot_publish(n)
-            con, done = carrot_consume(n)
-        sup = supervisor_figures(n, args.kills)
+def task_start_latency(run_dir: str, calls: int, spacing: float) -> list[float]:
+    """Milliseconds from calling publish_message to the first line of the task's body, one call at a
+    time: the task appends its own time.time() to task-starts.txt (shop.tasks.note_start)."""
+    from carrot.utilities import publish_message
+    starts = os.path.join(run_dir, 'task-starts.txt')
+    open(starts, 'w').close()
+    seen: dict[str, float] = {}
+    offset = 0
 
-    print(f'\ncarrot bench: {n} messages, SQLite, RabbitMQ on 127.0.0.1, {os.cpu_count()} CPUs')
-    if args.supervisor_only:
-        raw_pub = raw_con = pub = con = float('nan')
-        done = '-'
+    def body_started(token):
+        nonlocal offset
+        with open(starts) as f:
+            f.seek(offset)
+            text = f.read()
+        complete = text[:text.rfind('\n') + 1]  # a line still being written is read next time
+        offset += len(complete)
+        for line in complete.splitlines():
+            name, stamp = line.split()
+            seen[name] = float(stamp)
+        return token in seen
 
-    print(f'{"":<36}{"msg/s":>10}{"vs raw pika":>14}')
-    print(f'{"raw pika publish (confirms)":<36}{raw_pub:>10.0f}{"1.00":>14}')
-    print(f'{"carrot publish_message":<36}{pub:>10.0f}{pub / raw_pub:>14.2f}')
-    print(f'{"raw pika consume (prefetch 1, ack)":<36}{raw_con:>10.0f}{"1.00":>14}')
-    print(f'{"carrot consumer, 1 process":<36}{con:>10.0f}{con / raw_con:>14.2f}')
-    print(f'{f"carrot-supervisor, {args.concurrency} consumers":<36}{sup["end_to_end_per_s"]:>10.0f}'
-          f'{sup["end_to_end_per_s"] / raw_con:>14.2f}')
-    print(f'(carrot consumer completed {done} of {n} logged tasks)')
-    print('\nsupervisor')
-    for key in ('start_to_ready_s', 'respawn_to_consuming_ms', 'respawn_to_consuming_max_ms',
-                'hup_to_all_children_on_new_code_s', 'term_to_exit_idle_s'):
-        print(f'  {key:<36}{sup[key]:>10.3f}')
-    print(f'  (respawn over {args.kills} SIGKILLs of a consuming child: median and max)')
-    for title, key in (('memory, idle (fresh children after HUP)', 'memory_idle'),
-                       (f'memory after {n} tasks ({n // args.concurrency} per child)', 'memory_after_tasks')):
-        print(f'\n{title}, MiB{"USS":>10}{"PSS":>8}{"RSS":>8}')
-        for role, (uss, pss, rss) in sorted(sup[key].items()):
-            print(f'  {role:<44}{uss:>8.1f}{pss:>8.1f}{rss:>8.1f}')
+    latencies = []
+    for i in range(calls):
+        token = f'call-{i}'
+        called = time.time()
+        publish_message(NOTE_START, token)
+        wait_until(lambda: body_started(token), f'the body of {token}', 30, 0.0005)
+        latencies.append((seen[token] - called) * 1000)
+        time.sleep(spacing)
+    return latencies
+
+
+def respawn_times(supervisor: Supervisor, kills: int) -> dict:
+    """SIGKILL a consuming child; milliseconds until its slot holds a new child that consumes."""
+    times = []
+    for _ in range(kills):
+        slot, pid = sorted(supervisor.wait_consuming().items())[0]
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: supervisor.consuming().get(slot) not in (None, pid), f'{slot} respawned', 30, 0.001)
+        times.append((time.monotonic() - killed) * 1000)
+        time.sleep(0.3)
+    return {'kills': kills, 'median_ms': statistics.median(times), 'max_ms': max(times)}
+
+
+def memory_row(run_dir: str, tasks: int) -> dict:
+    """Row 7: USS per process of a supervisor idle after start, and after it drained `tasks` no-op tasks;
+    with DEBUG off (production) and on (Django then keeps each connection's queries)."""
+    from django.utils import timezone
+    figures = {}
+    for debug in (False, True):
+        reset_log_and_queue()
+        with Supervisor(run_dir, f'memory-debug-{"on" if debug else "off"}', debug=debug) as supervisor:
+            supervisor.wait_ready()
+            supervisor.wait_consuming()
+            time.sleep(1)  # the image's and children's start-up garbage settled
+            idle = supervisor.memory()
+            since = timezone.now()
+            fill_backlog(tasks)
+            wait_until(lambda: supervisor.check_running() and completed_since(since) >= tasks,
+                       f'{tasks} tasks COMPLETED', drain_timeout(tasks), 0.2)
+            supervisor.wait_consuming()
+            after = supervisor.memory()
+        figures['debug_on' if debug else 'debug_off'] = {'tasks': tasks, 'tasks_per_child': tasks // CHILDREN,
+                                                         'idle_uss_mib': idle, 'after_uss_mib': after}
+    return figures
+
+
+def scaling_row(run_dir: str, n: int, known: dict) -> dict:
+    """Row 8: the drain with 1, 2 and 4 children (2 is the drain row's, when it ran)."""
+    from django.utils import timezone
+    rates = {}
+    for children in (1, 2, 4):
+        if children == CHILDREN and 'drain' in known:
+            rates[str(children)] = known['drain']['per_s']
+            continue
+        reset_log_and_queue()
+        since = timezone.now()
+        fill_backlog(n)
+        rates[str(children)] = timed_drain(run_dir, f'scaling-{children}', n, since, children=children)['per_s']
+    return rates
+
+
+# -- row 9: a million old rows ---------------------------------------------------------------------------
+
+MONITOR_PAGES = (
+    ('queued', 'carrot:queued', ''), ('completed', 'carrot:completed', ''), ('failed', 'carrot:failed', ''),
+    ('waiting', 'carrot:waiting', ''), ('later', 'carrot:later', ''), ('scheduled', 'carrot:scheduled', ''),
+    ('workers', 'carrot:workers', ''), ('completed, search', 'carrot:completed', '?q=note_start'),
+    ('api messages queued', 'carrot:api-messages', '?tab=queued'),
+    ('api messages completed', 'carrot:api-messages', '?tab=completed'),
+    ('api overview', 'carrot:api-overview', ''), ('api workers', 'carrot:api-workers', ''),
+    ('api scheduled', 'carrot:api-schedules', ''),
+)
+
+
+def insert_old_rows(count: int) -> float:
+    """`count` COMPLETED rows published from an hour to ~12 days ago (one a second), in one statement,
+    then VACUUM ANALYZE as autovacuum would; the seconds it took."""
+    from django.db import connection
+
+    from carrot.models import MessageLog
+    started = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute(f"""
+            INSERT INTO {MessageLog._meta.db_table}
+                (status, exchange, queue, routing_key, uuid, origin, priority, backend, task, task_args,
+                 content, output, publish_time, started_time, completion_time, attempts, retries, worker)
+            SELECT 'COMPLETED', '', 'default', 'default', 'old-' || g, '', 0, '', %s, '[]', '{{}}', 'null',
+                   stamp, stamp + interval '5 ms', stamp + interval '8 ms', 1, 0, 'bench-host:1'
+            FROM generate_series(1, %s) AS g,
+                 LATERAL (SELECT now() - interval '1 hour' - g * interval '1 second' AS stamp) AS t
+        """, [NOOP, count])
+        cursor.execute(f'VACUUM ANALYZE {MessageLog._meta.db_table}')
+    return time.perf_counter() - started
+
+
+def monitor_timings(repeat: int = 5) -> dict[str, float]:
+    """Median milliseconds of a GET of each monitor list page and API endpoint, as a logged-in staff user
+    (Django's test client in this process: no web server's time in the figure)."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+    from django.urls import reverse
+    user, _ = get_user_model().objects.get_or_create(username='bench-staff', defaults={'is_staff': True})
+    client = Client(HTTP_HOST='localhost')
+    client.force_login(user)
+    timings = {}
+    for label, name, query in MONITOR_PAGES:
+        url = reverse(name) + query
+        client.get(url)  # the first request pays for imports and templates
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            response = client.get(url)
+            times.append((time.perf_counter() - started) * 1000)
+            if response.status_code != 200:
+                raise BenchError(f'GET {url} answered {response.status_code}')
+        timings[label] = statistics.median(times)
+    return timings
+
+
+def million_row(run_dir: str, n: int, rows: int) -> dict:
+    """Row 9: the drain and the monitor on an empty log table, then again with `rows` old rows in it.
+    The empty-table drain is run here again, just before, with the same backlog: on a shared machine two
+    drains minutes apart differ by more than the table's size could make them."""
+    from django.utils import timezone
+    reset_log_and_queue()
+    since = timezone.now()
+    fill_backlog(n)
+    empty = timed_drain(run_dir, 'million-empty', n, since)
+    reset_log_and_queue()
+    monitor_empty = monitor_timings()
+    took = insert_old_rows(rows)
+    since = timezone.now()
+    fill_backlog(n)
+    drain = timed_drain(run_dir, 'million', n, since)
+    return {'old_rows': rows, 'insert_and_vacuum_s': took, 'drain_empty': empty, 'drain': drain,
+            'monitor_ms_empty': monitor_empty, 'monitor_ms': monitor_timings()}
+
+
+# -- the report -----------------------------------------------------------------------------------------------
+
+def ratio(value, ceiling) -> str:
+    if value is None or not ceiling:
+        return '-'
+    return f'{value / ceiling:.2f}'
+
+
+def rate(value) -> str:
+    return '-' if value is None else f'{value:,.0f}/s'
+
+
+def print_table(results: dict) -> None:
+    rows = results['rows']
+    raw = rows.get('raw', {})
+    lines = []
+
+    def line(label, figure, vs=''):
+        if len(figure) > 18:  # a note (n/a ...), not a number: no column to keep
+            lines.append(f'{label:<62}{figure}')
+        else:
+            lines.append(f'{label:<62}{figure:>18}  {vs}'.rstrip())
+
+    machine = results['machine']
+    print(f'\ncarrot bench: {results["options"]["messages"]:,} messages, {machine["cpus"]} CPUs, '
+          f'PostgreSQL {machine["postgresql"]}, RabbitMQ {machine["rabbitmq"]}; one run, {results["wall_time_s"]:.0f}s, '
+          f'load average {results["load_average"]["start"]:.1f} at the start, {results["load_average"]["end"]:.1f} '
+          f'at the end')
+    line('', 'figure', 'vs raw pika')
+    if raw:
+        line(f'1 raw pika drain, {raw["consumers"]} processes, prefetch {raw["prefetch"]}, ack each',
+             rate(raw['drain_per_s']), '1.00')
+        line('  raw pika confirmed publish, 1 process', rate(raw['publish_confirmed_per_s']), '1.00')
+        line('  PostgreSQL one-row commits, 1 process (context)', rate(raw['postgres_commits_per_s']))
+    ceiling = raw.get('drain_per_s')
+    if 'drain' in rows:
+        drain = rows['drain']
+        line(f"2 drain track='all', {drain['children']} children, from supervisor start", rate(drain['per_s']),
+             ratio(drain['per_s'], ceiling))
+        line('    from the first task started', rate(drain['from_first_started_per_s']),
+             ratio(drain['from_first_started_per_s'], ceiling))
+    if 'failures' in rows:
+        failures = rows['failures']
+        if failures['supported']:
+            line(f"3 drain track='failures', {failures['children']} children, from start", rate(failures['per_s']),
+                 ratio(failures['per_s'], ceiling))
+        else:
+            line("3 drain track='failures'", failures['note'])
+    if 'publish' in rows:
+        publish = rows['publish']
+        line('4 publish_message, 1 process', rate(publish['single_per_s']),
+             ratio(publish['single_per_s'], raw.get('publish_confirmed_per_s')))
+        untracked = rows.get('failures', {}).get('publish_single_per_s')
+        if untracked:
+            line("  publish_message to a track='failures' queue (no row)", rate(untracked),
+                 ratio(untracked, raw.get('publish_confirmed_per_s')))
+        if publish['bulk_per_s'] is None:
+            line('  publish_messages (bulk)', NOT_SUPPORTED)
+        else:
+            line('  publish_messages (bulk)', rate(publish['bulk_per_s']),
+                 ratio(publish['bulk_per_s'], raw.get('publish_confirmed_per_s')))
+    if 'latency' in rows:
+        latency = rows['latency']
+        line(f'5 idle latency, publish_message to task body, p50 / p99 ({latency["calls"]} calls)',
+             f'{latency["p50_ms"]:.1f} / {latency["p99_ms"]:.1f} ms',
+             f'{ratio(latency["p50_ms"], raw.get("latency_p50_ms"))} / '
+             f'{ratio(latency["p99_ms"], raw.get("latency_p99_ms"))}')
+        if raw:
+            line('  raw pika publish to consumer receipt, p50 / p99',
+                 f'{raw["latency_p50_ms"]:.1f} / {raw["latency_p99_ms"]:.1f} ms', '1.00 / 1.00')
+    if 'respawn' in rows:
+        respawn = rows['respawn']
+        line(f'6 respawn after SIGKILL to consuming, median (max) of {respawn["kills"]}',
+             f'{respawn["median_ms"]:.0f} ({respawn["max_ms"]:.0f}) ms')
+    if 'memory' in rows:
+        for key, title in (('debug_off', 'DEBUG off'), ('debug_on', 'DEBUG on')):
+            memory = rows['memory'][key]
+            line(f'7 memory USS MiB, {title}: idle -> after {memory["tasks"]:,} tasks '
+                 f'({memory["tasks_per_child"]:,}/child)', '')
+            for role in sorted(memory['after_uss_mib']):
+                idle = memory['idle_uss_mib'].get(role)
+                line(f'    {role}', f'{idle:.1f} -> {memory["after_uss_mib"][role]:.1f}' if idle is not None
+                     else f'- -> {memory["after_uss_mib"][role]:.1f}')
+    if 'scaling' in rows:
+        for children, per_s in rows['scaling'].items():
+            line(f"8 drain track='all', {children} children", rate(per_s), ratio(per_s, ceiling))
+    if 'million' in rows:
+        million = rows['million']
+        drain, empty = million['drain']['per_s'], million['drain_empty']['per_s']
+        line('9 drain, empty log table, just before', rate(empty), ratio(empty, ceiling))
+        line(f'  drain with {million["old_rows"]:,} old rows in the log', rate(drain), ratio(drain, ceiling))
+        line('    of the empty-table drain', f'{drain / empty:.0%}')
+        line(f'  (inserting them and VACUUM ANALYZE took {million["insert_and_vacuum_s"]:.0f}s)', '')
+        line(f'  monitor GET as staff, median ms: empty log -> {million["old_rows"]:,} old rows', '')
+        for label, ms in million['monitor_ms'].items():
+            line(f'    {label}', f'{million["monitor_ms_empty"][label]:.0f} -> {ms:.0f} ms')
+    print('\n'.join(lines))
+    print('(vs raw pika: carrot / ceiling -- for rates higher is better, for latencies lower)')
+
+
+def machine_facts(postgres_version: str) -> dict:
+    import django
+    rabbitmq = rabbitmqctl('version').stdout.strip() or '?'
+    return {'cpus': os.cpu_count(), 'python': sys.version.split()[0], 'django': django.get_version(),
+            'postgresql': postgres_version, 'rabbitmq': rabbitmq}
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='scripts/bench', description='carrot beside a raw pika ceiling, one run on this machine.')
+    parser.add_argument('--messages', type=int, default=None, help='tasks per drain and publish (default 5000)')
+    parser.add_argument('--only', help=f'comma-separated rows: {",".join(ALL_ROWS)}')
+    parser.add_argument('--json', help='where the results go (default: bench-results.json in the run directory)')
+    parser.add_argument('--million', action='store_true', help='also row 9: 1,000,000 old rows in the log')
+    parser.add_argument('--scaling', action='store_true', help='also row 8: 1, 2 and 4 consumer children')
+    parser.add_argument('--quick', action='store_true', help='tiny numbers, for the smoke test')
+    parser.add_argument('--vhost', default='carrot-bench', help='the RabbitMQ virtual host made (and dropped) here')
+    parser.add_argument('--database', default='carrot_bench',
+                        help='the PostgreSQL database made (and dropped) here')
+    args = parser.parse_args(argv)
+    if args.only:
+        args.rows = {name.strip() for name in args.only.split(',') if name.strip()}
+        unknown = args.rows - set(ALL_ROWS)
+        if unknown:
+            parser.error(f'unknown rows {", ".join(sorted(unknown))}; the rows are {", ".join(ALL_ROWS)}')
+    else:
+        args.rows = set(DEFAULT_ROWS) | ({'million'} if args.million else set()) | \
+            ({'scaling'} if args.scaling else set())
+    quick = args.quick
+    args.messages = args.messages or (60 if quick else 5000)
+    args.latency_calls, args.spacing = (20, 0.02) if quick else (200, 0.02)
+    args.kills = 2 if quick else 5
+    args.memory_tasks = 200 if quick else 6000
+    args.old_rows = 10_000 if quick else 1_000_000
+    args.postgres_commits = 50 if quick else 500
+    return args
+
+
+def run_rows(args, run_dir: str) -> dict:
+    url = bench_broker()
+    rows = {}
+    if 'raw' in args.rows:
+        rows['raw'] = raw_row(url, args.messages, args.latency_calls, args.spacing, args.postgres_commits)
+    single = None
+    if 'drain' in args.rows:
+        rows['drain'], single = drain_row(run_dir, args.messages)
+    if 'failures' in args.rows:
+        rows['failures'] = failures_row(run_dir, args.messages)
+    if 'publish' in args.rows:
+        if single is None:
+            reset_log_and_queue()
+            single = publish_single(args.messages)
+        rows['publish'] = {'messages': args.messages, 'single_per_s': single,
+                           'bulk_per_s': publish_bulk_row(args.messages)}
+    if args.rows & {'latency', 'respawn'}:
+        rows.update(latency_and_respawn(run_dir, args.latency_calls, args.spacing, args.kills, args.rows))
+    if 'memory' in args.rows:
+        rows['memory'] = memory_row(run_dir, args.memory_tasks)
+    if 'scaling' in args.rows:
+        rows['scaling'] = scaling_row(run_dir, args.messages, rows)
+    if 'million' in args.rows:
+        rows['million'] = million_row(run_dir, args.messages, args.old_rows)
+    return rows
+
+
+def leave_on_term(signum, frame):
+    # TERM (a CI timeout, `kill`) unwinds like Ctrl-C: the finally blocks stop the supervisor and drop
+    # the virtual host and the database.
+    print(f'bench: stopped by signal {signum}; cleaning up', file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, leave_on_term)
+    started = time.monotonic()
+    # Other work on the machine moves every figure: the report says how busy it was.
+    load_at_start = os.getloadavg()[0]
+    run_dir = tempfile.mkdtemp(prefix='carrot-bench-')
+    json_path = os.path.abspath(args.json or os.path.join(run_dir, 'bench-results.json'))
+    create_vhost(args.vhost)
+    try:
+        postgres_version = create_database(args.database)
+        try:
+            setup_django(run_dir, args.vhost, args.database)
+            machine = machine_facts(postgres_version)
+            rows = run_rows(args, run_dir)
+        finally:
+            drop_database(args.database)
+    finally:
+        drop_vhost(args.vhost)
+    results = {'machine': machine, 'options': {'messages': args.messages, 'rows': sorted(args.rows),
+                                               'quick': args.quick, 'prefetch': PREFETCH, 'children': CHILDREN},
+               'wall_time_s': time.monotonic() - started, 'run_dir': run_dir,
+               'load_average': {'start': load_at_start, 'end': os.getloadavg()[0]}, 'rows': rows}
+    with open(json_path, 'w') as f:
+        json.dump(results, f, indent=2, default=str)
+    print_table(results)
+    print(f'\nresults: {json_path}\nsupervisor logs: {run_dir}')
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        sys.exit(f'bench: {exc}')

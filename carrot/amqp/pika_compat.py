@@ -206,6 +206,7 @@ class ConfirmedBatch:
         self._next_tag = 1
         self._confirmed: set[int] = set()
         self._refused: set[int] = set()
+        self._first_open = 1  # the lowest tag neither confirmed nor refused yet
         self._returned = 0
         self._impl.add_on_return_callback(self._on_return)
         ready = []
@@ -214,15 +215,13 @@ class ConfirmedBatch:
 
     def _on_confirm(self, frame) -> None:
         method = frame.method
-        tags = range(self._first_open(), method.delivery_tag + 1) if method.multiple else [method.delivery_tag]
+        # `multiple` settles every tag up to this one that is still open; they are settled in order
+        # mostly, so the search for the first open tag starts where the last one ended.
+        tags = range(self._first_open, method.delivery_tag + 1) if method.multiple else [method.delivery_tag]
         into = self._confirmed if type(method).__name__ == 'Ack' else self._refused
         into.update(tag for tag in tags if tag not in self._confirmed and tag not in self._refused)
-
-    def _first_open(self) -> int:
-        tag = 1
-        while tag in self._confirmed or tag in self._refused:
-            tag += 1
-        return tag
+        while self._first_open in self._confirmed or self._first_open in self._refused:
+            self._first_open += 1
 
     def _on_return(self, channel, method, properties, body) -> None:
         self._returned += 1

@@ -1,4 +1,9 @@
-"""A small Django project on SQLite that uses carrot: what scripts/demo runs."""
+"""A small Django project that uses carrot: what scripts/demo runs (on SQLite) and scripts/bench measures
+(on PostgreSQL).
+
+Environment: CARROT_DEMO_DIR (database file and log), CARROT_DEMO_BROKER, CARROT_DEMO_CONCURRENCY (the
+'default' queue's), CARROT_DEMO_DEBUG, and for scripts/bench CARROT_DEMO_DB, CARROT_DEMO_DB_NAME and
+CARROT_DEMO_TRACK (see below)."""
 import os
 
 BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,12 +51,30 @@ DATABASES = {'default': {
     'NAME': os.path.join(RUN_DIR, 'demo.sqlite3'),
     'OPTIONS': {'timeout': 30, 'init_command': 'PRAGMA journal_mode=WAL;'},
 }}
+# scripts/bench measures on PostgreSQL, the database a production site runs (SQLite serialises every
+# writer, so its figures would be SQLite's). It creates and drops the database CARROT_DEMO_DB_NAME itself;
+# the login comes from libpq's usual variables, as scripts/services prints them.
+if os.environ.get('CARROT_DEMO_DB') == 'postgres':
+    DATABASES = {'default': {
+        'ENGINE': 'django.db.backends.postgresql',
+        'NAME': os.environ.get('CARROT_DEMO_DB_NAME', 'carrot_demo'),
+        'USER': os.environ.get('PGUSER', 'postgres'),
+        'PASSWORD': os.environ.get('PGPASSWORD', ''),
+        'HOST': os.environ.get('PGHOST', '127.0.0.1'),
+        'PORT': os.environ.get('PGPORT', '5432'),
+    }}
 DEFAULT_AUTO_FIELD = 'django.db.models.BigAutoField'
+
+DEFAULT_QUEUE = {'name': 'default', 'concurrency': int(os.environ.get('CARROT_DEMO_CONCURRENCY', 2))}
+# scripts/bench's track='failures' row (successful tasks leave no log row). Only set when asked, so a carrot
+# that does not know the key yet still reads these settings.
+if os.environ.get('CARROT_DEMO_TRACK'):
+    DEFAULT_QUEUE['track'] = os.environ['CARROT_DEMO_TRACK']
 
 CARROT = {
     'default_broker': os.environ.get('CARROT_DEMO_BROKER', 'amqp://guest:guest@127.0.0.1:5672/carrot-demo'),
     'queues': [
-        {'name': 'default', 'concurrency': int(os.environ.get('CARROT_DEMO_CONCURRENCY', 2))},
+        DEFAULT_QUEUE,
         {'name': 'reports', 'concurrency': 1},
     ],
 }

@@ -1,6 +1,9 @@
 """The demo's tasks: every function here is a registered carrot task (an installed app's tasks module)."""
 import logging
+import os
 import time
+
+from django.conf import settings
 
 logger = logging.getLogger('carrot')
 
@@ -29,3 +32,15 @@ def charge_card(order_id):
 
 def heartbeat():
     return 'still here'
+
+
+def noop():
+    """Does nothing: scripts/bench drains a backlog of these, so what it times is carrot's own cost."""
+
+
+def note_start(token):
+    """Writes when its body began, first thing: scripts/bench's publish-to-start latency (the log row's
+    started_time is set at the claim, before the body, so it would flatter the figure)."""
+    started = time.time()
+    with open(os.path.join(settings.RUN_DIR, 'task-starts.txt'), 'a') as f:
+        f.write(f'{token} {started!r}\n')  # one short append: whole lines even with two children writing

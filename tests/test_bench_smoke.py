@@ -1,0 +1,78 @@
+"""scripts/bench runs end to end with tiny numbers (--quick): every row it runs by default is in its JSON
+with positive figures, and its virtual host and database are gone afterwards. Speed is never asserted
+here: the figures are scripts/bench's to report, on the machine it runs on.
+
+The bench measures on PostgreSQL, which scripts/test starts for every leg (scripts/services --postgres);
+this file runs in the SQLite leg, the one that runs every test file, with a database of its own.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from django.conf import settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, 'scripts', 'bench.py')
+CONSUMERS = {'consumer default#1', 'consumer default#2'}
+
+
+def postgres_databases():
+    import psycopg
+    try:
+        with psycopg.connect(host=os.environ.get('PGHOST', '127.0.0.1'), port=os.environ.get('PGPORT', '5432'),
+                             user=os.environ.get('PGUSER', 'postgres'), password=os.environ.get('PGPASSWORD') or None,
+                             dbname='postgres', connect_timeout=5) as pg:
+            return {row[0] for row in pg.execute('SELECT datname FROM pg_database')}
+    except psycopg.OperationalError as exc:
+        pytest.fail(f'scripts/bench needs PostgreSQL on 127.0.0.1:5432 ({exc}); scripts/test starts it '
+                    f'(scripts/services --postgres prints PGUSER/PGPASSWORD)', pytrace=False)
+
+
+def positive(value):
+    return isinstance(value, (int, float)) and value > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_quick_bench_reports_every_default_row(tmp_path):
+    vhost, database = f'carrot-bench-smoke-{settings.RUN_ID}', f'carrot_bench_smoke_{settings.RUN_ID}'
+    postgres_databases()  # reachable, or a clear failure
+    out = tmp_path / 'bench.json'
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the run directory (logs) goes with the test's
+    result = subprocess.run([sys.executable, BENCH, '--quick', '--json', str(out), '--vhost', vhost,
+                             '--database', database], capture_output=True, text=True, timeout=200, cwd=ROOT,
+                            env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'raw pika drain' in result.stdout and str(out) in result.stdout
+
+    document = json.loads(out.read_text())
+    assert document['options']['quick'] is True and positive(document['wall_time_s'])
+    assert {'cpus', 'postgresql', 'rabbitmq'} <= set(document['machine'])
+    rows = document['rows']
+    assert set(rows) == {'raw', 'drain', 'failures', 'publish', 'latency', 'respawn', 'memory'}
+
+    raw = rows['raw']
+    assert raw['prefetch'] == 1 and raw['consumers'] == 2
+    for key in ('drain_per_s', 'publish_confirmed_per_s', 'latency_p50_ms', 'latency_p99_ms',
+                'postgres_commits_per_s'):
+        assert positive(raw[key]), key
+    assert positive(rows['drain']['per_s']) and positive(rows['drain']['from_first_started_per_s'])
+    failures = rows['failures']
+    assert positive(failures['per_s']) if failures['supported'] else failures['note'].startswith('n/a')
+    assert positive(rows['publish']['single_per_s'])
+    assert rows['publish']['bulk_per_s'] is None or positive(rows['publish']['bulk_per_s'])
+    latency = rows['latency']
+    assert positive(latency['p50_ms']) and latency['p99_ms'] >= latency['p50_ms']
+    assert positive(rows['respawn']['median_ms']) and rows['respawn']['max_ms'] >= rows['respawn']['median_ms']
+    for debug in ('debug_off', 'debug_on'):
+        memory = rows['memory'][debug]
+        for moment in ('idle_uss_mib', 'after_uss_mib'):
+            assert {'master'} | CONSUMERS <= set(memory[moment]), (debug, moment, memory[moment])
+            assert all(positive(mib) for mib in memory[moment].values()), (debug, moment)
+
+    # Nothing left behind: the virtual host and the database are dropped on the way out.
+    vhosts = subprocess.run(['rabbitmqctl', 'list_vhosts', '-q'], capture_output=True, text=True, timeout=60)
+    assert vhost not in vhosts.stdout.split()
+    assert database not in postgres_databases()
