@@ -290,3 +290,71 @@ def test_an_untracked_message_from_a_1x_publisher_without_id_runs_once(tmp_path,
         run_consumer(max_messages=6, idle_timeout=3)
     assert sorted(runs(record)) == ['old0', 'old1', 'old2']
     assert (queue_depth('default'), delay_depth(), queue_depth('default.dead')) == (0, 0, 0)
+
+
+# -- publish_messages ----------------------------------------------------------------------------------------
+
+class FullQueue:
+    """A RabbitMQ policy on `default`: at most `length` messages, the rest nacked (overflow reject-publish),
+    as a queue with a max-length that its consumers cannot keep up with. Scoped to the test's vhost."""
+
+    def __init__(self, length):
+        self.length = length
+
+    def __enter__(self):
+        rabbitmqctl('set_policy', '-p', settings.VHOST, '--apply-to', 'queues', 'hostile-full', '^default$',
+                    json.dumps({'max-length': self.length, 'overflow': 'reject-publish'}))
+        time.sleep(0.5)  # policies apply asynchronously
+        return self
+
+    def __exit__(self, *exc):
+        rabbitmqctl('clear_policy', '-p', settings.VHOST, 'hostile-full')
+        time.sleep(0.5)
+
+
+def statuses():
+    counts = {}
+    for status in MessageLog.objects.values_list('status', flat=True):
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_the_queue_takes_only_in_part_fails_only_what_it_refused(tmp_path, monkeypatch):
+    """store_and_forward off, 12 calls in batches of 5, the queue takes 3. The 3 it took are on the queue:
+    their rows must not say FAILED (a consumer would dead-letter them unrun, or a requeue of them run them
+    twice). The calls after the failed batch were never sent: none may be left WAITING for the relay to
+    send behind the back of a caller that was told BrokerUnavailable."""
+    monkeypatch.setattr(outbox, 'BATCH_SIZE', 5)
+    record = tmp_path / 'runs'
+    with FullQueue(3):
+        with pytest.raises(BrokerUnavailable, match='nacked'):
+            outbox.publish_many(tasks.record_execution, [((str(record), f'c{n}'), {}) for n in range(12)],
+                                store_and_forward=False)
+    assert queue_depth('default') == 3
+    assert 'WAITING' not in statuses()
+    assert statuses().get('PUBLISHED') == 3, statuses()
+    run_consumer(max_messages=3)
+    completed = MessageLog.objects.filter(status='COMPLETED')
+    assert sorted(runs(record)) == sorted(json.loads(row.task_args)[1] for row in completed)
+    assert completed.count() == 3 and queue_depth('default.dead') == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('level', ['all', 'failures'])
+def test_a_batch_the_queue_takes_only_in_part_is_relayed_and_every_call_runs_once(tmp_path, monkeypatch, level):
+    """store_and_forward on: what the queue refused waits in its rows; once the queue has room the relay
+    sends those, and every call runs exactly once -- on a 'failures' queue too, where the calls the queue
+    took (confirmed) have no row, and must not be given one the relay would send again."""
+    monkeypatch.setattr(outbox, 'BATCH_SIZE', 5)
+    record = tmp_path / 'runs'
+    with tracking(level):
+        with FullQueue(3):
+            rows = outbox.publish_many(tasks.record_execution,
+                                       [((str(record), f'c{n}'), {}) for n in range(12)], store_and_forward=True)
+        assert len(rows) == 12 and queue_depth('default') == 3
+        assert MessageLog.objects.filter(status='WAITING').count() == 9
+        assert Relay(relay_after=0).relay_waiting() == 9
+        run_consumer(max_messages=12, idle_timeout=3)
+    assert sorted(runs(record)) == sorted(f'c{n}' for n in range(12))
+    assert set(statuses()) <= {'COMPLETED'} and (queue_depth('default'), delay_depth()) == (0, 0)
