@@ -358,3 +358,130 @@ def test_a_batch_the_queue_takes_only_in_part_is_relayed_and_every_call_runs_onc
         run_consumer(max_messages=12, idle_timeout=3)
     assert sorted(runs(record)) == sorted(f'c{n}' for n in range(12))
     assert set(statuses()) <= {'COMPLETED'} and (queue_depth('default'), delay_depth()) == (0, 0)
+
+
+def calls_of(record, label, count):
+    """A generator of `count` record_execution calls (publish_messages must take any iterable)."""
+    return (((str(record), f'{label}{n}'), {}) for n in range(count))
+
+
+def wait_completed(count, timeout, supervisor=None):
+    def done():
+        return MessageLog.objects.filter(status='COMPLETED').count() >= count
+    wait_for(done, timeout, lambda: f'{count} rows COMPLETED; statuses now {statuses()}',
+             tail=supervisor.tail if supervisor is not None else None, interval=0.2)
+
+
+CONSUMERS = ['consumer default#1', 'consumer default#2', 'consumer default#3']
+
+
+@pytest.fixture
+def draining(start_supervisor):
+    """A carrot-supervisor with three consumers on `default`, draining while the test publishes."""
+    supervisor = start_supervisor('--queues', 'default', extra="CARROT['queues'][0]['concurrency'] = 3\n")
+    supervisor.wait_ready(CONSUMERS, timeout=60)
+    return supervisor
+
+
+@pytest.mark.timeout(300)
+def test_publish_messages_of_every_size_from_a_generator_runs_each_call_once_while_consumers_drain(draining,
+                                                                                              tmp_path):
+    record = tmp_path / 'runs'
+    expected = []
+    for size in (0, 1, 999, 1000, 1001, 2500):
+        rows = publish_messages(tasks.record_execution, calls_of(record, f's{size}-', size))
+        assert len(rows) == size and all(row.pk for row in rows)
+        assert [json.loads(row.task_args)[1] for row in rows] == [f's{size}-{n}' for n in range(size)]
+        expected += [f's{size}-{n}' for n in range(size)]
+    wait_completed(len(expected), 240, draining)
+    assert sorted(runs(record)) == sorted(expected)  # none lost, none twice
+    assert statuses() == {'COMPLETED': len(expected)}
+    assert MessageLog.objects.filter(attempts=1).count() == len(expected)
+
+
+def test_one_bad_call_deep_in_a_generator_writes_and_sends_nothing(tmp_path):
+    record = tmp_path / 'runs'
+
+    def calls(bad):
+        yield from calls_of(record, 'ok', 1500)
+        yield bad
+        yield from calls_of(record, 'late', 10)
+
+    for bad in [((str(record),), {}), ((str(record), object()), {}), [str(record), 'x'], 'not a pair',
+                ((str(record), 'x'), {'seconds': 0.0, 'nope': 1})]:
+        with pytest.raises((InvalidCall, TypeError)):
+            publish_messages(tasks.record_execution, calls(bad))
+
+    def exploding():
+        yield from calls_of(record, 'ok', 1200)
+        raise RuntimeError('the generator broke')
+
+    with pytest.raises(RuntimeError, match='the generator broke'):
+        publish_messages(tasks.record_execution, exploding())
+    assert MessageLog.objects.count() == 0 and queue_depth('default') == 0
+
+
+@pytest.mark.timeout(400)
+def test_rabbitmq_stopped_while_a_batch_is_confirmed_loses_and_doubles_no_call(draining, tmp_path, monkeypatch):
+    """publish_messages of 3,000 calls; RabbitMQ is stopped while the first batch's confirms are awaited
+    (exactly when the second batch's rows are written), with three consumers draining. Whatever was not
+    confirmed waits in its rows; the supervisor's relay sends it once RabbitMQ is back. Every call must
+    run exactly once, and every row end COMPLETED."""
+    record = tmp_path / 'runs'
+    write_rows = outbox._write_rows
+    writes = []
+
+    def outage_while_confirming(messages):
+        writes.append(len(messages))
+        if len(writes) == 2:
+            rabbitmqctl('stop_app')
+        return write_rows(messages)
+
+    monkeypatch.setattr(outbox, '_write_rows', outage_while_confirming)
+    try:
+        rows = publish_messages(tasks.record_execution, calls_of(record, 'c', 3000))
+    finally:
+        rabbitmqctl('start_app')
+    monkeypatch.undo()
+    assert len(rows) == 3000 and len(writes) == 3
+    waiting = MessageLog.objects.filter(status='WAITING').count()
+    assert waiting >= 2000, statuses()  # the second and third batches at least
+    wait_completed(3000, 300, draining)
+    assert sorted(runs(record)) == sorted(f'c{n}' for n in range(3000))
+    assert statuses() == {'COMPLETED': 3000}
+    assert (queue_depth('default'), queue_depth('default.dead')) == (0, 0)
+
+
+@pytest.mark.timeout(120)
+def test_the_queue_deleted_while_a_batch_is_confirmed(tmp_path, monkeypatch):
+    """An operator deletes the queue mid-publish: what RabbitMQ returns as unroutable is FAILED, nothing is
+    left WAITING behind the raise, and the next publish_messages declares the queue again and goes through."""
+    record = tmp_path / 'runs'
+    write_rows = outbox._write_rows
+    writes = []
+
+    def delete_queue_while_confirming(messages):
+        writes.append(len(messages))
+        if len(writes) == 2:
+            connection = raw_connection()
+            connection.channel().queue_delete('default')
+            connection.close()
+        return write_rows(messages)
+
+    monkeypatch.setattr(outbox, '_write_rows', delete_queue_while_confirming)
+    with pytest.raises(MessageRejected, match='unroutable'):
+        publish_messages(tasks.record_execution, calls_of(record, 'c', 3000))
+    monkeypatch.undo()
+    assert 'WAITING' not in statuses(), statuses()
+    assert statuses().get('FAILED', 0) >= 1000
+    rows = publish_messages(tasks.record_execution, calls_of(record, 'again', 5))
+    assert {row.status for row in rows} == {'PUBLISHED'} and queue_depth('default') == 5
+
+
+def test_a_single_publish_after_the_queue_was_deleted_declares_it_again():
+    publish_message(tasks.add, 1, 2)
+    connection = raw_connection()
+    connection.channel().queue_delete('default')
+    connection.close()
+    log = publish_message(tasks.add, 3, 4)  # the publisher had it declared: it must not refuse it for good
+    assert log.status == 'PUBLISHED' and queue_depth('default') == 1

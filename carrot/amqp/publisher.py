@@ -89,6 +89,12 @@ class Publisher:
                         self._repair_levels(channel, delay_levels)
                         continue
                     if isinstance(exc, pe.UnroutableError):
+                        if exchange == '' and routing_key == queue.name and attempt == 1:
+                            # The queue itself is gone (an operator deleted it after this process declared
+                            # it): declare it again and send once more, rather than refuse every message
+                            # to it until this process restarts.
+                            self.declared.discard(queue)
+                            continue
                         raise MessageRejected(f'RabbitMQ returned the message as unroutable: no queue is bound '
                                               f'to exchange {exchange!r} with routing key {routing_key!r}') from None
                     # Not the message's fault: the queue cannot take it now (it has lost its quorum, or is
@@ -173,7 +179,8 @@ class Publisher:
                 raise failure from None
             if batch.channel.is_open:
                 batch.channel.close()
-        if returned:
+        if returned:  # the queue is gone (deleted meanwhile): declared again by the next publish
+            self.declared.discard(queue)
             raise error(MessageRejected, f'RabbitMQ returned {returned} of {len(messages)} messages as unroutable '
                                          f'(queue {queue.name!r})')
         if refused:
