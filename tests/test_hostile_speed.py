@@ -5,7 +5,6 @@ Everything runs against the real RabbitMQ and database (SQLite, or PostgreSQL wi
 executions are counted by the tasks themselves (one line per run), never assumed.
 """
 import json
-import threading
 import time
 import uuid
 
@@ -422,11 +421,13 @@ def test_one_bad_call_deep_in_a_generator_writes_and_sends_nothing(tmp_path):
 
 
 @pytest.mark.timeout(400)
-def test_rabbitmq_stopped_while_a_batch_is_confirmed_loses_and_doubles_no_call(draining, tmp_path, monkeypatch):
-    """publish_messages of 3,000 calls; RabbitMQ is stopped while the first batch's confirms are awaited
-    (exactly when the second batch's rows are written), with three consumers draining. Whatever was not
-    confirmed waits in its rows; the supervisor's relay sends it once RabbitMQ is back. Every call must
-    run exactly once, and every row end COMPLETED."""
+@pytest.mark.parametrize('outage', ['stop_app', 'close_all_connections'])
+def test_rabbitmq_failing_while_a_batch_is_confirmed_loses_and_doubles_no_call(draining, tmp_path, monkeypatch,
+                                                                               outage):
+    """publish_messages of 3,000 calls; RabbitMQ is stopped (or drops every connection of the vhost) while
+    the first batch's confirms are awaited (exactly when the second batch's rows are written), with three
+    consumers draining. Whatever was not confirmed waits in its rows; the supervisor's relay sends it once
+    RabbitMQ is back. Every call must run exactly once, and every row end COMPLETED."""
     record = tmp_path / 'runs'
     write_rows = outbox._write_rows
     writes = []
@@ -434,7 +435,10 @@ def test_rabbitmq_stopped_while_a_batch_is_confirmed_loses_and_doubles_no_call(d
     def outage_while_confirming(messages):
         writes.append(len(messages))
         if len(writes) == 2:
-            rabbitmqctl('stop_app')
+            if outage == 'stop_app':
+                rabbitmqctl('stop_app')
+            else:
+                rabbitmqctl('close_all_connections', '-p', settings.VHOST, 'hostile test')
         return write_rows(messages)
 
     monkeypatch.setattr(outbox, '_write_rows', outage_while_confirming)
@@ -444,8 +448,8 @@ def test_rabbitmq_stopped_while_a_batch_is_confirmed_loses_and_doubles_no_call(d
         rabbitmqctl('start_app')
     monkeypatch.undo()
     assert len(rows) == 3000 and len(writes) == 3
-    waiting = MessageLog.objects.filter(status='WAITING').count()
-    assert waiting >= 2000, statuses()  # the second and third batches at least
+    if outage == 'stop_app':
+        assert MessageLog.objects.filter(status='WAITING').count() >= 2000, statuses()  # batches 2 and 3
     wait_completed(3000, 300, draining)
     assert sorted(runs(record)) == sorted(f'c{n}' for n in range(3000))
     assert statuses() == {'COMPLETED': 3000}
@@ -485,3 +489,66 @@ def test_a_single_publish_after_the_queue_was_deleted_declares_it_again():
     connection.close()
     log = publish_message(tasks.add, 3, 4)  # the publisher had it declared: it must not refuse it for good
     assert log.status == 'PUBLISHED' and queue_depth('default') == 1
+
+
+# -- racing copies under a supervisor ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_copies_of_each_message_racing_on_three_consumers_run_once(draining, raw_channel, tmp_path):
+    """Every message is on the queue three times (a publisher retry after a lost confirm, a relay, a
+    hostile writer), back to back, so the copies reach different consumers at the same moment: the
+    one-statement claim lets exactly one of them run it."""
+    record = tmp_path / 'runs'
+    logs = publish_messages(tasks.record_execution,
+                            [((str(record), f'r{n}', 0.05), {}) for n in range(60)])
+    for log in logs:
+        body = json.dumps({'args': [str(record), json.loads(log.task_args)[1], 0.05], 'kwargs': {}}).encode()
+        for _ in range(2):
+            raw_channel.basic_publish('', 'default', body, forged(log.uuid))
+    wait_completed(60, 180, draining)
+    wait_for(lambda: queue_depth('default') == 0 and delay_depth() == 0, 120, 'the copies to be settled',
+             draining.tail)
+    assert sorted(runs(record)) == sorted(f'r{n}' for n in range(60))
+    assert set(MessageLog.objects.values_list('status', 'attempts')) == {('COMPLETED', 1)}
+    assert queue_depth('default.dead') == 0
+
+
+# -- a django-carrot 1.x queue adopted while carrot runs -----------------------------------------------------
+
+def redeclare_as_1x(name='default'):
+    """What an operator rolling back to django-carrot 1.x (or its publisher starting first) leaves behind."""
+    connection = raw_connection()
+    channel = connection.channel()
+    channel.queue_delete(name)
+    channel.queue_declare(name, durable=True, arguments={'x-max-priority': 255})
+    connection.close()
+
+
+def queue_arguments_of(name):
+    out = rabbitmqctl('list_queues', '-p', settings.VHOST, 'name', 'arguments').stdout
+    return next(line for line in out.splitlines() if line.startswith(f'{name}\t'))
+
+
+@pytest.mark.timeout(240)
+def test_a_1x_queue_swapped_in_under_a_running_supervisor_is_adopted_and_failures_still_dead_lettered(
+        start_supervisor, raw_channel, tmp_path):
+    supervisor = start_supervisor('--queues', 'default')
+    supervisor.wait_ready(['consumer default#1'], timeout=60)
+    record = tmp_path / 'runs'
+    before = publish_message(tasks.record_execution, str(record), 'before')
+    wait_completed(1, 60, supervisor)
+    redeclare_as_1x()
+    # The consumer's subscription was cancelled with the queue; it comes back on the 1.x queue as it is.
+    wait_for(lambda: 'default\t1\n' in rabbitmqctl('list_queues', '-p', settings.VHOST, 'name', 'consumers').stdout,
+             90, 'the consumer to subscribe to the 1.x queue again', supervisor.tail)
+    failing = publish_message(tasks.explode, 'on a 1.x queue')
+    after = publish_message(tasks.record_execution, str(record), 'after')
+    wait_for(lambda: MessageLog.objects.filter(status__in=['COMPLETED', 'FAILED']).count() == 3, 90,
+             lambda: f'the tasks to settle; statuses {statuses()}', supervisor.tail)
+    assert MessageLog.objects.get(pk=failing.pk).status == 'FAILED'
+    assert MessageLog.objects.get(pk=after.pk).status == 'COMPLETED'
+    assert MessageLog.objects.get(pk=before.pk).status == 'COMPLETED'
+    assert runs(record) == ['before', 'after']
+    assert queue_arguments_of('default') == 'default\t[{"x-max-priority",255}]'  # adopted as it is
+    dead = wait_for(lambda: dead_letters(raw_channel), 30, 'the failure in default.dead', supervisor.tail)
+    assert [properties.message_id for properties, _ in dead] == [failing.uuid]
