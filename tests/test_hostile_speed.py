@@ -552,3 +552,21 @@ def test_a_1x_queue_swapped_in_under_a_running_supervisor_is_adopted_and_failure
     assert queue_arguments_of('default') == 'default\t[{"x-max-priority",255}]'  # adopted as it is
     dead = wait_for(lambda: dead_letters(raw_channel), 30, 'the failure in default.dead', supervisor.tail)
     assert [properties.message_id for properties, _ in dead] == [failing.uuid]
+
+
+@pytest.mark.parametrize('publish', ['single', 'batch'])
+def test_the_first_publish_after_rabbitmq_dropped_an_idle_connection_goes_through(publish):
+    """The web process published once, then RabbitMQ dropped its connection (a restart, a failover, an idle
+    timeout on the way) while it was idle. The next publish must reconnect, not fail (store_and_forward off:
+    the caller would be told BrokerUnavailable while RabbitMQ is up)."""
+    with override_settings(CARROT={**settings.CARROT, 'store_and_forward': False}):
+        publish_messages(tasks.add, [((0, 0), {})])
+        publish_message(tasks.add, 0, 1)
+        rabbitmqctl('close_all_connections', '-p', settings.VHOST, 'hostile test')
+        time.sleep(1)
+        if publish == 'batch':
+            rows = publish_messages(tasks.add, [((n, n), {}) for n in range(3)])
+        else:
+            rows = [publish_message(tasks.add, 1, 1)]
+    assert {row.status for row in rows} == {'PUBLISHED'}
+    assert queue_depth('default') == 2 + len(rows)

@@ -150,7 +150,17 @@ class Publisher:
 
         with self.lock:
             try:
-                channel = self._open_channel()
+                kept = self.connection is not None and self.connection.is_open
+                try:
+                    channel = self._open_channel()
+                except CONNECTION_ERRORS:
+                    if not kept:
+                        raise
+                    # A kept connection RabbitMQ dropped while this process was idle (a restart, a
+                    # failover): nothing is sent yet, so open a new one, once, as publish() does.
+                    connection_lost(self.connection)  # its node may be gone: try another first
+                    self._forget_connection()
+                    channel = self._open_channel()
                 if queue not in self.declared:
                     declare_queue(channel, queue)
                     self.declared.add(queue)
