@@ -55,11 +55,27 @@ def execute_without_waiting(sql: str, params, using: str = 'default', fetch: boo
     synchronous_commit TO off`, which PostgreSQL runs as one transaction; elsewhere as it is. Returns the
     first row (`fetch`: for RETURNING) or the number of rows changed."""
     connection = connections[using]
-    one_trip = connection.vendor == 'postgresql' and not connection.in_atomic_block and commits_may_skip_the_disk()
+    skip_the_disk = connection.vendor == 'postgresql' and not connection.in_atomic_block and \
+        commits_may_skip_the_disk()
     with connection.cursor() as cursor:
-        if one_trip:
+        if skip_the_disk and _takes_two_statements(cursor):
             cursor.execute(f'SET LOCAL synchronous_commit TO off; {sql}', params)
             cursor.cursor.nextset()  # past the SET's empty result, to the statement's
+        elif skip_the_disk:  # psycopg2, or psycopg 3 binding on the server: the SET in a transaction of its own
+            with without_waiting_for_disk(using):
+                cursor.execute(sql, params)
+                return cursor.fetchone() if fetch else cursor.rowcount
         else:
             cursor.execute(sql, params)
         return cursor.fetchone() if fetch else cursor.rowcount
+
+
+def _takes_two_statements(cursor) -> bool:
+    """Whether `cursor` runs 'SET ...; UPDATE ...' with parameters and steps to the second result: psycopg 3
+    binding on the client (Django's default). Not psycopg 3 with OPTIONS['server_side_binding'] (a
+    prepared statement is one command), nor psycopg2 (whose nextset() raises NotSupportedError)."""
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(cursor.cursor, psycopg.ClientCursor)

@@ -208,6 +208,8 @@ class ConfirmedBatch:
         self._refused: set[int] = set()
         self._first_open = 1  # the lowest tag neither confirmed nor refused yet
         self._returned = 0
+        self._ids: list = []  # the message_id of each message published, in order (tag - 1)
+        self._returned_ids: set = set()
         self._impl.add_on_return_callback(self._on_return)
         ready = []
         self._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda frame: ready.append(1))
@@ -225,10 +227,19 @@ class ConfirmedBatch:
 
     def _on_return(self, channel, method, properties, body) -> None:
         self._returned += 1
+        self._returned_ids.add(getattr(properties, 'message_id', None))
 
     def publish(self, exchange: str, routing_key: str, body: bytes, properties) -> None:
+        self._ids.append(getattr(properties, 'message_id', None))
         self._impl.basic_publish(exchange, routing_key, body, properties, mandatory=True)
         self._next_tag += 1
+
+    def delivered(self) -> list[int]:
+        """The positions (0: the first published) of the messages RabbitMQ has confirmed so far and not
+        returned: on the queue, whatever happens to the rest of the batch. (RabbitMQ sends a return before
+        the confirm of the same message.)"""
+        return [tag - 1 for tag in sorted(self._confirmed)
+                if tag <= len(self._ids) and self._ids[tag - 1] not in self._returned_ids]
 
     def flush(self) -> None:
         """Hand what is published so far to the socket (pika writes when it services the connection)."""

@@ -89,6 +89,12 @@ class Publisher:
                         self._repair_levels(channel, delay_levels)
                         continue
                     if isinstance(exc, pe.UnroutableError):
+                        if exchange == '' and routing_key == queue.name and attempt == 1:
+                            # The queue itself is gone (an operator deleted it after this process declared
+                            # it): declare it again and send once more, rather than refuse every message
+                            # to it until this process restarts.
+                            self.declared.discard(queue)
+                            continue
                         raise MessageRejected(f'RabbitMQ returned the message as unroutable: no queue is bound '
                                               f'to exchange {exchange!r} with routing key {routing_key!r}') from None
                     # Not the message's fault: the queue cannot take it now (it has lost its quorum, or is
@@ -132,11 +138,29 @@ class Publisher:
         """Publish `messages` ((body, properties) each) to `queue` and return once RabbitMQ has confirmed
         every one: the confirms are awaited together (pika_compat.ConfirmedBatch), not one by one, and
         `while_confirming()` is called once the messages are out, before the wait (other work overlaps it).
-        Raises BrokerUnavailable or MessageRejected, as publish() does, for the batch as a whole (some
-        may have arrived: they keep their message_ids, so consumers run each once)."""
+        Raises BrokerUnavailable or MessageRejected, as publish() does, for the batch as a whole; its
+        `delivered` lists the positions in `messages` of those RabbitMQ confirmed all the same (on the
+        queue: not to be sent again, nor marked failed)."""
+        batch = None
+
+        def error(cls, text):
+            exc = cls(text)
+            exc.delivered = batch.delivered() if batch is not None else []
+            return exc
+
         with self.lock:
             try:
-                channel = self._open_channel()
+                kept = self.connection is not None and self.connection.is_open
+                try:
+                    channel = self._open_channel()
+                except CONNECTION_ERRORS:
+                    if not kept:
+                        raise
+                    # A kept connection RabbitMQ dropped while this process was idle (a restart, a
+                    # failover): nothing is sent yet, so open a new one, once, as publish() does.
+                    connection_lost(self.connection)  # its node may be gone: try another first
+                    self._forget_connection()
+                    channel = self._open_channel()
                 if queue not in self.declared:
                     declare_queue(channel, queue)
                     self.declared.add(queue)
@@ -151,24 +175,27 @@ class Publisher:
                 self._forget_channel()
                 raise
             except pika_compat.ConfirmTimedOut as exc:
+                failure = error(BrokerUnavailable, f'{exc} for queue {queue.name!r}')
                 pika_compat.drop(self.connection)
                 self._forget_connection()
-                raise BrokerUnavailable(f'{exc} for queue {queue.name!r}') from None
+                raise failure from None
             except CONNECTION_ERRORS + (pe.AMQPError,) as exc:
                 node = node_of(self.connection) if self.connection is not None else None
+                failure = error(BrokerUnavailable, f'cannot publish to {self.broker}: '
+                                                   f'{describe_connection_error(exc, self.broker, node)}')
                 if self.connection is not None:
                     connection_lost(self.connection)
                 self._forget_connection()
-                raise BrokerUnavailable(f'cannot publish to {self.broker}: '
-                                        f'{describe_connection_error(exc, self.broker, node)}') from None
+                raise failure from None
             if batch.channel.is_open:
                 batch.channel.close()
-        if returned:
-            raise MessageRejected(f'RabbitMQ returned {returned} of {len(messages)} messages as unroutable '
-                                  f'(queue {queue.name!r})')
+        if returned:  # the queue is gone (deleted meanwhile): declared again by the next publish
+            self.declared.discard(queue)
+            raise error(MessageRejected, f'RabbitMQ returned {returned} of {len(messages)} messages as unroutable '
+                                         f'(queue {queue.name!r})')
         if refused:
-            raise BrokerUnavailable(f'RabbitMQ did not take (nacked) {refused} of {len(messages)} messages for '
-                                    f'queue {queue.name!r}: the queue cannot take messages now')
+            raise error(BrokerUnavailable, f'RabbitMQ did not take (nacked) {refused} of {len(messages)} messages '
+                                           f'for queue {queue.name!r}: the queue cannot take messages now')
 
     def _confirm_timeout(self) -> float:
         if self.confirm_timeout is not None:

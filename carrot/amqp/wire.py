@@ -28,6 +28,9 @@ MAX_ID_LENGTH = 200       # MessageLog.uuid
 MAX_TASK_LENGTH = 200     # MessageLog.task
 MAX_NESTING = 100         # levels of lists/objects in a body; deeper is refused, not parsed further
 WAITS_HEADER = 'x-carrot-waits'  # how often a delivery was parked because another worker ran it
+# Set on a message sent from its row to a queue that tracks less ('track'): the consumer looks the row up
+# even on a first delivery (carrot.consume.processor._untracked).
+LOGGED_HEADER = 'x-carrot-logged'
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ def message_properties(task: str, message_id: str, priority: int) -> dict:
     """Keyword arguments for pika.BasicProperties (a dict, so this module needs no pika)."""
     return dict(headers={TYPE_HEADER: task}, message_id=message_id, content_type=CONTENT_TYPE,
                 priority=priority, type=MESSAGE_TYPE, delivery_mode=2)
+
+
+def with_logged_header(properties: dict) -> dict:
+    """message_properties() of a message that has a row (LOGGED_HEADER set)."""
+    return {**properties, 'headers': {**(properties.get('headers') or {}), LOGGED_HEADER: 1}}
 
 
 def task_type(properties) -> str:

@@ -453,10 +453,11 @@ class MessageProcessor:
 
 def _first_delivery(message: IncomingMessage) -> bool:
     """Whether this is the message as its publisher sent it: not redelivered, not back from the delay levels
-    (a delayed publish, a retry, a parked copy) and not dead-lettered before."""
+    (a delayed publish, a retry, a parked copy), not dead-lettered before, and not sent from a row (the
+    relay's or the sweep's copy: wire.LOGGED_HEADER)."""
     headers = getattr(message.properties, 'headers', None) or {}
     return not message.redelivered and not message.waits and delays.TARGET_HEADER not in headers \
-        and wire.DEATH_HEADER not in headers
+        and wire.DEATH_HEADER not in headers and wire.LOGGED_HEADER not in headers
 
 
 class DefaultHooks(Hooks):

@@ -37,6 +37,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
+from carrot.amqp import wire
 from carrot.amqp.publisher import publisher_for
 from carrot.commits import execute_without_waiting, without_waiting_for_disk
 from carrot.config import get_config
@@ -100,7 +101,10 @@ def _enqueue_untracked(message: Outgoing, on_commit: bool, store_and_forward: bo
                 get_config().queue(message.queue), message.body, message.properties, exchange=message.exchange,
                 routing_key=message.routing_key)
         except BrokerUnavailable as exc:
-            if not store_and_forward:
+            if not store_and_forward:  # FAILED, as a row of a 'all' queue (after a commit, all there is)
+                stored = _write_row(message)
+                fail_unsent(stored, exc)
+                log.pk, log.status, log._state.adding = stored.pk, stored.status, False
                 raise
             logger.warning('%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid, exc)
             stored = _write_row(message)  # a commit that waits: the row is all there is of this task now
@@ -191,8 +195,11 @@ def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relayin
     config = get_config()
     queue = config.queue(message.queue)
     delay = message.delay(timezone.now())
+    properties = message.properties
+    if queue.track != TRACK_ALL:  # sent from its row: the consumer must claim it there, not run it untracked
+        properties = wire.with_logged_header(properties)
     try:
-        publisher_for(queue.broker).publish(queue, message.body, message.properties,
+        publisher_for(queue.broker).publish(queue, message.body, properties,
                                             exchange=message.exchange, routing_key=message.routing_key,
                                             delay=delay, delay_levels=config.delay_levels)
     except BrokerUnavailable as exc:
@@ -293,7 +300,15 @@ def publish_many(task: str | Callable, calls, *, queue: str | None = None, prior
         def write_next(index=index):
             if index + 1 < len(batches):
                 written.append(rows_for(batches[index + 1]))
-        _send_batch(batch, written[index], tracked, store_and_forward, while_confirming=write_next)
+        try:
+            _send_batch(batch, written[index], tracked, store_and_forward, while_confirming=write_next)
+        except (BrokerUnavailable, MessageRejected) as exc:
+            # The caller is told this call failed: the next batch's rows, written while this one was being
+            # confirmed, must not be left WAITING for the relay to send behind its back.
+            if tracked and len(written) > index + 1:
+                _fail_rows(written[index + 1], type(exc)(f'not sent: an earlier batch of the same '
+                                                         f'publish_messages call failed: {exc}'))
+            raise
         if len(written) == index + 1:  # not written while confirming (the send failed first)
             write_next()
     return [row for batch_rows in written for row in batch_rows]
@@ -339,27 +354,39 @@ def _send_batch(messages: list[Outgoing], rows: list[MessageLog], tracked: bool,
     try:
         publisher_for(queue.broker).publish_batch(queue, [(m.body, m.properties) for m in messages],
                                                   while_confirming=while_confirming)
-    except BrokerUnavailable as exc:
-        if not tracked:  # rows after all: what the relay sends from, or the failure to log
-            rows[:] = _write_rows(messages)
-        if store_and_forward:
-            logger.warning('%d messages of %s wait for the broker and will be relayed: %s', len(messages),
+    except (BrokerUnavailable, MessageRejected) as exc:
+        # The messages RabbitMQ confirmed before the batch failed are on the queue: PUBLISHED (tracked), or
+        # no row (untracked). Only the others wait for the relay, or are FAILED.
+        delivered = set(getattr(exc, 'delivered', ()))
+        undelivered = [index for index in range(len(messages)) if index not in delivered]
+        if tracked:
+            _mark_rows_published([rows[index] for index in sorted(delivered)])
+        elif undelivered:  # rows after all: what the relay sends from, or the failure to log
+            for index, row in zip(undelivered, _write_rows([messages[index] for index in undelivered])):
+                rows[index] = row
+        pending = [rows[index] for index in undelivered]
+        if isinstance(exc, BrokerUnavailable) and store_and_forward:
+            logger.warning('%d messages of %s wait for the broker and will be relayed: %s', len(pending),
                            messages[0].task, exc)
-            _make_durable(rows[0])
+            if pending:
+                _make_durable(pending[0])
             return
-        _fail_rows(rows, exc)
-        raise
-    except MessageRejected as exc:
-        if not tracked:
-            rows[:] = _write_rows(messages)
-        _fail_rows(rows, exc)
+        _fail_rows(pending, exc)
         raise
     if tracked:
-        with without_waiting_for_disk():
-            MessageLog.objects.filter(pk__in=[row.pk for row in rows], status=MessageLog.WAITING).update(
-                status=MessageLog.PUBLISHED)
-        for row in rows:
-            row.status = MessageLog.PUBLISHED
+        _mark_rows_published(rows)
+
+
+def _mark_rows_published(rows: list[MessageLog]) -> None:
+    """WAITING -> PUBLISHED for rows whose messages RabbitMQ confirmed (a row a consumer claimed meanwhile
+    is left as it is)."""
+    if not rows:
+        return
+    with without_waiting_for_disk():
+        MessageLog.objects.filter(pk__in=[row.pk for row in rows], status=MessageLog.WAITING).update(
+            status=MessageLog.PUBLISHED)
+    for row in rows:
+        row.status = MessageLog.PUBLISHED
 
 
 def _fail_rows(rows: list[MessageLog], exc: Exception) -> None:
