@@ -1,6 +1,7 @@
 """publish_message against the real RabbitMQ: wire format, confirms, connection reuse, transactions."""
 import json
 import os
+import time
 
 import pytest
 from django.conf import settings
@@ -227,3 +228,17 @@ def test_create_message_does_not_publish(raw_channel):
     log = message.publish()
     assert log.uuid == message.uuid
     assert queue_depth('default') == 1
+
+
+@pytest.mark.no_broker
+def test_message_ids_are_version_7_uuids_that_sort_by_time():
+    """Time-ordered ids keep the log table's uuid index growing at one end (see carrot.text.new_message_id)."""
+    import uuid as uuid_module
+    from carrot.text import new_message_id
+    ids = []
+    for _ in range(50):
+        ids.append(new_message_id())
+        time.sleep(0.002)
+    parsed = [uuid_module.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid_module.RFC_4122 for u in parsed)
+    assert ids == sorted(ids) and len(set(new_message_id() for _ in range(10000))) == 10000

@@ -8,12 +8,11 @@ a ValueError) or `MessageTooLarge`.
 from __future__ import annotations
 
 import math
-import uuid as uuid_module
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable
 
-from carrot import registry
+from carrot import registry, text
 from carrot.amqp import delays, wire
 from carrot.config import get_config
 from carrot.exceptions import InvalidCall, MessageTooLarge
@@ -29,7 +28,7 @@ class Outgoing:
     exchange: str = ''
     routing_key: str | None = None
     priority: int = 0
-    uuid: str = field(default_factory=lambda: str(uuid_module.uuid4()))
+    uuid: str = field(default_factory=text.new_message_id)
     body: bytes = b''
     run_after: datetime | None = None  # the earliest it may run; None: at once
     backend: str = ''     # the django.tasks backend alias that enqueued it ('' for carrot's own API)
