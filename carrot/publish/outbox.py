@@ -96,24 +96,22 @@ def _enqueue_untracked(message: Outgoing, on_commit: bool, store_and_forward: bo
     log = _unsaved_row(message)
 
     def deliver():
+        queue = get_config().queue(message.queue)
         try:
-            publisher_for(get_config().queue(message.queue).broker).publish(
-                get_config().queue(message.queue), message.body, message.properties, exchange=message.exchange,
-                routing_key=message.routing_key)
-        except BrokerUnavailable as exc:
-            if not store_and_forward:  # FAILED, as a row of a 'all' queue (after a commit, all there is)
-                stored = _write_row(message)
-                fail_unsent(stored, exc)
-                log.pk, log.status, log._state.adding = stored.pk, stored.status, False
-                raise
-            logger.warning('%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid, exc)
+            publisher_for(queue.broker).publish(queue, message.body, message.properties, exchange=message.exchange,
+                                                routing_key=message.routing_key)
+        except (BrokerUnavailable, MessageRejected) as exc:
+            # A row after all: the one the relay sends from, or the failure logged (as on a 'all' queue).
+            waits = store_and_forward and isinstance(exc, BrokerUnavailable)
+            if waits:
+                logger.warning('%s (%s) waits for the broker and will be relayed: %s', message.task, message.uuid,
+                               exc)
             stored = _write_row(message)  # a commit that waits: the row is all there is of this task now
+            if not waits:
+                fail_unsent(stored, exc)
             log.pk, log.status, log._state.adding = stored.pk, stored.status, False
-        except MessageRejected as exc:
-            stored = _write_row(message)
-            fail_unsent(stored, exc)
-            log.pk, log.status, log._state.adding = stored.pk, stored.status, False
-            raise
+            if not waits:
+                raise
         if on_enqueued is not None:
             on_enqueued(log)
 
