@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 
-from django.db import connections, transaction
+from django.db import DatabaseError, connections, transaction
 
 
 @contextlib.contextmanager
@@ -68,6 +68,33 @@ def execute_without_waiting(sql: str, params, using: str = 'default', fetch: boo
         else:
             cursor.execute(sql, params)
         return cursor.fetchone() if fetch else cursor.rowcount
+
+
+def flush_to_disk(using: str = 'default'):
+    """Make every commit so far durable: one small transaction that writes WAL and waits for the flush,
+    which takes all earlier WAL with it (commits that did not wait included). PostgreSQL only. Returns
+    the server's start time (pg_postmaster_start_time: a restart in between means the commits that did
+    not wait may be gone), or None when the database refuses the WAL record."""
+    connection = connections[using]
+    # A transactional logical message gives the transaction an id and a WAL record (one that only takes an
+    # id commits without flushing); it touches no table and needs no privilege beyond LOGIN. Outside a
+    # transaction it commits on its own, as durably as the server's synchronous_commit says.
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_postmaster_start_time() FROM pg_logical_emit_message(true, 'carrot', '')")
+            return cursor.fetchone()[0]
+    except DatabaseError as exc:
+        cause = exc.__cause__
+        if getattr(cause, 'sqlstate', None) == '42501' or getattr(cause, 'pgcode', None) == '42501':
+            return None  # insufficient privilege (a managed server may revoke it)
+        raise
+
+
+def server_started(using: str = 'default'):
+    """When the PostgreSQL server behind this thread's connection `using` started."""
+    with connections[using].cursor() as cursor:
+        cursor.execute('SELECT pg_postmaster_start_time()')
+        return cursor.fetchone()[0]
 
 
 def _takes_two_statements(cursor) -> bool:

@@ -128,7 +128,7 @@ FLOORS = [
     ('registry', ['carrot.registry', 'carrot', 'carrot.backends.compat']),
     ('amqp', ['carrot.amqp.*']),
     ('rows', ['carrot.publish.arguments', 'carrot.schedule.rules', 'carrot.models', 'carrot.dbfaults',
-              'carrot.commits']),
+              'carrot.commits', 'carrot.statements']),
     ('logic', ['carrot.publish.*', 'carrot.consume.*', 'carrot.schedule.*', 'carrot.helper_tasks',
                'carrot.checks']),
     ('run', ['carrot.run.*']),

@@ -9,6 +9,9 @@ The processor decides (carrot.consume.processor); the session carries it out (ca
   task failed and is retried later;
 - ADOPT(new_id): it came without a message_id -- republished with one, this copy acked;
 - REQUEUE: given back untouched (only when stopping before it was claimed).
+
+A disposition whose row was committed without waiting for the disk (`on_disk` False) is carried out only
+once a later commit has flushed it (carrot.consume.unflushed).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class Disposition:
     delay: float | None = None
     new_id: str | None = None
     busy: bool = False  # RETRY_LATER because another worker runs it (counted in the waits header)
+    on_disk: bool = True  # False: the row's commit did not wait for the disk; ack after a flush
 
     def __str__(self):
         extra = f' {self.delay:g}s' if self.delay is not None else f' {self.new_id}' if self.new_id else ''
@@ -37,6 +41,7 @@ class Disposition:
 
 
 ACK = Disposition(Action.ACK)
+ACK_AFTER_FLUSH = Disposition(Action.ACK, on_disk=False)
 DEAD_LETTER = Disposition(Action.DEAD_LETTER)
 REQUEUE = Disposition(Action.REQUEUE)
 

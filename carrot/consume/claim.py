@@ -19,8 +19,9 @@ from django.db import connections
 from django.db.models import F, Q
 from django.utils import timezone
 
-from carrot.commits import execute_without_waiting, without_waiting_for_disk
+from carrot.commits import without_waiting_for_disk
 from carrot.models import MessageLog
+from carrot.statements import statement
 
 
 def worker_id() -> str:
@@ -122,19 +123,24 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
     fields = MessageLog._meta.concrete_fields
     now = timezone.now()
     at = connection.ops.adapt_datetimefield_value
-    sql = (f'UPDATE {connection.ops.quote_name(MessageLog._meta.db_table)} '
-           f'SET status = %s, started_time = %s, worker = %s, lease_expires = %s, attempts = attempts + 1, '
-           f"exception = '', traceback = '', failure_time = NULL "
-           f'WHERE uuid = %s AND task = %s AND task_args = %s AND content = %s AND status IN (%s, %s, %s) '
-           f'AND (run_after IS NULL OR run_after <= %s) '
-           f'RETURNING {", ".join(connection.ops.quote_name(f.column) for f in fields)}')
     params = [MessageLog.IN_PROGRESS, at(now), worker, at(now + timedelta(seconds=lease)), message_id, task,
               task_args, content, *TAKEABLE, at(now)]
-    found = execute_without_waiting(sql, params, using=MessageLog.objects.db, fetch=True)
+    found = statement('take_on_arrival', _take_on_arrival_sql, MessageLog.objects.db).run(
+        params, using=MessageLog.objects.db, fetch=True)
     if found is None:
         return None
     values = [_from_db(connection, field, value) for field, value in zip(fields, found)]
     return MessageLog.from_db(MessageLog.objects.db, [f.attname for f in fields], values)
+
+
+def _take_on_arrival_sql(connection) -> str:
+    quote = connection.ops.quote_name
+    return (f'UPDATE {quote(MessageLog._meta.db_table)} '
+            f'SET status = %s, started_time = %s, worker = %s, lease_expires = %s, attempts = attempts + 1, '
+            f"exception = '', traceback = '', failure_time = NULL "
+            f'WHERE uuid = %s AND task = %s AND task_args = %s AND content = %s AND status IN (%s, %s, %s) '
+            f'AND (run_after IS NULL OR run_after <= %s) '
+            f'RETURNING {", ".join(quote(f.column) for f in MessageLog._meta.concrete_fields)}')
 
 
 def _from_db(connection, field, value):
@@ -160,7 +166,11 @@ def renew_lease(message_id: str, worker: str, lease: float) -> bool:
     """Push the lease of a row `worker` holds `lease` seconds forward; False if it holds it no more."""
     expires = timezone.now() + timedelta(seconds=lease)
     connection = connection_for_rows()
-    sql = (f'UPDATE {connection.ops.quote_name(MessageLog._meta.db_table)} SET lease_expires = %s '
-           f'WHERE uuid = %s AND status = %s AND worker = %s')
     params = [connection.ops.adapt_datetimefield_value(expires), message_id, MessageLog.IN_PROGRESS, worker]
-    return bool(execute_without_waiting(sql, params, using=MessageLog.objects.db))
+    return bool(statement('renew_lease', _renew_lease_sql, MessageLog.objects.db).run(
+        params, using=MessageLog.objects.db))
+
+
+def _renew_lease_sql(connection) -> str:
+    return (f'UPDATE {connection.ops.quote_name(MessageLog._meta.db_table)} SET lease_expires = %s '
+            f'WHERE uuid = %s AND status = %s AND worker = %s')

@@ -25,7 +25,7 @@ from django.utils import timezone
 from carrot import registry, text
 from carrot.amqp import wire
 from carrot.amqp.connection import describe_connection_error
-from carrot.amqp.disposition import DEAD_LETTER, Action, Disposition
+from carrot.amqp.disposition import ACK, DEAD_LETTER, REQUEUE, Action, Disposition
 from carrot.amqp.session import SESSION_ERRORS, ConsumeSession
 from carrot.amqp.wire import DefaultMessageSerializer, IncomingMessage
 from carrot.backoff import Outage
@@ -47,6 +47,9 @@ RECONNECT_BASE = 1.0    # first wait before reconnecting to the broker; doubled 
 RECONNECT_CAP = 30.0    # ... up to this (jittered), and reset once a connection succeeds
 CLASH_RETRY = 30.0      # seconds between tries to declare a queue that clashes with the existing one
 CLASH_REMINDER = 600.0  # ... and between the ERROR lines saying so
+# A result written without waiting for the disk waits for a later commit to flush it before its delivery is
+# acked (carrot.consume.unflushed); when the task after it runs this long, the lease thread flushes instead.
+FLUSH_DURING_TASK_AFTER = 0.2
 
 
 class Consumer:
@@ -80,6 +83,11 @@ class Consumer:
         self.delivery: Delivery | None = None
         # Deliveries in hand beyond the running one (a queue's 'prefetch' above 1), in arrival order.
         self._held: collections.deque[Delivery] = collections.deque()
+        # Deliveries done whose results were committed without waiting for the disk: acked after a flush.
+        self._unflushed: list[Delivery] = []
+        self._flush_future = None        # a flush on the lease thread, while a long task runs ...
+        self._flush_vouches: list[Delivery] = []  # ... and the deliveries it is for
+        self._max_messages: int | None = None
         self._processor: MessageProcessor | None = None
         self._thread: TaskThread | None = None
         self._current_message: IncomingMessage | None = None
@@ -160,6 +168,7 @@ class Consumer:
         if task_logger.getEffectiveLevel() > wanted:
             task_logger.setLevel(wanted)
         registry.autodiscover()
+        self._max_messages = max_messages
         self.processor  # made here, once: the task thread and the lease thread share it
         self._thread = TaskThread(self.name)
         try:
@@ -227,6 +236,8 @@ class Consumer:
                 self._sleep(broker.failed(self._describe(exc, session), exc))
             finally:
                 self._held.clear()  # unacked: RabbitMQ delivers them again once the channel is gone
+                self._unflushed.clear()  # ... these too: a redelivery finds their rows COMPLETED
+                self._flush_future = None
                 session.close(lost=lost)
 
     def _describe(self, exc: BaseException, session: ConsumeSession | None = None) -> str:
@@ -243,6 +254,7 @@ class Consumer:
                 last_activity = time.monotonic()
                 if self._held and not self._finished(max_messages):
                     self._start(self._held.popleft(), session)
+            self._flush_during_long_task(session)
             self._enforce_time_limit(session)
             self._tick()
             if self.delivery is not None:
@@ -253,6 +265,7 @@ class Consumer:
                 session.cancel()
                 session.poll(0)  # a delivery may have arrived just before the cancel; finish it first
                 if self.delivery is None:
+                    self._flush_before_leaving(session)
                     return
 
     def _on_delivery(self, session: ConsumeSession):
@@ -284,10 +297,74 @@ class Consumer:
         except BaseException:  # process() never raises; if an override does, the message is not run again
             self.logger.exception('%s: processing %s raised; dead-lettering it', self.name, delivery.task)
             disposition = DEAD_LETTER
-        session.settle(delivery.delivery_tag, disposition, delivery.message)
+        self._settle_unflushed(session, self.processor.earlier_results_durable)
+        if disposition.on_disk:
+            session.settle(delivery.delivery_tag, disposition, delivery.message)
+        else:
+            self._unflushed.append(delivery)
         self.delivery = None
         if disposition.action in (Action.ACK, Action.DEAD_LETTER):
             self.messages_settled += 1
+
+    # -- results written without waiting for the disk (carrot.consume.unflushed)
+
+    def _settle_unflushed(self, session: ConsumeSession, durable: bool | None,
+                          deliveries: list[Delivery] | None = None) -> None:
+        """Ack the deliveries whose results a flush made durable; give back (requeue) those a server restart
+        may have lost (the redelivery finds the row COMPLETED, or runs the task again); None: not flushed."""
+        if durable is None or not self._unflushed:
+            return
+        waiting = {id(d) for d in self._unflushed}
+        settled = [d for d in (self._unflushed if deliveries is None else deliveries) if id(d) in waiting]
+        for delivery in settled:
+            if durable:
+                session.settle(delivery.delivery_tag, ACK, delivery.message)
+            else:
+                session.settle(delivery.delivery_tag, REQUEUE, delivery.message)
+        if not durable:
+            self.logger.warning('%s: the database server restarted before %d results written without waiting '
+                                'for the disk were flushed; their messages go back to the queue', self.name,
+                                len(settled))
+        done = {id(d) for d in settled}
+        self._unflushed = [d for d in self._unflushed if id(d) not in done]
+
+    def _flush_during_long_task(self, session: ConsumeSession) -> None:
+        """While a task runs longer than FLUSH_DURING_TASK_AFTER, flush the results before it on the lease
+        thread, so their deliveries are not held unacked for as long as it runs."""
+        pending = self._flush_future
+        if pending is not None:
+            if not pending.done():
+                return
+            self._flush_future = None
+            if pending.exception() is None:
+                self._settle_unflushed(session, pending.result(), self._flush_vouches)
+            return
+        delivery = self.delivery
+        if not self._unflushed or delivery is None or delivery.done or delivery.age < FLUSH_DURING_TASK_AFTER:
+            return
+        self._flush_vouches = list(self._unflushed)
+        self._flush_future = self._lease_thread.submit(self._flush_in_lease_thread)
+
+    def _flush_in_lease_thread(self) -> bool | None:
+        try:
+            return self.processor.results.flush()
+        except DatabaseError:
+            connections.close_all()  # the lease thread's; the next flush (or the task's own commit) tries again
+            raise
+
+    def _flush_before_leaving(self, session: ConsumeSession) -> None:
+        """Before the loop ends (stop, max_messages, idle timeout): flush and ack what waits for a flush.
+        If that fails, the deliveries go back unacked with the channel and are found COMPLETED."""
+        if not self._unflushed:
+            return
+        try:
+            durable = self._on_lease_thread(self._flush_in_lease_thread)
+        except Exception as exc:
+            self.logger.warning('%s: could not flush %d results before stopping (%s); their messages are '
+                                'delivered again and acked as duplicates', self.name, len(self._unflushed),
+                                text.for_log(exc, 200))
+            return
+        self._settle_unflushed(session, durable if durable is not None else False)
 
     def _enforce_time_limit(self, session: ConsumeSession) -> None:
         """Fail and dead-letter a task that overran the time limit, then raise to end this process."""
@@ -414,6 +491,10 @@ class _ConsumerHooks(Hooks):
 
     def finds_rows_as_carrot_does(self) -> bool:
         return type(self.consumer).get_message_log is Consumer.get_message_log
+
+    def another_message_waits(self) -> bool:
+        consumer = self.consumer
+        return bool(consumer._held) and not consumer._finished(consumer._max_messages)
 
 
 

@@ -35,7 +35,7 @@ from django.db import DatabaseError
 from django.utils import timezone
 
 from carrot import registry, text
-from carrot.amqp.disposition import ACK, DEAD_LETTER, REQUEUE, Disposition, adopt, retry_later
+from carrot.amqp.disposition import ACK, ACK_AFTER_FLUSH, DEAD_LETTER, REQUEUE, Disposition, adopt, retry_later
 from carrot.amqp import delays, wire
 from carrot.amqp.wire import IncomingMessage
 from carrot.config import CarrotConfig, QueueConfig
@@ -43,8 +43,10 @@ from carrot.config.schema import TRACK_ALL, TRACK_NONE
 from carrot.consume import claim, djangotask, retry
 from carrot.consume.dbretry import (DatabaseRetry, StopRequested, drop_broken_connections,
                                     reset_connections_left_in_transaction)
-from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, get_or_insert_row, insert_row, new_row,
-                                    record_attempt, same_call, set_failed_fields)
+from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, completion_skips_the_orm, get_or_insert_row,
+                                    insert_row, new_row, record_attempt, same_call, set_failed_fields,
+                                    write_completion)
+from carrot.consume.unflushed import UnflushedResults
 from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, exception_class_path, run_task
 from carrot.exceptions import BadMessage, TaskNotRegistered, WorkerLost
 from carrot.models import MessageLog, TaskAttempt
@@ -69,6 +71,11 @@ class Hooks:
         """False when get_message_log is overridden: every row is then found through it."""
         return False
 
+    def another_message_waits(self) -> bool:
+        """Whether the next delivery is in hand already: a result may then skip the disk, its flush taken
+        by a later commit (carrot.consume.unflushed)."""
+        return False
+
 
 class MessageProcessor:
     """Claim, run and record one message at a time; `process()` returns what to do with the delivery."""
@@ -87,6 +94,10 @@ class MessageProcessor:
         self._database = DatabaseRetry(logger, name, self._should_give_up)
         self.abandoned: threading.Event | None = None  # set: the delivery in hand is gone (see process)
         self._returning = claim.can_take_on_arrival()
+        self.results = UnflushedResults(MessageLog.objects.db)
+        # Set by process(): whether the results written without waiting before this message are durable
+        # now (True), may have been lost to a server restart (False), or are still unflushed (None).
+        self.earlier_results_durable: bool | None = None
 
     # -- one message
 
@@ -96,21 +107,34 @@ class MessageProcessor:
         for the database to claim it is pointless then, as RabbitMQ delivers it again."""
         self.abandoned = abandoned
         self._claimed: MessageLog | None = None  # the row this worker holds for `message`, once claimed
+        self.earlier_results_durable = None
         if message.message_id is not None:
             claim.hold(message.message_id)
         try:
             drop_broken_connections()
-            return self._process(message)
+            disposition = self._process(message)
         except StopRequested:
             self.logger.warning('%s: %s while the database is unavailable; %s (%s) goes back to the queue '
                                 'unclaimed', self.name, 'stopping' if self.stopping.is_set() else
                                 'lost the delivery', message.shown_task, message.message_id)
-            return REQUEUE
+            disposition = REQUEUE
         except BaseException as exc:  # a hook or override raising KeyboardInterrupt must not end the worker
-            return self._unexpected(message, exc)
+            disposition = self._unexpected(message, exc)
         finally:
             if message.message_id is not None:
                 claim.release(message.message_id)
+        if disposition.on_disk and self.results.pending:
+            self._flush_results()  # nothing after this to flush them: the earlier deliveries wait on it
+        return disposition
+
+    def _flush_results(self) -> None:
+        try:
+            verdict = self._database(self.results.flush, 'flushing results to disk', interruptible=False)
+        except Exception:  # their deliveries stay unacked; a redelivery finds the rows COMPLETED
+            self.logger.exception('%s: could not flush the results written without waiting', self.name)
+            return
+        if verdict is not None:
+            self.earlier_results_durable = verdict
 
     def _process(self, message: IncomingMessage) -> Disposition:
         if message.is_bad:
@@ -306,12 +330,46 @@ class MessageProcessor:
         row.completion_time = timezone.now()
         row.output = outcome.output
         row.lease_expires = None
-        self.save(row, interruptible=False, fields=COMPLETION_FIELDS)
+        on_disk = self._record_success(row)
         if django_run is not None:
             django_run.finished(row)
         self.logger.info('%s: %s (%s) completed in %.3fs, attempt %d', self.name, message.shown_task, row.uuid,
                          (row.completion_time - row.started_time).total_seconds(), row.attempts)
-        return ACK
+        return ACK if on_disk else ACK_AFTER_FLUSH
+
+    def _record_success(self, row: MessageLog) -> bool:
+        """Write a success; returns False when its commit did not wait for the disk (the next delivery is
+        in hand, and a later commit flushes this one: carrot.consume.unflushed)."""
+        if not completion_skips_the_orm():  # someone listens to MessageLog's save signals: the ORM's save
+            self.save(row, interruptible=False, fields=COMPLETION_FIELDS)
+            self._note_flushed()
+            return True
+        bound_row(row, self.config.max_stored_text)
+        skip = self.hooks.another_message_waits()
+
+        def write() -> bool:
+            skipping = skip and self.results.usable()
+            write_completion(row, wait_for_disk=not skipping)
+            if skipping:
+                self.results.wrote_unflushed()
+            else:
+                self.earlier_results_durable = self.results.wrote_flushed()
+            return not skipping
+        try:
+            return self._database(write, 'recording the result', interruptible=False)
+        except DatabaseError:  # refused for good: save() writes it reduced
+            self.save(row, interruptible=False, fields=COMPLETION_FIELDS)
+            self._note_flushed()
+            return True
+
+    def _note_flushed(self) -> None:
+        """After a commit that waited on this thread: the results before it are settled (carrot.consume.unflushed)."""
+        if self.results.pending:
+            try:
+                self.earlier_results_durable = self._database(self.results.wrote_flushed, 'reading the server',
+                                                              interruptible=False)
+            except DatabaseError:
+                pass  # still pending: process() flushes them
 
     def _failed(self, row: MessageLog, message: IncomingMessage, outcome: TaskOutcome,
                 delay: float | None) -> Disposition:
