@@ -5,7 +5,7 @@ private RabbitMQ virtual host; the project is scripts/demo_project, its settings
 CARROT_DEMO_* variables. The rows (names for --only):
 
   raw       the ceiling: 2 processes consuming a plain durable queue (no priority, no dead-lettering),
-            prefetch 1, ack each, drain a backlog published beforehand; confirmed publishes from one
+            carrot's prefetch, ack each, drain a backlog published beforehand; confirmed publishes from one
             process; and, for context, one-row PostgreSQL commits from one process (what each log
             write waits for on this disk)
   drain     track='all': a backlog of no-op tasks published with publish_message, then carrot-supervisor
@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.join(ROOT, 'scripts', 'demo_project')
 NOOP = 'shop.tasks.noop'
 NOTE_START = 'shop.tasks.note_start'
-PREFETCH = 1  # what a carrot consumer child takes at a time: the ceiling is held to the same
+PREFETCH = 8  # what a carrot consumer child holds at a time (--prefetch): the ceiling is held to the same
 CHILDREN = 2
 EXIT_CONFIG = 3  # carrot-supervisor's "the settings are broken" (supervisor/exitcodes.py)
 NOT_SUPPORTED = 'n/a (not supported by this carrot)'
@@ -192,7 +192,7 @@ def raw_publish(url: str, queue: str, n: int) -> float:
 
 
 def raw_drain_consumer(url: str, queue: str, ready, go, results) -> None:
-    """One ceiling consumer (run in a process of its own): prefetch 1, ack each, until the queue stays
+    """One ceiling consumer (run in a process of its own): carrot's prefetch, ack each, until the queue stays
     empty for a second. Reports (messages, time of the last ack)."""
     connection, channel = raw_channel(url)
     channel.basic_qos(prefetch_count=PREFETCH)
@@ -586,7 +586,7 @@ def track_supported() -> bool:
 
 def failures_row(run_dir: str, n: int) -> dict:
     """Row 3: the drain with track='failures'. Successful tasks leave no row, so the end is read from
-    the broker: the moment the queue has no message left to hand out. One per child (prefetch 1) may
+    the broker: the moment the queue has no message left to hand out. Those a child holds (its prefetch) may
     still be running then; rabbitmqctl confirms afterwards that all were acked."""
     if not track_supported():
         return {'supported': False, 'note': NOT_SUPPORTED}
@@ -941,8 +941,9 @@ def parse_args(argv=None):
     parser.add_argument('--million', action='store_true', help='also row 9: 1,000,000 old rows in the log')
     parser.add_argument('--scaling', action='store_true', help='also row 8: 1, 2 and 4 consumer children')
     parser.add_argument('--quick', action='store_true', help='tiny numbers, for the smoke test')
-    parser.add_argument('--prefetch', type=int, default=1,
-                        help="the 'prefetch' of carrot's queue in every row (default 1, as CARROT's)")
+    parser.add_argument('--prefetch', type=int, default=None,
+                        help="the 'prefetch' of carrot's queue in every row, and of the raw ceiling's consumers "
+                             "(default: CARROT's default)")
     parser.add_argument('--vhost', default='carrot-bench', help='the RabbitMQ virtual host made (and dropped) here')
     parser.add_argument('--database', default='carrot_bench',
                         help='the PostgreSQL database made (and dropped) here')
@@ -962,6 +963,14 @@ def parse_args(argv=None):
     args.memory_tasks = 200 if quick else 6000
     args.old_rows = 10_000 if quick else 1_000_000
     args.postgres_commits = 50 if quick else 500
+    global PREFETCH
+    if args.prefetch is None:
+        try:
+            from carrot.config.schema import DEFAULT_PREFETCH as carrot_default
+        except ImportError:  # a carrot from before the key: it holds one delivery
+            carrot_default = 1
+        args.prefetch = carrot_default
+    PREFETCH = args.prefetch
     os.environ['CARROT_DEMO_PREFETCH'] = str(args.prefetch)  # read by the demo settings, in every supervisor
     return args
 

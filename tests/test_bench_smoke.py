@@ -54,7 +54,7 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     assert set(rows) == {'raw', 'drain', 'failures', 'publish', 'latency', 'respawn', 'memory'}
 
     raw = rows['raw']
-    assert raw['prefetch'] == 1 and raw['consumers'] == 2
+    assert raw['prefetch'] == 8 and raw['consumers'] == 2  # carrot's default prefetch, held to the same
     for key in ('drain_per_s', 'publish_confirmed_per_s', 'latency_p50_ms', 'latency_p99_ms',
                 'postgres_commits_per_s'):
         assert positive(raw[key]), key

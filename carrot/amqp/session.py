@@ -69,6 +69,7 @@ class ConsumeSession:
         self._levels_declared = False
         self._cancelled_by_broker = False
         self._routes_dead_letters = True
+        self._on_delivery = None
 
     @property
     def is_open(self) -> bool:
@@ -84,6 +85,7 @@ class ConsumeSession:
     def open(self, on_delivery) -> None:
         """Connect, declare <queue> and <queue>.dead, and start consuming:
         `on_delivery(method, properties, body)` is called from `poll()` for each message."""
+        self._on_delivery = on_delivery
         self.connection = connect(self.broker)
         self.node = node_of(self.connection)
         # A task that forks must not keep this connection (and its unacked delivery) alive.
@@ -94,12 +96,20 @@ class ConsumeSession:
             self._routes_dead_letters = has_dead_letter_route(declare_queue(self.channel, self.queue))
             self.channel.basic_qos(prefetch_count=self.queue.prefetch, global_qos=False)  # see the docstring
             self.channel.add_on_cancel_callback(self._on_cancelled_by_broker)
-            self._consumer_tag = self.channel.basic_consume(
-                self.queue.name, lambda channel, method, properties, body: on_delivery(method, properties,
-                                                                                       body))
+            self._consume()
         except BaseException as exc:
             self.close(lost=isinstance(exc, CONNECTION_ERRORS))
             raise
+
+    def _consume(self) -> None:
+        on_delivery = self._on_delivery
+        self._consumer_tag = self.channel.basic_consume(
+            self.queue.name, lambda channel, method, properties, body: on_delivery(method, properties, body))
+
+    def resume(self) -> None:
+        """Consume again after `cancel()` (the same queue, prefetch and callback)."""
+        if self._consumer_tag is None:
+            self._consume()
 
     def _on_cancelled_by_broker(self, method_frame) -> None:
         self._cancelled_by_broker = True
@@ -122,7 +132,8 @@ class ConsumeSession:
                 pass
 
     def cancel(self) -> None:
-        """Stop new deliveries; one may still arrive from before the cancel (poll once more to see it)."""
+        """Stop new deliveries; one may still arrive from before the cancel (poll once more to see it).
+        Deliveries in hand stay in hand: they are settled as usual."""
         if self._consumer_tag is not None:
             self.channel.basic_cancel(self._consumer_tag)
             self._consumer_tag = None

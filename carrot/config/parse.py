@@ -13,8 +13,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, parse_qs
 
 from carrot.config.options import LOG_LEVELS, SETTINGS as SUPERVISOR_SETTINGS
-from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_QUEUE, QUEUE_TYPES, QUORUM, TRACK_LEVELS,
-                                  BrokerConfig, CarrotConfig, ConfigProblem, QueueConfig, node_text)
+from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_PREFETCH, DEFAULT_QUEUE,
+                                  QUEUE_TYPES, QUORUM, TRACK_LEVELS, BrokerConfig, CarrotConfig, ConfigProblem,
+                                  QueueConfig, node_text)
 from carrot.config.secrets import ENCODE_HINT, masked_repr, broker_shape
 from carrot.exceptions import CarrotConfigException
 
@@ -299,12 +300,12 @@ class Parser:
             consumer_class=consumer_class, max_priority=max_priority, queue_type=queue_type,
             delivery_limit=delivery_limit, max_priority_set='max_priority' in raw,
             track=self.track(f"{path}['track']", raw.get('track', 'all')),
-            prefetch=self.prefetch(f"{path}['prefetch']", raw.get('prefetch', 1)))
+            prefetch=self.prefetch(f"{path}['prefetch']", raw.get('prefetch', DEFAULT_PREFETCH)))
 
     def prefetch(self, path, value):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PREFETCH:
             self.bad_value(path, f'an integer from 1 to {MAX_PREFETCH}', value)
-            return 1
+            return DEFAULT_PREFETCH
         return value
 
     def track(self, path, value):

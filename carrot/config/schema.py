@@ -18,6 +18,8 @@ DEFAULT_QUEUE = 'default'
 # declared) cost the broker several times more per message than 10. An existing queue declared with
 # another x-max-priority (a 1.x queue: 255) is adopted as it is unless CARROT names max_priority.
 DEFAULT_MAX_PRIORITY = 10
+# Deliveries a consumer holds: the running one and the next ones (README.rst, "Speed").
+DEFAULT_PREFETCH = 8
 TRACK_ALL, TRACK_FAILURES, TRACK_NONE = 'all', 'failures', 'none'
 TRACK_LEVELS = (TRACK_ALL, TRACK_FAILURES, TRACK_NONE)  # what a queue's tasks write to MessageLog (README.rst, "Speed")
 CLASSIC = 'classic'
@@ -111,7 +113,7 @@ class QueueConfig:
     delivery_limit: int | None = None         # quorum queues: RabbitMQ's x-delivery-limit (None: not set)
     max_priority_set: bool = False            # CARROT names max_priority (else an existing queue's is adopted)
     track: str = 'all'                        # 'all', 'failures' or 'none': the rows its tasks write
-    prefetch: int = 1                         # deliveries a consumer holds: the running one and those next
+    prefetch: int = DEFAULT_PREFETCH          # deliveries a consumer holds: the running one and those next
 
     @property
     def dead_letter_queue(self) -> str:

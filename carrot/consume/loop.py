@@ -50,6 +50,9 @@ CLASH_REMINDER = 600.0  # ... and between the ERROR lines saying so
 # A result written without waiting for the disk waits for a later commit to flush it before its delivery is
 # acked (carrot.consume.unflushed); when the task after it runs this long, the lease thread flushes instead.
 FLUSH_DURING_TASK_AFTER = 0.2
+# Deliveries held beyond the running one (prefetch above 1) go back to the queue once the first of them has
+# waited this long, so an idle consumer can run them; this consumer takes new ones once its task is done.
+GIVE_BACK_HELD_AFTER = 0.5
 
 
 class Consumer:
@@ -88,6 +91,7 @@ class Consumer:
         self._flush_future = None        # a flush on the lease thread, while a long task runs ...
         self._flush_vouches: list[Delivery] = []  # ... and the deliveries it is for
         self._max_messages: int | None = None
+        self._paused = False             # consuming stopped while a long task runs (held deliveries given back)
         self._processor: MessageProcessor | None = None
         self._thread: TaskThread | None = None
         self._current_message: IncomingMessage | None = None
@@ -238,6 +242,7 @@ class Consumer:
                 self._held.clear()  # unacked: RabbitMQ delivers them again once the channel is gone
                 self._unflushed.clear()  # ... these too: a redelivery finds their rows COMPLETED
                 self._flush_future = None
+                self._paused = False
                 session.close(lost=lost)
 
     def _describe(self, exc: BaseException, session: ConsumeSession | None = None) -> str:
@@ -254,7 +259,11 @@ class Consumer:
                 last_activity = time.monotonic()
                 if self._held and not self._finished(max_messages):
                     self._start(self._held.popleft(), session)
+                elif self._paused and not self._finished(max_messages):
+                    session.resume()
+                    self._paused = False
             self._flush_during_long_task(session)
+            self._give_back_held_during_long_task(session)
             self._enforce_time_limit(session)
             self._tick()
             if self.delivery is not None:
@@ -344,6 +353,23 @@ class Consumer:
             return
         self._flush_vouches = list(self._unflushed)
         self._flush_future = self._lease_thread.submit(self._flush_in_lease_thread)
+
+    def _give_back_held_during_long_task(self, session: ConsumeSession) -> None:
+        """A delivery has waited GIVE_BACK_HELD_AFTER behind a running task: stop consuming and give back
+        every held one to the queue (requeued where they were, marked redelivered), so an idle consumer
+        runs them now. Not on a quorum queue: each return counts towards its delivery limit."""
+        delivery = self.delivery
+        if not self._held or delivery is None or delivery.done or self._held[0].age < GIVE_BACK_HELD_AFTER \
+                or self.queue.is_quorum or not session.consuming:
+            return
+        session.cancel()  # pika gives back, itself, what arrives before the broker confirms the cancel
+        self._paused = True
+        held, self._held = list(self._held), collections.deque()
+        for waiting in held:
+            session.settle(waiting.delivery_tag, REQUEUE, waiting.message)
+        self.logger.info('%s: %d messages waited %.1fs behind %s (running for %.1fs); they go back to the '
+                         'queue for other consumers', self.name, len(held), held[0].age, delivery.task,
+                         delivery.age)
 
     def _flush_in_lease_thread(self) -> bool | None:
         try:

@@ -70,7 +70,7 @@ DEFAULT_QUEUE = {'name': 'default', 'concurrency': int(os.environ.get('CARROT_DE
 # that does not know the key yet still reads these settings.
 if os.environ.get('CARROT_DEMO_TRACK'):
     DEFAULT_QUEUE['track'] = os.environ['CARROT_DEMO_TRACK']
-if os.environ.get('CARROT_DEMO_PREFETCH', '1') != '1':  # scripts/bench --prefetch
+if os.environ.get('CARROT_DEMO_PREFETCH'):  # scripts/bench --prefetch
     DEFAULT_QUEUE['prefetch'] = int(os.environ['CARROT_DEMO_PREFETCH'])
 
 CARROT = {
