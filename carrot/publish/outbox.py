@@ -33,13 +33,13 @@ import uuid as uuid_module
 from dataclasses import dataclass, field
 from typing import Callable
 
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connections, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from carrot.amqp import wire
 from carrot.amqp.publisher import publisher_for
-from carrot.commits import execute_without_waiting, without_waiting_for_disk
+from carrot.commits import without_waiting_for_disk
 from carrot.config import get_config
 from carrot.config.schema import TRACK_ALL
 from carrot.dbfaults import MIGRATE_HINT, tables_missing
@@ -48,6 +48,7 @@ from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigE
 from carrot.models import MessageLog
 from carrot.publish import arguments
 from carrot.publish.outgoing import Outgoing, prepare
+from carrot.statements import statement
 
 logger = logging.getLogger('carrot.publishing')
 
@@ -150,7 +151,10 @@ def _write_row(message: Outgoing, wait_for_disk: bool = True) -> MessageLog:
         if wait_for_disk:
             row.save(force_insert=True)
         else:
-            row.pk = execute_without_waiting(*_insert_sql(row), using=MessageLog.objects.db, fetch=True)[0]
+            using = MessageLog.objects.db
+            inserted = statement('insert_row', _insert_sql, using).run(_insert_params(row, using), using=using,
+                                                                       fetch=True)
+            row.pk = inserted[0]
             row._state.adding, row._state.db = False, MessageLog.objects.db
         return row
     except DatabaseError as exc:
@@ -160,19 +164,27 @@ def _write_row(message: Outgoing, wait_for_disk: bool = True) -> MessageLog:
         raise
 
 
-def _insert_sql(row: MessageLog) -> tuple[str, list]:
-    """The INSERT ... RETURNING id of `row`, as the ORM would write it."""
-    from django.db import connections
+def _insert_sql(connection) -> str:
+    """The INSERT ... RETURNING id of a row, as the ORM writes it (every column but the id, in field order)."""
     from django.db.models.sql import InsertQuery
-    fields = [f for f in MessageLog._meta.concrete_fields if not f.primary_key]
     query = InsertQuery(MessageLog)
-    query.insert_values(fields, [row])
-    compiler = query.get_compiler(using=MessageLog.objects.db)
+    query.insert_values(_insert_fields(), [MessageLog()])
+    compiler = query.get_compiler(connection=connection)
     compiler.returning_fields = [MessageLog._meta.pk]
-    sql, params = compiler.as_sql()[0]
+    sql, _ = compiler.as_sql()[0]
     if 'RETURNING' not in sql.upper():  # a database that cannot return from an INSERT
-        sql = f'{sql} RETURNING {connections[MessageLog.objects.db].ops.quote_name(MessageLog._meta.pk.column)}'
-    return sql, list(params)
+        sql = f'{sql} RETURNING {connection.ops.quote_name(MessageLog._meta.pk.column)}'
+    return sql
+
+
+def _insert_params(row: MessageLog, using: str) -> list:
+    """The values of `row` for _insert_sql, as the ORM would send them."""
+    connection = connections[using]
+    return [field.get_db_prep_save(getattr(row, field.attname), connection) for field in _insert_fields()]
+
+
+def _insert_fields() -> list:
+    return [field for field in MessageLog._meta.concrete_fields if not field.primary_key]
 
 
 def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bool,
@@ -222,13 +234,18 @@ def mark_published(log: MessageLog, scheduled: bool = False, from_status: str = 
     consumer has claimed meanwhile is left as it is."""
     status = MessageLog.SCHEDULED if scheduled else MessageLog.PUBLISHED
     # Lost in a server crash, the row reads WAITING: relayed, a harmless copy (carrot.commits).
-    table = MessageLog._meta.db_table
-    changed = execute_without_waiting(f'UPDATE {table} SET status = %s WHERE id = %s AND status = %s',
-                                      [status, log.pk, from_status], using=MessageLog.objects.db)
+    using = MessageLog.objects.db
+    changed = statement('mark_published', _mark_published_sql, using).run([status, log.pk, from_status],
+                                                                          using=using)
     if changed:
         log.status = status
     else:
         log.refresh_from_db(fields=['status'])
+
+
+def _mark_published_sql(connection) -> str:
+    quote = connection.ops.quote_name
+    return f'UPDATE {quote(MessageLog._meta.db_table)} SET status = %s WHERE id = %s AND status = %s'
 
 
 def _make_durable(log: MessageLog) -> None:
