@@ -6,7 +6,6 @@ behind it from idle consumers, and every task still runs once.
 import pytest
 from django.conf import settings
 from django.db import connection
-from django.test import override_settings
 
 from carrot.models import MessageLog
 from carrot.utilities import publish_message

@@ -239,8 +239,8 @@ def mark_published(log: MessageLog, scheduled: bool = False, from_status: str = 
                                                                           using=using)
     if changed:
         log.status = status
-    else:
-        log.refresh_from_db(fields=['status'])
+    else:  # a worker took it first: the row as it left it (claimed, or even finished)
+        log.refresh_from_db()
 
 
 def _mark_published_sql(connection) -> str:
