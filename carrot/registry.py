@@ -188,7 +188,26 @@ def _importable_name(module_name: str) -> bool:
 
 
 def get_task(path: str) -> Callable:
-    """The task a dotted path names, or TaskNotRegistered saying which rule it fails (see the module doc)."""
+    """The task a dotted path names, or TaskNotRegistered saying which rule it fails (see the module doc).
+    What is found is remembered for as long as the CARROT setting stays the same object (a worker asks
+    for the same few paths thousands of times); what is refused is looked up again each time."""
+    from carrot.config import get_config
+    config = get_config()
+    known = _found_tasks.get(path) if _found_tasks.get(None) is config else None
+    if known is not None:
+        return known
+    func = _find_task(path)
+    if _found_tasks.get(None) is not config:
+        _found_tasks.clear()
+        _found_tasks[None] = config
+    _found_tasks[path] = func
+    return func
+
+
+_found_tasks: dict = {}  # path -> task, and None -> the CARROT setting (parsed) they were found under
+
+
+def _find_task(path: str) -> Callable:
     if not isinstance(path, str) or not path:
         raise TaskNotRegistered(f'task {path!r} is not registered: a task is named by a dotted path')
     func = _decorated_task(path)

@@ -123,8 +123,7 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
     fields = MessageLog._meta.concrete_fields
     now = timezone.now()
     at = connection.ops.adapt_datetimefield_value
-    params = [MessageLog.IN_PROGRESS, at(now), worker, at(now + timedelta(seconds=lease)), message_id, task,
-              task_args, content, *TAKEABLE, at(now)]
+    params = [at(now), worker, at(now + timedelta(seconds=lease)), message_id, task, task_args, content, at(now)]
     found = statement('take_on_arrival', _take_on_arrival_sql, MessageLog.objects.db).run(
         params, using=MessageLog.objects.db, fetch=True)
     if found is None:
@@ -135,10 +134,12 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
 
 def _take_on_arrival_sql(connection) -> str:
     quote = connection.ops.quote_name
+    # The statuses are constants of the statement, not values sent with each call.
+    takeable = ', '.join(f"'{status}'" for status in TAKEABLE)
     return (f'UPDATE {quote(MessageLog._meta.db_table)} '
-            f'SET status = %s, started_time = %s, worker = %s, lease_expires = %s, attempts = attempts + 1, '
-            f"exception = '', traceback = '', failure_time = NULL "
-            f'WHERE uuid = %s AND task = %s AND task_args = %s AND content = %s AND status IN (%s, %s, %s) '
+            f"SET status = '{MessageLog.IN_PROGRESS}', started_time = %s, worker = %s, lease_expires = %s, "
+            f"attempts = attempts + 1, exception = '', traceback = '', failure_time = NULL "
+            f'WHERE uuid = %s AND task = %s AND task_args = %s AND content = %s AND status IN ({takeable}) '
             f'AND (run_after IS NULL OR run_after <= %s) '
             f'RETURNING {", ".join(quote(f.column) for f in MessageLog._meta.concrete_fields)}')
 

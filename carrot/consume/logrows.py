@@ -92,21 +92,22 @@ def completion_skips_the_orm() -> bool:
 
 
 def write_completion(row: MessageLog, wait_for_disk: bool = True) -> int:
-    """Write what a success changes in `row` (the processor's COMPLETION_FIELDS), bounded already, in one
+    """Write a success (COMPLETED, its completion time, output and log; no lease) of `row`, bounded already, in one
     statement planned once per connection. `wait_for_disk=False`: the commit does not wait for the WAL
     flush, and the delivery may be acked only once a later commit has flushed it (carrot.commits).
     Returns the number of rows written (0: the row was deleted meanwhile)."""
     using = MessageLog.objects.db
     at = statement('write_completion', _write_completion_sql, using)
     adapt = connections[using].ops.adapt_datetimefield_value
-    return at.run([row.status, adapt(row.completion_time), row.output, row.log, adapt(row.lease_expires), row.pk],
-                  using=using, wait_for_disk=wait_for_disk)
+    return at.run([adapt(row.completion_time), row.output, row.log, row.pk], using=using,
+                  wait_for_disk=wait_for_disk)
 
 
 def _write_completion_sql(connection) -> str:
     quote = connection.ops.quote_name
-    return (f'UPDATE {quote(MessageLog._meta.db_table)} SET status = %s, completion_time = %s, output = %s, '
-            f'log = %s, lease_expires = %s WHERE {quote(MessageLog._meta.pk.column)} = %s')
+    return (f"UPDATE {quote(MessageLog._meta.db_table)} SET status = '{MessageLog.COMPLETED}', "
+            f'completion_time = %s, output = %s, log = %s, lease_expires = NULL '
+            f'WHERE {quote(MessageLog._meta.pk.column)} = %s')
 
 
 def record_attempt(row: MessageLog, outcome: str, limit: int, exception_class: str = '', exception: str = '',
