@@ -22,6 +22,7 @@ from .protocol import BEAT, Report
 # How long a child forked by the image waits to be re-parented to the master (the image's middle
 # process exits right after the fork, so this is normally well under a millisecond).
 REPARENT_TIMEOUT = 2.0
+MASTER_CHECK_INTERVAL = 0.1  # seconds between looks at the parent pid (the death signal usually comes first)
 
 
 class ChildContext:
@@ -57,6 +58,7 @@ class ChildContext:
         # not turn that into thousands of wake-ups a second.
         self._beat_interval = beat_interval
         self._last_beat = float("-inf")
+        self._master_checked = float("-inf")
         self._last_report: tuple | None = None
         self._last_title: str | None = None
 
@@ -103,7 +105,15 @@ class ChildContext:
         set_title(f"{title} {state}" if state else title)
 
     def master_alive(self) -> bool:
-        return not self.orphaned and os.getppid() == self.master_pid
+        """False once the master is gone (asked every loop turn: the parent is read at most every
+        MASTER_CHECK_INTERVAL seconds)."""
+        if self.orphaned:
+            return False
+        now = time.monotonic()
+        if now - self._master_checked >= MASTER_CHECK_INTERVAL:
+            self._master_checked = now
+            self.orphaned = os.getppid() != self.master_pid
+        return not self.orphaned
 
 
 def _bounded(text: str | None, limit: int = 500) -> str | None:

@@ -165,11 +165,25 @@ def kill_tree(pid: int) -> list[int]:
     return tree
 
 
+def _has_children() -> bool:
+    """Whether this process has a child, running or finished (a finished one is reaped on the way)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True  # one still runs
+        # a finished child, reaped now: look again for others
+
+
 def end_descendants(keep: Iterable[int] = (), timeout: float = 5.0) -> list[str]:
     """SIGKILL every descendant of this process but `keep` and reap them; returns what was ended, for
     the log. Meant for a child subreaper (become_subreaper): orphaned grandchildren (a double fork, a
     setsid daemon) become its direct children, so they are found and reaped here too."""
     import time
+    if not keep and not _has_children():
+        return []  # one system call: the usual case after a task, which started no process
     keep = set(keep)
     ended: list[str] = []
     deadline = time.monotonic() + timeout
