@@ -54,15 +54,31 @@ def execute_without_waiting(sql: str, params, using: str = 'default', fetch: boo
     CARROT allows it, outside a transaction) it goes in one query string behind `SET LOCAL
     synchronous_commit TO off`, which PostgreSQL runs as one transaction; elsewhere as it is. Returns the
     first row (`fetch`: for RETURNING) or the number of rows changed."""
+    skip = commits_may_skip_the_disk()
+    return execute_with_commit(sql, params, 'off' if skip else None, using, fetch)
+
+
+def execute_durably(sql: str, params, using: str = 'default', fetch: bool = False):
+    """Run one statement whose commit waits for the disk as the server is configured to, whatever the
+    session was set to since (a task may have run `SET synchronous_commit TO off` on the connection it
+    shares with carrot): `SET LOCAL synchronous_commit TO DEFAULT` in front, in the same round trip."""
+    return execute_with_commit(sql, params, 'DEFAULT', using, fetch)
+
+
+def execute_with_commit(sql: str, params, synchronous_commit: str | None, using: str = 'default',
+                        fetch: bool = False):
+    """`sql` as its own transaction with `SET LOCAL synchronous_commit TO <synchronous_commit>` (None: as
+    the session says) on PostgreSQL outside a transaction; elsewhere as it is."""
     connection = connections[using]
-    skip_the_disk = connection.vendor == 'postgresql' and not connection.in_atomic_block and \
-        commits_may_skip_the_disk()
+    set_it = synchronous_commit is not None and connection.vendor == 'postgresql' and \
+        not connection.in_atomic_block
     with connection.cursor() as cursor:
-        if skip_the_disk and _takes_two_statements(cursor):
-            cursor.execute(f'SET LOCAL synchronous_commit TO off; {sql}', params)
+        if set_it and _takes_two_statements(cursor):
+            cursor.execute(f'SET LOCAL synchronous_commit TO {synchronous_commit}; {sql}', params)
             cursor.cursor.nextset()  # past the SET's empty result, to the statement's
-        elif skip_the_disk:  # psycopg2, or psycopg 3 binding on the server: the SET in a transaction of its own
-            with without_waiting_for_disk(using):
+        elif set_it:  # psycopg2, or psycopg 3 binding on the server: the SET in a transaction of its own
+            with transaction.atomic(using=using):
+                cursor.execute(f'SET LOCAL synchronous_commit TO {synchronous_commit}')
                 cursor.execute(sql, params)
                 return cursor.fetchone() if fetch else cursor.rowcount
         else:
@@ -75,14 +91,12 @@ def flush_to_disk(using: str = 'default'):
     which takes all earlier WAL with it (commits that did not wait included). PostgreSQL only. Returns
     the server's start time (pg_postmaster_start_time: a restart in between means the commits that did
     not wait may be gone), or None when the database refuses the WAL record."""
-    connection = connections[using]
     # A transactional logical message gives the transaction an id and a WAL record (one that only takes an
     # id commits without flushing); it touches no table and needs no privilege beyond LOGIN. Outside a
     # transaction it commits on its own, as durably as the server's synchronous_commit says.
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_postmaster_start_time() FROM pg_logical_emit_message(true, 'carrot', '')")
-            return cursor.fetchone()[0]
+        return execute_durably("SELECT pg_postmaster_start_time() FROM pg_logical_emit_message(true, 'carrot', '')",
+                               [], using, fetch=True)[0]
     except DatabaseError as exc:
         cause = exc.__cause__
         if getattr(cause, 'sqlstate', None) == '42501' or getattr(cause, 'pgcode', None) == '42501':

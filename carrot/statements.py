@@ -9,21 +9,24 @@ parses beyond the EXECUTE nor plans again.
 
 Used only where it helps and cannot surprise: PostgreSQL with the values filled in on the client (psycopg
 3's default, psycopg2), outside a transaction (a failed EXECUTE would abort the caller's). Anywhere else
-the statement runs as it is. A connection that loses its prepared statements (a pooler in transaction mode
-hands each statement to another server session, or a DISCARD ALL) is noticed on the first EXECUTE that
-fails: the statement runs as it is, and that connection prepares nothing any more.
+the statement runs as it is. A statement is named by a hash of its text, so a session shared between
+clients (a pooler in transaction mode) or between two versions of carrot never runs another statement
+under its name. An EXECUTE that fails committed nothing, so the plain statement is run instead: when the
+prepared statement was gone (a pooler handing each statement to another server session, a DISCARD ALL),
+that connection prepares nothing any more; otherwise (a plan whose result type a migration changed, a lock
+timeout) it is dropped and prepared afresh next time.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import weakref
 
 from django.db import connections
 
-from carrot.commits import execute_without_waiting
+from carrot.commits import execute_durably, execute_without_waiting
 
-_names = itertools.count(1)
 
 
 def statement(name: str, build, using: str = 'default') -> 'Statement':
@@ -43,12 +46,16 @@ class Statement:
         self.name = name
         self.sql = sql
         self.count = sql.count('%s')
+        # Named by its text: sessions that a pooler shares between clients (or clients of two versions in a
+        # rolling deploy) never run another statement under this name.
+        self.prepared_name = f'carrot_{name}_{hashlib.sha1(sql.encode()).hexdigest()[:12]}'
         # Per DB-API connection: the name it is prepared under, or None when that connection prepares nothing.
         self._prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def run(self, params, using: str = 'default', fetch: bool = False, wait_for_disk: bool = False):
         """Run with `params`; returns the first row (`fetch`) or the number of rows changed. Unless
-        `wait_for_disk`, the commit need not wait for the WAL flush (carrot.commits)."""
+        `wait_for_disk`, the commit need not wait for the WAL flush (carrot.commits); with it, it waits as
+        the server is configured to, whatever the session was set to."""
         connection = connections[using]
         connection.ensure_connection()
         name = self._name_on(connection)
@@ -58,10 +65,11 @@ class Statement:
         try:
             return _execute(call, params, using, fetch, wait_for_disk)
         except Exception as exc:
-            if not _is_missing_statement(exc):
-                self._forget(connection)  # prepared again next time (a new name: the old one may linger)
-                raise
-            self._prepared[connection.connection] = None  # this connection cannot keep them: plain from now on
+            # Whatever failed (the statement gone with a pooler or a DISCARD ALL, a plan whose result type
+            # a migration changed, a lock timeout), it committed nothing: the plain statement decides. A
+            # connection that lost it prepares nothing any more; otherwise it is prepared afresh next time.
+            missing = _is_missing_statement(exc)
+            self._drop(connection, name, keep_off=missing)
         return _execute(self.sql, params, using, fetch, wait_for_disk)
 
     def _name_on(self, connection) -> str | None:
@@ -73,21 +81,31 @@ class Statement:
                 return self._prepared[raw]
         except TypeError:  # a driver connection that cannot be weakly referenced: never prepared
             return None
-        name = f'carrot_{self.name}_{next(_names)}'
+        name = self.prepared_name
         try:
             with connection.cursor() as cursor:
                 cursor.execute(f'PREPARE {name} AS {_numbered(self.sql)}')
-        except Exception:  # a database that refuses PREPARE: the plain statement, from now on
-            name = None
+        except Exception as exc:
+            # Already there (a pooler may hand this session another client's, of the very same text: the
+            # name is the text's hash), or a database that refuses PREPARE: plain from now on.
+            if not _sqlstate_is(exc, '42P05'):
+                name = None
         self._prepared[raw] = name
         return name
 
-    def _forget(self, connection) -> None:
+    def _drop(self, connection, name: str, keep_off: bool) -> None:
+        raw = connection.connection
+        if raw is None:
+            return
+        if keep_off:
+            self._prepared[raw] = None
+            return
+        self._prepared.pop(raw, None)
         try:
-            self._prepared.pop(connection.connection, None)
-        except TypeError:
+            with connection.cursor() as cursor:
+                cursor.execute(f'DEALLOCATE {name}')
+        except Exception:  # gone with the connection, or never there
             pass
-
 
 _STATEMENTS: dict[tuple[str, str, str], Statement] = {}
 
@@ -107,9 +125,7 @@ def _can_prepare(connection) -> bool:
 
 def _execute(sql, params, using, fetch, wait_for_disk):
     if wait_for_disk:
-        with connections[using].cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchone() if fetch else cursor.rowcount
+        return execute_durably(sql, params, using=using, fetch=fetch)
     return execute_without_waiting(sql, params, using=using, fetch=fetch)
 
 
@@ -120,6 +136,10 @@ def _numbered(sql: str) -> str:
 
 
 def _is_missing_statement(exc: BaseException) -> bool:
-    """Whether `exc` says the prepared statement does not exist (SQLSTATE 26000) on this session."""
+    """Whether `exc` says the prepared statement does not exist on this session (SQLSTATE 26000)."""
+    return _sqlstate_is(exc, '26000')
+
+
+def _sqlstate_is(exc: BaseException, code: str) -> bool:
     cause = exc.__cause__ or exc
-    return getattr(cause, 'sqlstate', None) == '26000' or getattr(cause, 'pgcode', None) == '26000'
+    return getattr(cause, 'sqlstate', None) == code or getattr(cause, 'pgcode', None) == code

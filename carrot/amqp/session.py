@@ -54,9 +54,11 @@ class ConsumeSession:
     """One connection consuming one queue. Not thread-safe except `wake()`."""
 
     def __init__(self, broker: BrokerConfig, queue: QueueConfig, logger: logging.Logger, name: str,
-                 delay_levels: int = delays.DEFAULT_LEVELS, confirm_timeout: float | None = None):
+                 delay_levels: int = delays.DEFAULT_LEVELS, confirm_timeout: float | None = None,
+                 prefetch: int | None = None):
         self.broker = broker
         self.queue = queue
+        self.prefetch = queue.prefetch if prefetch is None else prefetch
         self.logger = logger
         self.name = name
         self.delay_levels = delay_levels
@@ -94,7 +96,7 @@ class ConsumeSession:
             self.channel = self.connection.channel()
             # A 1.x queue, adopted as it is, has no dead-letter route: failures are moved by hand then.
             self._routes_dead_letters = has_dead_letter_route(declare_queue(self.channel, self.queue))
-            self.channel.basic_qos(prefetch_count=self.queue.prefetch, global_qos=False)  # see the docstring
+            self.channel.basic_qos(prefetch_count=self.prefetch, global_qos=False)  # see the docstring
             self.channel.add_on_cancel_callback(self._on_cancelled_by_broker)
             self._consume()
         except BaseException as exc:

@@ -128,7 +128,8 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
         params, using=MessageLog.objects.db, fetch=True)
     if found is None:
         return None
-    values = [_from_db(connection, field, value) for field, value in zip(fields, found)]
+    values = [_from_db(connection, converters, value)
+              for converters, value in zip(_converters_of(connection), found)]
     return MessageLog.from_db(MessageLog.objects.db, [f.attname for f in fields], values)
 
 
@@ -144,10 +145,24 @@ def _take_on_arrival_sql(connection) -> str:
             f'RETURNING {", ".join(quote(f.column) for f in MessageLog._meta.concrete_fields)}')
 
 
-def _from_db(connection, field, value):
+def _converters_of(connection) -> list[tuple]:
+    """Per column of MessageLog, what turns its value as read into the ORM's: looked up once per
+    connection (the lookup cost more than the claim's own Python)."""
+    found = getattr(connection, '_carrot_converters', None)
+    if found is None:
+        found = []
+        for field in MessageLog._meta.concrete_fields:
+            column = field.get_col(MessageLog._meta.db_table)
+            found.append((column, tuple(connection.ops.get_db_converters(column) +
+                                        column.get_db_converters(connection))))
+        connection._carrot_converters = found
+    return found
+
+
+def _from_db(connection, converters, value):
     """A column's value as the ORM would give it (SQLite's datetimes are text, for one)."""
-    column = field.get_col(MessageLog._meta.db_table)
-    for converter in connection.ops.get_db_converters(column) + column.get_db_converters(connection):
+    column, functions = converters
+    for converter in functions:
         value = converter(value, column, connection)
     return value
 

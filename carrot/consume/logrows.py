@@ -91,16 +91,20 @@ def completion_skips_the_orm() -> bool:
     return not (signals.pre_save.has_listeners(MessageLog) or signals.post_save.has_listeners(MessageLog))
 
 
-def write_completion(row: MessageLog, wait_for_disk: bool = True) -> int:
-    """Write a success (COMPLETED, its completion time, output and log; no lease) of `row`, bounded already, in one
-    statement planned once per connection. `wait_for_disk=False`: the commit does not wait for the WAL
-    flush, and the delivery may be acked only once a later commit has flushed it (carrot.commits).
-    Returns the number of rows written (0: the row was deleted meanwhile)."""
+def write_completion(row: MessageLog, wait_for_disk: bool = True) -> tuple[bool, object]:
+    """Write a success (COMPLETED, its completion time, output and log; no lease) of `row`, bounded already,
+    in one statement planned once per connection. `wait_for_disk=False`: the commit does not wait for the
+    WAL flush, and the delivery may be acked only once a later commit has flushed it
+    (carrot.consume.unflushed). Returns whether the row was written (False: it was deleted meanwhile) and,
+    on PostgreSQL, the start time of the server that took it."""
     using = MessageLog.objects.db
-    at = statement('write_completion', _write_completion_sql, using)
     adapt = connections[using].ops.adapt_datetimefield_value
-    return at.run([adapt(row.completion_time), row.output, row.log, row.pk], using=using,
-                  wait_for_disk=wait_for_disk)
+    params = [adapt(row.completion_time), row.output, row.log, row.pk]
+    if connections[using].vendor != 'postgresql':
+        return bool(statement('write_completion', _write_completion_sql, using).run(params, using=using)), None
+    found = statement('write_completion_returning', _write_completion_returning_sql, using).run(
+        params, using=using, fetch=True, wait_for_disk=wait_for_disk)
+    return (True, found[0]) if found is not None else (False, None)
 
 
 def _write_completion_sql(connection) -> str:
@@ -108,6 +112,12 @@ def _write_completion_sql(connection) -> str:
     return (f"UPDATE {quote(MessageLog._meta.db_table)} SET status = '{MessageLog.COMPLETED}', "
             f'completion_time = %s, output = %s, log = %s, lease_expires = NULL '
             f'WHERE {quote(MessageLog._meta.pk.column)} = %s')
+
+
+def _write_completion_returning_sql(connection) -> str:
+    # The server's start time comes back with the write: a result is vouched for only by a flush on the
+    # same server run (carrot.consume.unflushed).
+    return f'{_write_completion_sql(connection)} RETURNING pg_postmaster_start_time()'
 
 
 def record_attempt(row: MessageLog, outcome: str, limit: int, exception_class: str = '', exception: str = '',

@@ -50,6 +50,7 @@ CLASH_REMINDER = 600.0  # ... and between the ERROR lines saying so
 # A result written without waiting for the disk waits for a later commit to flush it before its delivery is
 # acked (carrot.consume.unflushed); when the task after it runs this long, the lease thread flushes instead.
 FLUSH_DURING_TASK_AFTER = 0.2
+FLUSH_RETRY = 1.0  # seconds between tries of a flush that failed
 # Deliveries held beyond the running one (prefetch above 1) go back to the queue once the first of them has
 # waited this long, so an idle consumer can run them; this consumer takes new ones once its task is done.
 GIVE_BACK_HELD_AFTER = 0.5
@@ -88,8 +89,8 @@ class Consumer:
         self._held: collections.deque[Delivery] = collections.deque()
         # Deliveries done whose results were committed without waiting for the disk: acked after a flush.
         self._unflushed: list[Delivery] = []
-        self._flush_future = None        # a flush on the lease thread, while a long task runs ...
-        self._flush_vouches: list[Delivery] = []  # ... and the deliveries it is for
+        self._flush_future = None        # a flush on the lease thread (see _flush_when_stuck)
+        self._next_flush = 0.0           # monotonic time before which a failed flush is not tried again
         self._max_messages: int | None = None
         self._paused = False             # consuming stopped while a long task runs (held deliveries given back)
         self._processor: MessageProcessor | None = None
@@ -199,9 +200,12 @@ class Consumer:
                         base=RECONNECT_BASE)
         clash = None  # monotonic time the queue clash was last logged, while there is one
         while not self._finished(max_messages):
+            # A worker that stops after a few messages (max_tasks_per_child) holds no more than it will run.
+            prefetch = self.queue.prefetch if max_messages is None else \
+                max(1, min(self.queue.prefetch, max_messages - self.messages_settled))
             session = ConsumeSession(self.broker, self.queue, self.logger, self.name,
                                      delay_levels=self.config.delay_levels,
-                                     confirm_timeout=self.config.confirm_timeout)
+                                     confirm_timeout=self.config.confirm_timeout, prefetch=prefetch)
             try:
                 session.open(self._on_delivery(session))
             except QueueMismatchError as exc:
@@ -262,7 +266,7 @@ class Consumer:
                 elif self._paused and not self._finished(max_messages):
                     session.resume()
                     self._paused = False
-            self._flush_during_long_task(session)
+            self._flush_when_stuck(session)
             self._give_back_held_during_long_task(session)
             self._enforce_time_limit(session)
             self._tick()
@@ -306,52 +310,65 @@ class Consumer:
         except BaseException:  # process() never raises; if an override does, the message is not run again
             self.logger.exception('%s: processing %s raised; dead-lettering it', self.name, delivery.task)
             disposition = DEAD_LETTER
-        self._settle_unflushed(session, self.processor.earlier_results_durable)
         if disposition.on_disk:
             session.settle(delivery.delivery_tag, disposition, delivery.message)
         else:
+            delivery.flush_number = self.processor.unflushed_number
             self._unflushed.append(delivery)
+        self._settle_unflushed(session)
         self.delivery = None
         if disposition.action in (Action.ACK, Action.DEAD_LETTER):
             self.messages_settled += 1
 
     # -- results written without waiting for the disk (carrot.consume.unflushed)
 
-    def _settle_unflushed(self, session: ConsumeSession, durable: bool | None,
-                          deliveries: list[Delivery] | None = None) -> None:
-        """Ack the deliveries whose results a flush made durable; give back (requeue) those a server restart
-        may have lost (the redelivery finds the row COMPLETED, or runs the task again); None: not flushed."""
-        if durable is None or not self._unflushed:
+    def _settle_unflushed(self, session: ConsumeSession) -> None:
+        """Ack the deliveries whose results a flush has made durable; give back (requeue) those a server
+        restart may have lost (the redelivery finds the row COMPLETED, or runs the task again); keep the
+        others until a flush settles them."""
+        if not self._unflushed:
             return
-        waiting = {id(d) for d in self._unflushed}
-        settled = [d for d in (self._unflushed if deliveries is None else deliveries) if id(d) in waiting]
-        for delivery in settled:
-            if durable:
-                session.settle(delivery.delivery_tag, ACK, delivery.message)
+        results = self.processor.results
+        kept, given_back = [], 0
+        for waiting in self._unflushed:
+            durable = results.verdict(waiting.flush_number)
+            if durable is None:
+                kept.append(waiting)
+            elif durable:
+                session.settle(waiting.delivery_tag, ACK, waiting.message)
             else:
-                session.settle(delivery.delivery_tag, REQUEUE, delivery.message)
-        if not durable:
+                session.settle(waiting.delivery_tag, REQUEUE, waiting.message)
+                given_back += 1
+        self._unflushed = kept
+        if given_back:
             self.logger.warning('%s: the database server restarted before %d results written without waiting '
                                 'for the disk were flushed; their messages go back to the queue', self.name,
-                                len(settled))
-        done = {id(d) for d in settled}
-        self._unflushed = [d for d in self._unflushed if id(d) not in done]
+                                given_back)
 
-    def _flush_during_long_task(self, session: ConsumeSession) -> None:
-        """While a task runs longer than FLUSH_DURING_TASK_AFTER, flush the results before it on the lease
-        thread, so their deliveries are not held unacked for as long as it runs."""
+    def _flush_when_stuck(self, session: ConsumeSession) -> None:
+        """Results wait for a flush while no task runs (a stop is coming, held deliveries were given back)
+        or while the task after them runs longer than FLUSH_DURING_TASK_AFTER: flush them on the lease
+        thread, so their deliveries are not held unacked. A flush that fails is tried again every second."""
         pending = self._flush_future
         if pending is not None:
             if not pending.done():
                 return
             self._flush_future = None
-            if pending.exception() is None:
-                self._settle_unflushed(session, pending.result(), self._flush_vouches)
+            exc = pending.exception()
+            if exc is None:
+                self._lease_outage.recovered()
+                self._settle_unflushed(session)
+            else:
+                self._lease_outage.failed(f'flushing {len(self._unflushed)} results: {text.for_log(exc, 200)}')
+                self._next_flush = time.monotonic() + FLUSH_RETRY
             return
         delivery = self.delivery
-        if not self._unflushed or delivery is None or delivery.done or delivery.age < FLUSH_DURING_TASK_AFTER:
+        if not self._unflushed or time.monotonic() < self._next_flush:
             return
-        self._flush_vouches = list(self._unflushed)
+        if delivery is not None and not delivery.done and delivery.age < FLUSH_DURING_TASK_AFTER:
+            return
+        if delivery is not None and delivery.done:
+            return  # settled on the next turn, with whatever its own commit flushed
         self._flush_future = self._lease_thread.submit(self._flush_in_lease_thread)
 
     def _give_back_held_during_long_task(self, session: ConsumeSession) -> None:
@@ -371,9 +388,9 @@ class Consumer:
                          'queue for other consumers', self.name, len(held), held[0].age, delivery.task,
                          delivery.age)
 
-    def _flush_in_lease_thread(self) -> bool | None:
+    def _flush_in_lease_thread(self) -> None:
         try:
-            return self.processor.results.flush()
+            self.processor.results.flush()
         except DatabaseError:
             connections.close_all()  # the lease thread's; the next flush (or the task's own commit) tries again
             raise
@@ -383,14 +400,15 @@ class Consumer:
         If that fails, the deliveries go back unacked with the channel and are found COMPLETED."""
         if not self._unflushed:
             return
+        self._flush_future = None  # one in flight finishes first: the lease thread runs one step at a time
         try:
-            durable = self._on_lease_thread(self._flush_in_lease_thread)
+            self._on_lease_thread(self._flush_in_lease_thread)
         except Exception as exc:
             self.logger.warning('%s: could not flush %d results before stopping (%s); their messages are '
                                 'delivered again and acked as duplicates', self.name, len(self._unflushed),
                                 text.for_log(exc, 200))
             return
-        self._settle_unflushed(session, durable if durable is not None else False)
+        self._settle_unflushed(session)
 
     def _enforce_time_limit(self, session: ConsumeSession) -> None:
         """Fail and dead-letter a task that overran the time limit, then raise to end this process."""

@@ -46,6 +46,7 @@ from carrot.consume.dbretry import (DatabaseRetry, StopRequested, drop_broken_co
 from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, completion_skips_the_orm, get_or_insert_row,
                                     insert_row, new_row, record_attempt, same_call, set_failed_fields,
                                     write_completion)
+from carrot.commits import flush_to_disk
 from carrot.consume.unflushed import UnflushedResults
 from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, exception_class_path, run_task
 from carrot.exceptions import BadMessage, TaskNotRegistered, WorkerLost
@@ -95,9 +96,9 @@ class MessageProcessor:
         self.abandoned: threading.Event | None = None  # set: the delivery in hand is gone (see process)
         self._returning = claim.can_take_on_arrival()
         self.results = UnflushedResults(MessageLog.objects.db)
-        # Set by process(): whether the results written without waiting before this message are durable
-        # now (True), may have been lost to a server restart (False), or are still unflushed (None).
-        self.earlier_results_durable: bool | None = None
+        # Set by process(): the number (carrot.consume.unflushed) of this message's result when it was
+        # written without waiting for the disk; its delivery is acked once that number is settled.
+        self.unflushed_number: int | None = None
 
     # -- one message
 
@@ -107,7 +108,7 @@ class MessageProcessor:
         for the database to claim it is pointless then, as RabbitMQ delivers it again."""
         self.abandoned = abandoned
         self._claimed: MessageLog | None = None  # the row this worker holds for `message`, once claimed
-        self.earlier_results_durable = None
+        self.unflushed_number = None
         if message.message_id is not None:
             claim.hold(message.message_id)
         try:
@@ -127,14 +128,15 @@ class MessageProcessor:
             self._flush_results()  # nothing after this to flush them: the earlier deliveries wait on it
         return disposition
 
+    def _flush_everything(self) -> None:
+        if self.results.usable():
+            flush_to_disk(MessageLog.objects.db)
+
     def _flush_results(self) -> None:
         try:
-            verdict = self._database(self.results.flush, 'flushing results to disk', interruptible=False)
-        except Exception:  # their deliveries stay unacked; a redelivery finds the rows COMPLETED
+            self._database(self.results.flush, 'flushing results to disk', interruptible=False)
+        except Exception:  # their deliveries wait; the consumer flushes again (or they go back unacked)
             self.logger.exception('%s: could not flush the results written without waiting', self.name)
-            return
-        if verdict is not None:
-            self.earlier_results_durable = verdict
 
     def _process(self, message: IncomingMessage) -> Disposition:
         if message.is_bad:
@@ -242,6 +244,9 @@ class MessageProcessor:
             if row.status == MessageLog.COMPLETED:
                 self.logger.warning('%s: %s (%s) is already COMPLETED; acking the duplicate delivery '
                                     'without running it again', self.name, message.shown_task, row.uuid)
+                # Its worker may have written that result without waiting for the disk and died before a
+                # flush: this ack must not come before one.
+                self._database(self._flush_everything, 'flushing results to disk', interruptible=False)
                 return ACK
             if row.status == MessageLog.FAILED:
                 self.logger.warning('%s: %s (%s) is already FAILED; dead-lettering this delivery without '
@@ -349,12 +354,14 @@ class MessageProcessor:
 
         def write() -> bool:
             skipping = skip and self.results.usable()
-            write_completion(row, wait_for_disk=not skipping)
+            written, server_started = write_completion(row, wait_for_disk=not skipping)
+            if not written:  # deleted meanwhile: nothing of it to flush (nor did this commit flush anything)
+                return True
             if skipping:
-                self.results.wrote_unflushed()
-            else:
-                self.earlier_results_durable = self.results.wrote_flushed()
-            return not skipping
+                self.unflushed_number = self.results.wrote_unflushed(server_started)
+                return False
+            self.results.wrote_flushed(server_started)
+            return True
         try:
             return self._database(write, 'recording the result', interruptible=False)
         except DatabaseError:  # refused for good: save() writes it reduced
@@ -363,13 +370,10 @@ class MessageProcessor:
             return True
 
     def _note_flushed(self) -> None:
-        """After a commit that waited on this thread: the results before it are settled (carrot.consume.unflushed)."""
+        """After a write through the ORM: results written without waiting before it are flushed explicitly
+        (the ORM's commit may not have written anything, and says nothing of the server's start)."""
         if self.results.pending:
-            try:
-                self.earlier_results_durable = self._database(self.results.wrote_flushed, 'reading the server',
-                                                              interruptible=False)
-            except DatabaseError:
-                pass  # still pending: process() flushes them
+            self._flush_results()
 
     def _failed(self, row: MessageLog, message: IncomingMessage, outcome: TaskOutcome,
                 delay: float | None) -> Disposition:

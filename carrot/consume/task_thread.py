@@ -25,6 +25,7 @@ class Delivery:
     future: Future | None = None
     message: object = None         # the IncomingMessage
     abandoned: threading.Event = field(default_factory=threading.Event)  # set when the delivery is gone
+    flush_number: int | None = None  # its result's, while it waits for a flush (carrot.consume.unflushed)
 
     @property
     def age(self) -> float:
