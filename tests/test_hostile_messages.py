@@ -232,6 +232,12 @@ class Attack:
 
         rows = [r for r in MessageLog.objects.filter(pk__gt=before_pk) if r.uuid != sentinel_id]
         dead = drain_dead(self.channel)
+        # The consumer holds the sentinel already (prefetch): it may complete before RabbitMQ has routed the
+        # rejected message to <queue>.dead. A FAILED row means a dead letter is on its way.
+        deadline = time.monotonic() + 5
+        while not dead and any(r.status == MessageLog.FAILED for r in rows) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            dead = drain_dead(self.channel)
         statuses = sorted(r.status for r in rows)
         assert len(dead) <= 1, f'{len(dead)} dead letters for one message'
         if dead:
