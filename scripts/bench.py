@@ -191,11 +191,11 @@ def raw_publish(url: str, queue: str, n: int) -> float:
     return n / elapsed
 
 
-def raw_drain_consumer(url: str, queue: str, ready, go, results) -> None:
-    """One ceiling consumer (run in a process of its own): carrot's prefetch, ack each, until the queue stays
-    empty for a second. Reports (messages, time of the last ack)."""
+def raw_drain_consumer(url: str, queue: str, prefetch: int, ready, go, results) -> None:
+    """One ceiling consumer (run in a process of its own, spawned: given its prefetch, as it inherits
+    nothing), ack each, until the queue stays empty for a second. Reports (messages, time of the last ack)."""
     connection, channel = raw_channel(url)
-    channel.basic_qos(prefetch_count=PREFETCH)
+    channel.basic_qos(prefetch_count=prefetch)
     ready.release()
     go.wait(30)
     count, last_ack = 0, None
@@ -209,13 +209,14 @@ def raw_drain_consumer(url: str, queue: str, ready, go, results) -> None:
     results.put((count, last_ack))
 
 
-def raw_drain(url: str, queue: str, n: int, consumers: int = CHILDREN) -> float:
+def raw_drain(url: str, queue: str, n: int, consumers: int = CHILDREN, prefetch: int | None = None) -> float:
     """Messages per second that `consumers` processes drain from `queue` (holding n), from the moment all
-    are connected to the last ack."""
+    are connected to the last ack; each holding `prefetch` (carrot's by default)."""
+    prefetch = PREFETCH if prefetch is None else prefetch
     context = multiprocessing.get_context('spawn')  # nothing of this process (Django, sockets) is inherited
     ready, go, results = context.Semaphore(0), context.Event(), context.Queue()
-    processes = [context.Process(target=raw_drain_consumer, args=(url, queue, ready, go, results), daemon=True)
-                 for _ in range(consumers)]
+    processes = [context.Process(target=raw_drain_consumer, args=(url, queue, prefetch, ready, go, results),
+                                 daemon=True) for _ in range(consumers)]
     try:
         for process in processes:
             process.start()
@@ -233,10 +234,10 @@ def raw_drain(url: str, queue: str, n: int, consumers: int = CHILDREN) -> float:
     return n / (max(last for _, last in reports if last) - started)
 
 
-def raw_latency_consumer(url: str, queue: str, ready, results) -> None:
+def raw_latency_consumer(url: str, queue: str, prefetch: int, ready, results) -> None:
     """A ceiling consumer that reports when each message arrived, until a b'stop' (or 30s of nothing)."""
     connection, channel = raw_channel(url)
-    channel.basic_qos(prefetch_count=PREFETCH)
+    channel.basic_qos(prefetch_count=prefetch)
     ready.release()
     for method, _, body in channel.consume(queue, inactivity_timeout=30):
         received = time.time()
@@ -259,8 +260,8 @@ def raw_latency(url: str, queue: str, calls: int, spacing: float, consumers: int
     channel.queue_declare(queue, durable=True)
     channel.confirm_delivery()
     persistent = pika.BasicProperties(delivery_mode=2)
-    processes = [context.Process(target=raw_latency_consumer, args=(url, queue, ready, results), daemon=True)
-                 for _ in range(consumers)]
+    processes = [context.Process(target=raw_latency_consumer, args=(url, queue, PREFETCH, ready, results),
+                                 daemon=True) for _ in range(consumers)]
     latencies = []
     try:
         channel.queue_purge(queue)
@@ -324,8 +325,14 @@ def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: in
     queue = 'bench-raw'
     publish = raw_publish(url, queue, n)
     drain = raw_drain(url, queue, n)
+    # The ceiling one delivery at a time too (as django-carrot 1.x and carrot 'prefetch': 1 consume).
+    drain_one = drain
+    if PREFETCH != 1:
+        raw_publish(url, queue, n)
+        drain_one = raw_drain(url, queue, n, prefetch=1)
     latencies = raw_latency(url, queue, latency_calls, spacing)
     return {'consumers': CHILDREN, 'prefetch': PREFETCH, 'messages': n, 'drain_per_s': drain,
+            'drain_prefetch_1_per_s': drain_one,
             'publish_confirmed_per_s': publish, 'latency_calls': latency_calls,
             'latency_p50_ms': percentile(latencies, 50), 'latency_p99_ms': percentile(latencies, 99),
             'postgres_commits_per_s': postgres_commits(postgres_n)}
@@ -855,6 +862,9 @@ def print_table(results: dict) -> None:
     if raw:
         line(f'1 raw pika drain, {raw["consumers"]} processes, prefetch {raw["prefetch"]}, ack each',
              rate(raw['drain_per_s']), '1.00')
+        if raw['prefetch'] != 1 and 'drain_prefetch_1_per_s' in raw:
+            line(f'  raw pika drain, {raw["consumers"]} processes, prefetch 1, ack each',
+                 rate(raw['drain_prefetch_1_per_s']), '1.00')
         line('  raw pika confirmed publish, 1 process', rate(raw['publish_confirmed_per_s']), '1.00')
         line('  PostgreSQL one-row commits, 1 process (context)', rate(raw['postgres_commits_per_s']))
     ceiling = raw.get('drain_per_s')
@@ -864,6 +874,9 @@ def print_table(results: dict) -> None:
              ratio(drain['per_s'], ceiling))
         line('    from the first task started', rate(drain['from_first_started_per_s']),
              ratio(drain['from_first_started_per_s'], ceiling))
+        if raw.get('drain_prefetch_1_per_s') and raw['prefetch'] != 1:
+            line('    from supervisor start, vs the raw drain with prefetch 1', '',
+                 ratio(drain['per_s'], raw['drain_prefetch_1_per_s']))
     if 'failures' in rows:
         failures = rows['failures']
         if failures['supported']:
