@@ -94,3 +94,27 @@ def test_a_long_task_lets_the_results_before_it_be_acked_and_gives_the_held_ones
     assert sorted(executions(record)) == sorted(['short0', 'short1', 'short2', 'long', 'later0', 'later1',
                                                  'later2', 'later3'])
     assert queue_counts('default') == (0, 0)
+
+
+def test_a_consumer_that_stops_after_one_message_holds_no_other(tmp_path):
+    """max_messages (a child's max_tasks_per_child) below the prefetch bounds what the consumer holds: after
+    one message, the rest were never delivered, so none comes back marked redelivered (on a quorum queue
+    each return would count towards its delivery limit)."""
+    from tests.conftest import raw_connection
+    record = tmp_path / 'runs'
+    for n in range(10):
+        publish_message(tasks.record_execution, str(record), f'm{n}')
+    run_consumer(max_messages=1)
+    assert executions(record) == ['m0']
+    connection = raw_connection()
+    try:
+        channel = connection.channel()
+        redelivered = []
+        while True:
+            method, _, _ = channel.basic_get('default', auto_ack=True)
+            if method is None:
+                break
+            redelivered.append(method.redelivered)
+    finally:
+        connection.close()
+    assert redelivered == [False] * 9

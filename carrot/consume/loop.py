@@ -259,7 +259,12 @@ class Consumer:
         while True:
             session.poll(IDLE_POLL)
             if self.delivery is not None and self.delivery.done:
+                last = max_messages is not None and self.messages_settled + 1 >= max_messages
+                if last and session.consuming:
+                    session.cancel()  # before the ack that frees a place: no message taken only to go back
                 self._settle(session, self.delivery)
+                if last and not self._finished(max_messages) and not self._paused:
+                    session.resume()  # that one did not count (parked for later): consume on
                 last_activity = time.monotonic()
                 if self._held and not self._finished(max_messages):
                     self._start(self._held.popleft(), session)
