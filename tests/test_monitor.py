@@ -164,6 +164,28 @@ def test_search_by_task_or_arguments_and_filter_by_queue(staff):
     assert 'tests.testapp.tasks.echo' in html and 'tests.testapp.tasks.chatty' not in html
 
 
+def test_a_search_reads_the_newest_rows_of_a_list_and_finds_an_id_anywhere(staff, monkeypatch):
+    """With a million rows a word that matches few would read them all on every refresh: a search reads
+    the newest SEARCH_WINDOW rows of the list (3 here), in the page and in the counts; an id is found
+    wherever it is."""
+    from carrot.monitor import queries
+    monkeypatch.setattr(queries, 'SEARCH_WINDOW', 3)
+    for n in range(6):
+        make_log(f'w{n}', minutes_ago=n, content='{"needle": 1}')
+    make_log('x9', minutes_ago=1, task='tests.testapp.tasks.echo', status='FAILED')
+
+    def found(query):
+        document = staff.get('/carrot/api/messages/?tab=completed&' + query).json()
+        return sorted(r['uuid'] for r in document['results']), document['counts']
+
+    assert found('q=needle') == (['w0', 'w1', 'w2'], found('q=needle')[1])
+    assert found('q=needle')[1]['completed'] == 3 and found('q=needle')[1]['failed'] == 0
+    assert found('q=w5')[0] == ['w5']  # the oldest, by its id
+    assert found('q=echo')[1]['failed'] == 1  # each list has its own window
+    html = staff.get('/carrot/completed/?q=needle').content.decode()
+    assert 'w2' in html and 'w3' not in html
+
+
 def test_lists_are_paginated_and_a_page_past_the_end_shows_the_last(staff):
     for n in range(30):
         make_log(f'c{n:02}', minutes_ago=n)
