@@ -24,6 +24,8 @@ import contextlib
 
 from django.db import DatabaseError, connections, transaction
 
+from carrot.dbfaults import sqlstate
+
 
 @contextlib.contextmanager
 def without_waiting_for_disk(using: str = 'default'):
@@ -33,9 +35,16 @@ def without_waiting_for_disk(using: str = 'default'):
     if connection.vendor != 'postgresql' or connection.in_atomic_block or not commits_may_skip_the_disk():
         yield
         return
+    with _committing_with('off', using):
+        yield
+
+
+@contextlib.contextmanager
+def _committing_with(synchronous_commit: str, using: str):
+    """A transaction of its own whose commit follows `synchronous_commit` (off, DEFAULT ...)."""
     with transaction.atomic(using=using):
-        with connection.cursor() as cursor:
-            cursor.execute('SET LOCAL synchronous_commit TO off')
+        with connections[using].cursor() as cursor:
+            cursor.execute(f'SET LOCAL synchronous_commit TO {synchronous_commit}')
         yield
 
 
@@ -77,8 +86,7 @@ def execute_with_commit(sql: str, params, synchronous_commit: str | None, using:
             cursor.execute(f'SET LOCAL synchronous_commit TO {synchronous_commit}; {sql}', params)
             cursor.cursor.nextset()  # past the SET's empty result, to the statement's
         elif set_it:  # psycopg2, or psycopg 3 binding on the server: the SET in a transaction of its own
-            with transaction.atomic(using=using):
-                cursor.execute(f'SET LOCAL synchronous_commit TO {synchronous_commit}')
+            with _committing_with(synchronous_commit, using):
                 cursor.execute(sql, params)
                 return cursor.fetchone() if fetch else cursor.rowcount
         else:
@@ -98,17 +106,9 @@ def flush_to_disk(using: str = 'default'):
         return execute_durably("SELECT pg_postmaster_start_time() FROM pg_logical_emit_message(true, 'carrot', '')",
                                [], using, fetch=True)[0]
     except DatabaseError as exc:
-        cause = exc.__cause__
-        if getattr(cause, 'sqlstate', None) == '42501' or getattr(cause, 'pgcode', None) == '42501':
+        if sqlstate(exc) == '42501':
             return None  # insufficient privilege (a managed server may revoke it)
         raise
-
-
-def server_started(using: str = 'default'):
-    """When the PostgreSQL server behind this thread's connection `using` started."""
-    with connections[using].cursor() as cursor:
-        cursor.execute('SELECT pg_postmaster_start_time()')
-        return cursor.fetchone()[0]
 
 
 def _takes_two_statements(cursor) -> bool:

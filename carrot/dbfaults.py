@@ -17,6 +17,13 @@ _TRANSIENT_SQLSTATES = {'42P01',  # undefined_table (not migrated, renamed)
                         '42501'}  # insufficient_privilege (grants being changed)
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error (Django's, or the driver's it wraps): psycopg 3 says `sqlstate`,
+    psycopg2 `pgcode`; None when it has none."""
+    cause = exc.__cause__ or exc
+    return getattr(cause, 'sqlstate', None) or getattr(cause, 'pgcode', None)
+
+
 def is_transient(exc: BaseException) -> bool:
     """A database fault that waiting may cure (unreachable, restarting, locked, tables missing)."""
     if isinstance(exc, (OperationalError, InterfaceError)):

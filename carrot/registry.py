@@ -191,20 +191,18 @@ def get_task(path: str) -> Callable:
     """The task a dotted path names, or TaskNotRegistered saying which rule it fails (see the module doc).
     What is found is remembered for as long as the CARROT setting stays the same object (a worker asks
     for the same few paths thousands of times); what is refused is looked up again each time."""
+    global _found
     from carrot.config import get_config
     config = get_config()
-    known = _found_tasks.get(path) if _found_tasks.get(None) is config else None
-    if known is not None:
-        return known
-    func = _find_task(path)
-    if _found_tasks.get(None) is not config:
-        _found_tasks.clear()
-        _found_tasks[None] = config
-    _found_tasks[path] = func
-    return func
+    if _found[0] is not config:
+        _found = (config, {})
+    found = _found[1]
+    if path not in found:
+        found[path] = _find_task(path)
+    return found[path]
 
 
-_found_tasks: dict = {}  # path -> task, and None -> the CARROT setting (parsed) they were found under
+_found: tuple = (None, {})  # (the parsed CARROT setting, {path: task found under it})
 
 
 def _find_task(path: str) -> Callable:

@@ -26,7 +26,7 @@ import weakref
 from django.db import connections
 
 from carrot.commits import execute_durably, execute_without_waiting
-
+from carrot.dbfaults import sqlstate
 
 
 def statement(name: str, build, using: str = 'default') -> 'Statement':
@@ -68,28 +68,29 @@ class Statement:
             # Whatever failed (the statement gone with a pooler or a DISCARD ALL, a plan whose result type
             # a migration changed, a lock timeout), it committed nothing: the plain statement decides. A
             # connection that lost it prepares nothing any more; otherwise it is prepared afresh next time.
-            missing = _is_missing_statement(exc)
-            self._drop(connection, name, keep_off=missing)
+            self._drop(connection, name, keep_off=sqlstate(exc) == '26000')  # 26000: no such statement
         return _execute(self.sql, params, using, fetch, wait_for_disk)
 
     def _name_on(self, connection) -> str | None:
-        if not _can_prepare(connection):
-            return None
+        """The name this statement runs under on `connection` (prepared now if need be), or None: plain."""
         raw = connection.connection
+        if connection.vendor != 'postgresql' or connection.in_atomic_block or raw is None:
+            return None
         try:
             if raw in self._prepared:
                 return self._prepared[raw]
         except TypeError:  # a driver connection that cannot be weakly referenced: never prepared
             return None
-        name = self.prepared_name
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f'PREPARE {name} AS {_numbered(self.sql)}')
-        except Exception as exc:
-            # Already there (a pooler may hand this session another client's, of the very same text: the
-            # name is the text's hash), or a database that refuses PREPARE: plain from now on.
-            if not _sqlstate_is(exc, '42P05'):
-                name = None
+        name = self.prepared_name if _binds_on_the_client(raw) else None
+        if name is not None:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(f'PREPARE {name} AS {_numbered(self.sql)}')
+            except Exception as exc:
+                # Already there (a pooler may hand this session another client's, of the very same text:
+                # the name is the text's hash), or a database that refuses PREPARE: plain from now on.
+                if sqlstate(exc) != '42P05':
+                    name = None
         self._prepared[raw] = name
         return name
 
@@ -107,20 +108,18 @@ class Statement:
         except Exception:  # gone with the connection, or never there
             pass
 
+
 _STATEMENTS: dict[tuple[str, str, str], Statement] = {}
 
 
-def _can_prepare(connection) -> bool:
-    if connection.vendor != 'postgresql' or connection.in_atomic_block or connection.connection is None:
-        return False
+def _binds_on_the_client(raw) -> bool:
+    """Whether the driver fills the values into the query text (psycopg 3's ClientCursor, Django's default;
+    psycopg2 always): then nothing is prepared by the driver, and EXECUTE is ours to send."""
     try:
         import psycopg
     except ImportError:
-        return True  # psycopg2: values are always filled in on the client
-    raw = connection.connection
-    if isinstance(raw, psycopg.Connection):
-        return issubclass(raw.cursor_factory, psycopg.ClientCursor)
-    return True
+        return True  # psycopg2
+    return not isinstance(raw, psycopg.Connection) or issubclass(raw.cursor_factory, psycopg.ClientCursor)
 
 
 def _execute(sql, params, using, fetch, wait_for_disk):
@@ -133,13 +132,3 @@ def _numbered(sql: str) -> str:
     """`sql` with its %s placeholders as $1, $2, ... (PREPARE's), and %% as %."""
     counter = itertools.count(1)
     return re.sub(r'%s|%%', lambda m: f'${next(counter)}' if m.group() == '%s' else '%', sql)
-
-
-def _is_missing_statement(exc: BaseException) -> bool:
-    """Whether `exc` says the prepared statement does not exist on this session (SQLSTATE 26000)."""
-    return _sqlstate_is(exc, '26000')
-
-
-def _sqlstate_is(exc: BaseException, code: str) -> bool:
-    cause = exc.__cause__ or exc
-    return getattr(cause, 'sqlstate', None) == code or getattr(cause, 'pgcode', None) == code

@@ -370,10 +370,9 @@ class Consumer:
         delivery = self.delivery
         if not self._unflushed or time.monotonic() < self._next_flush:
             return
-        if delivery is not None and not delivery.done and delivery.age < FLUSH_DURING_TASK_AFTER:
+        # A task done is settled on the next turn, with whatever its own commit flushed.
+        if delivery is not None and (delivery.done or delivery.age < FLUSH_DURING_TASK_AFTER):
             return
-        if delivery is not None and delivery.done:
-            return  # settled on the next turn, with whatever its own commit flushed
         self._flush_future = self._lease_thread.submit(self._flush_in_lease_thread)
 
     def _give_back_held_during_long_task(self, session: ConsumeSession) -> None:

@@ -40,15 +40,15 @@ from carrot.amqp import delays, wire
 from carrot.amqp.wire import IncomingMessage
 from carrot.config import CarrotConfig, QueueConfig
 from carrot.config.schema import TRACK_ALL, TRACK_NONE
+from carrot.commits import flush_to_disk
 from carrot.consume import claim, djangotask, retry
 from carrot.consume.dbretry import (DatabaseRetry, StopRequested, drop_broken_connections,
                                     reset_connections_left_in_transaction)
 from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, completion_skips_the_orm, get_or_insert_row,
                                     insert_row, new_row, record_attempt, same_call, set_failed_fields,
                                     write_completion)
-from carrot.commits import flush_to_disk
-from carrot.consume.unflushed import UnflushedResults
 from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, exception_class_path, run_task
+from carrot.consume.unflushed import UnflushedResults
 from carrot.exceptions import BadMessage, TaskNotRegistered, WorkerLost
 from carrot.models import MessageLog, TaskAttempt
 
@@ -347,8 +347,7 @@ class MessageProcessor:
         in hand, and a later commit flushes this one: carrot.consume.unflushed)."""
         if not completion_skips_the_orm():  # someone listens to MessageLog's save signals: the ORM's save
             self.save(row, interruptible=False, fields=COMPLETION_FIELDS)
-            self._note_flushed()
-            return True
+            return True  # what waits for a flush is flushed by process() before it returns
         bound_row(row, self.config.max_stored_text)
         skip = self.hooks.another_message_waits()
 
@@ -366,14 +365,7 @@ class MessageProcessor:
             return self._database(write, 'recording the result', interruptible=False)
         except DatabaseError:  # refused for good: save() writes it reduced
             self.save(row, interruptible=False, fields=COMPLETION_FIELDS)
-            self._note_flushed()
             return True
-
-    def _note_flushed(self) -> None:
-        """After a write through the ORM: results written without waiting before it are flushed explicitly
-        (the ORM's commit may not have written anything, and says nothing of the server's start)."""
-        if self.results.pending:
-            self._flush_results()
 
     def _failed(self, row: MessageLog, message: IncomingMessage, outcome: TaskOutcome,
                 delay: float | None) -> Disposition:
