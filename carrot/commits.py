@@ -83,7 +83,7 @@ def execute_with_commit(sql: str, params, synchronous_commit: str | None, using:
         not connection.in_atomic_block
     with connection.cursor() as cursor:
         if set_it and _takes_two_statements(cursor):
-            cursor.execute(f'SET LOCAL synchronous_commit TO {synchronous_commit}; {sql}', params)
+            cursor.execute(with_commit_setting(sql, synchronous_commit), params)
             cursor.cursor.nextset()  # past the SET's empty result, to the statement's
         elif set_it:  # psycopg2, or psycopg 3 binding on the server: the SET in a transaction of its own
             with _committing_with(synchronous_commit, using):
@@ -92,6 +92,15 @@ def execute_with_commit(sql: str, params, synchronous_commit: str | None, using:
         else:
             cursor.execute(sql, params)
         return cursor.fetchone() if fetch else cursor.rowcount
+
+
+def with_commit_setting(sql: str, synchronous_commit: str | None) -> str:
+    """`sql` behind `SET LOCAL synchronous_commit TO <synchronous_commit>` in one query string, which
+    PostgreSQL runs as one transaction (None: `sql` as it is). Only for drivers that send the string
+    whole (psycopg 3 binding on the client)."""
+    if synchronous_commit is None:
+        return sql
+    return f'SET LOCAL synchronous_commit TO {synchronous_commit}; {sql}'
 
 
 def flush_to_disk(using: str = 'default'):

@@ -25,7 +25,7 @@ import weakref
 
 from django.db import connections
 
-from carrot.commits import execute_durably, execute_without_waiting
+from carrot.commits import commits_may_skip_the_disk, execute_durably, execute_without_waiting, with_commit_setting
 from carrot.dbfaults import sqlstate
 
 
@@ -71,6 +71,30 @@ class Statement:
             self._drop(connection, name, keep_off=sqlstate(exc) == '26000')  # 26000: no such statement
         return _execute(self.sql, params, using, fetch, wait_for_disk)
 
+    def send(self, params, using: str = 'default', fetch: bool = False) -> 'InFlight | None':
+        """Send now, read the answer later: the statement leaves at once and `InFlight.result()` returns
+        what run() would have, so the caller can wait for something else meanwhile (the publisher: the
+        broker's confirm). The commit need not wait for the disk, as with run().
+
+        Only where nothing can surprise: psycopg 3 binding on the client, outside a transaction, on a
+        connection this statement is already prepared on -- a first call goes through run(), which also
+        shows the table is there -- and that nobody watches (no execute_wrapper, no query log with DEBUG:
+        the statement passes Django's cursor by). None anywhere else: run() it then."""
+        connection = connections[using]
+        raw = connection.connection
+        if raw is None or connection.vendor != 'postgresql' or connection.in_atomic_block \
+                or connection.execute_wrappers or connection.queries_logged:
+            return None
+        try:
+            name = self._prepared.get(raw)
+        except TypeError:
+            return None
+        if name is None or not _sends_without_reading(raw):
+            return None
+        call = f'EXECUTE {name}({", ".join(["%s"] * self.count)})' if self.count else f'EXECUTE {name}'
+        setting = 'off' if commits_may_skip_the_disk() else None
+        return InFlight(self, connection, name, params, using, fetch, with_commit_setting(call, setting))
+
     def _name_on(self, connection) -> str | None:
         """The name this statement runs under on `connection` (prepared now if need be), or None: plain."""
         raw = connection.connection
@@ -112,6 +136,47 @@ class Statement:
 _STATEMENTS: dict[tuple[str, str, str], Statement] = {}
 
 
+class InFlight:
+    """A statement Statement.send() has sent, its answer still to be read by result() -- which must be
+    called before the connection runs anything else (psycopg would refuse: a command is in progress)."""
+
+    def __init__(self, statement: Statement, connection, name: str, params, using: str, fetch: bool,
+                 text: str):
+        from psycopg import generators
+        self.statement, self.connection, self.name = statement, connection, name
+        self.params, self.using, self.fetch = params, using, fetch
+        raw = connection.connection
+        with connection.wrap_database_errors:  # a lost connection fails here, before anything else is done
+            with raw.cursor() as cursor:
+                query = cursor.mogrify(text, params)
+            with raw.lock:
+                raw.pgconn.send_query(query.encode(raw.info.encoding))
+                raw.wait(generators.send(raw.pgconn))
+
+    def result(self):
+        """What run() would have returned; raises what it would have raised. A failed EXECUTE committed
+        nothing: the plain statement decides, as in run()."""
+        from psycopg import errors, generators, pq
+        from psycopg.adapt import Transformer
+        raw = self.connection.connection
+        with self.connection.wrap_database_errors:
+            with raw.lock:
+                answers = raw.wait(generators.fetch_many(raw.pgconn))
+        failed = next((answer for answer in answers if answer.status == pq.ExecStatus.FATAL_ERROR), None)
+        if failed is None:
+            last = answers[-1]
+            if not self.fetch:
+                return int(last.command_tuples or 0)
+            if last.status != pq.ExecStatus.TUPLES_OK or not last.ntuples:
+                return None
+            loader = Transformer.from_context(raw)
+            loader.set_pgresult(last)
+            return loader.load_row(0, tuple)
+        error = errors.error_from_result(failed, encoding=raw.info.encoding)
+        self.statement._drop(self.connection, self.name, keep_off=sqlstate(error) == '26000')
+        return _execute(self.statement.sql, self.params, self.using, self.fetch, False)
+
+
 def _binds_on_the_client(raw) -> bool:
     """Whether the driver fills the values into the query text (psycopg 3's ClientCursor, Django's default;
     psycopg2 always): then nothing is prepared by the driver, and EXECUTE is ours to send."""
@@ -120,6 +185,17 @@ def _binds_on_the_client(raw) -> bool:
     except ImportError:
         return True  # psycopg2
     return not isinstance(raw, psycopg.Connection) or issubclass(raw.cursor_factory, psycopg.ClientCursor)
+
+
+def _sends_without_reading(raw) -> bool:
+    """Whether `raw` is a psycopg 3 connection binding on the client: its query text can be sent and its
+    answer read later (psycopg2 has no way to)."""
+    try:
+        import psycopg
+        from psycopg import generators  # noqa: F401 -- the send and fetch InFlight uses
+    except ImportError:
+        return False
+    return isinstance(raw, psycopg.Connection) and issubclass(raw.cursor_factory, psycopg.ClientCursor)
 
 
 def _execute(sql, params, using, fetch, wait_for_disk):

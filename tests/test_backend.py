@@ -226,8 +226,13 @@ def test_aenqueue_and_aget_result():
     from concurrent.futures import ThreadPoolExecutor
 
     async def both():
-        result = await background.add.aenqueue(5, 6)
-        return result, await background.add.aget_result(result.id)
+        from asgiref.sync import sync_to_async
+        from django.db import connections
+        try:
+            result = await background.add.aenqueue(5, 6)
+            return result, await background.add.aget_result(result.id)
+        finally:  # the database connection of asgiref's thread: closed, or it outlives the test database
+            await sync_to_async(connections.close_all)()
 
     # A thread of its own: an event loop another test left in this one (Playwright's) must not matter.
     with ThreadPoolExecutor(1) as pool:

@@ -297,3 +297,123 @@ def test_the_socket_of_an_open_connection_is_found():
     finally:
         connection.close()
     assert pika_compat.socket_fd(connection) is None
+
+
+# --- the row's INSERT sent while RabbitMQ confirms (PostgreSQL, psycopg 3) ---------------------------------
+
+def sends_rows_early():
+    from django.db import connection
+    if connection.vendor != 'postgresql':
+        pytest.skip("the row's INSERT is sent while RabbitMQ confirms on PostgreSQL only (CARROT_TEST_DB=postgres)")
+    publish_message(tasks.add, 0, 0)  # the INSERT is prepared on this connection: from now on it is sent early
+
+
+@pytest.fixture
+def refused_rows():
+    """A trigger that makes PostgreSQL refuse every new log row of add(1, 2) -- a database that fails just
+    after the message has left -- until the test drops it."""
+    from django.db import connection
+    if connection.vendor != 'postgresql':
+        pytest.skip('a PL/pgSQL trigger (CARROT_TEST_DB=postgres)')
+    table = MessageLog._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE FUNCTION carrot_refuse_row() RETURNS trigger LANGUAGE plpgsql AS "
+                       "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$")
+        cursor.execute(f"CREATE TRIGGER carrot_refuse_row BEFORE INSERT ON {table} FOR EACH ROW "
+                       f"WHEN (NEW.task_args = '[1, 2]') EXECUTE FUNCTION carrot_refuse_row()")
+
+    def allow():
+        with connection.cursor() as cursor:
+            cursor.execute(f'DROP TRIGGER IF EXISTS carrot_refuse_row ON {table}')
+            cursor.execute('DROP FUNCTION IF EXISTS carrot_refuse_row()')
+    yield allow
+    allow()
+
+
+def test_a_row_its_worker_wrote_first_becomes_the_publishers_row(raw_channel):
+    """A worker that gets the message before the publisher's INSERT reaches the table writes the row
+    itself (as for any message without one); the INSERT then finds it and the call returns that row."""
+    sends_rows_early()
+    from carrot.publish import outbox
+    from carrot.publish.outgoing import prepare
+    all_messages(raw_channel)
+    message = prepare(ADD, (1, 2), {}, queue='default')
+    task_args, content = outbox.arguments.dump(message.args, message.kwargs)
+    worker_row = MessageLog.objects.create(uuid=message.uuid, task=ADD, queue='default', task_args=task_args,
+                                           content=content, status=MessageLog.IN_PROGRESS, worker='host:1')
+    log = outbox.enqueue(message)
+    assert (log.pk, log.status, log.worker) == (worker_row.pk, 'IN_PROGRESS', 'host:1')
+    assert MessageLog.objects.filter(uuid=message.uuid).count() == 1
+    assert [p.message_id for p, _ in all_messages(raw_channel)] == [message.uuid]
+
+
+def test_on_a_new_connection_an_id_that_has_a_row_is_refused_before_anything_is_sent():
+    from django.db import IntegrityError, connection
+    from carrot.publish import outbox
+    from carrot.publish.outgoing import prepare
+    connection.close()  # the first INSERT of a connection is written before the message is sent
+    message = prepare(ADD, (1, 2), {}, queue='default')
+    MessageLog.objects.create(uuid=message.uuid, task=ADD, queue='default', status=MessageLog.COMPLETED)
+    with pytest.raises(IntegrityError, match=message.uuid):
+        outbox.enqueue(message)
+    assert queue_depth('default') == 0
+    assert MessageLog.objects.get(uuid=message.uuid).status == 'COMPLETED'
+
+
+def test_a_row_refused_after_its_message_left_is_written_by_the_worker_and_the_task_runs_once(
+        refused_rows, caplog, raw_channel):
+    """The message is on its way when the INSERT fails: the call must not raise (a caller would publish the
+    task again), and the task is not lost -- the worker that takes it writes the row and runs it."""
+    sends_rows_early()
+    MessageLog.objects.all().delete()
+    all_messages(raw_channel)
+    log = publish_message(tasks.add, 1, 2)
+    assert log.pk is None and log.status == 'PUBLISHED'
+    assert 'its log row could not be written' in caplog.text and 'refused by the test' in caplog.text
+    assert not MessageLog.objects.exists()
+    assert queue_depth('default') == 1
+    refused_rows()  # the database takes rows again
+    run_consumer(max_messages=1, idle_timeout=5)
+    row = MessageLog.objects.get(uuid=log.uuid)
+    assert (row.status, row.attempts, row.task_args) == ('COMPLETED', 1, '[1, 2]')
+    assert queue_depth('default') == 0
+
+
+def test_a_row_refused_when_the_broker_is_away_too_raises_and_leaves_nothing(refused_rows):
+    """Neither the row nor the message: the call raises the database's error, as when the row is written
+    first, and nothing waits for the relay."""
+    from django.db import DatabaseError
+    with override_settings(CARROT={'queues': [{'name': 'down', 'host': 'amqp://guest:guest@127.0.0.1:1/'}]}):
+        publish_message(tasks.add, 0, 0, queue='down')  # prepared on this connection (and left WAITING)
+        with pytest.raises(DatabaseError, match='refused by the test'):
+            publish_message(tasks.add, 1, 2, queue='down')
+    assert list(MessageLog.objects.values_list('task_args', flat=True)) == ['[0, 0]']
+
+
+def test_a_consumer_that_claims_the_row_before_the_confirm_leaves_it_claimed(monkeypatch):
+    """As the test above without early INSERTs, with the claim from another session (as a worker's is):
+    the row is found, claimed, and left IN_PROGRESS by the publisher's PUBLISHED update."""
+    sends_rows_early()
+    import time
+    from django.db import connections
+    real = Publisher._basic_publish
+    worker = connections.create_connection('default')
+
+    def claim_then_publish(channel, *args):
+        properties = args[3]
+        deadline = time.monotonic() + 10
+        with worker.cursor() as cursor:
+            while time.monotonic() < deadline:  # the INSERT is on its way; a worker sees it once committed
+                cursor.execute(f'UPDATE {MessageLog._meta.db_table} SET status = %s WHERE uuid = %s',
+                               ['IN_PROGRESS', properties['message_id']])
+                if cursor.rowcount:
+                    break
+        real(channel, *args)
+
+    monkeypatch.setattr(Publisher, '_basic_publish', staticmethod(claim_then_publish))
+    try:
+        log = publish_message(tasks.add, 1, 2)
+    finally:
+        worker.close()
+    assert log.status == 'IN_PROGRESS'
+    assert MessageLog.objects.get(uuid=log.uuid).status == 'IN_PROGRESS'

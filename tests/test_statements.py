@@ -85,3 +85,61 @@ def test_elsewhere_the_statement_runs_as_it_is(table):
         pytest.skip('the other databases')
     read = Statement('read', f'SELECT name FROM {table} WHERE id = %s')
     assert read.run([2], fetch=True) == ('two',)
+
+
+# --- send now, read later (Statement.send: the publisher's INSERT while RabbitMQ confirms) ---------------
+
+def test_a_statement_is_sent_early_only_once_prepared_and_answers_as_run_does(table):
+    postgres_only()
+    rename = Statement('rename', f'UPDATE {table} SET name = %s WHERE id = %s RETURNING name')
+    assert rename.send(['uno', 1], fetch=True) is None  # not prepared on this connection yet: run() it
+    assert rename.run(['uno', 1], fetch=True) == ('uno',)
+    in_flight = rename.send(['eins', 1], fetch=True)
+    assert in_flight is not None
+    assert in_flight.result() == ('eins',)
+    assert rename.send(['nobody', 99], fetch=True).result() is None  # no row: as run() says
+    count = Statement('count', f'UPDATE {table} SET name = name WHERE id > %s')
+    count.run([0])
+    assert count.send([0]).result() == 2  # the rows changed, without fetch
+    with connection.cursor() as cursor:  # the connection is as usable as before
+        cursor.execute(f'SELECT name FROM {table} WHERE id = 1')
+        assert cursor.fetchone() == ('eins',)
+
+
+def test_a_statement_lost_before_it_was_sent_early_is_run_plain(table):
+    postgres_only()
+    rename = Statement('rename', f'UPDATE {table} SET name = %s WHERE id = %s RETURNING name')
+    rename.run(['uno', 1], fetch=True)
+    with connection.cursor() as cursor:
+        cursor.execute('DEALLOCATE ALL')
+    assert rename.send(['eins', 1], fetch=True).result() == ('eins',)  # EXECUTE failed; the plain one ran
+    assert rename.send(['one', 1], fetch=True) is None  # and this connection prepares nothing any more
+
+
+def test_an_error_sent_early_is_raised_as_django_raises_it_and_the_connection_goes_on(table):
+    postgres_only()
+    from django.db import IntegrityError
+    insert = Statement('insert', f'INSERT INTO {table} VALUES (%s, %s) RETURNING id')
+    assert insert.run([3, 'three'], fetch=True) == (3,)
+    with pytest.raises(IntegrityError):
+        insert.send([1, 'one again'], fetch=True).result()  # the primary key: here and in the plain run
+    assert insert.send([4, 'four'], fetch=True) is None  # dropped, as run() drops a statement that failed,
+    assert insert.run([4, 'four'], fetch=True) == (4,)  # and prepared afresh by the next run()
+    assert insert.send([5, 'five'], fetch=True).result() == (5,)
+    with connection.cursor() as cursor:
+        cursor.execute(f'SELECT count(*) FROM {table}')
+        assert cursor.fetchone() == (5,)
+
+
+def test_nothing_is_sent_early_in_a_transaction_or_while_queries_are_watched(table):
+    postgres_only()
+    from django.test.utils import CaptureQueriesContext
+    read = Statement('read', f'SELECT name FROM {table} WHERE id = %s')
+    read.run([1], fetch=True)
+    with transaction.atomic():
+        assert read.send([1], fetch=True) is None
+    with CaptureQueriesContext(connection):  # DEBUG's query log: Django's cursor must see it
+        assert read.send([1], fetch=True) is None
+    with connection.execute_wrapper(lambda execute, *args: execute(*args)):
+        assert read.send([1], fetch=True) is None
+    assert read.send([1], fetch=True).result() == ('one',)

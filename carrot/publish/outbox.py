@@ -20,7 +20,11 @@ Everything that publishes comes through here: ``publish_message`` (the 1.x facad
      once, and raised.
 
 Outside a transaction the row's INSERT and its PUBLISHED commit without waiting for the disk
-(carrot.commits); a row left WAITING for the relay is flushed before the call returns. A queue that
+(carrot.commits); a row left WAITING for the relay is flushed before the call returns. Where the driver
+allows (carrot.statements.Statement.send), the INSERT is sent just before the message and its answer read
+while RabbitMQ confirms: a worker quicker than the INSERT waits for it (the uuid is unique) or writes the row
+itself, and a database that refuses the row once the message has left costs the publisher's row, not the
+task (its worker writes one). A queue that
 tracks only failures (or nothing) gets no row at all unless one is needed (`_enqueue_untracked`).
 ``publish_many()`` does the same for many calls of one task, in batches whose confirms are awaited
 together.
@@ -33,7 +37,7 @@ import uuid as uuid_module
 from dataclasses import dataclass, field
 from typing import Callable
 
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
@@ -44,11 +48,11 @@ from carrot.config import get_config
 from carrot.config.schema import TRACK_ALL
 from carrot.dbfaults import MIGRATE_HINT, tables_missing
 from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected,
-                               NotMigrated)
+                               NotMigrated, PublishError)
 from carrot.models import MessageLog
 from carrot.publish import arguments
 from carrot.publish.outgoing import Outgoing, prepare
-from carrot.statements import statement
+from carrot.statements import InFlight, Statement, statement
 
 logger = logging.getLogger('carrot.publishing')
 
@@ -72,14 +76,20 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
         store_and_forward = get_config().store_and_forward
     if _untracked(message):
         return _enqueue_untracked(message, on_commit, store_and_forward, on_enqueued)
-    log = _write_row(message, wait_for_disk=False)  # outside a transaction: see carrot.commits
-
     connection = transaction.get_connection(MessageLog.objects.db)
     if on_commit and connection.in_atomic_block:
+        log = _write_row(message, wait_for_disk=False)
         transaction.on_commit(lambda: _send_after_commit(message, log, store_and_forward, on_enqueued),
                               using=MessageLog.objects.db)
-    else:
-        _deliver(message, log, store_and_forward, on_enqueued)
+        return log
+    if on_enqueued is None:
+        log = _new_row(message)
+        in_flight = _start_insert(log)
+        if in_flight is not None:
+            send(message, log, store_and_forward=store_and_forward, row_in_flight=in_flight)
+            return log
+    log = _write_row(message, wait_for_disk=False)  # outside a transaction: see carrot.commits
+    _deliver(message, log, store_and_forward, on_enqueued)
     return log
 
 
@@ -138,24 +148,29 @@ def _deliver(message: Outgoing, log: MessageLog, store_and_forward: bool,
         on_enqueued(log)
 
 
-def _write_row(message: Outgoing, wait_for_disk: bool = True) -> MessageLog:
-    """The WAITING row of `message`; its commit (outside a transaction) waits for the disk unless told
-    not to, in one round trip either way."""
+def _new_row(message: Outgoing) -> MessageLog:
+    """The WAITING row of `message`, not yet written."""
     task_args, content = arguments.dump(message.args, message.kwargs)
-    row = MessageLog(
+    return MessageLog(
         status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
         routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
         task_args=task_args, content=content, publish_time=timezone.now(), run_after=message.run_after,
         backend=message.backend, origin=message.origin)
+
+
+def _write_row(message: Outgoing, wait_for_disk: bool = True) -> MessageLog:
+    """The WAITING row of `message`; its commit (outside a transaction) waits for the disk unless told
+    not to, in one round trip either way."""
+    row = _new_row(message)
     try:
         if wait_for_disk:
             row.save(force_insert=True)
         else:
             using = MessageLog.objects.db
-            inserted = statement('insert_row', _insert_sql, using).run(_insert_params(row, using), using=using,
-                                                                       fetch=True)
-            row.pk = inserted[0]
-            row._state.adding, row._state.db = False, MessageLog.objects.db
+            inserted = _insert_statement().run(_insert_params(row, using), using=using, fetch=True)
+            if inserted is None:  # ON CONFLICT DO NOTHING: the id has a row already, and it is not this call's
+                raise IntegrityError(f'a MessageLog with uuid {row.uuid!r} exists already')
+            _inserted(row, inserted[0])
         return row
     except DatabaseError as exc:
         if tables_missing(exc):
@@ -164,10 +179,41 @@ def _write_row(message: Outgoing, wait_for_disk: bool = True) -> MessageLog:
         raise
 
 
+def _start_insert(row: MessageLog) -> InFlight | None:
+    """Send `row`'s INSERT without waiting for the answer (carrot.statements.Statement.send), or None
+    where that cannot be done: then _write_row() writes it."""
+    using = MessageLog.objects.db
+    return _insert_statement().send(_insert_params(row, using), using=using, fetch=True)
+
+
+def _land_row(row: MessageLog, in_flight: InFlight) -> None:
+    """Read the answer of `row`'s INSERT sent by _start_insert(): `row` is then the row as written. A
+    worker that had the message first (before this INSERT reached the table) wrote the row itself: then
+    `row` is that one. Raises the DatabaseError that kept the row from being written."""
+    inserted = in_flight.result()
+    if inserted is not None:
+        _inserted(row, inserted[0])
+        return
+    _inserted(row, MessageLog.objects.only('pk').get(uuid=row.uuid).pk)
+    row.refresh_from_db()
+
+
+def _inserted(row: MessageLog, pk: int) -> None:
+    row.pk = pk
+    row._state.adding, row._state.db = False, MessageLog.objects.db
+
+
+def _insert_statement() -> Statement:
+    return statement('insert_row', _insert_sql, MessageLog.objects.db)
+
+
 def _insert_sql(connection) -> str:
-    """The INSERT ... RETURNING id of a row, as the ORM writes it (every column but the id, in field order)."""
+    """The INSERT ... ON CONFLICT DO NOTHING RETURNING id of a row, as the ORM writes it (every column but
+    the id, in field order). Nothing is returned when the uuid has a row already: a worker that received
+    the message before its publisher's INSERT came wrote it (see enqueue)."""
+    from django.db.models.constants import OnConflict
     from django.db.models.sql import InsertQuery
-    query = InsertQuery(MessageLog)
+    query = InsertQuery(MessageLog, on_conflict=OnConflict.IGNORE)
     query.insert_values(_insert_fields(), [MessageLog()])
     compiler = query.get_compiler(connection=connection)
     compiler.returning_fields = [MessageLog._meta.pk]
@@ -198,10 +244,15 @@ def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bo
 
 
 def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relaying: bool = False,
-         from_status: str = MessageLog.WAITING) -> bool:
+         from_status: str = MessageLog.WAITING, row_in_flight: InFlight | None = None) -> bool:
     """Publish a logged message and record the outcome on its row (see the module docstring), if the row
     is still `from_status`. True once RabbitMQ has it; False when it waits for the broker
-    (store-and-forward)."""
+    (store-and-forward).
+
+    `row_in_flight`: the row's INSERT is on its way (enqueue sent it just before) and is read here while
+    RabbitMQ confirms. If it fails, nothing was written: raised when nothing was sent either; when the
+    message was sent, logged, and the worker that takes it writes the row (as for a message from another
+    publisher)."""
     config = get_config()
     queue = config.queue(message.queue)
     delay = message.delay(timezone.now())
@@ -209,9 +260,14 @@ def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relayin
     if queue.track != TRACK_ALL:  # sent from its row: the consumer must claim it there, not run it untracked
         properties = wire.with_logged_header(properties)
     try:
-        publisher_for(queue.broker).publish(queue, message.body, properties,
-                                            exchange=message.exchange, routing_key=message.routing_key,
-                                            delay=delay, delay_levels=config.delay_levels)
+        try:
+            publisher_for(queue.broker).publish(queue, message.body, properties,
+                                                exchange=message.exchange, routing_key=message.routing_key,
+                                                delay=delay, delay_levels=config.delay_levels)
+        except BaseException as exc:
+            if row_in_flight is not None:
+                _land_row_after_failure(log, row_in_flight, exc)
+            raise
     except BrokerUnavailable as exc:
         if store_and_forward:
             # The relay logs an outage once per broker, not once per message and try.
@@ -225,8 +281,36 @@ def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relayin
     except MessageRejected as exc:
         fail_unsent(log, exc, from_status)
         raise
+    if row_in_flight is not None and not _landed_after_sending(message, log, row_in_flight):
+        return True
     mark_published(log, scheduled=delay > 0, from_status=from_status)
     return True
+
+
+def _land_row_after_failure(log: MessageLog, in_flight: InFlight, exc: BaseException) -> None:
+    """Read the answer of the INSERT of a row whose message was not sent, so the failure can be recorded
+    on it. A DatabaseError means nothing was written nor sent: raised, as when the row is written first
+    -- unless the send failed for a reason of its own (an interrupt, a bug), which is the one raised."""
+    try:
+        _land_row(log, in_flight)
+    except DatabaseError:
+        if isinstance(exc, PublishError):
+            raise
+        logger.exception('the log row of %s (%s) could not be written either', log.task, log.uuid)
+
+
+def _landed_after_sending(message: Outgoing, log: MessageLog, in_flight: InFlight) -> bool:
+    """Whether the row of a message RabbitMQ has confirmed was written. If not, the call has done what it
+    promised all the same (the task will run, and its worker writes the row): logged, not raised, so
+    that no caller publishes again a task that is on its way."""
+    try:
+        _land_row(log, in_flight)
+        return True
+    except DatabaseError as exc:
+        logger.error('%s (%s) was sent, but its log row could not be written (%s): the worker that takes it '
+                     'writes it', message.task, message.uuid, exc)
+        log.status = MessageLog.PUBLISHED
+        return False
 
 
 def mark_published(log: MessageLog, scheduled: bool = False, from_status: str = MessageLog.WAITING) -> None:
