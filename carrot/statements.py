@@ -192,10 +192,11 @@ def _sends_without_reading(raw) -> bool:
     answer read later (psycopg2 has no way to)."""
     try:
         import psycopg
-        from psycopg import generators  # noqa: F401 -- the send and fetch InFlight uses
+        import psycopg.generators
     except ImportError:
         return False
-    return isinstance(raw, psycopg.Connection) and issubclass(raw.cursor_factory, psycopg.ClientCursor)
+    return isinstance(raw, psycopg.Connection) and issubclass(raw.cursor_factory, psycopg.ClientCursor) \
+        and hasattr(psycopg.generators, 'fetch_many')  # the send and fetch InFlight uses
 
 
 def _execute(sql, params, using, fetch, wait_for_disk):
