@@ -321,6 +321,33 @@ def postgres_commits(n: int) -> float:
             cursor.execute('DROP TABLE bench_commits')
 
 
+def raw_publish_then_commit(url: str, queue: str, n: int) -> float:
+    """The floor under publish_message, per second from one process: a confirmed publish (as raw_publish)
+    and then a one-row UPDATE committed without waiting for the disk, in series -- what carrot must do at
+    the least once the row's INSERT overlaps the confirm (its PUBLISHED mark may only follow the confirm)."""
+    import pika
+    from django.db import connection
+    connection_, channel = raw_channel(url)
+    channel.queue_declare(queue, durable=True)
+    channel.confirm_delivery()
+    persistent = pika.BasicProperties(delivery_mode=2, content_type='application/json')
+    with connection.cursor() as cursor:
+        cursor.execute('CREATE TABLE bench_marks (id integer PRIMARY KEY, status text)')
+        cursor.execute("INSERT INTO bench_marks VALUES (1, 'WAITING')")
+        try:
+            started = time.perf_counter()
+            for _ in range(n):
+                channel.basic_publish('', queue, b'{"args": [], "kwargs": {}}', persistent)
+                cursor.execute("SET LOCAL synchronous_commit TO off; UPDATE bench_marks SET status = %s "
+                               "WHERE id = 1", ['PUBLISHED'])
+            elapsed = time.perf_counter() - started
+        finally:
+            cursor.execute('DROP TABLE bench_marks')
+    channel.queue_purge(queue)
+    connection_.close()
+    return n / elapsed
+
+
 def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: int) -> dict:
     queue = 'bench-raw'
     publish = raw_publish(url, queue, n)
@@ -335,7 +362,8 @@ def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: in
             'drain_prefetch_1_per_s': drain_one,
             'publish_confirmed_per_s': publish, 'latency_calls': latency_calls,
             'latency_p50_ms': percentile(latencies, 50), 'latency_p99_ms': percentile(latencies, 99),
-            'postgres_commits_per_s': postgres_commits(postgres_n)}
+            'postgres_commits_per_s': postgres_commits(postgres_n),
+            'publish_then_commit_per_s': raw_publish_then_commit(url, queue, min(n, 2000))}
 
 
 # -- publishing -------------------------------------------------------------------------------------------
@@ -891,6 +919,10 @@ def print_table(results: dict) -> None:
         publish = rows['publish']
         line('4 publish_message, 1 process', rate(publish['single_per_s']),
              ratio(publish['single_per_s'], raw.get('publish_confirmed_per_s')))
+        if raw.get('publish_then_commit_per_s'):
+            line('    floor: raw confirmed publish, then a one-row commit (no disk wait)',
+                 rate(raw['publish_then_commit_per_s']),
+                 f"{ratio(publish['single_per_s'], raw['publish_then_commit_per_s'])} of it")
         untracked = rows.get('failures', {}).get('publish_single_per_s')
         if untracked:
             line("  publish_message to a track='failures' queue (no row)", rate(untracked),
