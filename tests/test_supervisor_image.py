@@ -35,13 +35,16 @@ def images(supervisor):
 
 
 def wait_generation(supervisor, generation, slots, timeout=20):
-    """Until the snapshot shows image `generation` up and every slot of `slots` on it, idle."""
+    """Until the snapshot shows image `generation` (a number, or a set of the acceptable ones) up and every
+    slot of `slots` on it, idle."""
+    acceptable = {generation} if isinstance(generation, int) else set(generation)
+
     def settled():
         document = supervisor.status() or {}
         entries = {s['name']: s for s in document.get('slots', ()) if s['name'] in slots or s['name'] != 'housekeeping'}
-        if document.get('generation') != generation or sorted(entries) != sorted(slots):
+        if document.get('generation') not in acceptable or sorted(entries) != sorted(slots):
             return None
-        if any(e['generation'] != generation or e['state'] != 'idle' for e in entries.values()):
+        if any(e['generation'] != document['generation'] or e['state'] != 'idle' for e in entries.values()):
             return None
         return entries
     return supervisor.wait_for(settled, timeout, f'every slot on image generation {generation}')
@@ -177,11 +180,16 @@ def test_two_quick_hups_end_in_the_newest_settings(start_supervisor):
     start_supervisor.write_extra("CARROT['queues'][0]['concurrency'] = 3\n")
     supervisor.signal(signal.SIGHUP)
     wanted = ['consumer default#1', 'consumer default#2', 'consumer default#3', 'consumer other#1']
-    entries = wait_generation(supervisor, 3, wanted)
+    # Two HUPs this close may reach the master as one (a signal pending twice is delivered once, as on a
+    # busy machine): either way the end is the newest settings on one image -- generation 3, or 2.
+    entries = wait_generation(supervisor, {2, 3}, wanted)
     assert len(entries) == 4
     time.sleep(1)
     assert sorted(supervisor.by_slot()) == wanted
-    assert [g for _, g in images(supervisor)] == [3]
+    generation = entries['consumer default#1']['generation']
+    assert [g for _, g in images(supervisor)] == [generation]
+    if generation == 2:  # only if the master saw one HUP
+        assert supervisor.log().count('received SIGHUP') == 1
 
 
 @pytest.mark.timeout(120)
