@@ -183,7 +183,7 @@ def test_a_search_reads_the_newest_rows_of_a_list_and_finds_an_id_anywhere(staff
     assert found('q=w5')[0] == ['w5']  # the oldest, by its id
     assert found('q=echo')[1]['failed'] == 1  # each list has its own window
     html = staff.get('/carrot/completed/?q=needle').content.decode()
-    assert 'w2' in html and 'w3' not in html
+    assert '/task/w2/' in html and '/task/w3/' not in html  # the rows' links (not a random token's text)
 
 
 def test_lists_are_paginated_and_a_page_past_the_end_shows_the_last(staff):
