@@ -145,23 +145,33 @@ class InFlight:
         from psycopg import generators
         self.statement, self.connection, self.name = statement, connection, name
         self.params, self.using, self.fetch = params, using, fetch
+        self.answered = False
         raw = connection.connection
         with connection.wrap_database_errors:  # a lost connection fails here, before anything else is done
             with raw.cursor() as cursor:
                 query = cursor.mogrify(text, params)
-            with raw.lock:
-                raw.pgconn.send_query(query.encode(raw.info.encoding))
-                raw.wait(generators.send(raw.pgconn))
+            try:
+                with raw.lock:
+                    raw.pgconn.send_query(query.encode(raw.info.encoding))
+                    raw.wait(generators.send(raw.pgconn))
+            except BaseException:
+                self.abandon()  # half sent (an interrupt, a lost connection)
+                raise
 
     def result(self):
         """What run() would have returned; raises what it would have raised. A failed EXECUTE committed
         nothing: the plain statement decides, as in run()."""
         from psycopg import errors, generators, pq
         from psycopg.adapt import Transformer
+        self.answered = True
         raw = self.connection.connection
-        with self.connection.wrap_database_errors:
-            with raw.lock:
-                answers = raw.wait(generators.fetch_many(raw.pgconn))
+        try:
+            with self.connection.wrap_database_errors:
+                with raw.lock:
+                    answers = raw.wait(generators.fetch_many(raw.pgconn))
+        except BaseException:
+            self.abandon()  # the answer half read: no later query on this connection may meet the rest
+            raise
         failed = next((answer for answer in answers if answer.status == pq.ExecStatus.FATAL_ERROR), None)
         if failed is None:
             last = answers[-1]
@@ -175,6 +185,19 @@ class InFlight:
         error = errors.error_from_result(failed, encoding=raw.info.encoding)
         self.statement._drop(self.connection, self.name, keep_off=sqlstate(error) == '26000')
         return _execute(self.statement.sql, self.params, self.using, self.fetch, False)
+
+    def settle(self) -> None:
+        """After whatever the caller did meanwhile: an answer never read (the caller was interrupted before
+        result()) makes the connection unusable, so it is closed (Django opens another when next asked)."""
+        if not self.answered:
+            self.abandon()
+
+    def abandon(self) -> None:
+        self.answered = True
+        try:
+            self.connection.close()
+        except Exception:  # closing a broken connection may complain; it is gone either way
+            pass
 
 
 def _binds_on_the_client(raw) -> bool:

@@ -310,7 +310,7 @@ def sends_rows_early():
 
 @pytest.fixture
 def refused_rows():
-    """A trigger that makes PostgreSQL refuse every new log row of add(1, 2) -- a database that fails just
+    """A trigger that makes PostgreSQL refuse every new log row of add(1, 2) -- a database that refuses it just
     after the message has left -- until the test drops it."""
     from django.db import connection
     if connection.vendor != 'postgresql':
@@ -360,28 +360,108 @@ def test_on_a_new_connection_an_id_that_has_a_row_is_refused_before_anything_is_
     assert MessageLog.objects.get(uuid=message.uuid).status == 'COMPLETED'
 
 
-def test_a_row_refused_after_its_message_left_is_written_by_the_worker_and_the_task_runs_once(
-        refused_rows, caplog, raw_channel):
-    """The message is on its way when the INSERT fails: the call must not raise (a caller would publish the
+class LostSession:
+    """The publisher's database session lost while its row's INSERT is on the way (the server restarted,
+    a pooler or an operator ended it): another session holds a lock the INSERT waits for, and the
+    publisher's session is terminated before the lock goes."""
+
+    def __init__(self):
+        from django.db import connection, connections
+        with connection.cursor() as cursor:
+            cursor.execute('SELECT pg_backend_pid()')
+            self.pid = cursor.fetchone()[0]
+        self.locker = connections.create_connection('default')
+        self.locker.inc_thread_sharing()  # now() may be called from a timer thread
+        with self.locker.cursor() as cursor:
+            # Should now() never come, the server ends the lock after 10 s, and with it the test's wait.
+            cursor.execute("SET idle_in_transaction_session_timeout = '10s'")
+        self.locker.set_autocommit(False)
+        with self.locker.cursor() as cursor:
+            cursor.execute(f'LOCK TABLE {MessageLog._meta.db_table} IN SHARE MODE')  # INSERTs wait
+
+    def now(self):
+        with self.locker.cursor() as cursor:
+            cursor.execute('SELECT pg_terminate_backend(%s)', [self.pid])
+        self.locker.rollback()
+
+    def close(self):
+        self.locker.close()
+        self.locker.dec_thread_sharing()
+
+
+def test_a_row_lost_with_its_session_after_its_message_left_is_written_by_the_worker_and_runs_once(
+        monkeypatch, caplog):
+    """The message is on its way when the INSERT is lost: the call must not raise (a caller would publish the
     task again), and the task is not lost -- the worker that takes it writes the row and runs it."""
     sends_rows_early()
-    MessageLog.objects.all().delete()
-    all_messages(raw_channel)
-    log = publish_message(tasks.add, 1, 2)
+    real = Publisher._basic_publish
+    lost = LostSession()
+
+    def lose_the_session_then_publish(channel, *args):
+        lost.now()
+        real(channel, *args)
+
+    monkeypatch.setattr(Publisher, '_basic_publish', staticmethod(lose_the_session_then_publish))
+    try:
+        log = publish_message(tasks.add, 1, 2)
+    finally:
+        lost.close()
     assert log.pk is None and log.status == 'PUBLISHED'
-    assert 'its log row could not be written' in caplog.text and 'refused by the test' in caplog.text
-    assert not MessageLog.objects.exists()
-    assert queue_depth('default') == 1
-    refused_rows()  # the database takes rows again
-    run_consumer(max_messages=1, idle_timeout=5)
+    assert 'its log row could not be written' in caplog.text
+    assert not MessageLog.objects.filter(uuid=log.uuid).exists()  # the next query has a session again
+    assert queue_depth('default') == 2
+    run_consumer(max_messages=2, idle_timeout=5)
     row = MessageLog.objects.get(uuid=log.uuid)
     assert (row.status, row.attempts, row.task_args) == ('COMPLETED', 1, '[1, 2]')
     assert queue_depth('default') == 0
 
 
+def test_a_row_refused_for_good_after_its_message_left_is_raised_and_its_worker_does_not_run_it(
+        refused_rows, tmp_path):
+    """A refusal that will not pass (here a trigger) is raised although the message has left: its worker is
+    refused the row as well, and dead-letters the message without running it."""
+    sends_rows_early()
+    run_consumer(max_messages=1, idle_timeout=5)  # its add(0, 0) out of the way
+    from django.db import DatabaseError
+    MessageLog.objects.all().delete()
+    target = tmp_path / 'ran.txt'
+    with pytest.raises(DatabaseError, match='refused by the test'):
+        publish_message(tasks.add, 1, 2)
+    publish_message(tasks.append_line, str(target), 'ran')  # behind it, to show the worker went past
+    run_consumer(max_messages=2, idle_timeout=5)
+    assert target.read_text() == 'ran\n'
+    assert list(MessageLog.objects.order_by('pk').values_list('task_args', 'status')) == [
+        (f'["{target}", "ran"]', 'COMPLETED')]
+    assert queue_depth('default') == 0
+
+
+def test_a_row_lost_with_its_session_while_the_broker_is_away_is_written_again_to_wait_for_the_relay(caplog):
+    """Two faults at once: the broker cannot take the message (or its confirm is lost: it may have arrived)
+    and the INSERT is lost with its session. The row is written again on a new session, WAITING: the relay
+    sends it (a copy of one that did arrive is recognised by its id)."""
+    import threading
+    with override_settings(CARROT={'queues': [{'name': 'down', 'host': 'amqp://guest:guest@127.0.0.1:1/'}]}):
+        from django.db import connection
+        if connection.vendor != 'postgresql':
+            pytest.skip('PostgreSQL only (CARROT_TEST_DB=postgres)')
+        publish_message(tasks.add, 0, 0, queue='down')  # prepared on this connection (and left WAITING)
+        lost = LostSession()
+        later = threading.Timer(0.5, lost.now)  # while the publisher waits for the INSERT's answer
+        later.start()
+        try:
+            log = publish_message(tasks.add, 1, 2, queue='down')
+        finally:
+            later.join(10)
+            lost.close()
+    assert 'it is written again, to wait for the relay' in caplog.text
+    assert log.pk is not None and log.status == 'WAITING'
+    assert MessageLog.objects.get(uuid=log.uuid).status == 'WAITING'
+    assert MessageLog.objects.filter(uuid=log.uuid).count() == 1
+
+
 def test_a_row_refused_when_the_broker_is_away_too_raises_and_leaves_nothing(refused_rows):
-    """Neither the row nor the message: the call raises the database's error, as when the row is written
-    first, and nothing waits for the relay."""
+    """Neither the row (refused again on the second try) nor the message: the call raises the database's
+    error, as when the row is written first, and nothing waits for the relay."""
     from django.db import DatabaseError
     with override_settings(CARROT={'queues': [{'name': 'down', 'host': 'amqp://guest:guest@127.0.0.1:1/'}]}):
         publish_message(tasks.add, 0, 0, queue='down')  # prepared on this connection (and left WAITING)

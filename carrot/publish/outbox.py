@@ -46,7 +46,7 @@ from carrot.amqp.publisher import publisher_for
 from carrot.commits import without_waiting_for_disk
 from carrot.config import get_config
 from carrot.config.schema import TRACK_ALL
-from carrot.dbfaults import MIGRATE_HINT, tables_missing
+from carrot.dbfaults import MIGRATE_HINT, is_transient, tables_missing
 from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected,
                                NotMigrated, PublishError)
 from carrot.models import MessageLog
@@ -86,7 +86,10 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
         log = _new_row(message)
         in_flight = _start_insert(log)
         if in_flight is not None:
-            send(message, log, store_and_forward=store_and_forward, row_in_flight=in_flight)
+            try:
+                send(message, log, store_and_forward=store_and_forward, row_in_flight=in_flight)
+            finally:
+                in_flight.settle()
             return log
     log = _write_row(message, wait_for_disk=False)  # outside a transaction: see carrot.commits
     _deliver(message, log, store_and_forward, on_enqueued)
@@ -161,16 +164,20 @@ def _new_row(message: Outgoing) -> MessageLog:
 def _write_row(message: Outgoing, wait_for_disk: bool = True) -> MessageLog:
     """The WAITING row of `message`; its commit (outside a transaction) waits for the disk unless told
     not to, in one round trip either way."""
-    row = _new_row(message)
+    return _write_new_row(_new_row(message), wait_for_disk)
+
+
+def _write_new_row(row: MessageLog, wait_for_disk: bool, again: bool = False) -> MessageLog:
+    """Write `row`. `again`: its first INSERT's answer was lost, so a row of its uuid is that INSERT's."""
     try:
         if wait_for_disk:
             row.save(force_insert=True)
         else:
             using = MessageLog.objects.db
             inserted = _insert_statement().run(_insert_params(row, using), using=using, fetch=True)
-            if inserted is None:  # ON CONFLICT DO NOTHING: the id has a row already, and it is not this call's
+            if inserted is None and not again:  # ON CONFLICT DO NOTHING: the id has a row already, not ours
                 raise IntegrityError(f'a MessageLog with uuid {row.uuid!r} exists already')
-            _inserted(row, inserted[0])
+            _inserted(row, inserted[0] if inserted else MessageLog.objects.only('pk').get(uuid=row.uuid).pk)
         return row
     except DatabaseError as exc:
         if tables_missing(exc):
@@ -283,32 +290,54 @@ def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relayin
         raise
     if row_in_flight is not None and not _landed_after_sending(message, log, row_in_flight):
         return True
-    mark_published(log, scheduled=delay > 0, from_status=from_status)
+    try:
+        mark_published(log, scheduled=delay > 0, from_status=from_status)
+    except DatabaseError as exc:
+        # The message is on its way: raising would tell the caller it is not, and a caller that publishes
+        # again runs the task twice. The row reads as before until a worker claims it; if none does within
+        # the relay's wait, the relay sends it again, and the copy is recognised by its id.
+        logger.error('%s (%s) was sent, but its log row could not be updated (%s); it is run all the same',
+                     message.task, message.uuid, exc)
     return True
 
 
 def _land_row_after_failure(log: MessageLog, in_flight: InFlight, exc: BaseException) -> None:
     """Read the answer of the INSERT of a row whose message was not sent, so the failure can be recorded
-    on it. A DatabaseError means nothing was written nor sent: raised, as when the row is written first
-    -- unless the send failed for a reason of its own (an interrupt, a bug), which is the one raised."""
+    on it. If the INSERT failed: a message RabbitMQ refused for good (MessageRejected) was not sent, so
+    the DatabaseError is raised, as when the row is written first; one that may have arrived all the same
+    (BrokerUnavailable: a confirm lost with the connection) gets its row written once more, on a new
+    connection if need be, to wait for the relay (a copy is recognised by its id) -- raised only if that
+    fails too. A send that failed for a reason of its own (an interrupt, a bug) is the one raised."""
     try:
         _land_row(log, in_flight)
-    except DatabaseError:
-        if isinstance(exc, PublishError):
+    except DatabaseError as refused:
+        if not isinstance(exc, PublishError):
+            logger.exception('the log row of %s (%s) could not be written either', log.task, log.uuid)
+            return
+        if not isinstance(exc, BrokerUnavailable):
             raise
-        logger.exception('the log row of %s (%s) could not be written either', log.task, log.uuid)
+        logger.warning('the log row of %s (%s) could not be written (%s); it is written again, to wait for '
+                       'the relay', log.task, log.uuid, refused)
+        connections[MessageLog.objects.db].close_if_unusable_or_obsolete()
+        _write_new_row(log, wait_for_disk=False, again=True)
 
 
 def _landed_after_sending(message: Outgoing, log: MessageLog, in_flight: InFlight) -> bool:
-    """Whether the row of a message RabbitMQ has confirmed was written. If not, the call has done what it
-    promised all the same (the task will run, and its worker writes the row): logged, not raised, so
-    that no caller publishes again a task that is on its way."""
+    """Whether the row of a message RabbitMQ has confirmed was written. If the database was away (a lost
+    connection, a full disk: a fault that passes), the call has done what it promised all the same -- the
+    task will run, and its worker writes the row once the database is back: logged, not raised, so that
+    no caller publishes again a task that is on its way. A refusal that will not pass (a constraint, a
+    trigger, a read-only server) is raised: the worker would be refused the row too, and would not run it."""
     try:
         _land_row(log, in_flight)
         return True
     except DatabaseError as exc:
+        if not is_transient(exc):
+            raise
         logger.error('%s (%s) was sent, but its log row could not be written (%s): the worker that takes it '
                      'writes it', message.task, message.uuid, exc)
+        # As at the end of a request: a session that is gone is closed, and the caller's next query opens one.
+        connections[MessageLog.objects.db].close_if_unusable_or_obsolete()
         log.status = MessageLog.PUBLISHED
         return False
 
