@@ -106,6 +106,13 @@ def test_check_reports_duplicate_queue_names():
         "carrot.E004: CARROT['queues'][1] repeats the queue name 'a'; queue names must be unique"]
 
 
+def test_check_reports_a_queue_name_rabbitmq_or_the_log_table_cannot_hold():
+    found = problems_of({'queues': [{'name': 'q' * 201}, {'name': 'é' * 130}, {'name': 'ok'}]})
+    assert len(found) == 2
+    assert "CARROT['queues'][0]['name']" in found[0] and 'at most 200 characters' in found[0]
+    assert "CARROT['queues'][1]['name']" in found[1] and '255 bytes' in found[1]
+
+
 def test_check_reports_unparseable_broker_urls_without_showing_the_password():
     found = problems_of({'default_broker': 'http://u:hunter2@h/', 'queues': [
         {'name': 'a', 'host': 'amqp://u:p@h:notaport/'}, {'name': 'b', 'host': 42}]})

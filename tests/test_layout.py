@@ -121,7 +121,7 @@ def test_the_supervisor_knows_nothing_of_carrot_django_or_pika(module):
 # Django's usual places, the monitor) sit on top.
 # A name ending in '.*' is a package and everything in it; any other name is that module alone.
 FLOORS = [
-    ('leaves', ['carrot.exceptions', 'carrot.text', 'carrot.backoff']),
+    ('leaves', ['carrot.exceptions', 'carrot.text', 'carrot.backoff', 'carrot.names']),
     ('config', ['carrot.config.*']),
     # carrot.backends.compat imports Django's tasks API and nothing of carrot: the worker runs a django.tasks
     # Task with it (carrot.consume.djangotask); the backend itself sits on top.

@@ -131,6 +131,22 @@ def test_priority_is_validated(priority):
     assert MessageLog.objects.count() == 0
 
 
+@pytest.mark.parametrize('name, problem', [
+    ('x' * 201, 'too long: at most 200 characters'),
+    ('é' * 130, 'too long: at most 200 characters and 255 bytes'),  # 130 characters, 260 bytes
+    ('a\x00b', 'no NUL'),
+    ('\ud800', 'no lone surrogate'),
+    (42, 'must be a string'),
+])
+@pytest.mark.parametrize('where', ['exchange', 'routing_key'])
+def test_an_exchange_or_routing_key_amqp_or_the_log_cannot_hold_is_refused_before_anything_is_written(
+        where, name, problem):
+    """Not by pika halfway through the send, with the row left WAITING for a relay that cannot send it."""
+    with pytest.raises(ValueError, match=f'{where} .*{problem}'):
+        publish_message(tasks.add, 1, 2, **{where: name})
+    assert MessageLog.objects.count() == 0
+
+
 def test_publish_inside_atomic_waits_for_commit(raw_channel):
     with transaction.atomic():
         log = publish_message(tasks.add, 1, 2)

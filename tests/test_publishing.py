@@ -178,21 +178,46 @@ def test_the_relay_sends_batch_after_batch_within_its_budget(raw_channel):
 
 
 def test_the_relay_fails_rows_it_can_never_send(raw_channel):
-    def waiting(task=ADD, queue='default', args='[1, 2]'):
-        log = MessageLog.objects.create(status='WAITING', queue=queue, routing_key=queue, task=task,
+    def waiting(task=ADD, queue='default', args='[1, 2]', routing_key=None):
+        log = MessageLog.objects.create(status='WAITING', queue=queue, routing_key=routing_key or queue, task=task,
                                         uuid=str(uuid.uuid4()), task_args=args, content='{}',
                                         publish_time=timezone.now() - timedelta(minutes=1))
         return log.pk
 
     not_a_task, no_queue, bad_args = waiting(task='os.system'), waiting(queue='gone'), waiting(args='[1,')
+    long_key = waiting(routing_key='é' * 130)  # written by an older carrot: 260 bytes, more than AMQP carries
     good = waiting()
     assert Relay().relay_waiting() == 1
     rows = {log.pk: log for log in MessageLog.objects.all()}
     assert rows[good].status == 'PUBLISHED'
     for pk, reason in ((not_a_task, 'not registered'), (no_queue, "no queue called 'gone'"),
-                       (bad_args, 'could not be relayed')):
+                       (bad_args, 'could not be relayed'), (long_key, 'routing_key is too long')):
         assert rows[pk].status == 'FAILED', reason
         assert reason in rows[pk].exception
+
+
+def test_a_row_whose_send_fails_unexpectedly_is_failed_and_the_rows_behind_it_go_out(raw_channel, monkeypatch,
+                                                                                     caplog):
+    """Whatever a row's send raises besides the broker's and the database's errors (a bug, a value the AMQP
+    client cannot encode) would come back on every tick and hold up every row behind it: FAILED, saying so."""
+    old = timezone.now() - timedelta(minutes=1)
+    first, second = (MessageLog.objects.create(status='WAITING', queue='default', routing_key='default', task=ADD,
+                                               uuid=str(uuid.uuid4()), task_args=f'[{n}, 0]', content='{}',
+                                               publish_time=old + timedelta(seconds=n)) for n in (1, 2))
+    real = Publisher._basic_publish
+
+    def fail_the_first(channel, exchange, routing_key, body, properties, *rest):
+        if properties['message_id'] == first.uuid:
+            raise RuntimeError('a bug in the send')
+        return real(channel, exchange, routing_key, body, properties, *rest)
+
+    monkeypatch.setattr(Publisher, '_basic_publish', staticmethod(fail_the_first))
+    assert Relay().relay_waiting() == 1
+    first.refresh_from_db(), second.refresh_from_db()
+    assert (first.status, second.status) == ('FAILED', 'PUBLISHED')
+    assert 'RuntimeError: a waiting message could not be relayed: a bug in the send' in first.exception
+    assert 'sending tests.testapp.tasks.add (%s) failed unexpectedly' % first.uuid in caplog.text
+    assert queue_depth('default') == 1
 
 
 @pytest.mark.timeout(120)

@@ -621,6 +621,34 @@ def test_housekeeping_relays_waiting_messages():
     assert wait_for(lambda: queue_depth('other') == 1, 5, what='the relayed message')
 
 
+@pytest.mark.timeout(60)
+def test_a_duty_that_fails_unexpectedly_backs_off_and_the_others_go_on(caplog):
+    """A bug in one duty (here a ZeroDivisionError) is logged with its traceback once per failing streak;
+    it neither ends housekeeping (the child would be restarted into the same bug, again and again) nor
+    stops the other duties."""
+    from carrot.run.housekeeping import Duty, Housekeeping
+    calls = {'buggy': 0, 'fine': 0}
+
+    def buggy():
+        calls['buggy'] += 1
+        return 1 / 0
+
+    def fine():
+        calls['fine'] += 1
+
+    stopping = threading.Event()
+    housekeeping = Housekeeping([Duty('a buggy duty', buggy, every=0.01), Duty('a fine duty', fine, every=0.01)],
+                                stopping=stopping, tick=0.01)
+    housekeeping.on_tick = lambda: calls['fine'] >= 50 and stopping.set()
+    with caplog.at_level(logging.WARNING, logger='carrot.housekeeping'):
+        thread, result = run_in_thread(housekeeping.run)
+        thread.join(30)
+    assert result == [None]
+    assert calls['fine'] >= 50 and calls['buggy'] == 1  # backed off (a second) after its failure
+    failures = [r for r in caplog.records if 'a buggy duty failed unexpectedly' in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info[0] is ZeroDivisionError
+
+
 # --- the cleanup task ---------------------------------------------------------------------------------
 
 def test_cleanup_deletes_failed_rows_older_than_cleanup_failed_after_days():

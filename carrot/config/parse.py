@@ -17,7 +17,8 @@ from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_
                                   QUEUE_TYPES, QUORUM, TRACK_LEVELS, BrokerConfig, CarrotConfig, ConfigProblem,
                                   QueueConfig, node_text)
 from carrot.config.secrets import ENCODE_HINT, masked_repr, broker_shape
-from carrot.exceptions import CarrotConfigException
+from carrot.exceptions import CarrotConfigException, InvalidCall
+from carrot.names import check_name
 
 # Check ids, one per kind of problem (documented in README.rst).
 E_NOT_A_DICT = 'carrot.E001'
@@ -264,6 +265,11 @@ class Parser:
         name = raw.get('name')
         if not isinstance(name, str) or not name:
             self.bad_value(f"{path}['name']", 'a non-empty string', name)
+            return None
+        try:
+            check_name('a queue name', name)
+        except InvalidCall as exc:
+            self.bad_value(f"{path}['name']", f'a queue name RabbitMQ and the log table take ({exc})', name)
             return None
         broker = self.broker(f"{path}['host']", raw['host']) if 'host' in raw else default_broker
         consumer_class = raw.get('consumer_class', 'carrot.consumer.Consumer')

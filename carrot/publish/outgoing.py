@@ -16,6 +16,7 @@ from carrot import registry, text
 from carrot.amqp import delays, wire
 from carrot.config import get_config
 from carrot.exceptions import InvalidCall, MessageTooLarge
+from carrot.names import check_name
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,11 @@ def prepare(task: str | Callable, args: tuple = (), kwargs: dict | None = None, 
     if problem:
         raise InvalidCall(f'task {path}: {problem}')
     wire.check_priority(priority)
+    check_name('exchange', exchange or '')
+    if routing_key:
+        check_name('routing_key', routing_key)
+    if message_id:
+        check_name('message_id', message_id)
     queue_name = get_config().queue(queue).name
     run_after = run_after_of(run_after, countdown)
     if run_after is not None and (exchange or (routing_key and routing_key != queue_name)):

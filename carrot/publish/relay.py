@@ -11,6 +11,7 @@ import logging
 import time
 from datetime import timedelta
 
+from django.db import DatabaseError
 from django.utils import timezone
 
 from carrot.backoff import Backoff
@@ -78,6 +79,12 @@ class Relay:
             except MessageRejected as exc:  # send() has marked it FAILED
                 logger.error('relay: %s (%s) was refused by the broker: %s', log.task, log.uuid, exc)
                 up.add(broker)
+            except DatabaseError:
+                raise  # the database is away: housekeeping backs off, and every row waits on
+            except Exception as exc:  # noqa: BLE001 -- a fault of this row's own (a value the AMQP client
+                # cannot encode, a bug) would come back on every tick and hold up every row behind it
+                logger.exception('relay: sending %s (%s) failed unexpectedly', log.task, log.uuid)
+                give_up(log, exc)
         self._note_brokers(up, down)
         self.relayed += sent
         if sent:

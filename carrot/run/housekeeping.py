@@ -49,12 +49,15 @@ class Duty:
     def perform(self, now: float) -> None:
         try:
             self.run()
-        except (DatabaseError, CarrotError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 -- one duty failing never stops the others (nor the child)
             delay = self.backoff.next_delay()
             self.next_run = now + delay
             if not self.failing:
-                logger.warning('housekeeping: %s failed (%s: %s); retrying with backoff', self.name,
-                               type(exc).__name__, exc)
+                if isinstance(exc, (DatabaseError, CarrotError, OSError)):  # an outage: one line says it
+                    logger.warning('housekeeping: %s failed (%s: %s); retrying with backoff', self.name,
+                                   type(exc).__name__, exc)
+                else:  # a bug: its traceback, once per failing streak
+                    logger.exception('housekeeping: %s failed unexpectedly; retrying with backoff', self.name)
             self.failing = True
             connections.close_all()  # a broken connection is re-opened on the next query
             return

@@ -1,0 +1,32 @@
+"""Names AMQP carries and the log table stores: a queue, an exchange, a routing key, a message id.
+
+AMQP carries them as short strings (at most 255 bytes) and MessageLog's columns hold 200 characters; a
+name past either is refused where it is given (CARROT, a publish), not by the AMQP client halfway through
+a send, nor by the relay later, every tick.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from carrot import text
+from carrot.exceptions import InvalidCall
+
+MAX_NAME_LENGTH = 200     # MessageLog.queue, .exchange, .routing_key and .uuid
+MAX_SHORT_STRING = 255    # bytes in UTF-8: AMQP's short string
+
+
+def check_name(what: str, value: Any) -> str:
+    """`value` if its log column holds it and AMQP carries it; InvalidCall naming `what` if not."""
+    if not isinstance(value, str):
+        raise InvalidCall(f'{what} must be a string, got {type(value).__name__}: {text.for_log(value, 100)}')
+    try:
+        size = len(value.encode('utf-8'))
+    except UnicodeEncodeError:
+        size = None
+    if size is None or '\x00' in value:
+        raise InvalidCall(f'{what} must be text a database can store (no NUL, no lone surrogate): '
+                          f'{text.for_log(value, 100)}')
+    if len(value) > MAX_NAME_LENGTH or size > MAX_SHORT_STRING:
+        raise InvalidCall(f'{what} is too long: at most {MAX_NAME_LENGTH} characters and {MAX_SHORT_STRING} bytes '
+                          f'in UTF-8, got {len(value)} characters: {text.for_log(value, 100)}')
+    return value
