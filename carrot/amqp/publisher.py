@@ -129,6 +129,9 @@ class Publisher:
                                                 f'{describe_connection_error(exc, self.broker, node)}') from None
                     logger.info('publishing connection to %s was lost (%s); reconnecting',
                                 self._where(node), type(exc).__name__)
+                except BaseException:
+                    self._abandon_connection()
+                    raise
             # Both tries used, the last one on replacing a delay level: not sent (the row waits).
             raise BrokerUnavailable(f'cannot publish to {self.broker}: a delay level had to be replaced; '
                                     f'the message is sent again later')
@@ -187,6 +190,9 @@ class Publisher:
                     connection_lost(self.connection)
                 self._forget_connection()
                 raise failure from None
+            except BaseException:
+                self._abandon_connection()
+                raise
             if batch.channel.is_open:
                 batch.channel.close()
         if returned:  # the queue is gone (deleted meanwhile): declared again by the next publish
@@ -266,6 +272,15 @@ class Publisher:
                 channel.close()
             except Exception:  # the connection may be going too; the next publish finds out
                 pass
+
+    def _abandon_connection(self):
+        """After anything else that escaped a publish (an interrupt, a signal handler's exception, a bug, the
+        caller's work while confirms were awaited): a frame may be half written or a confirm unread, and a
+        late confirm would be taken for the next message's. This connection is dropped, not closed (the
+        close would wait for RabbitMQ), and the next publish opens another."""
+        if self.connection is not None:
+            pika_compat.drop(self.connection)
+        self._forget_connection()
 
     def _forget_connection(self):
         connection, self.connection = self.connection, None
