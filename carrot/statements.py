@@ -11,10 +11,12 @@ Used only where it helps and cannot surprise: PostgreSQL with the values filled 
 3's default, psycopg2), outside a transaction (a failed EXECUTE would abort the caller's). Anywhere else
 the statement runs as it is. A statement is named by a hash of its text, so a session shared between
 clients (a pooler in transaction mode) or between two versions of carrot never runs another statement
-under its name. An EXECUTE that fails committed nothing, so the plain statement is run instead: when the
+under its name. An EXECUTE the database refuses committed nothing, so the plain statement is run instead: when the
 prepared statement was gone (a pooler handing each statement to another server session, a DISCARD ALL),
 that connection prepares nothing any more; otherwise (a plan whose result type a migration changed, a lock
-timeout) it is dropped and prepared afresh next time.
+timeout) it is dropped and prepared afresh next time. An exception from outside the database (an
+interrupt, a signal handler's) leaves the statement's fate unknown: it is raised as it is, never followed
+by the plain statement, and a connection left busy with the statement is closed.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import itertools
 import re
 import weakref
 
-from django.db import connections
+from django.db import Error as DatabaseError, connections
 
 from carrot.commits import commits_may_skip_the_disk, execute_durably, execute_without_waiting, with_commit_setting
 from carrot.dbfaults import sqlstate
@@ -58,18 +60,28 @@ class Statement:
         the server is configured to, whatever the session was set to."""
         connection = connections[using]
         connection.ensure_connection()
-        name = self._name_on(connection)
-        if name is None:
-            return _execute(self.sql, params, using, fetch, wait_for_disk)
-        call = f'EXECUTE {name}({", ".join(["%s"] * self.count)})' if self.count else f'EXECUTE {name}'
         try:
-            return _execute(call, params, using, fetch, wait_for_disk)
-        except Exception as exc:
-            # Whatever failed (the statement gone with a pooler or a DISCARD ALL, a plan whose result type
-            # a migration changed, a lock timeout), it committed nothing: the plain statement decides. A
-            # connection that lost it prepares nothing any more; otherwise it is prepared afresh next time.
-            self._drop(connection, name, keep_off=sqlstate(exc) == '26000')  # 26000: no such statement
-        return _execute(self.sql, params, using, fetch, wait_for_disk)
+            name = self._name_on(connection)
+            if name is None:
+                return _execute(self.sql, params, using, fetch, wait_for_disk)
+            call = f'EXECUTE {name}({", ".join(["%s"] * self.count)})' if self.count else f'EXECUTE {name}'
+            try:
+                return _execute(call, params, using, fetch, wait_for_disk)
+            except DatabaseError as exc:
+                # The database refused it (the statement gone with a pooler or a DISCARD ALL, a plan whose
+                # result type a migration changed, a lock timeout), so it committed nothing: the plain
+                # statement decides. A connection that lost it prepares nothing any more; otherwise it is
+                # prepared afresh next time.
+                self._drop(connection, name, keep_off=sqlstate(exc) == '26000')  # 26000: no such statement
+            return _execute(self.sql, params, using, fetch, wait_for_disk)
+        except BaseException as exc:
+            # Anything else came from outside the database (an interrupt, a signal handler's exception, a
+            # time limit) while the statement was on its way or running: it may commit or not, and no one
+            # can tell, so it is never run again here. The connection may still be busy with it; then it is
+            # closed, or the next query on it would fail for a reason that has nothing to do with it.
+            if not isinstance(exc, DatabaseError):
+                close_if_busy(connection)
+            raise
 
     def send(self, params, using: str = 'default', fetch: bool = False) -> 'InFlight | None':
         """Send now, read the answer later: the statement leaves at once and `InFlight.result()` returns
@@ -110,7 +122,7 @@ class Statement:
             try:
                 with connection.cursor() as cursor:
                     cursor.execute(f'PREPARE {name} AS {_numbered(self.sql)}')
-            except Exception as exc:
+            except DatabaseError as exc:
                 # Already there (a pooler may hand this session another client's, of the very same text:
                 # the name is the text's hash), or a database that refuses PREPARE: plain from now on.
                 if sqlstate(exc) != '42P05':
@@ -129,8 +141,36 @@ class Statement:
         try:
             with connection.cursor() as cursor:
                 cursor.execute(f'DEALLOCATE {name}')
-        except Exception:  # gone with the connection, or never there
+        except DatabaseError:  # gone with the connection, or never there
             pass
+
+
+def close_if_busy(connection) -> None:
+    """Close Django's `connection` if its driver connection is still busy with a command whose answer nobody
+    will read (a query interrupted by an exception from outside the database): any later query on it would
+    fail. Django opens another when next asked."""
+    raw = connection.connection
+    if raw is not None and _busy(raw):
+        _close(connection)
+
+
+def _close(connection) -> None:
+    try:
+        connection.close()
+    except Exception:  # closing a broken connection may complain; it is gone either way
+        pass
+
+
+def _busy(raw) -> bool:
+    """Whether the driver connection `raw` has a command in progress (PostgreSQL's ACTIVE state)."""
+    try:
+        import psycopg
+        if isinstance(raw, psycopg.Connection):
+            return raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
+    except ImportError:
+        pass
+    status = getattr(raw, 'get_transaction_status', None)  # psycopg2; 1 is TRANSACTION_STATUS_ACTIVE
+    return status is not None and status() == 1
 
 
 _STATEMENTS: dict[tuple[str, str, str], Statement] = {}
@@ -145,7 +185,6 @@ class InFlight:
         from psycopg import generators
         self.statement, self.connection, self.name = statement, connection, name
         self.params, self.using, self.fetch = params, using, fetch
-        self.answered = False
         raw = connection.connection
         with connection.wrap_database_errors:  # a lost connection fails here, before anything else is done
             with raw.cursor() as cursor:
@@ -163,7 +202,6 @@ class InFlight:
         nothing: the plain statement decides, as in run()."""
         from psycopg import errors, generators, pq
         from psycopg.adapt import Transformer
-        self.answered = True
         raw = self.connection.connection
         try:
             with self.connection.wrap_database_errors:
@@ -186,18 +224,8 @@ class InFlight:
         self.statement._drop(self.connection, self.name, keep_off=sqlstate(error) == '26000')
         return _execute(self.statement.sql, self.params, self.using, self.fetch, False)
 
-    def settle(self) -> None:
-        """After whatever the caller did meanwhile: an answer never read (the caller was interrupted before
-        result()) makes the connection unusable, so it is closed (Django opens another when next asked)."""
-        if not self.answered:
-            self.abandon()
-
     def abandon(self) -> None:
-        self.answered = True
-        try:
-            self.connection.close()
-        except Exception:  # closing a broken connection may complain; it is gone either way
-            pass
+        _close(self.connection)
 
 
 def _binds_on_the_client(raw) -> bool:

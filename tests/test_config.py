@@ -107,10 +107,14 @@ def test_check_reports_duplicate_queue_names():
 
 
 def test_check_reports_a_queue_name_rabbitmq_or_the_log_table_cannot_hold():
-    found = problems_of({'queues': [{'name': 'q' * 201}, {'name': 'é' * 130}, {'name': 'ok'}]})
-    assert len(found) == 2
+    # 'é' is two bytes in UTF-8: 127 of them fit AMQP's 255, but not with the '.dead' of the queue's
+    # dead-letter queue; 125 (250 bytes) do.
+    found = problems_of({'queues': [{'name': 'q' * 201}, {'name': 'é' * 130}, {'name': 'é' * 127},
+                                    {'name': 'é' * 125}, {'name': 'q' * 200}, {'name': 'ok'}]})
+    assert len(found) == 3
     assert "CARROT['queues'][0]['name']" in found[0] and 'at most 200 characters' in found[0]
-    assert "CARROT['queues'][1]['name']" in found[1] and '255 bytes' in found[1]
+    assert "CARROT['queues'][1]['name']" in found[1] and '250 bytes' in found[1]
+    assert "CARROT['queues'][2]['name']" in found[2] and 'room for .dead' in found[2]
 
 
 def test_check_reports_unparseable_broker_urls_without_showing_the_password():

@@ -522,3 +522,30 @@ def test_a_consumer_that_claims_the_row_before_the_confirm_leaves_it_claimed(mon
         worker.close()
     assert log.status == 'IN_PROGRESS'
     assert MessageLog.objects.get(uuid=log.uuid).status == 'IN_PROGRESS'
+
+
+class Interrupted(Exception):
+    """What a signal handler of the caller's raises in the middle of a publish (a time limit, say)."""
+
+
+def test_an_interrupt_the_instant_the_rows_insert_left_closes_the_connection_its_answer_waits_on(monkeypatch):
+    """An exception from a signal handler may come the instant the INSERT has left, before the call holds on
+    to it: its answer is then never read, and the connection it waits on must not serve the next query
+    ('another command is already in progress'). Nothing was sent for the interrupted call."""
+    sends_rows_early()
+    from django.db import connection
+    from carrot.publish import outbox
+    start_insert = outbox._start_insert
+
+    def interrupted_once_sent(row):
+        assert start_insert(row) is not None  # sent early: the answer is pending
+        raise Interrupted()
+
+    monkeypatch.setattr(outbox, '_start_insert', interrupted_once_sent)
+    with pytest.raises(Interrupted):
+        publish_message(tasks.add, 1, 2)
+    assert connection.connection is None  # closed, not left busy
+    monkeypatch.undo()
+    log = publish_message(tasks.add, 3, 4)
+    assert MessageLog.objects.get(uuid=log.uuid).status == 'PUBLISHED'
+    assert queue_depth('default') == 2  # add(0, 0) and add(3, 4)

@@ -1,8 +1,13 @@
 """carrot.statements against a real PostgreSQL: a statement prepared once per connection keeps working when
 the server loses it (a pooler, DISCARD ALL), when a migration changes what it returns, and when two versions
-of carrot (two texts under one name) share a session; elsewhere the statement runs as it is."""
+of carrot (two texts under one name) share a session, and when something outside the database interrupts
+it; elsewhere the statement runs as it is."""
+import signal
+import time
+from contextlib import contextmanager
+
 import pytest
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 
 from carrot.statements import Statement
 
@@ -143,3 +148,64 @@ def test_nothing_is_sent_early_in_a_transaction_or_while_queries_are_watched(tab
     with connection.execute_wrapper(lambda execute, *args: execute(*args)):
         assert read.send([1], fetch=True) is None
     assert read.send([1], fetch=True).result() == ('one',)
+
+
+class Interrupted(Exception):
+    """What a time limit's signal handler raises in the middle of a query (a SIGALRM timeout, a soft limit)."""
+
+
+@contextmanager
+def interrupted_after(seconds: float):
+    def interrupt(signum, frame):
+        raise Interrupted()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def rows_with_id(table: str, row_id: int) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(f'SELECT count(*) FROM {table} WHERE id = %s', [row_id])
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('prepared', [True, False], ids=['executed', 'being-prepared'])
+def test_a_statement_interrupted_from_outside_the_database_is_raised_as_it_is_and_never_run_again(table, prepared):
+    """The server may commit an interrupted INSERT or not; nobody can tell, so it is not run plain after the
+    EXECUTE as a refused one is (that would be a second INSERT on a connection still busy with the first:
+    'another command is already in progress' in place of the caller's own exception). The connection still
+    busy is closed, and the next query opens another."""
+    postgres_only()
+    slow_insert = Statement('slow_insert', f'INSERT INTO {table} SELECT %s, %s FROM pg_sleep(%s) RETURNING id')
+    if prepared:
+        assert slow_insert.run([3, 'three', 0], fetch=True) == (3,)
+    else:  # interrupted while it is being prepared: PREPARE waits for the table's lock
+        holder = connections.create_connection('default')  # a second session, not the test's
+        holder.connect()
+        holder.set_autocommit(False)
+        with holder.cursor() as cursor:
+            cursor.execute(f'LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE')
+    try:
+        started = time.monotonic()
+        with pytest.raises(Interrupted), interrupted_after(0.2):
+            slow_insert.run([4, 'four', 1], fetch=True)
+        assert time.monotonic() - started < 0.9, 'the interrupt waited for the statement'
+    finally:
+        if not prepared:
+            holder.rollback()
+            holder.close()
+    assert rows_with_id(table, 1) == 1  # the connection answers as before
+    if prepared:  # the server finishes the INSERT it had: once, whatever the client did
+        deadline = time.monotonic() + 10
+        while rows_with_id(table, 4) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rows_with_id(table, 4) == 1
+    else:
+        assert rows_with_id(table, 4) == 0  # never prepared, never run
+    assert slow_insert.run([5, 'five', 0], fetch=True) == (5,)  # prepared afresh on the new connection
+    assert slow_insert.prepared_name in prepared_names()

@@ -18,7 +18,7 @@ from carrot.config.schema import (DEFAULT_BROKER, DEFAULT_MAX_PRIORITY, DEFAULT_
                                   QueueConfig, node_text)
 from carrot.config.secrets import ENCODE_HINT, masked_repr, broker_shape
 from carrot.exceptions import CarrotConfigException, InvalidCall
-from carrot.names import MAX_NAME_LENGTH, MAX_SHORT_STRING, check_name
+from carrot.names import MAX_NAME_LENGTH, MAX_QUEUE_NAME_BYTES, check_name
 
 # Check ids, one per kind of problem (documented in README.rst).
 E_NOT_A_DICT = 'carrot.E001'
@@ -267,11 +267,11 @@ class Parser:
             self.bad_value(f"{path}['name']", 'a non-empty string', name)
             return None
         try:
-            check_name('a queue name', name)
+            check_name('a queue name', name, max_bytes=MAX_QUEUE_NAME_BYTES)
         except InvalidCall:
             self.bad_value(f"{path}['name']", f'a queue name RabbitMQ and the log table take (at most '
-                                               f'{MAX_NAME_LENGTH} characters and {MAX_SHORT_STRING} bytes in '
-                                               f'UTF-8, no NUL)', name)
+                                               f'{MAX_NAME_LENGTH} characters and {MAX_QUEUE_NAME_BYTES} bytes in '
+                                               f'UTF-8, leaving room for .dead; no NUL)', name)
             return None
         broker = self.broker(f"{path}['host']", raw['host']) if 'host' in raw else default_broker
         consumer_class = raw.get('consumer_class', 'carrot.consumer.Consumer')

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 from carrot.config.options import SupervisorSettings
 from carrot.exceptions import UnknownQueue
+from carrot.names import DEAD_LETTER_SUFFIX
 
 DEFAULT_BROKER = 'amqp://guest:guest@localhost:5672/'
 DEFAULT_QUEUE = 'default'
@@ -117,7 +118,7 @@ class QueueConfig:
 
     @property
     def dead_letter_queue(self) -> str:
-        return f'{self.name}.dead'
+        return self.name + DEAD_LETTER_SUFFIX
 
     @property
     def is_quorum(self) -> bool:

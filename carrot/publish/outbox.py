@@ -52,7 +52,7 @@ from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigE
 from carrot.models import MessageLog
 from carrot.publish import arguments
 from carrot.publish.outgoing import Outgoing, prepare
-from carrot.statements import InFlight, Statement, statement
+from carrot.statements import InFlight, Statement, close_if_busy, statement
 
 logger = logging.getLogger('carrot.publishing')
 
@@ -84,13 +84,15 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
         return log
     if on_enqueued is None:
         log = _new_row(message)
-        in_flight = _start_insert(log)
-        if in_flight is not None:
-            try:
+        try:
+            in_flight = _start_insert(log)
+            if in_flight is not None:
                 send(message, log, store_and_forward=store_and_forward, row_in_flight=in_flight)
-            finally:
-                in_flight.settle()
-            return log
+                return log
+        finally:
+            # An interrupt anywhere from the INSERT's send to the reading of its answer (even before
+            # _start_insert() returned it) leaves the answer unread: that connection is closed.
+            close_if_busy(transaction.get_connection(MessageLog.objects.db))
     log = _write_row(message, wait_for_disk=False)  # outside a transaction: see carrot.commits
     _deliver(message, log, store_and_forward, on_enqueued)
     return log
