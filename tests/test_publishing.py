@@ -220,6 +220,25 @@ def test_a_row_whose_send_fails_unexpectedly_is_failed_and_the_rows_behind_it_go
     assert queue_depth('default') == 1
 
 
+def test_a_row_deleted_while_the_relay_sends_it_is_neither_failed_nor_said_to_be(raw_channel, monkeypatch, caplog):
+    """An operator deletes a waiting row from the monitor just as the relay sends it: the message has left,
+    there is no row to mark, and nothing claims to have marked one FAILED."""
+    row = MessageLog.objects.create(status='WAITING', queue='default', routing_key='default', task=ADD,
+                                    uuid=str(uuid.uuid4()), task_args='[1, 0]', content='{}',
+                                    publish_time=timezone.now() - timedelta(minutes=1))
+    real = Publisher._basic_publish
+
+    def delete_then_publish(channel, *args):
+        MessageLog.objects.filter(pk=row.pk).delete()
+        return real(channel, *args)
+
+    monkeypatch.setattr(Publisher, '_basic_publish', staticmethod(delete_then_publish))
+    assert Relay().relay_waiting() == 1
+    assert 'FAILED' not in caplog.text and 'failed unexpectedly' not in caplog.text
+    assert not MessageLog.objects.filter(pk=row.pk).exists()
+    assert queue_depth('default') == 1
+
+
 @pytest.mark.timeout(120)
 def test_a_waiting_message_runs_once_after_the_relay(locked_vhost):
     carrot = {**settings.CARROT, 'queues': [*settings.CARROT['queues'], {'name': 'locked', 'host': locked_vhost.url}]}

@@ -12,6 +12,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.conf import settings
 from django.db import connections
 from django.test import override_settings
@@ -578,6 +579,11 @@ def test_schedule_problem_says_why_without_asking_the_broker():
     assert schedule_problem(schedule('fine')) == ''
     assert 'not valid JSON' in schedule_problem(broken('bad', task_args='{nope'))
     assert schedule_problem(broken('unreachable but fine', queue='default')) == ''
+    # 200 characters fit the column, but 400 bytes are more than AMQP carries: said before any run.
+    too_wide = broken('too wide', routing_key='é' * 200)
+    assert 'the routing key is too long' in schedule_problem(too_wide)
+    with pytest.raises(ValidationError, match='too long'):
+        too_wide.full_clean()
 
 
 @pytest.mark.timeout(60)
@@ -647,6 +653,27 @@ def test_a_duty_that_fails_unexpectedly_backs_off_and_the_others_go_on(caplog):
     assert calls['fine'] >= 50 and calls['buggy'] == 1  # backed off (a second) after its failure
     failures = [r for r in caplog.records if 'a buggy duty failed unexpectedly' in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info[0] is ZeroDivisionError
+
+
+def test_a_duty_that_keeps_failing_is_recalled_every_ten_minutes_not_every_try(caplog):
+    """The first line of a failing streak scrolls away; an operator reading the log an hour later still
+    learns the relay has not worked since -- once per ten minutes, not once per backoff."""
+    from carrot.run.housekeeping import STILL_FAILING_EVERY, Duty
+
+    def away():
+        raise OSError('the broker is away')
+
+    duty = Duty('the relay', away)
+    with caplog.at_level(logging.INFO, logger='carrot.housekeeping'):
+        for second in range(0, 3 * int(STILL_FAILING_EVERY) + 1, 30):  # a try every 30 s (the backoff's cap)
+            duty.perform(1000.0 + second)
+        duty.run = lambda: None
+        duty.perform(1000.0 + 3 * STILL_FAILING_EVERY + 30)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith('housekeeping: the relay failed (OSError: the broker is away)')
+    assert lines[1:4] == [f'housekeeping: the relay still fails after {minutes * 60} s (OSError: the broker is '
+                          f'away); retrying with backoff' for minutes in (10, 20, 30)]
+    assert lines[4:] == ['housekeeping: the relay works again']
 
 
 # --- the cleanup task ---------------------------------------------------------------------------------

@@ -355,7 +355,10 @@ def mark_published(log: MessageLog, scheduled: bool = False, from_status: str = 
     if changed:
         log.status = status
     else:  # a worker took it first: the row as it left it (claimed, or even finished)
-        log.refresh_from_db()
+        try:
+            log.refresh_from_db()
+        except MessageLog.DoesNotExist:
+            pass  # deleted meanwhile (from the monitor, say): the message has left all the same
 
 
 def _mark_published_sql(connection) -> str:

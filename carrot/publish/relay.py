@@ -108,9 +108,13 @@ def give_up(log: MessageLog, exc: Exception, from_status: str = MessageLog.WAITI
     what = 'a waiting message could not be relayed' if from_status == MessageLog.WAITING else \
         'an overdue scheduled message could not be sent again'
     reason = f'{type(exc).__name__}: {what}: {exc}'
-    MessageLog.objects.filter(pk=log.pk, status=from_status).update(
+    changed = MessageLog.objects.filter(pk=log.pk, status=from_status).update(
         status=MessageLog.FAILED, failure_time=timezone.now(), exception=reason)
-    logger.error('relay: %s (%s) cannot be sent and is marked FAILED: %s', log.task, log.uuid, exc)
+    if changed:
+        logger.error('relay: %s (%s) cannot be sent and is marked FAILED: %s', log.task, log.uuid, exc)
+    else:  # deleted from the monitor, or taken by a worker, while it was being sent: not ours to mark
+        logger.warning('relay: %s (%s) could not be sent (%s); its row is no longer %s, and is left as it is',
+                       log.task, log.uuid, exc, from_status)
 
 
 def send_now(log: MessageLog) -> None:

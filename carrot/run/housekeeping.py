@@ -10,7 +10,7 @@ One `housekeeping` child per supervisor, whatever it consumes and whether it run
   so the monitor's Workers tab shows every host.
 
 Each duty backs off on its own while the database or the broker is down and logs one line per change of
-state; one duty failing never stops the others.
+state, and a reminder every ten minutes while it keeps failing; one duty failing never stops the others.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ TICK = 1.0
 SNAPSHOT_EVERY = 5.0  # seconds between copies of the master's status snapshot into the database
 SWEEP_EVERY = 10.0    # seconds between looks for overdue scheduled rows
 MAX_DUTY_BACKOFF = 30.0
+STILL_FAILING_EVERY = 600.0  # seconds between reminders that a duty is still failing (its first line scrolls away)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Duty:
     every: float = TICK
     next_run: float = 0.0
     failing: bool = False
+    failing_since: float = 0.0
+    reminded: float = 0.0
     backoff: Backoff = field(default_factory=lambda: Backoff(base=TICK, cap=MAX_DUTY_BACKOFF))
 
     def due(self, now: float) -> bool:
@@ -58,6 +61,11 @@ class Duty:
                                    type(exc).__name__, exc)
                 else:  # a bug: its traceback, once per failing streak
                     logger.exception('housekeeping: %s failed unexpectedly; retrying with backoff', self.name)
+                self.failing_since = self.reminded = now
+            elif now - self.reminded >= STILL_FAILING_EVERY:
+                logger.warning('housekeeping: %s still fails after %.0f s (%s: %s); retrying with backoff',
+                               self.name, now - self.failing_since, type(exc).__name__, exc)
+                self.reminded = now
             self.failing = True
             connections.close_all()  # a broken connection is re-opened on the next query
             return

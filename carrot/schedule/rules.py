@@ -13,7 +13,9 @@ from datetime import timedelta
 
 from carrot import registry
 from carrot.config import get_config
-from carrot.exceptions import (CarrotConfigException, InvalidArguments, InvalidSchedule, TaskNotRegistered)
+from carrot.exceptions import (CarrotConfigException, InvalidArguments, InvalidCall, InvalidSchedule,
+                               TaskNotRegistered)
+from carrot.names import check_name
 from carrot.publish import arguments
 
 SECONDS_PER = {'seconds': 1, 'minutes': 60, 'hours': 3600, 'days': 86400}
@@ -64,6 +66,12 @@ def schedule_problems(schedule) -> dict[str, str]:
             get_config().queue(schedule.queue)
         except CarrotConfigException as exc:
             problems['queue'] = str(exc)
+    for field in ('exchange', 'routing_key'):  # the column holds what AMQP may not carry (255 bytes)
+        if getattr(schedule, field):
+            try:
+                check_name(f"the {field.replace('_', ' ')}", getattr(schedule, field))
+            except InvalidCall as exc:
+                problems[field] = str(exc)
     return problems
 
 
