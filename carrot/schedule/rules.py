@@ -67,9 +67,10 @@ def schedule_problems(schedule) -> dict[str, str]:
         except CarrotConfigException as exc:
             problems['queue'] = str(exc)
     for field in ('exchange', 'routing_key'):  # the column holds what AMQP may not carry (255 bytes)
-        if getattr(schedule, field):
+        value = getattr(schedule, field, None)  # a schedule being checked may not name them
+        if value:
             try:
-                check_name(f"the {field.replace('_', ' ')}", getattr(schedule, field))
+                check_name(f"the {field.replace('_', ' ')}", value)
             except InvalidCall as exc:
                 problems[field] = str(exc)
     return problems
