@@ -488,7 +488,11 @@ def test_scheduler_survives_losing_its_database_connection(start_supervisor):
     scheduler = supervisor.scheduler()
     args = [10, 0]
     schedule('steady', seconds=1, task_args=args)
-    first_run_after(args, timezone.now(), 5, supervisor)
+    first = first_run_after(args, timezone.now(), 5, supervisor)
+    # Its row is visible as soon as its INSERT commits, before the confirm and the PUBLISHED update: a session
+    # killed in between is the publish's to log (the row's update), not the scheduler's. Kill it between ticks.
+    wait_for(lambda: MessageLog.objects.get(pk=first.pk).status != 'WAITING', 5, what='the run marked PUBLISHED',
+             tail=supervisor.diagnostics)
 
     # The scheduler's own session, found by the client port of its connection to PostgreSQL.
     port = int(settings.DATABASES['default'].get('PORT') or 5432)

@@ -209,3 +209,25 @@ def test_a_statement_interrupted_from_outside_the_database_is_raised_as_it_is_an
         assert rows_with_id(table, 4) == 0  # never prepared, never run
     assert slow_insert.run([5, 'five', 0], fetch=True) == (5,)  # prepared afresh on the new connection
     assert slow_insert.prepared_name in prepared_names()
+
+
+@pytest.mark.parametrize('watched', [False, True], ids=['past-the-cursor', 'through-the-cursor'])
+def test_a_statement_commits_as_asked_whatever_the_session_was_set_to(table, watched):
+    """run() passes Django's cursor by where nobody watches (the same round trip, a third less time) and
+    goes through it where someone does (DEBUG's query log): either way a write that must wait for the disk
+    waits as the server is configured to, even on a session a task set to `synchronous_commit off`, and one
+    that need not, does not."""
+    postgres_only()
+    from contextlib import nullcontext
+    from django.test.utils import CaptureQueriesContext
+    setting = Statement('setting', "SELECT current_setting('synchronous_commit') || %s")
+    setting.run(['', ], fetch=True)  # prepared
+    with connection.cursor() as cursor:
+        cursor.execute('SET synchronous_commit TO off')  # what a task may do to the connection it shares
+    with CaptureQueriesContext(connection) if watched else nullcontext() as seen:
+        assert setting.run(['!'], fetch=True, wait_for_disk=True) == ('on!',)
+        assert setting.run(['?'], fetch=True) == ('off?',)
+    if watched:
+        assert [q['sql'] for q in seen.captured_queries][0].startswith('SET LOCAL synchronous_commit TO DEFAULT')
+    with connection.cursor() as cursor:
+        cursor.execute('RESET synchronous_commit')
