@@ -71,8 +71,8 @@ class Statement:
             if name is None:
                 return _execute(self.sql, params, using, fetch, wait_for_disk)
             if _unwatched(connection):
-                # The same round trip, Django's cursor passed by: it was half the time of a publisher's
-                # PUBLISHED update (the query built, logged and converted again for each call).
+                # The same round trip, Django's cursor passed by: no query built, wrapped and converted
+                # again for each call (see the module's docstring).
                 return InFlight(self, connection, name, params, using, fetch, wait_for_disk).result()
             try:
                 return _execute(self._call(name), params, using, fetch, wait_for_disk)
