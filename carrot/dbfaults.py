@@ -33,6 +33,13 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def of_the_session(exc: BaseException) -> bool:
+    """Whether `exc` is about the state of the session that ran the statement, not about the statement or
+    its row (SQLSTATE class 25, invalid transaction state: a transaction that already failed, a session set
+    read-only): another session -- a worker's -- would not meet it."""
+    return (sqlstate(exc) or '').startswith('25')
+
+
 def tables_missing(exc: BaseException) -> bool:
     """Whether `exc` says one of the tables (or columns) is not there: migrations not applied."""
     if getattr(exc.__cause__, 'sqlstate', None) in ('42P01', '42703'):

@@ -155,10 +155,11 @@ class Statement:
 
 def close_if_busy(connection) -> None:
     """Close Django's `connection` if its driver connection is still busy with a command whose answer nobody
-    will read (a query interrupted by an exception from outside the database): any later query on it would
+    will read (a query interrupted by an exception from outside the database), or was closed by the driver
+    (psycopg closes one whose interrupted query it could not cancel cleanly): any later query on it would
     fail. Django opens another when next asked."""
     raw = connection.connection
-    if raw is not None and _busy(raw):
+    if raw is not None and (getattr(raw, "closed", False) or _busy(raw)):
         _close(connection)
 
 
@@ -250,10 +251,17 @@ def _binds_on_the_client(raw) -> bool:
 
 def _unwatched(connection) -> bool:
     """Whether a statement may pass Django's cursor by on `connection`: psycopg 3 binding on the client,
-    outside a transaction, and nobody watching its queries (no execute_wrapper, no DEBUG query log)."""
+    outside a transaction (Django's, and one begun by hand: the session idle), and nobody watching its
+    queries (no execute_wrapper, no DEBUG query log)."""
     raw = connection.connection
     return raw is not None and connection.vendor == 'postgresql' and not connection.in_atomic_block \
-        and not connection.execute_wrappers and not connection.queries_logged and _sends_without_reading(raw)
+        and not connection.execute_wrappers and not connection.queries_logged and _sends_without_reading(raw) \
+        and raw.pgconn.transaction_status == _idle()
+
+
+def _idle():
+    from psycopg import pq
+    return pq.TransactionStatus.IDLE
 
 
 def _sends_without_reading(raw) -> bool:

@@ -568,3 +568,44 @@ def test_an_interrupt_the_instant_the_rows_insert_left_closes_the_connection_its
     log = publish_message(tasks.add, 3, 4)
     assert MessageLog.objects.get(uuid=log.uuid).status == 'PUBLISHED'
     assert queue_depth('default') == 2  # add(0, 0) and add(3, 4)
+
+
+def test_a_caller_whose_transaction_begun_by_hand_has_failed_is_refused_before_anything_is_sent():
+    """A raw BEGIN that Django does not know of, and a statement in it that failed: the INSERT would be
+    refused for the session's sake, so it is not sent ahead of the message -- the call raises and nothing
+    is on the queue (sent first, the task would run while the call said it failed)."""
+    sends_rows_early()
+    from django.db import InternalError, connection
+    with connection.cursor() as cursor:
+        cursor.execute('BEGIN')
+        with pytest.raises(Exception):
+            cursor.execute('SELECT 1/0')
+    try:
+        with pytest.raises(InternalError, match='current transaction is aborted'):
+            publish_message(tasks.add, 1, 2)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute('ROLLBACK')
+    assert queue_depth('default') == 1  # add(0, 0) only
+    assert list(MessageLog.objects.values_list('task_args', flat=True)) == ['[0, 0]']
+
+
+def test_a_row_the_callers_read_only_session_refuses_after_its_message_left_is_written_by_the_worker(caplog):
+    """A session the caller set read-only refuses the row only after the message left: the worker's session
+    writes it and runs the task once, so the call returns (logging why) instead of raising -- a caller
+    that publishes again would run it twice."""
+    sends_rows_early()
+    from django.db import connection
+    with connection.cursor() as cursor:
+        cursor.execute('SET default_transaction_read_only TO on')
+    try:
+        log = publish_message(tasks.add, 1, 2)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute('RESET default_transaction_read_only')
+    assert log.pk is None and log.status == 'PUBLISHED'
+    assert 'its log row could not be written' in caplog.text and 'read-only' in caplog.text
+    run_consumer(max_messages=2, idle_timeout=5)
+    row = MessageLog.objects.get(uuid=log.uuid)
+    assert (row.status, row.attempts, row.task_args) == ('COMPLETED', 1, '[1, 2]')
+    assert queue_depth('default') == 0

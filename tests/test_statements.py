@@ -231,3 +231,43 @@ def test_a_statement_commits_as_asked_whatever_the_session_was_set_to(table, wat
         assert [q['sql'] for q in seen.captured_queries][0].startswith('SET LOCAL synchronous_commit TO DEFAULT')
     with connection.cursor() as cursor:
         cursor.execute('RESET synchronous_commit')
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # interrupts landing in __del__
+def test_a_keyboard_interrupt_on_a_refused_statement_never_leaves_a_closed_connection_behind(table):
+    """Ctrl-C while the database refuses a statement (here a duplicate key): psycopg cancels the query,
+    meets the refusal instead of the cancellation, and closes its connection itself. Django's wrapper must
+    not keep holding it, or the caller's next query fails with 'the connection is closed'."""
+    postgres_only()
+    import random
+    from django.test.utils import CaptureQueriesContext
+    duplicate = Statement('duplicate', f'INSERT INTO {table} VALUES (%s, %s) RETURNING id')
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    interrupted, broken = 0, []
+    try:
+        for attempt in range(600):
+            with CaptureQueriesContext(connection):  # watched: through Django's cursor, then the plain run
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, random.randint(1, 800) / 1e6)
+                    duplicate.run([1, 'one again'], fetch=True)
+                except KeyboardInterrupt:
+                    interrupted += 1
+                except Exception:  # noqa: BLE001 -- the refusal itself, when the interrupt came late
+                    pass
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            try:
+                assert rows_with_id(table, 1) == 1
+            except Exception as exc:  # noqa: BLE001
+                broken.append(f'{type(exc).__name__}: {exc}')
+                connection.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert interrupted >= 50, f'only {interrupted} interrupts landed'
+    assert broken == [], f'{len(broken)} of 600 next queries failed, e.g. {broken[0]}'

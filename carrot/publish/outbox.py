@@ -46,7 +46,7 @@ from carrot.amqp.publisher import publisher_for
 from carrot.commits import without_waiting_for_disk
 from carrot.config import get_config
 from carrot.config.schema import TRACK_ALL
-from carrot.dbfaults import MIGRATE_HINT, is_transient, tables_missing
+from carrot.dbfaults import MIGRATE_HINT, is_transient, of_the_session, tables_missing
 from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected,
                                NotMigrated, PublishError)
 from carrot.models import MessageLog
@@ -300,6 +300,7 @@ def send(message: Outgoing, log: MessageLog, *, store_and_forward: bool, relayin
         # the relay's wait, the relay sends it again, and the copy is recognised by its id.
         logger.error('%s (%s) was sent, but its log row could not be updated (%s); it is run all the same',
                      message.task, message.uuid, exc)
+        connections[MessageLog.objects.db].close_if_unusable_or_obsolete()  # the caller's next query opens one
     return True
 
 
@@ -328,13 +329,15 @@ def _landed_after_sending(message: Outgoing, log: MessageLog, in_flight: InFligh
     """Whether the row of a message RabbitMQ has confirmed was written. If the database was away (a lost
     connection, a full disk: a fault that passes), the call has done what it promised all the same -- the
     task will run, and its worker writes the row once the database is back: logged, not raised, so that
-    no caller publishes again a task that is on its way. A refusal that will not pass (a constraint, a
-    trigger, a read-only server) is raised: the worker would be refused the row too, and would not run it."""
+    no caller publishes again a task that is on its way. So too when the caller's own session refused it
+    (a transaction of the caller's that had failed, a session the caller set read-only): the worker's
+    session writes it. A refusal that will not pass (a constraint, a trigger, a read-only server) is
+    raised: the worker would be refused the row too, and would not run it."""
     try:
         _land_row(log, in_flight)
         return True
     except DatabaseError as exc:
-        if not is_transient(exc):
+        if not is_transient(exc) and not of_the_session(exc):
             raise
         logger.error('%s (%s) was sent, but its log row could not be written (%s): the worker that takes it '
                      'writes it', message.task, message.uuid, exc)
