@@ -11,10 +11,12 @@ Used only where it helps and cannot surprise: PostgreSQL with the values filled 
 3's default, psycopg2), outside a transaction (a failed EXECUTE would abort the caller's). Anywhere else
 the statement runs as it is. A statement is named by a hash of its text, so a session shared between
 clients (a pooler in transaction mode) or between two versions of carrot never runs another statement
-under its name. An EXECUTE the database refuses committed nothing, so the plain statement is run instead: when the
-prepared statement was gone (a pooler handing each statement to another server session, a DISCARD ALL),
-that connection prepares nothing any more; otherwise (a plan whose result type a migration changed, a lock
-timeout) it is dropped and prepared afresh next time. An exception from outside the database (an
+under its name. An EXECUTE refused for the prepared statement's sake committed nothing, so the plain
+statement is run instead: when the prepared statement was gone (a pooler handing each statement to
+another server session, a DISCARD ALL), that connection prepares nothing any more; when a migration
+changed its plan's result type, it is prepared afresh next time. Any other refusal (a lock timeout, a
+constraint) is the statement's own and is raised at once: the plain statement would only wait or fail
+again. An exception from outside the database (an
 interrupt, a signal handler's) leaves the statement's fate unknown: it is raised as it is, never followed
 by the plain statement, and a connection left busy with the statement is closed.
 
@@ -77,11 +79,12 @@ class Statement:
             try:
                 return _execute(self._call(name), params, using, fetch, wait_for_disk)
             except DatabaseError as exc:
-                # The database refused it (the statement gone with a pooler or a DISCARD ALL, a plan whose
-                # result type a migration changed, a lock timeout), so it committed nothing: the plain
-                # statement decides. A connection that lost it prepares nothing any more; otherwise it is
-                # prepared afresh next time.
-                self._drop(connection, name, keep_off=sqlstate(exc) == '26000')  # 26000: no such statement
+                if not _about_the_prepared_statement(exc):
+                    raise  # a lock timeout, a constraint: the plain statement would only meet it again
+                # The statement gone with a pooler or a DISCARD ALL, or a plan whose result type a migration
+                # changed: it committed nothing, so the plain statement decides. A connection that lost it
+                # prepares nothing any more; otherwise it is prepared afresh next time.
+                self._drop(connection, name, keep_off=sqlstate(exc) == NO_SUCH_STATEMENT)
             return _execute(self.sql, params, using, fetch, wait_for_disk)
         except BaseException as exc:
             # Anything else came from outside the database (an interrupt, a signal handler's exception, a
@@ -184,6 +187,15 @@ def _busy(raw) -> bool:
 
 _STATEMENTS: dict[tuple[str, str, str], Statement] = {}
 
+NO_SUCH_STATEMENT = '26000'  # invalid_sql_statement_name: gone with a pooler's session or a DISCARD ALL
+PLAN_CHANGED = '0A000'  # feature_not_supported: "cached plan must not change result type" after a migration
+
+
+def _about_the_prepared_statement(exc: BaseException) -> bool:
+    """Whether the database refused an EXECUTE for the prepared statement's sake (gone, or its plan out of
+    date), so the plain statement may succeed; any other refusal is the statement's own."""
+    return sqlstate(exc) in (NO_SUCH_STATEMENT, PLAN_CHANGED)
+
 
 class InFlight:
     """A statement Statement.send() has sent, its answer still to be read by result() -- which must be
@@ -232,7 +244,10 @@ class InFlight:
             loader.set_pgresult(last)
             return loader.load_row(0, tuple)
         error = errors.error_from_result(failed, encoding=raw.info.encoding)
-        self.statement._drop(self.connection, self.name, keep_off=sqlstate(error) == '26000')
+        if not _about_the_prepared_statement(error):
+            with self.connection.wrap_database_errors:  # raised as Django's cursor raises it
+                raise error
+        self.statement._drop(self.connection, self.name, keep_off=sqlstate(error) == NO_SUCH_STATEMENT)
         return _execute(self.statement.sql, self.params, self.using, self.fetch, self.wait_for_disk)
 
     def abandon(self) -> None:

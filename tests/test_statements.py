@@ -127,9 +127,11 @@ def test_an_error_sent_early_is_raised_as_django_raises_it_and_the_connection_go
     insert = Statement('insert', f'INSERT INTO {table} VALUES (%s, %s) RETURNING id')
     assert insert.run([3, 'three'], fetch=True) == (3,)
     with pytest.raises(IntegrityError):
-        insert.send([1, 'one again'], fetch=True).result()  # the primary key: here and in the plain run
-    assert insert.send([4, 'four'], fetch=True) is None  # dropped, as run() drops a statement that failed,
-    assert insert.run([4, 'four'], fetch=True) == (4,)  # and prepared afresh by the next run()
+        insert.send([1, 'one again'], fetch=True).result()  # the primary key: the statement's own refusal
+    # is raised at once (no plain run to meet it again), and the statement stays prepared.
+    assert insert.send([4, 'four'], fetch=True).result() == (4,)
+    with pytest.raises(IntegrityError):
+        insert.run([1, 'one again'], fetch=True)  # run() alike
     assert insert.send([5, 'five'], fetch=True).result() == (5,)
     with connection.cursor() as cursor:
         cursor.execute(f'SELECT count(*) FROM {table}')
@@ -244,23 +246,30 @@ def test_a_keyboard_interrupt_on_a_refused_statement_never_leaves_a_closed_conne
     from django.test.utils import CaptureQueriesContext
     duplicate = Statement('duplicate', f'INSERT INTO {table} VALUES (%s, %s) RETURNING id')
 
+    armed = [False]
+
     def interrupt(signum, frame):
-        raise KeyboardInterrupt()
+        if armed[0]:  # a signal handled after the call is over interrupts nothing of it
+            armed[0] = False
+            raise KeyboardInterrupt()
 
     previous = signal.signal(signal.SIGALRM, interrupt)
     interrupted, broken = 0, []
     try:
         for attempt in range(600):
-            with CaptureQueriesContext(connection):  # watched: through Django's cursor, then the plain run
+            with CaptureQueriesContext(connection):  # watched: through Django's cursor
                 try:
-                    signal.setitimer(signal.ITIMER_REAL, random.randint(1, 800) / 1e6)
-                    duplicate.run([1, 'one again'], fetch=True)
+                    try:
+                        armed[0] = True
+                        signal.setitimer(signal.ITIMER_REAL, random.randint(1, 800) / 1e6)
+                        duplicate.run([1, 'one again'], fetch=True)
+                    finally:
+                        armed[0] = False
+                        signal.setitimer(signal.ITIMER_REAL, 0)
                 except KeyboardInterrupt:
                     interrupted += 1
                 except Exception:  # noqa: BLE001 -- the refusal itself, when the interrupt came late
                     pass
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
             try:
                 assert rows_with_id(table, 1) == 1
             except Exception as exc:  # noqa: BLE001
@@ -271,3 +280,35 @@ def test_a_keyboard_interrupt_on_a_refused_statement_never_leaves_a_closed_conne
         signal.signal(signal.SIGALRM, previous)
     assert interrupted >= 50, f'only {interrupted} interrupts landed'
     assert broken == [], f'{len(broken)} of 600 next queries failed, e.g. {broken[0]}'
+
+
+@pytest.mark.parametrize('watched', [False, True], ids=['past-the-cursor', 'through-the-cursor'])
+def test_a_lock_timeout_is_waited_once_not_twice(table, watched):
+    """A refusal that is the statement's own (a lock timeout) is raised at once: running the plain statement
+    after it would only wait the whole timeout again."""
+    postgres_only()
+    from contextlib import nullcontext
+    from django.db import OperationalError
+    from django.test.utils import CaptureQueriesContext
+    rename = Statement('rename', f'UPDATE {table} SET name = %s WHERE id = %s')
+    rename.run(['uno', 1])
+    holder = connections.create_connection('default')
+    holder.connect()
+    holder.set_autocommit(False)
+    with holder.cursor() as cursor:
+        cursor.execute(f'SELECT * FROM {table} WHERE id = 1 FOR UPDATE')
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '500ms'")
+        started = time.monotonic()
+        with CaptureQueriesContext(connection) if watched else nullcontext():
+            with pytest.raises(OperationalError, match='lock timeout'):
+                rename.run(['eins', 1])
+        assert time.monotonic() - started < 0.9, 'the timeout was waited twice'
+    finally:
+        holder.rollback()
+        holder.close()
+        with connection.cursor() as cursor:
+            cursor.execute('RESET lock_timeout')
+    assert rename.prepared_name in prepared_names()  # kept: the statement was fine
+    assert rename.run(['eins', 1]) == 1
