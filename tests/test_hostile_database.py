@@ -110,3 +110,27 @@ def test_a_long_lock_on_the_log_table_kills_no_child_and_runs_each_task_once(sta
     assert sorted(line.split()[0] for line in lines(record)) == ['long', 'queued'], lines(record)
     assert MessageLog.objects.get(uuid=running).attempts == 1
     print(f'FIGURE lock_held={held:.1f}s heartbeat_timeout={HEARTBEAT_TIMEOUT}s')
+
+
+@pytest.mark.no_broker
+def test_a_task_that_sets_the_shared_session_read_only_does_not_poison_its_worker(caplog):
+    """A task may SET default_transaction_read_only on the connection it shares with carrot: the result's
+    write, and the next message's claim, are then refused for the session's sake. A fresh session has none
+    of what the task set: its own result is recorded and the next tasks run, not dead-lettered one by one."""
+    from django.db import connection
+    if connection.vendor != 'postgresql':
+        pytest.skip('a session setting of PostgreSQL (CARROT_TEST_DB=postgres)')
+    from carrot.amqp.disposition import Action
+    from tests.test_hostile_tasks import _committed_elsewhere, _incoming, _processor
+    processor = _processor()
+    poison = _incoming('tests.testapp.tasks.sets_session_read_only')
+    try:
+        assert processor.process(poison).action is Action.ACK
+        assert _committed_elsewhere(poison.message_id)['status'] == 'COMPLETED'
+        for n in range(3):
+            following = _incoming('tests.testapp.tasks.add', n, 1)
+            assert processor.process(following).action is Action.ACK
+            assert _committed_elsewhere(following.message_id)['status'] == 'COMPLETED'
+    finally:
+        connection.close()  # whatever happened, the test database is flushed on a session of its own
+    assert 'trying again on a fresh database session' in caplog.text

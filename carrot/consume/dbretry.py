@@ -14,7 +14,7 @@ from typing import Callable
 from django.db import DatabaseError, connections
 
 from carrot.backoff import Outage
-from carrot.dbfaults import describe_database_fault, is_transient
+from carrot.dbfaults import describe_database_fault, is_transient, of_the_session
 
 
 class StopRequested(Exception):
@@ -112,14 +112,26 @@ class DatabaseRetry:
     def __init__(self, logger: logging.Logger, name: str, should_give_up: Callable[[], bool]):
         self.outage = Outage(logger, name, 'the database')
         self.should_give_up = should_give_up
+        self.logger, self.name = logger, name
 
     def __call__(self, step: Callable, what: str, interruptible: bool = True):
-        """`step()`'s result, after as many tries as a transient fault takes. Other errors propagate."""
+        """`step()`'s result, after as many tries as a transient fault takes. Other errors propagate.
+
+        A refusal for the session's sake (SQLSTATE class 25: a task that set the connection it shares with
+        carrot read-only, say) is tried again at once on a fresh session, which has none of what the task
+        set; refused there too, the server itself is read-only (a failover under way): waited out."""
+        fresh_session = False
         while True:
             try:
                 result = step()
             except DatabaseError as exc:
-                if not is_transient(exc):
+                if of_the_session(exc) and not fresh_session:
+                    self.logger.warning('%s: %s: %s; trying again on a fresh database session', self.name, what,
+                                        describe_database_fault(exc))
+                    connections.close_all()
+                    fresh_session = True
+                    continue
+                if not is_transient(exc) and not of_the_session(exc):
                     raise
                 connections.close_all()  # this thread's connections; a fresh one is opened next try
                 delay = self.outage.failed(f'{what}: {describe_database_fault(exc)}', exc)

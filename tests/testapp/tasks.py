@@ -279,6 +279,14 @@ def leaves_transaction(kind, username):
     return kind
 
 
+def sets_session_read_only():
+    """Set the database session this task shares with carrot read-only, and leave it so (PostgreSQL)."""
+    from django.db import connection
+    with connection.cursor() as cursor:
+        cursor.execute('SET default_transaction_read_only TO on')
+    return 'read-only'
+
+
 def fork_and_return(path, linger, how='fork'):
     """Start a process that outlives the task, and return at once. `how`: fork (a copy of the worker,
     holding its sockets), daemon (double fork + setsid, as a daemon does), exec (a new program in a
