@@ -36,7 +36,7 @@ import weakref
 from django.db import Error as DatabaseError, connections
 
 from carrot.commits import commits_may_skip_the_disk, execute_durably, execute_without_waiting, with_commit_setting
-from carrot.dbfaults import sqlstate
+from carrot.dbfaults import of_the_session, sqlstate
 
 
 def statement(name: str, build, using: str = 'default') -> 'Statement':
@@ -135,7 +135,11 @@ class Statement:
                     cursor.execute(f'PREPARE {name} AS {_numbered(self.sql)}')
             except DatabaseError as exc:
                 # Already there (a pooler may hand this session another client's, of the very same text:
-                # the name is the text's hash), or a database that refuses PREPARE: plain from now on.
+                # the name is the text's hash), or a database that refuses PREPARE: plain from now on --
+                # unless the session's state refused it (a transaction of the caller's that failed): then
+                # plain this time only.
+                if of_the_session(exc):
+                    return None
                 if sqlstate(exc) != '42P05':
                     name = None
         self._prepared[raw] = name

@@ -312,3 +312,23 @@ def test_a_lock_timeout_is_waited_once_not_twice(table, watched):
             cursor.execute('RESET lock_timeout')
     assert rename.prepared_name in prepared_names()  # kept: the statement was fine
     assert rename.run(['eins', 1]) == 1
+
+
+def test_a_prepare_refused_for_the_sessions_sake_is_tried_again_later(table):
+    """A caller's transaction begun by hand that has failed refuses the PREPARE as it refuses everything:
+    that says nothing of the statement, so once the caller has rolled back it is prepared after all."""
+    postgres_only()
+    from django.db import InternalError
+    read = Statement('read', f'SELECT name FROM {table} WHERE id = %s')
+    with connection.cursor() as cursor:
+        cursor.execute('BEGIN')
+        with pytest.raises(Exception):
+            cursor.execute('SELECT 1/0')
+    try:
+        with pytest.raises(InternalError):
+            read.run([1], fetch=True)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute('ROLLBACK')
+    assert read.run([1], fetch=True) == ('one',)
+    assert read.prepared_name in prepared_names()
