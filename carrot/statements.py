@@ -166,7 +166,7 @@ def close_if_busy(connection) -> None:
     (psycopg closes one whose interrupted query it could not cancel cleanly): any later query on it would
     fail. Django opens another when next asked."""
     raw = connection.connection
-    if raw is not None and (getattr(raw, "closed", False) or _busy(raw)):
+    if raw is not None and (getattr(raw, 'closed', False) or _busy(raw)):
         _close(connection)
 
 
@@ -177,16 +177,24 @@ def _close(connection) -> None:
         pass
 
 
-def _busy(raw) -> bool:
-    """Whether the driver connection `raw` has a command in progress (PostgreSQL's ACTIVE state)."""
+IDLE, ACTIVE = 0, 1  # libpq's transaction status: no transaction; a command in progress
+
+
+def driver_transaction_status(raw) -> int | None:
+    """libpq's transaction status of a psycopg 3 or psycopg2 connection (IDLE, ACTIVE, 2 in a transaction,
+    3 in a failed one, 4 unknown: a broken connection); None for a driver that has none (sqlite3)."""
+    pgconn = getattr(raw, 'pgconn', None)  # psycopg 3, read directly: its `info` is a new object each time
+    status = pgconn.transaction_status if pgconn is not None else \
+        getattr(getattr(raw, 'info', None), 'transaction_status', None)  # psycopg2
     try:
-        import psycopg
-        if isinstance(raw, psycopg.Connection):
-            return raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
-    except ImportError:
-        pass
-    status = getattr(raw, 'get_transaction_status', None)  # psycopg2; 1 is TRANSACTION_STATUS_ACTIVE
-    return status is not None and status() == 1
+        return None if status is None else int(status)
+    except (TypeError, ValueError):
+        return None
+
+
+def _busy(raw) -> bool:
+    """Whether the driver connection `raw` has a command in progress."""
+    return driver_transaction_status(raw) == ACTIVE
 
 
 _STATEMENTS: dict[tuple[str, str, str], Statement] = {}
@@ -275,12 +283,7 @@ def _unwatched(connection) -> bool:
     raw = connection.connection
     return raw is not None and connection.vendor == 'postgresql' and not connection.in_atomic_block \
         and not connection.execute_wrappers and not connection.queries_logged and _sends_without_reading(raw) \
-        and raw.pgconn.transaction_status == _idle()
-
-
-def _idle():
-    from psycopg import pq
-    return pq.TransactionStatus.IDLE
+        and driver_transaction_status(raw) == IDLE
 
 
 def _sends_without_reading(raw) -> bool:

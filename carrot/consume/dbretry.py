@@ -15,6 +15,7 @@ from django.db import DatabaseError, connections
 
 from carrot.backoff import Outage
 from carrot.dbfaults import describe_database_fault, is_transient, of_the_session
+from carrot.statements import IDLE, driver_transaction_status
 
 
 class StopRequested(Exception):
@@ -63,12 +64,9 @@ def left_in_transaction(connection) -> str | None:
 def _driver_in_transaction(raw) -> bool:
     """Whether the DB-API connection is inside a transaction: psycopg's transaction status, sqlite3's
     in_transaction. A driver that says neither is taken as clean."""
-    status = getattr(getattr(raw, 'info', None), 'transaction_status', None)
+    status = driver_transaction_status(raw)
     if status is not None:
-        try:
-            return int(status) != 0  # psycopg (2 and 3): 0 is IDLE
-        except (TypeError, ValueError):
-            return False
+        return status != IDLE
     in_transaction = getattr(raw, 'in_transaction', None)
     return in_transaction if isinstance(in_transaction, bool) else False
 

@@ -92,7 +92,7 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
         finally:
             # An interrupt anywhere from the INSERT's send to the reading of its answer (even before
             # _start_insert() returned it) leaves the answer unread: that connection is closed.
-            close_if_busy(transaction.get_connection(MessageLog.objects.db))
+            close_if_busy(connection)
     log = _write_row(message, wait_for_disk=False)  # outside a transaction: see carrot.commits
     _deliver(message, log, store_and_forward, on_enqueued)
     return log
