@@ -22,6 +22,7 @@ and a refusal says which part of it failed.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -274,7 +275,7 @@ def call_problem(func: Callable, args, kwargs) -> str | None:
         if django_task_object.takes_context:
             args = (None, *args)
     try:
-        signature = inspect.signature(func)
+        signature = _signature(func)
     except (TypeError, ValueError):  # no signature to check against: the run will tell
         return None
     try:
@@ -282,6 +283,13 @@ def call_problem(func: Callable, args, kwargs) -> str | None:
     except TypeError as exc:
         return f'the arguments do not fit {func.__name__}{signature}: {exc}'
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _signature(func: Callable) -> inspect.Signature:
+    """inspect.signature(func), read once per task function (tasks are functions: see why_not_a_task):
+    reading it was a third of checking a call."""
+    return inspect.signature(func)
 
 
 def registered_task_names() -> list[str]:

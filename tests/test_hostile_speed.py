@@ -554,6 +554,25 @@ def test_a_1x_queue_swapped_in_under_a_running_supervisor_is_adopted_and_failure
     assert [properties.message_id for properties, _ in dead] == [failing.uuid]
 
 
+def test_a_connection_dropped_just_after_a_confirm_is_met_mid_publish_and_the_message_sent_once(monkeypatch,
+                                                                                               caplog):
+    """A connection that had a confirm moments ago is not polled before the next publish (for speed): if
+    RabbitMQ dropped it in that moment, the publish meets the drop itself and must go out once on a new
+    connection -- not fail (store_and_forward off: the caller would be told BrokerUnavailable while
+    RabbitMQ is up), not arrive twice. FRESH_FOR is stretched so that the slow rabbitmqctl falls inside it."""
+    from carrot.amqp import publisher
+    monkeypatch.setattr(publisher, 'FRESH_FOR', 3600)
+    caplog.set_level('INFO', logger='carrot.broker')
+    with override_settings(CARROT={**settings.CARROT, 'store_and_forward': False}):
+        publish_message(tasks.add, 0, 1)
+        rabbitmqctl('close_all_connections', '-p', settings.VHOST, 'hostile test')
+        time.sleep(1)
+        row = publish_message(tasks.add, 1, 1)
+    assert row.status == 'PUBLISHED'
+    assert 'was lost' in caplog.text and 'reconnecting' in caplog.text  # met mid-publish: it was not polled
+    assert queue_depth('default') == 2
+
+
 @pytest.mark.parametrize('publish', ['single', 'batch'])
 def test_the_first_publish_after_rabbitmq_dropped_an_idle_connection_goes_through(publish):
     """The web process published once, then RabbitMQ dropped its connection (a restart, a failover, an idle

@@ -31,13 +31,14 @@ together.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid as uuid_module
 from dataclasses import dataclass, field
 from typing import Callable
 
-from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db import DatabaseError, IntegrityError, connections, models, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
@@ -233,13 +234,37 @@ def _insert_sql(connection) -> str:
 
 
 def _insert_params(row: MessageLog, using: str) -> list:
-    """The values of `row` for _insert_sql, as the ORM would send them."""
+    """The values of `row` for _insert_sql, as the ORM would send them. A value that the ORM's conversion
+    would return unchanged (see _as_they_are) is taken as it is: a publish fills 24 columns, most of them
+    text or empty, and converting each was a tenth of publish_message's CPU."""
     connection = connections[using]
-    return [field.get_db_prep_save(getattr(row, field.attname), connection) for field in _insert_fields()]
+    params = []
+    for field, verbatim in _insert_fields_verbatim():
+        value = getattr(row, field.attname)
+        params.append(value if type(value) in verbatim else field.get_db_prep_save(value, connection))
+    return params
 
 
 def _insert_fields() -> list:
     return [field for field in MessageLog._meta.concrete_fields if not field.primary_key]
+
+
+@functools.cache
+def _insert_fields_verbatim() -> list[tuple]:
+    """(field, the types of value sent as they are) for each column of _insert_sql."""
+    return [(field, _as_they_are(field)) for field in _insert_fields()]
+
+
+def _as_they_are(field) -> tuple[type, ...]:
+    """The types of value that `field.get_db_prep_save()` returns unchanged on every backend: a str or None
+    in a plain CharField or TextField, None in a DateTimeField. Decided by the field's exact class (a
+    subclass may convert); anything else is converted by the ORM (an int is wrapped for psycopg 3, a
+    datetime checked for its timezone)."""
+    if type(field) in (models.CharField, models.TextField):
+        return str, type(None)
+    if type(field) is models.DateTimeField:
+        return (type(None),)
+    return ()
 
 
 def _send_after_commit(message: Outgoing, log: MessageLog, store_and_forward: bool,
