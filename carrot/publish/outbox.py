@@ -239,9 +239,9 @@ def _insert_params(row: MessageLog, using: str) -> list:
     text or empty, and converting each was a tenth of publish_message's CPU."""
     connection = connections[using]
     params = []
-    for field, verbatim in _insert_fields_verbatim():
-        value = getattr(row, field.attname)
-        params.append(value if type(value) in verbatim else field.get_db_prep_save(value, connection))
+    for column, verbatim in _insert_fields_verbatim():
+        value = getattr(row, column.attname)
+        params.append(value if type(value) in verbatim else column.get_db_prep_save(value, connection))
     return params
 
 
