@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from django.conf import settings
@@ -76,3 +77,33 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     vhosts = subprocess.run(['rabbitmqctl', 'list_vhosts', '-q'], capture_output=True, text=True, timeout=60)
     assert vhost not in vhosts.stdout.split()
     assert database not in postgres_databases()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quick_bench_sets_the_classic_queue_version_it_is_asked_for(tmp_path):
+    """--queue-version 2 is a policy on the bench's own virtual host, in force while the rows run (checked
+    from inside the run's RabbitMQ, not taken from the bench's word) and said in the report."""
+    vhost, database = f'carrot-bench-qv-{settings.RUN_ID}', f'carrot_bench_qv_{settings.RUN_ID}'
+    postgres_databases()
+    out = tmp_path / 'bench.json'
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    bench = subprocess.Popen([sys.executable, BENCH, '--quick', '--only', 'raw', '--queue-version', '2', '--json',
+                              str(out), '--vhost', vhost, '--database', database], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    try:
+        policies = ''
+        deadline = time.monotonic() + 60
+        while bench.poll() is None and 'queue-version' not in policies and time.monotonic() < deadline:
+            policies = subprocess.run(['rabbitmqctl', 'list_policies', '-p', vhost, '-q'], capture_output=True,
+                                      text=True, timeout=60).stdout
+            time.sleep(0.5)
+        output, _ = bench.communicate(timeout=100)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait(10)
+    assert bench.returncode == 0, output[-3000:]
+    assert '"queue-version":2' in policies.replace(' ', ''), policies
+    assert 'classic queues version 2 (policy)' in output
+    assert json.loads(out.read_text())['options']['queue_version'] == 2
