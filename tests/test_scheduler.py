@@ -572,10 +572,11 @@ def test_broken_rows_are_skipped_marked_and_logged_once_each(caplog):
         scheduler.publish_due()
         rows['bad json'].refresh_from_db()
         assert rows['bad json'].problem == '' and rows['bad json'].last_run_time is not None
-        assert [r.getMessage() for r in caplog.records if "'bad json'" in r.getMessage()] == [
-            f"scheduler: 'bad json' ({ADD}) is fixed and runs again",
-            f"scheduler: published 'bad json' ({ADD}) as "
-            f"{MessageLog.objects.get(task_args='[3, 4]').uuid}"]
+        messages = [r.getMessage() for r in caplog.records if "'bad json'" in r.getMessage()]
+        assert messages[0] == f"scheduler: 'bad json' ({ADD}) is fixed and runs again"
+        assert messages[1].startswith(f"scheduler: published 'bad json' ({ADD}) as "
+                                      f"{MessageLog.objects.get(task_args='[3, 4]').uuid}, the run of ")
+        assert len(messages) == 2
 
 
 def test_schedule_problem_says_why_without_asking_the_broker():
@@ -744,3 +745,22 @@ def test_a_host_without_a_scheduler_relays_a_message_published_while_the_broker_
         connection.close()
     assert properties.message_id == log.uuid and properties.headers == {'type': ADD}
     assert supervisor.log_text().count('spawned housekeeping') == 1 and 'spawned scheduler' not in supervisor.log_text()
+
+
+def test_the_published_line_names_the_run_and_the_claims_base(caplog):
+    """Which run each scheduler published, and from which last run it claimed it: what tells two hosts'
+    schedulers apart in their logs when both published near one moment."""
+    caplog.set_level(logging.INFO, logger='carrot')
+    row = schedule('logged run', seconds=60)
+    Scheduler().publish_due()
+    row.refresh_from_db()
+    first = row.last_run_time
+    earlier = first - timedelta(seconds=60)
+    ScheduledTask.objects.filter(pk=row.pk).update(last_run_time=earlier)  # as if that run were a minute old
+    Scheduler().publish_due()
+    lines = [r.getMessage() for r in caplog.records if "published 'logged run'" in r.getMessage()]
+    moment = first.isoformat(timespec='milliseconds')
+    assert len(lines) == 2, lines
+    assert lines[0].endswith(f'the run of {moment} (claimed after no run before)'), lines[0]
+    assert lines[1].endswith(f"the run of {moment} (claimed after {earlier.isoformat(timespec='milliseconds')})"), \
+        lines[1]

@@ -228,8 +228,15 @@ class Scheduler:
         self.retries.pop(schedule.pk, None)
         self.record_problem(schedule, '')
         self.published += 1
-        logger.info('scheduler: published %s (%s) as %s', *schedule_label(schedule), log.uuid)
+        # The run's slot and the claim's base say, when two hosts' schedulers share a database, which run
+        # each one published.
+        logger.info('scheduler: published %s (%s) as %s, the run of %s (claimed after %s)', *schedule_label(schedule),
+                    log.uuid, _moment(claimed_at), _moment(schedule.last_run_time))
         return 1
+
+
+def _moment(value) -> str:
+    return value.isoformat(timespec='milliseconds') if value is not None else 'no run before'
 
 
 def schedule_label(schedule: ScheduledTask) -> tuple[str, str]:
