@@ -6,13 +6,14 @@ Plain Python: the callers read the rows and the process tables and hand them in.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
 MIN_SHARE = 0.15     # each supervisor ran at least this share of the tasks
 MAX_RESUME = 5.0     # seconds from the kill to the first task started (and completed) after it
-DOUBLE_RUN = 0.5     # two runs of a schedule closer than this share of its interval ran one interval twice
+ANCHOR_SLACK = 0.25  # share of an interval by which a run that starts a schedule's grid may follow its slot
 
 
 def read_executions(path) -> dict[str, list[int]]:
@@ -110,7 +111,8 @@ def tally(tokens: dict[str, str], rows: dict[str, dict], executions: dict[str, l
     if len(times) > 1:
         gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
         result.schedule_longest_gap = max(gaps)
-        result.schedule_doubles, result.schedule_missed = _doubled_and_missed(gaps, schedule_interval)
+        result.schedule_doubles, result.schedule_missed = doubled_and_missed(
+            [(time - times[0]).total_seconds() for time in times], schedule_interval)
         result.schedule_intervals = round((times[-1] - times[0]).total_seconds() / schedule_interval)
     if schedule_token is not None:
         runs = executions.get(schedule_token, ())
@@ -129,20 +131,25 @@ def tally(tokens: dict[str, str], rows: dict[str, dict], executions: dict[str, l
     return result
 
 
-def _doubled_and_missed(gaps: list[float], interval: float) -> tuple[int, int]:
-    """Intervals that ran twice, and intervals without a run, from the gaps between consecutive runs.
-    A short gap right after a long one is a run whose row was written late (a slow database, a publish
-    retried at the next tick) followed by one on time: the two gaps are judged together."""
-    spans = []
-    for gap in gaps:
-        if spans and gap < DOUBLE_RUN * interval and len(spans[-1]) == 1 \
-                and spans[-1][0] > (1 + DOUBLE_RUN) * interval:
-            spans[-1].append(gap)
-        else:
-            spans.append([gap])
+def doubled_and_missed(offsets: list[float], interval: float) -> tuple[int, int]:
+    """Intervals that ran twice, and intervals without a run, from the runs' publish times (seconds from
+    the first, in order), judged as the scheduler keeps its grid: a run is published at its slot or later,
+    by up to a whole interval (found at a scheduler's next tick, later still on a busy machine), and a run
+    overdue by a whole interval is published at once and starts the grid anew from there (as does the
+    first). So a run very late and the next one on time may come a few milliseconds apart without any
+    interval running twice; two runs ran one interval twice only when no slot of the grid can lie between
+    them. Where the grid starts is known to within ANCHOR_SLACK of an interval (its first run's row is
+    written a moment after its slot): a second run inside that window before a slot is not counted."""
     doubled = missed = 0
-    for span in spans:
-        expected = round(sum(span) / interval)
-        doubled += max(0, len(span) - expected)
-        missed += max(0, expected - len(span))
+    anchor = previous = 0.0
+    for offset in offsets[1:]:
+        cells = math.floor((offset - anchor) / interval) - math.floor((previous - anchor) / interval)
+        if cells > 1:  # a whole interval without a run: the scheduler starts the grid again from this one
+            missed += cells - 1
+            anchor = offset
+        else:
+            next_slot = anchor + (math.floor((previous - anchor) / interval) + 1) * interval
+            if offset < next_slot - ANCHOR_SLACK * interval:
+                doubled += 1
+        previous = offset
     return doubled, missed
