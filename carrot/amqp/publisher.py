@@ -269,7 +269,7 @@ class Publisher:
 
     def _just_confirmed(self) -> bool:
         """Whether this connection had a confirm less than FRESH_FOR ago: then it is not polled before the
-        next publish (a seventh of publish_message's CPU in a loop of publishes). A connection lost since
+        next publish (7% of publish_message's CPU in a loop of publishes). A connection lost since
         is found out by the publish itself, which publish() tries again on a new one (same message_id); a
         batch polls all the same, as a batch cannot be tried again message by message."""
         return time.monotonic() - self.confirmed_at < FRESH_FOR
