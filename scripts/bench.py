@@ -882,6 +882,10 @@ def rate(value) -> str:
     return '-' if value is None else f'{value:,.0f}/s'
 
 
+def steal_note(share) -> str:
+    return '' if share is None else f', {share:.0%} of the CPU time stolen by the host'
+
+
 def queue_version_note(version) -> str:
     return '' if version is None else f', classic queues version {version} (policy)'
 
@@ -903,7 +907,7 @@ def print_table(results: dict) -> None:
           f'{os.environ.get("CARROT_DEMO_PREFETCH", "1")}'
           f'{queue_version_note(results["options"].get("queue_version"))}; one run, {results["wall_time_s"]:.0f}s, '
           f'load average {results["load_average"]["start"]:.1f} at the start, {results["load_average"]["end"]:.1f} '
-          f'at the end')
+          f'at the end{steal_note(results.get("steal_share"))}')
     line('', 'figure', 'vs raw pika')
     if raw:
         line(f'1 raw pika drain, {raw["consumers"]} processes, prefetch {raw["prefetch"]}, ack each',
@@ -1068,6 +1072,25 @@ def run_rows(args, run_dir: str) -> dict:
     return rows
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, all) clock ticks of every CPU since boot, from /proc/stat; None where there is none."""
+    try:
+        with open('/proc/stat') as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal guest guest_nice: guest time is counted in user too.
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(start, end) -> float | None:
+    """The share of CPU time the hypervisor gave to other machines during the run: on a shared host it
+    moves every figure more than the load average shows."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def leave_on_term(signum, frame):
     # TERM (a CI timeout, `kill`) unwinds like Ctrl-C: the finally blocks stop the supervisor and drop
     # the virtual host and the database.
@@ -1081,6 +1104,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     # Other work on the machine moves every figure: the report says how busy it was.
     load_at_start = os.getloadavg()[0]
+    cpu_at_start = cpu_times()
     run_dir = tempfile.mkdtemp(prefix='carrot-bench-')
     json_path = os.path.abspath(args.json or os.path.join(run_dir, 'bench-results.json'))
     create_vhost(args.vhost)
@@ -1100,7 +1124,8 @@ def main(argv=None) -> int:
                                                'queue_version': args.queue_version,
                                                'quick': args.quick, 'prefetch': PREFETCH, 'children': CHILDREN},
                'wall_time_s': time.monotonic() - started, 'run_dir': run_dir,
-               'load_average': {'start': load_at_start, 'end': os.getloadavg()[0]}, 'rows': rows}
+               'load_average': {'start': load_at_start, 'end': os.getloadavg()[0]},
+               'steal_share': steal_share(cpu_at_start, cpu_times()), 'rows': rows}
     with open(json_path, 'w') as f:
         json.dump(results, f, indent=2, default=str)
     print_table(results)

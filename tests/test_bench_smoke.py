@@ -50,6 +50,7 @@ def test_quick_bench_reports_every_default_row(tmp_path):
 
     document = json.loads(out.read_text())
     assert document['options']['quick'] is True and positive(document['wall_time_s'])
+    assert 0 <= document['steal_share'] <= 1 and 'of the CPU time stolen by the host' in result.stdout
     assert {'cpus', 'postgresql', 'rabbitmq'} <= set(document['machine'])
     rows = document['rows']
     assert set(rows) == {'raw', 'drain', 'failures', 'publish', 'latency', 'respawn', 'memory'}
