@@ -113,7 +113,8 @@ def tally(tokens: dict[str, str], rows: dict[str, dict], executions: dict[str, l
         result.schedule_longest_gap = max(gaps)
         result.schedule_doubles, result.schedule_missed = doubled_and_missed(
             [(time - times[0]).total_seconds() for time in times], schedule_interval)
-        result.schedule_intervals = round((times[-1] - times[0]).total_seconds() / schedule_interval)
+        # On the same grid: every interval that had a run, and every one missed, after the first.
+        result.schedule_intervals = result.schedule_runs - result.schedule_doubles + result.schedule_missed - 1
     if schedule_token is not None:
         runs = executions.get(schedule_token, ())
         result.schedule_duplicated = max(0, len(runs) - len(times))
