@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import re
 import weakref
 
@@ -37,6 +38,8 @@ from django.db import Error as DatabaseError, connections
 
 from carrot.commits import commits_may_skip_the_disk, execute_durably, execute_without_waiting, with_commit_setting
 from carrot.dbfaults import of_the_session, sqlstate
+
+logger = logging.getLogger('carrot.publishing')
 
 
 def statement(name: str, build, using: str = 'default') -> 'Statement':
@@ -168,6 +171,39 @@ def close_if_busy(connection) -> None:
     raw = connection.connection
     if raw is not None and (getattr(raw, 'closed', False) or _busy(raw)):
         _close(connection)
+
+
+def close_if_out_of_step(connection) -> bool:
+    """Close Django's `connection` (and log it) if its driver connection does not
+    commit as Django believes: Django sets the driver's autocommit, then its own flag; an exception from
+    outside (a signal handler's: a request timeout) raised between the two -- inside transaction.atomic()'s
+    entry, say -- leaves the driver in a transaction Django does not know of. Every write after that,
+    carrot's rows included, waits in that transaction for a commit nobody will send, and vanishes when the
+    connection closes. Closing rolls the stray transaction back (what closing at the request's end would
+    do, later) and Django opens a consistent connection when next asked. Only outside an atomic block,
+    where Django's flag is the caller's. True when it closed."""
+    raw = connection.connection
+    if raw is None or connection.in_atomic_block:
+        return False
+    committing = driver_autocommit(connection.vendor, raw)
+    if committing is None or committing == connection.autocommit:
+        return False
+    logger.error('the database connection %r was in autocommit %s for the driver and %s for Django (an exception '
+                 'raised into Django\'s transaction handling, by a signal handler, say): closed, rolling back '
+                 'what it had not committed', connection.alias, 'on' if committing else 'off',
+                 'on' if connection.autocommit else 'off')
+    _close(connection)
+    return True
+
+
+def driver_autocommit(vendor: str, raw) -> bool | None:
+    """Whether the driver connection `raw` commits each statement itself; None where carrot cannot tell."""
+    if vendor == 'postgresql':  # psycopg 3 and psycopg2 alike
+        value = getattr(raw, 'autocommit', None)
+        return value if isinstance(value, bool) else None
+    if vendor == 'sqlite':  # Django switches sqlite3's autocommit with isolation_level
+        return raw.isolation_level is None
+    return None
 
 
 def _close(connection) -> None:

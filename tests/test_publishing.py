@@ -331,6 +331,99 @@ def test_an_unreachable_broker_is_tried_once_per_publish_not_twice(caplog, monke
     assert MessageLog.objects.get().status == 'WAITING'
 
 
+@pytest.mark.parametrize('publish', ['single', 'batch'])
+def test_a_connection_an_interrupt_left_in_a_transaction_django_does_not_know_of_loses_no_task(publish, caplog):
+    """Django turns the driver's autocommit off, then its own flag: a signal handler's exception raised
+    between the two (entering transaction.atomic()) leaves the driver in a transaction Django believes it
+    is not in. A row written there would wait for a commit nobody sends and vanish with the connection --
+    while the caller holds it, PUBLISHED. The publish closes that connection first (rolling back what it
+    had not committed, as closing it at the request's end would) and writes on a consistent one."""
+    from django.contrib.auth.models import User
+    from django.db import connection
+    from carrot.utilities import publish_messages
+    connection.ensure_connection()
+    connection._set_autocommit(False)  # Django's first step; the interrupt came before its second
+    assert connection.get_autocommit() and not connection.in_atomic_block
+    User.objects.create(username='written after the interrupt')  # believed committed; it is not
+    if publish == 'single':
+        rows = [publish_message(tasks.add, 1, 2)]
+    else:
+        rows = publish_messages(tasks.add, [((1, 2), {}), ((3, 4), {})])
+    connection.close()  # what was not committed goes now
+    assert sorted(MessageLog.objects.values_list('uuid', 'status')) == sorted((r.uuid, 'PUBLISHED') for r in rows)
+    assert queue_depth('default') == len(rows)
+    assert not User.objects.filter(username='written after the interrupt').exists()  # rolled back, not kept
+    assert "autocommit off for the driver and on for Django" in caplog.text
+
+
+def test_a_transaction_begun_by_hand_is_left_to_its_owner():
+    """Django's autocommit turned off the documented way (set_autocommit) is not an interrupt's doing: the
+    publish writes in the caller's transaction and leaves it open."""
+    from django.db import connection, transaction
+    transaction.set_autocommit(False)
+    try:
+        row = publish_message(tasks.add, 1, 2)
+        assert connection.connection is not None and not connection.get_autocommit()
+        transaction.commit()
+    finally:
+        transaction.set_autocommit(True)
+    assert MessageLog.objects.filter(uuid=row.uuid).exists()
+
+
+@pytest.fixture
+def silent_name_lookup(monkeypatch):
+    """A DNS server that does not answer: the lookup of SILENT_HOST blocks (until the test ends, so pika's
+    lookup thread does not outlive it); every other name is looked up as usual."""
+    import socket
+    import threading
+    released = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == SILENT_HOST:
+            released.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, 'Temporary failure in name resolution')
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, 'getaddrinfo', getaddrinfo)
+    yield
+    released.set()
+
+
+SILENT_HOST = 'silent-dns.carrot.invalid'
+
+
+@pytest.mark.timeout(60)
+def test_a_name_lookup_that_never_answers_fails_the_connect_by_its_deadline(silent_name_lookup):
+    """pika bounds the TCP connect and the handshake, not the name lookup (nor a workflow wedged by an
+    exception a signal handler raised into it): carrot's deadline ends the connect all the same, as a
+    connection error, which every caller treats as the broker being unreachable."""
+    import time
+    from carrot.amqp import pika_compat
+    from carrot.amqp.connection import connect
+    from carrot.config.schema import BrokerConfig
+    started = time.monotonic()
+    with pytest.raises(pika.exceptions.AMQPConnectionError, match='not up within 6s'):
+        connect(BrokerConfig(host=SILENT_HOST), socket_timeout=1, stack_timeout=1)  # deadline 1 + 5 s
+    assert time.monotonic() - started < 6 + 3
+    assert pika_compat.CONNECT_DEADLINE_SLACK == 5.0
+
+
+@pytest.mark.timeout(60)
+def test_a_publish_to_a_broker_whose_name_never_resolves_returns_with_the_task_waiting(silent_name_lookup,
+                                                                                       monkeypatch):
+    """A web request publishing while the DNS server is silent gets its answer after the connect deadline
+    (here shortened to 2 s): the task waits for the broker in its row, for the relay."""
+    import time
+    from carrot.amqp import pika_compat
+    monkeypatch.setattr(pika_compat, 'connect_deadline', lambda parameters: 2.0)
+    started = time.monotonic()
+    with override_settings(CARROT={'queues': [{'name': 'silent', 'host': f'amqp://guest:guest@{SILENT_HOST}/'}]}):
+        row = publish_message(tasks.add, 1, 2, queue='silent')
+    assert time.monotonic() - started < 2 + 3
+    assert row.status == 'WAITING' and MessageLog.objects.get(uuid=row.uuid).status == 'WAITING'
+
+
 def test_the_socket_of_an_open_connection_is_found():
     """pika keeps the socket private; the after-fork hook (carrot.amqp.pika_compat) reaches it. Fails
     loudly if a pika upgrade moves it, instead of silently letting a task's forked child hold it."""

@@ -5,7 +5,6 @@ moved by moving a schedule's last_run_time back, or by sleeping for short interv
 tests start carrot-supervisor, change ScheduledTask rows while it runs, and read the MessageLog rows
 its scheduler child writes. Measured delays are printed as FIGURE lines (run with -s to see them).
 """
-import itertools
 import logging
 import re
 import threading

@@ -57,7 +57,7 @@ def connect(broker: BrokerConfig, **overrides) -> pika.BlockingConnection:
     failures = []
     for node in _nodes.order(broker):
         try:
-            connection = pika.BlockingConnection(broker.connection_parameters(node, **overrides))
+            connection = pika_compat.blocking_connection(broker.connection_parameters(node, **overrides))
         except CONNECTION_ERRORS as exc:
             _nodes.failed(broker, node)
             failures.append((node, exc))

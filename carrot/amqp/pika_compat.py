@@ -27,6 +27,17 @@ fails loudly if a pika upgrade moves what they rely on.
    publish waits, and raises ConfirmTimedOut out of the wait. Closing that connection the AMQP way would
    wait again (RabbitMQ answers the close only once the stuck channel lets go, 12 s here): `drop()` shuts
    its socket down instead, and lets pika notice the lost stream and clean up.
+5. Confirms of many publishes awaited together (`ConfirmedBatch`): pika's blocking channel waits for
+   each confirm before basic_publish returns.
+6. A deadline for bringing a connection up. pika bounds the TCP connect (socket_timeout) and the
+   handshake (stack_timeout) with timers of the workflow itself, and the name lookup not at all (it runs
+   on a thread of its own). An exception raised into the connecting thread by a signal handler (a
+   request timeout built on SIGALRM) is caught by pika's own `except Exception` in its callbacks, which
+   can leave the workflow waiting for an event that never comes, with none of its timers armed: the
+   BlockingConnection then waits for ever, and the caller's timeout is gone with the exception.
+   `blocking_connection()` arms a timer of its own on the I/O loop pika polls while it connects; when it
+   fires before the workflow finished, the workflow is aborted and the connect fails as a refused one
+   does (AMQPConnectionError), so a publish waits for the broker (store-and-forward) instead of hanging.
 """
 from __future__ import annotations
 
@@ -38,7 +49,9 @@ import struct
 import threading
 import weakref
 
+import pika
 import pika.data
+import pika.exceptions
 
 from carrot.amqp.wire import NestedTooDeep
 
@@ -262,3 +275,58 @@ class ConfirmedBatch:
             if time.monotonic() >= deadline:
                 raise ConfirmTimedOut(what() if callable(what) else what)
             self.connection.process_data_events(time_limit=0.002)
+
+
+# -- 6. a deadline for bringing a connection up --------------------------------------------------------
+
+CONNECT_DEADLINE_SLACK = 5.0  # seconds past pika's own bound on an attempt, for the name lookup
+
+
+def connect_deadline(parameters) -> float:
+    """Seconds a connection to `parameters` may take to come up at most: pika's own bound on an attempt
+    (stack_timeout covers the TCP connect and the handshake; socket_timeout the connect alone), and some
+    slack for the name lookup, which pika does not bound."""
+    return max(parameters.socket_timeout or 0, parameters.stack_timeout or 0) + CONNECT_DEADLINE_SLACK
+
+
+class ConnectDeadlineExpired(pika.exceptions.AMQPConnectionError):
+    """The connection was not up within connect_deadline(): pika's workflow was aborted."""
+
+
+class _SelectConnectionWithDeadline(pika.SelectConnection):
+    """The connection a BlockingConnection drives underneath (its `_impl_class`), whose workflow ends by
+    a deadline of carrot's even when the workflow itself no longer would (see 6. above)."""
+
+    @classmethod
+    def create_connection(cls, connection_configs, on_done, custom_ioloop=None, workflow=None):
+        finished = []
+
+        def finish(result):
+            if finished:  # the workflow ended after the deadline: what it opened is closed, not handed on
+                if isinstance(result, pika.connection.Connection) and result.is_open:
+                    result.close()
+                return
+            finished.append(result)
+            on_done(result)
+
+        workflow = super().create_connection(connection_configs, on_done=finish, custom_ioloop=custom_ioloop,
+                                             workflow=workflow)
+        seconds = max(connect_deadline(config) for config in connection_configs)
+
+        def expired():
+            if finished:
+                return
+            finish(ConnectDeadlineExpired(f'the connection was not up within {seconds:g}s'))
+            try:
+                workflow.abort()  # closes the socket of an attempt in progress
+            except Exception:  # noqa: BLE001 -- a wedged workflow may refuse; its socket goes with it
+                pass
+
+        custom_ioloop.call_later(seconds, expired)
+        return workflow
+
+
+def blocking_connection(parameters) -> pika.BlockingConnection:
+    """pika.BlockingConnection(parameters) that fails with ConnectDeadlineExpired rather than waiting for
+    ever (see 6. above)."""
+    return pika.BlockingConnection(parameters, _impl_class=_SelectConnectionWithDeadline)

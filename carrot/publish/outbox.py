@@ -53,7 +53,7 @@ from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigE
 from carrot.models import MessageLog
 from carrot.publish import arguments
 from carrot.publish.outgoing import Outgoing, prepare
-from carrot.statements import InFlight, Statement, close_if_busy, statement
+from carrot.statements import InFlight, Statement, close_if_busy, close_if_out_of_step, statement
 
 logger = logging.getLogger('carrot.publishing')
 
@@ -75,9 +75,9 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
     """
     if store_and_forward is None:
         store_and_forward = get_config().store_and_forward
+    connection = _connection_in_step()
     if _untracked(message):
         return _enqueue_untracked(message, on_commit, store_and_forward, on_enqueued)
-    connection = transaction.get_connection(MessageLog.objects.db)
     if on_commit and connection.in_atomic_block:
         log = _write_row(message, wait_for_disk=False)
         transaction.on_commit(lambda: _send_after_commit(message, log, store_and_forward, on_enqueued),
@@ -97,6 +97,15 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
     log = _write_row(message, wait_for_disk=False)  # outside a transaction: see carrot.commits
     _deliver(message, log, store_and_forward, on_enqueued)
     return log
+
+
+def _connection_in_step():
+    """The log table's connection, closed first if an interrupt left its driver committing otherwise than
+    Django believes (carrot.statements.close_if_out_of_step): the row would wait in a transaction that
+    never commits, and the task be lost while the caller holds its row."""
+    connection = transaction.get_connection(MessageLog.objects.db)
+    close_if_out_of_step(connection)
+    return connection
 
 
 def _untracked(message: Outgoing) -> bool:
@@ -132,7 +141,7 @@ def _enqueue_untracked(message: Outgoing, on_commit: bool, store_and_forward: bo
         if on_enqueued is not None:
             on_enqueued(log)
 
-    connection = transaction.get_connection(MessageLog.objects.db)
+    connection = transaction.get_connection(MessageLog.objects.db)  # in step: enqueue() saw to it
     if on_commit and connection.in_atomic_block:
         def after_commit():
             try:
@@ -443,7 +452,7 @@ def publish_many(task: str | Callable, calls, *, queue: str | None = None, prior
     def rows_for(batch):
         return _write_rows(batch) if tracked else [_unsaved_row(message) for message in batch]
 
-    connection = transaction.get_connection(MessageLog.objects.db)
+    connection = _connection_in_step()
     if on_commit and connection.in_atomic_block:
         written = [rows_for(batch) for batch in batches]
 
