@@ -89,7 +89,7 @@ def _committed_elsewhere(uuid):
 
 
 @pytest.mark.no_broker
-@pytest.mark.parametrize('kind', ['begin', 'atomic', 'nested', 'autocommit', 'broken'])
+@pytest.mark.parametrize('kind', ['begin', 'atomic', 'nested', 'autocommit', 'broken', 'interrupted'])
 def test_a_task_leaving_a_transaction_open_has_its_result_recorded_and_the_next_one_too(kind):
     from django.contrib.auth.models import User
 

@@ -1,0 +1,148 @@
+"""A web process whose request timeouts are exceptions raised by a signal handler (SIGALRM and the like)
+publishes while those exceptions land anywhere inside publish_message: in Django's transaction
+handling, in psycopg, in pika's connection workflow, in carrot. A call that is interrupted raises; a
+call that returns a row must have that row committed and its message on its way, and no call may hang.
+
+Found this way: a row returned PUBLISHED that was never committed (an interrupt inside
+transaction.atomic()'s entry left the driver in a transaction Django did not know of), and a connect that
+waited for ever (pika's workflow swallowed the exception with none of its timers armed).
+"""
+import os
+import queue
+import random
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+from django.db import connection
+
+from carrot.models import MessageLog
+from carrot.publish.relay import Relay
+from carrot.utilities import publish_message
+from tests.conftest import raw_connection
+from tests.testapp import tasks
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+STORM_SECONDS = float(os.environ.get('CARROT_TEST_STORM_SECONDS', 12))
+
+
+class RequestTimeout(Exception):
+    """What a signal-based request timeout raises."""
+
+
+class Storm:
+    """SIGUSR1 sent to the main thread every 0.5-8 ms; its handler raises RequestTimeout while `armed`
+    (only inside the publish: the test's own bookkeeping is left alone). Not SIGALRM: pytest-timeout's."""
+
+    def __init__(self):
+        self.armed = False
+        self.stopping = threading.Event()
+        self.main = threading.main_thread().ident
+        self.previous = None
+        self.thread = threading.Thread(target=self._send, daemon=True)
+
+    def _raise(self, signum, frame):
+        if self.armed:
+            self.armed = False
+            raise RequestTimeout()
+
+    def _send(self):
+        while not self.stopping.wait(random.uniform(0.0005, 0.008)):
+            signal.pthread_kill(self.main, signal.SIGUSR1)
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGUSR1, self._raise)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.armed = False
+        self.stopping.set()
+        self.thread.join(5)
+        signal.signal(signal.SIGUSR1, self.previous)
+
+
+class CommittedCheck:
+    """Reads each returned row back on a connection of its own (a thread's), right after the call: the
+    row must be committed when publish_message returns, not made visible later by someone else's commit."""
+
+    def __init__(self):
+        self.uuids = queue.Queue()
+        self.invisible = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self):
+        from django.db import connections
+        try:
+            while (uuid := self.uuids.get()) is not None:
+                if not MessageLog.objects.filter(uuid=uuid).exists():
+                    self.invisible.append(uuid)
+        finally:
+            connections.close_all()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.uuids.put(None)
+        self.thread.join(60)
+
+
+def drain_ids(name: str) -> Counter:
+    """message_id -> copies of every message in queue `name` (taken off it)."""
+    found = Counter()
+    broker = raw_connection()
+    try:
+        channel = broker.channel()
+        while True:
+            method, properties, _ = channel.basic_get(name, auto_ack=True)
+            if method is None:
+                return found
+            found[properties.message_id] += 1
+    finally:
+        broker.close()
+
+
+@pytest.mark.timeout(180)
+def test_request_timeouts_raised_into_publish_message_lose_no_returned_task_and_hang_nothing():
+    returned, interrupted, longest = [], Counter(), 0.0
+    deadline = time.monotonic() + STORM_SECONDS
+    with CommittedCheck() as committed, Storm() as storm:
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                storm.armed = True
+                row = publish_message(tasks.add, len(returned), 0)
+                storm.armed = False
+            except Exception as exc:  # noqa: BLE001 -- pika turns some into its own errors
+                storm.armed = False
+                interrupted[type(exc).__name__] += 1
+                continue
+            finally:
+                longest = max(longest, time.monotonic() - started)
+            returned.append((row.uuid, row.status))
+            committed.uuids.put(row.uuid)
+    print(f'FIGURE interrupt_storm returned={len(returned)} interrupted={dict(interrupted)} '
+          f'longest_call_s={longest:.2f}')
+    assert len(returned) >= 20 and interrupted['RequestTimeout'] >= 20  # both happened, many times
+    assert not committed.thread.is_alive()
+    assert not committed.invisible, \
+        f'{len(committed.invisible)} of {len(returned)} rows were not committed when their call returned'
+
+    connection.close()  # anything written and not committed goes now, as at the end of a request
+    rows = dict(MessageLog.objects.filter(uuid__in=[uuid for uuid, _ in returned]).values_list('uuid', 'status'))
+    lost = [(uuid, status) for uuid, status in returned if uuid not in rows]
+    assert not lost, f'{len(lost)} of {len(returned)} returned rows were never committed: {lost[:5]}'
+    assert {status for _, status in returned} <= {'PUBLISHED', 'WAITING'}
+
+    relay = Relay(relay_after=0)  # what the housekeeping child does with the rows left WAITING, tick by tick
+    for _ in range(50):
+        if not relay.relay_waiting():
+            break
+    on_queue = drain_ids('default')
+    missing = [uuid for uuid, _ in returned if str(uuid) not in on_queue]
+    assert not missing, f'{len(missing)} returned tasks never reached the queue: {missing[:5]}'
