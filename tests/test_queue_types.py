@@ -201,6 +201,22 @@ def test_no_node_answering_names_each_node_and_never_the_password():
     assert str(broker) == f'amqp://guest:***@{BROKER_HOST}:{CLOSED_PORT},{BROKER_HOST}:2/{settings.VHOST}'
 
 
+@pytest.mark.no_broker
+def test_a_connection_lost_during_the_login_is_not_called_a_wrong_password():
+    """pika raises a "probable" authentication (or access) error for any connection lost while logging in;
+    only RabbitMQ's own refusal (a close with 403 or 530) means the credentials or the vhost are wrong."""
+    import pika.exceptions as pe
+    broker = BrokerConfig(BROKER_HOST, BROKER_PORT, 'v', 'guest', 's3cret')
+    for kind in (pe.ProbableAuthenticationError, pe.ProbableAccessDeniedError):
+        lost = kind("StreamLostError: ('Stream connection lost: RequestTimeout()',)")
+        text = amqp_connection.describe_connection_error(lost, broker)
+        assert text == (f"the connection to {BROKER_HOST}:{BROKER_PORT} was lost while logging in as 'guest' on "
+                        "vhost 'v' (StreamLostError: ('Stream connection lost: RequestTimeout()',)); RabbitMQ "
+                        "did not refuse the login"), text
+    refused = pe.ProbableAuthenticationError("ConnectionClosedByBroker: (403) 'ACCESS_REFUSED - Login was refused'")
+    assert amqp_connection.describe_connection_error(refused, broker).endswith('the user name or password is wrong')
+
+
 @pytest.mark.django_db(transaction=True)
 def test_publishing_consuming_and_the_monitor_use_whichever_node_answers():
     from carrot.monitor.broker_stats import forget, queue_stats

@@ -149,6 +149,13 @@ def describe_connection_error(exc: BaseException, broker: BrokerConfig, node: No
         ', '.join(map(node_text, broker.nodes))
     cause = exc.args[0] if isinstance(exc, pe.AMQPConnectionError) and exc.args else exc
     cause = getattr(cause, 'exception', cause)  # pika wraps the socket's own error
+    if isinstance(exc, (pe.ProbableAuthenticationError, pe.ProbableAccessDeniedError)) \
+            and 'ConnectionClosedByBroker' not in str(cause):
+        # pika calls any connection lost during the login a "probable" refusal; RabbitMQ refuses by closing
+        # the connection with a reason (403, 530). Lost otherwise (an interrupt, a proxy, a node going
+        # down), it says nothing about the password.
+        return (f'the connection to {where} was lost while logging in as {broker.username!r} on vhost '
+                f'{broker.virtual_host!r} ({cause}); RabbitMQ did not refuse the login')
     if isinstance(exc, pe.ProbableAuthenticationError):
         return (f'access refused for user {broker.username!r} on vhost {broker.virtual_host!r} at {where}: '
                 f'the user name or password is wrong')
