@@ -28,6 +28,7 @@ statement as before.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import itertools
 import logging
@@ -258,11 +259,13 @@ class InFlight:
         text = with_commit_setting(statement._call(name), setting)  # as _execute() would run it
         raw = connection.connection
         with connection.wrap_database_errors:  # a lost connection fails here, before anything else is done
-            with raw.cursor() as cursor:
-                query = cursor.mogrify(text, params)
+            query = literal_query(text, params, raw)
+            if query is None:
+                with raw.cursor() as cursor:
+                    query = cursor.mogrify(text, params).encode(raw.info.encoding)
             try:
                 with raw.lock:
-                    raw.pgconn.send_query(query.encode(raw.info.encoding))
+                    raw.pgconn.send_query(query)
                     raw.wait(generators.send(raw.pgconn))
             except BaseException:
                 self.abandon()  # half sent (an interrupt, a lost connection)
@@ -300,6 +303,39 @@ class InFlight:
 
     def abandon(self) -> None:
         _close(self.connection)
+
+
+def literal_query(text: str, params, raw) -> bytes | None:
+    """`text` with each %s replaced by its parameter as an SQL literal, encoded for `raw` (psycopg 3) --
+    what psycopg's mogrify() makes of it, without a cursor and a dumper per value (a sixth of
+    publish_message's client time). For the kinds carrot's statements pass: None, bool, int (psycopg's
+    Int4 too), str, datetime; None for anything else, a str with a NUL (mogrify says why PostgreSQL
+    refuses it) or a text with a literal %: then the caller uses mogrify(). Quoted untyped, a literal takes
+    the type PostgreSQL inferred for that parameter of the prepared statement, as mogrify's value does."""
+    pieces = text.split('%s')
+    if len(pieces) != len(params) + 1 or '%' in text.replace('%s', ''):
+        return None
+    from psycopg.pq import Escaping
+    encoding = raw.info.encoding
+    escape = Escaping(raw.pgconn).escape_literal  # libpq's: the connection's encoding and string settings
+    parts = [pieces[0].encode(encoding)]
+    for value, piece in zip(params, pieces[1:]):
+        if value is None:
+            parts.append(b'NULL')
+        elif value is True or value is False:
+            parts.append(b'true' if value else b'false')
+        elif isinstance(value, int):
+            parts.append(b'%d' % int(value))
+        elif isinstance(value, str):
+            if '\x00' in value:
+                return None
+            parts.append(escape(value.encode(encoding)))
+        elif isinstance(value, datetime.datetime):
+            parts.append(b"'%s'" % value.isoformat().encode())
+        else:
+            return None
+        parts.append(piece.encode(encoding))
+    return b''.join(parts)
 
 
 def _binds_on_the_client(raw) -> bool:

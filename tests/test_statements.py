@@ -5,9 +5,11 @@ it; elsewhere the statement runs as it is."""
 import signal
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone as dt_timezone
 
 import pytest
 from django.db import connection, connections, transaction
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from carrot.statements import Statement
 
@@ -332,3 +334,62 @@ def test_a_prepare_refused_for_the_sessions_sake_is_tried_again_later(table):
             cursor.execute('ROLLBACK')
     assert read.run([1], fetch=True) == ('one',)
     assert read.prepared_name in prepared_names()
+
+
+# -- the query text built without psycopg's mogrify (literal_query) -------------------------------------
+
+_PLAIN_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1),
+    st.text().filter(lambda text: '\x00' not in text),
+    st.text(alphabet="'\\\"%$_\n\t;()E ", max_size=12),
+    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                 timezones=st.one_of(st.none(), st.just(dt_timezone.utc), st.timezones())))
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(_PLAIN_VALUES, min_size=1, max_size=6))
+def test_a_query_built_from_literals_reads_back_as_psycopg_would_send_it(values):
+    """literal_query() fills parameters in without psycopg's cursor: for any value of the kinds it takes
+    (quotes, backslashes, E'', dollar signs, any unicode, extreme integers, naive and aware datetimes),
+    PostgreSQL must read the same values as from mogrify()'s text of the same query."""
+    postgres_only()
+    from carrot.statements import literal_query
+    connection.ensure_connection()
+    raw = connection.connection
+    # As carrot runs its statements: EXECUTE of a prepared one, whose parameters have types of their own.
+    types = ', '.join(_pg_type(value) for value in values)
+    raw.execute(f"PREPARE literals({types}) AS SELECT {', '.join(f'${n + 1}' for n in range(len(values)))}")
+    try:
+        text = f"EXECUTE literals({', '.join('%s' for _ in values)})"
+        built = literal_query(text, values, raw)
+        assert built is not None
+        with raw.cursor() as cursor:
+            cursor.execute(text, values)  # mogrify's text, as before
+            expected = cursor.fetchone()
+        got = raw.execute(built.decode(raw.info.encoding)).fetchone()  # no parameters: sent as it is
+    finally:
+        raw.execute('DEALLOCATE literals')
+    assert got == expected
+
+
+def _pg_type(value) -> str:
+    if isinstance(value, bool):
+        return 'boolean'
+    if isinstance(value, int):
+        return 'bigint'
+    if isinstance(value, datetime):
+        return 'timestamptz' if value.tzinfo else 'timestamp'
+    return 'text'
+
+
+def test_a_query_with_what_literals_cannot_say_is_left_to_mogrify():
+    postgres_only()
+    from decimal import Decimal
+    from carrot.statements import literal_query
+    connection.ensure_connection()
+    raw = connection.connection
+    assert literal_query('SELECT %s', [Decimal('1.5')], raw) is None
+    assert literal_query('SELECT %s', ['a\x00b'], raw) is None  # mogrify raises PostgreSQL's reason
+    assert literal_query("SELECT %s, '100%%'", ['a'], raw) is None
+    assert literal_query('SELECT %s, %s', ['a'], raw) is None
+    assert literal_query('SELECT %s', ["it's"], raw) == b"SELECT 'it''s'"
