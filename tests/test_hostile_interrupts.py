@@ -2,6 +2,8 @@
 publishes while those exceptions land anywhere inside publish_message: in Django's transaction
 handling, in psycopg, in pika's connection workflow, in carrot. A call that is interrupted raises; a
 call that returns a row must have that row committed and its message on its way, and no call may hang.
+As in a view with CONN_MAX_AGE 0, every tenth publish opens its database connection anew (connect,
+PREPARE, the first row written inside transaction.atomic()), so those paths are interrupted too.
 
 Found this way: a row returned PUBLISHED that was never committed (an interrupt inside
 transaction.atomic()'s entry left the driver in a transaction Django did not know of), and a connect that
@@ -34,24 +36,39 @@ class RequestTimeout(Exception):
 
 
 class Storm:
-    """SIGUSR1 sent to the main thread every 0.5-8 ms; its handler raises RequestTimeout while `armed`
-    (only inside the publish: the test's own bookkeeping is left alone). Not SIGALRM: pytest-timeout's."""
+    """One request timeout per publish, at a random moment of its first 8 ms (most of a call): SIGUSR1
+    sent to the main thread, whose handler raises RequestTimeout if that call is still going. Not
+    SIGALRM: pytest-timeout's."""
 
     def __init__(self):
-        self.armed = False
+        self.call = 0           # the call in progress (0: none)
+        self.arming = threading.Event()
         self.stopping = threading.Event()
         self.main = threading.main_thread().ident
         self.previous = None
         self.thread = threading.Thread(target=self._send, daemon=True)
 
+    def arm(self, call: int) -> None:
+        self.call = call
+        self.arming.set()
+
+    def disarm(self) -> None:
+        self.call = 0
+
     def _raise(self, signum, frame):
-        if self.armed:
-            self.armed = False
+        if self.call:
+            self.call = 0
             raise RequestTimeout()
 
     def _send(self):
-        while not self.stopping.wait(random.uniform(0.0005, 0.008)):
-            signal.pthread_kill(self.main, signal.SIGUSR1)
+        while not self.stopping.is_set():
+            if not self.arming.wait(0.1):
+                continue
+            self.arming.clear()
+            call = self.call
+            time.sleep(random.uniform(0, 0.008))
+            if call and self.call == call:
+                signal.pthread_kill(self.main, signal.SIGUSR1)
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGUSR1, self._raise)
@@ -59,7 +76,7 @@ class Storm:
         return self
 
     def __exit__(self, *exc):
-        self.armed = False
+        self.disarm()
         self.stopping.set()
         self.thread.join(5)
         signal.signal(signal.SIGUSR1, self.previous)
@@ -111,17 +128,20 @@ def drain_ids(name: str) -> Counter:
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.timeout(180)
 def test_request_timeouts_raised_into_publish_message_lose_no_returned_task_and_hang_nothing():
-    returned, interrupted, longest = [], Counter(), 0.0
+    returned, interrupted, longest, calls = [], Counter(), 0.0, 0
     deadline = time.monotonic() + STORM_SECONDS
     with CommittedCheck() as committed, Storm() as storm:
         while time.monotonic() < deadline:
+            if len(returned) % 10 == 0:
+                connection.close()  # a request's end (CONN_MAX_AGE 0): the next publish opens one, as a view's does
             started = time.monotonic()
+            calls += 1
             try:
-                storm.armed = True
+                storm.arm(calls)
                 row = publish_message(tasks.add, len(returned), 0)
-                storm.armed = False
+                storm.disarm()
             except Exception as exc:  # noqa: BLE001 -- pika turns some into its own errors
-                storm.armed = False
+                storm.disarm()
                 interrupted[type(exc).__name__] += 1
                 continue
             finally:
