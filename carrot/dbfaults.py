@@ -40,6 +40,12 @@ def of_the_session(exc: BaseException) -> bool:
     return (sqlstate(exc) or '').startswith('25')
 
 
+def may_pass(exc: BaseException) -> bool:
+    """Whether another try may succeed where this one failed: the fault passes with time (is_transient) or
+    belongs to the session that met it (of_the_session), not to the statement or its row."""
+    return is_transient(exc) or of_the_session(exc)
+
+
 def tables_missing(exc: BaseException) -> bool:
     """Whether `exc` says one of the tables (or columns) is not there: migrations not applied."""
     if getattr(exc.__cause__, 'sqlstate', None) in ('42P01', '42703'):

@@ -144,7 +144,7 @@ class Statement:
                 # plain this time only.
                 if of_the_session(exc):
                     return None
-                if sqlstate(exc) != '42P05':
+                if sqlstate(exc) != DUPLICATE_PREPARED_STATEMENT:
                     name = None
         self._prepared[raw] = name
         return name
@@ -236,6 +236,7 @@ def _busy(raw) -> bool:
 
 _STATEMENTS: dict[tuple[str, str, str], Statement] = {}
 
+DUPLICATE_PREPARED_STATEMENT = '42P05'  # PREPARE of a name the session has: a pooler's, same text
 NO_SUCH_STATEMENT = '26000'  # invalid_sql_statement_name: gone with a pooler's session or a DISCARD ALL
 PLAN_CHANGED = '0A000'  # feature_not_supported: "cached plan must not change result type" after a migration
 

@@ -14,7 +14,7 @@ from typing import Callable
 from django.db import DatabaseError, connections
 
 from carrot.backoff import Outage
-from carrot.dbfaults import describe_database_fault, is_transient, of_the_session
+from carrot.dbfaults import describe_database_fault, may_pass, of_the_session
 from carrot.statements import IDLE, driver_autocommit, driver_transaction_status
 
 
@@ -136,7 +136,7 @@ class DatabaseRetry:
                     connections.close_all()
                     fresh_session = True
                     continue
-                if not is_transient(exc) and not of_the_session(exc):
+                if not may_pass(exc):
                     raise
                 connections.close_all()  # this thread's connections; a fresh one is opened next try
                 delay = self.outage.failed(f'{what}: {describe_database_fault(exc)}', exc)

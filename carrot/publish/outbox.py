@@ -47,7 +47,7 @@ from carrot.amqp.publisher import publisher_for
 from carrot.commits import without_waiting_for_disk
 from carrot.config import get_config
 from carrot.config.schema import TRACK_ALL
-from carrot.dbfaults import MIGRATE_HINT, is_transient, of_the_session, tables_missing
+from carrot.dbfaults import MIGRATE_HINT, may_pass, tables_missing
 from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected,
                                NotMigrated, PublishError)
 from carrot.models import MessageLog
@@ -371,7 +371,7 @@ def _landed_after_sending(message: Outgoing, log: MessageLog, in_flight: InFligh
         _land_row(log, in_flight)
         return True
     except DatabaseError as exc:
-        if not is_transient(exc) and not of_the_session(exc):
+        if not may_pass(exc):
             raise
         logger.error('%s (%s) was sent, but its log row could not be written (%s): the worker that takes it '
                      'writes it', message.task, message.uuid, exc)
