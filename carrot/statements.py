@@ -175,26 +175,35 @@ def close_if_busy(connection) -> None:
 
 
 def close_if_out_of_step(connection) -> bool:
-    """Close Django's `connection` (and log it) if its driver connection does not
-    commit as Django believes: Django sets the driver's autocommit, then its own flag; an exception from
-    outside (a signal handler's: a request timeout) raised between the two -- inside transaction.atomic()'s
-    entry, say -- leaves the driver in a transaction Django does not know of. Every write after that,
-    carrot's rows included, waits in that transaction for a commit nobody will send, and vanishes when the
-    connection closes. Closing rolls the stray transaction back (what closing at the request's end would
-    do, later) and Django opens a consistent connection when next asked. Only outside an atomic block,
-    where Django's flag is the caller's. True when it closed."""
-    raw = connection.connection
-    if raw is None or connection.in_atomic_block:
+    """Close Django's `connection` (and log it) if its driver connection does not commit as Django believes
+    (autocommit_out_of_step): every write after that, carrot's rows included, waits in a transaction for a
+    commit nobody will send, and vanishes when the connection closes. Closing rolls the stray transaction
+    back (what closing at the request's end would do, later) and Django opens a consistent connection when
+    next asked. True when it closed."""
+    how = autocommit_out_of_step(connection)
+    if how is None:
         return False
-    committing = driver_autocommit(connection.vendor, raw)
-    if committing is None or committing == connection.autocommit:
-        return False
-    logger.error('the database connection %r was in autocommit %s for the driver and %s for Django (an exception '
-                 'raised into Django\'s transaction handling, by a signal handler, say): closed, rolling back '
-                 'what it had not committed', connection.alias, 'on' if committing else 'off',
-                 'on' if connection.autocommit else 'off')
+    logger.error('the database connection %r was in %s: closed, rolling back what it had not committed',
+                 connection.alias, how)
     _close(connection)
     return True
+
+
+def autocommit_out_of_step(connection) -> str | None:
+    """In words, how the driver's autocommit differs from Django's flag outside an atomic block (where the
+    flag is the caller's); None when they agree or carrot cannot tell. Django sets the driver's autocommit,
+    then its own flag: an exception from outside (a signal handler's: a request timeout) raised between
+    the two -- inside transaction.atomic()'s entry, say -- leaves the driver in a transaction Django does
+    not know of."""
+    raw = connection.connection
+    if raw is None or connection.in_atomic_block:
+        return None
+    committing = driver_autocommit(connection.vendor, raw)
+    if committing is None or committing == connection.autocommit:
+        return None
+    return (f"autocommit {'on' if committing else 'off'} for the driver and "
+            f"{'on' if connection.autocommit else 'off'} for Django (an exception interrupted Django's "
+            f"transaction handling, a signal handler's, say)")
 
 
 def driver_autocommit(vendor: str, raw) -> bool | None:

@@ -15,7 +15,7 @@ from django.db import DatabaseError, connections
 
 from carrot.backoff import Outage
 from carrot.dbfaults import describe_database_fault, may_pass, of_the_session
-from carrot.statements import IDLE, driver_autocommit, driver_transaction_status
+from carrot.statements import IDLE, autocommit_out_of_step, driver_transaction_status
 
 
 class StopRequested(Exception):
@@ -56,13 +56,9 @@ def left_in_transaction(connection) -> str | None:
         return 'an atomic() block was entered and never left'
     if connection.get_autocommit() != connection.settings_dict['AUTOCOMMIT']:
         return 'autocommit was switched off (set_autocommit(False)) and not back on'
-    committing = driver_autocommit(connection.vendor, connection.connection)
-    if committing is not None and committing != connection.get_autocommit():
-        # Django switches the driver first, then its own flag: an exception raised between the two (a
-        # signal handler's, entering atomic()) leaves the next statement in a transaction Django never ends.
-        return (f"autocommit was {'on' if committing else 'off'} for the driver and "
-                f"{'on' if connection.get_autocommit() else 'off'} for Django (an exception interrupted "
-                f"Django's transaction handling)")
+    out_of_step = autocommit_out_of_step(connection)  # the next statement opens a transaction Django never ends
+    if out_of_step is not None:
+        return out_of_step
     if _driver_in_transaction(connection.connection):
         return 'a transaction was begun (BEGIN) and neither committed nor rolled back'
     return None

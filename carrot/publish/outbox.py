@@ -77,7 +77,7 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
         store_and_forward = get_config().store_and_forward
     connection = _connection_in_step()
     if _untracked(message):
-        return _enqueue_untracked(message, on_commit, store_and_forward, on_enqueued)
+        return _enqueue_untracked(message, connection, on_commit, store_and_forward, on_enqueued)
     if on_commit and connection.in_atomic_block:
         log = _write_row(message, wait_for_disk=False)
         transaction.on_commit(lambda: _send_after_commit(message, log, store_and_forward, on_enqueued),
@@ -115,7 +115,7 @@ def _untracked(message: Outgoing) -> bool:
         and not message.backend
 
 
-def _enqueue_untracked(message: Outgoing, on_commit: bool, store_and_forward: bool,
+def _enqueue_untracked(message: Outgoing, connection, on_commit: bool, store_and_forward: bool,
                        on_enqueued: Callable[[MessageLog], None] | None) -> MessageLog:
     """Send without a row: the unsaved row is returned, as the caller may read it. A row is written
     after all when the message must wait for the broker (the relay sends it from there) or is refused."""
@@ -141,7 +141,6 @@ def _enqueue_untracked(message: Outgoing, on_commit: bool, store_and_forward: bo
         if on_enqueued is not None:
             on_enqueued(log)
 
-    connection = transaction.get_connection(MessageLog.objects.db)  # in step: enqueue() saw to it
     if on_commit and connection.in_atomic_block:
         def after_commit():
             try:
