@@ -38,6 +38,14 @@ fails loudly if a pika upgrade moves what they rely on.
    `blocking_connection()` arms a timer of its own on the I/O loop pika polls while it connects; when it
    fires before the workflow finished, the workflow is aborted and the connect fails as a refused one
    does (AMQPConnectionError), so a publish waits for the broker (store-and-forward) instead of hanging.
+7. Writes sent at once. pika hands each frame of a message (method, header, body) to its transport
+   separately, and the transport only buffers it and asks the I/O loop to watch the socket for
+   writability: sending one message took two epoll_ctl calls, an extra wait on the loop and three
+   sends (three TCP segments for RabbitMQ to read), for every publish and every ack. Carrot's connection
+   joins the frames of one message (up to JOIN_AT_MOST bytes) and sends a write at once when nothing is
+   waiting to go before it, as asyncio's transports do; only what the socket does not take then (it is
+   full, or failing) goes pika's way, to be sent, or to fail, from the loop. publish_message made 17
+   system calls, 12 with this.
 """
 from __future__ import annotations
 
@@ -52,6 +60,7 @@ import weakref
 import pika
 import pika.data
 import pika.exceptions
+from pika.adapters.utils import io_services_utils
 
 from carrot.amqp.wire import NestedTooDeep
 
@@ -293,9 +302,10 @@ class ConnectDeadlineExpired(pika.exceptions.AMQPConnectionError):
     """The connection was not up within connect_deadline(): pika's workflow was aborted."""
 
 
-class _SelectConnectionWithDeadline(pika.SelectConnection):
-    """The connection a BlockingConnection drives underneath (its `_impl_class`), whose workflow ends by
-    a deadline of carrot's even when the workflow itself no longer would (see 6. above)."""
+class _CarrotSelectConnection(pika.SelectConnection):
+    """The connection a BlockingConnection drives underneath (its `_impl_class`): its workflow ends by a
+    deadline of carrot's even when the workflow itself no longer would (see 6. above), and its writes
+    leave at once (7.)."""
 
     @classmethod
     def create_connection(cls, connection_configs, on_done, custom_ioloop=None, workflow=None):
@@ -325,8 +335,46 @@ class _SelectConnectionWithDeadline(pika.SelectConnection):
         custom_ioloop.call_later(seconds, expired)
         return workflow
 
+    def _output_marshaled_frames(self, marshaled_frames) -> None:
+        if len(marshaled_frames) > 1 and sum(map(len, marshaled_frames)) <= JOIN_AT_MOST:
+            self.bytes_sent += sum(map(len, marshaled_frames))
+            self.frames_sent += len(marshaled_frames)
+            self._adapter_emit_data(b''.join(marshaled_frames))
+        else:
+            super()._output_marshaled_frames(marshaled_frames)
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        rest = _send_at_once(self._transport, data)
+        if rest:
+            super()._adapter_emit_data(rest)
+
+
+# -- 7. writes sent at once -------------------------------------------------------------------------
+
+# Frames of one message joined into one write up to this size; a bigger body is sent frame by frame (the
+# copy would cost more than the calls it saves).
+JOIN_AT_MOST = 256 * 1024
+
+_PLAINTEXT_TRANSPORT = io_services_utils._AsyncPlaintextTransport
+
+
+def _send_at_once(transport, data: bytes) -> bytes:
+    """Send `data` on `transport`'s socket now, if nothing is queued to go before it; what the socket did
+    not take is returned, for pika to buffer and send from its loop. Only a plain TCP transport that is
+    up: TLS keeps a state of its own between writes."""
+    if type(transport) is not _PLAINTEXT_TRANSPORT or transport._tx_buffers \
+            or transport._state != transport._STATE_ACTIVE:
+        return data
+    try:
+        sent = transport._sock.send(data)
+    except OSError:
+        # Full (EAGAIN), or failing: pika's own write meets the same socket from the loop and, if it is
+        # broken, aborts the connection as it always does.
+        return data
+    return data[sent:]
+
 
 def blocking_connection(parameters) -> pika.BlockingConnection:
     """pika.BlockingConnection(parameters) that fails with ConnectDeadlineExpired rather than waiting for
     ever (see 6. above)."""
-    return pika.BlockingConnection(parameters, _impl_class=_SelectConnectionWithDeadline)
+    return pika.BlockingConnection(parameters, _impl_class=_CarrotSelectConnection)
