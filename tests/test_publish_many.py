@@ -87,3 +87,30 @@ def test_a_queue_that_tracks_only_failures_gets_no_rows_but_every_message(tmp_pa
 
 def test_no_calls_is_nothing():
     assert publish_messages(tasks.add, []) == []
+
+
+
+def test_a_connection_rabbitmq_closes_once_every_confirm_is_in_leaves_the_batch_published(monkeypatch):
+    """RabbitMQ closes the publishing connection (close_all_connections) between the last confirm of a
+    batch and the close of the batch's channel: every message is on the queue, so the call returns them
+    PUBLISHED rather than raising the close, and the next publish opens a new connection."""
+    from carrot.amqp import pika_compat
+    from carrot.amqp.publisher import publisher_for
+    from carrot.config import get_config
+    from tests.conftest import rabbitmqctl
+    wait = pika_compat.ConfirmedBatch.wait
+
+    def wait_then_close_all(batch, seconds):
+        outcome = wait(batch, seconds)
+        rabbitmqctl('close_all_connections', '-p', settings.VHOST, 'closed once confirmed')
+        return outcome
+
+    monkeypatch.setattr(pika_compat.ConfirmedBatch, 'wait', wait_then_close_all)
+    rows = publish_messages(tasks.add, [((n, 0), {}) for n in range(20)])
+    assert {row.status for row in rows} == {'PUBLISHED'}
+    assert MessageLog.objects.filter(status='PUBLISHED').count() == 20
+    assert queue_depth('default') == 20
+    assert publisher_for(get_config().queue('default').broker).connection is None  # forgotten
+    monkeypatch.setattr(pika_compat.ConfirmedBatch, 'wait', wait)
+    assert {row.status for row in publish_messages(tasks.add, [((1, 1), {})])} == {'PUBLISHED'}
+    assert queue_depth('default') == 21

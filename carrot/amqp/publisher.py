@@ -197,7 +197,7 @@ class Publisher:
                 self._abandon_connection()
                 raise
             if batch.channel.is_open:
-                batch.channel.close()
+                self._close_confirmed_batch(batch.channel)
         if returned:  # the queue is gone (deleted meanwhile): declared again by the next publish
             self.declared.discard(queue)
             raise error(MessageRejected, f'RabbitMQ returned {returned} of {len(messages)} messages as unroutable '
@@ -205,6 +205,22 @@ class Publisher:
         if refused:
             raise error(BrokerUnavailable, f'RabbitMQ did not take (nacked) {refused} of {len(messages)} messages '
                                            f'for queue {queue.name!r}: the queue cannot take messages now')
+
+    def _close_confirmed_batch(self, channel) -> None:
+        """Close the channel of a batch whose confirms are all in. A connection RabbitMQ closes meanwhile (a
+        restart, an operator's close_all_connections) does not undo them: the batch stands, and the
+        connection is forgotten for the next publish to open another."""
+        try:
+            channel.close()
+        except CONNECTION_ERRORS + (pe.AMQPError,) as exc:
+            logger.info('publishing connection to %s was lost once a batch was confirmed (%s)', self.broker,
+                        type(exc).__name__)
+            if self.connection is not None:
+                connection_lost(self.connection)
+            self._forget_connection()
+        except BaseException:
+            self._abandon_connection()
+            raise
 
     def _confirm_timeout(self) -> float:
         if self.confirm_timeout is not None:
