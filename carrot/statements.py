@@ -29,6 +29,7 @@ statement as before.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import itertools
 import logging
@@ -322,13 +323,13 @@ def literal_query(text: str, params, raw) -> bytes | None:
     Int4 too), str, datetime; None for anything else, a str with a NUL (mogrify says why PostgreSQL
     refuses it) or a text with a literal %: then the caller uses mogrify(). Quoted untyped, a literal takes
     the type PostgreSQL inferred for that parameter of the prepared statement, as mogrify's value does."""
-    pieces = text.split('%s')
-    if len(pieces) != len(params) + 1 or '%' in text.replace('%s', ''):
+    encoding = raw.info.encoding
+    pieces = _template_pieces(text, encoding)
+    if pieces is None or len(pieces) != len(params) + 1:
         return None
     from psycopg.pq import Escaping
-    encoding = raw.info.encoding
     escape = Escaping(raw.pgconn).escape_literal  # libpq's: the connection's encoding and string settings
-    parts = [pieces[0].encode(encoding)]
+    parts = [pieces[0]]
     for value, piece in zip(params, pieces[1:]):
         if value is None:
             parts.append(b'NULL')
@@ -344,8 +345,17 @@ def literal_query(text: str, params, raw) -> bytes | None:
             parts.append(b"'%s'" % value.isoformat().encode())
         else:
             return None
-        parts.append(piece.encode(encoding))
+        parts.append(piece)
     return b''.join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _template_pieces(text: str, encoding: str) -> tuple[bytes, ...] | None:
+    """The encoded pieces of `text` between its %s placeholders, split once per statement text; None for
+    a text with a literal % (left to mogrify)."""
+    if '%' in text.replace('%s', ''):
+        return None
+    return tuple(piece.encode(encoding) for piece in text.split('%s'))
 
 
 def _binds_on_the_client(raw) -> bool:

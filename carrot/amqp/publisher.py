@@ -124,9 +124,7 @@ class Publisher:
                         raise BrokerUnavailable(f'RabbitMQ closed the channel: {exc.reply_text}') from None
                 except CONNECTION_ERRORS as exc:
                     node = node_of(self.connection) if self.connection is not None else None
-                    if self.connection is not None:
-                        connection_lost(self.connection)  # its node may be gone: try another first
-                    self._forget_connection()
+                    self._lose_connection()
                     if attempt == 2 or not retry:
                         raise BrokerUnavailable(f'cannot publish to {self.broker}: '
                                                 f'{describe_connection_error(exc, self.broker, node)}') from None
@@ -164,8 +162,7 @@ class Publisher:
                         raise
                     # A kept connection RabbitMQ dropped while this process was idle (a restart, a
                     # failover): nothing is sent yet, so open a new one, once, as publish() does.
-                    connection_lost(self.connection)  # its node may be gone: try another first
-                    self._forget_connection()
+                    self._lose_connection()
                     channel = self._open_channel()
                 if queue not in self.declared:
                     declare_queue(channel, queue)
@@ -189,9 +186,7 @@ class Publisher:
                 node = node_of(self.connection) if self.connection is not None else None
                 failure = error(BrokerUnavailable, f'cannot publish to {self.broker}: '
                                                    f'{describe_connection_error(exc, self.broker, node)}')
-                if self.connection is not None:
-                    connection_lost(self.connection)
-                self._forget_connection()
+                self._lose_connection()
                 raise failure from None
             except BaseException:
                 self._abandon_connection()
@@ -215,9 +210,7 @@ class Publisher:
         except CONNECTION_ERRORS + (pe.AMQPError,) as exc:
             logger.info('publishing connection to %s was lost once a batch was confirmed (%s)', self.broker,
                         type(exc).__name__)
-            if self.connection is not None:
-                connection_lost(self.connection)
-            self._forget_connection()
+            self._lose_connection()
         except BaseException:
             self._abandon_connection()
             raise
@@ -300,6 +293,13 @@ class Publisher:
                 channel.close()
             except Exception:  # the connection may be going too; the next publish finds out
                 pass
+
+    def _lose_connection(self):
+        """After the broker's connection was lost: its node may be gone (the next connect tries another
+        first), and the next publish opens a new connection."""
+        if self.connection is not None:
+            connection_lost(self.connection)
+        self._forget_connection()
 
     def _abandon_connection(self):
         """After anything else that escaped a publish (an interrupt, a signal handler's exception, a bug, the
