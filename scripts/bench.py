@@ -9,7 +9,8 @@ CARROT_DEMO_* variables. The rows (names for --only):
             process; and, for context, one-row PostgreSQL commits from one process (what each log
             write waits for on this disk)
   drain     track='all': a backlog of no-op tasks published with publish_message, then carrot-supervisor
-            with 2 consumer children, timed from its start to the last row COMPLETED
+            with 2 consumer children, timed from its start to the last row COMPLETED; and the CPU time
+            per task each part of the machine spent meanwhile (CpuSpent)
   failures  the same with the queue's track='failures' (successful tasks write no row): timed by the
             broker's queue count instead
   publish   publish_message (the drain row's backlog: the same calls, timed) and publish_messages (bulk)
@@ -49,6 +50,7 @@ CHILDREN = 2
 EXIT_CONFIG = 3  # carrot-supervisor's "the settings are broken" (supervisor/exitcodes.py)
 NOT_SUPPORTED = 'n/a (not supported by this carrot)'
 
+CPU_PARTS = ('consumers', 'master', 'image', 'housekeeping', 'PostgreSQL', 'RabbitMQ', 'bench', 'other')  # CpuSpent's, in print order
 DEFAULT_ROWS = ('raw', 'drain', 'failures', 'publish', 'latency', 'respawn', 'memory')
 ALL_ROWS = DEFAULT_ROWS + ('scaling', 'million')
 
@@ -594,20 +596,85 @@ def failed_count() -> int:
 
 def timed_drain(run_dir: str, name: str, n: int, since, children: int = CHILDREN) -> dict:
     """carrot-supervisor started on a backlog of n logged no-op tasks: tasks per second from its start to
-    the last completion, and from the first task started (both read from the rows' own times)."""
+    the last completion, and from the first task started (both read from the rows' own times); and the CPU
+    time each part of the machine spent per task meanwhile (CpuSpent)."""
     from django.db.models import Max, Min
 
     from carrot.models import MessageLog
     with Supervisor(run_dir, name, children=children) as supervisor:
+        spent = CpuSpent(supervisor)
+        # The rate comes from the rows' own times, not from when this poll sees the end: polled every 50 ms,
+        # its count took a twentieth of the machine's CPU from the drain it measured.
         wait_until(lambda: supervisor.check_running() and completed_since(since) >= n, f'{n} tasks COMPLETED',
-                   drain_timeout(n), 0.05)
+                   drain_timeout(n), 0.25)
+        cpu = spent.per_task(n)
     if failed_count():
         raise BenchError(f'{failed_count()} tasks FAILED in the {name} drain (see {supervisor.log})')
     times = MessageLog.objects.filter(status=MessageLog.COMPLETED, publish_time__gte=since).aggregate(
         first=Min('started_time'), last=Max('completion_time'))
     last = times['last'].timestamp()
     return {'tasks': n, 'children': children, 'per_s': n / (last - supervisor.started),
-            'from_first_started_per_s': n / (last - times['first'].timestamp())}
+            'from_first_started_per_s': n / (last - times['first'].timestamp()), 'cpu_us_per_task': cpu}
+
+
+class CpuSpent:
+    """Where the CPU time of a drain goes, in µs per task: carrot's consumer children, the supervisor's
+    master, image and housekeeping, PostgreSQL's processes, RabbitMQ's and the bench's own polling; 'other' is what the machine spent besides (the kernel's threads: disk writes, softirqs), from
+    /proc/stat. On a machine whose CPUs are all busy, 'all' bounds the rate: CPUs / all.
+
+    Read when the supervisor has started and again once the drain is done, before it stops: a process
+    started meanwhile counts from zero. Two readings, so the measuring costs the drain next to nothing."""
+
+    def __init__(self, supervisor: Supervisor):
+        from django.db import connection
+        with connection.cursor() as cursor:  # the session that polls for the drain's end
+            cursor.execute('SELECT pg_backend_pid()')
+            self.polling_session = cursor.fetchone()[0]
+        self.supervisor = supervisor
+        self.start, self.start_ticks = self._reading(), cpu_busy_ticks()
+
+    def per_task(self, tasks: int) -> dict[str, int] | None:
+        end, end_ticks = self._reading(), cpu_busy_ticks()
+        spent = dict.fromkeys(CPU_PARTS, 0.0)
+        for pid, (part, seconds) in end.items():
+            before = self.start.get(pid)
+            spent[part] = spent.get(part, 0.0) + seconds - (before[1] if before and before[0] == part else 0.0)
+        if self.start_ticks is None or end_ticks is None:
+            return None
+        machine = (end_ticks - self.start_ticks) / os.sysconf('SC_CLK_TCK')
+        spent['other'] = max(0.0, machine - sum(spent.values()))  # each count is in whole clock ticks
+        spent['all'] = sum(spent.values())
+        return {part: round(seconds * 1e6 / tasks) for part, seconds in spent.items()}
+
+    def _reading(self) -> dict[int, tuple[str, float]]:
+        """pid -> (part, CPU seconds so far) of every process that takes part."""
+        import psutil
+        found = {}
+        try:
+            carrot = self.supervisor.processes()
+        except psutil.Error:  # the master gone: the wait says why
+            carrot = []
+        for role, process in carrot:
+            found[process.pid] = ('consumers' if role.startswith('consumer ') else role, process)
+        found[os.getpid()] = ('bench', psutil.Process())
+        try:
+            found[self.polling_session] = ('bench', psutil.Process(self.polling_session))
+        except psutil.Error:
+            pass  # a PostgreSQL on another machine, or of another user
+        for process in psutil.process_iter(['name']):
+            name = process.info['name'] or ''
+            if name == 'postgres' or name.startswith('postgres:'):
+                found.setdefault(process.pid, ('PostgreSQL', process))
+            elif name.startswith('beam') or name in ('epmd', 'erl_child_setup'):
+                found.setdefault(process.pid, ('RabbitMQ', process))
+        reading = {}
+        for pid, (part, process) in found.items():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue  # gone meanwhile: what it spent is left to 'other'
+            reading[pid] = (part, times.user + times.system)
+        return reading
 
 
 def drain_row(run_dir: str, n: int) -> tuple[dict, float]:
@@ -882,6 +949,15 @@ def rate(value) -> str:
     return '-' if value is None else f'{value:,.0f}/s'
 
 
+def cpu_line(cpu: dict | None, cpus: int, lines: list[str]) -> None:
+    """The drain's CPU per task by part (CpuSpent), and the rate that CPU allows on this machine's CPUs."""
+    if not cpu or not cpu.get('all'):
+        return
+    parts = ', '.join(f'{part} {cpu[part]:,}' for part in CPU_PARTS if part in cpu)
+    lines.append(f'    CPU per task, µs: {parts}; {cpu["all"]:,} in all, so at most '
+                 f'{cpus * 1e6 / cpu["all"]:,.0f}/s on {cpus} CPUs')
+
+
 def steal_note(share) -> str:
     return '' if share is None else f', {share:.0%} of the CPU time stolen by the host'
 
@@ -927,6 +1003,7 @@ def print_table(results: dict) -> None:
         if raw.get('drain_prefetch_1_per_s') and raw['prefetch'] != 1:
             line('    from supervisor start, vs the raw drain with prefetch 1', '',
                  ratio(drain['per_s'], raw['drain_prefetch_1_per_s']))
+        cpu_line(drain.get('cpu_us_per_task'), machine['cpus'], lines)
     if 'failures' in rows:
         failures = rows['failures']
         if failures['supported']:
@@ -1081,6 +1158,17 @@ def cpu_times() -> tuple[int, int] | None:
         return None
     # user nice system idle iowait irq softirq steal guest guest_nice: guest time is counted in user too.
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def cpu_busy_ticks() -> int | None:
+    """Clock ticks every CPU has spent busy since boot (all but idle, iowait and steal), from /proc/stat."""
+    try:
+        with open('/proc/stat') as stat:
+            fields = [int(value) for value in stat.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields + [0] * (7 - len(fields))
+    return user + nice + system + irq + softirq
 
 
 def steal_share(start, end) -> float | None:

@@ -61,6 +61,13 @@ def test_quick_bench_reports_every_default_row(tmp_path):
                 'postgres_commits_per_s'):
         assert positive(raw[key]), key
     assert positive(rows['drain']['per_s']) and positive(rows['drain']['from_first_started_per_s'])
+    # Where the drain's CPU went, per task. A quick drain is short and the kernel counts in clock ticks, so
+    # a part may read 0; the image imports Django, which always takes some.
+    cpu = rows['drain']['cpu_us_per_task']
+    assert {'consumers', 'master', 'image', 'housekeeping', 'PostgreSQL', 'RabbitMQ', 'bench', 'other',
+            'all'} <= set(cpu), cpu
+    assert all(isinstance(us, int) and us >= 0 for us in cpu.values()) and positive(cpu['image']), cpu
+    assert f"{cpu['all']:,} in all, so at most" in result.stdout
     failures = rows['failures']
     assert positive(failures['per_s']) if failures['supported'] else failures['note'].startswith('n/a')
     assert positive(rows['publish']['single_per_s'])
