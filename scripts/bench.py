@@ -12,7 +12,7 @@ CARROT_DEMO_* variables. The rows (names for --only):
             with 2 consumer children, timed from its start to the last row COMPLETED; and the CPU time
             per task each part of the machine spent meanwhile (CpuSpent)
   failures  the same with the queue's track='failures' (successful tasks write no row): timed by the
-            broker's queue count instead
+            broker's queue count instead; its CPU per task too
   publish   publish_message (the drain row's backlog: the same calls, timed) and publish_messages (bulk)
   latency   an idle supervisor: publish_message to the task body's first line, against raw pika's
             publish to the consumer's receipt
@@ -717,6 +717,7 @@ def failures_row(run_dir: str, n: int) -> dict:
     try:
         supervisor = Supervisor(run_dir, 'failures', track='failures')
         with supervisor:
+            spent = CpuSpent(supervisor)
             try:
                 supervisor.wait_ready()
             except SupervisorExited as exc:
@@ -727,13 +728,14 @@ def failures_row(run_dir: str, n: int) -> dict:
                        channel.queue_declare('default', passive=True).method.message_count == 0,
                        'the queue handed out every message', drain_timeout(n), 0.02)
             emptied = time.time()
+            cpu = spent.per_task(n)  # before rabbitmqctl is run below: each run is an Erlang VM of its own
             wait_until(lambda: unacknowledged('default') == 0, 'every message acked', 60, 0.5)
     finally:
         connection.close()
     if failed_count():
         raise BenchError(f'{failed_count()} tasks FAILED in the failures drain (see {supervisor.log})')
     return {'supported': True, 'tasks': n, 'children': CHILDREN, 'per_s': n / (emptied - supervisor.started),
-            'publish_single_per_s': publish}
+            'publish_single_per_s': publish, 'cpu_us_per_task': cpu}
 
 
 def unacknowledged(queue: str) -> int | None:
@@ -1009,6 +1011,7 @@ def print_table(results: dict) -> None:
         if failures['supported']:
             line(f"3 drain track='failures', {failures['children']} children, from start", rate(failures['per_s']),
                  ratio(failures['per_s'], ceiling))
+            cpu_line(failures.get('cpu_us_per_task'), machine['cpus'], lines)
         else:
             line("3 drain track='failures'", failures['note'])
     if 'publish' in rows:

@@ -70,6 +70,8 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     assert f"{cpu['all']:,} in all, so at most" in result.stdout
     failures = rows['failures']
     assert positive(failures['per_s']) if failures['supported'] else failures['note'].startswith('n/a')
+    if failures['supported']:
+        assert positive(failures['cpu_us_per_task']['all']), failures
     assert positive(rows['publish']['single_per_s'])
     assert rows['publish']['bulk_per_s'] is None or positive(rows['publish']['bulk_per_s'])
     latency = rows['latency']
