@@ -13,7 +13,8 @@ CARROT_DEMO_* variables. The rows (names for --only):
             per task each part of the machine spent meanwhile (CpuSpent)
   failures  the same with the queue's track='failures' (successful tasks write no row): timed by the
             broker's queue count instead; its CPU per task too
-  publish   publish_message (the drain row's backlog: the same calls, timed) and publish_messages (bulk)
+  publish   publish_message (the drain row's backlog: the same calls, timed; and the CPU per call of the
+            publisher, PostgreSQL and RabbitMQ) and publish_messages (bulk)
   latency   an idle supervisor: publish_message to the task body's first line, against raw pika's
             publish to the consumer's receipt
   respawn   SIGKILL a consumer child: until its slot holds a new child that consumes
@@ -50,7 +51,9 @@ CHILDREN = 2
 EXIT_CONFIG = 3  # carrot-supervisor's "the settings are broken" (supervisor/exitcodes.py)
 NOT_SUPPORTED = 'n/a (not supported by this carrot)'
 
-CPU_PARTS = ('consumers', 'master', 'image', 'housekeeping', 'PostgreSQL', 'RabbitMQ', 'bench', 'other')  # CpuSpent's, in print order
+# CpuSpent's parts, in the order printed: a drain's, and publish_single_and_cpu's.
+CPU_PARTS = ('consumers', 'master', 'image', 'housekeeping', 'PostgreSQL', 'RabbitMQ', 'bench', 'other')
+PUBLISH_PARTS = ('publisher', 'PostgreSQL', 'RabbitMQ', 'other')
 DEFAULT_ROWS = ('raw', 'drain', 'failures', 'publish', 'latency', 'respawn', 'memory')
 ALL_ROWS = DEFAULT_ROWS + ('scaling', 'million')
 
@@ -398,6 +401,14 @@ def publish_single(n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
+def publish_single_and_cpu(n: int) -> tuple[float, dict | None]:
+    """publish_single(), and the CPU each part spent per call meanwhile (CpuSpent): this process (the
+    publisher, the driver and pika included), PostgreSQL, RabbitMQ and the rest of the machine."""
+    spent = CpuSpent(None, PUBLISH_PARTS, own='publisher')
+    rate = publish_single(n)
+    return rate, spent.per_task(n)
+
+
 def publish_bulk(n: int) -> float:
     started = time.perf_counter()
     bulk_publisher()(NOOP, [((), {})] * n, queue='default')
@@ -618,24 +629,29 @@ def timed_drain(run_dir: str, name: str, n: int, since, children: int = CHILDREN
 
 
 class CpuSpent:
-    """Where the CPU time of a drain goes, in µs per task: carrot's consumer children, the supervisor's
-    master, image and housekeeping, PostgreSQL's processes, RabbitMQ's and the bench's own polling; 'other' is what the machine spent besides (the kernel's threads: disk writes, softirqs), from
-    /proc/stat. On a machine whose CPUs are all busy, 'all' bounds the rate: CPUs / all.
+    """Where the CPU time of a drain (or of publish_single) goes, in µs per task: carrot's consumer
+    children, the supervisor's master, image and housekeeping, PostgreSQL's processes, RabbitMQ's and the
+    bench's own polling (for the publishes: the publisher, this process); 'other' is what the machine
+    spent besides (the kernel's threads: disk writes, softirqs), from /proc/stat. On a machine whose CPUs
+    are all busy, 'all' bounds the rate: CPUs / all.
 
-    Read when the supervisor has started and again once the drain is done, before it stops: a process
-    started meanwhile counts from zero. Two readings, so the measuring costs the drain next to nothing."""
+    Read at the start (once the supervisor has started) and again at the end (before it stops): a process
+    started meanwhile counts from zero. Two readings, so the measuring costs next to nothing."""
 
-    def __init__(self, supervisor: Supervisor):
-        from django.db import connection
-        with connection.cursor() as cursor:  # the session that polls for the drain's end
-            cursor.execute('SELECT pg_backend_pid()')
-            self.polling_session = cursor.fetchone()[0]
-        self.supervisor = supervisor
+    def __init__(self, supervisor: Supervisor | None, parts: tuple[str, ...] | None = None, own: str = 'bench'):
+        """`supervisor`: the drain's (None: no carrot-supervisor runs). `own`: the part this process is."""
+        self.polling_session = None
+        if supervisor is not None:
+            from django.db import connection
+            with connection.cursor() as cursor:  # the session that polls for the drain's end
+                cursor.execute('SELECT pg_backend_pid()')
+                self.polling_session = cursor.fetchone()[0]
+        self.supervisor, self.parts, self.own = supervisor, parts or CPU_PARTS, own
         self.start, self.start_ticks = self._reading(), cpu_busy_ticks()
 
     def per_task(self, tasks: int) -> dict[str, int] | None:
         end, end_ticks = self._reading(), cpu_busy_ticks()
-        spent = dict.fromkeys(CPU_PARTS, 0.0)
+        spent = dict.fromkeys(self.parts, 0.0)
         for pid, (part, seconds) in end.items():
             before = self.start.get(pid)
             spent[part] = spent.get(part, 0.0) + seconds - (before[1] if before and before[0] == part else 0.0)
@@ -651,16 +667,17 @@ class CpuSpent:
         import psutil
         found = {}
         try:
-            carrot = self.supervisor.processes()
+            carrot = self.supervisor.processes() if self.supervisor is not None else []
         except psutil.Error:  # the master gone: the wait says why
             carrot = []
         for role, process in carrot:
             found[process.pid] = ('consumers' if role.startswith('consumer ') else role, process)
-        found[os.getpid()] = ('bench', psutil.Process())
-        try:
-            found[self.polling_session] = ('bench', psutil.Process(self.polling_session))
-        except psutil.Error:
-            pass  # a PostgreSQL on another machine, or of another user
+        found[os.getpid()] = (self.own, psutil.Process())
+        if self.polling_session is not None:
+            try:
+                found[self.polling_session] = (self.own, psutil.Process(self.polling_session))
+            except psutil.Error:
+                pass  # a PostgreSQL on another machine, or of another user
         for process in psutil.process_iter(['name']):
             name = process.info['name'] or ''
             if name == 'postgres' or name.startswith('postgres:'):
@@ -677,12 +694,12 @@ class CpuSpent:
         return reading
 
 
-def drain_row(run_dir: str, n: int) -> tuple[dict, float]:
+def drain_row(run_dir: str, n: int) -> tuple[dict, tuple[float, dict | None]]:
     """Row 2, and row 4's publish_message figure: the backlog is published with it, timed."""
     from django.utils import timezone
     reset_log_and_queue()
     since = timezone.now()
-    publish = publish_single(n)
+    publish = publish_single_and_cpu(n)
     return timed_drain(run_dir, 'drain', n, since), publish
 
 
@@ -951,12 +968,13 @@ def rate(value) -> str:
     return '-' if value is None else f'{value:,.0f}/s'
 
 
-def cpu_line(cpu: dict | None, cpus: int, lines: list[str]) -> None:
-    """The drain's CPU per task by part (CpuSpent), and the rate that CPU allows on this machine's CPUs."""
+def cpu_line(cpu: dict | None, cpus: int, lines: list[str], order: tuple[str, ...] | None = None,
+             unit: str = 'task') -> None:
+    """The CPU per task (or call) by part (CpuSpent), and the rate that CPU allows on this machine's CPUs."""
     if not cpu or not cpu.get('all'):
         return
-    parts = ', '.join(f'{part} {cpu[part]:,}' for part in CPU_PARTS if part in cpu)
-    lines.append(f'    CPU per task, µs: {parts}; {cpu["all"]:,} in all, so at most '
+    parts = ', '.join(f'{part} {cpu[part]:,}' for part in order or CPU_PARTS if part in cpu)
+    lines.append(f'    CPU per {unit}, µs: {parts}; {cpu["all"]:,} in all, so at most '
                  f'{cpus * 1e6 / cpu["all"]:,.0f}/s on {cpus} CPUs')
 
 
@@ -1022,6 +1040,7 @@ def print_table(results: dict) -> None:
             line('    floor: raw confirmed publish, then a one-row commit (no disk wait)',
                  rate(raw['publish_then_commit_per_s']),
                  f"{ratio(publish['single_per_s'], raw['publish_then_commit_per_s'])} of it")
+        cpu_line(publish.get('single_cpu_us_per_call'), machine['cpus'], lines, PUBLISH_PARTS, 'call')
         untracked = rows.get('failures', {}).get('publish_single_per_s')
         if untracked:
             line("  publish_message to a track='failures' queue (no row)", rate(untracked),
@@ -1138,8 +1157,9 @@ def run_rows(args, run_dir: str) -> dict:
     if 'publish' in args.rows:
         if single is None:
             reset_log_and_queue()
-            single = publish_single(args.messages)
-        rows['publish'] = {'messages': args.messages, 'single_per_s': single,
+            single = publish_single_and_cpu(args.messages)
+        rate, cpu = single
+        rows['publish'] = {'messages': args.messages, 'single_per_s': rate, 'single_cpu_us_per_call': cpu,
                            'bulk_per_s': publish_bulk_row(args.messages)}
     if args.rows & {'latency', 'respawn'}:
         rows.update(latency_and_respawn(run_dir, args.latency_calls, args.spacing, args.kills, args.rows))

@@ -73,6 +73,10 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     if failures['supported']:
         assert positive(failures['cpu_us_per_task']['all']), failures
     assert positive(rows['publish']['single_per_s'])
+    publishing = rows['publish']['single_cpu_us_per_call']  # few calls in 10 ms ticks: a part may read 0
+    assert {'publisher', 'PostgreSQL', 'RabbitMQ', 'other', 'all'} <= set(publishing), publishing
+    assert all(isinstance(us, int) and us >= 0 for us in publishing.values()), publishing
+    assert f"{publishing['all']:,} in all, so at most" in result.stdout or publishing['all'] == 0
     assert rows['publish']['bulk_per_s'] is None or positive(rows['publish']['bulk_per_s'])
     latency = rows['latency']
     assert positive(latency['p50_ms']) and latency['p99_ms'] >= latency['p50_ms']
