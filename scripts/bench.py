@@ -405,8 +405,8 @@ def publish_single_and_cpu(n: int) -> tuple[float, dict | None]:
     """publish_single(), and the CPU each part spent per call meanwhile (CpuSpent): this process (the
     publisher, the driver and pika included), PostgreSQL, RabbitMQ and the rest of the machine."""
     spent = CpuSpent(None, PUBLISH_PARTS, own='publisher')
-    rate = publish_single(n)
-    return rate, spent.per_task(n)
+    calls_per_s = publish_single(n)
+    return calls_per_s, spent.per_task(n)
 
 
 def publish_bulk(n: int) -> float:
@@ -1158,8 +1158,9 @@ def run_rows(args, run_dir: str) -> dict:
         if single is None:
             reset_log_and_queue()
             single = publish_single_and_cpu(args.messages)
-        rate, cpu = single
-        rows['publish'] = {'messages': args.messages, 'single_per_s': rate, 'single_cpu_us_per_call': cpu,
+        single_rate, single_cpu = single
+        rows['publish'] = {'messages': args.messages, 'single_per_s': single_rate,
+                           'single_cpu_us_per_call': single_cpu,
                            'bulk_per_s': publish_bulk_row(args.messages)}
     if args.rows & {'latency', 'respawn'}:
         rows.update(latency_and_respawn(run_dir, args.latency_calls, args.spacing, args.kills, args.rows))
@@ -1172,26 +1173,27 @@ def run_rows(args, run_dir: str) -> dict:
     return rows
 
 
-def cpu_times() -> tuple[int, int] | None:
-    """(steal, all) clock ticks of every CPU since boot, from /proc/stat; None where there is none."""
+def cpu_ticks() -> list[int] | None:
+    """The clock ticks of every CPU since boot, from /proc/stat's first line (user nice system idle iowait
+    irq softirq steal guest guest_nice: guest time is counted in user too); None where there is none."""
     try:
         with open('/proc/stat') as stat:
             fields = [int(value) for value in stat.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    # user nice system idle iowait irq softirq steal guest guest_nice: guest time is counted in user too.
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+    return fields + [0] * (8 - len(fields))
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, all) clock ticks of every CPU since boot."""
+    fields = cpu_ticks()
+    return None if fields is None else (fields[7], sum(fields[:8]))
 
 
 def cpu_busy_ticks() -> int | None:
-    """Clock ticks every CPU has spent busy since boot (all but idle, iowait and steal), from /proc/stat."""
-    try:
-        with open('/proc/stat') as stat:
-            fields = [int(value) for value in stat.readline().split()[1:8]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields + [0] * (7 - len(fields))
-    return user + nice + system + irq + softirq
+    """Clock ticks every CPU has spent busy since boot (all but idle, iowait and steal)."""
+    fields = cpu_ticks()
+    return None if fields is None else sum(fields[:3]) + fields[5] + fields[6]
 
 
 def steal_share(start, end) -> float | None:
