@@ -59,11 +59,16 @@ def run_image(sock: socket.socket, build: Build, generation: int, *, master_pid:
             os._exit(0)  # the master died between fork() and here
         set_title(f"{proc_name}: image {generation} starting")
         try:
+            # Importing Django and the project makes long-lived objects, hardly any garbage, yet it set the
+            # collector off about 170 times: a tenth of the build's CPU (30-80 ms). One collection at the
+            # end does the work instead.
+            gc.disable()
             plan, options = build(generation)
             gc.collect()
             # Everything built so far stays where it is: the collector never touches (and so never
             # dirties) these pages again, in the image or in the children that share them.
             gc.freeze()
+            gc.enable()  # children inherit it on: a task's garbage is collected as usual
         except ImageFailed as exc:
             _send(sock, Failed(_one_line(exc), exc.exit_code))
             flush_and_exit(0)

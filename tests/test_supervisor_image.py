@@ -4,6 +4,7 @@ never stall the master, files broken on disk that never reach a child, hung chil
 From outside, as a user meets it: a real carrot-supervisor, real signals and kills, the process table
 (psutil), the status snapshot and the MessageLog rows.
 """
+import json
 import os
 import re
 import signal
@@ -79,6 +80,11 @@ def test_children_are_forked_by_the_image_and_belong_to_the_master(start_supervi
         info = psutil.Process(kid.pid).memory_full_info()
         figure(f'idle_child_uss_kib[{kid.slot}]', info.uss // 1024)
         assert info.uss <= 15 * 2**20, f'{kid.slot}: USS {info.uss / 2**20:.1f} MiB'
+    # The image builds with the collector off (it only slowed the imports down); a child collects a task's
+    # garbage as usual, and the image's heap stays frozen in it.
+    row = wait_status(publish_message(tasks.collector_state), 'COMPLETED', 15, supervisor.tail)
+    state = json.loads(row.output)
+    assert state['enabled'] is True and state['frozen'] > 10_000, state
 
 
 @pytest.mark.timeout(60)

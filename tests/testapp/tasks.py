@@ -24,6 +24,12 @@ def returns_object():
     return object()
 
 
+def collector_state():
+    """What the garbage collector of the worker running it looks like: on, and the image's heap frozen."""
+    import gc
+    return {'enabled': gc.isenabled(), 'frozen': gc.get_freeze_count()}
+
+
 def explode(message='boom'):
     raise ValueError(message)
 
