@@ -20,8 +20,8 @@ CARROT_DEMO_* variables. The rows (names for --only):
   respawn   SIGKILL a consumer child: until its slot holds a new child that consumes
   memory    USS of every process, idle after start and after draining 6,000 tasks; DEBUG off and on
   scaling   (--scaling) the drain with 1, 2 and 4 consumer children
-  million   (--million) 1,000,000 old COMPLETED rows in the log table: the drain again, and the
-            monitor's list pages and API
+  million   (--million) 1,000,000 old COMPLETED rows in the log table: the drain again (its rate against
+            the empty table's as measured, and at equal machine speed), and the monitor's list pages and API
 
 Every figure comes from this machine and this run: compare the ratios to the ceiling across machines,
 not the absolute numbers. Every wait is bounded; every process started here is stopped, and the virtual
@@ -890,8 +890,9 @@ MONITOR_PAGES = (
 
 
 def insert_old_rows(count: int) -> float:
-    """`count` COMPLETED rows published from an hour to ~12 days ago (one a second), in one statement,
-    then VACUUM ANALYZE as autovacuum would, and a CHECKPOINT; the seconds it took."""
+    """`count` COMPLETED rows published from an hour to ~12 days ago (one a second), each with the id carrot
+    made for it then, in one statement, then VACUUM ANALYZE as autovacuum would, and a CHECKPOINT; the
+    seconds it took."""
     from django.db import connection
 
     from carrot.models import MessageLog
@@ -901,10 +902,15 @@ def insert_old_rows(count: int) -> float:
             INSERT INTO {MessageLog._meta.db_table}
                 (status, exchange, queue, routing_key, uuid, origin, priority, backend, task, task_args,
                  content, output, publish_time, started_time, completion_time, attempts, retries, worker)
-            SELECT 'COMPLETED', '', 'default', 'default', 'old-' || g, '', 0, '', %s, '[]', '{{}}', 'null',
+            SELECT 'COMPLETED', '', 'default', 'default', id, '', 0, '', %s, '[]', '{{}}', 'null',
                    stamp, stamp + interval '5 ms', stamp + interval '8 ms', 1, 0, 'bench-host:1'
             FROM generate_series(1, %s) AS g,
-                 LATERAL (SELECT now() - interval '1 hour' - g * interval '1 second' AS stamp) AS t
+                 LATERAL (SELECT now() - interval '1 hour' - g * interval '1 second' AS stamp) AS t,
+                 LATERAL (SELECT lpad(to_hex((extract(epoch FROM stamp) * 1000)::bigint), 12, '0') AS millis,
+                                 md5(g::text) AS noise) AS parts,
+                 -- the id carrot gave it then (carrot.text.new_message_id: version 7, its time first)
+                 LATERAL (SELECT substr(millis, 1, 8) || '-' || substr(millis, 9, 4) || '-7' || substr(noise, 1, 3)
+                                 || '-8' || substr(noise, 4, 3) || '-' || substr(noise, 7, 12) AS id) AS made
         """, [NOOP, count])
         cursor.execute(f'VACUUM ANALYZE {MessageLog._meta.db_table}')
         # A settled database, as after months of use: the load's own aftermath (a checkpoint writing it
@@ -953,7 +959,20 @@ def million_row(run_dir: str, n: int, rows: int) -> dict:
     fill_backlog(n)
     drain = timed_drain(run_dir, 'million', n, since)
     return {'old_rows': rows, 'insert_and_vacuum_s': took, 'drain_empty': empty, 'drain': drain,
+            'ratio': drain['per_s'] / empty['per_s'], 'ratio_at_equal_speed': ratio_at_equal_speed(drain, empty),
             'monitor_ms_empty': monitor_empty, 'monitor_ms': monitor_timings()}
+
+
+def ratio_at_equal_speed(drain: dict, empty: dict) -> float | None:
+    """drain's rate / empty's, as if the machine had run both at one speed: the consumer children's CPU per
+    task is the clock. Their Python does the same work whatever the table holds (the database's work is what
+    its size changes), so when they spend more CPU per task the machine was slower, by that much. Here the
+    same drain, minutes apart, cost the consumers 572 to 1,086 µs a task: more than any table size moved it.
+    None without the CPU figures."""
+    clock, clock_empty = (figures.get('cpu_us_per_task') or {} for figures in (drain, empty))
+    if not clock.get('consumers') or not clock_empty.get('consumers'):
+        return None
+    return drain['per_s'] / empty['per_s'] * clock['consumers'] / clock_empty['consumers']
 
 
 # -- the report -----------------------------------------------------------------------------------------------
@@ -1081,6 +1100,9 @@ def print_table(results: dict) -> None:
         line('9 drain, empty log table, just before', rate(empty), ratio(empty, ceiling))
         line(f'  drain with {million["old_rows"]:,} old rows in the log', rate(drain), ratio(drain, ceiling))
         line('    of the empty-table drain', f'{drain / empty:.0%}')
+        if million.get('ratio_at_equal_speed') is not None:
+            line('    the same at equal machine speed (see README)',
+                 f'{million["ratio_at_equal_speed"]:.0%}')
         line(f'  (inserting them and VACUUM ANALYZE took {million["insert_and_vacuum_s"]:.0f}s)', '')
         line(f'  monitor GET as staff, median ms: empty log -> {million["old_rows"]:,} old rows', '')
         for label, ms in million['monitor_ms'].items():

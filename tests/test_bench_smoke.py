@@ -121,3 +121,19 @@ def test_quick_bench_sets_the_classic_queue_version_it_is_asked_for(tmp_path):
     assert '"queue-version":2' in policies.replace(' ', ''), policies
     assert 'classic queues version 2 (policy)' in output
     assert json.loads(out.read_text())['options']['queue_version'] == 2
+
+
+def test_the_million_row_ratio_at_equal_speed_takes_the_consumers_cpu_as_the_clock():
+    """Measured minutes apart, two drains of this shared machine differ by more than a table's size makes
+    them: the consumers' CPU per task (the same Python, whatever the table holds) says by how much."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('carrot_bench_script', BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    empty = {'per_s': 855, 'cpu_us_per_task': {'consumers': 1086, 'PostgreSQL': 446}}  # a slow minute
+    million = {'per_s': 1527, 'cpu_us_per_task': {'consumers': 602, 'PostgreSQL': 270}}  # a fast one
+    assert round(bench.ratio_at_equal_speed(million, empty), 2) == 0.99  # 1.79 as measured
+    assert bench.ratio_at_equal_speed({'per_s': 900, 'cpu_us_per_task': {'consumers': 500}},
+                                      {'per_s': 1000, 'cpu_us_per_task': {'consumers': 500}}) == 0.9
+    assert bench.ratio_at_equal_speed({'per_s': 900, 'cpu_us_per_task': None}, empty) is None
+    assert bench.ratio_at_equal_speed({'per_s': 900, 'cpu_us_per_task': {'consumers': 0}}, empty) is None
