@@ -390,9 +390,16 @@ def test_the_one_statement_claim_returns_the_row_as_a_read_would():
     from carrot.consume import claim
     from carrot.utilities import publish_message as publish
     log = publish(tasks.echo, 'a', [1, {'b': None}], key='ü', on_commit=False)
+    MessageLog.objects.filter(pk=log.pk).update(output='"before"', log='a line', origin='first-id', retries=2)
     row = claim.take_on_arrival(log.uuid, log.task, log.task_args, log.content, 'host:1', 60)
     assert row is not None and row.pk == log.pk
     assert model_to_dict(row) == model_to_dict(MessageLog.objects.get(pk=log.pk))
+    # Every column, the ones the statement sets or matches (not returned: their values are its own) too.
+    read = MessageLog.objects.get(pk=log.pk)
+    for field in MessageLog._meta.concrete_fields:
+        assert getattr(row, field.attname) == getattr(read, field.attname), field.attname
+    assert not row.get_deferred_fields() and not row._state.adding and row._state.db == read._state.db
+    assert (row.output, row.log, row.origin, row.retries) == ('"before"', 'a line', 'first-id', 2)
     assert (row.status, row.attempts, row.worker) == ('IN_PROGRESS', 1, 'host:1')
     assert row.lease_expires > row.started_time
     # Taken: a second claim (another delivery of it) matches nothing and changes nothing.

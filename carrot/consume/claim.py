@@ -118,19 +118,35 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
     otherwise): then the caller reads the row and decides.
 
     The claim commits without waiting for the disk (carrot.commits says why that is safe), at no extra
-    round trip."""
+    round trip. Only the columns the statement neither sets nor matches come back: the others' values are
+    the statement's own (the arguments may be large, and converting the two times it sets cost a third of
+    the claim's Python)."""
     connection = connection_for_rows()
-    fields = MessageLog._meta.concrete_fields
     now = timezone.now()
+    expires = now + timedelta(seconds=lease)
     at = connection.ops.adapt_datetimefield_value
-    params = [at(now), worker, at(now + timedelta(seconds=lease)), message_id, task, task_args, content, at(now)]
+    params = [at(now), worker, at(expires), message_id, task, task_args, content, at(now)]
     found = statement('take_on_arrival', _take_on_arrival_sql, MessageLog.objects.db).run(
         params, using=MessageLog.objects.db, fetch=True)
     if found is None:
         return None
-    values = [_from_db(connection, converters, value)
-              for converters, value in zip(_converters_of(connection), found)]
+    known = {'status': MessageLog.IN_PROGRESS, 'started_time': now, 'worker': worker, 'lease_expires': expires,
+             'exception': '', 'traceback': '', 'failure_time': None,
+             'uuid': message_id, 'task': task, 'task_args': task_args, 'content': content}
+    returned = (_from_db(connection, converters, value)
+                for converters, value in zip(_converters_of(connection), found))
+    fields = MessageLog._meta.concrete_fields
+    values = [known[f.attname] if f.attname in SET_OR_MATCHED else next(returned) for f in fields]
     return MessageLog.from_db(MessageLog.objects.db, [f.attname for f in fields], values)
+
+
+# The columns take_on_arrival's UPDATE sets to a value of its own or matches with "=": not returned.
+SET_OR_MATCHED = frozenset({'status', 'started_time', 'worker', 'lease_expires', 'exception', 'traceback',
+                            'failure_time', 'uuid', 'task', 'task_args', 'content'})
+
+
+def _returned_fields() -> list:
+    return [f for f in MessageLog._meta.concrete_fields if f.attname not in SET_OR_MATCHED]
 
 
 def _take_on_arrival_sql(connection) -> str:
@@ -142,16 +158,16 @@ def _take_on_arrival_sql(connection) -> str:
             f"attempts = attempts + 1, exception = '', traceback = '', failure_time = NULL "
             f'WHERE uuid = %s AND task = %s AND task_args = %s AND content = %s AND status IN ({takeable}) '
             f'AND (run_after IS NULL OR run_after <= %s) '
-            f'RETURNING {", ".join(quote(f.column) for f in MessageLog._meta.concrete_fields)}')
+            f'RETURNING {", ".join(quote(f.column) for f in _returned_fields())}')
 
 
 def _converters_of(connection) -> list[tuple]:
-    """Per column of MessageLog, what turns its value as read into the ORM's: looked up once per
+    """Per column take_on_arrival returns, what turns its value as read into the ORM's: looked up once per
     connection (the lookup cost more than the claim's own Python)."""
     found = getattr(connection, '_carrot_converters', None)
     if found is None:
         found = []
-        for field in MessageLog._meta.concrete_fields:
+        for field in _returned_fields():
             column = field.get_col(MessageLog._meta.db_table)
             found.append((column, tuple(connection.ops.get_db_converters(column) +
                                         column.get_db_converters(connection))))
