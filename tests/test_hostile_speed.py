@@ -131,6 +131,10 @@ def test_the_one_statement_claim_takes_a_row_of_any_arguments_exactly_once(args,
     taken = claim.take_on_arrival(row.uuid, row.task, task_args, content, 'host:1', 60)
     assert taken is not None and taken.pk == row.pk
     assert (taken.task_args, taken.content, taken.status, taken.attempts) == (task_args, content, 'IN_PROGRESS', 1)
+    # The columns it sets or matches are not sent back: the row holds them all the same, as a read would.
+    read = MessageLog.objects.get(pk=row.pk)
+    assert {f.attname: getattr(taken, f.attname) for f in MessageLog._meta.concrete_fields} == \
+        {f.attname: getattr(read, f.attname) for f in MessageLog._meta.concrete_fields}
     assert claim.take_on_arrival(row.uuid, row.task, task_args, content, 'host:2', 60) is None
     other_args, other_content = arguments.dump([*args, 0], kwargs)
     assert claim.take_on_arrival(row.uuid, row.task, other_args, content, 'host:3', 60) is None
