@@ -9,6 +9,7 @@ can never both win; committed without waiting for the disk, see carrot.commits).
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import socket
 import threading
@@ -135,9 +136,15 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
              'uuid': message_id, 'task': task, 'task_args': task_args, 'content': content}
     returned = (_from_db(connection, converters, value)
                 for converters, value in zip(_converters_of(connection), found))
-    fields = MessageLog._meta.concrete_fields
-    values = [known[f.attname] if f.attname in SET_OR_MATCHED else next(returned) for f in fields]
-    return MessageLog.from_db(MessageLog.objects.db, [f.attname for f in fields], values)
+    names = _row_names()
+    values = [known[name] if name in known else next(returned) for name in names]
+    return MessageLog.from_db(MessageLog.objects.db, names, values)
+
+
+@functools.cache
+def _row_names() -> tuple[str, ...]:
+    """MessageLog's columns (attnames) in field order, as from_db takes them: made once, not per claim."""
+    return tuple(f.attname for f in MessageLog._meta.concrete_fields)
 
 
 # The columns take_on_arrival's UPDATE sets to a value of its own or matches with "=": not returned.
