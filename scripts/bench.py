@@ -7,7 +7,9 @@ CARROT_DEMO_* variables. The rows (names for --only):
   raw       the ceiling: 2 processes consuming a plain durable queue (no priority, no dead-lettering),
             carrot's prefetch, ack each, drain a backlog published beforehand; confirmed publishes from one
             process; and, for context, one-row PostgreSQL commits from one process (what each log
-            write waits for on this disk)
+            write waits for on this disk); the floor under a logged drain (logged_floor: carrot's
+            backlog drained by raw processes doing carrot's two statements per task and the ack, no
+            more) and the floor under publish_message (raw_publish_then_commit)
   drain     track='all': a backlog of no-op tasks published with publish_message, then carrot-supervisor
             with 2 consumer children, timed from its start to the last row COMPLETED; and the CPU time
             per task each part of the machine spent meanwhile (CpuSpent)
@@ -54,6 +56,7 @@ NOT_SUPPORTED = 'n/a (not supported by this carrot)'
 # CpuSpent's parts, in the order printed: a drain's, and publish_single_and_cpu's.
 CPU_PARTS = ('consumers', 'master', 'image', 'housekeeping', 'PostgreSQL', 'RabbitMQ', 'bench', 'other')
 PUBLISH_PARTS = ('publisher', 'PostgreSQL', 'RabbitMQ', 'other')
+FLOOR_PARTS = ('consumers', 'PostgreSQL', 'RabbitMQ', 'bench', 'other')  # the logged floor's
 DEFAULT_ROWS = ('raw', 'drain', 'failures', 'publish', 'latency', 'respawn', 'memory')
 ALL_ROWS = DEFAULT_ROWS + ('scaling', 'million')
 
@@ -363,6 +366,108 @@ def raw_publish_then_commit(url: str, queue: str, n: int) -> float:
     return n / elapsed
 
 
+def logged_statements() -> tuple[str, str] | None:
+    """carrot's own SQL for a task's two log writes on PostgreSQL: the claim (take_on_arrival) and the
+    result (write_completion, with the server start time it returns); None for a carrot without them."""
+    from django.db import connection
+    try:
+        from carrot.consume.claim import _take_on_arrival_sql
+        from carrot.consume.logrows import _write_completion_returning_sql
+    except ImportError:
+        return None
+    return _take_on_arrival_sql(connection), _write_completion_returning_sql(connection)
+
+
+def database_address() -> dict:
+    """psycopg.connect() keywords for the bench's database, as Django reaches it."""
+    from django.db import connection
+    settings = connection.settings_dict
+    return {'host': settings['HOST'] or None, 'port': settings['PORT'] or None, 'user': settings['USER'] or None,
+            'password': settings['PASSWORD'] or None, 'dbname': settings['NAME']}
+
+
+def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sql: tuple[str, str],
+                          ready, go, results, done) -> None:
+    """One consumer of the logged floor (a spawned process of its own): per delivery, carrot's claim and
+    result statements on the delivered message's row -- each prepared, committed without waiting for the
+    disk, as carrot commits them -- then the ack; no other work. Reports (messages, time of the last ack),
+    or the message id whose claim found no row; its connections stay open until `done` (their sessions'
+    CPU is read while they are there)."""
+    import datetime
+
+    import psycopg
+    claim, result = sql
+    database = psycopg.connect(autocommit=True, **address)
+    database.execute('SET synchronous_commit TO off')
+    connection, channel = raw_channel(url)
+    channel.basic_qos(prefetch_count=prefetch)
+    worker, lease = f'floor-{os.getpid()}', datetime.timedelta(minutes=5)
+    ready.release()
+    go.wait(30)
+    count, last_ack = 0, None
+    for method, properties, body in channel.consume(queue, inactivity_timeout=1):
+        if method is None:
+            break
+        message = json.loads(body)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        row = database.execute(claim, [now, worker, now + lease, properties.message_id, properties.headers['type'],
+                                       json.dumps(message['args']), json.dumps(message['kwargs']), now],
+                               prepare=True).fetchone()
+        if row is None:
+            count, last_ack = properties.message_id, None
+            break
+        database.execute(result, [datetime.datetime.now(datetime.timezone.utc), '', '', row[0]],
+                         prepare=True).fetchone()
+        channel.basic_ack(method.delivery_tag)
+        count, last_ack = count + 1, time.time()
+    results.put((count, last_ack))
+    done.wait(30)
+    channel.cancel()
+    connection.close()
+    database.close()
+
+
+def logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
+    """The floor under a logged drain: n of carrot's own messages and rows (fill_backlog) drained by
+    `consumers` raw processes that do nothing but carrot's two statements per task and the ack
+    (logged_floor_consumer), tasks per second from the moment all are connected to the last ack, and the
+    CPU per task each part spent (CpuSpent). What no consumer that logs each task in two statements can
+    beat on this machine; None for a carrot without those statements."""
+    from carrot.config import get_config
+    sql = logged_statements()
+    if sql is None:
+        return None
+    reset_log_and_queue()
+    fill_backlog(n)
+    context = multiprocessing.get_context('spawn')
+    ready, go, results, done = context.Semaphore(0), context.Event(), context.Queue(), context.Event()
+    processes = [context.Process(target=logged_floor_consumer, daemon=True,
+                                 args=(url, get_config().queue('default').name, PREFETCH, database_address(), sql,
+                                       ready, go, results, done)) for _ in range(consumers)]
+    try:
+        for process in processes:
+            process.start()
+        for _ in processes:
+            if not ready.acquire(timeout=30):
+                raise BenchError('a logged floor consumer did not connect within 30s')
+        spent = CpuSpent(None, FLOOR_PARTS, consumers=tuple(process.pid for process in processes))
+        started = time.time()
+        go.set()
+        reports = [take(results, drain_timeout(n), "a logged floor consumer's report") for _ in processes]
+        cpu = spent.per_task(n)
+    finally:
+        done.set()
+        stop_processes(processes)
+    unclaimed = [first for first, last in reports if last is None]
+    if unclaimed:
+        raise BenchError(f'the logged floor found no row to claim for message {unclaimed[0]}')
+    drained = sum(count for count, _ in reports)
+    if drained != n:
+        raise BenchError(f'the logged floor drained {drained} messages of {n}')
+    reset_log_and_queue()
+    return {'per_s': n / (max(last for _, last in reports) - started), 'cpu_us_per_task': cpu}
+
+
 def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: int) -> dict:
     queue = 'bench-raw'
     publish = raw_publish(url, queue, n)
@@ -378,7 +483,8 @@ def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: in
             'publish_confirmed_per_s': publish, 'latency_calls': latency_calls,
             'latency_p50_ms': percentile(latencies, 50), 'latency_p99_ms': percentile(latencies, 99),
             'postgres_commits_per_s': postgres_commits(postgres_n),
-            'publish_then_commit_per_s': raw_publish_then_commit(url, queue, min(n, 2000))}
+            'publish_then_commit_per_s': raw_publish_then_commit(url, queue, min(n, 2000)),
+            'logged_floor': logged_floor(url, n)}
 
 
 # -- publishing -------------------------------------------------------------------------------------------
@@ -638,9 +744,11 @@ class CpuSpent:
     Read at the start (once the supervisor has started) and again at the end (before it stops): a process
     started meanwhile counts from zero. Two readings, so the measuring costs next to nothing."""
 
-    def __init__(self, supervisor: Supervisor | None, parts: tuple[str, ...] | None = None, own: str = 'bench'):
-        """`supervisor`: the drain's (None: no carrot-supervisor runs). `own`: the part this process is."""
-        self.polling_session = None
+    def __init__(self, supervisor: Supervisor | None, parts: tuple[str, ...] | None = None, own: str = 'bench',
+                 consumers: tuple[int, ...] = ()):
+        """`supervisor`: the drain's (None: no carrot-supervisor runs). `own`: the part this process is.
+        `consumers`: pids counted as consumers besides the supervisor's (the logged floor's)."""
+        self.polling_session, self.consumers = None, consumers
         if supervisor is not None:
             from django.db import connection
             with connection.cursor() as cursor:  # the session that polls for the drain's end
@@ -672,6 +780,11 @@ class CpuSpent:
             carrot = []
         for role, process in carrot:
             found[process.pid] = ('consumers' if role.startswith('consumer ') else role, process)
+        for pid in self.consumers:
+            try:
+                found[pid] = ('consumers', psutil.Process(pid))
+            except psutil.Error:
+                pass  # gone already: what it spent is left to 'other'
         found[os.getpid()] = (self.own, psutil.Process())
         if self.polling_session is not None:
             try:
@@ -988,12 +1101,12 @@ def rate(value) -> str:
 
 
 def cpu_line(cpu: dict | None, cpus: int, lines: list[str], order: tuple[str, ...] | None = None,
-             unit: str = 'task') -> None:
+             unit: str = 'task', lead: str = '    CPU') -> None:
     """The CPU per task (or call) by part (CpuSpent), and the rate that CPU allows on this machine's CPUs."""
     if not cpu or not cpu.get('all'):
         return
     parts = ', '.join(f'{part} {cpu[part]:,}' for part in order or CPU_PARTS if part in cpu)
-    lines.append(f'    CPU per {unit}, µs: {parts}; {cpu["all"]:,} in all, so at most '
+    lines.append(f'{lead} per {unit}, µs: {parts}; {cpu["all"]:,} in all, so at most '
                  f'{cpus * 1e6 / cpu["all"]:,.0f}/s on {cpus} CPUs')
 
 
@@ -1032,6 +1145,11 @@ def print_table(results: dict) -> None:
                  rate(raw['drain_prefetch_1_per_s']), '1.00')
         line('  raw pika confirmed publish, 1 process', rate(raw['publish_confirmed_per_s']), '1.00')
         line('  PostgreSQL one-row commits, 1 process (context)', rate(raw['postgres_commits_per_s']))
+        floor = raw.get('logged_floor')
+        if floor:
+            line("  logged floor: raw drain + carrot's claim and result a task", rate(floor['per_s']),
+                 ratio(floor['per_s'], raw['drain_per_s']))
+            cpu_line(floor.get('cpu_us_per_task'), machine['cpus'], lines, FLOOR_PARTS)
     ceiling = raw.get('drain_per_s')
     if 'drain' in rows:
         drain = rows['drain']
@@ -1042,6 +1160,9 @@ def print_table(results: dict) -> None:
         if raw.get('drain_prefetch_1_per_s') and raw['prefetch'] != 1:
             line('    from supervisor start, vs the raw drain with prefetch 1', '',
                  ratio(drain['per_s'], raw['drain_prefetch_1_per_s']))
+        if raw.get('logged_floor'):
+            line('    from supervisor start, vs the logged floor (row 1)', '',
+                 f"{ratio(drain['per_s'], raw['logged_floor']['per_s'])} of it")
         cpu_line(drain.get('cpu_us_per_task'), machine['cpus'], lines)
     if 'failures' in rows:
         failures = rows['failures']
