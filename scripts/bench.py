@@ -209,43 +209,69 @@ def raw_publish(url: str, queue: str, n: int) -> float:
     return n / elapsed
 
 
-def raw_drain_consumer(url: str, queue: str, prefetch: int, ready, go, results) -> None:
-    """One ceiling consumer (run in a process of its own, spawned: given its prefetch, as it inherits
-    nothing), ack each, until the queue stays empty for a second. Reports (messages, time of the last ack)."""
+def raw_drain_consumer(url: str, queue: str, prefetch: int, ready, go, results, done) -> None:
+    """One ceiling consumer (run by drain_together), ack each, until the queue stays empty for a second.
+    Reports (messages, time of the last ack)."""
     connection, channel = raw_channel(url)
     channel.basic_qos(prefetch_count=prefetch)
-    ready.release()
-    go.wait(30)
     count, last_ack = 0, None
-    for method, _, _ in channel.consume(queue, inactivity_timeout=1):
-        if method is None:
-            break
+    for method, _, _ in deliveries(channel, queue, ready, go):
         channel.basic_ack(method.delivery_tag)
         count, last_ack = count + 1, time.time()
-    channel.cancel()
-    connection.close()
-    results.put((count, last_ack))
+    report_and_leave((count, last_ack), results, done, connection)
+
+
+def report_and_leave(report, results, done, *connections) -> None:
+    """A drain consumer's end: its report, then its connections kept until `done` (while the bench reads
+    the CPU their sessions spent), then closed."""
+    results.put(report)
+    done.wait(30)
+    for connection in connections:
+        connection.close()
+
+
+def deliveries(channel, queue: str, ready, go):
+    """A drain consumer's deliveries: once it says it is connected (`ready`) and is let go (`go`), each
+    (method, properties, body) of `queue` until the queue stays empty for a second."""
+    ready.release()
+    go.wait(30)
+    for method, properties, body in channel.consume(queue, inactivity_timeout=1):
+        if method is None:
+            return
+        yield method, properties, body
+
+
+def drain_together(target, args: tuple, consumers: int, n: int, what: str, parts: tuple[str, ...] | None = None):
+    """`consumers` processes running target(*args, ready, go, results, done), spawned (nothing of this
+    process -- Django, sockets -- is inherited): let go together once all are connected, each reports
+    (messages, time of its last ack) and stays until `done`. Returns (the time they were let go, their
+    reports, and with `parts` the CPU per task of n by those parts (CpuSpent), read before they leave)."""
+    context = multiprocessing.get_context('spawn')
+    ready, go, results, done = context.Semaphore(0), context.Event(), context.Queue(), context.Event()
+    processes = [context.Process(target=target, args=args + (ready, go, results, done), daemon=True)
+                 for _ in range(consumers)]
+    try:
+        for process in processes:
+            process.start()
+        for _ in processes:
+            if not ready.acquire(timeout=30):
+                raise BenchError(f'{what} did not connect within 30s')
+        spent = CpuSpent(None, parts, consumers=tuple(process.pid for process in processes)) if parts else None
+        started = time.time()
+        go.set()
+        reports = [take(results, drain_timeout(n), f"{what}'s report") for _ in processes]
+        cpu = spent.per_task(n) if spent else None
+    finally:
+        done.set()
+        stop_processes(processes)
+    return started, reports, cpu
 
 
 def raw_drain(url: str, queue: str, n: int, consumers: int = CHILDREN, prefetch: int | None = None) -> float:
     """Messages per second that `consumers` processes drain from `queue` (holding n), from the moment all
     are connected to the last ack; each holding `prefetch` (carrot's by default)."""
     prefetch = PREFETCH if prefetch is None else prefetch
-    context = multiprocessing.get_context('spawn')  # nothing of this process (Django, sockets) is inherited
-    ready, go, results = context.Semaphore(0), context.Event(), context.Queue()
-    processes = [context.Process(target=raw_drain_consumer, args=(url, queue, prefetch, ready, go, results),
-                                 daemon=True) for _ in range(consumers)]
-    try:
-        for process in processes:
-            process.start()
-        for _ in processes:
-            if not ready.acquire(timeout=30):
-                raise BenchError('a raw consumer did not connect within 30s')
-        started = time.time()
-        go.set()
-        reports = [take(results, drain_timeout(n), 'a raw consumer\'s report') for _ in processes]
-    finally:
-        stop_processes(processes)
+    started, reports, _ = drain_together(raw_drain_consumer, (url, queue, prefetch), consumers, n, 'a raw consumer')
     drained = sum(count for count, _ in reports)
     if drained != n:
         raise BenchError(f'the raw consumers drained {drained} messages of {n}')
@@ -388,7 +414,7 @@ def database_address() -> dict:
 
 def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sql: tuple[str, str],
                           ready, go, results, done) -> None:
-    """One consumer of the logged floor (a spawned process of its own): per delivery, carrot's claim and
+    """One consumer of the logged floor (run by drain_together): per delivery, carrot's claim and
     result statements on the delivered message's row -- each prepared, committed without waiting for the
     disk, as carrot commits them -- then the ack; no other work. Reports (messages, time of the last ack),
     or the message id whose claim found no row; its connections stay open until `done` (their sessions'
@@ -402,12 +428,8 @@ def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sq
     connection, channel = raw_channel(url)
     channel.basic_qos(prefetch_count=prefetch)
     worker, lease = f'floor-{os.getpid()}', datetime.timedelta(minutes=5)
-    ready.release()
-    go.wait(30)
     count, last_ack = 0, None
-    for method, properties, body in channel.consume(queue, inactivity_timeout=1):
-        if method is None:
-            break
+    for method, properties, body in deliveries(channel, queue, ready, go):
         message = json.loads(body)
         now = datetime.datetime.now(datetime.timezone.utc)
         row = database.execute(claim, [now, worker, now + lease, properties.message_id, properties.headers['type'],
@@ -420,11 +442,7 @@ def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sq
                          prepare=True).fetchone()
         channel.basic_ack(method.delivery_tag)
         count, last_ack = count + 1, time.time()
-    results.put((count, last_ack))
-    done.wait(30)
-    channel.cancel()
-    connection.close()
-    database.close()
+    report_and_leave((count, last_ack), results, done, connection, database)
 
 
 def logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
@@ -439,25 +457,9 @@ def logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
         return None
     reset_log_and_queue()
     fill_backlog(n)
-    context = multiprocessing.get_context('spawn')
-    ready, go, results, done = context.Semaphore(0), context.Event(), context.Queue(), context.Event()
-    processes = [context.Process(target=logged_floor_consumer, daemon=True,
-                                 args=(url, get_config().queue('default').name, PREFETCH, database_address(), sql,
-                                       ready, go, results, done)) for _ in range(consumers)]
-    try:
-        for process in processes:
-            process.start()
-        for _ in processes:
-            if not ready.acquire(timeout=30):
-                raise BenchError('a logged floor consumer did not connect within 30s')
-        spent = CpuSpent(None, FLOOR_PARTS, consumers=tuple(process.pid for process in processes))
-        started = time.time()
-        go.set()
-        reports = [take(results, drain_timeout(n), "a logged floor consumer's report") for _ in processes]
-        cpu = spent.per_task(n)
-    finally:
-        done.set()
-        stop_processes(processes)
+    started, reports, cpu = drain_together(
+        logged_floor_consumer, (url, get_config().queue('default').name, PREFETCH, database_address(), sql),
+        consumers, n, 'a logged floor consumer', FLOOR_PARTS)
     unclaimed = [first for first, last in reports if last is None]
     if unclaimed:
         raise BenchError(f'the logged floor found no row to claim for message {unclaimed[0]}')
