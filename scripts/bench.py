@@ -244,8 +244,9 @@ def deliveries(channel, queue: str, ready, go):
 def drain_together(target, args: tuple, consumers: int, n: int, what: str, parts: tuple[str, ...] | None = None):
     """`consumers` processes running target(*args, ready, go, results, done), spawned (nothing of this
     process -- Django, sockets -- is inherited): let go together once all are connected, each reports
-    (messages, time of its last ack) and stays until `done`. Returns (the time they were let go, their
-    reports, and with `parts` the CPU per task of n by those parts (CpuSpent), read before they leave)."""
+    (messages, time of its last ack) -- or what went wrong, as a text -- and stays until `done`. Returns
+    the messages per second from the moment they were let go to the last ack, and with `parts` the CPU per
+    task by those parts (CpuSpent), read before they leave. BenchError unless they drained exactly n."""
     context = multiprocessing.get_context('spawn')
     ready, go, results, done = context.Semaphore(0), context.Event(), context.Queue(), context.Event()
     processes = [context.Process(target=target, args=args + (ready, go, results, done), daemon=True)
@@ -264,18 +265,20 @@ def drain_together(target, args: tuple, consumers: int, n: int, what: str, parts
     finally:
         done.set()
         stop_processes(processes)
-    return started, reports, cpu
+    problems = [report for report in reports if isinstance(report, str)]
+    if problems:
+        raise BenchError(f'{what}: {problems[0]}')
+    drained = sum(count for count, _ in reports)
+    if drained != n:
+        raise BenchError(f'{what}s drained {drained} messages of {n}')
+    return n / (max(last for _, last in reports if last) - started), cpu
 
 
 def raw_drain(url: str, queue: str, n: int, consumers: int = CHILDREN, prefetch: int | None = None) -> float:
     """Messages per second that `consumers` processes drain from `queue` (holding n), from the moment all
     are connected to the last ack; each holding `prefetch` (carrot's by default)."""
     prefetch = PREFETCH if prefetch is None else prefetch
-    started, reports, _ = drain_together(raw_drain_consumer, (url, queue, prefetch), consumers, n, 'a raw consumer')
-    drained = sum(count for count, _ in reports)
-    if drained != n:
-        raise BenchError(f'the raw consumers drained {drained} messages of {n}')
-    return n / (max(last for _, last in reports if last) - started)
+    return drain_together(raw_drain_consumer, (url, queue, prefetch), consumers, n, 'the raw consumer')[0]
 
 
 def raw_latency_consumer(url: str, queue: str, prefetch: int, ready, results) -> None:
@@ -417,7 +420,7 @@ def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sq
     """One consumer of the logged floor (run by drain_together): per delivery, carrot's claim and
     result statements on the delivered message's row -- each prepared, committed without waiting for the
     disk, as carrot commits them -- then the ack; no other work. Reports (messages, time of the last ack),
-    or the message id whose claim found no row; its connections stay open until `done` (their sessions'
+    or which message's claim found no row; its connections stay open until `done` (their sessions'
     CPU is read while they are there)."""
     import datetime
 
@@ -428,7 +431,7 @@ def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sq
     connection, channel = raw_channel(url)
     channel.basic_qos(prefetch_count=prefetch)
     worker, lease = f'floor-{os.getpid()}', datetime.timedelta(minutes=5)
-    count, last_ack = 0, None
+    report = count, last_ack = 0, None
     for method, properties, body in deliveries(channel, queue, ready, go):
         message = json.loads(body)
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -436,13 +439,13 @@ def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sq
                                        json.dumps(message['args']), json.dumps(message['kwargs']), now],
                                prepare=True).fetchone()
         if row is None:
-            count, last_ack = properties.message_id, None
+            report = f'found no row to claim for message {properties.message_id}'
             break
         database.execute(result, [datetime.datetime.now(datetime.timezone.utc), '', '', row[0]],
                          prepare=True).fetchone()
         channel.basic_ack(method.delivery_tag)
-        count, last_ack = count + 1, time.time()
-    report_and_leave((count, last_ack), results, done, connection, database)
+        report = count, last_ack = count + 1, time.time()
+    report_and_leave(report, results, done, connection, database)
 
 
 def logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
@@ -457,17 +460,11 @@ def logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
         return None
     reset_log_and_queue()
     fill_backlog(n)
-    started, reports, cpu = drain_together(
+    per_s, cpu = drain_together(
         logged_floor_consumer, (url, get_config().queue('default').name, PREFETCH, database_address(), sql),
-        consumers, n, 'a logged floor consumer', FLOOR_PARTS)
-    unclaimed = [first for first, last in reports if last is None]
-    if unclaimed:
-        raise BenchError(f'the logged floor found no row to claim for message {unclaimed[0]}')
-    drained = sum(count for count, _ in reports)
-    if drained != n:
-        raise BenchError(f'the logged floor drained {drained} messages of {n}')
+        consumers, n, 'the logged floor consumer', FLOOR_PARTS)
     reset_log_and_queue()
-    return {'per_s': n / (max(last for _, last in reports) - started), 'cpu_us_per_task': cpu}
+    return {'per_s': per_s, 'cpu_us_per_task': cpu}
 
 
 def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: int) -> dict:
