@@ -229,3 +229,47 @@ def test_the_supervisors_stop_leaves_no_process_a_task_started(start_supervisor,
     assert sup.wait_exit(30) == 0, sup.tail()
     started = _pids(record)
     wait_for(lambda: not _living(started), 5, f'no process the task started ({started}) to be left', sup.tail)
+
+
+def test_a_task_whose_log_calls_cannot_be_formatted_succeeds_and_its_log_says_so(admin_client, subprocess_env):
+    from carrot.models import MessageLog
+    from carrot.utilities import publish_message
+    from tests.test_consumer import consume_in_subprocess
+    from tests.testapp import tasks
+
+    log = publish_message(tasks.logs_badly)
+    # In a process of its own, as a worker runs: pytest's log capture would raise the logging error itself.
+    run = consume_in_subprocess(subprocess_env, max_messages=1, idle_timeout=5)
+    assert run.returncode == 0, run.stderr
+    log = MessageLog.objects.get(pk=log.pk)
+    assert (log.status, log.output) == ('COMPLETED', '"done"'), log.exception
+    kept = log.log.splitlines()
+    assert 'first fine line' in kept[0] and 'last fine line' in kept[-1]
+    assert len(kept) == 5 and sum('could not be formatted: TypeError' in line for line in kept) == 1
+    assert sum('could not be formatted: RuntimeError' in line for line in kept) == 2
+    assert admin_client.get(f'/carrot/api/messages/{log.uuid}/').status_code == 200
+
+
+@pytest.mark.parametrize('kind', ['nan', 'inf', 'list'])
+def test_a_result_that_is_not_strict_json_is_kept_as_text_and_the_api_stays_json(admin_client, kind):
+    import json
+
+    from carrot.models import MessageLog
+    from carrot.utilities import publish_message
+    from tests.conftest import run_consumer
+    from tests.testapp import tasks
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f'{name} in a JSON document'))
+
+    log = publish_message(tasks.returns_not_json, kind)
+    # A row written before outputs were strict: NaN stored as if it were JSON.
+    older = MessageLog.objects.create(uuid=f'older-{kind}', status='COMPLETED', task=log.task, queue='default',
+                                      task_args='[]', content='{}', output='[NaN, Infinity]')
+    run_consumer(max_messages=1, idle_timeout=5)
+    log = MessageLog.objects.get(pk=log.pk)
+    assert log.status == 'COMPLETED' and log.output == str(tasks.returns_not_json(kind))
+    for row in (log, older):
+        response = admin_client.get(f'/carrot/api/messages/{row.uuid}/')
+        assert strict(response.content)['output'] == row.output  # shown as the text it is
+    assert strict(admin_client.get('/carrot/api/messages/?tab=completed').content)

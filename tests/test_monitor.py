@@ -278,7 +278,7 @@ def test_delete_one_selected_or_all_failed(staff):
     assert sorted(MessageLog.objects.values_list('uuid', flat=True)) == ['c1', 'p1']
 
 
-def test_purge_a_queue_empties_it_on_rabbitmq_and_deletes_its_waiting_rows(staff):
+def test_purge_a_queue_empties_it_on_rabbitmq_and_marks_its_waiting_rows_failed_as_purged(staff):
     for n in range(3):
         publish_message(tasks.add, n, n)
     publish_message(tasks.add, 9, 9, queue='other')
@@ -289,8 +289,10 @@ def test_purge_a_queue_empties_it_on_rabbitmq_and_deletes_its_waiting_rows(staff
     assert staff.get('/carrot/bulk/purge/?queue=nope').status_code == 400
     staff.post('/carrot/bulk/purge/', {'queue': 'default'})
     assert queue_depth('default') == 0 and queue_depth('other') == 1
-    assert set(MessageLog.objects.values_list('status', 'queue')) == {('PUBLISHED', 'other'),
-                                                                       ('IN_PROGRESS', 'default')}
+    assert sorted(MessageLog.objects.values_list('status', 'queue')) == [
+        ('FAILED', 'default')] * 3 + [('IN_PROGRESS', 'default'), ('PUBLISHED', 'other')]
+    assert all(e.startswith("Purged: removed from queue 'default'") for e in
+               MessageLog.objects.filter(status='FAILED').values_list('exception', flat=True))
     assert MessageLog.objects.filter(pk=running.pk).exists()
     response = staff.post('/carrot/api/queues/other/purge/')
     assert response.json()['count'] == 1 and queue_depth('other') == 0
@@ -484,11 +486,11 @@ def test_without_the_admin_people_are_sent_to_the_projects_login_url(client):
     assert client.get('/tasks/api/messages/').status_code == 403
 
 
-def test_purging_a_queue_the_broker_does_not_have_deletes_its_orphaned_rows(staff):
+def test_purging_a_queue_the_broker_does_not_have_fails_its_orphaned_rows(staff):
     make_log('p1', 'PUBLISHED', queue='other')  # e.g. the broker was reset after it was published
     response = staff.post('/carrot/api/queues/other/purge/')
     assert response.status_code == 200 and response.json()['count'] == 0
-    assert not MessageLog.objects.filter(uuid='p1').exists()
+    assert MessageLog.objects.get(uuid='p1').status == 'FAILED'
 
 
 def test_purge_reports_an_unreachable_broker_and_deletes_nothing(staff):

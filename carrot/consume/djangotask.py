@@ -121,7 +121,7 @@ class DjangoRun:
         else:
             value = self.task.call(*args, **kwargs)
         value = normalize_json(value)  # TypeError or ValueError: not JSON, so the task fails
-        size = len(json.dumps(value))
+        size = len(json.dumps(value, allow_nan=False))  # NaN and the infinities are not JSON either
         if size > self.limit:
             raise ValueError(f'the return value is {size} characters of JSON, more than '
                              f"CARROT['max_stored_text'] ({self.limit}): it could not be stored whole")

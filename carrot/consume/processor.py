@@ -404,6 +404,7 @@ class MessageProcessor:
                            exception=outcome.exception, traceback=outcome.traceback, log=outcome.log, finished=now)
         row.status = MessageLog.SCHEDULED
         row.run_after = now + timedelta(seconds=delay)
+        row.held_until = max(row.held_until or row.run_after, row.run_after)  # the message is parked until then
         row.retries += 1
         row.exception, row.traceback, row.lease_expires = outcome.exception, outcome.traceback, None
         self.save(row, interruptible=False)

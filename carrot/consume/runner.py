@@ -46,7 +46,10 @@ class _ThreadCapture(logging.Handler):
         if self.limit is not None and self.size > self.limit:
             self.dropped += 1
             return
-        line = self.format(record)
+        try:
+            line = self.format(record)
+        except Exception as exc:  # noqa: BLE001 -- a task's bad log call must not fail the task
+            line = _unformattable(record, exc)
         self.size += len(line) + 1
         self.lines.append(line)
 
@@ -57,12 +60,20 @@ class _ThreadCapture(logging.Handler):
         return captured
 
 
+def _unformattable(record: logging.LogRecord, exc: Exception) -> str:
+    """The line kept for a record whose message cannot be formatted (arguments that do not fit its
+    format, an argument whose __str__ raises): where it was logged and why it could not be shown."""
+    return (f'{record.levelname} [a log record from {record.pathname}:{record.lineno} could not be formatted: '
+            f'{type(exc).__name__}]')
+
+
 def encode_output(value) -> str | None:
-    """A task's return value for MessageLog.output: JSON when it can be, else its str()."""
+    """A task's return value for MessageLog.output: JSON when it can be, else its str(). NaN and the
+    infinities are not JSON (a strict reader refuses them), so a value holding one is kept as its str()."""
     if value is None:
         return None
     try:
-        return json.dumps(value)
+        return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
         pass
     try:

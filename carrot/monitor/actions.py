@@ -11,7 +11,7 @@ from django.utils import timezone
 from carrot.exceptions import AlreadyRequeued, CarrotConfigException, CarrotError, InvalidCall
 from carrot.publish import outbox, relay
 from carrot.publish.outbox import requeue_many
-from carrot.models import MessageLog, ScheduledTask
+from carrot.models import MessageLog, ScheduledTask, not_held
 from carrot.monitor import queries
 
 logger = logging.getLogger('carrot.monitor')
@@ -94,8 +94,8 @@ def delete_one(uuid: str) -> Done:
     if log.status not in DELETABLE:
         raise ActionError(f'a task that is {log.get_status_display().lower()} cannot be deleted: its '
                           f'message is on the queue (purge the queue instead)', 409)
-    if log.run_after is not None and log.run_after > timezone.now():
-        raise ActionError(f'its message waits in the delay levels until {log.run_after.isoformat()}: '
+    if log.is_held():
+        raise ActionError(f'a copy of its message waits in the delay levels until {log.held_until.isoformat()}: '
                           f'without this row it would run then; delete it after that', 409)
     log.delete()
     return Done(f'{log.task} deleted.', 1)
@@ -103,16 +103,31 @@ def delete_one(uuid: str) -> Done:
 
 def delete_failed(search: str = '', queue: str = '', uuids: list[str] | None = None) -> Done:
     # Rows of cancelled delayed tasks whose message is still in the delay levels stay (see delete_one).
-    rows = failed_rows(search, queue, uuids).exclude(run_after__gt=timezone.now())
-    count, _ = rows.delete()
-    return Done(f'{count} failed task(s) deleted.', count)
+    rows = failed_rows(search, queue, uuids)
+    held = rows.exclude(not_held(timezone.now())).count()
+    count = _deleted_rows(rows.filter(not_held(timezone.now())))
+    message = f'{count} failed task(s) deleted.'
+    if held:
+        message += (f' {held} kept: a copy of their message still waits in the delay levels, and without its '
+                    f'row it would run; delete them once it has come out.')
+    return Done(message, count)
+
+
+def _deleted_rows(rows: QuerySet) -> int:
+    """Delete `rows`; how many MessageLog rows went (their attempts go with them, not counted)."""
+    _, per_model = rows.delete()
+    return per_model.get(MessageLog._meta.label, 0)
 
 
 def purge_queue(queue_name: str) -> Done:
-    """Empty a queue on RabbitMQ and delete the log rows of the messages that were waiting in it.
+    """Empty a queue on RabbitMQ and mark the log rows of the messages that were waiting in it FAILED,
+    saying they were purged (to requeue or delete from the Failed tab).
 
-    Tasks already running (IN_PROGRESS) are not touched: their messages are not in the queue any more.
-    Messages published after the purge started keep their rows and run.
+    The rows are marked, not deleted, because not every message of a PUBLISHED row is in the queue to be
+    purged: a consumer may hold some, prefetched, and a task run now may have a copy in the delay levels.
+    Such a copy finds its row FAILED and is dead-lettered unrun; a deleted row would have let it run as a
+    new task. Tasks already running (IN_PROGRESS) are not touched. Messages published after the purge
+    started keep their rows and run.
     """
     from carrot.amqp.declare import purge
     from carrot.config import get_config
@@ -128,11 +143,12 @@ def purge_queue(queue_name: str) -> Done:
         purged = purge(queue.broker, queue.name)
     except Exception as exc:  # unreachable broker, or it refused: nothing was purged
         raise ActionError(f'queue {queue.name!r} was not purged: {type(exc).__name__}: {exc}', 502) from None
-    rows, _ = MessageLog.objects.filter(queue=queue.name, status=MessageLog.PUBLISHED,
-                                        publish_time__lte=started).delete()
+    rows = MessageLog.objects.filter(queue=queue.name, status=MessageLog.PUBLISHED, publish_time__lte=started) \
+        .update(status=MessageLog.FAILED, failure_time=timezone.now(),
+                exception=f'Purged: removed from queue {queue.name!r} in the monitor at {started.isoformat()}')
     broker_stats.forget()
-    return Done(f'Queue {queue.name!r} purged: {purged} message(s) removed from RabbitMQ, {rows} log row(s) '
-                f'deleted.', purged)
+    return Done(f'Queue {queue.name!r} purged: {purged} message(s) removed from RabbitMQ; {rows} task(s) marked '
+                f'failed as purged (in the Failed tab, to requeue or delete).', purged)
 
 
 def send_waiting(uuid: str) -> Done:

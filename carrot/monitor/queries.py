@@ -148,12 +148,18 @@ def iso(value) -> str | None:
 
 
 def _json_or_text(text):
+    """A stored JSON text as its value, or the text itself. NaN and Infinity (written by carrot before
+    1.x's outputs were strict) are not JSON: such a text stays text, so the API's documents stay JSON."""
     if text in (None, ''):
         return None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json)
     except ValueError:
         return text
+
+
+def _not_json(constant: str):
+    raise ValueError(f'{constant} is not JSON')
 
 
 def message_row(log: MessageLog, now=None) -> dict:
@@ -195,6 +201,8 @@ def message_detail(log: MessageLog) -> dict:
         'traceback': log.traceback or '',
         'log': [entry.as_dict() for entry in parse_log(log.log)],
         'next_retry': iso(log.run_after) if log.status == MessageLog.SCHEDULED and log.retries else None,
+        # Until then a copy of its message may come out of the delay levels, and the row cannot be deleted.
+        'held_until': iso(log.held_until) if log.is_held() else None,
         'attempt_history': [attempt_row(record) for record in log.attempt_history()],
     })
     return detail

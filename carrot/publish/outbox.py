@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from django.db import DatabaseError, IntegrityError, connections, models, transaction
-from django.db.models import F, QuerySet
+from django.db.models import F, Q, QuerySet
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from carrot.amqp import wire
@@ -50,7 +51,7 @@ from carrot.config.schema import TRACK_ALL
 from carrot.dbfaults import MIGRATE_HINT, may_pass, tables_missing
 from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected,
                                NotMigrated, PublishError)
-from carrot.models import MessageLog
+from carrot.models import MessageLog, not_held
 from carrot.publish import arguments
 from carrot.publish.outgoing import Outgoing, prepare
 from carrot.statements import InFlight, Statement, close_if_busy, close_if_out_of_step, statement
@@ -169,6 +170,7 @@ def _new_row(message: Outgoing) -> MessageLog:
         status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
         routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
         task_args=task_args, content=content, publish_time=timezone.now(), run_after=message.run_after,
+        held_until=message.run_after,
         backend=message.backend, origin=message.origin)
 
 
@@ -571,10 +573,16 @@ def requeue(log: MessageLog) -> MessageLog:
     """Publish a copy of a logged message (a new uuid and row) and delete the original, in one transaction:
     there is never a moment with both rows or with neither, and the copy is sent once that commits.
 
+    A row whose message may still come out of the delay levels (MessageLog.is_held: a delayed task
+    cancelled before it ran, say) is not deleted, as that copy would then run as a new task: it is run
+    again under its own uuid instead (`_run_again`), and the copy finds it claimed or done.
+
     Idempotent under concurrency: the original is claimed first (a conditional UPDATE, the transaction's
     first write, so SQLite takes its write lock before any read), and only if it is still there as it was
     read (same status); a requeue that finds it gone -- another requeue, a double click, a delete got
     there first -- raises AlreadyRequeued and publishes nothing. Of two requeues at once, one copy."""
+    if log.pk and log.is_held() and log.status != MessageLog.IN_PROGRESS:
+        return _run_again(log)
     args, kwargs = arguments.load_logged(log.task_args, log.content)
     message = prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
                       routing_key=log.routing_key or None, priority=log.priority, backend=log.backend,
@@ -589,6 +597,25 @@ def requeue(log: MessageLog) -> MessageLog:
             MessageLog.objects.filter(pk=log.pk, worker=token).delete()
     copy.refresh_from_db(fields=['status'])
     return copy
+
+
+def _run_again(log: MessageLog) -> MessageLog:
+    """Requeue a held row in place: it becomes SCHEDULED, due now, with the outcome of its last run and
+    its retry count cleared (as a requeued copy starts), and its message is sent straight to its queue
+    (run_scheduled_now). Its attempts and their history stay. Raises AlreadyRequeued if the row changed
+    since it was read (another requeue, a delete, a worker)."""
+    now = timezone.now()
+    # The row's outcome as a fresh copy's; the claim sets started_time, worker and its lease.
+    fresh = dict(exception=None, traceback=None, output=None, log=None, failure_time=None, completion_time=None,
+                 retries=0, lease_expires=None)
+    if not MessageLog.objects.filter(pk=log.pk, status=log.status).update(
+            status=MessageLog.SCHEDULED, run_after=now, held_until=Coalesce(F('held_until'), F('run_after')),
+            **fresh):
+        raise AlreadyRequeued(f'{log.task} ({log.uuid}) was requeued, deleted or taken meanwhile; it was not '
+                              f'published again')
+    log.refresh_from_db()
+    send(outgoing_from_row(log), log, store_and_forward=True, from_status=MessageLog.SCHEDULED)
+    return log
 
 
 REQUEUE_BATCH = 500   # rows per transaction in requeue_many
@@ -611,6 +638,16 @@ def requeue_many(rows: QuerySet, send_for: float = REQUEUE_SEND_FOR, batch: int 
     the rest wait in the outbox and the relay (carrot-supervisor's housekeeping) sends them, so a request
     requeuing 10,000 rows answers in seconds."""
     result = Requeued()
+    for log in rows.exclude(not_held(timezone.now())).exclude(status=MessageLog.IN_PROGRESS).order_by('pk'):
+        try:  # held rows (rare: cancelled delayed tasks) are run again in place, one by one
+            _run_again(log)
+            result.requeued += 1
+            result.sent += log.status != MessageLog.SCHEDULED
+        except AlreadyRequeued:
+            result.gone += 1
+        except UNSENDABLE as exc:
+            result.errors.append(f'{log.task} ({log.uuid}) was not requeued: {exc}')
+    rows = rows.filter(not_held(timezone.now()) | Q(status=MessageLog.IN_PROGRESS))
     pks = list(rows.order_by().values_list('pk', flat=True))
     written: list[tuple[Outgoing, MessageLog]] = []
     for start in range(0, len(pks), batch):
@@ -683,7 +720,9 @@ def run_scheduled_now(log: MessageLog) -> None:
     queue (same uuid; the delayed copy still in the levels finds it claimed or done when it comes).
     The row stays SCHEDULED if the broker cannot take it now: housekeeping's sweep sends it later."""
     now = timezone.now()
-    if not MessageLog.objects.filter(pk=log.pk, status=MessageLog.SCHEDULED).update(run_after=now):
+    # held_until keeps the time the delayed copy comes out: the row must not be deleted before it.
+    if not MessageLog.objects.filter(pk=log.pk, status=MessageLog.SCHEDULED).update(
+            run_after=now, held_until=Coalesce(F('held_until'), F('run_after'))):
         log.refresh_from_db()
         return
     log.run_after = now

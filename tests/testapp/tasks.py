@@ -386,3 +386,28 @@ def asks_again(path, times, delay=1):
     if runs <= times:
         raise carrot.Retry('not yet', delay=delay)
     return runs
+
+
+# -- a task's bad log calls and a result that is not JSON (tests/test_hostile_tasks.py) --
+
+class _Unprintable:
+    def __str__(self):
+        raise RuntimeError('no str for you')
+
+    __repr__ = __str__
+
+
+def logs_badly():
+    """Log calls that cannot be formatted: the task must still succeed, the line kept saying so."""
+    logger = logging.getLogger('carrot')
+    logger.info('first fine line')
+    logger.info('two placeholders %s %s', 'only one')
+    logger.warning('an argument that cannot be shown: %s', _Unprintable())
+    logger.error(_Unprintable())
+    logger.info('last fine line')
+    return 'done'
+
+
+def returns_not_json(kind):
+    """NaN, an infinity, or one inside a list: Python's json writes them, a strict JSON reader refuses them."""
+    return {'nan': float('nan'), 'inf': float('inf'), 'list': [1.0, float('-inf')]}[kind]
