@@ -185,10 +185,13 @@ def test_errors_are_failed_with_their_class_path_and_traceback(supervisor, raw_c
     assert 'ValueError: boom' in error.traceback and 'Traceback' in error.traceback
     with pytest.raises(ValueError):
         failing.return_value
+    nan = background.not_strict_json.enqueue()
     settled(odd)
     assert odd.status == FAILED and odd.errors[0].exception_class_path == 'builtins.TypeError'
     assert 'Unsupported type' in odd.errors[0].traceback
-    wait_for(lambda: queue_depth('default.dead') == 2, 10, 'both dead-lettered')
+    settled(nan)  # NaN is not JSON (a JSONField on PostgreSQL refuses it too)
+    assert nan.status == FAILED and nan.errors[0].exception_class_path == 'builtins.ValueError'
+    wait_for(lambda: queue_depth('default.dead') == 3, 10, 'all three dead-lettered')
 
 
 def test_a_task_that_fails_twice_then_succeeds(supervisor, signals_file):

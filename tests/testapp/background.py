@@ -59,6 +59,11 @@ def not_json():
 
 
 @task
+def not_strict_json():
+    return {'ratio': float('nan')}
+
+
+@task
 def slow(seconds):
     time.sleep(seconds)
     return seconds
