@@ -2,10 +2,9 @@
 (validated on save by ScheduledTask.clean(), run now, activate/deactivate); the other carrot's Task rows
 (created here, they run) and Worker rows (queues with a concurrency; the supervisor takes them on HUP)."""
 from django.contrib import admin, messages
-from django.utils import timezone
 
 from carrot.exceptions import CarrotError
-from carrot.models import MessageLog, ScheduledTask, SupervisorStatus, Task, TaskAttempt, Worker, not_held
+from carrot.models import MessageLog, ScheduledTask, SupervisorStatus, Task, TaskAttempt, Worker
 
 
 class TaskAttemptInline(admin.TabularInline):
@@ -27,35 +26,14 @@ class MessageLogAdmin(admin.ModelAdmin):
     list_filter = ('status', 'queue', 'task')
     search_fields = ('uuid', 'task', 'exception', 'task_args', 'content')
     date_hierarchy = 'publish_time'
-    readonly_fields = ('uuid', 'status', 'publish_time', 'run_after', 'held_until', 'started_time',
-                       'completion_time', 'failure_time', 'attempts', 'retries', 'worker', 'lease_expires')
+    readonly_fields = ('uuid', 'status', 'publish_time', 'run_after', 'started_time', 'completion_time',
+                       'failure_time', 'attempts', 'retries', 'worker', 'lease_expires')
     actions = ['requeue']
     inlines = [TaskAttemptInline]
 
     def has_add_permission(self, request):
         # A row is written by publishing a message; one typed in by hand would describe nothing real.
         return False
-
-    def has_delete_permission(self, request, obj=None):
-        # A held row (a copy of its message still in the delay levels) must stay until that copy is out:
-        # without it, the copy would run as a new task, its retries counted from nothing.
-        if obj is not None and obj.is_held():
-            return False
-        return super().has_delete_permission(request, obj)
-
-    def get_deleted_objects(self, objs, request):
-        # The bulk delete confirms (and checks the permission of) only the rows delete_queryset deletes.
-        now = timezone.now()
-        return super().get_deleted_objects([obj for obj in objs if not obj.is_held(now)], request)
-
-    def delete_queryset(self, request, queryset):
-        now = timezone.now()
-        held = queryset.exclude(not_held(now)).count()
-        if held:
-            self.message_user(request, f'{held} message(s) were not deleted: a copy of each still waits in the '
-                                       f'delay levels (see "held until"), and would run as a new task without '
-                                       f'its row.', messages.WARNING)
-        super().delete_queryset(request, queryset.filter(not_held(now)))
 
     @admin.action(description='Requeue the selected messages (publish a copy, delete the original)')
     def requeue(self, request, queryset):

@@ -120,6 +120,10 @@ class AlreadyRequeued(CarrotError):
     """A requeue found its row gone or changed: another requeue (or a delete) got there first."""
 
 
+class StillRunning(CarrotError):
+    """A requeue of a task that is running (IN_PROGRESS): it can be requeued once it has finished."""
+
+
 class WorkerLost(CarrotError):
     """The worker running a task died or lost its connection (an attempt's error; see max_attempts)."""
 

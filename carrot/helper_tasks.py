@@ -17,15 +17,13 @@ def cleanup(days: float | None = None, failed_days: float | None = None) -> int:
     CARROT['cleanup_failed_after_days'] (either None: kept); returns how many rows were deleted.
 
     A FAILED row's age is counted from its failure (or, for rows without a failure time, its publication),
-    so a flood of bad messages cannot fill the database for good. A row whose held_until is still ahead
-    (a delayed task cancelled before it ran, or run now and done, with a copy still in the delay levels)
-    is kept until then: without its row the worker that copy reaches would take it for a new message and
-    run it.
+    so a flood of bad messages cannot fill the database for good. A row whose delayed copy is still in the
+    delay levels may go: that copy, finding no row, is dead-lettered unrun (carrot.consume.processor).
     """
     from django.db.models import Q
 
     from carrot.config import get_config
-    from carrot.models import MessageLog, Task, not_held
+    from carrot.models import MessageLog, Task
 
     config = get_config()
     days = config.cleanup_after_days if days is None else days
@@ -34,13 +32,12 @@ def cleanup(days: float | None = None, failed_days: float | None = None) -> int:
     deleted = 0
     if days:
         cutoff = now - timedelta(days=days)
-        deleted += MessageLog.objects.filter(not_held(now), status=MessageLog.COMPLETED,
-                                             completion_time__lt=cutoff).delete()[0]
+        deleted += MessageLog.objects.filter(status=MessageLog.COMPLETED, completion_time__lt=cutoff).delete()[0]
     if failed_days:
         cutoff = now - timedelta(days=failed_days)
         deleted += MessageLog.objects.filter(
             Q(failure_time__lt=cutoff) | Q(failure_time__isnull=True, publish_time__lt=cutoff),
-            not_held(now), status=MessageLog.FAILED).delete()[0]
+            status=MessageLog.FAILED).delete()[0]
     if days and failed_days:
         # The other carrot's Task rows (carrot.models.Task) whose log is gone: the request of a task that
         # ran long ago. Only rows older than both ages are looked at.

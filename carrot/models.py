@@ -10,7 +10,6 @@ from typing import Callable
 
 from django.core.validators import MaxValueValidator
 from django.db import models
-from django.utils import timezone
 
 from carrot.publish import arguments
 from carrot.schedule import rules
@@ -26,12 +25,6 @@ class Operations:
 
 
 operations = Operations()
-
-
-def not_held(now) -> models.Q:
-    """The rows no copy of whose message can still come out of the delay levels at `now` (see
-    MessageLog.held_until): the only ones that may be deleted or requeued as a new row."""
-    return models.Q(held_until__isnull=True) | models.Q(held_until__lte=now)
 
 
 class MessageLog(models.Model):
@@ -78,11 +71,6 @@ class MessageLog(models.Model):
     run_after = models.DateTimeField(
         null=True, blank=True,
         help_text='The earliest the task may run (a delayed publish, or the next retry); empty: at once')
-    held_until = models.DateTimeField(
-        null=True, blank=True,
-        help_text='A copy of the message may still come out of the delay levels until then (a delayed '
-                  'publish, a retry; kept when the task is run now): the row is not deleted before, as '
-                  'without it that copy would run as a new task')
     started_time = models.DateTimeField(null=True, blank=True)
     failure_time = models.DateTimeField(null=True, blank=True)
     completion_time = models.DateTimeField(null=True, blank=True)
@@ -137,15 +125,8 @@ class MessageLog(models.Model):
         return str(get_config().queue(self.queue).broker)
 
     def requeue(self) -> MessageLog:
-        """Publish a copy of this message (a new uuid and log row) and delete this row, as 1.x did; a row
-        whose message may still come out of the delay levels (is_held) is run again under its own uuid
-        instead, so that copy finds it."""
+        """Publish a copy of this message (a new uuid and log row) and delete this row, as 1.x did."""
         return operations.requeue(self)
-
-    def is_held(self, now=None) -> bool:
-        """Whether a copy of this message may still come out of the delay levels (held_until is ahead):
-        then the row must stay, or that copy would find no row and run as a new task."""
-        return self.held_until is not None and self.held_until > (now or timezone.now())
 
     def attempt_history(self) -> list[AttemptRecord]:
         """Every attempt, the first first: the ones that did not succeed are TaskAttempt rows; the row
@@ -371,6 +352,7 @@ class Task(models.Model):
         """Creating a Task writes its MessageLog (WAITING) in the same transaction; the message is sent
         once that commits. Saving it again changes nothing that was sent."""
         from django.db import transaction
+        from django.utils import timezone
 
         if isinstance(self.worker, Worker):
             self.worker = self.worker.name

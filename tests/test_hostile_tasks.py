@@ -250,7 +250,7 @@ def test_a_task_whose_log_calls_cannot_be_formatted_succeeds_and_its_log_says_so
     assert admin_client.get(f'/carrot/api/messages/{log.uuid}/').status_code == 200
 
 
-@pytest.mark.parametrize('kind', ['nan', 'inf', 'list'])
+@pytest.mark.parametrize('kind', ['nan', 'inf', 'list', 'decimal'])
 def test_a_result_that_is_not_strict_json_is_kept_as_text_and_the_api_stays_json(admin_client, kind):
     import json
 
@@ -273,3 +273,34 @@ def test_a_result_that_is_not_strict_json_is_kept_as_text_and_the_api_stays_json
         response = admin_client.get(f'/carrot/api/messages/{row.uuid}/')
         assert strict(response.content)['output'] == row.output  # shown as the text it is
     assert strict(admin_client.get('/carrot/api/messages/?tab=completed').content)
+
+
+def test_arguments_json_cannot_hold_from_another_publisher_keep_the_api_strict_json(admin_client, raw_channel):
+    """A foreign publisher's body may say 1e999 (Python reads it as inf) or NaN; the task runs with them."""
+    import json
+
+    from carrot.models import MessageLog
+    from tests.conftest import run_consumer
+    from tests.test_consumer import raw_publish
+
+    message_id = raw_publish(raw_channel, b'{"args": [1e999, NaN, -1e999], "kwargs": {"x": 1e400}}',
+                             headers={'type': 'tests.testapp.tasks.echo'})
+    run_consumer(max_messages=1, idle_timeout=5)
+    log = MessageLog.objects.get(uuid=message_id)
+    assert log.status == 'COMPLETED', log.exception
+    for url in (f'/carrot/api/messages/{message_id}/', '/carrot/api/messages/?tab=completed'):
+        response = admin_client.get(url)
+        assert response.status_code == 200
+        json.loads(response.content, parse_constant=lambda name: pytest.fail(f'{name} in {url}'))
+
+
+@pytest.mark.parametrize('args', ['[1e999]', '[NaN]', '[-Infinity]'])
+def test_a_schedule_with_arguments_json_cannot_hold_is_refused_when_saved(admin_client, args):
+    from carrot.models import ScheduledTask
+
+    before = ScheduledTask.objects.count()
+    response = admin_client.post('/carrot/api/scheduled/', {
+        'task': 'tests.testapp.tasks.add', 'queue': 'default', 'interval_count': 5, 'interval_type': 'seconds',
+        'task_args': args, 'content': '{}', 'active': 'on'})
+    assert response.status_code == 400 and 'not valid JSON' in response.content.decode(), response.content
+    assert ScheduledTask.objects.count() == before

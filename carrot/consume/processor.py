@@ -8,6 +8,12 @@ row is found (or, for messages from other publishers, inserted) by carrot.consum
 row is IN_PROGRESS under a live worker is not run now: it is parked in the delay levels and comes back
 after a delay.
 
+A copy whose row is gone never runs
+    carrot sends a message into the delay levels (a delayed publish, a retry, a parked copy) only once its
+    row is committed. One that comes out and finds no row lost it on the way -- deleted in the monitor or
+    the admin, requeued as another message, cleaned up -- and is dead-lettered unrun, not taken for a
+    message from another publisher (which would run a cancelled, purged or finished task again).
+
 Not before its time
     The row, not the message, says when a task may run: a message that arrives before its row's
     run_after (a clock ahead of the publisher's, a "run now" that was undone, a copy from before a retry
@@ -159,6 +165,9 @@ class MessageProcessor:
             if row is not None:  # due, waiting, this very call: taken
                 self._claimed = row
                 return self._run_claimed(row, message)
+        if _from_delay_levels(message) and not self._database(
+                lambda: MessageLog.objects.filter(uuid=message.message_id).exists(), 'reading the log row'):
+            return self._orphaned(message)
         row = self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
         if not same_call(row, message):
             return self._conflict(message, row)
@@ -190,6 +199,8 @@ class MessageProcessor:
                                    'reading the log row')
             if found:
                 return None
+            if _from_delay_levels(message):
+                return self._orphaned(message)
         outcome = self.run(func, list(message.args), dict(message.kwargs), log_limit=self.config.max_stored_text)
         task_log = self._clean_up_after_task(message, outcome.log)
         if outcome.succeeded:
@@ -220,6 +231,13 @@ class MessageProcessor:
         row.pk = MessageLog.objects.only('pk').get(uuid=row.uuid).pk
         row._state.adding = False
         return row
+
+    def _orphaned(self, message: IncomingMessage) -> Disposition:
+        """A copy out of the delay levels whose row is gone (see the module docstring)."""
+        self.logger.warning('%s: %s (%s) came out of the delay levels, but its log row is gone (deleted, '
+                            'requeued as another message or cleaned up meanwhile); dead-lettered without '
+                            'running', self.name, message.shown_task, message.message_id)
+        return DEAD_LETTER
 
     # -- the claim
 
@@ -404,7 +422,6 @@ class MessageProcessor:
                            exception=outcome.exception, traceback=outcome.traceback, log=outcome.log, finished=now)
         row.status = MessageLog.SCHEDULED
         row.run_after = now + timedelta(seconds=delay)
-        row.held_until = max(row.held_until or row.run_after, row.run_after)  # the message is parked until then
         row.retries += 1
         row.exception, row.traceback, row.lease_expires = outcome.exception, outcome.traceback, None
         self.save(row, interruptible=False)
@@ -513,6 +530,12 @@ def _first_delivery(message: IncomingMessage) -> bool:
     headers = getattr(message.properties, 'headers', None) or {}
     return not message.redelivered and not message.waits and delays.TARGET_HEADER not in headers \
         and wire.DEATH_HEADER not in headers and wire.LOGGED_HEADER not in headers
+
+
+def _from_delay_levels(message: IncomingMessage) -> bool:
+    """Whether `message` came out of carrot's delay levels: carrot sent it there from its committed row."""
+    headers = getattr(message.properties, 'headers', None) or {}
+    return delays.TARGET_HEADER in headers
 
 
 class DefaultHooks(Hooks):

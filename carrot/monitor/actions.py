@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import uuid as uuid_module
 from dataclasses import dataclass, field
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from carrot.exceptions import AlreadyRequeued, CarrotConfigException, CarrotError, InvalidCall
 from carrot.publish import outbox, relay
 from carrot.publish.outbox import requeue_many
-from carrot.models import MessageLog, ScheduledTask, not_held
+from carrot.models import MessageLog, ScheduledTask
 from carrot.monitor import queries
 
 logger = logging.getLogger('carrot.monitor')
@@ -94,23 +95,13 @@ def delete_one(uuid: str) -> Done:
     if log.status not in DELETABLE:
         raise ActionError(f'a task that is {log.get_status_display().lower()} cannot be deleted: its '
                           f'message is on the queue (purge the queue instead)', 409)
-    if log.is_held():
-        raise ActionError(f'a copy of its message waits in the delay levels until {log.held_until.isoformat()}: '
-                          f'without this row it would run then; delete it after that', 409)
     log.delete()
     return Done(f'{log.task} deleted.', 1)
 
 
 def delete_failed(search: str = '', queue: str = '', uuids: list[str] | None = None) -> Done:
-    # Rows of cancelled delayed tasks whose message is still in the delay levels stay (see delete_one).
-    rows = failed_rows(search, queue, uuids)
-    held = rows.exclude(not_held(timezone.now())).count()
-    count = _deleted_rows(rows.filter(not_held(timezone.now())))
-    message = f'{count} failed task(s) deleted.'
-    if held:
-        message += (f' {held} kept: a copy of their message still waits in the delay levels, and without its '
-                    f'row it would run; delete them once it has come out.')
-    return Done(message, count)
+    count = _deleted_rows(failed_rows(search, queue, uuids))
+    return Done(f'{count} failed task(s) deleted.', count)
 
 
 def _deleted_rows(rows: QuerySet) -> int:
@@ -123,11 +114,12 @@ def purge_queue(queue_name: str) -> Done:
     """Empty a queue on RabbitMQ and mark the log rows of the messages that were waiting in it FAILED,
     saying they were purged (to requeue or delete from the Failed tab).
 
-    The rows are marked, not deleted, because not every message of a PUBLISHED row is in the queue to be
-    purged: a consumer may hold some, prefetched, and a task run now may have a copy in the delay levels.
-    Such a copy finds its row FAILED and is dead-lettered unrun; a deleted row would have let it run as a
-    new task. Tasks already running (IN_PROGRESS) are not touched. Messages published after the purge
-    started keep their rows and run.
+    The rows to mark are chosen before RabbitMQ is emptied: PUBLISHED ones, and SCHEDULED ones already due
+    (their copy has come out of the delay levels, or is about to). A message sent after that is not the
+    purge's: its row is not marked and it runs. The rows are marked, not deleted, because not every message
+    of theirs was in the queue to be purged: a consumer may hold some, prefetched, and a delayed copy may
+    still come out of the levels. Such a copy finds its row FAILED and is dead-lettered unrun. Tasks already
+    running (IN_PROGRESS) are not touched: a row a worker claims meanwhile is not marked.
     """
     from carrot.amqp.declare import purge
     from carrot.config import get_config
@@ -139,13 +131,18 @@ def purge_queue(queue_name: str) -> Done:
     except CarrotConfigException as exc:
         raise ActionError(str(exc), 404) from None
     started = timezone.now()
+    # The rows of the messages there now carry the purge's token; a worker's claim overwrites it.
+    token = f'purge:{uuid_module.uuid4()}'
+    in_the_queue = Q(status=MessageLog.PUBLISHED) | Q(status=MessageLog.SCHEDULED, run_after__lte=started)
+    MessageLog.objects.filter(in_the_queue, queue=queue.name).update(worker=token)
+    marked = MessageLog.objects.filter(worker=token, status__in=(MessageLog.PUBLISHED, MessageLog.SCHEDULED))
     try:
         purged = purge(queue.broker, queue.name)
     except Exception as exc:  # unreachable broker, or it refused: nothing was purged
+        marked.update(worker='')
         raise ActionError(f'queue {queue.name!r} was not purged: {type(exc).__name__}: {exc}', 502) from None
-    rows = MessageLog.objects.filter(queue=queue.name, status=MessageLog.PUBLISHED, publish_time__lte=started) \
-        .update(status=MessageLog.FAILED, failure_time=timezone.now(),
-                exception=f'Purged: removed from queue {queue.name!r} in the monitor at {started.isoformat()}')
+    rows = marked.update(status=MessageLog.FAILED, failure_time=timezone.now(), worker='',
+                         exception=f'Purged: removed from queue {queue.name!r} in the monitor at {started.isoformat()}')
     broker_stats.forget()
     return Done(f'Queue {queue.name!r} purged: {purged} message(s) removed from RabbitMQ; {rows} task(s) marked '
                 f'failed as purged (in the Failed tab, to requeue or delete).', purged)

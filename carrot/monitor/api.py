@@ -6,6 +6,7 @@ fields or a JSON object as the body. Errors are ``{"error": "..."}`` with a 4xx/
 from __future__ import annotations
 
 import json
+import math
 
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_protect
@@ -20,6 +21,28 @@ from carrot.monitor.workers import supervisors
 
 def error(message: str, status: int = 400) -> JsonResponse:
     return JsonResponse({'error': message}, status=status)
+
+
+class Document(JsonResponse):
+    """An answer of the API, strict JSON whatever the rows hold: a float JSON cannot write (NaN or an
+    infinity, in the arguments a message from another publisher carried, say) goes as its text ("inf")."""
+
+    def __init__(self, data, **kwargs):
+        try:
+            super().__init__(data, json_dumps_params={'allow_nan': False}, **kwargs)
+        except ValueError:
+            super().__init__(_finite(data), json_dumps_params={'allow_nan': False}, **kwargs)
+
+
+def _finite(value):
+    """`value` with each NaN and infinity in it replaced by its text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def payload(request):
@@ -77,7 +100,7 @@ def _text(value, field: str) -> str:
 
 def _act(action, *args, **kwargs) -> JsonResponse:
     try:
-        return JsonResponse(action(*args, **kwargs).as_dict())
+        return Document(action(*args, **kwargs).as_dict())
     except actions.ActionError as exc:
         return error(str(exc), exc.status)
 
@@ -100,7 +123,7 @@ def message_list(request):
     document = _page_document(page, paginator, [queries.message_row(log) for log in page.object_list])
     document.update(tab=tab.name, counts=queries.counts(search, queue), totals=queries.counts(),
                     count_limit=queries.COUNT_LIMIT)
-    return JsonResponse(document)
+    return Document(document)
 
 
 @monitor_api_view
@@ -114,7 +137,7 @@ def message_detail(request, uuid):
     level = tasklog.level_named(request.GET.get('log_level'))
     detail['log'] = [entry.as_dict() for entry in tasklog.at_or_above(tasklog.parse_log(log.log), level)]
     detail['log_level'] = level
-    return JsonResponse(detail)
+    return Document(detail)
 
 
 @monitor_api_view
@@ -156,13 +179,13 @@ def purge_queue(request, name):
 @monitor_api_view
 @require_GET
 def overview_document(request):
-    return JsonResponse({'queues': overview(), 'counts': queries.counts(), 'count_limit': queries.COUNT_LIMIT})
+    return Document({'queues': overview(), 'counts': queries.counts(), 'count_limit': queries.COUNT_LIMIT})
 
 
 @monitor_api_view
 @require_GET
 def worker_list(request):
-    return JsonResponse({'supervisors': supervisors()})
+    return Document({'supervisors': supervisors()})
 
 
 @monitor_api_view
@@ -179,7 +202,7 @@ def schedule_list(request):
             request.GET.get('page'), request.GET.get('page_size'))
     except queries.BadQuery as exc:
         return error(str(exc))
-    return JsonResponse(_page_document(page, paginator, [queries.schedule_row(s) for s in page.object_list]))
+    return Document(_page_document(page, paginator, [queries.schedule_row(s) for s in page.object_list]))
 
 
 @monitor_api_view
@@ -194,7 +217,7 @@ def schedule_detail(request, pk):
         return _save_schedule(request, schedule)
     if request.method != 'GET':
         return error('use GET or POST', 405)
-    return JsonResponse(queries.schedule_row(schedule))
+    return Document(queries.schedule_row(schedule))
 
 
 def _save_schedule(request, instance):
@@ -216,7 +239,7 @@ def _save_schedule(request, instance):
                              'errors': {field: [str(e) for e in errs] for field, errs in form.errors.items()}},
                             status=400)
     schedule = form.save()
-    return JsonResponse(queries.schedule_row(schedule), status=201 if instance is None else 200)
+    return Document(queries.schedule_row(schedule), status=201 if instance is None else 200)
 
 
 @monitor_api_view

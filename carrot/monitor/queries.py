@@ -2,7 +2,6 @@
 a row (the field names are the API's, documented in README.rst, "Monitor")."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from django.core.paginator import Paginator
@@ -10,6 +9,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from carrot.models import MessageLog, ScheduledTask
+from carrot.publish import arguments
 
 PAGE_SIZE = 25
 MAX_PAGE_SIZE = 100
@@ -148,18 +148,14 @@ def iso(value) -> str | None:
 
 
 def _json_or_text(text):
-    """A stored JSON text as its value, or the text itself. NaN and Infinity (written by carrot before
-    1.x's outputs were strict) are not JSON: such a text stays text, so the API's documents stay JSON."""
+    """A stored JSON text as its value, or the text itself. NaN, Infinity and a number too large for a
+    float (1E+400, the str() of a Decimal) are not JSON a strict reader takes: such a text stays text."""
     if text in (None, ''):
         return None
     try:
-        return json.loads(text, parse_constant=_not_json)
+        return arguments.strict_json(text)
     except ValueError:
         return text
-
-
-def _not_json(constant: str):
-    raise ValueError(f'{constant} is not JSON')
 
 
 def message_row(log: MessageLog, now=None) -> dict:
@@ -201,8 +197,6 @@ def message_detail(log: MessageLog) -> dict:
         'traceback': log.traceback or '',
         'log': [entry.as_dict() for entry in parse_log(log.log)],
         'next_retry': iso(log.run_after) if log.status == MessageLog.SCHEDULED and log.retries else None,
-        # Until then a copy of its message may come out of the delay levels, and the row cannot be deleted.
-        'held_until': iso(log.held_until) if log.is_held() else None,
         'attempt_history': [attempt_row(record) for record in log.attempt_history()],
     })
     return detail

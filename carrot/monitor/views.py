@@ -143,11 +143,8 @@ def _tab_of(status: str) -> str:
 
 BULK = {
     'requeue-failed': ('Requeue failed tasks', 'carrot:failed',
-                       'Each one is published again as a new message, and its failed row is deleted '
-                       '(a cancelled delayed task runs again under its own id).'),
-    'delete-failed': ('Delete failed tasks', 'carrot:failed',
-                      'Their log rows are deleted for good (a cancelled delayed task\'s row stays until its '
-                      'message has come out of the delay levels).'),
+                       'Each one is published again as a new message, and its failed row is deleted.'),
+    'delete-failed': ('Delete failed tasks', 'carrot:failed', 'Their log rows are deleted for good.'),
     'purge': ('Purge a queue', 'carrot:queued',
               'The messages waiting in the queue on RabbitMQ are removed and their log rows marked failed '
               '("Purged"), so that no copy of them runs: to requeue or delete from the Failed tab. '

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 
 from carrot.amqp.wire import nesting_depth
 from carrot.exceptions import InvalidArguments
@@ -111,13 +112,32 @@ def _scheduled_args(task_args: str | None) -> tuple:
     return tuple(_load(text, POSITIONAL))
 
 
+def strict_json(text: str):
+    """`text` read as JSON that any strict reader takes too: ValueError for NaN, Infinity and a number past
+    a float's range (1e999), which Python's json reads (the last as inf) and writes back as non-JSON."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite_number)
+
+
+def _no_constant(name: str):
+    raise ValueError(f'{name} is not a JSON number')
+
+
+def _finite_number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f'{text} is too large for a JSON number')
+    return value
+
+
 def _load(text: str, field: str, legacy_tuple: bool = False):
     """The JSON value of one field. `legacy_tuple`: a MessageLog row's, which may be 1.x's tuple repr (and
     whose problems are worded as about stored data); else a schedule's, worded for whoever writes it."""
     kind = list if field == POSITIONAL else dict
     what = f'stored {_WHAT[field]}' if legacy_tuple else _WHAT[field]
     try:
-        value = json.loads(text)
+        # A schedule's arguments are sent as JSON, which has no NaN, no infinity and no number past a
+        # float's range (1e999): refused here, with the rest that is not JSON, not at every run.
+        value = json.loads(text) if legacy_tuple else strict_json(text)
     except RecursionError:
         raise InvalidArguments(f'the {what} are nested too deeply (at most {MAX_DEPTH} levels)', field) from None
     except ValueError as exc:

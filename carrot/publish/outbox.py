@@ -21,8 +21,8 @@ Everything that publishes comes through here: ``publish_message`` (the 1.x facad
 
 Outside a transaction the row's INSERT and its PUBLISHED commit without waiting for the disk
 (carrot.commits); a row left WAITING for the relay is flushed before the call returns. Where the driver
-allows (carrot.statements.Statement.send), the INSERT is sent just before the message and its answer read
-while RabbitMQ confirms: a worker quicker than the INSERT waits for it (the uuid is unique) or writes the row
+allows (carrot.statements.Statement.send), the INSERT of a message to run now is sent just before the
+message and its answer read while RabbitMQ confirms (a delayed message's row is committed first): a worker quicker than the INSERT waits for it (the uuid is unique) or writes the row
 itself, and a database that refuses the row once the message has left costs the publisher's row, not the
 task (its worker writes one). A queue that
 tracks only failures (or nothing) gets no row at all unless one is needed (`_enqueue_untracked`).
@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from django.db import DatabaseError, IntegrityError, connections, models, transaction
-from django.db.models import F, Q, QuerySet
-from django.db.models.functions import Coalesce
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from carrot.amqp import wire
@@ -50,8 +49,8 @@ from carrot.config import get_config
 from carrot.config.schema import TRACK_ALL
 from carrot.dbfaults import MIGRATE_HINT, may_pass, tables_missing
 from carrot.exceptions import (AlreadyRequeued, BrokerUnavailable, CarrotConfigException, InvalidCall, MessageRejected,
-                               NotMigrated, PublishError)
-from carrot.models import MessageLog, not_held
+                               NotMigrated, PublishError, StillRunning)
+from carrot.models import MessageLog
 from carrot.publish import arguments
 from carrot.publish.outgoing import Outgoing, prepare
 from carrot.statements import InFlight, Statement, close_if_busy, close_if_out_of_step, statement
@@ -84,7 +83,9 @@ def enqueue(message: Outgoing, *, on_commit: bool = True, store_and_forward: boo
         transaction.on_commit(lambda: _send_after_commit(message, log, store_and_forward, on_enqueued),
                               using=MessageLog.objects.db)
         return log
-    if on_enqueued is None:
+    # A delayed message goes into the delay levels only once its row is committed: a copy that comes out
+    # and finds no row is taken for one whose row was deleted, and is not run (carrot.consume.processor).
+    if on_enqueued is None and message.run_after is None:
         log = _new_row(message)
         try:
             in_flight = _start_insert(log)
@@ -170,7 +171,6 @@ def _new_row(message: Outgoing) -> MessageLog:
         status=MessageLog.WAITING, queue=message.queue, exchange=message.exchange,
         routing_key=message.routing_key, uuid=message.uuid, priority=message.priority, task=message.task,
         task_args=task_args, content=content, publish_time=timezone.now(), run_after=message.run_after,
-        held_until=message.run_after,
         backend=message.backend, origin=message.origin)
 
 
@@ -571,18 +571,17 @@ def _fail_rows(rows: list[MessageLog], exc: Exception) -> None:
 
 def requeue(log: MessageLog) -> MessageLog:
     """Publish a copy of a logged message (a new uuid and row) and delete the original, in one transaction:
-    there is never a moment with both rows or with neither, and the copy is sent once that commits.
-
-    A row whose message may still come out of the delay levels (MessageLog.is_held: a delayed task
-    cancelled before it ran, say) is not deleted, as that copy would then run as a new task: it is run
-    again under its own uuid instead (`_run_again`), and the copy finds it claimed or done.
+    there is never a moment with both rows or with neither, and the copy is sent once that commits. A task
+    that is running (IN_PROGRESS) is not requeued (StillRunning): it would run twice at once, and its
+    outcome, written to a deleted row, would be lost.
 
     Idempotent under concurrency: the original is claimed first (a conditional UPDATE, the transaction's
     first write, so SQLite takes its write lock before any read), and only if it is still there as it was
     read (same status); a requeue that finds it gone -- another requeue, a double click, a delete got
     there first -- raises AlreadyRequeued and publishes nothing. Of two requeues at once, one copy."""
-    if log.pk and log.is_held() and log.status != MessageLog.IN_PROGRESS:
-        return _run_again(log)
+    if log.status == MessageLog.IN_PROGRESS:
+        raise StillRunning(f'{log.task} ({log.uuid}) is running on {log.worker or "a worker"}: it can be '
+                           f'requeued once it has finished')
     args, kwargs = arguments.load_logged(log.task_args, log.content)
     message = prepare(log.task, args, kwargs, queue=log.queue, exchange=log.exchange or '',
                       routing_key=log.routing_key or None, priority=log.priority, backend=log.backend,
@@ -597,25 +596,6 @@ def requeue(log: MessageLog) -> MessageLog:
             MessageLog.objects.filter(pk=log.pk, worker=token).delete()
     copy.refresh_from_db(fields=['status'])
     return copy
-
-
-def _run_again(log: MessageLog) -> MessageLog:
-    """Requeue a held row in place: it becomes SCHEDULED, due now, with the outcome of its last run and
-    its retry count cleared (as a requeued copy starts), and its message is sent straight to its queue
-    (run_scheduled_now). Its attempts and their history stay. Raises AlreadyRequeued if the row changed
-    since it was read (another requeue, a delete, a worker)."""
-    now = timezone.now()
-    # The row's outcome as a fresh copy's; the claim sets started_time, worker and its lease.
-    fresh = dict(exception=None, traceback=None, output=None, log=None, failure_time=None, completion_time=None,
-                 retries=0, lease_expires=None)
-    if not MessageLog.objects.filter(pk=log.pk, status=log.status).update(
-            status=MessageLog.SCHEDULED, run_after=now, held_until=Coalesce(F('held_until'), F('run_after')),
-            **fresh):
-        raise AlreadyRequeued(f'{log.task} ({log.uuid}) was requeued, deleted or taken meanwhile; it was not '
-                              f'published again')
-    log.refresh_from_db()
-    send(outgoing_from_row(log), log, store_and_forward=True, from_status=MessageLog.SCHEDULED)
-    return log
 
 
 REQUEUE_BATCH = 500   # rows per transaction in requeue_many
@@ -638,16 +618,6 @@ def requeue_many(rows: QuerySet, send_for: float = REQUEUE_SEND_FOR, batch: int 
     the rest wait in the outbox and the relay (carrot-supervisor's housekeeping) sends them, so a request
     requeuing 10,000 rows answers in seconds."""
     result = Requeued()
-    for log in rows.exclude(not_held(timezone.now())).exclude(status=MessageLog.IN_PROGRESS).order_by('pk'):
-        try:  # held rows (rare: cancelled delayed tasks) are run again in place, one by one
-            _run_again(log)
-            result.requeued += 1
-            result.sent += log.status != MessageLog.SCHEDULED
-        except AlreadyRequeued:
-            result.gone += 1
-        except UNSENDABLE as exc:
-            result.errors.append(f'{log.task} ({log.uuid}) was not requeued: {exc}')
-    rows = rows.filter(not_held(timezone.now()) | Q(status=MessageLog.IN_PROGRESS))
     pks = list(rows.order_by().values_list('pk', flat=True))
     written: list[tuple[Outgoing, MessageLog]] = []
     for start in range(0, len(pks), batch):
@@ -655,6 +625,9 @@ def requeue_many(rows: QuerySet, send_for: float = REQUEUE_SEND_FOR, batch: int 
         result.gone += len(pks[start:start + batch]) - len(originals)
         prepared = {}
         for log in originals:
+            if log.status == MessageLog.IN_PROGRESS:
+                result.errors.append(f'{log.task} ({log.uuid}) was not requeued: it is running')
+                continue
             try:
                 args, kwargs = arguments.load_logged(log.task_args, log.content)
                 prepared[log.pk] = (log, prepare(log.task, args, kwargs, queue=log.queue,
@@ -720,9 +693,7 @@ def run_scheduled_now(log: MessageLog) -> None:
     queue (same uuid; the delayed copy still in the levels finds it claimed or done when it comes).
     The row stays SCHEDULED if the broker cannot take it now: housekeeping's sweep sends it later."""
     now = timezone.now()
-    # held_until keeps the time the delayed copy comes out: the row must not be deleted before it.
-    if not MessageLog.objects.filter(pk=log.pk, status=MessageLog.SCHEDULED).update(
-            run_after=now, held_until=Coalesce(F('held_until'), F('run_after'))):
+    if not MessageLog.objects.filter(pk=log.pk, status=MessageLog.SCHEDULED).update(run_after=now):
         log.refresh_from_db()
         return
     log.run_after = now

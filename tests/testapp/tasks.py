@@ -410,4 +410,6 @@ def logs_badly():
 
 def returns_not_json(kind):
     """NaN, an infinity, or one inside a list: Python's json writes them, a strict JSON reader refuses them."""
-    return {'nan': float('nan'), 'inf': float('inf'), 'list': [1.0, float('-inf')]}[kind]
+    from decimal import Decimal
+    return {'nan': float('nan'), 'inf': float('inf'), 'list': [1.0, float('-inf')],
+            'decimal': Decimal('1E+400')}[kind]
