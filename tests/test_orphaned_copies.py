@@ -139,10 +139,11 @@ def test_a_purge_keeps_the_deliveries_a_worker_had_prefetched_from_running(admin
 
 
 @pytest.mark.timeout(60)
-def test_a_message_sent_after_the_purge_began_is_not_marked_purged_and_runs(admin_client, tmp_path, monkeypatch):
-    """Its row was written before the purge, in a transaction that committed (and so sent it) while
-    RabbitMQ was being emptied. (PostgreSQL only: on SQLite the purge's first write waits for that
-    transaction to end, so the message is sent either before the purge chose its rows or after it ended.)"""
+def test_a_message_committed_while_the_purge_runs_is_purged_with_it_and_never_runs(admin_client, tmp_path,
+                                                                                   monkeypatch):
+    """Its row was written before the purge, in a transaction that committed (and so sent it) once RabbitMQ
+    had been emptied: the purge marks it all the same, and the copy that arrives is dead-lettered unrun.
+    (PostgreSQL only: on SQLite the purge's write waits for that transaction to end.)"""
     from django.db import connection
 
     from carrot.amqp import declare
@@ -180,9 +181,160 @@ def test_a_message_sent_after_the_purge_began_is_not_marked_purged_and_runs(admi
     publisher.join(30)
     assert response.status_code == 200, response.content
     log = MessageLog.objects.get(pk=published['log'].pk)
-    assert log.status == 'PUBLISHED', log.exception
+    assert log.status == 'FAILED' and log.exception.startswith('Purged'), (log.status, log.exception)
+    assert queue_depth('default') == 1  # sent after RabbitMQ was emptied ...
     run_consumer(max_messages=1, idle_timeout=3)
-    assert labels(target) == ['late']
+    assert not target.exists()  # ... and still never run: the row says it was purged
+
+
+@pytest.mark.timeout(60)
+def test_a_message_sent_between_the_purge_and_its_rows_is_marked_purged_not_lost(admin_client, tmp_path,
+                                                                                  monkeypatch):
+    """Published (and confirmed) while RabbitMQ is being emptied: it is purged with the queue, and its row
+    says so; it is not left PUBLISHED for a message that is gone."""
+    from carrot.amqp import declare
+
+    target = tmp_path / 'runs'
+    purge = declare.purge
+    published = {}
+
+    def publish_then_purge(broker, name):
+        published['log'] = publish_message(tasks.stamp, str(target), 'late')
+        assert queue_depth('default') == 1
+        return purge(broker, name)
+
+    monkeypatch.setattr(declare, 'purge', publish_then_purge)
+    response = admin_client.post('/carrot/api/queues/default/purge/')
+    assert response.status_code == 200 and response.json()['count'] == 1, response.content
+    log = MessageLog.objects.get(pk=published['log'].pk)
+    assert log.status == 'FAILED' and log.exception.startswith('Purged')
+
+
+@pytest.mark.timeout(60)
+def test_a_message_confirmed_but_still_waiting_in_its_row_is_marked_purged_not_lost(admin_client, tmp_path,
+                                                                                    monkeypatch):
+    """RabbitMQ has the message; its publisher has not yet turned the row WAITING -> PUBLISHED when the
+    purge runs. The row is marked, and the publisher's late update leaves it so."""
+    from django.db import connection
+
+    from carrot.publish import outbox
+
+    target = tmp_path / 'runs'
+    in_queue, purged = threading.Event(), threading.Event()
+    mark_published = outbox.mark_published
+    published = {}
+
+    def slow_mark(*args, **kwargs):
+        in_queue.set()
+        assert purged.wait(20)
+        return mark_published(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, 'mark_published', slow_mark)
+
+    def publisher():
+        try:
+            published['log'] = publish_message(tasks.stamp, str(target), 'confirmed')
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    assert in_queue.wait(10) and queue_depth('default') == 1
+    response = admin_client.post('/carrot/api/queues/default/purge/')
+    purged.set()
+    thread.join(20)
+    assert response.status_code == 200 and response.json()['count'] == 1, response.content
+    log = MessageLog.objects.get(pk=published['log'].pk)
+    assert log.status == 'FAILED' and log.exception.startswith('Purged')
+
+
+@pytest.mark.timeout(60)
+def test_a_purge_whose_rows_cannot_be_marked_says_so_and_a_second_purge_marks_them(tmp_path, monkeypatch):
+    from django.db import DatabaseError
+    from django.db.models import QuerySet
+
+    from carrot.monitor import actions
+
+    log = publish_message(tasks.stamp, str(tmp_path / 'runs'), 'purged')
+    update = QuerySet.update
+
+    def database_gone(self, **fields):
+        raise DatabaseError('server closed the connection unexpectedly')
+
+    monkeypatch.setattr(QuerySet, 'update', database_gone)
+    with pytest.raises(actions.ActionError) as failed:
+        actions.purge_queue('default')
+    monkeypatch.setattr(QuerySet, 'update', update)
+    assert failed.value.status == 503 and 'Purge it again' in str(failed.value)
+    assert queue_depth('default') == 0 and MessageLog.objects.get(pk=log.pk).status == 'PUBLISHED'
+    assert actions.purge_queue('default').count == 0
+    log.refresh_from_db()
+    assert log.status == 'FAILED' and log.exception.startswith('Purged')
+
+
+@pytest.mark.timeout(60)
+def test_two_purges_at_once_one_failing_still_mark_what_the_other_removed(tmp_path, monkeypatch):
+    from carrot.amqp import declare
+    from carrot.monitor import actions
+    from django.db import connection
+
+    log = publish_message(tasks.stamp, str(tmp_path / 'runs'), 'purged')
+    purge = declare.purge
+    first_purging, second_done = threading.Event(), threading.Event()
+    calls, result = [], {}
+
+    def one_waits_the_other_fails(broker, name):
+        calls.append(name)
+        if len(calls) == 1:
+            first_purging.set()
+            assert second_done.wait(20)
+            return purge(broker, name)
+        raise ConnectionError('broker unreachable from this web process')
+
+    monkeypatch.setattr(declare, 'purge', one_waits_the_other_fails)
+
+    def first():
+        try:
+            result['first'] = actions.purge_queue('default')
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert first_purging.wait(10)
+    with pytest.raises(actions.ActionError):
+        actions.purge_queue('default')
+    second_done.set()
+    thread.join(20)
+    assert result['first'].count == 1
+    log.refresh_from_db()
+    assert log.status == 'FAILED' and log.exception.startswith('Purged')
+
+
+@pytest.mark.timeout(120)
+def test_purging_twice_while_two_consumers_drain_runs_each_task_once_or_marks_it_purged(tmp_path):
+    from carrot.monitor import actions
+
+    target = tmp_path / 'runs'
+    logs = [publish_message(tasks.stamp, str(target), f't{n}') for n in range(60)]
+    consumers = [ConsumerThread(f'default#{n}', idle_timeout=3).start() for n in (1, 2)]
+    try:
+        wait_for(lambda: len(lines(target)) >= 10, 20, 'some tasks to run')
+        actions.purge_queue('default')
+        actions.purge_queue('default')
+    finally:
+        for consumer in consumers:
+            consumer.join(timeout=60)
+    runs = labels(target)
+    rows = {row.uuid: row for row in MessageLog.objects.all()}
+    for n, log in enumerate(logs):
+        row = rows[log.uuid]
+        if row.status == 'COMPLETED':
+            assert runs.count(f't{n}') == 1, (n, runs.count(f't{n}'))
+        else:
+            assert row.status == 'FAILED' and row.exception.startswith('Purged') and f't{n}' not in runs, \
+                (n, row.status, row.exception)
+    assert 'FAILED' in {row.status for row in rows.values()}, 'the purge came too late to test anything'
 
 
 @pytest.mark.timeout(30)
@@ -213,3 +365,70 @@ def test_a_retry_whose_row_was_deleted_in_the_admin_is_not_run_as_a_new_task(adm
     run_consumer(max_messages=1, idle_timeout=8)  # the retry's copy: dead-lettered, not a fresh first run
     assert len(lines(runs)) == 1 and not MessageLog.objects.exists()
     assert len(dead_letters(raw_channel)) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_cancelled_task_whose_row_is_deleted_as_its_copy_arrives_does_not_run(admin_client, tmp_path,
+                                                                                monkeypatch):
+    """The row goes (cleanup, a delete) just as the copy from the delay levels arrives: the worker must not
+    insert a row for it, as it would for a message from another publisher, and run it."""
+    from carrot.consume import loop
+
+    target = tmp_path / 'runs'
+    log = publish_message(tasks.stamp, str(target), 'cancelled', countdown=1)
+    assert admin_client.post(f'/carrot/api/messages/{log.uuid}/cancel/').status_code == 200
+    get_or_insert_row = loop.get_or_insert_row
+
+    def deleted_just_now(message, queue, limit):
+        MessageLog.objects.filter(uuid=message.message_id).delete()
+        return get_or_insert_row(message, queue, limit)
+
+    monkeypatch.setattr(loop, 'get_or_insert_row', deleted_just_now)
+    run_consumer(max_messages=1, idle_timeout=8)
+    assert not target.exists()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize('how', ['published_now', 'countdown', 'retried'])
+def test_a_dead_letter_moved_back_after_its_row_was_cleaned_up_runs_again(raw_channel, tmp_path, how):
+    """README: a dead letter can be moved back from <queue>.dead. It was dead-lettered from the work queue
+    since it last left the delay levels, so it is not an orphaned copy, whatever headers it kept."""
+    runs = tmp_path / 'runs'
+    if how == 'published_now':
+        log = publish_message(tasks.wrong_kind, str(runs))
+    elif how == 'countdown':
+        log = publish_message(tasks.wrong_kind, str(runs), countdown=1)
+    else:
+        log = publish_message(tasks.flaky, str(runs), 100)  # retried until its retries run out
+
+    def failed_for_good() -> bool:
+        run_consumer(idle_timeout=1)
+        return MessageLog.objects.get(pk=log.pk).status == 'FAILED'
+    wait_for(failed_for_good, 60, 'the task to fail for good')
+    ran = len(lines(runs))
+    wait_for(lambda: queue_depth('default.dead') == 1, 10, 'the dead letter')
+    MessageLog.objects.filter(pk=log.pk).delete()
+    moved = dead_letters(raw_channel)
+    assert len(moved) == 1
+    for properties, body in moved:
+        raw_channel.basic_publish('', 'default', body, properties)  # as a shovel or "move messages" does
+    run_consumer(max_messages=1, idle_timeout=3)
+    assert len(lines(runs)) > ran  # run again (a failing one with its retries again, as a new message)
+
+
+@pytest.mark.timeout(60)
+def test_a_row_deleted_while_its_attempt_fails_is_not_written_again_for_a_retry(tmp_path, monkeypatch):
+    from carrot.consume.processor import MessageProcessor
+
+    runs = tmp_path / 'runs'
+    publish_message(tasks.flaky, str(runs), 1)  # fails once, then would succeed on its retry
+    retry = MessageProcessor._retry
+
+    def deleted_in_the_admin_meanwhile(self, row, message, outcome, delay):
+        MessageLog.objects.filter(pk=row.pk).delete()
+        return retry(self, row, message, outcome, delay)
+
+    monkeypatch.setattr(MessageProcessor, '_retry', deleted_in_the_admin_meanwhile)
+    run_consumer(max_messages=2, idle_timeout=5)
+    assert len(lines(runs)) == 1 and not MessageLog.objects.exists()
+    assert delay_depth() == 0

@@ -307,10 +307,14 @@ def test_a_message_whose_x_death_would_crash_rabbitmq_is_dead_lettered_by_carrot
 
 @pytest.mark.no_broker
 def test_which_x_death_headers_rabbitmq_cannot_dead_letter():
+    from pika.compat import long as pika_long
+
     from carrot.amqp.wire import x_death_crashes_rabbitmq as crashes
     assert not any(crashes(h) for h in (None, {}, {'x-death': 'text'}, {'x-death': {'a': 1}}, {'x-death': []},
                                         {'x-death': [{'queue': 'q', 'reason': 'rejected', 'count': 2}]},
-                                        {'x-death': [{'queue': 5}]}))
+                                        {'x-death': [{'queue': 5}]},
+                                        # a count as pika decodes RabbitMQ's own: its 64-bit long
+                                        {'x-death': [{'queue': 'q', 'reason': 'expired', 'count': pika_long(1)}]}))
     assert all(crashes({'x-death': bad}) for bad in (['a'], [[1]], [{'count': 'x'}], [{'count': 1.5}],
                                                     [{'count': True}], [{'count': 1}, 7]))
 

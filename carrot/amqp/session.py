@@ -176,8 +176,11 @@ class ConsumeSession:
         else:
             self.logger.warning('%s: dead-lettering %s by hand: its x-death header would crash the queue on '
                                 'RabbitMQ 3.10', self.name, getattr(message, 'shown_task', 'a message'))
-        self._republish(message, '', self.queue.dead_letter_queue, properties,
-                        replace_headers=wire.without_unusable_x_death(headers))
+        # Without the header that routes it out of the delay levels: moved back from <queue>.dead, the copy
+        # is a message to run again, not an orphaned copy (carrot.consume.processor).
+        kept = {key: value for key, value in wire.without_unusable_x_death(headers or {}).items()
+                if key != delays.TARGET_HEADER}
+        self._republish(message, '', self.queue.dead_letter_queue, properties, replace_headers=kept)
         self.channel.basic_ack(delivery_tag)
 
     def _park(self, message, delay: float, busy: bool) -> None:

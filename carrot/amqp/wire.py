@@ -203,7 +203,13 @@ def x_death_crashes_rabbitmq(headers) -> bool:
         return True  # not read, so not known to be harmless
     if not isinstance(value, (list, tuple)):
         return False  # absent, or not an array: RabbitMQ replaces it
-    return not all(isinstance(entry, dict) and type(entry.get('count', 0)) is int for entry in value)
+    return not all(isinstance(entry, dict) and _an_integer(entry.get('count', 0)) for entry in value)
+
+
+def _an_integer(value) -> bool:
+    """An AMQP integer as pika decodes it: an int, or pika's long (an int subclass) for a 64-bit one, as
+    RabbitMQ writes its counts; a bool is not one."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def without_unusable_x_death(headers: dict) -> dict:

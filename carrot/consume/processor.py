@@ -60,6 +60,8 @@ from carrot.models import MessageLog, TaskAttempt
 
 # What a success changes in the claimed row: an UPDATE of these alone is a third of a full-row one.
 COMPLETION_FIELDS = ('status', 'completion_time', 'output', 'log', 'lease_expires')
+# Every column a full save writes (all but the primary key).
+_ALL_FIELDS = tuple(f.name for f in MessageLog._meta.concrete_fields if not f.primary_key)
 RETRY_BASE = 2.0  # seconds a message of a busy row is parked the first time; doubled each time after
 
 
@@ -165,10 +167,14 @@ class MessageProcessor:
             if row is not None:  # due, waiting, this very call: taken
                 self._claimed = row
                 return self._run_claimed(row, message)
-        if _from_delay_levels(message) and not self._database(
-                lambda: MessageLog.objects.filter(uuid=message.message_id).exists(), 'reading the log row'):
-            return self._orphaned(message)
-        row = self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
+        if _from_delay_levels(message) and self.hooks.finds_rows_as_carrot_does():
+            # Read, never inserted: a row deleted a moment ago must not come back as a new task's.
+            row = self._database(lambda: MessageLog.objects.filter(uuid=message.message_id).first(),
+                                 'reading the log row')
+            if row is None:
+                return self._orphaned(message)
+        else:
+            row = self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
         if not same_call(row, message):
             return self._conflict(message, row)
         verdict = self._database(lambda: self.claim(row, message), 'claiming the message')
@@ -424,7 +430,8 @@ class MessageProcessor:
         row.run_after = now + timedelta(seconds=delay)
         row.retries += 1
         row.exception, row.traceback, row.lease_expires = outcome.exception, outcome.traceback, None
-        self.save(row, interruptible=False)
+        if not self.save(row, interruptible=False):  # deleted while it ran: that was the last attempt
+            return DEAD_LETTER
         self.logger.warning('%s: %s (%s) failed (%s); retry %d in %.1fs', self.name, message.shown_task, row.uuid,
                             text.for_log(outcome.exception, 200), row.retries, delay)
         return retry_later(delay)
@@ -447,14 +454,29 @@ class MessageProcessor:
         set_failed_fields(row, err, traceback_text)
         self.save(row, interruptible=False)
 
-    def save(self, row: MessageLog, interruptible: bool = True, fields: tuple[str, ...] | None = None) -> None:
-        """Write `row` (only `fields`, when given), bounded to its columns. A transient fault is waited out
-        (the ack waits too); a row the database refuses for good is written reduced, so a task that ran is
-        never run again because its result could not be stored."""
+    def save(self, row: MessageLog, interruptible: bool = True, fields: tuple[str, ...] | None = None) -> bool:
+        """Write `row` (only `fields`, when given), bounded to its columns; False when the row has been
+        deleted meanwhile (in the monitor or the admin), which is never written again: a deleted task stays
+        deleted, a retry of it included. A transient fault is waited out (the ack waits too); a row the
+        database refuses for good is written reduced, so a task that ran is never run again because its
+        result could not be stored."""
         bound_row(row, self.config.max_stored_text)
+
+        def update() -> bool:
+            # update_fields makes Django's save an UPDATE alone: no INSERT when it matches nothing.
+            try:
+                row.save(update_fields=fields or _ALL_FIELDS)
+            except DatabaseError:
+                if MessageLog.objects.filter(pk=row.pk).exists():
+                    raise
+                return False
+            return True
         try:
-            self._database(lambda: row.save(update_fields=fields), 'recording the result',
-                           interruptible=interruptible)
+            if self._database(update, 'recording the result', interruptible=interruptible):
+                return True
+            self.logger.warning('%s: the log row of %s (%s) was deleted while its task ran; it is not written '
+                                'again', self.name, text.for_log(row.task), row.uuid)
+            return False
         except DatabaseError as exc:
             reason = text.for_log(f'{type(exc).__name__}: {exc}', 500)
             self.logger.error('%s: the database refused the log row of %s (%s); writing it without '
@@ -469,6 +491,7 @@ class MessageProcessor:
                 self.logger.exception('%s: even the reduced log row of %s could not be written; the '
                                       'message is settled anyway so the task does not run again',
                                       self.name, row.uuid)
+        return True
 
     # -- refusals
 
@@ -533,9 +556,22 @@ def _first_delivery(message: IncomingMessage) -> bool:
 
 
 def _from_delay_levels(message: IncomingMessage) -> bool:
-    """Whether `message` came out of carrot's delay levels: carrot sent it there from its committed row."""
+    """Whether `message` came out of carrot's delay levels, where carrot sent it from its committed row: it
+    names its queue for the way out, and RabbitMQ has dead-lettered it out of level queues only. A copy
+    that was dead-lettered from a work queue since (and moved back from ``<queue>.dead`` by hand) was not
+    sent by carrot, whatever headers it kept."""
     headers = getattr(message.properties, 'headers', None) or {}
-    return delays.TARGET_HEADER in headers
+    if delays.TARGET_HEADER not in headers:
+        return False
+    deaths = headers.get(wire.DEATH_HEADER)
+    if not isinstance(deaths, (list, tuple)):
+        return True  # none yet: a copy with no delay left, sent straight through the levels
+    return all(isinstance(death, dict) and _text(death.get('queue')).startswith(f'{delays.PREFIX}.')
+               for death in deaths)
+
+
+def _text(value) -> str:
+    return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value or '')
 
 
 class DefaultHooks(Hooks):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import uuid as uuid_module
 from dataclasses import dataclass, field
 
+from django.db import DatabaseError
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
@@ -111,15 +111,17 @@ def _deleted_rows(rows: QuerySet) -> int:
 
 
 def purge_queue(queue_name: str) -> Done:
-    """Empty a queue on RabbitMQ and mark the log rows of the messages that were waiting in it FAILED,
-    saying they were purged (to requeue or delete from the Failed tab).
+    """Empty a queue on RabbitMQ and mark the log rows of its messages FAILED, saying they were purged (to
+    requeue or delete from the Failed tab).
 
-    The rows to mark are chosen before RabbitMQ is emptied: PUBLISHED ones, and SCHEDULED ones already due
-    (their copy has come out of the delay levels, or is about to). A message sent after that is not the
-    purge's: its row is not marked and it runs. The rows are marked, not deleted, because not every message
-    of theirs was in the queue to be purged: a consumer may hold some, prefetched, and a delayed copy may
-    still come out of the levels. Such a copy finds its row FAILED and is dead-lettered unrun. Tasks already
-    running (IN_PROGRESS) are not touched: a row a worker claims meanwhile is not marked.
+    RabbitMQ and the database cannot be changed in one step, so the rows are marked once RabbitMQ has been
+    emptied: every row of the queue still WAITING or PUBLISHED, and every SCHEDULED one already due (its
+    copy has come out of the delay levels, or is about to). A message sent while the purge runs is purged
+    with it: whether RabbitMQ dropped it or not, its row is marked, and a copy that is still delivered finds
+    it FAILED and is dead-lettered unrun. So a row never says PUBLISHED for a message that is gone, and a
+    task marked purged never runs. The rows are marked, not deleted, for the same reason: not every copy was
+    in the queue -- a consumer may hold some, prefetched, and a delayed copy may still come out of the
+    levels. Tasks already running (IN_PROGRESS) are not touched, nor is a row a worker claims first.
     """
     from carrot.amqp.declare import purge
     from carrot.config import get_config
@@ -130,20 +132,22 @@ def purge_queue(queue_name: str) -> Done:
         queue = get_config().queue(queue_name)
     except CarrotConfigException as exc:
         raise ActionError(str(exc), 404) from None
-    started = timezone.now()
-    # The rows of the messages there now carry the purge's token; a worker's claim overwrites it.
-    token = f'purge:{uuid_module.uuid4()}'
-    in_the_queue = Q(status=MessageLog.PUBLISHED) | Q(status=MessageLog.SCHEDULED, run_after__lte=started)
-    MessageLog.objects.filter(in_the_queue, queue=queue.name).update(worker=token)
-    marked = MessageLog.objects.filter(worker=token, status__in=(MessageLog.PUBLISHED, MessageLog.SCHEDULED))
     try:
         purged = purge(queue.broker, queue.name)
     except Exception as exc:  # unreachable broker, or it refused: nothing was purged
-        marked.update(worker='')
         raise ActionError(f'queue {queue.name!r} was not purged: {type(exc).__name__}: {exc}', 502) from None
-    rows = marked.update(status=MessageLog.FAILED, failure_time=timezone.now(), worker='',
-                         exception=f'Purged: removed from queue {queue.name!r} in the monitor at {started.isoformat()}')
     broker_stats.forget()
+    now = timezone.now()
+    waiting = Q(status__in=(MessageLog.WAITING, MessageLog.PUBLISHED)) | \
+        Q(status=MessageLog.SCHEDULED, run_after__lte=now)
+    try:
+        rows = MessageLog.objects.filter(waiting, queue=queue.name).update(
+            status=MessageLog.FAILED, failure_time=now, worker='',
+            exception=f'Purged: removed from queue {queue.name!r} in the monitor at {now.isoformat()}')
+    except DatabaseError as exc:  # the rows still say they wait: a second purge marks them
+        raise ActionError(f'queue {queue.name!r} was purged on RabbitMQ ({purged} message(s) removed), but '
+                          f'its log rows could not be marked: {type(exc).__name__}: {exc}. Purge it again once '
+                          f'the database answers.', 503) from None
     return Done(f'Queue {queue.name!r} purged: {purged} message(s) removed from RabbitMQ; {rows} task(s) marked '
                 f'failed as purged (in the Failed tab, to requeue or delete).', purged)
 
