@@ -324,6 +324,10 @@ class MessageProcessor:
             self._database(lambda: record_attempt(row, outcome, self.config.max_stored_text, finished=finished,
                                                   **fields), 'recording the attempt', interruptible=False)
         except DatabaseError:
+            if not _still_there(row):
+                self.logger.warning('%s: attempt %d of %s is not kept: its log row was deleted while it ran',
+                                    self.name, row.attempts, row.uuid)
+                return
             self.logger.exception('%s: attempt %d of %s could not be kept', self.name, row.attempts, row.uuid)
 
     def renew_lease(self, message_id: str) -> bool:
@@ -467,7 +471,7 @@ class MessageProcessor:
             try:
                 row.save(update_fields=fields or _ALL_FIELDS)
             except DatabaseError:
-                if MessageLog.objects.filter(pk=row.pk).exists():
+                if _still_there(row):
                     raise
                 return False
             return True
@@ -553,6 +557,14 @@ def _first_delivery(message: IncomingMessage) -> bool:
     headers = getattr(message.properties, 'headers', None) or {}
     return not message.redelivered and not message.waits and delays.TARGET_HEADER not in headers \
         and wire.DEATH_HEADER not in headers and wire.LOGGED_HEADER not in headers
+
+
+def _still_there(row: MessageLog) -> bool:
+    """Whether `row` is still in the table (True when that cannot be read: the error is then the news)."""
+    try:
+        return MessageLog.objects.filter(pk=row.pk).exists()
+    except DatabaseError:
+        return True
 
 
 def _from_delay_levels(message: IncomingMessage) -> bool:
