@@ -432,3 +432,38 @@ def test_a_row_deleted_while_its_attempt_fails_is_not_written_again_for_a_retry(
     run_consumer(max_messages=2, idle_timeout=5)
     assert len(lines(runs)) == 1 and not MessageLog.objects.exists()
     assert delay_depth() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_consumer_with_its_own_get_message_log_does_not_run_a_deleted_retry_again(admin_client, tmp_path):
+    """The orphan rule holds for a 1.x subclass that finds rows its own way (here: through super())."""
+    from tests.test_claim import OldStyleConsumer
+
+    runs = tmp_path / 'runs'
+    log = publish_message(tasks.flaky, str(runs), 5)
+    run_consumer(idle_timeout=0.5, consumer_class=OldStyleConsumer)  # fails: retry 1 in the delay levels
+    assert MessageLog.objects.get(pk=log.pk).status == 'SCHEDULED'
+    MessageLog.objects.filter(pk=log.pk).delete()
+    run_consumer(max_messages=1, idle_timeout=8, consumer_class=OldStyleConsumer)
+    assert len(lines(runs)) == 1 and not MessageLog.objects.exists()
+
+
+@pytest.mark.timeout(90)
+def test_purged_tasks_requeued_while_a_worker_holds_their_copies_run_once(admin_client, tmp_path):
+    """The worker had prefetched the five when they were purged and requeued: their held copies find their
+    ids requeued as other messages, and only the requeued messages run."""
+    target = tmp_path / 'runs'
+    publish_message(tasks.append_and_sleep, str(target), 'slow', 4)
+    for n in range(5):
+        publish_message(tasks.append_and_sleep, str(target), f'queued{n}', 0)
+    consumer = ConsumerThread('default#prefetch', idle_timeout=3).start()
+    try:
+        wait_for(lambda: lines(target) == ['slow'], 20, 'the slow task to start')
+        assert queue_depth('default') == 0  # the five behind it are the consumer's, prefetched
+        assert admin_client.post('/carrot/api/queues/default/purge/').status_code == 200
+        response = admin_client.post('/carrot/api/failed/requeue/', {'queue': 'default'})
+        assert response.status_code == 200 and response.json()['count'] == 5, response.content
+    finally:
+        consumer.join(timeout=60)
+    run_consumer(idle_timeout=3)  # the requeued messages not run yet
+    assert sorted(labels(target)) == sorted(['slow'] + [f'queued{n}' for n in range(5)])

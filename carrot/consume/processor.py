@@ -12,7 +12,9 @@ A copy whose row is gone never runs
     carrot sends a message into the delay levels (a delayed publish, a retry, a parked copy) only once its
     row is committed. One that comes out and finds no row lost it on the way -- deleted in the monitor or
     the admin, requeued as another message, cleaned up -- and is dead-lettered unrun, not taken for a
-    message from another publisher (which would run a cancelled, purged or finished task again).
+    message from another publisher (which would run a cancelled, purged or finished task again). So is a
+    copy of any kind whose id was requeued as another message (a delivery a worker held, prefetched, while
+    its purged row was requeued): that message's row names the id as its origin.
 
 Not before its time
     The row, not the message, says when a task may run: a message that arrives before its row's
@@ -167,13 +169,18 @@ class MessageProcessor:
             if row is not None:  # due, waiting, this very call: taken
                 self._claimed = row
                 return self._run_claimed(row, message)
-        if _from_delay_levels(message) and self.hooks.finds_rows_as_carrot_does():
-            # Read, never inserted: a row deleted a moment ago must not come back as a new task's.
-            row = self._database(lambda: MessageLog.objects.filter(uuid=message.message_id).first(),
-                                 'reading the log row')
-            if row is None:
-                return self._orphaned(message)
-        else:
+        # A row is inserted only for a message from another publisher, never for a copy whose row is gone.
+        rows = MessageLog.objects.filter(uuid=message.message_id)
+        if self.hooks.finds_rows_as_carrot_does():
+            row = self._database(rows.first, 'reading the log row')
+            has_row = row is not None
+        else:  # the consumer's own get_message_log (1.x) reads the row, once carrot has asked the same
+            row, has_row = None, self._database(rows.exists, 'reading the log row')
+        if not has_row:
+            lost = self._database(lambda: _how_its_row_went(message), 'reading the log row')
+            if lost is not None:
+                return self._orphaned(message, lost)
+        if row is None:
             row = self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
         if not same_call(row, message):
             return self._conflict(message, row)
@@ -206,7 +213,7 @@ class MessageProcessor:
             if found:
                 return None
             if _from_delay_levels(message):
-                return self._orphaned(message)
+                return self._orphaned(message, DELAYED_COPY)
         outcome = self.run(func, list(message.args), dict(message.kwargs), log_limit=self.config.max_stored_text)
         task_log = self._clean_up_after_task(message, outcome.log)
         if outcome.succeeded:
@@ -238,11 +245,10 @@ class MessageProcessor:
         row._state.adding = False
         return row
 
-    def _orphaned(self, message: IncomingMessage) -> Disposition:
-        """A copy out of the delay levels whose row is gone (see the module docstring)."""
-        self.logger.warning('%s: %s (%s) came out of the delay levels, but its log row is gone (deleted, '
-                            'requeued as another message or cleaned up meanwhile); dead-lettered without '
-                            'running', self.name, message.shown_task, message.message_id)
+    def _orphaned(self, message: IncomingMessage, how: str) -> Disposition:
+        """A copy whose row is gone (see the module docstring): `how` says what tells it."""
+        self.logger.warning('%s: %s (%s) %s; dead-lettered without running', self.name, message.shown_task,
+                            message.message_id, how)
         return DEAD_LETTER
 
     # -- the claim
@@ -557,6 +563,22 @@ def _first_delivery(message: IncomingMessage) -> bool:
     headers = getattr(message.properties, 'headers', None) or {}
     return not message.redelivered and not message.waits and delays.TARGET_HEADER not in headers \
         and wire.DEATH_HEADER not in headers and wire.LOGGED_HEADER not in headers
+
+
+DELAYED_COPY = ('came out of the delay levels, but its log row is gone (deleted, requeued as another message '
+                'or cleaned up meanwhile)')
+REQUEUED_COPY = 'was requeued as another message meanwhile (a copy held by a worker while its row was requeued)'
+
+
+def _how_its_row_went(message: IncomingMessage) -> str | None:
+    """Why a message whose id has no row is a copy of a task whose row went, not a message from another
+    publisher to be logged and run: it came out of the delay levels, or its id was requeued as another
+    message (that message's row names it as its origin). None: nothing says so."""
+    if _from_delay_levels(message):
+        return DELAYED_COPY
+    if MessageLog.objects.filter(origin=message.message_id).exists():
+        return REQUEUED_COPY
+    return None
 
 
 def _still_there(row: MessageLog) -> bool:
