@@ -119,10 +119,10 @@ def test_a_purge_stops_a_delayed_task_whose_copy_had_reached_the_queue(admin_cli
     assert log.status == 'FAILED' and log.exception.startswith('Purged')  # so the sweep never sends it again
 
 
-@pytest.mark.timeout(90)
-def test_a_purge_keeps_the_deliveries_a_worker_had_prefetched_from_running(admin_client, tmp_path):
-    target = tmp_path / 'runs'
-    publish_message(tasks.append_and_sleep, str(target), 'slow', 3)
+def purge_while_a_worker_holds_five(admin_client, target, slow_seconds: float, then=None):
+    """A worker runs a slow task with five more prefetched behind it; the queue is purged meanwhile (and
+    `then(admin_client)` runs) before the worker is let go."""
+    publish_message(tasks.append_and_sleep, str(target), 'slow', slow_seconds)
     for n in range(5):
         publish_message(tasks.append_and_sleep, str(target), f'queued{n}', 0)
     consumer = ConsumerThread('default#prefetch', idle_timeout=3).start()
@@ -131,8 +131,16 @@ def test_a_purge_keeps_the_deliveries_a_worker_had_prefetched_from_running(admin
         assert queue_depth('default') == 0  # the five behind it are the consumer's, prefetched
         response = admin_client.post('/carrot/api/queues/default/purge/')
         assert response.status_code == 200 and response.json()['count'] == 0
+        if then is not None:
+            then(admin_client)
     finally:
         consumer.join(timeout=60)
+
+
+@pytest.mark.timeout(90)
+def test_a_purge_keeps_the_deliveries_a_worker_had_prefetched_from_running(admin_client, tmp_path):
+    target = tmp_path / 'runs'
+    purge_while_a_worker_holds_five(admin_client, target, 3)
     assert lines(target) == ['slow']
     statuses = sorted(MessageLog.objects.values_list('status', flat=True))
     assert statuses == ['COMPLETED'] + ['FAILED'] * 5  # no row written again for a prefetched copy
@@ -453,17 +461,11 @@ def test_purged_tasks_requeued_while_a_worker_holds_their_copies_run_once(admin_
     """The worker had prefetched the five when they were purged and requeued: their held copies find their
     ids requeued as other messages, and only the requeued messages run."""
     target = tmp_path / 'runs'
-    publish_message(tasks.append_and_sleep, str(target), 'slow', 4)
-    for n in range(5):
-        publish_message(tasks.append_and_sleep, str(target), f'queued{n}', 0)
-    consumer = ConsumerThread('default#prefetch', idle_timeout=3).start()
-    try:
-        wait_for(lambda: lines(target) == ['slow'], 20, 'the slow task to start')
-        assert queue_depth('default') == 0  # the five behind it are the consumer's, prefetched
-        assert admin_client.post('/carrot/api/queues/default/purge/').status_code == 200
-        response = admin_client.post('/carrot/api/failed/requeue/', {'queue': 'default'})
+
+    def requeue_them(client):
+        response = client.post('/carrot/api/failed/requeue/', {'queue': 'default'})
         assert response.status_code == 200 and response.json()['count'] == 5, response.content
-    finally:
-        consumer.join(timeout=60)
+
+    purge_while_a_worker_holds_five(admin_client, target, 4, then=requeue_them)
     run_consumer(idle_timeout=3)  # the requeued messages not run yet
     assert sorted(labels(target)) == sorted(['slow'] + [f'queued{n}' for n in range(5)])
