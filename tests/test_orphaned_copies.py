@@ -10,6 +10,7 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
+from carrot.consume import processor
 from carrot.consume.processor import RETRY_BASE
 from carrot.helper_tasks import cleanup
 from carrot.models import MessageLog
@@ -380,20 +381,43 @@ def test_a_cancelled_task_whose_row_is_deleted_as_its_copy_arrives_does_not_run(
                                                                                 monkeypatch):
     """The row goes (cleanup, a delete) just as the copy from the delay levels arrives: the worker must not
     insert a row for it, as it would for a message from another publisher, and run it."""
-    from carrot.consume import loop
-
     target = tmp_path / 'runs'
     log = publish_message(tasks.stamp, str(target), 'cancelled', countdown=1)
     assert admin_client.post(f'/carrot/api/messages/{log.uuid}/cancel/').status_code == 200
-    get_or_insert_row = loop.get_or_insert_row
+    from carrot.consume import claim
 
-    def deleted_just_now(message, queue, limit):
-        MessageLog.objects.filter(uuid=message.message_id).delete()
-        return get_or_insert_row(message, queue, limit)
+    take_on_arrival = claim.take_on_arrival
 
-    monkeypatch.setattr(loop, 'get_or_insert_row', deleted_just_now)
+    def missed_then_deleted(message_id, *args, **kwargs):  # the row is gone by the time it is read
+        taken = take_on_arrival(message_id, *args, **kwargs)
+        MessageLog.objects.filter(uuid=message_id).delete()
+        return taken
+
+    monkeypatch.setattr(claim, 'take_on_arrival', missed_then_deleted)
     run_consumer(max_messages=1, idle_timeout=8)
-    assert not target.exists()
+    assert not target.exists() and not MessageLog.objects.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_task_whose_row_is_deleted_between_its_read_and_its_claim_does_not_run(raw_channel, tmp_path,
+                                                                               monkeypatch):
+    """A delivery that takes the slow way (the fast claim missed) reads its row, which is deleted before
+    the claim: it is dead-lettered as a copy whose row is gone, and no FAILED row is written for it."""
+    from carrot.consume import claim
+
+    target = tmp_path / 'runs'
+    publish_message(tasks.stamp, str(target), 'deleted')
+    monkeypatch.setattr(claim, 'take_on_arrival', lambda *args, **kwargs: None)
+    take = processor.MessageProcessor._take
+
+    def deleted_first(self, row, condition, count_attempt=True):
+        MessageLog.objects.filter(pk=row.pk).delete()
+        return take(self, row, condition, count_attempt)
+
+    monkeypatch.setattr(processor.MessageProcessor, '_take', deleted_first)
+    run_consumer(max_messages=1, idle_timeout=3)
+    assert not target.exists() and not MessageLog.objects.exists()
+    assert len(dead_letters(raw_channel)) == 1
 
 
 @pytest.mark.timeout(90)

@@ -301,7 +301,10 @@ class MessageProcessor:
                 return DEAD_LETTER
             if taken:
                 return None
-            row.refresh_from_db()
+            try:
+                row.refresh_from_db()
+            except MessageLog.DoesNotExist:
+                return self._orphaned(message, DELETED_AS_IT_CAME)
         return retry_later(RETRY_BASE)
 
     def _take(self, row: MessageLog, condition, count_attempt: bool = True) -> bool:
@@ -567,6 +570,7 @@ def _first_delivery(message: IncomingMessage) -> bool:
 
 DELAYED_COPY = ('came out of the delay levels, but its log row is gone (deleted, requeued as another message '
                 'or cleaned up meanwhile)')
+DELETED_AS_IT_CAME = 'lost its log row as it was about to be claimed (deleted or requeued meanwhile)'
 REQUEUED_COPY = 'was requeued as another message meanwhile (a copy held by a worker while its row was requeued)'
 
 
