@@ -44,7 +44,12 @@ def get_or_insert_row(message: IncomingMessage, queue: QueueConfig, limit: int) 
     try:
         return MessageLog.objects.get(uuid=message.message_id)  # the usual case: carrot published it
     except MessageLog.DoesNotExist:
-        pass
+        return insert_foreign_row(message, queue, limit)
+
+
+def insert_foreign_row(message: IncomingMessage, queue: QueueConfig, limit: int) -> MessageLog:
+    """The row of a message from another publisher, whose id was found to have none: inserted, or the one
+    a concurrent delivery of the same id inserted first (INSERT ... ON CONFLICT DO NOTHING, then read)."""
     MessageLog.objects.bulk_create([new_row(message, queue, message.message_id, limit)], ignore_conflicts=True)
     return MessageLog.objects.get(uuid=message.message_id)
 

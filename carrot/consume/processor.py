@@ -53,7 +53,7 @@ from carrot.consume import claim, djangotask, retry
 from carrot.consume.dbretry import (DatabaseRetry, StopRequested, drop_broken_connections,
                                     reset_connections_left_in_transaction)
 from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, completion_skips_the_orm, get_or_insert_row,
-                                    insert_row, new_row, record_attempt, same_call, set_failed_fields,
+                                    insert_foreign_row, insert_row, new_row, record_attempt, same_call, set_failed_fields,
                                     write_completion)
 from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, exception_class_path, run_task
 from carrot.consume.unflushed import UnflushedResults
@@ -169,19 +169,9 @@ class MessageProcessor:
             if row is not None:  # due, waiting, this very call: taken
                 self._claimed = row
                 return self._run_claimed(row, message)
-        # A row is inserted only for a message from another publisher, never for a copy whose row is gone.
-        rows = MessageLog.objects.filter(uuid=message.message_id)
-        if self.hooks.finds_rows_as_carrot_does():
-            row = self._database(rows.first, 'reading the log row')
-            has_row = row is not None
-        else:  # the consumer's own get_message_log (1.x) reads the row, once carrot has asked the same
-            row, has_row = None, self._database(rows.exists, 'reading the log row')
-        if not has_row:
-            lost = self._database(lambda: _how_its_row_went(message), 'reading the log row')
-            if lost is not None:
-                return self._orphaned(message, lost)
-        if row is None:
-            row = self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
+        row = self._row_or_orphaned(message)
+        if not isinstance(row, MessageLog):
+            return row
         if not same_call(row, message):
             return self._conflict(message, row)
         verdict = self._database(lambda: self.claim(row, message), 'claiming the message')
@@ -244,6 +234,25 @@ class MessageProcessor:
         row.pk = MessageLog.objects.only('pk').get(uuid=row.uuid).pk
         row._state.adding = False
         return row
+
+    def _row_or_orphaned(self, message: IncomingMessage) -> MessageLog | Disposition:
+        """The row of a delivery the fast claim did not take: read, or inserted for a message from another
+        publisher -- never for a copy whose row is gone, which is dead-lettered (the module docstring)."""
+        rows = MessageLog.objects.filter(uuid=message.message_id)
+        if not self.hooks.finds_rows_as_carrot_does():  # a 1.x get_message_log reads it, once carrot has asked
+            if not self._database(rows.exists, 'reading the log row'):
+                lost = self._database(lambda: _how_its_row_went(message), 'reading the log row')
+                if lost is not None:
+                    return self._orphaned(message, lost)
+            return self._database(lambda: self.hooks.get_message_log(message), 'reading the log row')
+        row = self._database(rows.first, 'reading the log row')
+        if row is not None:
+            return row
+        lost = self._database(lambda: _how_its_row_went(message), 'reading the log row')
+        if lost is not None:
+            return self._orphaned(message, lost)
+        return self._database(lambda: insert_foreign_row(message, self.queue, self.config.max_stored_text),
+                              'recording the message')
 
     def _orphaned(self, message: IncomingMessage, how: str) -> Disposition:
         """A copy whose row is gone (see the module docstring): `how` says what tells it."""

@@ -142,7 +142,7 @@ def purge_queue(queue_name: str) -> Done:
         Q(status=MessageLog.SCHEDULED, run_after__lte=now)
     try:
         rows = MessageLog.objects.filter(waiting, queue=queue.name).update(
-            status=MessageLog.FAILED, failure_time=now, worker='',
+            status=MessageLog.FAILED, failure_time=now,
             exception=f'Purged: removed from queue {queue.name!r} in the monitor at {now.isoformat()}')
     except DatabaseError as exc:  # the rows still say they wait: a second purge marks them
         raise ActionError(f'queue {queue.name!r} was purged on RabbitMQ ({purged} message(s) removed), but '

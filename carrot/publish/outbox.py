@@ -22,10 +22,10 @@ Everything that publishes comes through here: ``publish_message`` (the 1.x facad
 Outside a transaction the row's INSERT and its PUBLISHED commit without waiting for the disk
 (carrot.commits); a row left WAITING for the relay is flushed before the call returns. Where the driver
 allows (carrot.statements.Statement.send), the INSERT of a message to run now is sent just before the
-message and its answer read while RabbitMQ confirms (a delayed message's row is committed first): a worker quicker than the INSERT waits for it (the uuid is unique) or writes the row
-itself, and a database that refuses the row once the message has left costs the publisher's row, not the
-task (its worker writes one). A queue that
-tracks only failures (or nothing) gets no row at all unless one is needed (`_enqueue_untracked`).
+message and its answer read while RabbitMQ confirms (a delayed message's row is committed first): a worker
+quicker than the INSERT waits for it (the uuid is unique) or writes the row itself, and a database that
+refuses the row once the message has left costs the publisher's row, not the task (its worker writes one).
+A queue that tracks only failures (or nothing) gets no row at all unless one is needed (`_enqueue_untracked`).
 ``publish_many()`` does the same for many calls of one task, in batches whose confirms are awaited
 together.
 """
