@@ -3,6 +3,7 @@ row is gone never runs"): requeue, delete, purge, run now, cleanup and the admin
 and database, counting how often each task ran. Each test is an attack that once ran a task twice, or ran
 one that had been cancelled or purged: a copy in the delay levels (or prefetched by a worker) found no row
 and was taken for a message from another publisher."""
+import json
 import threading
 from datetime import timedelta
 
@@ -493,3 +494,76 @@ def test_purged_tasks_requeued_while_a_worker_holds_their_copies_run_once(admin_
     purge_while_a_worker_holds_five(admin_client, target, 4, then=requeue_them)
     run_consumer(idle_timeout=3)  # the requeued messages not run yet
     assert sorted(labels(target)) == sorted(['slow'] + [f'queued{n}' for n in range(5)])
+
+
+# -- attacks: hostile headers, and a stop at the worst moment -----------------------------------------------
+
+FORGED_HEADERS = {  # label: (the headers of a copy with no row, whether it counts as out of the delay levels)
+    'levels-no-x-death': ({'carrot-queue': 'default'}, True),
+    'levels-bytes-queue': ({'carrot-queue': 'default', 'x-death': [
+        {'queue': b'carrot.delay.03', 'reason': 'expired', 'count': 1}]}, True),
+    'levels-count-text': ({'carrot-queue': 'default', 'x-death': [{'queue': 'carrot.delay.00', 'count': 'x'}]},
+                          True),
+    'levels-x-death-text': ({'carrot-queue': 'default', 'x-death': 'not an array'}, True),
+    'rejected-since': ({'carrot-queue': 'default', 'x-death': [
+        {'queue': 'carrot.delay.00', 'reason': 'expired', 'count': 1},
+        {'queue': 'default', 'reason': 'rejected', 'count': 1}]}, False),
+    'x-death-junk': ({'carrot-queue': 'default', 'x-death': ['junk', [1]]}, False),
+    'x-death-queue-number': ({'carrot-queue': 'default', 'x-death': [{'queue': 7}]}, False),
+}
+
+
+@pytest.mark.timeout(60)
+def test_copies_with_forged_or_broken_delay_headers_run_once_or_are_dead_lettered_never_lost(raw_channel,
+                                                                                            tmp_path):
+    """Copies of carrot's own wire format with no row, carrying the delay levels' header and x-death arrays
+    of every shape: those that read as out of the levels are dead-lettered unrun, the others run as
+    messages from another publisher; the consumer survives them all and nothing is lost."""
+    import pika
+
+    target = tmp_path / 'runs'
+    for label in FORGED_HEADERS:
+        publish_message(tasks.stamp, str(target), label)
+    taken = [raw_channel.basic_get('default', auto_ack=True)[1:] for _ in FORGED_HEADERS]
+    MessageLog.objects.all().delete()
+    for properties, body in taken:
+        label = json.loads(body)['args'][1]  # stamp(path, label)
+        raw_channel.basic_publish('', 'default', body, pika.BasicProperties(
+            content_type=properties.content_type, message_id=properties.message_id,
+            headers={**(properties.headers or {}), **FORGED_HEADERS[label][0]}))
+    run_consumer(max_messages=len(FORGED_HEADERS), idle_timeout=3)
+    ran = {label for label, (_, orphaned) in FORGED_HEADERS.items() if not orphaned}
+    assert sorted(labels(target)) == sorted(ran)
+    assert len(dead_letters(raw_channel)) == len(FORGED_HEADERS) - len(ran)
+    assert sorted(MessageLog.objects.values_list('status', flat=True)) == ['COMPLETED'] * len(ran)
+    assert queue_depth('default') == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_graceful_stop_while_a_worker_holds_purged_copies_runs_none_of_them_later(admin_client, raw_channel,
+                                                                                 start_supervisor, tmp_path):
+    """SIGTERM to the supervisor while its child runs a slow task with five purged ones prefetched behind
+    it: the slow one finishes once, the five go back to the queue unacked and, at the next start, are
+    dead-lettered unrun because their rows say purged."""
+    import signal
+
+    target = tmp_path / 'runs'
+    sup = start_supervisor('--queues', 'default', name='purge-then-term')
+    sup.wait_ready(['consumer default#1'], timeout=60)
+    publish_message(tasks.append_and_sleep, str(target), 'slow', 3)
+    for n in range(5):
+        publish_message(tasks.append_and_sleep, str(target), f'queued{n}', 0)
+    wait_for(lambda: lines(target) == ['slow'], 20, 'the slow task to start', tail=sup.tail)
+    assert queue_depth('default') == 0  # the five are the child's, prefetched
+    assert admin_client.post('/carrot/api/queues/default/purge/').status_code == 200
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(40) == 0, sup.tail()
+    wait_for(lambda: queue_depth('default') == 5, 10, 'the five unacked copies back in the queue')
+    again = start_supervisor('--queues', 'default', name='after-term')
+    again.wait_ready(['consumer default#1'], timeout=60)
+    again.wait_for(lambda: queue_depth('default') == 0, 30, 'the five copies to be settled')
+    again.stop()
+    assert lines(target) == ['slow']
+    statuses = sorted(MessageLog.objects.values_list('status', flat=True))
+    assert statuses == ['COMPLETED'] + ['FAILED'] * 5
+    assert len(dead_letters(raw_channel)) == 5
