@@ -3,14 +3,23 @@ and database: a result written without waiting for the disk is acked only once a
 flushes and acks what waits, a long task neither keeps the results before it unacked nor the deliveries
 behind it from idle consumers, and every task still runs once.
 """
+import logging
+import threading
+from unittest.mock import patch
+
 import pytest
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection, connections
 
+from carrot.amqp.disposition import Action
+from carrot.config import get_config
+from carrot.consume import claim
+from carrot.consume.processor import DefaultHooks, MessageProcessor
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import queue_depth, rabbitmqctl, run_consumer
 from tests.harness import wait_for
+from tests.test_processing import incoming, processor
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -118,3 +127,170 @@ def test_a_consumer_that_stops_after_one_message_holds_no_other(tmp_path):
     finally:
         connection.close()
     assert redelivered == [False] * 9
+
+
+# -- a result deferred to the next claim (carrot.consume.unflushed), on the processor itself ---------------
+
+class _NextInHand(DefaultHooks):
+    """The processor's hooks as a consumer holding the next delivery (prefetch above 1) gives them."""
+
+    def another_message_waits(self) -> bool:
+        return True
+
+
+def in_a_run():
+    if connection.vendor != 'postgresql':
+        pytest.skip('results skip the disk (and are deferred) on PostgreSQL only (CARROT_TEST_DB=postgres)')
+    config = get_config()
+    worker = MessageProcessor(config.queue('default'), config, logging.getLogger('carrot.consumer'), 'default#unit')
+    worker.hooks = _NextInHand(worker)
+    return worker
+
+
+def published(*args):
+    log = publish_message(tasks.add, *args, on_commit=False)
+    return log, incoming(args=list(args), message_id=log.uuid)
+
+
+def commits_of_this_session() -> int:
+    """Transactions committed in this database so far (the test's own reads count too)."""
+    with connection.cursor() as cursor:
+        cursor.execute('SELECT pg_stat_clear_snapshot()')
+        cursor.execute('SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()')
+        return cursor.fetchone()[0]
+
+
+def test_a_result_deferred_to_the_next_claim_is_written_with_it_and_acked_after_a_flush():
+    worker = in_a_run()
+    first, first_message = published(1, 2)
+    second, second_message = published(3, 4)
+    disposition = worker.process(first_message)
+    assert disposition.action is Action.ACK and not disposition.on_disk  # acked only after a flush
+    number = worker.unflushed_number
+    first.refresh_from_db()
+    assert first.status == 'IN_PROGRESS'  # not written yet: it goes with the next claim
+    assert worker.results.verdict(number) is None
+    worker.hooks = DefaultHooks(worker)  # the second is the last of the run: its result waits for the disk
+    assert worker.process(second_message).on_disk
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.status, first.output, first.attempts) == ('COMPLETED', '3', 1)
+    assert (second.status, second.output) == ('COMPLETED', '7')
+    assert worker.results.verdict(number) is True  # the second's commit flushed the first's
+    assert not worker.results.pending
+
+
+def test_a_run_of_deferred_results_takes_about_one_commit_a_task():
+    """Without deferring, a task took two commits (its claim, its result); with it, one."""
+    worker = in_a_run()
+    messages = [published(n, n)[1] for n in range(40)]
+    before = commits_of_this_session()
+    for message in messages:
+        assert worker.process(message).action is Action.ACK
+    worker.results.flush()
+    commits = commits_of_this_session() - before
+    assert MessageLog.objects.filter(status='COMPLETED', attempts=1).count() == 40
+    assert commits < 50, f'{commits} commits for 40 tasks'
+
+
+def test_a_deferred_result_is_written_by_a_flush_from_another_thread():
+    """A stop, a lost connection or a long wait for the next delivery: the lease thread's flush writes it."""
+    worker = in_a_run()
+    log, message = published(5, 5)
+    worker.process(message)
+    number = worker.unflushed_number
+    failures = []
+
+    def flush():
+        try:
+            worker.results.flush()
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            connections.close_all()
+    thread = threading.Thread(target=flush)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and not failures
+    log.refresh_from_db()
+    assert (log.status, log.output) == ('COMPLETED', '10')
+    assert worker.results.verdict(number) is True
+    assert not worker.results.deferred and not worker.results.pending
+    worker.results.flush()  # nothing left: nothing written twice
+    assert not claim._held  # the row is no longer held by this process
+
+
+@pytest.mark.parametrize('next_one', ['bad', 'unregistered', 'no_message_id', 'own_copy', 'foreign'])
+def test_a_deferred_result_is_written_whatever_the_next_delivery_is(next_one):
+    """The next delivery may take any way but the one-statement claim: the deferred result is written first,
+    and a copy of the task itself is acked as a duplicate, never run again."""
+    worker = in_a_run()
+    log, message = published(2, 2)
+    worker.process(message)
+    number = worker.unflushed_number
+    following = {
+        'bad': lambda: incoming(body=b'{not json'),
+        'unregistered': lambda: incoming(task='tests.testapp.tasks.not_there'),
+        'no_message_id': lambda: incoming(args=[1, 1], message_id=None),
+        'own_copy': lambda: incoming(args=[2, 2], message_id=log.uuid, redelivered=True),
+        'foreign': lambda: incoming(args=[1, 1]),
+    }[next_one]()
+    outcome = worker.process(following)
+    log.refresh_from_db()
+    assert (log.status, log.output, log.attempts) == ('COMPLETED', '4', 1)
+    if next_one == 'own_copy':
+        assert outcome.action is Action.ACK
+    if outcome.on_disk:
+        assert worker.results.verdict(number) is True
+    else:
+        worker.results.flush()
+        assert worker.results.verdict(number) is True
+    assert MessageLog.objects.filter(uuid=log.uuid).count() == 1
+
+
+def test_a_deferred_result_whose_row_is_deleted_is_not_written_again_and_the_next_runs():
+    worker = in_a_run()
+    log, message = published(1, 1)
+    second, second_message = published(2, 2)
+    worker.process(message)
+    number = worker.unflushed_number
+    MessageLog.objects.filter(pk=log.pk).delete()  # deleted in the monitor while it waited
+    worker.hooks = DefaultHooks(worker)
+    assert worker.process(second_message).action is Action.ACK
+    assert not MessageLog.objects.filter(uuid=log.uuid).exists()
+    second.refresh_from_db()
+    assert second.status == 'COMPLETED'
+    assert worker.results.verdict(number) is True  # nothing of it to flush: its delivery is acked
+
+
+def test_a_deferred_result_is_written_apart_when_the_claim_with_it_is_refused(caplog):
+    """The one statement refused (here: its prepared form dropped and the plain one broken on purpose):
+    the result is written on its own, and the next task is still claimed and run once."""
+    worker = in_a_run()
+    log, message = published(3, 3)
+    second, second_message = published(4, 4)
+    worker.process(message)
+    with patch.object(claim, 'complete_then_take', side_effect=DatabaseError('refused on purpose')):
+        worker.hooks = DefaultHooks(worker)
+        assert worker.process(second_message).on_disk
+    log.refresh_from_db()
+    second.refresh_from_db()
+    assert (log.status, second.status, second.attempts) == ('COMPLETED', 'COMPLETED', 1)
+    assert 'could not go in one statement' in caplog.text
+
+
+def test_a_copy_of_a_task_whose_result_is_deferred_is_not_taken_over_in_the_same_process():
+    """Another consumer thread of this process meets a copy of the task while its result waits for the next
+    claim: the row is IN_PROGRESS under this live process, so the copy waits -- not a dead worker's row to
+    take over and run again."""
+    worker = in_a_run()
+    log, message = published(6, 6)
+    worker.process(message)
+    other = processor('default#other')
+    outcome = other.process(incoming(args=[6, 6], message_id=log.uuid, redelivered=True))
+    assert outcome.action is Action.RETRY_LATER
+    log.refresh_from_db()
+    assert (log.status, log.attempts) == ('IN_PROGRESS', 1)
+    worker.results.flush()
+    log.refresh_from_db()
+    assert (log.status, log.attempts) == ('COMPLETED', 1)

@@ -103,16 +103,21 @@ def write_completion(row: MessageLog, wait_for_disk: bool = True) -> tuple[bool,
     (carrot.consume.unflushed). Returns whether the row was written (False: it was deleted meanwhile) and,
     on PostgreSQL, the start time of the server that took it."""
     using = MessageLog.objects.db
-    adapt = connections[using].ops.adapt_datetimefield_value
-    params = [adapt(row.completion_time), row.output, row.log, row.pk]
+    params = completion_params(row)
     if connections[using].vendor != 'postgresql':
-        return bool(statement('write_completion', _write_completion_sql, using).run(params, using=using)), None
+        return bool(statement('write_completion', write_completion_sql, using).run(params, using=using)), None
     found = statement('write_completion_returning', _write_completion_returning_sql, using).run(
         params, using=using, fetch=True, wait_for_disk=wait_for_disk)
     return (True, found[0]) if found is not None else (False, None)
 
 
-def _write_completion_sql(connection) -> str:
+def completion_params(row: MessageLog) -> list:
+    """write_completion_sql's parameters for `row`."""
+    adapt = connections[MessageLog.objects.db].ops.adapt_datetimefield_value
+    return [adapt(row.completion_time), row.output, row.log, row.pk]
+
+
+def write_completion_sql(connection) -> str:
     quote = connection.ops.quote_name
     return (f"UPDATE {quote(MessageLog._meta.db_table)} SET status = '{MessageLog.COMPLETED}', "
             f'completion_time = %s, output = %s, log = %s, lease_expires = NULL '
@@ -122,7 +127,7 @@ def _write_completion_sql(connection) -> str:
 def _write_completion_returning_sql(connection) -> str:
     # The server's start time comes back with the write: a result is vouched for only by a flush on the
     # same server run (carrot.consume.unflushed).
-    return f'{_write_completion_sql(connection)} RETURNING pg_postmaster_start_time()'
+    return f'{write_completion_sql(connection)} RETURNING pg_postmaster_start_time()'
 
 
 def record_attempt(row: MessageLog, outcome: str, limit: int, exception_class: str = '', exception: str = '',

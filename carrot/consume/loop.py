@@ -243,6 +243,8 @@ class Consumer:
                 self._wait_for_delivery()  # its log is written; the lost ack means a redelivery
                 self._sleep(broker.failed(self._describe(exc, session), exc))
             finally:
+                if lost:
+                    self._write_deferred_result()
                 self._held.clear()  # unacked: RabbitMQ delivers them again once the channel is gone
                 self._unflushed.clear()  # ... these too: a redelivery finds their rows COMPLETED
                 self._flush_future = None
@@ -368,7 +370,7 @@ class Consumer:
                 self._next_flush = time.monotonic() + FLUSH_RETRY
             return
         delivery = self.delivery
-        if not self._unflushed or time.monotonic() < self._next_flush:
+        if not self._results_wait() or time.monotonic() < self._next_flush:
             return
         # A task done is settled on the next turn, with whatever its own commit flushed.
         if delivery is not None and (delivery.done or delivery.age < FLUSH_DURING_TASK_AFTER):
@@ -392,6 +394,23 @@ class Consumer:
                          'queue for other consumers', self.name, len(held), held[0].age, delivery.task,
                          delivery.age)
 
+    def _results_wait(self) -> bool:
+        """Whether results wait for a flush: deliveries kept unacked for one, or a result deferred to the
+        next claim (carrot.consume.unflushed), which a flush writes."""
+        return bool(self._unflushed) or self.processor.results.deferred
+
+    def _write_deferred_result(self) -> None:
+        """The connection is lost: a result deferred to the next claim is written now (its delivery comes
+        again, and must find it COMPLETED), not whenever a next delivery comes."""
+        if not self.processor.results.deferred:
+            return
+        self._flush_future = None
+        try:
+            self._on_lease_thread(self._flush_in_lease_thread)
+        except Exception as exc:  # tried again once consuming again (_flush_when_stuck), or by the next claim
+            self.logger.warning('%s: could not write the result of the last task yet: %s', self.name,
+                                text.for_log(exc, 200))
+
     def _flush_in_lease_thread(self) -> None:
         try:
             self.processor.results.flush()
@@ -402,7 +421,7 @@ class Consumer:
     def _flush_before_leaving(self, session: ConsumeSession) -> None:
         """Before the loop ends (stop, max_messages, idle timeout): flush and ack what waits for a flush.
         If that fails, the deliveries go back unacked with the channel and are found COMPLETED."""
-        if not self._unflushed:
+        if not self._results_wait():
             return
         self._flush_future = None  # one in flight finishes first: the lease thread runs one step at a time
         try:

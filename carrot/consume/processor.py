@@ -56,7 +56,8 @@ from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, completion_skips_
                                     insert_foreign_row, insert_row, new_row, record_attempt, same_call, set_failed_fields,
                                     write_completion)
 from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, exception_class_path, run_task
-from carrot.consume.unflushed import UnflushedResults
+from carrot.consume.unflushed import Deferred, UnflushedResults
+from carrot.dbfaults import describe_database_fault, may_pass
 from carrot.exceptions import BadMessage, TaskNotRegistered, WorkerLost
 from carrot.models import MessageLog, TaskAttempt
 
@@ -105,7 +106,7 @@ class MessageProcessor:
         self._database = DatabaseRetry(logger, name, self._should_give_up)
         self.abandoned: threading.Event | None = None  # set: the delivery in hand is gone (see process)
         self._returning = claim.can_take_on_arrival()
-        self.results = UnflushedResults(MessageLog.objects.db)
+        self.results = UnflushedResults(MessageLog.objects.db, write_durably=self._write_durably)
         # Set by process(): the number (carrot.consume.unflushed) of this message's result when it was
         # written without waiting for the disk; its delivery is acked once that number is settled.
         self.unflushed_number: int | None = None
@@ -161,11 +162,8 @@ class MessageProcessor:
             if untracked is not None:
                 return untracked
         # Read and claim a waiting row in one statement, unless a consumer finds its rows its own way.
-        if self._returning and self.hooks.finds_rows_as_carrot_does():
-            task_args, content = message.stored_arguments
-            row = self._database(lambda: claim.take_on_arrival(
-                message.message_id, text.for_column(message.shown_task, 200), task_args, content, self.worker,
-                self.config.claim_lease), 'claiming the message')
+        if self._takes_fast(message):
+            row = self._take_on_arrival(message)
             if row is not None:  # due, waiting, this very call: taken
                 self._claimed = row
                 return self._run_claimed(row, message)
@@ -179,6 +177,63 @@ class MessageProcessor:
             return verdict
         self._claimed = row
         return self._run_claimed(row, message)
+
+    def _takes_fast(self, message: IncomingMessage) -> bool:
+        """Whether `message` is claimed by take_on_arrival (one statement) before anything else is read."""
+        return self._returning and not message.is_bad and message.message_id is not None and \
+            self.hooks.finds_rows_as_carrot_does()
+
+    def _take_on_arrival(self, message: IncomingMessage) -> MessageLog | None:
+        """claim.take_on_arrival, with the deferred result of the task before in the same statement when
+        there is one; that statement is tried once: refused, the result is written on its own (as it would
+        have been without deferring, waited out if the database is down), and the claim alone follows.
+
+        A delivery that goes another way leaves a deferred result to the flush after it (process() makes
+        one after a disposition that is on disk; the lease thread one once its task has run for
+        FLUSH_DURING_TASK_AFTER): the same flush that result would have waited for."""
+        deferred = self.results.take_deferred()
+        task_args, content = message.stored_arguments
+        call = (message.message_id, text.for_column(message.shown_task, 200), task_args, content, self.worker,
+                self.config.claim_lease)
+        if deferred is not None:
+            try:
+                started, row = claim.complete_then_take(deferred.row, *call)
+            except DatabaseError as exc:
+                if not may_pass(exc):  # not an outage (which the write below waits out and logs)
+                    self.logger.warning('%s: a result and the next claim could not go in one statement (%s); '
+                                        'writing them apart', self.name, describe_database_fault(exc))
+                self._write_deferred(deferred)
+            except BaseException:
+                self.results.give_back(deferred)  # written by the next claim or flush
+                raise
+            else:
+                self._wrote_deferred(deferred, started)
+                return row
+        return self._database(lambda: claim.take_on_arrival(*call), 'claiming the message')
+
+    def _write_deferred(self, deferred: Deferred) -> None:
+        """Write a deferred result on its own, as _record_success would have."""
+        def write() -> None:
+            written, started = write_completion(deferred.row, wait_for_disk=False)
+            self._wrote_deferred(deferred, started if written else None)
+        try:
+            self._database(write, 'recording the result', interruptible=False)
+        except DatabaseError:  # refused for good: save() writes it reduced, and waits for the disk
+            self.save(deferred.row, interruptible=False, fields=COMPLETION_FIELDS)
+            self._wrote_deferred(deferred, None)
+
+    @staticmethod
+    def _write_durably(row: MessageLog) -> tuple[bool, object]:
+        """A deferred result written by a flush (carrot.consume.unflushed), in a commit that waits for the
+        disk, on whichever thread flushes."""
+        written = write_completion(row, wait_for_disk=True)
+        claim.release(row.uuid)
+        return written
+
+    def _wrote_deferred(self, deferred: Deferred, started) -> None:
+        """`started` None: the row was deleted meanwhile (or written durably): nothing left to flush."""
+        self.results.wrote_deferred(deferred, started, gone=started is None)
+        claim.release(deferred.row.uuid)
 
     # -- queues that track less ('track': 'failures' or 'none')
 
@@ -381,14 +436,15 @@ class MessageProcessor:
         row.completion_time = timezone.now()
         row.output = outcome.output
         row.lease_expires = None
-        on_disk = self._record_success(row)
+        # A task_finished receiver may read the result back: a django.tasks result is written at once.
+        on_disk = self._record_success(row, may_defer=django_run is None)
         if django_run is not None:
             django_run.finished(row)
         self.logger.info('%s: %s (%s) completed in %.3fs, attempt %d', self.name, message.shown_task, row.uuid,
                          (row.completion_time - row.started_time).total_seconds(), row.attempts)
         return ACK if on_disk else ACK_AFTER_FLUSH
 
-    def _record_success(self, row: MessageLog) -> bool:
+    def _record_success(self, row: MessageLog, may_defer: bool = True) -> bool:
         """Write a success; returns False when its commit did not wait for the disk (the next delivery is
         in hand, and a later commit flushes this one: carrot.consume.unflushed)."""
         if not completion_skips_the_orm():  # someone listens to MessageLog's save signals: the ORM's save
@@ -396,16 +452,27 @@ class MessageProcessor:
             return True  # what waits for a flush is flushed by process() before it returns
         bound_row(row, self.config.max_stored_text)
         skip = self.hooks.another_message_waits()
+        if may_defer and skip and self._returning and self.results.usable() and \
+                self.hooks.finds_rows_as_carrot_does():
+            # Written with the next delivery's claim (carrot.consume.unflushed); held till then, so no
+            # claimer in this process takes the row, IN_PROGRESS meanwhile, for a dead worker's.
+            earlier = self.results.take_deferred()  # none: every way here passed a claim, which wrote it
+            if earlier is not None:
+                self._write_deferred(earlier)
+            claim.hold(row.uuid)
+            self.unflushed_number = self.results.defer(row)
+            return False
 
         def write() -> bool:
             skipping = skip and self.results.usable()
+            upto = self.results.stamp()
             written, server_started = write_completion(row, wait_for_disk=not skipping)
             if not written:  # deleted meanwhile: nothing of it to flush (nor did this commit flush anything)
                 return True
             if skipping:
                 self.unflushed_number = self.results.wrote_unflushed(server_started)
                 return False
-            self.results.wrote_flushed(server_started)
+            self.results.wrote_flushed(server_started, upto)
             return True
         try:
             return self._database(write, 'recording the result', interruptible=False)

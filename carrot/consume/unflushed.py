@@ -9,37 +9,59 @@ acks it after the next commit that waits -- the last result of a run of deliveri
 (carrot.commits.flush_to_disk) when the run ends otherwise, the next task takes a while, or the worker
 stops.
 
-Each result written without waiting gets a number, and each commit that waits settles every number
-written before it: durable, or -- when the server's start time differs from the one the result was
-written under (read by the very statements, never remembered: a pooler keeps a client connection across a
-server restart) -- perhaps lost. The consumer acks a delivery whose number is settled durable and gives back
-(requeues) one that is perhaps lost: its redelivery finds the row COMPLETED, or runs the task again if the
-crash took the row with it.
+A result may also be deferred: kept here, unwritten, to ride in the statement that claims the next
+delivery (carrot.consume.claim.complete_then_take), one statement a task instead of two. Whoever comes
+first writes it: the next claim, or any flush (which writes it durably, so a stop, a lost connection or a
+long wait never leaves it behind).
+
+Each result gets a number, and each write of one a stamp in the order the writes returned; a commit
+that waits settles every result stamped before it was sent: durable, or -- when the server's start time
+differs from the one the result was written under (read by the very statements, never remembered: a
+pooler keeps a client connection across a server restart) -- perhaps lost. The consumer acks a delivery
+whose number is settled durable and gives back (requeues) one that is perhaps lost: its redelivery finds
+the row COMPLETED, or runs the task again if the crash took the row with it.
 """
 from __future__ import annotations
 
 import threading
+from typing import Callable, NamedTuple
 
 from django.db import connections
 
 from carrot.commits import commits_may_skip_the_disk, flush_to_disk
 
 
-class UnflushedResults:
-    """The results of this worker written without waiting for the disk. The task thread writes; any thread
-    (the task thread, the consumer's lease thread) may settle them."""
+class Deferred(NamedTuple):
+    """A result kept to be written with the next claim: its number and the row (completed, bounded)."""
+    number: int
+    row: object
 
-    def __init__(self, using: str = 'default'):
+
+class UnflushedResults:
+    """The results of this worker not yet on disk. The task thread writes and defers; any thread (the task
+    thread, the consumer's lease thread) may write a deferred one and settle them."""
+
+    def __init__(self, using: str = 'default', write_durably: Callable | None = None):
+        """`write_durably(row)` -> (written, server start): writes a deferred result in a commit that waits
+        for the disk (None: nothing is ever deferred here)."""
         self.using = using
+        self._write_durably = write_durably
         self._lock = threading.Lock()
-        self._numbers = 0                    # results written without waiting so far (the last number given)
-        self._pending: dict[int, object] = {}   # number -> start time of the server it was written to
+        self._numbers = 0                    # results given a number so far (the last number given)
+        self._writes = 0                     # writes recorded so far (the last stamp given)
+        # number -> (start time of the server it was written to, stamp); (None, None) while deferred
+        self._pending: dict[int, tuple] = {}
         self._settled: dict[int, bool] = {}     # number -> durable, until the consumer collects it
+        self._deferred: Deferred | None = None
         self._usable: bool | None = None
 
     @property
     def pending(self) -> bool:
         return bool(self._pending)
+
+    @property
+    def deferred(self) -> bool:
+        return self._deferred is not None
 
     def usable(self) -> bool:
         """Whether results may be written without waiting here: PostgreSQL, CARROT['async_commits'], and a
@@ -50,28 +72,86 @@ class UnflushedResults:
                 flush_to_disk(self.using) is not None
         return self._usable
 
+    def stamp(self) -> int:
+        """The stamp of the last write recorded: a commit sent after this call flushes every write up to it."""
+        with self._lock:
+            return self._writes
+
     def wrote_unflushed(self, server_started) -> int:
         """A result was just committed without waiting, on a server that started at `server_started`.
         Returns its number."""
         with self._lock:
             self._numbers += 1
-            self._pending[self._numbers] = server_started
+            self._writes += 1
+            self._pending[self._numbers] = (server_started, self._writes)
             return self._numbers
 
-    def wrote_flushed(self, server_started) -> None:
+    def wrote_flushed(self, server_started, upto: int) -> None:
         """A commit that waited was just made by the writing thread, on a server that started at
-        `server_started`: it flushed every result written before it."""
+        `server_started`, sent after stamp `upto` (see stamp()): it flushed every result written before."""
         with self._lock:
-            self._settle(server_started, self._numbers)
+            self._settle(server_started, upto)
+
+    def defer(self, row) -> int:
+        """Keep the result of `row` to be written with the next claim (see the module docstring); returns
+        its number. One at a time: a result deferred before is written first."""
+        if self._write_durably is None or self._deferred is not None:
+            raise RuntimeError('no deferring here, or a deferred result is still unwritten')
+        with self._lock:
+            self._numbers += 1
+            self._pending[self._numbers] = (None, None)
+            self._deferred = Deferred(self._numbers, row)
+            return self._numbers
+
+    def take_deferred(self) -> Deferred | None:
+        """The deferred result, now the caller's to write (or to give back): None if there is none."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, None
+            return deferred
+
+    def give_back(self, deferred: Deferred) -> None:
+        """A deferred result taken but not written: deferred again."""
+        with self._lock:
+            self._deferred = deferred
+
+    def wrote_deferred(self, deferred: Deferred, server_started, gone: bool = False) -> None:
+        """The deferred result was just committed without waiting, on a server that started at
+        `server_started`; `gone`: its row was deleted meanwhile, so there is nothing to flush."""
+        with self._lock:
+            if gone:
+                self._pending.pop(deferred.number, None)
+                self._settled[deferred.number] = True
+                return
+            self._writes += 1
+            self._pending[deferred.number] = (server_started, self._writes)
 
     def flush(self) -> None:
-        """Flush now, from any thread, and settle what was written before. Raises DatabaseError when the
-        flush fails."""
+        """Flush now, from any thread, and settle what was written before; a deferred result is written in
+        the commit that flushes. Raises DatabaseError when the flush fails (a deferred result stays
+        deferred)."""
+        deferred = self.take_deferred()
         with self._lock:
-            if not self._pending:
+            if not self._pending and deferred is None:
                 return
-            upto = self._numbers
-        started = flush_to_disk(self.using)
+            upto = self._writes
+        try:
+            if deferred is not None:
+                written, started = self._write_durably(deferred.row)
+                if not written:  # deleted meanwhile: this commit flushed nothing
+                    self.wrote_deferred(deferred, None, gone=True)
+                    started = flush_to_disk(self.using)
+                else:
+                    with self._lock:
+                        self._writes += 1
+                        self._pending[deferred.number] = (started, self._writes)
+                        upto = self._writes
+            else:
+                started = flush_to_disk(self.using)
+        except BaseException:
+            if deferred is not None and deferred.number in self._pending and \
+                    self._pending[deferred.number][1] is None:
+                self.give_back(deferred)
+            raise
         with self._lock:
             self._settle(started, upto)
 
@@ -82,8 +162,8 @@ class UnflushedResults:
             return self._settled.pop(number, None)
 
     def _settle(self, started, upto: int) -> None:
-        for number in [n for n in self._pending if n <= upto]:
-            self._settled[number] = started is not None and self._pending.pop(number) == started
+        for number in [n for n, (_, stamp) in self._pending.items() if stamp is not None and stamp <= upto]:
+            self._settled[number] = started is not None and self._pending.pop(number)[0] == started
         if len(self._settled) > SETTLED_KEPT:  # verdicts nobody collects (their deliveries went with a channel)
             for number in sorted(self._settled)[:len(self._settled) - SETTLED_KEPT]:
                 del self._settled[number]
