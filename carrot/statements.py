@@ -35,6 +35,7 @@ import itertools
 import logging
 import re
 import weakref
+from types import SimpleNamespace
 
 from django.db import Error as DatabaseError, connections
 
@@ -263,7 +264,7 @@ class InFlight:
 
     def __init__(self, statement: Statement, connection, name: str, params, using: str, fetch: bool,
                  wait_for_disk: bool):
-        from psycopg import generators
+        generators = _psycopg().generators
         self.statement, self.connection, self.name = statement, connection, name
         self.params, self.using, self.fetch, self.wait_for_disk = params, using, fetch, wait_for_disk
         setting = 'DEFAULT' if wait_for_disk else 'off' if commits_may_skip_the_disk() else None
@@ -285,8 +286,8 @@ class InFlight:
     def result(self):
         """What run() would have returned; raises what it would have raised. A failed EXECUTE committed
         nothing: the plain statement decides, as in run()."""
-        from psycopg import errors, generators, pq
-        from psycopg.adapt import Transformer
+        psycopg = _psycopg()
+        errors, generators, pq, Transformer = psycopg.errors, psycopg.generators, psycopg.pq, psycopg.Transformer
         raw = self.connection.connection
         try:
             with self.connection.wrap_database_errors:
@@ -314,6 +315,19 @@ class InFlight:
 
     def abandon(self) -> None:
         _close(self.connection)
+
+
+@functools.cache
+def _psycopg():
+    """psycopg 3's parts InFlight uses, imported once (an import in a function costs on every call: a
+    fiftieth of a worker's time in a drain)."""
+    import psycopg
+    import psycopg.adapt
+    import psycopg.errors
+    import psycopg.generators
+    import psycopg.pq
+    return SimpleNamespace(errors=psycopg.errors, generators=psycopg.generators, pq=psycopg.pq,
+                           Transformer=psycopg.adapt.Transformer)
 
 
 def literal_query(text: str, params, raw) -> bytes | None:
