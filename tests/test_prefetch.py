@@ -5,15 +5,18 @@ behind it from idle consumers, and every task still runs once.
 """
 import logging
 import threading
+import time
 from unittest.mock import patch
 
 import pytest
 from django.conf import settings
-from django.db import DatabaseError, connection, connections
+from django.db import DatabaseError, connection, connections, transaction
+from django.utils import timezone
 
 from carrot.amqp.disposition import Action
 from carrot.config import get_config
 from carrot.consume import claim
+from carrot.consume.logrows import write_completion
 from carrot.consume.processor import DefaultHooks, MessageProcessor
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
@@ -294,3 +297,121 @@ def test_a_copy_of_a_task_whose_result_is_deferred_is_not_taken_over_in_the_same
     worker.results.flush()
     log.refresh_from_db()
     assert (log.status, log.attempts) == ('COMPLETED', 1)
+
+
+def _row_locked(pk, locked: threading.Event, release: threading.Event) -> None:
+    """Hold a lock on row `pk` (another session's SELECT FOR UPDATE) until `release`."""
+    with transaction.atomic():
+        MessageLog.objects.select_for_update().get(pk=pk)
+        locked.set()
+        release.wait(30)
+    connections.close_all()
+
+
+def _flush_with_lock_timeout(worker, failures: list, started: threading.Event) -> None:
+    """The consumer's lease thread flushing, on a connection whose lock_timeout gives up on a locked row."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET lock_timeout = '1500ms'")
+    started.set()
+    try:
+        worker.results.flush()
+    except BaseException as exc:
+        failures.append(exc)
+    finally:
+        connections.close_all()
+
+
+class _FlushThatFails:
+    """A flush on another thread that has taken the deferred result of `row` and fails on its lock."""
+
+    def __init__(self, worker, row):
+        self.locked, self.release, self.started, self.failures = (threading.Event(), threading.Event(),
+                                                                 threading.Event(), [])
+        self.lock = threading.Thread(target=_row_locked, args=(row.pk, self.locked, self.release))
+        self.lock.start()
+        assert self.locked.wait(10)
+        self.flush = threading.Thread(target=_flush_with_lock_timeout, args=(worker, self.failures, self.started))
+        self.flush.start()
+        assert self.started.wait(10)
+        time.sleep(0.3)  # the flush has taken the result and waits on the lock
+
+    def end(self):
+        self.flush.join(10)
+        self.release.set()
+        self.lock.join(10)
+        assert self.failures, 'the flush was meant to fail on the lock'
+
+
+def test_a_flush_that_fails_while_the_next_result_is_deferred_loses_neither():
+    """(helper-16) The lease thread's flush took the deferred result A and failed on a lock while the task
+    thread ran B and deferred B's: giving A back dropped B, never written and never acked."""
+    worker = in_a_run()
+    a, a_message = published(1, 1)
+    b, b_message = published(2, 2)
+    worker.process(a_message)
+    a_number = worker.unflushed_number
+    failing = _FlushThatFails(worker, a)
+    assert worker.process(b_message).on_disk is False  # B claimed alone (A was in the flush's hands), deferred
+    b_number = worker.unflushed_number
+    failing.end()
+    worker.results.flush()
+    a.refresh_from_db()
+    b.refresh_from_db()
+    assert (a.status, b.status) == ('COMPLETED', 'COMPLETED')
+    assert (worker.results.verdict(a_number), worker.results.verdict(b_number)) == (True, True)
+    assert not worker.results.pending and not worker.results.deferred
+    assert a.uuid not in claim._held and b.uuid not in claim._held
+
+
+def test_a_result_deferred_while_a_failed_flush_gives_one_back_is_recorded_not_failed():
+    """(helper-16) The failed flush gave its result back just before the task thread deferred the next one:
+    that raised, and a task that had succeeded was recorded FAILED."""
+    worker = in_a_run()
+    a, a_message = published(1, 1)
+    b, b_message = published(2, 2)
+    worker.process(a_message)
+    failing = _FlushThatFails(worker, a)
+    real_hold, holds = claim.hold, []
+
+    def hold(message_id):  # B's second hold is _record_success's, just before it defers B
+        holds.append(message_id)
+        if holds.count(b.uuid) == 2:
+            failing.end()  # the flush fails and gives A back here
+        real_hold(message_id)
+    with patch.object(claim, 'hold', hold):
+        outcome = worker.process(b_message)
+    assert outcome.action is Action.ACK
+    worker.results.flush()
+    a.refresh_from_db()
+    b.refresh_from_db()
+    assert (a.status, b.status, b.output) == ('COMPLETED', 'COMPLETED', '4')
+    assert a.uuid not in claim._held and b.uuid not in claim._held
+
+
+def test_a_flush_that_writes_a_deferred_result_vouches_only_for_what_was_committed_before_it():
+    """(helper-16) A commit that returned while the flush's own commit was on its way is not flushed by it."""
+    worker = in_a_run()
+    log, message = published(1, 1)
+    other, _ = published(3, 3)
+    worker.process(message)
+    numbers = []
+    write_durably = worker.results._write_durably
+
+    def write_then_another_commit_returns(row):
+        written = write_durably(row)
+
+        def task_thread():  # another result, written without waiting, returns only now
+            other.status, other.completion_time, other.output, other.log = 'COMPLETED', timezone.now(), '6', ''
+            _, started = write_completion(other, wait_for_disk=False)
+            numbers.append(worker.results.wrote_unflushed(started))
+            connections.close_all()
+        thread = threading.Thread(target=task_thread)
+        thread.start()
+        thread.join(10)
+        return written
+    worker.results._write_durably = write_then_another_commit_returns
+    worker.results.flush()
+    assert worker.results.verdict(numbers[0]) is None  # not vouched for: a later flush settles it
+    worker.results._write_durably = write_durably
+    worker.results.flush()
+    assert worker.results.verdict(numbers[0]) is True

@@ -246,10 +246,9 @@ class Consumer:
                                         'duplicate once it is done', self.name, session.where,
                                         self._describe(exc, session), delivery.task, delivery.message_id)
                 self._wait_for_delivery()  # its log is written; the lost ack means a redelivery
+                self._write_deferred_result()  # ... and the task's before it
                 self._sleep(broker.failed(self._describe(exc, session), exc))
             finally:
-                if lost:
-                    self._write_deferred_result()
                 self._held.clear()  # unacked: RabbitMQ delivers them again once the channel is gone
                 self._unflushed.clear()  # ... these too: a redelivery finds their rows COMPLETED
                 self._flush_future = None
@@ -405,16 +404,17 @@ class Consumer:
         return bool(self._unflushed) or self.processor.results.deferred
 
     def _write_deferred_result(self) -> None:
-        """The connection is lost: a result deferred to the next claim is written now (its delivery comes
-        again, and must find it COMPLETED), not whenever a next delivery comes."""
+        """The connection is lost, or the loop ends: a result deferred to the next claim is written now, an
+        outage waited out -- it is all there is of a task that ran, and its delivery, coming again, must
+        find it COMPLETED (the task thread waits out the write of any other result the same way)."""
         if not self.processor.results.deferred:
             return
-        self._flush_future = None
+        self._flush_future = None  # one in flight finishes first: the lease thread runs one step at a time
         try:
-            self._on_lease_thread(self._flush_in_lease_thread)
-        except Exception as exc:  # tried again once consuming again (_flush_when_stuck), or by the next claim
-            self.logger.warning('%s: could not write the result of the last task yet: %s', self.name,
-                                text.for_log(exc, 200))
+            self._on_lease_thread(self.processor.write_deferred_results)
+        except Exception as exc:  # refused for good: its delivery comes again, and the task runs again
+            self.logger.error('%s: could not write the result of the last task: %s; it will run again',
+                              self.name, text.for_log(exc, 200))
 
     def _flush_in_lease_thread(self) -> None:
         try:
@@ -432,10 +432,13 @@ class Consumer:
         try:
             self._on_lease_thread(self._flush_in_lease_thread)
         except Exception as exc:
-            self.logger.warning('%s: could not flush %d results before stopping (%s); their messages are '
-                                'delivered again and acked as duplicates', self.name, len(self._unflushed),
-                                text.for_log(exc, 200))
-            return
+            if self.processor.results.deferred:
+                self._write_deferred_result()
+            else:
+                self.logger.warning('%s: could not flush %d results before stopping (%s); their messages are '
+                                    'delivered again and acked as duplicates', self.name, len(self._unflushed),
+                                    text.for_log(exc, 200))
+                return
         self._settle_unflushed(session)
 
     def _enforce_time_limit(self, session: ConsumeSession) -> None:

@@ -197,18 +197,21 @@ class MessageProcessor:
                 self.config.claim_lease)
         if deferred is not None:
             try:
-                started, row = claim.complete_then_take(deferred.row, *call)
-            except DatabaseError as exc:
-                if not may_pass(exc):  # not an outage (which the write below waits out and logs)
-                    self.logger.warning('%s: a result and the next claim could not go in one statement (%s); '
-                                        'writing them apart', self.name, describe_database_fault(exc))
-                self._write_deferred(deferred)
+                try:
+                    started, row = claim.complete_then_take(deferred.row, *call)
+                except DatabaseError as exc:
+                    if not may_pass(exc):  # not an outage (which the write below waits out and logs)
+                        self.logger.warning('%s: a result and the next claim could not go in one statement '
+                                            '(%s); writing them apart', self.name, describe_database_fault(exc))
+                    self._write_deferred(deferred)
+                    deferred = None
+                else:
+                    self._wrote_deferred(deferred, started)
+                    return row
             except BaseException:
-                self.results.give_back(deferred)  # written by the next claim or flush
+                if deferred is not None:
+                    self.results.give_back(deferred)  # written by the next claim or flush
                 raise
-            else:
-                self._wrote_deferred(deferred, started)
-                return row
         return self._database(lambda: claim.take_on_arrival(*call), 'claiming the message')
 
     def _write_deferred(self, deferred: Deferred) -> None:
@@ -222,6 +225,10 @@ class MessageProcessor:
             self.save(deferred.row, interruptible=False, fields=COMPLETION_FIELDS)
             self._wrote_deferred(deferred, None)
 
+    def write_deferred_results(self) -> None:
+        """Write the results deferred to the next claim and flush, waiting out an outage (any thread)."""
+        self._database(self.results.flush, 'recording the result', interruptible=False)
+
     @staticmethod
     def _write_durably(row: MessageLog) -> tuple[bool, object]:
         """A deferred result written by a flush (carrot.consume.unflushed), in a commit that waits for the
@@ -232,7 +239,7 @@ class MessageProcessor:
 
     def _wrote_deferred(self, deferred: Deferred, started) -> None:
         """`started` None: the row was deleted meanwhile (or written durably): nothing left to flush."""
-        self.results.wrote_deferred(deferred, started, gone=started is None)
+        self.results.wrote_deferred(deferred, started, on_disk=started is None)
         claim.release(deferred.row.uuid)
 
     # -- queues that track less ('track': 'failures' or 'none')
@@ -456,8 +463,8 @@ class MessageProcessor:
                 self.hooks.finds_rows_as_carrot_does():
             # Written with the next delivery's claim (carrot.consume.unflushed); held till then, so no
             # claimer in this process takes the row, IN_PROGRESS meanwhile, for a dead worker's.
-            earlier = self.results.take_deferred()  # none: every way here passed a claim, which wrote it
-            if earlier is not None:
+            # Seldom any: every way here passed a claim, which wrote it, unless a flush had it in hand.
+            while (earlier := self.results.take_deferred()) is not None:
                 self._write_deferred(earlier)
             claim.hold(row.uuid)
             self.unflushed_number = self.results.defer(row)

@@ -52,7 +52,7 @@ class UnflushedResults:
         # number -> (start time of the server it was written to, stamp); (None, None) while deferred
         self._pending: dict[int, tuple] = {}
         self._settled: dict[int, bool] = {}     # number -> durable, until the consumer collects it
-        self._deferred: Deferred | None = None
+        self._deferred: list[Deferred] = []  # oldest first
         self._usable: bool | None = None
 
     @property
@@ -61,7 +61,7 @@ class UnflushedResults:
 
     @property
     def deferred(self) -> bool:
-        return self._deferred is not None
+        return bool(self._deferred)
 
     def usable(self) -> bool:
         """Whether results may be written without waiting here: PostgreSQL, CARROT['async_commits'], and a
@@ -94,31 +94,32 @@ class UnflushedResults:
 
     def defer(self, row) -> int:
         """Keep the result of `row` to be written with the next claim (see the module docstring); returns
-        its number. One at a time: a result deferred before is written first."""
-        if self._write_durably is None or self._deferred is not None:
-            raise RuntimeError('no deferring here, or a deferred result is still unwritten')
+        its number."""
+        if self._write_durably is None:
+            raise RuntimeError('results are not deferred here')
         with self._lock:
             self._numbers += 1
             self._pending[self._numbers] = (None, None)
-            self._deferred = Deferred(self._numbers, row)
+            self._deferred.append(Deferred(self._numbers, row))
             return self._numbers
 
     def take_deferred(self) -> Deferred | None:
-        """The deferred result, now the caller's to write (or to give back): None if there is none."""
+        """The oldest deferred result, now the caller's to write (or to give back): None if there is none.
+        There is seldom more than one: only while a flush that took one fails, or has it in hand."""
         with self._lock:
-            deferred, self._deferred = self._deferred, None
-            return deferred
+            return self._deferred.pop(0) if self._deferred else None
 
-    def give_back(self, deferred: Deferred) -> None:
-        """A deferred result taken but not written: deferred again."""
+    def give_back(self, *deferred: Deferred) -> None:
+        """Deferred results taken but not written: deferred again, before any deferred since."""
         with self._lock:
-            self._deferred = deferred
+            self._deferred[:0] = deferred
 
-    def wrote_deferred(self, deferred: Deferred, server_started, gone: bool = False) -> None:
+    def wrote_deferred(self, deferred: Deferred, server_started, on_disk: bool = False) -> None:
         """The deferred result was just committed without waiting, on a server that started at
-        `server_started`; `gone`: its row was deleted meanwhile, so there is nothing to flush."""
+        `server_started`; `on_disk`: nothing of it is left to flush (its commit waited, or its row was
+        deleted meanwhile)."""
         with self._lock:
-            if gone:
+            if on_disk:
                 self._pending.pop(deferred.number, None)
                 self._settled[deferred.number] = True
                 return
@@ -126,31 +127,26 @@ class UnflushedResults:
             self._pending[deferred.number] = (server_started, self._writes)
 
     def flush(self) -> None:
-        """Flush now, from any thread, and settle what was written before; a deferred result is written in
-        the commit that flushes. Raises DatabaseError when the flush fails (a deferred result stays
-        deferred)."""
-        deferred = self.take_deferred()
+        """Flush now, from any thread, and settle what was written before; deferred results are written,
+        each in a commit that waits for the disk. Raises DatabaseError when the flush fails (what was not
+        written stays deferred)."""
         with self._lock:
-            if not self._pending and deferred is None:
+            deferred, self._deferred = self._deferred, []
+            if not self._pending and not deferred:
                 return
-            upto = self._writes
+            upto = self._writes  # what a commit sent from now on flushes: never what is stamped meanwhile
+        started = None
         try:
-            if deferred is not None:
-                written, started = self._write_durably(deferred.row)
-                if not written:  # deleted meanwhile: this commit flushed nothing
-                    self.wrote_deferred(deferred, None, gone=True)
-                    started = flush_to_disk(self.using)
-                else:
-                    with self._lock:
-                        self._writes += 1
-                        self._pending[deferred.number] = (started, self._writes)
-                        upto = self._writes
-            else:
+            while deferred:
+                written, started = self._write_durably(deferred[0].row)
+                # Its own commit waited: durable, or nothing to flush (its row was deleted meanwhile).
+                self.wrote_deferred(deferred.pop(0), None, on_disk=True)
+                if not written:
+                    started = None
+            if started is None:
                 started = flush_to_disk(self.using)
         except BaseException:
-            if deferred is not None and deferred.number in self._pending and \
-                    self._pending[deferred.number][1] is None:
-                self.give_back(deferred)
+            self.give_back(*deferred)
             raise
         with self._lock:
             self._settle(started, upto)
