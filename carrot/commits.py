@@ -103,6 +103,12 @@ def with_commit_setting(sql: str, synchronous_commit: str | None) -> str:
     return f'SET LOCAL synchronous_commit TO {synchronous_commit}; {sql}'
 
 
+# The server's start time, as the statements that write or flush results return it (carrot.consume.unflushed
+# compares them): microseconds since the epoch, an integer that reads faster than a timestamp and does not
+# depend on the session's time zone.
+SERVER_STARTED = '(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint'
+
+
 def flush_to_disk(using: str = 'default'):
     """Make every commit so far durable: one small transaction that writes WAL and waits for the flush,
     which takes all earlier WAL with it (commits that did not wait included). PostgreSQL only. Returns
@@ -112,7 +118,7 @@ def flush_to_disk(using: str = 'default'):
     # id commits without flushing); it touches no table and needs no privilege beyond LOGIN. Outside a
     # transaction it commits on its own, as durably as the server's synchronous_commit says.
     try:
-        return execute_durably("SELECT pg_postmaster_start_time() FROM pg_logical_emit_message(true, 'carrot', '')",
+        return execute_durably(f"SELECT {SERVER_STARTED} FROM pg_logical_emit_message(true, 'carrot', '')",
                                [], using, fetch=True)[0]
     except DatabaseError as exc:
         if sqlstate(exc) == '42501':

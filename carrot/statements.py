@@ -67,6 +67,10 @@ class Statement:
         self.prepared_name = f'carrot_{name}_{hashlib.sha1(sql.encode()).hexdigest()[:12]}'
         # Per DB-API connection: the name it is prepared under, or None when that connection prepares nothing.
         self._prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Per DB-API connection: the psycopg Transformer that reads this statement's rows, its loaders set up
+        # by the first row read (InFlight.result). A prepared statement's columns and their types never
+        # change: a migration that changes them fails its EXECUTE (PLAN_CHANGED), and _drop forgets both.
+        self._readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def run(self, params, using: str = 'default', fetch: bool = False, wait_for_disk: bool = False):
         """Run with `params`; returns the first row (`fetch`) or the number of rows changed. Unless
@@ -155,6 +159,7 @@ class Statement:
         raw = connection.connection
         if raw is None:
             return
+        self._readers.pop(raw, None)
         if keep_off:
             self._prepared[raw] = None
             return
@@ -287,7 +292,7 @@ class InFlight:
         """What run() would have returned; raises what it would have raised. A failed EXECUTE committed
         nothing: the plain statement decides, as in run()."""
         psycopg = _psycopg()
-        errors, generators, pq, Transformer = psycopg.errors, psycopg.generators, psycopg.pq, psycopg.Transformer
+        errors, generators, Transformer = psycopg.errors, psycopg.generators, psycopg.Transformer
         raw = self.connection.connection
         try:
             with self.connection.wrap_database_errors:
@@ -296,22 +301,33 @@ class InFlight:
         except BaseException:
             self.abandon()  # the answer half read: no later query on this connection may meet the rest
             raise
-        failed = next((answer for answer in answers if answer.status == pq.ExecStatus.FATAL_ERROR), None)
+        failed = next((answer for answer in answers if answer.status == psycopg.FATAL_ERROR), None)
         if failed is None:
             last = answers[-1]
             if not self.fetch:
                 return int(last.command_tuples or 0)
-            if last.status != pq.ExecStatus.TUPLES_OK or not last.ntuples:
+            if last.status != psycopg.TUPLES_OK or not last.ntuples:
                 return None
-            loader = Transformer.from_context(raw)
-            loader.set_pgresult(last)
-            return loader.load_row(0, tuple)
+            return self._read_row(last, raw, Transformer)
         error = errors.error_from_result(failed, encoding=raw.info.encoding)
         if not _about_the_prepared_statement(error):
             with self.connection.wrap_database_errors:  # raised as Django's cursor raises it
                 raise error
         self.statement._drop(self.connection, self.name, keep_off=sqlstate(error) == NO_SUCH_STATEMENT)
         return _execute(self.statement.sql, self.params, self.using, self.fetch, self.wait_for_disk)
+
+    def _read_row(self, result, raw, Transformer) -> tuple:
+        """The first row of `result`, its values loaded as psycopg loads them. The loaders are looked up
+        once per connection and statement: setting them up for each row cost more than reading it."""
+        readers = self.statement._readers
+        reader = readers.get(raw)
+        if reader is None or reader.pgresult is None or reader.pgresult.nfields != result.nfields:
+            reader = Transformer.from_context(raw)
+            reader.set_pgresult(result)
+            readers[raw] = reader
+        else:
+            reader.set_pgresult(result, set_loaders=False)
+        return reader.load_row(0, tuple)
 
     def abandon(self) -> None:
         _close(self.connection)
@@ -326,8 +342,10 @@ def _psycopg():
     import psycopg.errors
     import psycopg.generators
     import psycopg.pq
+    # The statuses as plain ints: an enum member's lookup cost more than the comparison.
     return SimpleNamespace(errors=psycopg.errors, generators=psycopg.generators, pq=psycopg.pq,
-                           Transformer=psycopg.adapt.Transformer)
+                           Transformer=psycopg.adapt.Transformer, FATAL_ERROR=int(psycopg.pq.ExecStatus.FATAL_ERROR),
+                           TUPLES_OK=int(psycopg.pq.ExecStatus.TUPLES_OK))
 
 
 def literal_query(text: str, params, raw) -> bytes | None:

@@ -20,7 +20,7 @@ from django.db import connections
 from django.db.models import F, Q
 from django.utils import timezone
 
-from carrot.commits import without_waiting_for_disk
+from carrot.commits import SERVER_STARTED, without_waiting_for_disk
 from carrot.models import MessageLog
 from carrot.statements import statement
 
@@ -194,7 +194,7 @@ def _complete_then_take_sql(connection) -> str:
     # Writable CTEs run to completion whether read or not; the outer SELECT always gives one row: the
     # result's server start (NULL: no row to complete) and the taken row's columns (NULL: none taken).
     from carrot.consume.logrows import write_completion_sql
-    return (f'WITH done AS ({write_completion_sql(connection)} RETURNING pg_postmaster_start_time() AS started), '
+    return (f'WITH done AS ({write_completion_sql(connection)} RETURNING {SERVER_STARTED} AS started), '
             f'taken AS ({_take_on_arrival_sql(connection)}) '
             f'SELECT done.started, taken.* FROM (SELECT 1) AS one LEFT JOIN done ON true LEFT JOIN taken ON true')
 

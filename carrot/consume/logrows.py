@@ -14,6 +14,7 @@ from carrot.config import QueueConfig
 from carrot.exceptions import CarrotError, InvalidArguments
 from carrot.models import MessageLog, TaskAttempt
 from carrot.publish import arguments
+from carrot.commits import SERVER_STARTED
 from carrot.statements import statement
 
 # What a reduced row writes: the outcome, without the texts the database may have refused.
@@ -127,7 +128,7 @@ def write_completion_sql(connection) -> str:
 def _write_completion_returning_sql(connection) -> str:
     # The server's start time comes back with the write: a result is vouched for only by a flush on the
     # same server run (carrot.consume.unflushed).
-    return f'{write_completion_sql(connection)} RETURNING pg_postmaster_start_time()'
+    return f'{write_completion_sql(connection)} RETURNING {SERVER_STARTED}'
 
 
 def record_attempt(row: MessageLog, outcome: str, limit: int, exception_class: str = '', exception: str = '',
