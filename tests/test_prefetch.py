@@ -196,6 +196,22 @@ def test_a_run_of_deferred_results_takes_about_one_commit_a_task():
     assert commits < 50, f'{commits} commits for 40 tasks'
 
 
+def _flush_as_the_lease_thread(worker, failures: list, started: threading.Event | None = None,
+                               lock_timeout: str | None = None) -> None:
+    """The consumer's lease thread flushing (on a connection whose lock_timeout gives up on a locked row)."""
+    if lock_timeout:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = '{lock_timeout}'")
+    if started is not None:
+        started.set()
+    try:
+        worker.results.flush()
+    except BaseException as exc:
+        failures.append(exc)
+    finally:
+        connections.close_all()
+
+
 def test_a_deferred_result_is_written_by_a_flush_from_another_thread():
     """A stop, a lost connection or a long wait for the next delivery: the lease thread's flush writes it."""
     worker = in_a_run()
@@ -203,15 +219,7 @@ def test_a_deferred_result_is_written_by_a_flush_from_another_thread():
     worker.process(message)
     number = worker.unflushed_number
     failures = []
-
-    def flush():
-        try:
-            worker.results.flush()
-        except BaseException as exc:
-            failures.append(exc)
-        finally:
-            connections.close_all()
-    thread = threading.Thread(target=flush)
+    thread = threading.Thread(target=_flush_as_the_lease_thread, args=(worker, failures))
     thread.start()
     thread.join(30)
     assert not thread.is_alive() and not failures
@@ -308,19 +316,6 @@ def _row_locked(pk, locked: threading.Event, release: threading.Event) -> None:
     connections.close_all()
 
 
-def _flush_with_lock_timeout(worker, failures: list, started: threading.Event) -> None:
-    """The consumer's lease thread flushing, on a connection whose lock_timeout gives up on a locked row."""
-    with connection.cursor() as cursor:
-        cursor.execute("SET lock_timeout = '1500ms'")
-    started.set()
-    try:
-        worker.results.flush()
-    except BaseException as exc:
-        failures.append(exc)
-    finally:
-        connections.close_all()
-
-
 class _FlushThatFails:
     """A flush on another thread that has taken the deferred result of `row` and fails on its lock."""
 
@@ -330,7 +325,8 @@ class _FlushThatFails:
         self.lock = threading.Thread(target=_row_locked, args=(row.pk, self.locked, self.release))
         self.lock.start()
         assert self.locked.wait(10)
-        self.flush = threading.Thread(target=_flush_with_lock_timeout, args=(worker, self.failures, self.started))
+        self.flush = threading.Thread(target=_flush_as_the_lease_thread,
+                                      args=(worker, self.failures, self.started, '1500ms'))
         self.flush.start()
         assert self.started.wait(10)
         time.sleep(0.3)  # the flush has taken the result and waits on the lock
