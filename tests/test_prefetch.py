@@ -14,6 +14,7 @@ from django.db import DatabaseError, connection, connections, transaction
 from django.utils import timezone
 
 from carrot.amqp.disposition import Action
+from carrot.amqp.session import ConsumeSession
 from carrot.config import get_config
 from carrot.consume import claim
 from carrot.consume.logrows import write_completion
@@ -65,6 +66,29 @@ def test_a_run_of_short_tasks_flushes_far_less_than_once_a_task_and_acks_every_m
     assert sorted(executions(record)) == [f'm{n:02d}' for n in range(60)]
     # One flush per task would be 60 (a result waiting for the disk each time); runs of 8 share theirs.
     assert flushes < 30, f'{flushes} WAL flushes for 60 tasks'
+
+
+def test_a_run_flushed_together_is_acked_in_one_frame_and_every_message_is_acked(tmp_path):
+    """The deliveries whose results one flush made durable are acked with one `multiple` ack -- which takes
+    every delivery up to its tag, so a wrong one would ack a delivery still held or running, and that one
+    would be lost (acked, never run) or its result left unflushed."""
+    if connection.vendor != 'postgresql':
+        pytest.skip('commits that skip the disk exist on PostgreSQL only (CARROT_TEST_DB=postgres)')
+    record = tmp_path / 'runs'
+    for n in range(60):
+        publish_message(tasks.record_execution, str(record), f'm{n:02d}')
+    acked_up_to = []
+    real = ConsumeSession.ack_up_to
+
+    def ack_up_to(session, delivery_tag):
+        acked_up_to.append(delivery_tag)
+        real(session, delivery_tag)
+    with patch.object(ConsumeSession, 'ack_up_to', ack_up_to):
+        run_consumer(max_messages=60)
+    assert acked_up_to == sorted(acked_up_to) and len(acked_up_to) >= 60 // 8 - 1
+    assert queue_counts('default') == (0, 0)
+    assert sorted(executions(record)) == [f'm{n:02d}' for n in range(60)]
+    assert MessageLog.objects.filter(status='COMPLETED', attempts=1).count() == 60
 
 
 def test_a_stop_acks_the_results_in_hand_and_returns_the_held_deliveries(tmp_path, caplog):

@@ -172,6 +172,11 @@ class ConsumeSession:
         else:  # pragma: no cover - every Action is handled above
             raise ValueError(f'unknown disposition {disposition}')
 
+    def ack_up_to(self, delivery_tag: int) -> None:
+        """Ack every delivery of this channel up to `delivery_tag` (AMQP's `multiple`): the caller knows
+        none below it is still to be settled otherwise."""
+        self.channel.basic_ack(delivery_tag, multiple=True)
+
     def reject(self, delivery_tag: int, message=None) -> None:
         """Dead-letter a delivery (the time limit's way out)."""
         self._dead_letter(delivery_tag, message)

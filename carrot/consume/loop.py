@@ -340,21 +340,38 @@ class Consumer:
         if not self._unflushed:
             return
         results = self.processor.results
-        kept, given_back = [], 0
+        kept, durable, given_back = [], [], 0
         for waiting in self._unflushed:
-            durable = results.verdict(waiting.flush_number)
-            if durable is None:
+            verdict = results.verdict(waiting.flush_number)
+            if verdict is None:
                 kept.append(waiting)
-            elif durable:
-                session.settle(waiting.delivery_tag, ACK, waiting.message)
+            elif verdict:
+                durable.append(waiting)
             else:
                 session.settle(waiting.delivery_tag, REQUEUE, waiting.message)
                 given_back += 1
         self._unflushed = kept
+        self._ack(session, durable)
         if given_back:
             self.logger.warning('%s: the database server restarted before %d results written without waiting '
                                 'for the disk were flushed; their messages go back to the queue', self.name,
                                 given_back)
+
+    def _ack(self, session: ConsumeSession, durable: list[Delivery]) -> None:
+        """Ack `durable` -- in one frame when no other delivery below the highest of them is unsettled on
+        the channel (an ack with `multiple` takes every one up to its tag): a run of results flushed
+        together is acked together, one frame for RabbitMQ to handle instead of eight."""
+        if not durable:
+            return
+        highest = max(delivery.delivery_tag for delivery in durable)
+        unsettled = [*self._unflushed, *self._held]
+        if self.delivery is not None and all(self.delivery is not delivery for delivery in durable):
+            unsettled.append(self.delivery)  # running, or settled just now: above these either way
+        if len(durable) > 1 and all(delivery.delivery_tag > highest for delivery in unsettled):
+            session.ack_up_to(highest)
+            return
+        for delivery in durable:
+            session.settle(delivery.delivery_tag, ACK, delivery.message)
 
     def _flush_when_stuck(self, session: ConsumeSession) -> None:
         """Results wait for a flush while no task runs (a stop is coming, held deliveries were given back)
