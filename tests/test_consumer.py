@@ -271,3 +271,28 @@ def test_a_prefetch_above_one_runs_every_message_once_in_order_and_a_stop_return
     tokens = [line.split()[0] for line in record.read_text().splitlines()]
     assert tokens == [f'm{n:02d}' for n in range(12)]
     assert MessageLog.objects.filter(status='COMPLETED', attempts=1).count() == 12
+
+
+def test_a_poll_returns_within_its_own_time_even_after_a_longer_one():
+    """ConsumeSession.poll keeps one timer until it fires: a shorter poll after a longer one still returns
+    in its own time (nothing arrives meanwhile: an idle queue)."""
+    import logging
+    import time
+
+    from carrot.amqp.session import ConsumeSession
+    from carrot.config import get_config
+    queue = get_config().queue('default')
+    session = ConsumeSession(queue.broker, queue, logging.getLogger('carrot.consumer'), 'default#poll')
+    session.open(lambda method, properties, body: None)
+    try:
+        session.poll(0.05)  # its timer fires: the next poll makes its own
+        started = time.monotonic()
+        session.poll(0.3)
+        assert 0.2 < time.monotonic() - started < 2
+        session.connection.call_later(0.01, lambda: None)  # wakes the next poll at once ...
+        session.poll(5)
+        started = time.monotonic()
+        session.poll(0.1)  # ... and this one must not wait for the 5 s timer
+        assert time.monotonic() - started < 1
+    finally:
+        session.close()

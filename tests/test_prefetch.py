@@ -435,3 +435,14 @@ def test_a_flush_that_writes_a_deferred_result_vouches_only_for_what_was_committ
     worker.results._write_durably = write_durably
     worker.results.flush()
     assert worker.results.verdict(numbers[0]) is True
+
+
+@pytest.mark.parametrize('name', ['carrot', 'carrot.consumer', 'carrot.consumer.mine', 'carrot.something'])
+def test_a_task_logging_under_the_workers_own_logger_keeps_its_debug_lines(name):
+    """(helper-17) Keeping the worker's own debug line from being made for nothing once set 'carrot.consumer'
+    to the worker's level: a task logging under it lost its lines below that level."""
+    log = publish_message(tasks.log_to, name, 'marker-17')
+    run_consumer(max_messages=1)
+    log.refresh_from_db()
+    assert log.status == 'COMPLETED'
+    assert 'DEBUG debug marker-17' in log.log and 'INFO info marker-17' in log.log

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import pika
 import pika.exceptions as pe
@@ -128,8 +129,12 @@ class ConsumeSession:
         else:
             # One timer bounds every wait until it fires: pika makes and drops a timer of its own for each
             # bounded call, which cost a busy consumer a fifth of its connection thread's time.
+            deadline = time.monotonic() + seconds
+            if self._ticker is not None and deadline < self._ticker[1]:  # a shorter wait than the timer's
+                self.connection.remove_timeout(self._ticker[0])
+                self._ticker = None
             if self._ticker is None:
-                self._ticker = self.connection.call_later(seconds, self._ticked)
+                self._ticker = (self.connection.call_later(seconds, self._ticked), deadline)
             self.connection.process_data_events(time_limit=None)
         if self._cancelled_by_broker:
             raise ConsumerCancelled(f'RabbitMQ cancelled the consumer of queue {self.queue.name!r} '

@@ -170,13 +170,8 @@ class Consumer:
         # (the supervisor's log handler keeps its own level).
         task_logger = logging.getLogger(TASK_LOGGER)
         wanted = logging.getLevelName(self.config.task_log_level)
-        before = task_logger.getEffectiveLevel()
-        if before > wanted:
+        if task_logger.getEffectiveLevel() > wanted:
             task_logger.setLevel(wanted)
-            # ... but the worker's own lines keep the level they had: below it, each of its debug lines a
-            # task (a tenth of a worker's logging time) would be made only for the handler to drop it.
-            if self.logger.level == logging.NOTSET and self.logger.name.startswith(f'{TASK_LOGGER}.'):
-                self.logger.setLevel(before)
         registry.autodiscover()
         self._max_messages = max_messages
         self.processor  # made here, once: the task thread and the lease thread share it

@@ -418,8 +418,9 @@ class MessageProcessor:
 
     def _run_claimed(self, row: MessageLog, message: IncomingMessage) -> Disposition:
         # One line per task at INFO, when it ends: the process title and the Workers tab show what runs.
-        self.logger.debug('%s: running %s (%s), attempt %d', self.name, message.shown_task, row.uuid,
-                          row.attempts)
+        if _kept_by_a_handler(self.logger, logging.DEBUG):
+            self.logger.debug('%s: running %s (%s), attempt %d', self.name, message.shown_task, row.uuid,
+                              row.attempts)
         try:
             func = registry.get_task(message.task)
         except TaskNotRegistered as exc:
@@ -640,6 +641,23 @@ class MessageProcessor:
 
     def _should_give_up(self) -> bool:
         return self.stopping.is_set() or (self.abandoned is not None and self.abandoned.is_set())
+
+
+def _kept_by_a_handler(logger: logging.Logger, level: int) -> bool:
+    """Whether a record of `level` from `logger` reaches a handler whose level keeps it. The task logger
+    ('carrot', lowered to CARROT['task_log_level'] so a task's own lines reach its row) lowers the level of
+    every carrot logger with it; a worker's debug line a task was made, only for the handlers to drop it,
+    for a tenth of its logging time."""
+    if not logger.isEnabledFor(level):
+        return False
+    current = logger
+    while current is not None:
+        if any(level >= handler.level for handler in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
 
 
 def _first_delivery(message: IncomingMessage) -> bool:

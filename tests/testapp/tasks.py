@@ -237,6 +237,12 @@ def log_at_every_level(marker):
     task_logger.info('info %s', marker)
 
 
+def log_to(name, marker):
+    """Log a debug and an info line to logger `name` (a task's own logger, under 'carrot' or not)."""
+    logging.getLogger(name).debug('debug %s', marker)
+    logging.getLogger(name).info('info %s', marker)
+
+
 # -- tasks that misbehave (issue 14, tests/test_hostile_tasks.py) --
 
 class NotAnException(BaseException):
