@@ -419,9 +419,11 @@ class Consumer:
         """The connection is lost, or the loop ends: a result deferred to the next claim is written now, an
         outage waited out -- it is all there is of a task that ran, and its delivery, coming again, must
         find it COMPLETED (the task thread waits out the write of any other result the same way)."""
-        if not self.processor.results.deferred:
+        if not self.processor.results.deferred and self._flush_future is None:
             return
-        self._flush_future = None  # one in flight finishes first: the lease thread runs one step at a time
+        # A flush in flight (which may hold the deferred results, and fail) finishes first: the lease thread
+        # runs one step at a time.
+        self._flush_future = None
         try:
             self._on_lease_thread(self.processor.write_deferred_results)
         except Exception as exc:  # refused for good: its delivery comes again, and the task runs again
