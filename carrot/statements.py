@@ -292,7 +292,7 @@ class InFlight:
         """What run() would have returned; raises what it would have raised. A failed EXECUTE committed
         nothing: the plain statement decides, as in run()."""
         psycopg = _psycopg()
-        errors, generators, Transformer = psycopg.errors, psycopg.generators, psycopg.Transformer
+        errors, generators = psycopg.errors, psycopg.generators
         raw = self.connection.connection
         try:
             with self.connection.wrap_database_errors:
@@ -308,7 +308,7 @@ class InFlight:
                 return int(last.command_tuples or 0)
             if last.status != psycopg.TUPLES_OK or not last.ntuples:
                 return None
-            return self._read_row(last, raw, Transformer)
+            return self._read_row(last, raw)
         error = errors.error_from_result(failed, encoding=raw.info.encoding)
         if not _about_the_prepared_statement(error):
             with self.connection.wrap_database_errors:  # raised as Django's cursor raises it
@@ -316,13 +316,13 @@ class InFlight:
         self.statement._drop(self.connection, self.name, keep_off=sqlstate(error) == NO_SUCH_STATEMENT)
         return _execute(self.statement.sql, self.params, self.using, self.fetch, self.wait_for_disk)
 
-    def _read_row(self, result, raw, Transformer) -> tuple:
+    def _read_row(self, result, raw) -> tuple:
         """The first row of `result`, its values loaded as psycopg loads them. The loaders are looked up
         once per connection and statement: setting them up for each row cost more than reading it."""
         readers = self.statement._readers
         reader = readers.get(raw)
         if reader is None or reader.pgresult is None or reader.pgresult.nfields != result.nfields:
-            reader = Transformer.from_context(raw)
+            reader = _psycopg().Transformer.from_context(raw)
             reader.set_pgresult(result)
             readers[raw] = reader
         else:
@@ -335,7 +335,7 @@ class InFlight:
 
 @functools.cache
 def _psycopg():
-    """psycopg 3's parts InFlight uses, imported once (an import in a function costs on every call: a
+    """psycopg 3's parts InFlight and literal_query use, imported once (an import in a function costs on every call: a
     fiftieth of a worker's time in a drain)."""
     import psycopg
     import psycopg.adapt
@@ -343,7 +343,7 @@ def _psycopg():
     import psycopg.generators
     import psycopg.pq
     # The statuses as plain ints: an enum member's lookup cost more than the comparison.
-    return SimpleNamespace(errors=psycopg.errors, generators=psycopg.generators, pq=psycopg.pq,
+    return SimpleNamespace(errors=psycopg.errors, generators=psycopg.generators, Escaping=psycopg.pq.Escaping,
                            Transformer=psycopg.adapt.Transformer, FATAL_ERROR=int(psycopg.pq.ExecStatus.FATAL_ERROR),
                            TUPLES_OK=int(psycopg.pq.ExecStatus.TUPLES_OK))
 
@@ -359,8 +359,7 @@ def literal_query(text: str, params, raw) -> bytes | None:
     pieces = _template_pieces(text, encoding)
     if pieces is None or len(pieces) != len(params) + 1:
         return None
-    from psycopg.pq import Escaping
-    escape = Escaping(raw.pgconn).escape_literal  # libpq's: the connection's encoding and string settings
+    escape = _psycopg().Escaping(raw.pgconn).escape_literal  # libpq's: the connection's encoding and string settings
     parts = [pieces[0]]
     for value, piece in zip(params, pieces[1:]):
         if value is None:

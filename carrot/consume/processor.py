@@ -56,8 +56,8 @@ from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, completion_skips_
                                     insert_foreign_row, insert_row, new_row, record_attempt, same_call, set_failed_fields,
                                     write_completion)
 from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, exception_class_path, run_task
-from carrot.consume.unflushed import Deferred, UnflushedResults
-from carrot.dbfaults import describe_database_fault, may_pass
+from carrot.consume.unflushed import UnflushedResults
+from carrot.dbfaults import describe_database_fault, may_pass, of_the_session
 from carrot.exceptions import BadMessage, TaskNotRegistered, WorkerLost
 from carrot.models import MessageLog, TaskAttempt
 
@@ -185,8 +185,8 @@ class MessageProcessor:
 
     def _take_on_arrival(self, message: IncomingMessage) -> MessageLog | None:
         """claim.take_on_arrival, with the deferred result of the task before in the same statement when
-        there is one; that statement is tried once: refused, the result is written on its own (as it would
-        have been without deferring, waited out if the database is down), and the claim alone follows.
+        there is one; that statement is tried once: refused, the result is written by a flush (a commit that
+        waits for the disk, an outage waited out), and the claim alone follows.
 
         A delivery that goes another way leaves a deferred result to the flush after it (process() makes
         one after a disposition that is on disk; the lease thread one once its task has run for
@@ -197,50 +197,38 @@ class MessageProcessor:
                 self.config.claim_lease)
         if deferred is not None:
             try:
-                try:
-                    started, row = claim.complete_then_take(deferred.row, *call)
-                except DatabaseError as exc:
-                    if not may_pass(exc):  # not an outage (which the write below waits out and logs)
-                        self.logger.warning('%s: a result and the next claim could not go in one statement '
-                                            '(%s); writing them apart', self.name, describe_database_fault(exc))
-                    self._write_deferred(deferred)
-                    deferred = None
-                else:
-                    self._wrote_deferred(deferred, started)
-                    return row
-            except BaseException:
-                if deferred is not None:
-                    self.results.give_back(deferred)  # written by the next claim or flush
-                raise
+                started, row = claim.complete_then_take(deferred.row, *call)
+            except BaseException as exc:
+                self.results.give_back(deferred)  # written by the flush below, or the next claim or flush
+                if not isinstance(exc, DatabaseError):
+                    raise
+                if not may_pass(exc):  # not an outage (which the flush waits out and logs)
+                    self.logger.warning('%s: a result and the next claim could not go in one statement (%s); '
+                                        'writing them apart', self.name, describe_database_fault(exc))
+                self.write_deferred_results()
+            else:
+                # started None: its row was deleted meanwhile, so nothing of it is left to flush.
+                self.results.wrote_deferred(deferred, started, on_disk=started is None)
+                claim.release(deferred.row.uuid)
+                return row
         return self._database(lambda: claim.take_on_arrival(*call), 'claiming the message')
-
-    def _write_deferred(self, deferred: Deferred) -> None:
-        """Write a deferred result on its own, as _record_success would have."""
-        def write() -> None:
-            written, started = write_completion(deferred.row, wait_for_disk=False)
-            self._wrote_deferred(deferred, started if written else None)
-        try:
-            self._database(write, 'recording the result', interruptible=False)
-        except DatabaseError:  # refused for good: save() writes it reduced, and waits for the disk
-            self.save(deferred.row, interruptible=False, fields=COMPLETION_FIELDS)
-            self._wrote_deferred(deferred, None)
 
     def write_deferred_results(self) -> None:
         """Write the results deferred to the next claim and flush, waiting out an outage (any thread)."""
         self._database(self.results.flush, 'recording the result', interruptible=False)
 
-    @staticmethod
-    def _write_durably(row: MessageLog) -> tuple[bool, object]:
+    def _write_durably(self, row: MessageLog) -> tuple[bool, object]:
         """A deferred result written by a flush (carrot.consume.unflushed), in a commit that waits for the
-        disk, on whichever thread flushes."""
-        written = write_completion(row, wait_for_disk=True)
+        disk, on whichever thread flushes. Refused for good, it is written reduced, as any result is."""
+        try:
+            written = write_completion(row, wait_for_disk=True)
+        except DatabaseError as exc:
+            if may_pass(exc) or of_the_session(exc):
+                raise  # waited out by the flush's caller
+            self.save(row, interruptible=False, fields=COMPLETION_FIELDS)  # waits for the disk
+            written = (False, None)  # nothing of it left to flush
         claim.release(row.uuid)
         return written
-
-    def _wrote_deferred(self, deferred: Deferred, started) -> None:
-        """`started` None: the row was deleted meanwhile (or written durably): nothing left to flush."""
-        self.results.wrote_deferred(deferred, started, on_disk=started is None)
-        claim.release(deferred.row.uuid)
 
     # -- queues that track less ('track': 'failures' or 'none')
 
@@ -465,8 +453,8 @@ class MessageProcessor:
             # Written with the next delivery's claim (carrot.consume.unflushed); held till then, so no
             # claimer in this process takes the row, IN_PROGRESS meanwhile, for a dead worker's.
             # Seldom any: every way here passed a claim, which wrote it, unless a flush had it in hand.
-            while (earlier := self.results.take_deferred()) is not None:
-                self._write_deferred(earlier)
+            if self.results.deferred:
+                self.write_deferred_results()
             claim.hold(row.uuid)
             self.unflushed_number = self.results.defer(row)
             return False
