@@ -385,12 +385,27 @@ def test_supervised_children_survive_hostile_input_and_run_a_double_delivery_onc
     assert '\x00' not in supervisor.log() and '\x1b' not in supervisor.log()
 
 
-def test_the_one_statement_claim_returns_the_row_as_a_read_would():
+@pytest.mark.parametrize('use_tz', [True, False], ids=['USE_TZ', 'no-USE_TZ'])
+def test_the_one_statement_claim_returns_the_row_as_a_read_would(use_tz):
+    # On PostgreSQL with USE_TZ the take returns its times as integers (claim._times_as_integers): a time
+    # before 1970, one far ahead and one with microseconds must come back as the ORM reads them.
+    import datetime as dt
+    with override_settings(USE_TZ=use_tz):
+        _claim_returns_the_row_as_a_read_would(
+            run_after=dt.datetime(2001, 2, 3, 4, 5, 6, 789012, tzinfo=dt.timezone.utc),
+            completion_time=dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc),
+            publish_time=dt.datetime(2999, 1, 2, 3, 4, 5, 1, tzinfo=dt.timezone.utc))
+
+
+def _claim_returns_the_row_as_a_read_would(**times):
     from django.forms.models import model_to_dict
     from carrot.consume import claim
     from carrot.utilities import publish_message as publish
+    if not settings.USE_TZ:
+        times = {name: value.replace(tzinfo=None) for name, value in times.items()}
     log = publish(tasks.echo, 'a', [1, {'b': None}], key='ü', on_commit=False)
-    MessageLog.objects.filter(pk=log.pk).update(output='"before"', log='a line', origin='first-id', retries=2)
+    MessageLog.objects.filter(pk=log.pk).update(output='"before"', log='a line', origin='first-id', retries=2,
+                                                **times)
     row = claim.take_on_arrival(log.uuid, log.task, log.task_args, log.content, 'host:1', 60)
     assert row is not None and row.pk == log.pk
     assert model_to_dict(row) == model_to_dict(MessageLog.objects.get(pk=log.pk))
@@ -400,6 +415,7 @@ def test_the_one_statement_claim_returns_the_row_as_a_read_would():
         assert getattr(row, field.attname) == getattr(read, field.attname), field.attname
     assert not row.get_deferred_fields() and not row._state.adding and row._state.db == read._state.db
     assert (row.output, row.log, row.origin, row.retries) == ('"before"', 'a line', 'first-id', 2)
+    assert {name: getattr(row, name) for name in times} == times
     assert (row.status, row.attempts, row.worker) == ('IN_PROGRESS', 1, 'host:1')
     assert row.lease_expires > row.started_time
     # Taken: a second claim (another delivery of it) matches nothing and changes nothing.

@@ -296,3 +296,34 @@ def test_a_poll_returns_within_its_own_time_even_after_a_longer_one():
         assert time.monotonic() - started < 1
     finally:
         session.close()
+
+
+def test_a_task_logs_only_its_own_lines_when_the_capture_is_reused_and_inside_another_task():
+    # The task thread keeps one capture handler and attaches it for each task (carrot.consume.runner): the
+    # second task must not see the first's lines, a task run inside a task keeps its own (the outer one
+    # sees them too, as it always did), lines logged between tasks go nowhere, and no handler stays on the
+    # task logger afterwards.
+    import logging as logging_module
+    from carrot.consume.runner import run_task
+    task_logger = logging_module.getLogger('carrot')
+    handlers_before = list(task_logger.handlers)
+
+    def inner():
+        task_logger.warning('inner line')
+
+    def outer():
+        task_logger.warning('outer before')
+        nested = run_task(inner, [], {})
+        task_logger.warning('outer after')
+        return nested.log
+
+    first = run_task(lambda: task_logger.warning('first line'), [], {})
+    task_logger.warning('between tasks')
+    second = run_task(outer, [], {})
+    third = run_task(lambda: None, [], {}, log_limit=10)
+    assert first.log.endswith('WARNING first line') and len(first.log.splitlines()) == 1
+    assert [line.split(' ', 3)[-1] for line in second.log.splitlines()] == \
+        ['outer before', 'inner line', 'outer after']
+    assert second.output.endswith('WARNING inner line"') and 'outer' not in second.output
+    assert third.log == '' and third.succeeded
+    assert task_logger.handlers == handlers_before
