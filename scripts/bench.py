@@ -8,8 +8,8 @@ CARROT_DEMO_* variables. The rows (names for --only):
             carrot's prefetch, ack each, drain a backlog published beforehand; confirmed publishes from one
             process; and, for context, one-row PostgreSQL commits from one process (what each log
             write waits for on this disk); the floor under a logged drain (logged_floor: carrot's
-            backlog drained by raw processes doing carrot's two statements per task and the ack, no
-            more) and the floor under publish_message (raw_publish_then_commit)
+            backlog drained by raw processes doing carrot's log writes per task and the ack as carrot's
+            worker does them, no more) and the floor under publish_message (raw_publish_then_commit)
   drain     track='all': a backlog of no-op tasks published with publish_message, then carrot-supervisor
             with 2 consumer children, timed from its start to the last row COMPLETED; and the CPU time
             per task each part of the machine spent meanwhile (CpuSpent)
@@ -395,16 +395,24 @@ def raw_publish_then_commit(url: str, queue: str, n: int) -> float:
     return n / elapsed
 
 
-def logged_statements() -> tuple[str, str] | None:
-    """carrot's own SQL for a task's two log writes on PostgreSQL: the claim (take_on_arrival) and the
-    result (write_completion, with the server start time it returns); None for a carrot without them."""
+def logged_statements() -> dict | None:
+    """carrot's own SQL for a task's log writes on PostgreSQL: the claim (take_on_arrival), the result
+    (write_completion, with the server start time it returns) and the two in one statement
+    (complete_then_take: the result of the task before, written by the claim of the next one); None for
+    a carrot without them (then without the last: the floor takes two statements a task)."""
     from django.db import connection
     try:
         from carrot.consume.claim import _take_on_arrival_sql
         from carrot.consume.logrows import _write_completion_returning_sql
     except ImportError:
         return None
-    return _take_on_arrival_sql(connection), _write_completion_returning_sql(connection)
+    sql = {'claim': _take_on_arrival_sql(connection), 'result': _write_completion_returning_sql(connection)}
+    try:
+        from carrot.consume.claim import _complete_then_take_sql
+        sql['result_then_claim'] = _complete_then_take_sql(connection)
+    except ImportError:
+        pass
+    return sql
 
 
 def database_address() -> dict:
@@ -415,45 +423,74 @@ def database_address() -> dict:
             'password': settings['PASSWORD'] or None, 'dbname': settings['NAME']}
 
 
-def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sql: tuple[str, str],
+def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sql: dict,
                           ready, go, results, done) -> None:
-    """One consumer of the logged floor (run by drain_together): per delivery, carrot's claim and
-    result statements on the delivered message's row -- each prepared, committed without waiting for the
-    disk, as carrot commits them -- then the ack; no other work. Reports (messages, time of the last ack),
-    or which message's claim found no row; its connections stay open until `done` (their sessions'
-    CPU is read while they are there)."""
+    """One consumer of the logged floor (run by drain_together): carrot's log writes for each delivery and
+    the ack, no other work -- as carrot's worker does them. Each statement is prepared and commits without
+    waiting for the disk. Where carrot writes a result with the claim of the next delivery
+    (sql['result_then_claim']), so does this: while the next delivery is already in hand, a result waits
+    for the next claim's statement; when none is, it is written in a commit that waits for the disk, and
+    every delivery up to it is acked with one frame. Otherwise the claim and the result are a statement
+    each, then the ack. Reports (messages, time of the last ack), or which message's claim found no row;
+    its connections stay open until `done` (their sessions' CPU is read while they are there)."""
+    import collections
     import datetime
 
     import psycopg
-    claim, result = sql
     database = psycopg.connect(autocommit=True, **address)
     database.execute('SET synchronous_commit TO off')
+    durable = psycopg.ClientCursor(database)  # 'SET LOCAL ...; UPDATE ...' in one round trip, as carrot sends it
     connection, channel = raw_channel(url)
     channel.basic_qos(prefetch_count=prefetch)
+    in_hand = collections.deque()
+    channel.basic_consume(queue, lambda _channel, method, properties, body: in_hand.append((method, properties, body)))
+    one_statement = 'result_then_claim' in sql
     worker, lease = f'floor-{os.getpid()}', datetime.timedelta(minutes=5)
+    utc = datetime.timezone.utc
     report = count, last_ack = 0, None
-    for method, properties, body in deliveries(channel, queue, ready, go):
+    deferred = None  # the result parameters of the task before, when it waits for this claim
+    ready.release()
+    go.wait(30)
+    while True:
+        if not in_hand:
+            connection.process_data_events(time_limit=1)
+            if not in_hand:
+                break  # the queue stayed empty for a second
+        method, properties, body = in_hand.popleft()
         message = json.loads(body)
-        now = datetime.datetime.now(datetime.timezone.utc)
-        row = database.execute(claim, [now, worker, now + lease, properties.message_id, properties.headers['type'],
-                                       json.dumps(message['args']), json.dumps(message['kwargs']), now],
-                               prepare=True).fetchone()
-        if row is None:
+        now = datetime.datetime.now(utc)
+        claim = [now, worker, now + lease, properties.message_id, properties.headers['type'],
+                 json.dumps(message['args']), json.dumps(message['kwargs']), now]
+        if deferred is not None:
+            row = database.execute(sql['result_then_claim'], deferred + claim, prepare=True).fetchone()[1:]
+        else:
+            row = database.execute(sql['claim'], claim, prepare=True).fetchone()
+        if row is None or row[0] is None:
             report = f'found no row to claim for message {properties.message_id}'
             break
-        database.execute(result, [datetime.datetime.now(datetime.timezone.utc), '', '', row[0]],
-                         prepare=True).fetchone()
-        channel.basic_ack(method.delivery_tag)
-        report = count, last_ack = count + 1, time.time()
+        result = [datetime.datetime.now(utc), '', '', row[0]]
+        if one_statement:
+            connection.process_data_events(time_limit=0)  # is the next delivery in hand?
+            if in_hand:
+                deferred = result
+                continue
+            deferred = None
+            durable.execute(f"SET LOCAL synchronous_commit TO DEFAULT; {sql['result']}", result)
+            channel.basic_ack(method.delivery_tag, multiple=True)
+        else:
+            database.execute(sql['result'], result, prepare=True).fetchone()
+            channel.basic_ack(method.delivery_tag)
+        # Every delivery of this channel up to this one is acked now (its tags count from 1).
+        report = count, last_ack = method.delivery_tag, time.time()
     report_and_leave(report, results, done, connection, database)
 
 
 def logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
     """The floor under a logged drain: n of carrot's own messages and rows (fill_backlog) drained by
-    `consumers` raw processes that do nothing but carrot's two statements per task and the ack
+    `consumers` raw processes that do nothing but carrot's log writes per task and the ack
     (logged_floor_consumer), tasks per second from the moment all are connected to the last ack, and the
-    CPU per task each part spent (CpuSpent). What no consumer that logs each task in two statements can
-    beat on this machine; None for a carrot without those statements."""
+    CPU per task each part spent (CpuSpent). What no consumer that logs each task as carrot does can beat
+    on this machine; None for a carrot without those statements."""
     from carrot.config import get_config
     sql = logged_statements()
     if sql is None:
@@ -463,8 +500,12 @@ def logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
     per_s, cpu = drain_together(
         logged_floor_consumer, (url, get_config().queue('default').name, PREFETCH, database_address(), sql),
         consumers, n, 'the logged floor consumer', FLOOR_PARTS)
+    from carrot.models import MessageLog
+    completed = MessageLog.objects.filter(status=MessageLog.COMPLETED).count()
+    if completed != n:  # a floor that skipped a write would not be one
+        raise BenchError(f'the logged floor left {n - completed} of its {n} rows not COMPLETED')
     reset_log_and_queue()
-    return {'per_s': per_s, 'cpu_us_per_task': cpu}
+    return {'per_s': per_s, 'cpu_us_per_task': cpu, 'statements_a_task': 1 if 'result_then_claim' in sql else 2}
 
 
 def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: int) -> dict:
@@ -1146,7 +1187,8 @@ def print_table(results: dict) -> None:
         line('  PostgreSQL one-row commits, 1 process (context)', rate(raw['postgres_commits_per_s']))
         floor = raw.get('logged_floor')
         if floor:
-            line("  logged floor: raw drain + carrot's claim and result a task", rate(floor['per_s']),
+            how = 'one statement' if floor.get('statements_a_task') == 1 else "carrot's claim and result"
+            line(f'  logged floor: raw drain + {how} a task', rate(floor['per_s']),
                  ratio(floor['per_s'], raw['drain_per_s']))
             cpu_line(floor.get('cpu_us_per_task'), machine['cpus'], lines, FLOOR_PARTS)
     ceiling = raw.get('drain_per_s')
@@ -1160,8 +1202,13 @@ def print_table(results: dict) -> None:
             line('    from supervisor start, vs the raw drain with prefetch 1', '',
                  ratio(drain['per_s'], raw['drain_prefetch_1_per_s']))
         if raw.get('logged_floor'):
-            line('    from supervisor start, vs the logged floor (row 1)', '',
-                 f"{ratio(drain['per_s'], raw['logged_floor']['per_s'])} of it")
+            floor = raw['logged_floor']['per_s']
+            line('    from supervisor start, vs the logged floor (row 1)', '', f"{ratio(drain['per_s'], floor)} of it")
+            # What the drain from start would be if the workers cost nothing beyond the floor: the floor's
+            # time for these tasks plus this drain's own start (supervisor start to the first task started).
+            start = drain['tasks'] / drain['per_s'] - drain['tasks'] / drain['from_first_started_per_s']
+            at_best = drain['tasks'] / (drain['tasks'] / floor + start)
+            line(f'    at best: the floor, after this start ({start:.2f}s)', rate(at_best), ratio(at_best, ceiling))
         cpu_line(drain.get('cpu_us_per_task'), machine['cpus'], lines)
     if 'failures' in rows:
         failures = rows['failures']

@@ -62,7 +62,8 @@ def test_quick_bench_reports_every_default_row(tmp_path):
         assert positive(raw[key]), key
     # The logged floor: carrot's own backlog, every row claimed and completed by the raw consumers.
     floor = raw['logged_floor']
-    assert positive(floor['per_s']) and "logged floor: raw drain + carrot's claim and result" in result.stdout
+    assert positive(floor['per_s']) and 'logged floor: raw drain + one statement a task' in result.stdout
+    assert floor['statements_a_task'] == 1 and 'at best: the floor, after this start' in result.stdout
     assert {'consumers', 'PostgreSQL', 'RabbitMQ', 'all'} <= set(floor['cpu_us_per_task']), floor
     assert positive(rows['drain']['per_s']) and positive(rows['drain']['from_first_started_per_s'])
     # Where the drain's CPU went, per task. A quick drain is short and the kernel counts in clock ticks, so

@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from carrot.commits import SERVER_STARTED, without_waiting_for_disk
 from carrot.models import MessageLog
-from carrot.statements import statement
+from carrot.statements import Statement, statement
 
 
 def worker_id() -> str:
@@ -126,8 +126,9 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
     the claim's Python)."""
     now = timezone.now()
     params, known = _take_params(now, message_id, task, task_args, content, worker, lease)
-    found = _statement('take_on_arrival', _take_on_arrival_sql).run(params, using=MessageLog.objects.db, fetch=True)
-    return None if found is None else _taken_row(found, known)
+    take, as_integers = _statement('take_on_arrival', _take_on_arrival_sql)
+    found = take.run(params, using=MessageLog.objects.db, fetch=True)
+    return None if found is None else _taken_row(found, known, as_integers)
 
 
 def complete_then_take(done: MessageLog, message_id: str, task: str, task_args: str, content: str,
@@ -142,10 +143,10 @@ def complete_then_take(done: MessageLog, message_id: str, task: str, task_args: 
     from carrot.consume.logrows import completion_params
     now = timezone.now()
     params, known = _take_params(now, message_id, task, task_args, content, worker, lease)
-    found = _statement('complete_then_take', _complete_then_take_sql).run(
-        completion_params(done) + params, using=MessageLog.objects.db, fetch=True)
+    both, as_integers = _statement('complete_then_take', _complete_then_take_sql)
+    found = both.run(completion_params(done) + params, using=MessageLog.objects.db, fetch=True)
     started, taken = found[0], found[1:]
-    return started, (None if taken[_pk_index()] is None else _taken_row(taken, known))
+    return started, (None if taken[_pk_index()] is None else _taken_row(taken, known, as_integers))
 
 
 def _take_params(now, message_id, task, task_args, content, worker, lease) -> tuple[list, dict]:
@@ -160,11 +161,11 @@ def _take_params(now, message_id, task, task_args, content, worker, lease) -> tu
     return params, known
 
 
-def _taken_row(found, known: dict) -> MessageLog:
+def _taken_row(found, known: dict, as_integers: bool) -> MessageLog:
     """The row a take returned (the columns it did not set or match), with the values it did."""
     connection = connection_for_rows()
     returned = (_from_db(connection, converters, value)
-                for converters, value in zip(_converters_of(connection), found))
+                for converters, value in zip(_converters_of(connection, as_integers), found))
     names = _row_names()
     values = [known[name] if name in known else next(returned) for name in names]
     return MessageLog.from_db(MessageLog.objects.db, names, values)
@@ -212,13 +213,14 @@ def _take_on_arrival_sql(connection) -> str:
             f'RETURNING {", ".join(_returned_column(connection, f) for f in _returned_fields())}')
 
 
-def _statement(name: str, build):
+def _statement(name: str, build) -> tuple[Statement, bool]:
     """The Statement `name` of the log table's database, in the form that returns its times as integers
-    where _times_as_integers() says so (a form of its own: settings may change between two calls)."""
+    where _times_as_integers() says so (a form of its own: settings may change between two calls), and
+    whether it does."""
     using = MessageLog.objects.db
     if _times_as_integers(connections[using]):
-        return statement(f'{name}_epoch_us', build, using)
-    return statement(name, build, using)
+        return statement(f'{name}_epoch_us', build, using), True
+    return statement(name, build, using), False
 
 
 def _times_as_integers(connection) -> bool:
@@ -238,10 +240,10 @@ def _returned_column(connection, field) -> str:
     return column
 
 
-def _converters_of(connection) -> list[tuple]:
-    """Per column take_on_arrival returns, what turns its value as read into the ORM's: looked up once per
-    connection (the lookup cost more than the claim's own Python)."""
-    as_integers = _times_as_integers(connection)
+def _converters_of(connection, as_integers: bool) -> list[tuple]:
+    """Per column take_on_arrival returns, what turns its value as read into the ORM's (`as_integers`: its
+    times come as integers): looked up once per connection (the lookup cost more than the claim's own
+    Python)."""
     cached = getattr(connection, '_carrot_converters', None)
     if cached is not None and cached[0] == as_integers:
         return cached[1]
