@@ -93,7 +93,6 @@ class Consumer:
         self._next_flush = 0.0           # monotonic time before which a failed flush is not tried again
         self._max_messages: int | None = None
         self._paused = False             # consuming stopped while a long task runs (held deliveries given back)
-        self._just_started = False       # a delivery went to the idle task thread in this poll
         self._processor: MessageProcessor | None = None
         self._thread: TaskThread | None = None
         self._current_message: IncomingMessage | None = None
@@ -260,12 +259,6 @@ class Consumer:
         last_activity = time.monotonic()
         while True:
             session.poll(IDLE_POLL)
-            if self._just_started:
-                # A delivery has just gone to the idle task thread: poll again at once, so this thread lets
-                # go of the GIL the task thread needs to begin (the bookkeeping below waits for the next
-                # turn, at most IDLE_POLL away).
-                self._just_started = False
-                continue
             if self.delivery is not None and self.delivery.done:
                 last = max_messages is not None and self.messages_settled + 1 >= max_messages
                 if last and session.consuming:
@@ -306,7 +299,6 @@ class Consumer:
             delivery = Delivery(method.delivery_tag, message.shown_task, message.message_id, message=message)
             if self.delivery is None:
                 self._start(delivery, session)
-                self._just_started = True
             else:
                 self._held.append(delivery)  # prefetch above 1: it waits its turn here, unacked
         return on_delivery
