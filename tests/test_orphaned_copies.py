@@ -326,7 +326,8 @@ def test_purging_twice_while_two_consumers_drain_runs_each_task_once_or_marks_it
     from carrot.monitor import actions
 
     target = tmp_path / 'runs'
-    logs = [publish_message(tasks.stamp, str(target), f't{n}') for n in range(60)]
+    # 10 ms each: the purges come while most of them still wait (no-op tasks all ran before them, at times).
+    logs = [publish_message(tasks.record_execution, str(target), f't{n}', 0.01) for n in range(60)]
     consumers = [ConsumerThread(f'default#{n}', idle_timeout=3).start() for n in (1, 2)]
     try:
         wait_for(lambda: len(lines(target)) >= 10, 20, 'some tasks to run')
