@@ -156,6 +156,97 @@ def test_a_consumer_that_stops_after_one_message_holds_no_other(tmp_path):
     assert redelivered == [False] * 9
 
 
+# -- runs: the task thread goes on to the next held delivery by itself (carrot.consume.loop._run_from) -----
+
+def counting_starts():
+    """Patch Consumer._start (the connection thread handing a delivery over) to count its calls."""
+    from carrot.consumer import Consumer
+    starts = []
+    real = Consumer._start
+
+    def start(consumer, delivery, session):
+        starts.append(delivery.delivery_tag)
+        real(consumer, delivery, session)
+    return starts, patch.object(Consumer, '_start', start)
+
+
+def test_a_backlog_is_run_by_the_task_thread_going_on_by_itself_each_task_once_in_order(tmp_path):
+    # Before runs, the connection thread handed over every delivery: 48 starts for 48 tasks.
+    record = tmp_path / 'runs'
+    for n in range(48):
+        publish_message(tasks.record_execution, str(record), f'm{n:02d}')
+    starts, patched = counting_starts()
+    with patched:
+        consumer = run_consumer(idle_timeout=2)
+    assert executions(record) == [f'm{n:02d}' for n in range(48)]
+    assert len(starts) <= 48 // 2, starts
+    assert consumer.messages_settled == 48 and queue_counts('default') == (0, 0)
+    assert MessageLog.objects.filter(status='COMPLETED', attempts=1).count() == 48
+
+
+def test_a_run_stops_at_max_messages_and_gives_the_rest_back(tmp_path):
+    """A run counts what it has run and not yet settled: it never goes past max_messages (a child's
+    max_tasks_per_child), and what it held goes back to the queue unrun."""
+    record = tmp_path / 'runs'
+    for n in range(30):
+        publish_message(tasks.record_execution, str(record), f'm{n:02d}')
+    run_consumer(max_messages=13)
+    assert executions(record) == [f'm{n:02d}' for n in range(13)]
+    assert queue_counts('default') == (17, 0)
+    run_consumer(idle_timeout=2)
+    assert executions(record) == [f'm{n:02d}' for n in range(30)]
+
+
+def test_failures_retries_and_strangers_in_the_middle_of_a_run_are_settled_in_order(tmp_path, raw_channel):
+    """Deliveries settled at once (a dead-letter, a retry parked in the delay levels, a foreign message's
+    dead-letter) among results that wait for a flush: each is settled, none acked before it ran, and the
+    run goes on."""
+    import pika
+    record = tmp_path / 'runs'
+    expected, flaky = [], []
+    for n in range(24):
+        if n % 8 == 3:
+            publish_message(tasks.explode, f'boom {n}')
+        elif n % 8 == 6:  # fails once, parked for a second in the delay levels, then completes
+            flaky.append((publish_message(tasks.flaky, str(tmp_path / f'flaky-{n}'), 1), tmp_path / f'flaky-{n}'))
+        elif n % 8 == 5:
+            raw_channel.basic_publish('', 'default', b'not json', pika.BasicProperties(
+                headers={'type': 'tests.testapp.tasks.add'}, message_id=f'stranger-{n}'))
+        else:
+            publish_message(tasks.record_execution, str(record), f'm{n:02d}')
+            expected.append(f'm{n:02d}')
+    run_consumer(idle_timeout=4)  # long enough for the retries to come back
+    assert executions(record) == expected
+    assert queue_counts('default') == (0, 0)
+    assert queue_depth('default.dead') == 6
+    assert MessageLog.objects.filter(status='COMPLETED').count() == len(expected) + len(flaky)
+    assert MessageLog.objects.filter(status='FAILED').count() == 6
+    for log, runs in flaky:
+        log.refresh_from_db()
+        assert (log.status, log.attempts, len(runs.read_text().splitlines())) == ('COMPLETED', 2, 2)
+
+
+def test_a_stop_in_the_middle_of_a_run_ends_it_after_the_task_in_hand(tmp_path):
+    """stop() while the task thread goes from one held delivery to the next: the task in hand finishes and
+    is acked, the run takes no other, and the held ones go back; every task runs once in all."""
+    from tests.test_claim import ConsumerThread
+    record = tmp_path / 'runs'
+    for n in range(40):
+        publish_message(tasks.record_execution, str(record), f'm{n:02d}', 0.02)
+    worker = ConsumerThread('default#run', idle_timeout=5).start()
+    try:
+        wait_for(lambda: len(executions(record)) >= 6, 20, 'a run to be under way')
+        worker.consumer.stop()
+    finally:
+        worker.join(timeout=30)
+    ran = executions(record)
+    assert 6 <= len(ran) < 40
+    assert queue_counts('default') == (40 - len(ran), 0)  # nothing unacked, nothing acked unrun
+    assert MessageLog.objects.filter(status='COMPLETED').count() == len(ran)
+    run_consumer(idle_timeout=2)
+    assert executions(record) == [f'm{n:02d}' for n in range(40)]
+
+
 # -- a result deferred to the next claim (carrot.consume.unflushed), on the processor itself ---------------
 
 class _NextInHand(DefaultHooks):
