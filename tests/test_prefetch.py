@@ -247,6 +247,60 @@ def test_a_stop_in_the_middle_of_a_run_ends_it_after_the_task_in_hand(tmp_path):
     assert executions(record) == [f'm{n:02d}' for n in range(40)]
 
 
+def test_a_run_counts_what_is_being_settled_and_never_passes_max_messages(tmp_path):
+    """helper-18: the connection thread took the run's finished deliveries and settled them one by one (a
+    dead-letter's socket write can take a while); meanwhile the task thread counted neither them nor their
+    settlement, and ran a fifth task for max_messages=4."""
+    record = tmp_path / 'runs'
+    for n in range(12):
+        publish_message(tasks.record_then_fail, str(record), f'f{n:02d}', 0.05)
+    real = ConsumeSession.settle
+
+    def slow_settle(session, delivery_tag, disposition, message):
+        real(session, delivery_tag, disposition, message)
+        if disposition.action is Action.DEAD_LETTER:
+            time.sleep(0.125)
+    with patch.object(ConsumeSession, 'settle', slow_settle):
+        consumer = run_consumer(max_messages=4, idle_timeout=3)
+    assert executions(record) == ['f00', 'f01', 'f02', 'f03'] and consumer.messages_settled == 4
+    assert queue_counts('default') == (8, 0) and queue_depth('default.dead') == 4
+
+
+@pytest.mark.timeout(60)
+def test_a_time_limit_that_fires_as_the_task_ends_starts_no_other_task(tmp_path):
+    """helper-18: on a quorum queue (held deliveries are not given back) the time limit fired on B, and
+    while B's failure was being recorded (slow: a lock on the log table) B ended and the run went on to C,
+    which the process then abandoned half-run. The run must end with the task the limit fired on."""
+    from carrot.consumer import Consumer
+    from carrot.exceptions import TaskTimeLimitExceeded
+    from django.test import override_settings
+    record = tmp_path / 'runs'
+    with override_settings(CARROT={**settings.CARROT, 'queues': [{'name': 'default', 'queue_type': 'quorum'}]}):
+        publish_message(tasks.append_and_sleep, str(record), 'B', 1.6)
+        publish_message(tasks.append_and_sleep, str(record), 'C', 2.0)
+        publish_message(tasks.append_and_sleep, str(record), 'D', 0.0)
+        real = Consumer._fail_overrun_row
+
+        def slow(consumer, message_id, error):
+            time.sleep(1.0)
+            return real(consumer, message_id, error)
+        queue = get_config().queue('default')
+        consumer = Consumer(queue.broker, queue, logging.getLogger('carrot.consumer'), 'default#limit')
+        consumer.task_time_limit = 1.0
+        with patch.object(Consumer, '_fail_overrun_row', slow), pytest.raises(TaskTimeLimitExceeded):
+            consumer.run(idle_timeout=4)
+    assert record.read_text().split() == ['B']
+    assert MessageLog.objects.filter(status='IN_PROGRESS').count() == 0
+    # A supervised child would be gone by now, and its database sessions with it: here the abandoned task
+    # thread ends, and the sessions left by the threads of this consumer are ended for the teardown.
+    for thread in list(consumer._thread._executor._threads):
+        thread.join(timeout=10)
+    if connection.vendor == 'postgresql':
+        with connection.cursor() as cursor:
+            cursor.execute('SELECT pg_terminate_backend(pid) FROM pg_stat_activity '
+                           'WHERE datname = current_database() AND pid <> pg_backend_pid()')
+
+
 # -- a result deferred to the next claim (carrot.consume.unflushed), on the processor itself ---------------
 
 class _NextInHand(DefaultHooks):

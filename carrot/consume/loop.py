@@ -93,6 +93,7 @@ class Consumer:
         self._handover = threading.Lock()
         self._runs_on = False            # whether the task thread may go on to a held delivery (_next_in_run)
         self._done_in_run: list[Delivery] = []  # done in a run that went on: settled by this thread, in order
+        self._being_settled = 0          # of those, taken by this thread and not settled yet (_next_in_run counts them)
         # Deliveries done whose results were committed without waiting for the disk: acked after a flush.
         self._unflushed: list[Delivery] = []
         self._flush_future = None        # a flush on the lease thread (see _flush_when_stuck)
@@ -272,10 +273,12 @@ class Consumer:
             # What the task thread finished: in one look, so the run's deliveries are settled in order.
             with self._handover:
                 done_in_run, self._done_in_run = self._done_in_run, []
+                self._being_settled = len(done_in_run)
                 current = self.delivery
                 finished = current is not None and current.done
             for delivery in done_in_run:
                 self._settle_in_turn(session, delivery, max_messages)
+                self._being_settled -= 1  # counted in messages_settled now, where it counts
             if finished:
                 self._settle_in_turn(session, current, max_messages)
             if done_in_run or finished:
@@ -355,9 +358,10 @@ class Consumer:
                 following = self._next_in_run(disposition)
                 if following is not None:
                     self._done_in_run.append(delivery)
-                    self.delivery = following
+                    # Started before it is shown: the connection thread reads self.delivery without the lock.
                     self._lease_renewed = following.started = time.monotonic()
                     following.future = Future()
+                    self.delivery = following
                 # Done only now: the connection thread that sees it done also sees whether the run went on.
                 if raised is None:
                     delivery.future.set_result(disposition)
@@ -373,7 +377,7 @@ class Consumer:
         if disposition is None or not self._runs_on or not self._held or self._paused or self.stopping.is_set():
             return None
         if self._max_messages is not None and \
-                self.messages_settled + len(self._done_in_run) + 2 > self._max_messages:
+                self.messages_settled + self._being_settled + len(self._done_in_run) + 2 > self._max_messages:
             return None  # the last ones are started by the connection thread, which stops consuming first
         return self._held.popleft()
 
@@ -534,11 +538,14 @@ class Consumer:
 
     def _enforce_time_limit(self, session: ConsumeSession) -> None:
         """Fail and dead-letter a task that overran the time limit, then raise to end this process."""
-        delivery = self.delivery
-        if delivery is None or not self.task_time_limit or delivery.done:
+        if not self.task_time_limit:
             return
-        if delivery.age < self.task_time_limit:
-            return
+        with self._handover:
+            delivery = self.delivery
+            if delivery is None or delivery.done or delivery.age < self.task_time_limit:
+                return
+            # This process ends: should the task end while its failure is recorded, the run takes no other.
+            self._runs_on = False
         error = self._fail_overrun(delivery, f'the task was still running after {delivery.age:.1f}s')
         session.reject(delivery.delivery_tag, delivery.message)
         self.delivery = None

@@ -213,6 +213,12 @@ def record_execution(path, token, seconds=0.0):
     return token
 
 
+def record_then_fail(path, token, seconds=0.0):
+    """Record the execution, take `seconds`, then fail (no retry: dead-lettered, it counts as settled)."""
+    record_execution(path, token, seconds)
+    raise ValueError(f'{token} fails on purpose')
+
+
 def record_and_die(path, token):
     """Record the execution, then kill the worker mid-task (before the ack)."""
     record_execution(path, token)
