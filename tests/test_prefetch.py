@@ -291,10 +291,12 @@ def test_a_time_limit_that_fires_as_the_task_ends_starts_no_other_task(tmp_path)
             consumer.run(idle_timeout=4)
     assert record.read_text().split() == ['B']
     assert MessageLog.objects.filter(status='IN_PROGRESS').count() == 0
-    # A supervised child would be gone by now, and its database sessions with it: here the abandoned task
-    # thread ends, and the sessions left by the threads of this consumer are ended for the teardown.
+    # A supervised child would be gone by now, and its database sessions and holds with it: here the
+    # abandoned task thread ends, B's row (its result kept for a next claim that never came) is no longer
+    # held, and the sessions left by the threads of this consumer are ended for the teardown.
     for thread in list(consumer._thread._executor._threads):
         thread.join(timeout=10)
+    claim._held.clear()
     if connection.vendor == 'postgresql':
         with connection.cursor() as cursor:
             cursor.execute('SELECT pg_terminate_backend(pid) FROM pg_stat_activity '
