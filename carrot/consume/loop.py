@@ -8,7 +8,8 @@ It composes three parts, each with one job:
 
 Threads: the thread that calls `run()` owns the connection and keeps its I/O flowing (AMQP heartbeats,
 the supervisor's heartbeat through `on_tick`, SIGTERM, the claim lease); the processor runs in the task
-thread, with its own DB connection. When the task is done the connection thread settles the delivery.
+thread, with its own DB connection. The task thread goes on from a delivery to the next one held (a run,
+`_run_from`); the connection thread settles the deliveries it finished, in order, and starts the next run.
 See README.rst, "Delivery guarantees".
 """
 from __future__ import annotations
