@@ -125,10 +125,12 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
     the statement's own (the arguments may be large, and converting the two times it sets cost a third of
     the claim's Python)."""
     now = timezone.now()
-    params, known = _take_params(now, message_id, task, task_args, content, worker, lease)
-    take, as_integers = _statement('take_on_arrival', _take_on_arrival_sql)
-    found = take.run(params, using=MessageLog.objects.db, fetch=True)
-    return None if found is None else _taken_row(found, known, as_integers)
+    using = MessageLog.objects.db  # looked up once a claim: each lookup asks the routers again
+    connection = connections[using]
+    params, known = _take_params(connection, now, message_id, task, task_args, content, worker, lease)
+    take, as_integers = _statement(using, connection, 'take_on_arrival', _take_on_arrival_sql)
+    found = take.run(params, using=using, fetch=True)
+    return None if found is None else _taken_row(using, connection, found, known, as_integers)
 
 
 def complete_then_take(done: MessageLog, message_id: str, task: str, task_args: str, content: str,
@@ -142,16 +144,18 @@ def complete_then_take(done: MessageLog, message_id: str, task: str, task_args: 
     here, and the caller's read then finds it COMPLETED."""
     from carrot.consume.logrows import completion_params
     now = timezone.now()
-    params, known = _take_params(now, message_id, task, task_args, content, worker, lease)
-    both, as_integers = _statement('complete_then_take', _complete_then_take_sql)
-    found = both.run(completion_params(done) + params, using=MessageLog.objects.db, fetch=True)
+    using = MessageLog.objects.db
+    connection = connections[using]
+    params, known = _take_params(connection, now, message_id, task, task_args, content, worker, lease)
+    both, as_integers = _statement(using, connection, 'complete_then_take', _complete_then_take_sql)
+    found = both.run(completion_params(done) + params, using=using, fetch=True)
     started, taken = found[0], found[1:]
-    return started, (None if taken[_pk_index()] is None else _taken_row(taken, known, as_integers))
+    return started, (None if taken[_pk_index()] is None else
+                     _taken_row(using, connection, taken, known, as_integers))
 
 
-def _take_params(now, message_id, task, task_args, content, worker, lease) -> tuple[list, dict]:
+def _take_params(connection, now, message_id, task, task_args, content, worker, lease) -> tuple[list, dict]:
     """take_on_arrival's parameters, and the values of the columns its statement sets or matches."""
-    connection = connection_for_rows()
     expires = now + timedelta(seconds=lease)
     at = connection.ops.adapt_datetimefield_value
     params = [at(now), worker, at(expires), message_id, task, task_args, content, at(now)]
@@ -161,14 +165,13 @@ def _take_params(now, message_id, task, task_args, content, worker, lease) -> tu
     return params, known
 
 
-def _taken_row(found, known: dict, as_integers: bool) -> MessageLog:
+def _taken_row(using: str, connection, found, known: dict, as_integers: bool) -> MessageLog:
     """The row a take returned (the columns it did not set or match), with the values it did."""
-    connection = connection_for_rows()
     returned = (_from_db(connection, converters, value)
                 for converters, value in zip(_converters_of(connection, as_integers), found))
     names = _row_names()
     values = [known[name] if name in known else next(returned) for name in names]
-    return MessageLog.from_db(MessageLog.objects.db, names, values)
+    return MessageLog.from_db(using, names, values)
 
 
 @functools.cache
@@ -213,12 +216,11 @@ def _take_on_arrival_sql(connection) -> str:
             f'RETURNING {", ".join(_returned_column(connection, f) for f in _returned_fields())}')
 
 
-def _statement(name: str, build) -> tuple[Statement, bool]:
+def _statement(using: str, connection, name: str, build) -> tuple[Statement, bool]:
     """The Statement `name` of the log table's database, in the form that returns its times as integers
     where _times_as_integers() says so (a form of its own: settings may change between two calls), and
     whether it does."""
-    using = MessageLog.objects.db
-    if _times_as_integers(connections[using]):
+    if _times_as_integers(connection):
         return statement(f'{name}_epoch_us', build, using), True
     return statement(name, build, using), False
 
