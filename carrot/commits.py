@@ -103,10 +103,17 @@ def with_commit_setting(sql: str, synchronous_commit: str | None) -> str:
     return f'SET LOCAL synchronous_commit TO {synchronous_commit}; {sql}'
 
 
+def epoch_microseconds(expression: str) -> str:
+    """SQL for the timestamp `expression` as microseconds since the epoch: an integer that reads faster than
+    a timestamp (Django's loader for those is Python that parses text) and does not depend on the session's
+    time zone. extract() is exact (numeric) from PostgreSQL 14; before, a double holds today's microseconds
+    to within rounding, which ::bigint takes to the nearest."""
+    return f'(extract(epoch FROM {expression}) * 1000000)::bigint'
+
+
 # The server's start time, as the statements that write or flush results return it (carrot.consume.unflushed
-# compares them): microseconds since the epoch, an integer that reads faster than a timestamp and does not
-# depend on the session's time zone.
-SERVER_STARTED = '(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint'
+# compares them).
+SERVER_STARTED = epoch_microseconds('pg_postmaster_start_time()')
 
 
 def flush_to_disk(using: str = 'default'):

@@ -335,8 +335,8 @@ class InFlight:
 
 @functools.cache
 def _psycopg():
-    """psycopg 3's parts InFlight and literal_query use, imported once (an import in a function costs on every call: a
-    fiftieth of a worker's time in a drain)."""
+    """psycopg 3's parts InFlight and literal_query use, imported once (an import in a function costs on
+    every call: a fiftieth of a worker's time in a drain)."""
     import psycopg
     import psycopg.adapt
     import psycopg.errors
@@ -344,7 +344,8 @@ def _psycopg():
     import psycopg.pq
     # The statuses as plain ints: an enum member's lookup cost more than the comparison.
     return SimpleNamespace(errors=psycopg.errors, generators=psycopg.generators, Escaping=psycopg.pq.Escaping,
-                           Transformer=psycopg.adapt.Transformer, FATAL_ERROR=int(psycopg.pq.ExecStatus.FATAL_ERROR),
+                           Transformer=psycopg.adapt.Transformer,
+                           FATAL_ERROR=int(psycopg.pq.ExecStatus.FATAL_ERROR),
                            TUPLES_OK=int(psycopg.pq.ExecStatus.TUPLES_OK))
 
 
@@ -359,7 +360,8 @@ def literal_query(text: str, params, raw) -> bytes | None:
     pieces = _template_pieces(text, encoding)
     if pieces is None or len(pieces) != len(params) + 1:
         return None
-    escape = _psycopg().Escaping(raw.pgconn).escape_literal  # libpq's: the connection's encoding and string settings
+    # libpq's escaping: the connection's encoding and string settings.
+    escape = _psycopg().Escaping(raw.pgconn).escape_literal
     parts = [pieces[0]]
     for value, piece in zip(params, pieces[1:]):
         if value is None:

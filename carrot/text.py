@@ -126,4 +126,3 @@ def new_message_id() -> str:
         | 0b10 << 62 | random_bits & (2**62 - 1)
     digits = f'{value:032x}'  # str(uuid.UUID(int=value)), without making the object
     return f'{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}'
-

@@ -443,7 +443,8 @@ def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sq
     connection, channel = raw_channel(url)
     channel.basic_qos(prefetch_count=prefetch)
     in_hand = collections.deque()
-    channel.basic_consume(queue, lambda _channel, method, properties, body: in_hand.append((method, properties, body)))
+    channel.basic_consume(queue, lambda _channel, method, properties, body:
+                          in_hand.append((method, properties, body)))
     one_statement = 'result_then_claim' in sql
     worker, lease = f'floor-{os.getpid()}', datetime.timedelta(minutes=5)
     utc = datetime.timezone.utc
@@ -1203,12 +1204,14 @@ def print_table(results: dict) -> None:
                  ratio(drain['per_s'], raw['drain_prefetch_1_per_s']))
         if raw.get('logged_floor'):
             floor = raw['logged_floor']['per_s']
-            line('    from supervisor start, vs the logged floor (row 1)', '', f"{ratio(drain['per_s'], floor)} of it")
+            line('    from supervisor start, vs the logged floor (row 1)', '',
+                 f"{ratio(drain['per_s'], floor)} of it")
             # What the drain from start would be if the workers cost nothing beyond the floor: the floor's
             # time for these tasks plus this drain's own start (supervisor start to the first task started).
             start = drain['tasks'] / drain['per_s'] - drain['tasks'] / drain['from_first_started_per_s']
             at_best = drain['tasks'] / (drain['tasks'] / floor + start)
-            line(f'    at best: the floor, after this start ({start:.2f}s)', rate(at_best), ratio(at_best, ceiling))
+            line(f'    at best: the floor, after this start ({start:.2f}s)', rate(at_best),
+                 ratio(at_best, ceiling))
         cpu_line(drain.get('cpu_us_per_task'), machine['cpus'], lines)
     if 'failures' in rows:
         failures = rows['failures']

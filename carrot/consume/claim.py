@@ -22,7 +22,7 @@ from django.db import connections, models
 from django.db.models import F, Q
 from django.utils import timezone
 
-from carrot.commits import SERVER_STARTED, without_waiting_for_disk
+from carrot.commits import SERVER_STARTED, epoch_microseconds, without_waiting_for_disk
 from carrot.models import MessageLog
 from carrot.statements import Statement, statement
 
@@ -236,9 +236,7 @@ def _times_as_integers(connection) -> bool:
 def _returned_column(connection, field) -> str:
     column = connection.ops.quote_name(field.column)
     if isinstance(field, models.DateTimeField) and _times_as_integers(connection):
-        # extract() is exact (numeric) from PostgreSQL 14; before, a double holds today's microseconds
-        # to within rounding, which ::bigint takes to the nearest.
-        return f'(extract(epoch FROM {column}) * 1000000)::bigint AS {column}'
+        return f'{epoch_microseconds(column)} AS {column}'
     return column
 
 

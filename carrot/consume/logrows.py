@@ -10,11 +10,11 @@ from django.utils import timezone
 
 from carrot import text
 from carrot.amqp.wire import IncomingMessage
+from carrot.commits import SERVER_STARTED
 from carrot.config import QueueConfig
 from carrot.exceptions import CarrotError, InvalidArguments
 from carrot.models import MessageLog, TaskAttempt
 from carrot.publish import arguments
-from carrot.commits import SERVER_STARTED
 from carrot.statements import statement
 
 # What a reduced row writes: the outcome, without the texts the database may have refused.

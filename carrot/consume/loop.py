@@ -94,7 +94,7 @@ class Consumer:
         self._handover = threading.Lock()
         self._runs_on = False            # whether the task thread may go on to a held delivery (_next_in_run)
         self._done_in_run: list[Delivery] = []  # done in a run that went on: settled by this thread, in order
-        self._being_settled = 0          # of those, taken by this thread and not settled yet (_next_in_run counts them)
+        self._being_settled = 0          # of those, taken and not settled yet: _next_in_run counts them
         # Deliveries done whose results were committed without waiting for the disk: acked after a flush.
         self._unflushed: list[Delivery] = []
         self._flush_future = None        # a flush on the lease thread (see _flush_when_stuck)

@@ -76,10 +76,10 @@ def _capture_for(limit: int | None) -> _ThreadCapture:
     """This thread's capture, emptied for a task; a new one for a task run inside another's (its lines go
     to the inner task)."""
     capture = getattr(_this_thread, 'capture', None)
-    if capture is None or capture.in_use:
+    if capture is None:
+        capture = _this_thread.capture = _ThreadCapture()
+    elif capture.in_use:
         capture = _ThreadCapture()
-        if getattr(_this_thread, 'capture', None) is None:
-            _this_thread.capture = capture
     capture.start(limit)
     capture.in_use = True
     return capture

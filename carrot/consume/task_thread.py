@@ -1,8 +1,8 @@
 """The task thread: one executor thread that runs one job at a time, so the connection thread stays free.
 
 The connection thread submits a job (a run of deliveries, carrot.consume.loop) and keeps servicing the
-broker; the thread wakes it when the job is done. A job that overruns the time limit cannot be stopped (Python threads
-cannot be killed): the thread is abandoned and the process is expected to end.
+broker; the thread wakes it when the job is done. A job that overruns the time limit cannot be stopped
+(Python threads cannot be killed): the thread is abandoned and the process is expected to end.
 """
 from __future__ import annotations
 
