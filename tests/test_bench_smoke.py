@@ -42,8 +42,8 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     postgres_databases()  # reachable, or a clear failure
     out = tmp_path / 'bench.json'
     env = dict(os.environ, TMPDIR=str(tmp_path))  # the run directory (logs) goes with the test's
-    result = subprocess.run([sys.executable, BENCH, '--quick', '--json', str(out), '--vhost', vhost,
-                             '--database', database], capture_output=True, text=True, timeout=200, cwd=ROOT,
+    result = subprocess.run([sys.executable, BENCH, '--quick', '--rounds', '2', '--json', str(out), '--vhost',
+                             vhost, '--database', database], capture_output=True, text=True, timeout=200, cwd=ROOT,
                             env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'raw pika drain' in result.stdout and str(out) in result.stdout
@@ -66,6 +66,15 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     assert floor['statements_a_task'] == 1 and 'at best: the floor, after this start' in result.stdout
     assert {'consumers', 'PostgreSQL', 'RabbitMQ', 'all'} <= set(floor['cpu_us_per_task']), floor
     assert positive(rows['drain']['per_s']) and positive(rows['drain']['from_first_started_per_s'])
+    # --rounds 2: the raw drain and the carrot drain sampled twice each, in turn; each figure is the median.
+    assert document['options']['rounds'] == 2
+    samples = raw['drain_rounds_per_s']
+    assert len(samples) == 2 and all(positive(value) for value in samples)
+    assert raw['drain_per_s'] == pytest.approx(sum(samples) / 2)  # the median of two
+    drains = rows['drain']['rounds']
+    assert len(drains) == 2 and all(positive(sample['per_s']) for sample in drains), drains
+    assert rows['drain']['per_s'] == pytest.approx(sum(sample['per_s'] for sample in drains) / 2)
+    assert result.stdout.count('median of 2 rounds: ') == 2 and 'vs raw in each round' in result.stdout
     # Where the drain's CPU went, per task. A quick drain is short and the kernel counts in clock ticks, so
     # a part may read 0; the image imports Django, which always takes some.
     cpu = rows['drain']['cpu_us_per_task']
