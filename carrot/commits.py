@@ -24,7 +24,9 @@ import contextlib
 
 from django.db import DatabaseError, connections, transaction
 
+from carrot.config import get_config
 from carrot.dbfaults import sqlstate
+from carrot.exceptions import CarrotConfigException
 
 
 @contextlib.contextmanager
@@ -50,8 +52,6 @@ def _committing_with(synchronous_commit: str, using: str):
 
 def commits_may_skip_the_disk() -> bool:
     """CARROT['async_commits'] (False when CARROT cannot be read)."""
-    from carrot.config import get_config
-    from carrot.exceptions import CarrotConfigException
     try:
         return get_config().async_commits
     except CarrotConfigException:

@@ -360,20 +360,24 @@ def literal_query(text: str, params, raw) -> bytes | None:
     pieces = _template_pieces(text, encoding)
     if pieces is None or len(pieces) != len(params) + 1:
         return None
-    # libpq's escaping: the connection's encoding and string settings.
-    escape = _psycopg().Escaping(raw.pgconn).escape_literal
+    escape = None
     parts = [pieces[0]]
     for value, piece in zip(params, pieces[1:]):
-        if value is None:
+        if isinstance(value, str):
+            if '\x00' in value:
+                return None
+            if "'" in value or '\\' in value:
+                if escape is None:  # libpq's escaping: the connection's encoding and string settings
+                    escape = _psycopg().Escaping(raw.pgconn).escape_literal
+                parts.append(escape(value.encode(encoding)))
+            else:  # nothing to escape: most of carrot's values (ids, names, empty texts, plain JSON)
+                parts.append(b"'%s'" % value.encode(encoding))
+        elif value is None:
             parts.append(b'NULL')
         elif value is True or value is False:
             parts.append(b'true' if value else b'false')
         elif isinstance(value, int):
             parts.append(b'%d' % int(value))
-        elif isinstance(value, str):
-            if '\x00' in value:
-                return None
-            parts.append(escape(value.encode(encoding)))
         elif isinstance(value, datetime.datetime):
             parts.append(b"'%s'" % value.isoformat().encode())
         else:

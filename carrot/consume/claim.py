@@ -23,6 +23,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from carrot.commits import SERVER_STARTED, epoch_microseconds, without_waiting_for_disk
+from carrot.consume.logrows import completion_params, write_completion_sql
 from carrot.models import MessageLog
 from carrot.statements import Statement, statement
 
@@ -142,7 +143,6 @@ def complete_then_take(done: MessageLog, message_id: str, task: str, task_args: 
 
     The two UPDATEs see one snapshot: a copy of `done` itself (its row IN_PROGRESS in it) is never taken
     here, and the caller's read then finds it COMPLETED."""
-    from carrot.consume.logrows import completion_params
     now = timezone.now()
     using = MessageLog.objects.db
     connection = connections[using]
@@ -167,17 +167,28 @@ def _take_params(connection, now, message_id, task, task_args, content, worker, 
 
 def _taken_row(using: str, connection, found, known: dict, as_integers: bool) -> MessageLog:
     """The row a take returned (the columns it did not set or match), with the values it did."""
-    returned = (_from_db(connection, converters, value)
-                for converters, value in zip(_converters_of(connection, as_integers), found))
-    names = _row_names()
-    values = [known[name] if name in known else next(returned) for name in names]
-    return MessageLog.from_db(using, names, values)
+    returned = list(found)
+    for index, column, functions in _converters_of(connection, as_integers):
+        value = returned[index]
+        for converter in functions:
+            value = converter(value, column, connection)
+        returned[index] = value
+    values = [known[name] if index is None else returned[index] for name, index in _row_sources()]
+    return MessageLog.from_db(using, _row_names(), values)
 
 
 @functools.cache
 def _row_names() -> tuple[str, ...]:
     """MessageLog's columns (attnames) in field order, as from_db takes them: made once, not per claim."""
     return tuple(f.attname for f in MessageLog._meta.concrete_fields)
+
+
+@functools.cache
+def _row_sources() -> tuple[tuple[str, int | None], ...]:
+    """Per column of _row_names(): (its name, where a take returns it), the place None for the columns the
+    take sets or matches (their values are the statement's own)."""
+    returned = [f.attname for f in _returned_fields()]
+    return tuple((name, None if name in SET_OR_MATCHED else returned.index(name)) for name in _row_names())
 
 
 # The columns take_on_arrival's UPDATE sets to a value of its own or matches with "=": not returned.
@@ -198,7 +209,6 @@ def _pk_index() -> int:
 def _complete_then_take_sql(connection) -> str:
     # Writable CTEs run to completion whether read or not; the outer SELECT always gives one row: the
     # result's server start (NULL: no row to complete) and the taken row's columns (NULL: none taken).
-    from carrot.consume.logrows import write_completion_sql
     return (f'WITH done AS ({write_completion_sql(connection)} RETURNING {SERVER_STARTED} AS started), '
             f'taken AS ({_take_on_arrival_sql(connection)}) '
             f'SELECT done.started, taken.* FROM (SELECT 1) AS one LEFT JOIN done ON true LEFT JOIN taken ON true')
@@ -241,20 +251,22 @@ def _returned_column(connection, field) -> str:
 
 
 def _converters_of(connection, as_integers: bool) -> list[tuple]:
-    """Per column take_on_arrival returns, what turns its value as read into the ORM's (`as_integers`: its
-    times come as integers): looked up once per connection (the lookup cost more than the claim's own
-    Python)."""
+    """(place, column, converters) for each column take_on_arrival returns whose value as read needs
+    turning into the ORM's (SQLite's datetimes are text, for one; `as_integers`: its times come as
+    integers); the others are taken as read.
+    Looked up once per connection: the lookup cost more than the claim's own Python."""
     cached = getattr(connection, '_carrot_converters', None)
     if cached is not None and cached[0] == as_integers:
         return cached[1]
     found = []
-    for field in _returned_fields():
+    for index, field in enumerate(_returned_fields()):
         column = field.get_col(MessageLog._meta.db_table)
         if as_integers and isinstance(field, models.DateTimeField):
-            found.append((column, (_from_epoch_us,)))
-            continue
-        found.append((column, tuple(connection.ops.get_db_converters(column) +
-                                    column.get_db_converters(connection))))
+            functions = (_from_epoch_us,)
+        else:
+            functions = tuple(connection.ops.get_db_converters(column) + column.get_db_converters(connection))
+        if functions:
+            found.append((index, column, functions))
     connection._carrot_converters = (as_integers, found)
     return found
 
@@ -266,14 +278,6 @@ def _from_epoch_us(value, expression, connection):
     """A time returned as microseconds since the epoch (_returned_column) as the ORM gives it with USE_TZ:
     an aware datetime in UTC, to the microsecond."""
     return None if value is None else _EPOCH + timedelta(microseconds=value)
-
-
-def _from_db(connection, converters, value):
-    """A column's value as the ORM would give it (SQLite's datetimes are text, for one)."""
-    column, functions = converters
-    for converter in functions:
-        value = converter(value, column, connection)
-    return value
 
 
 def from_waiting(now) -> Q:

@@ -52,9 +52,9 @@ from carrot.commits import flush_to_disk
 from carrot.consume import claim, djangotask, retry
 from carrot.consume.dbretry import (DatabaseRetry, StopRequested, drop_broken_connections,
                                     reset_connections_left_in_transaction)
-from carrot.consume.logrows import (REDUCED_FIELDS, bound_row, completion_skips_the_orm, get_or_insert_row,
-                                    insert_foreign_row, insert_row, new_row, record_attempt, same_call, set_failed_fields,
-                                    write_completion)
+from carrot.consume.logrows import (REDUCED_FIELDS, bound_result, bound_row, completion_skips_the_orm,
+                                    get_or_insert_row, insert_foreign_row, insert_row, new_row, record_attempt,
+                                    same_call, set_failed_fields, write_completion)
 from carrot.consume.runner import LOG_FORMAT, TASK_LOGGER, TaskOutcome, exception_class_path, run_task
 from carrot.consume.unflushed import UnflushedResults
 from carrot.dbfaults import describe_database_fault, may_pass, of_the_session
@@ -446,7 +446,7 @@ class MessageProcessor:
         if not completion_skips_the_orm():  # someone listens to MessageLog's save signals: the ORM's save
             self.save(row, interruptible=False, fields=COMPLETION_FIELDS)
             return True  # what waits for a flush is flushed by process() before it returns
-        bound_row(row, self.config.max_stored_text)
+        bound_result(row, self.config.max_stored_text)
         skip = self.hooks.another_message_waits()
         if may_defer and skip and self._returning and self.results.usable() and \
                 self.hooks.finds_rows_as_carrot_does():
