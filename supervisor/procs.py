@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Iterable, Iterator, NoReturn
 
-from setproctitle import setproctitle
+from setproctitle import getproctitle, setproctitle
 
 try:
     import ctypes
@@ -35,6 +35,17 @@ def escape_control(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def make_room_for_titles() -> None:
+    """Let setproctitle find the memory titles are written to, before anything changes the environment. It
+    finds the command line by walking back from the text of the first environment variable; once that
+    variable has been set again (os.environ[...] = ..., which moves it to the heap) the walk fails, and no
+    title is ever shown. Call it before the first change to os.environ."""
+    try:
+        getproctitle()  # sets setproctitle up, as its first call of any kind does
+    except Exception:
+        pass
 
 
 def set_title(title: object) -> None:

@@ -167,6 +167,24 @@ def test_process_titles_say_what_each_process_does(start_supervisor):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize('first', ['DJANGO_SETTINGS_MODULE', 'PYTHONPATH'])
+def test_titles_are_set_when_a_variable_the_master_rewrites_comes_first_in_its_environment(
+        start_supervisor, subprocess_env, first):
+    """The master rewrites DJANGO_SETTINGS_MODULE (and PYTHONPATH, given --pythonpath) before it sets any title.
+    With that variable first in its environment (a systemd unit with a single Environment= line), setproctitle
+    then found no room for the titles: every process read as the python command line, in ps, top and to
+    anything that tells the processes apart by their titles."""
+    env = {first: subprocess_env[first], **{k: v for k, v in subprocess_env.items() if k != first}}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = ('--pythonpath', root) if first == 'PYTHONPATH' else ()
+    supervisor = start_supervisor(*flags, env=env)
+    kids = supervisor.wait_ready(['consumer default#1', 'consumer other#1', 'housekeeping'])
+    assert supervisor.title() == MASTER_TITLE
+    assert kids['consumer default#1'].title == 'carrot-supervisor: consumer default#1 idle'
+    assert kids['housekeeping'].title == 'carrot-supervisor: housekeeping'
+
+
+@pytest.mark.timeout(60)
 def test_queues_flag_consumes_only_the_named_queues(start_supervisor):
     supervisor = start_supervisor('--queues', 'other')
     supervisor.wait_ready(['consumer other#1'])

@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from supervisor import EXIT_BROKER, EXIT_CONFIG, Arbiter, Plan
+from supervisor.procs import make_room_for_titles
 from supervisor.signals import release_master_signals
 
 from carrot import __version__
@@ -93,6 +94,7 @@ def check(builder: ImageBuilder, settings_module: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_room_for_titles()  # before os.environ changes below (PYTHONPATH, DJANGO_SETTINGS_MODULE)
     args = build_parser().parse_args(argv)
     for path in reversed(args.pythonpath):
         sys.path.insert(0, os.path.abspath(path))
