@@ -27,7 +27,7 @@ CARROT_DEMO_* variables. The rows (names for --only):
 
 The raw drain and the track='all' drain are each sampled --rounds times (3 by default), in turn, and
 reported as the median of their samples, each sample kept in the JSON: one sample of either moves by a
-sixth from run to run on a shared machine. carrot's modules are run from bytecode, as an installed carrot
+sixth from run to run on a shared machine. publish_message too, as it publishes each drain's backlog. carrot's modules are run from bytecode, as an installed carrot
 is (compile_bytecode).
 
 Every figure comes from this machine and this run: compare the ratios to the ceiling across machines,
@@ -856,30 +856,34 @@ class CpuSpent:
         return reading
 
 
-def drain_row(run_dir: str, n: int) -> tuple[dict, tuple[float, dict | None]]:
+def drain_row(run_dir: str, n: int, name: str = 'drain') -> tuple[dict, tuple[float, dict | None]]:
     """Row 2, and row 4's publish_message figure: the backlog is published with it, timed."""
     from django.utils import timezone
     reset_log_and_queue()
     since = timezone.now()
     publish = publish_single_and_cpu(n)
-    return timed_drain(run_dir, 'drain', n, since), publish
+    return timed_drain(run_dir, name, n, since), publish
 
 
-def more_rounds(rows: dict, run_dir: str, url: str, n: int, rounds: int) -> None:
+def more_rounds(rows: dict, run_dir: str, url: str, n: int, rounds: int) -> list[tuple[float, dict | None]]:
     """The raw drain and the track='all' drain again, in turn, until each has `rounds` samples; each row's
     figure becomes the median of its samples (all kept in the JSON). One sample of either moves by a sixth
     from one run to the next on a shared machine -- more than the ratio between them is asked to show -- and
     the turns put both under the same weather. The drain's CPU per task is the median of its samples, part
-    by part."""
+    by part. Each drain's backlog is published with publish_message, timed as in drain_row: returns those
+    samples of row 4 (rate, CPU per call)."""
     raw, drain = rows.get('raw'), rows.get('drain')
     raw_samples = [raw['drain_per_s']] if raw else []
     drain_samples = [drain] if drain else []
+    publishes = []
     for _ in range(rounds - 1):
         if raw:
             fill_raw_queue(url, RAW_QUEUE, n)
             raw_samples.append(raw_drain(url, RAW_QUEUE, n))
         if drain:
-            drain_samples.append(backlog_drain(run_dir, f'drain-{len(drain_samples) + 1}', n))
+            sample, publish = drain_row(run_dir, n, name=f'drain-{len(drain_samples) + 1}')
+            drain_samples.append(sample)
+            publishes.append(publish)
     if raw:
         raw['drain_rounds_per_s'] = raw_samples
         raw['drain_per_s'] = statistics.median(raw_samples)
@@ -888,10 +892,21 @@ def more_rounds(rows: dict, run_dir: str, url: str, n: int, rounds: int) -> None
                            for sample in drain_samples]
         for key in ('per_s', 'from_first_started_per_s'):
             drain[key] = statistics.median(sample[key] for sample in drain_samples)
-        cpus = [sample['cpu_us_per_task'] for sample in drain_samples if sample.get('cpu_us_per_task')]
-        if cpus:
-            drain['cpu_us_per_task'] = {part: round(statistics.median(cpu.get(part, 0) for cpu in cpus))
-                                        for part in cpus[0]}
+        drain['cpu_us_per_task'] = median_cpu([sample.get('cpu_us_per_task') for sample in drain_samples])
+    return publishes
+
+
+def median_cpu(readings: list[dict | None]) -> dict | None:
+    """Part by part, the median of CpuSpent readings (those there are)."""
+    readings = [reading for reading in readings if reading]
+    if not readings:
+        return None
+    return {part: round(statistics.median(reading.get(part, 0) for reading in readings)) for part in readings[0]}
+
+
+def median_publish(samples: list[tuple[float, dict | None]]) -> tuple[float, dict | None]:
+    """publish_single_and_cpu() samples as one: the median rate, and the median CPU per call."""
+    return statistics.median(rate for rate, _ in samples), median_cpu([cpu for _, cpu in samples])
 
 
 def fill_raw_queue(url: str, queue: str, n: int) -> None:
@@ -909,15 +924,6 @@ def fill_raw_queue(url: str, queue: str, n: int) -> None:
                    f'{n} messages on {queue}', timeout=60, interval=0.05)
     finally:
         connection.close()
-
-
-def backlog_drain(run_dir: str, name: str, n: int) -> dict:
-    """timed_drain() of a backlog published in bulk (its publishing is not what is measured here)."""
-    from django.utils import timezone
-    reset_log_and_queue()
-    since = timezone.now()
-    fill_backlog(n)
-    return timed_drain(run_dir, name, n, since)
 
 
 def track_supported() -> bool:
@@ -1304,6 +1310,7 @@ def print_table(results: dict) -> None:
         publish = rows['publish']
         line('4 publish_message, 1 process', rate(publish['single_per_s']),
              ratio(publish['single_per_s'], raw.get('publish_confirmed_per_s')))
+        rounds_line(publish.get('single_rounds_per_s'), lines)
         if raw.get('publish_then_commit_per_s'):
             line('    floor: raw confirmed publish, then a one-row commit (no disk wait)',
                  rate(raw['publish_then_commit_per_s']),
@@ -1427,11 +1434,13 @@ def run_rows(args, run_dir: str) -> dict:
     rows = {}
     if 'raw' in args.rows:
         rows['raw'] = raw_row(url, args.messages, args.latency_calls, args.spacing, args.postgres_commits)
-    single = None
+    single, single_rounds = None, None
     if 'drain' in args.rows:
         rows['drain'], single = drain_row(run_dir, args.messages)
     if args.rounds > 1 and args.rows & {'raw', 'drain'}:
-        more_rounds(rows, run_dir, url, args.messages, args.rounds)
+        publishes = more_rounds(rows, run_dir, url, args.messages, args.rounds)
+        if single is not None and publishes:
+            single, single_rounds = median_publish([single, *publishes]), [single[0], *(p[0] for p in publishes)]
     if 'failures' in args.rows:
         rows['failures'] = failures_row(run_dir, args.messages)
     if 'publish' in args.rows:
@@ -1440,7 +1449,7 @@ def run_rows(args, run_dir: str) -> dict:
             single = publish_single_and_cpu(args.messages)
         single_rate, single_cpu = single
         rows['publish'] = {'messages': args.messages, 'single_per_s': single_rate,
-                           'single_cpu_us_per_call': single_cpu,
+                           'single_cpu_us_per_call': single_cpu, 'single_rounds_per_s': single_rounds,
                            'bulk_per_s': publish_bulk_row(args.messages)}
     if args.rows & {'latency', 'respawn'}:
         rows.update(latency_and_respawn(run_dir, args.latency_calls, args.spacing, args.kills, args.rows))

@@ -74,7 +74,9 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     drains = rows['drain']['rounds']
     assert len(drains) == 2 and all(positive(sample['per_s']) for sample in drains), drains
     assert rows['drain']['per_s'] == pytest.approx(sum(sample['per_s'] for sample in drains) / 2)
-    assert result.stdout.count('median of 2 rounds: ') == 2 and 'vs raw in each round' in result.stdout
+    publishes = rows['publish']['single_rounds_per_s']  # each drain's backlog published with publish_message
+    assert len(publishes) == 2 and rows['publish']['single_per_s'] == pytest.approx(sum(publishes) / 2)
+    assert result.stdout.count('median of 2 rounds: ') == 3 and 'vs raw in each round' in result.stdout
     # Where the drain's CPU went, per task. A quick drain is short and the kernel counts in clock ticks, so
     # a part may read 0; the image imports Django, which always takes some.
     cpu = rows['drain']['cpu_us_per_task']
