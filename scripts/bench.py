@@ -27,8 +27,8 @@ CARROT_DEMO_* variables. The rows (names for --only):
 
 The raw drain and the track='all' drain are each sampled --rounds times (3 by default), in turn, and
 reported as the median of their samples, each sample kept in the JSON: one sample of either moves by a
-sixth from run to run on a shared machine. publish_message too, as it publishes each drain's backlog. carrot's modules are run from bytecode, as an installed carrot
-is (compile_bytecode).
+sixth from run to run on a shared machine. publish_message too, as it publishes each drain's backlog.
+carrot's modules are run from bytecode, as an installed carrot is (compile_bytecode).
 
 Every figure comes from this machine and this run: compare the ratios to the ceiling across machines,
 not the absolute numbers. Every wait is bounded; every process started here is stopped, and the virtual
@@ -198,19 +198,27 @@ def raw_channel(url: str):
     return connection, connection.channel()
 
 
-def raw_publish(url: str, queue: str, n: int) -> float:
-    """Confirmed publishes per second from one process, onto a plain durable queue (left holding them)."""
+def raw_publish(url: str, queue: str, n: int, confirmed: bool = True) -> float:
+    """Confirmed publishes per second from one process, onto a plain durable queue (left holding them).
+    Not `confirmed`: only to fill the queue (another drain sample), so published without confirms and
+    waited for until the queue holds them all."""
     import pika
     connection, channel = raw_channel(url)
-    channel.queue_declare(queue, durable=True)
-    channel.queue_purge(queue)
-    channel.confirm_delivery()
-    persistent = pika.BasicProperties(delivery_mode=2, content_type='application/json')
-    started = time.perf_counter()
-    for i in range(n):
-        channel.basic_publish('', queue, b'{"args": [], "kwargs": {}}', persistent)
-    elapsed = time.perf_counter() - started
-    connection.close()
+    try:
+        channel.queue_declare(queue, durable=True)
+        channel.queue_purge(queue)
+        if confirmed:
+            channel.confirm_delivery()
+        persistent = pika.BasicProperties(delivery_mode=2, content_type='application/json')
+        started = time.perf_counter()
+        for _ in range(n):
+            channel.basic_publish('', queue, b'{"args": [], "kwargs": {}}', persistent)
+        elapsed = time.perf_counter() - started
+        if not confirmed:
+            wait_until(lambda: channel.queue_declare(queue, durable=True, passive=True).method.message_count >= n,
+                       f'{n} messages on {queue}', timeout=60, interval=0.05)
+    finally:
+        connection.close()
     return n / elapsed
 
 
@@ -878,7 +886,7 @@ def more_rounds(rows: dict, run_dir: str, url: str, n: int, rounds: int) -> list
     publishes = []
     for _ in range(rounds - 1):
         if raw:
-            fill_raw_queue(url, RAW_QUEUE, n)
+            raw_publish(url, RAW_QUEUE, n, confirmed=False)
             raw_samples.append(raw_drain(url, RAW_QUEUE, n))
         if drain:
             sample, publish = drain_row(run_dir, n, name=f'drain-{len(drain_samples) + 1}')
@@ -907,23 +915,6 @@ def median_cpu(readings: list[dict | None]) -> dict | None:
 def median_publish(samples: list[tuple[float, dict | None]]) -> tuple[float, dict | None]:
     """publish_single_and_cpu() samples as one: the median rate, and the median CPU per call."""
     return statistics.median(rate for rate, _ in samples), median_cpu([cpu for _, cpu in samples])
-
-
-def fill_raw_queue(url: str, queue: str, n: int) -> None:
-    """n messages on the raw ceiling's queue, published without confirms (only the drain is timed), and
-    waited for."""
-    import pika
-    connection, channel = raw_channel(url)
-    try:
-        channel.queue_declare(queue, durable=True)
-        channel.queue_purge(queue)
-        persistent = pika.BasicProperties(delivery_mode=2, content_type='application/json')
-        for _ in range(n):
-            channel.basic_publish('', queue, b'{"args": [], "kwargs": {}}', persistent)
-        wait_until(lambda: channel.queue_declare(queue, durable=True, passive=True).method.message_count >= n,
-                   f'{n} messages on {queue}', timeout=60, interval=0.05)
-    finally:
-        connection.close()
 
 
 def track_supported() -> bool:
@@ -1440,7 +1431,8 @@ def run_rows(args, run_dir: str) -> dict:
     if args.rounds > 1 and args.rows & {'raw', 'drain'}:
         publishes = more_rounds(rows, run_dir, url, args.messages, args.rounds)
         if single is not None and publishes:
-            single, single_rounds = median_publish([single, *publishes]), [single[0], *(p[0] for p in publishes)]
+            samples = [single, *publishes]
+            single, single_rounds = median_publish(samples), [rate for rate, _ in samples]
     if 'failures' in args.rows:
         rows['failures'] = failures_row(run_dir, args.messages)
     if 'publish' in args.rows:

@@ -203,7 +203,7 @@ def _returned_fields() -> list:
 @functools.cache
 def _pk_index() -> int:
     """Where the primary key is among the columns a take returns (never NULL in a row taken)."""
-    return [f.attname for f in _returned_fields()].index(MessageLog._meta.pk.attname)
+    return dict(_row_sources())[MessageLog._meta.pk.attname]
 
 
 def _complete_then_take_sql(connection) -> str:

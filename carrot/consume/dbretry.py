@@ -36,9 +36,8 @@ def drop_broken_connections() -> None:
     One pass over this thread's connections (as reset_connections_left_in_transaction, then the rest):
     each pass looks every connection up twice in Django's thread-local table."""
     for connection in connections.all(initialized_only=True):
-        if _how_left(connection) is not None:
-            replace_connection(connection.alias)  # a fresh wrapper: nothing of the rest to do
-            continue
+        if _replaced_if_left(connection) is not None:
+            continue  # a fresh wrapper: nothing of the rest to do
         connection.queries_log.clear()
         if connection.connection is None:
             continue
@@ -101,20 +100,22 @@ def reset_connections_left_in_transaction() -> dict[str, str]:
     rolled back, as the database would on a disconnect. Returns {alias: how it was left} for the log."""
     found = {}
     for connection in connections.all(initialized_only=True):
-        how = _how_left(connection)
+        how = _replaced_if_left(connection)
         if how is not None:
             found[connection.alias] = how
-            replace_connection(connection.alias)
     return found
 
 
-def _how_left(connection) -> str | None:
-    """left_in_transaction(), or why it could not tell: a connection too broken to say is replaced all the
-    same."""
+def _replaced_if_left(connection) -> str | None:
+    """Replace `connection` if it was left in a transaction, or is too broken to say; how it was left
+    (None: clean, kept)."""
     try:
-        return left_in_transaction(connection)
+        how = left_in_transaction(connection)
     except Exception as exc:
-        return f'its state could not be read ({type(exc).__name__})'
+        how = f'its state could not be read ({type(exc).__name__})'
+    if how is not None:
+        replace_connection(connection.alias)
+    return how
 
 
 class DatabaseRetry:
