@@ -9,7 +9,9 @@ CARROT_DEMO_* variables. The rows (names for --only):
             process; and, for context, one-row PostgreSQL commits from one process (what each log
             write waits for on this disk); the floor under a logged drain (logged_floor: carrot's
             backlog drained by raw processes doing carrot's log writes per task and the ack as carrot's
-            worker does them, no more) and the floor under publish_message (raw_publish_then_commit)
+            worker does them, no more) and the floor under publish_message (raw_publish_then_commit);
+            with --batched-floor also that drain with every delivery in hand claimed in one statement
+            (batched_logged_floor: what claiming ahead would reach, for the design of the next step)
   drain     track='all': a backlog of no-op tasks published with publish_message, then carrot-supervisor
             with 2 consumer children, timed from its start to the last row COMPLETED; and the CPU time
             per task each part of the machine spent meanwhile (CpuSpent)
@@ -522,10 +524,122 @@ def logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
     return {'per_s': per_s, 'cpu_us_per_task': cpu, 'statements_a_task': 1 if 'result_then_claim' in sql else 2}
 
 
+def batched_statements() -> dict | None:
+    """The batched floor's SQL, in the shape of carrot's own statements but for many deliveries at a time:
+    'claim' writes the results of the window before (ids and completion times, as arrays) and claims every
+    delivery in hand (uuids, tasks and stored arguments, as arrays) under carrot's claim conditions,
+    returning the count it completed and then the columns carrot's claim returns; 'complete' writes a
+    window's results in a commit that waits for the disk; 'id_at' is where the id is in a claim's row.
+    None for a carrot without them."""
+    from django.db import connection
+    try:
+        from carrot.commits import epoch_microseconds
+        from carrot.consume.claim import SET_OR_MATCHED, TAKEABLE, _returned_fields
+        from carrot.models import MessageLog
+    except ImportError:
+        return None
+    assert {'uuid', 'task', 'task_args', 'content'} <= SET_OR_MATCHED  # matched below, as carrot's claim does
+    table = connection.ops.quote_name(MessageLog._meta.db_table)
+    fields = _returned_fields()
+    columns = ', '.join(epoch_microseconds(f'm.{f.column}') if f.get_internal_type() == 'DateTimeField'
+                        else f'm.{f.column}' for f in fields)  # times as carrot's claim returns them
+    takeable = ', '.join(f"'{status}'" for status in TAKEABLE)
+    write_results = (f"UPDATE {table} AS m SET status = '{MessageLog.COMPLETED}', completion_time = d.at, "
+                     f"output = '', log = '', lease_expires = NULL "
+                     f"FROM unnest(%s::bigint[], %s::timestamptz[]) AS d(id, at) WHERE m.id = d.id")
+    claim = (f'WITH done AS ({write_results} RETURNING 1), '
+             f"taken AS (UPDATE {table} AS m SET status = '{MessageLog.IN_PROGRESS}', started_time = %s, "
+             f"worker = %s, lease_expires = %s, attempts = m.attempts + 1, exception = '', traceback = '', "
+             f'failure_time = NULL '
+             f'FROM unnest(%s::varchar[], %s::varchar[], %s::text[], %s::text[]) AS w(uuid, task, task_args, content) '
+             f'WHERE m.uuid = w.uuid AND m.task = w.task AND m.task_args = w.task_args AND m.content = w.content '
+             f'AND m.status IN ({takeable}) AND (m.run_after IS NULL OR m.run_after <= %s) RETURNING {columns}) '
+             f'SELECT (SELECT count(*) FROM done), taken.* FROM taken')
+    return {'claim': claim, 'complete': f'SET LOCAL synchronous_commit TO DEFAULT; {write_results}',
+            'id_at': 1 + [f.primary_key for f in fields].index(True)}
+
+
+def batched_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sql: dict,
+                           ready, go, results, done) -> None:
+    """One consumer of the batched floor (run by drain_together): as logged_floor_consumer, but every
+    delivery in hand is claimed by one statement, which also writes the results of the window before;
+    when no delivery is in hand after a window, its results are written in a commit that waits for the
+    disk, and every delivery up to it is acked with one frame."""
+    import collections
+    import datetime
+
+    import psycopg
+    database = psycopg.connect(autocommit=True, **address)
+    database.execute('SET synchronous_commit TO off')
+    durable = psycopg.ClientCursor(database)  # 'SET LOCAL ...; UPDATE ...' in one round trip, as carrot sends it
+    connection, channel = raw_channel(url)
+    channel.basic_qos(prefetch_count=prefetch)
+    in_hand = collections.deque()
+    channel.basic_consume(queue, lambda _channel, method, properties, body:
+                          in_hand.append((method, properties, body)))
+    worker, lease = f'floor-{os.getpid()}', datetime.timedelta(minutes=5)
+    utc = datetime.timezone.utc
+    report = count, last_ack = 0, None
+    results_before = ([], [])  # ids and completion times of the window before, when they wait for this claim
+    ready.release()
+    go.wait(30)
+    while True:
+        if not in_hand:
+            connection.process_data_events(time_limit=1)
+            if not in_hand:
+                break  # the queue stayed empty for a second
+        window = list(in_hand)
+        in_hand.clear()
+        calls = [[], [], [], []]  # uuids, tasks, task_args, contents
+        for _method, properties, body in window:
+            message = json.loads(body)
+            for values, value in zip(calls, (properties.message_id, properties.headers['type'],
+                                             json.dumps(message['args']), json.dumps(message['kwargs']))):
+                values.append(value)
+        now = datetime.datetime.now(utc)
+        taken = database.execute(sql['claim'], [*results_before, now, worker, now + lease, *calls, now],
+                                 prepare=True).fetchall()
+        if len(taken) != len(window):
+            report = f'claimed {len(taken)} rows for a window of {len(window)} messages'
+            break
+        # The tasks would run here, one after the other.
+        results_before = ([row[sql['id_at']] for row in taken], [datetime.datetime.now(utc)] * len(taken))
+        connection.process_data_events(time_limit=0)  # is the next delivery in hand?
+        if in_hand:
+            continue
+        durable.execute(sql['complete'], list(results_before))
+        results_before = ([], [])
+        channel.basic_ack(window[-1][0].delivery_tag, multiple=True)
+        report = count, last_ack = window[-1][0].delivery_tag, time.time()
+    report_and_leave(report, results, done, connection, database)
+
+
+def batched_logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
+    """The logged floor (logged_floor) with claims batched by window: what a worker that claimed every
+    delivery in hand at once -- rows IN_PROGRESS before their turn, carrot's claim does not do that --
+    could reach on this machine. Context for the next step of the drain, not a figure carrot is held to."""
+    from carrot.config import get_config
+    sql = batched_statements()
+    if sql is None:
+        return None
+    reset_log_and_queue()
+    fill_backlog(n)
+    per_s, cpu = drain_together(
+        batched_floor_consumer, (url, get_config().queue('default').name, PREFETCH, database_address(), sql),
+        consumers, n, 'the batched floor consumer', FLOOR_PARTS)
+    from carrot.models import MessageLog
+    completed = MessageLog.objects.filter(status=MessageLog.COMPLETED).count()
+    if completed != n:
+        raise BenchError(f'the batched floor left {n - completed} of its {n} rows not COMPLETED')
+    reset_log_and_queue()
+    return {'per_s': per_s, 'cpu_us_per_task': cpu}
+
+
 RAW_QUEUE = 'bench-raw'
 
 
-def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: int) -> dict:
+def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: int,
+            batched_floor: bool = False) -> dict:
     queue = RAW_QUEUE
     publish = raw_publish(url, queue, n)
     drain = raw_drain(url, queue, n)
@@ -541,7 +655,8 @@ def raw_row(url: str, n: int, latency_calls: int, spacing: float, postgres_n: in
             'latency_p50_ms': percentile(latencies, 50), 'latency_p99_ms': percentile(latencies, 99),
             'postgres_commits_per_s': postgres_commits(postgres_n),
             'publish_then_commit_per_s': raw_publish_then_commit(url, queue, min(n, 2000)),
-            'logged_floor': logged_floor(url, n)}
+            'logged_floor': logged_floor(url, n),
+            'logged_floor_batched': batched_logged_floor(url, n) if batched_floor else None}
 
 
 # -- publishing -------------------------------------------------------------------------------------------
@@ -1265,6 +1380,11 @@ def print_table(results: dict) -> None:
             line(f'  logged floor: raw drain + {how} a task', rate(floor['per_s']),
                  ratio(floor['per_s'], raw['drain_per_s']))
             cpu_line(floor.get('cpu_us_per_task'), machine['cpus'], lines, FLOOR_PARTS)
+        batched = raw.get('logged_floor_batched')
+        if batched:
+            line('  logged floor, claims batched: one statement a window', rate(batched['per_s']),
+                 ratio(batched['per_s'], raw['drain_per_s']))
+            cpu_line(batched.get('cpu_us_per_task'), machine['cpus'], lines, FLOOR_PARTS)
     ceiling = raw.get('drain_per_s')
     if 'drain' in rows:
         drain = rows['drain']
@@ -1288,6 +1408,9 @@ def print_table(results: dict) -> None:
             at_best = drain['tasks'] / (drain['tasks'] / floor + start)
             line(f'    at best: the floor, after this start ({start:.2f}s)', rate(at_best),
                  ratio(at_best, ceiling))
+            if raw.get('logged_floor_batched'):
+                batched = drain['tasks'] / (drain['tasks'] / raw['logged_floor_batched']['per_s'] + start)
+                line('    at best: the batched floor, after this start', rate(batched), ratio(batched, ceiling))
         cpu_line(drain.get('cpu_us_per_task'), machine['cpus'], lines)
     if 'failures' in rows:
         failures = rows['failures']
@@ -1376,6 +1499,9 @@ def parse_args(argv=None):
     parser.add_argument('--million', action='store_true', help='also row 9: 1,000,000 old rows in the log')
     parser.add_argument('--scaling', action='store_true', help='also row 8: 1, 2 and 4 consumer children')
     parser.add_argument('--quick', action='store_true', help='tiny numbers, for the smoke test')
+    parser.add_argument('--batched-floor', action='store_true',
+                        help='with the raw row: also the logged floor with every delivery in hand claimed in one '
+                             'statement (what claiming ahead would reach; carrot claims one at a time)')
     parser.add_argument('--rounds', type=int, default=None,
                         help="samples of the raw drain and of the track='all' drain, taken in turn; each figure "
                              "is the median of its samples (default 3, 1 with --quick)")
@@ -1424,7 +1550,8 @@ def run_rows(args, run_dir: str) -> dict:
     url = bench_broker()
     rows = {}
     if 'raw' in args.rows:
-        rows['raw'] = raw_row(url, args.messages, args.latency_calls, args.spacing, args.postgres_commits)
+        rows['raw'] = raw_row(url, args.messages, args.latency_calls, args.spacing, args.postgres_commits,
+                              args.batched_floor)
     single, single_rounds = None, None
     if 'drain' in args.rows:
         rows['drain'], single = drain_row(run_dir, args.messages)

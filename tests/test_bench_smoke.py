@@ -42,9 +42,9 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     postgres_databases()  # reachable, or a clear failure
     out = tmp_path / 'bench.json'
     env = dict(os.environ, TMPDIR=str(tmp_path))  # the run directory (logs) goes with the test's
-    result = subprocess.run([sys.executable, BENCH, '--quick', '--rounds', '2', '--json', str(out), '--vhost',
-                             vhost, '--database', database], capture_output=True, text=True, timeout=200, cwd=ROOT,
-                            env=env)
+    result = subprocess.run([sys.executable, BENCH, '--quick', '--rounds', '2', '--batched-floor', '--json',
+                             str(out), '--vhost', vhost, '--database', database], capture_output=True, text=True,
+                            timeout=200, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'raw pika drain' in result.stdout and str(out) in result.stdout
 
@@ -65,6 +65,11 @@ def test_quick_bench_reports_every_default_row(tmp_path):
     assert positive(floor['per_s']) and 'logged floor: raw drain + one statement a task' in result.stdout
     assert floor['statements_a_task'] == 1 and 'at best: the floor, after this start' in result.stdout
     assert {'consumers', 'PostgreSQL', 'RabbitMQ', 'all'} <= set(floor['cpu_us_per_task']), floor
+    # --batched-floor: the same backlog claimed a window at a time, every row COMPLETED (else the bench fails).
+    batched = raw['logged_floor_batched']
+    assert positive(batched['per_s']) and 'logged floor, claims batched: one statement a window' in result.stdout
+    assert {'consumers', 'PostgreSQL', 'RabbitMQ', 'all'} <= set(batched['cpu_us_per_task']), batched
+    assert 'at best: the batched floor, after this start' in result.stdout
     assert positive(rows['drain']['per_s']) and positive(rows['drain']['from_first_started_per_s'])
     # --rounds 2: the raw drain and the carrot drain sampled twice each, in turn; each figure is the median.
     assert document['options']['rounds'] == 2
