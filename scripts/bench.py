@@ -438,6 +438,48 @@ def database_address() -> dict:
             'password': settings['PASSWORD'] or None, 'dbname': settings['NAME']}
 
 
+def floor_connections(url: str, queue: str, prefetch: int, address: dict) -> tuple:
+    """A floor consumer's connections: (database, a cursor that sends 'SET LOCAL ...; UPDATE ...' in one round
+    trip as carrot does, broker connection, channel consuming `queue` with `prefetch`, the deque its
+    deliveries land in). The database session commits without waiting for the disk, as carrot's claims do."""
+    import collections
+
+    import psycopg
+    database = psycopg.connect(autocommit=True, **address)
+    database.execute('SET synchronous_commit TO off')
+    connection, channel = raw_channel(url)
+    channel.basic_qos(prefetch_count=prefetch)
+    in_hand = collections.deque()
+    channel.basic_consume(queue, lambda _channel, method, properties, body:
+                          in_hand.append((method, properties, body)))
+    return database, psycopg.ClientCursor(database), connection, channel, in_hand
+
+
+def delivery_in_hand(connection, in_hand) -> bool:
+    """Whether a floor consumer has a delivery in hand, waiting up to a second for one: False once the queue
+    stayed empty that long (drained)."""
+    if not in_hand:
+        connection.process_data_events(time_limit=1)
+    return bool(in_hand)
+
+
+def drain_floor(consumer, sql, url: str, n: int, consumers: int, what: str) -> tuple[float, dict | None]:
+    """carrot's own backlog of n (fill_backlog) drained by `consumers` processes running `consumer` with
+    `sql` (drain_together): (tasks per second, CPU per task by part). BenchError unless every row ends
+    COMPLETED: a floor that skipped a write would not be one."""
+    from carrot.config import get_config
+    from carrot.models import MessageLog
+    reset_log_and_queue()
+    fill_backlog(n)
+    per_s, cpu = drain_together(consumer, (url, get_config().queue('default').name, PREFETCH, database_address(),
+                                           sql), consumers, n, what, FLOOR_PARTS)
+    completed = MessageLog.objects.filter(status=MessageLog.COMPLETED).count()
+    if completed != n:
+        raise BenchError(f'{what} left {n - completed} of its {n} rows not COMPLETED')
+    reset_log_and_queue()
+    return per_s, cpu
+
+
 def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sql: dict,
                           ready, go, results, done) -> None:
     """One consumer of the logged floor (run by drain_together): carrot's log writes for each delivery and
@@ -448,18 +490,9 @@ def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sq
     every delivery up to it is acked with one frame. Otherwise the claim and the result are a statement
     each, then the ack. Reports (messages, time of the last ack), or which message's claim found no row;
     its connections stay open until `done` (their sessions' CPU is read while they are there)."""
-    import collections
     import datetime
 
-    import psycopg
-    database = psycopg.connect(autocommit=True, **address)
-    database.execute('SET synchronous_commit TO off')
-    durable = psycopg.ClientCursor(database)  # 'SET LOCAL ...; UPDATE ...' in one round trip, as carrot sends it
-    connection, channel = raw_channel(url)
-    channel.basic_qos(prefetch_count=prefetch)
-    in_hand = collections.deque()
-    channel.basic_consume(queue, lambda _channel, method, properties, body:
-                          in_hand.append((method, properties, body)))
+    database, durable, connection, channel, in_hand = floor_connections(url, queue, prefetch, address)
     one_statement = 'result_then_claim' in sql
     worker, lease = f'floor-{os.getpid()}', datetime.timedelta(minutes=5)
     utc = datetime.timezone.utc
@@ -467,11 +500,7 @@ def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sq
     deferred = None  # the result parameters of the task before, when it waits for this claim
     ready.release()
     go.wait(30)
-    while True:
-        if not in_hand:
-            connection.process_data_events(time_limit=1)
-            if not in_hand:
-                break  # the queue stayed empty for a second
+    while delivery_in_hand(connection, in_hand):
         method, properties, body = in_hand.popleft()
         message = json.loads(body)
         now = datetime.datetime.now(utc)
@@ -507,20 +536,10 @@ def logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | None:
     (logged_floor_consumer), tasks per second from the moment all are connected to the last ack, and the
     CPU per task each part spent (CpuSpent). What no consumer that logs each task as carrot does can beat
     on this machine; None for a carrot without those statements."""
-    from carrot.config import get_config
     sql = logged_statements()
     if sql is None:
         return None
-    reset_log_and_queue()
-    fill_backlog(n)
-    per_s, cpu = drain_together(
-        logged_floor_consumer, (url, get_config().queue('default').name, PREFETCH, database_address(), sql),
-        consumers, n, 'the logged floor consumer', FLOOR_PARTS)
-    from carrot.models import MessageLog
-    completed = MessageLog.objects.filter(status=MessageLog.COMPLETED).count()
-    if completed != n:  # a floor that skipped a write would not be one
-        raise BenchError(f'the logged floor left {n - completed} of its {n} rows not COMPLETED')
-    reset_log_and_queue()
+    per_s, cpu = drain_floor(logged_floor_consumer, sql, url, n, consumers, 'the logged floor consumer')
     return {'per_s': per_s, 'cpu_us_per_task': cpu, 'statements_a_task': 1 if 'result_then_claim' in sql else 2}
 
 
@@ -565,29 +584,16 @@ def batched_floor_consumer(url: str, queue: str, prefetch: int, address: dict, s
     delivery in hand is claimed by one statement, which also writes the results of the window before;
     when no delivery is in hand after a window, its results are written in a commit that waits for the
     disk, and every delivery up to it is acked with one frame."""
-    import collections
     import datetime
 
-    import psycopg
-    database = psycopg.connect(autocommit=True, **address)
-    database.execute('SET synchronous_commit TO off')
-    durable = psycopg.ClientCursor(database)  # 'SET LOCAL ...; UPDATE ...' in one round trip, as carrot sends it
-    connection, channel = raw_channel(url)
-    channel.basic_qos(prefetch_count=prefetch)
-    in_hand = collections.deque()
-    channel.basic_consume(queue, lambda _channel, method, properties, body:
-                          in_hand.append((method, properties, body)))
+    database, durable, connection, channel, in_hand = floor_connections(url, queue, prefetch, address)
     worker, lease = f'floor-{os.getpid()}', datetime.timedelta(minutes=5)
     utc = datetime.timezone.utc
     report = count, last_ack = 0, None
     results_before = ([], [])  # ids and completion times of the window before, when they wait for this claim
     ready.release()
     go.wait(30)
-    while True:
-        if not in_hand:
-            connection.process_data_events(time_limit=1)
-            if not in_hand:
-                break  # the queue stayed empty for a second
+    while delivery_in_hand(connection, in_hand):
         window = list(in_hand)
         in_hand.clear()
         calls = [[], [], [], []]  # uuids, tasks, task_args, contents
@@ -618,20 +624,10 @@ def batched_logged_floor(url: str, n: int, consumers: int = CHILDREN) -> dict | 
     """The logged floor (logged_floor) with claims batched by window: what a worker that claimed every
     delivery in hand at once -- rows IN_PROGRESS before their turn, carrot's claim does not do that --
     could reach on this machine. Context for the next step of the drain, not a figure carrot is held to."""
-    from carrot.config import get_config
     sql = batched_statements()
     if sql is None:
         return None
-    reset_log_and_queue()
-    fill_backlog(n)
-    per_s, cpu = drain_together(
-        batched_floor_consumer, (url, get_config().queue('default').name, PREFETCH, database_address(), sql),
-        consumers, n, 'the batched floor consumer', FLOOR_PARTS)
-    from carrot.models import MessageLog
-    completed = MessageLog.objects.filter(status=MessageLog.COMPLETED).count()
-    if completed != n:
-        raise BenchError(f'the batched floor left {n - completed} of its {n} rows not COMPLETED')
-    reset_log_and_queue()
+    per_s, cpu = drain_floor(batched_floor_consumer, sql, url, n, consumers, 'the batched floor consumer')
     return {'per_s': per_s, 'cpu_us_per_task': cpu}
 
 
