@@ -550,7 +550,7 @@ def batched_statements() -> dict | None:
     returning the count it completed and then the columns carrot's claim returns; 'complete' writes a
     window's results in a commit that waits for the disk; 'id_at' is where the id is in a claim's row.
     None for a carrot without them."""
-    from django.db import connection
+    from django.db import connection, models
     try:
         from carrot.commits import epoch_microseconds
         from carrot.consume.claim import SET_OR_MATCHED, TAKEABLE, _returned_fields
@@ -558,14 +558,15 @@ def batched_statements() -> dict | None:
     except ImportError:
         return None
     assert {'uuid', 'task', 'task_args', 'content'} <= SET_OR_MATCHED  # matched below, as carrot's claim does
-    table = connection.ops.quote_name(MessageLog._meta.db_table)
+    quote = connection.ops.quote_name
+    table, pk = quote(MessageLog._meta.db_table), quote(MessageLog._meta.pk.column)
     fields = _returned_fields()
-    columns = ', '.join(epoch_microseconds(f'm.{f.column}') if f.get_internal_type() == 'DateTimeField'
-                        else f'm.{f.column}' for f in fields)  # times as carrot's claim returns them
+    columns = ', '.join(epoch_microseconds(f'm.{quote(f.column)}') if isinstance(f, models.DateTimeField)
+                        else f'm.{quote(f.column)}' for f in fields)  # times as carrot's claim returns them
     takeable = ', '.join(f"'{status}'" for status in TAKEABLE)
     write_results = (f"UPDATE {table} AS m SET status = '{MessageLog.COMPLETED}', completion_time = d.at, "
                      f"output = '', log = '', lease_expires = NULL "
-                     f"FROM unnest(%s::bigint[], %s::timestamptz[]) AS d(id, at) WHERE m.id = d.id")
+                     f"FROM unnest(%s::bigint[], %s::timestamptz[]) AS d(id, at) WHERE m.{pk} = d.id")
     claim = (f'WITH done AS ({write_results} RETURNING 1), '
              f"taken AS (UPDATE {table} AS m SET status = '{MessageLog.IN_PROGRESS}', started_time = %s, "
              f"worker = %s, lease_expires = %s, attempts = m.attempts + 1, exception = '', traceback = '', "
