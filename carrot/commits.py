@@ -62,7 +62,7 @@ def execute_without_waiting(sql: str, params, using: str = 'default', fetch: boo
     """Run one statement whose commit need not wait for the disk, in one round trip: on PostgreSQL (when
     CARROT allows it, outside a transaction) it goes in one query string behind `SET LOCAL
     synchronous_commit TO off`, which PostgreSQL runs as one transaction; elsewhere as it is. Returns the
-    first row (`fetch`: for RETURNING) or the number of rows changed."""
+    first row (`fetch`: for RETURNING; 'all': every row) or the number of rows changed."""
     skip = commits_may_skip_the_disk()
     return execute_with_commit(sql, params, 'off' if skip else None, using, fetch)
 
@@ -88,10 +88,18 @@ def execute_with_commit(sql: str, params, synchronous_commit: str | None, using:
         elif set_it:  # psycopg2, or psycopg 3 binding on the server: the SET in a transaction of its own
             with _committing_with(synchronous_commit, using):
                 cursor.execute(sql, params)
-                return cursor.fetchone() if fetch else cursor.rowcount
+                return _answer(cursor, fetch)
         else:
             cursor.execute(sql, params)
-        return cursor.fetchone() if fetch else cursor.rowcount
+        return _answer(cursor, fetch)
+
+
+def _answer(cursor, fetch: bool | str):
+    """What a statement run by execute_with_commit returns: its first row (`fetch`), every row (`fetch` is
+    'all') or the number of rows it changed."""
+    if fetch == 'all':
+        return cursor.fetchall()
+    return cursor.fetchone() if fetch else cursor.rowcount
 
 
 def with_commit_setting(sql: str, synchronous_commit: str | None) -> str:

@@ -73,7 +73,7 @@ class Statement:
         self._readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def run(self, params, using: str = 'default', fetch: bool = False, wait_for_disk: bool = False):
-        """Run with `params`; returns the first row (`fetch`) or the number of rows changed. Unless
+        """Run with `params`; returns the first row (`fetch`; 'all': every row) or the number of rows changed. Unless
         `wait_for_disk`, the commit need not wait for the WAL flush (carrot.commits); with it, it waits as
         the server is configured to, whatever the session was set to."""
         connection = connections[using]
@@ -307,7 +307,7 @@ class InFlight:
             if not self.fetch:
                 return int(last.command_tuples or 0)
             if last.status != psycopg.TUPLES_OK or not last.ntuples:
-                return None
+                return [] if self.fetch == 'all' else None
             return self._read_row(last, raw)
         error = errors.error_from_result(failed, encoding=raw.info.encoding)
         if not _about_the_prepared_statement(error):
@@ -316,9 +316,10 @@ class InFlight:
         self.statement._drop(self.connection, self.name, keep_off=sqlstate(error) == NO_SUCH_STATEMENT)
         return _execute(self.statement.sql, self.params, self.using, self.fetch, self.wait_for_disk)
 
-    def _read_row(self, result, raw) -> tuple:
-        """The first row of `result`, its values loaded as psycopg loads them. The loaders are looked up
-        once per connection and statement: setting them up for each row cost more than reading it."""
+    def _read_row(self, result, raw):
+        """The first row of `result` (every row when fetching 'all'), its values loaded as psycopg loads
+        them. The loaders are looked up once per connection and statement: setting them up for each row cost
+        more than reading it."""
         readers = self.statement._readers
         reader = readers.get(raw)
         if reader is None or reader.pgresult is None or reader.pgresult.nfields != result.nfields:
@@ -327,6 +328,8 @@ class InFlight:
             readers[raw] = reader
         else:
             reader.set_pgresult(result, set_loaders=False)
+        if self.fetch == 'all':
+            return reader.load_rows(0, result.ntuples, tuple)
         return reader.load_row(0, tuple)
 
     def abandon(self) -> None:

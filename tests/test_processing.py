@@ -103,7 +103,7 @@ def in_progress_row(message, worker, lease_in, attempts=1):
     return MessageLog.objects.create(
         uuid=message.message_id, status=MessageLog.IN_PROGRESS, task=message.task,
         task_args=json.dumps(list(message.args)), content=json.dumps(message.kwargs), queue='default',
-        worker=worker, attempts=attempts,
+        worker=worker, attempts=attempts, started_time=timezone.now(),  # started: not a claim ahead
         lease_expires=timezone.now() + timedelta(seconds=lease_in) if lease_in is not None else None)
 
 

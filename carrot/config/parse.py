@@ -393,6 +393,7 @@ class Parser:
             cleanup_failed_after_days=days('cleanup_failed_after_days'),
             dead_letter_ttl_days=days('dead_letter_ttl_days'),
             claim_lease=get('claim_lease', self.positive_number),
+            claim_ahead=get('claim_ahead', self.boolean),
             store_and_forward=get('store_and_forward', self.boolean),
             supervisor_gone_after=get('supervisor_gone_after', self.positive_number),
             task_log_level=get('task_log_level', self.log_level),

@@ -141,6 +141,9 @@ class CarrotConfig(SupervisorSettings):
     cleanup_failed_after_days: float | None = 30  # FAILED rows older than this are deleted (None: kept)
     dead_letter_ttl_days: float | None = 14      # <queue>.dead drops messages older than this (None: kept)
     claim_lease: float = 60.0  # seconds an IN_PROGRESS claim lasts unless the running worker renews it
+    # The deliveries a worker holds behind the running one are claimed with it, in one statement
+    # (PostgreSQL; carrot.consume.ahead).
+    claim_ahead: bool = True
     store_and_forward: bool = True  # a publish the broker cannot take now waits in its row (else raises)
     supervisor_gone_after: float = 60.0  # the monitor shows a supervisor not seen for this long as gone
     task_log_level: str = 'DEBUG'  # the lowest level of a task's own log lines kept in its MessageLog

@@ -106,7 +106,8 @@ def completion_skips_the_orm() -> bool:
 
 
 def write_completion(row: MessageLog, wait_for_disk: bool = True) -> tuple[bool, object]:
-    """Write a success (COMPLETED, its completion time, output and log; no lease) of `row`, bounded already,
+    """Write a success (COMPLETED, its completion time, output, log and start -- a row claimed ahead was
+    started in memory only: carrot.consume.ahead; no lease) of `row`, bounded already,
     in one statement planned once per connection. `wait_for_disk=False`: the commit does not wait for the
     WAL flush, and the delivery may be acked only once a later commit has flushed it
     (carrot.consume.unflushed). Returns whether the row was written (False: it was deleted meanwhile) and,
@@ -123,13 +124,13 @@ def write_completion(row: MessageLog, wait_for_disk: bool = True) -> tuple[bool,
 def completion_params(row: MessageLog) -> list:
     """write_completion_sql's parameters for `row`."""
     adapt = connections[MessageLog.objects.db].ops.adapt_datetimefield_value
-    return [adapt(row.completion_time), row.output, row.log, row.pk]
+    return [adapt(row.completion_time), row.output, row.log, adapt(row.started_time), row.pk]
 
 
 def write_completion_sql(connection) -> str:
     quote = connection.ops.quote_name
     return (f"UPDATE {quote(MessageLog._meta.db_table)} SET status = '{MessageLog.COMPLETED}', "
-            f'completion_time = %s, output = %s, log = %s, lease_expires = NULL '
+            f'completion_time = %s, output = %s, log = %s, started_time = %s, lease_expires = NULL '
             f'WHERE {quote(MessageLog._meta.pk.column)} = %s')
 
 

@@ -99,6 +99,7 @@ class Consumer:
         self._unflushed: list[Delivery] = []
         self._flush_future = None        # a flush on the lease thread (see _flush_when_stuck)
         self._next_flush = 0.0           # monotonic time before which a failed flush is not tried again
+        self._next_give_back = 0.0       # ... and a give-back whose claims ahead could not be given back
         self._max_messages: int | None = None
         self._paused = False             # consuming stopped while a long task runs (held deliveries given back)
         self._processor: MessageProcessor | None = None
@@ -254,6 +255,9 @@ class Consumer:
             finally:
                 with self._handover:
                     self._runs_on = False
+                # Held deliveries go back unrun: their claims ahead first (carrot.consume.ahead).
+                self._give_back_claims_ahead()
+                with self._handover:
                     self._held.clear()  # unacked: RabbitMQ delivers them again once the channel is gone
                     self._done_in_run.clear()  # ... and these, found COMPLETED (or acked as duplicates)
                 self._unflushed.clear()  # ... these too: a redelivery finds their rows COMPLETED
@@ -481,16 +485,39 @@ class Consumer:
         with self._handover:
             delivery = self.delivery
             if not self._held or delivery is None or delivery.done or self._held[0].age < GIVE_BACK_HELD_AFTER \
-                    or self.queue.is_quorum or not session.consuming:
+                    or self.queue.is_quorum or not session.consuming or time.monotonic() < self._next_give_back:
                 return
             self._paused = True  # the run goes on to none of them
             held, self._held = list(self._held), collections.deque()
+        if not self._give_back_claims_ahead(held):
+            with self._handover:  # still claimed for them: kept, and run here after the long task
+                self._held.extendleft(reversed(held))
+                self._paused = False
+            self._next_give_back = time.monotonic() + FLUSH_RETRY
+            return
         session.cancel()  # pika gives back, itself, what arrives before the broker confirms the cancel
         for waiting in held:
             session.settle(waiting.delivery_tag, REQUEUE, waiting.message)
         self.logger.info('%s: %d messages waited %.1fs behind %s (running for %.1fs); they go back to the '
                          'queue for other consumers', self.name, len(held), held[0].age, delivery.task,
                          delivery.age)
+
+    def _give_back_claims_ahead(self, held: list[Delivery] | None = None) -> bool:
+        """Un-claim the rows claimed ahead for `held` (None: for every delivery), going back to the queue
+        unrun, on the lease thread; False (logged) when the database refused (carrot.consume.ahead)."""
+        processor = self.processor
+        if not processor.ahead:
+            return True
+        messages = None if held is None else [delivery.message for delivery in held]
+        try:
+            self._on_lease_thread(processor.give_back_claims_ahead, messages)
+        except Exception as exc:
+            self.logger.warning('%s: could not give back the claims of the messages held behind the running one '
+                                '(%s); %s', self.name, text.for_log(exc, 200),
+                                'they are kept' if held is not None else
+                                'they are taken over once their lease has run out')
+            return False
+        return True
 
     def _results_wait(self) -> bool:
         """Whether results wait for a flush: deliveries kept unacked for one, or a result deferred to the
@@ -671,6 +698,13 @@ class _ConsumerHooks(Hooks):
     def another_message_waits(self) -> bool:
         consumer = self.consumer
         return bool(consumer._held) and not consumer._finished(consumer._max_messages)
+
+    def messages_in_hand(self) -> list[IncomingMessage]:
+        consumer = self.consumer
+        with consumer._handover:
+            if not consumer._runs_on or consumer._paused or consumer._finished(consumer._max_messages):
+                return []
+            return [delivery.message for delivery in consumer._held]
 
 
 

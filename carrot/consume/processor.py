@@ -39,7 +39,7 @@ import uuid
 from datetime import timedelta
 from typing import Callable
 
-from django.db import DatabaseError
+from django.db import DatabaseError, connections
 from django.utils import timezone
 
 from carrot import registry, text
@@ -49,6 +49,7 @@ from carrot.amqp.wire import IncomingMessage
 from carrot.config import CarrotConfig, QueueConfig
 from carrot.config.schema import TRACK_ALL, TRACK_NONE
 from carrot.commits import flush_to_disk
+from carrot.consume import ahead as claims_ahead
 from carrot.consume import claim, djangotask, retry
 from carrot.consume.dbretry import (DatabaseRetry, StopRequested, drop_broken_connections,
                                     reset_connections_left_in_transaction)
@@ -88,6 +89,11 @@ class Hooks:
         by a later commit (carrot.consume.unflushed)."""
         return False
 
+    def messages_in_hand(self) -> list[IncomingMessage]:
+        """The deliveries held behind the one being processed, which this processor may claim ahead
+        (carrot.consume.ahead); none when they may go back unrun before their claim could be given back."""
+        return []
+
 
 class MessageProcessor:
     """Claim, run and record one message at a time; `process()` returns what to do with the delivery."""
@@ -106,7 +112,13 @@ class MessageProcessor:
         self._database = DatabaseRetry(logger, name, self._should_give_up)
         self.abandoned: threading.Event | None = None  # set: the delivery in hand is gone (see process)
         self._returning = claim.can_take_on_arrival()
-        self.results = UnflushedResults(MessageLog.objects.db, write_durably=self._write_durably)
+        self.results = UnflushedResults(MessageLog.objects.db, write_durably=self._write_durably,
+                                        write_many_durably=self._write_many_durably)
+        # The rows claimed ahead for the deliveries held behind the running one (carrot.consume.ahead).
+        self.ahead = claims_ahead.AheadClaims()
+        self._window_lock = threading.Lock()
+        self._claims_ahead = self._returning and config.claim_ahead and queue.track == TRACK_ALL and \
+            not queue.is_quorum and connections[MessageLog.objects.db].vendor == 'postgresql'
         # Set by process(): the number (carrot.consume.unflushed) of this message's result when it was
         # written without waiting for the disk; its delivery is acked once that number is settled.
         self.unflushed_number: int | None = None
@@ -161,6 +173,11 @@ class MessageProcessor:
             untracked = self._untracked(message)
             if untracked is not None:
                 return untracked
+        if self.ahead:
+            row = self._claimed_ahead(message)
+            if row is not None:  # taken with an earlier delivery's claim: nothing to write now
+                self._claimed = row
+                return self._run_claimed(row, message)
         # Read and claim a waiting row in one statement, unless a consumer finds its rows its own way.
         if self._takes_fast(message):
             row = self._take_on_arrival(message)
@@ -190,7 +207,22 @@ class MessageProcessor:
 
         A delivery that goes another way leaves a deferred result to the flush after it (process() makes
         one after a disposition that is on disk; the lease thread one once its task has run for
-        FLUSH_DURING_TASK_AFTER): the same flush that result would have waited for."""
+        FLUSH_DURING_TASK_AFTER): the same flush that result would have waited for.
+
+        With deliveries held behind this one, they are claimed ahead in the same statement, which writes
+        every deferred result (carrot.consume.ahead)."""
+        if self._claims_ahead:
+            taken = _NOT_TRIED
+            # One window at a time, and never while deliveries given back are being un-claimed: a claim
+            # ahead made for a delivery given back meanwhile would wait for its lease.
+            with self._window_lock:
+                behind = self._to_claim_ahead(message)
+                if behind or self.results.deferred_count() > 1:
+                    taken = self._take_window(message, behind)
+            if taken is _REFUSED:
+                self.write_deferred_results()  # refused together: written apart, the claim alone follows
+            elif taken is not _NOT_TRIED:
+                return taken
         deferred = self.results.take_deferred()
         task_args, content = message.stored_arguments
         call = (message.message_id, text.for_column(message.shown_task, 200), task_args, content, self.worker,
@@ -213,6 +245,77 @@ class MessageProcessor:
                 return row
         return self._database(lambda: claim.take_on_arrival(*call), 'claiming the message')
 
+    def _call_of(self, message: IncomingMessage) -> tuple[str, str, str, str]:
+        task_args, content = message.stored_arguments
+        return message.message_id, text.for_column(message.shown_task, 200), task_args, content
+
+    def _to_claim_ahead(self, message: IncomingMessage) -> list[IncomingMessage]:
+        """The deliveries in hand behind `message` that may be claimed ahead with it: the ones carrot claims
+        in one statement, not claimed ahead already, one delivery per message id."""
+        seen = {message.message_id}
+        behind = []
+        for held in self.hooks.messages_in_hand():
+            if held.message_id not in seen and held not in self.ahead and self._takes_fast(held):
+                seen.add(held.message_id)
+                behind.append(held)
+        return behind
+
+    def _take_window(self, message: IncomingMessage, behind: list[IncomingMessage]):
+        """claims_ahead.take_window for `message` and the deliveries `behind` it, with every deferred result:
+        the row of `message` (or None, as take_on_arrival), or _REFUSED when the database refused the
+        statement (the deferred results are deferred again: the caller writes them, and claims `message`
+        alone)."""
+        deferred = self.results.take_all_deferred()
+        try:
+            written, started, rows = claims_ahead.take_window(
+                [d.row for d in deferred], [self._call_of(m) for m in (message, *behind)], self.worker,
+                self.config.claim_lease)
+        except BaseException as exc:
+            self.results.give_back(*deferred)
+            if not isinstance(exc, DatabaseError):
+                raise
+            if not may_pass(exc):  # not an outage (which the flush waits out and logs)
+                self.logger.warning('%s: claiming ahead was refused (%s); claiming one delivery at a time',
+                                    self.name, describe_database_fault(exc))
+            return _REFUSED
+        for result in deferred:
+            # A row deleted meanwhile was not written: nothing of it is left to flush.
+            self.results.wrote_deferred(result, started, on_disk=result.row.pk not in written)
+            claim.release(result.row.uuid)
+        for held, row in zip(behind, rows[1:]):
+            if row is not None:
+                self.ahead.add(held, row)
+        return rows[0]
+
+    def _claimed_ahead(self, message: IncomingMessage) -> MessageLog | None:
+        """The row claimed ahead for `message`, started now; None when there is none, or when it was claimed
+        too long ago to be sure of its lease (then the normal claim takes it over, uncounted)."""
+        found = self.ahead.take(message)
+        if found is None:
+            return None
+        row, age = found
+        if age >= claims_ahead.fresh_for(self.config.claim_lease):
+            self.logger.info('%s: %s (%s) was claimed ahead %.1fs ago; claiming it again', self.name,
+                             message.shown_task, row.uuid, age)
+            return None
+        row.started_time = timezone.now()
+        return row
+
+    def give_back_claims_ahead(self, messages: list[IncomingMessage] | None = None) -> int:
+        """Un-claim the rows claimed ahead for `messages` (None: for every delivery), which go back to the
+        queue unrun (any thread; see carrot.consume.ahead). When that fails, the rows of `messages` stay
+        claimed ahead for them and the error is raised; with None they are left to their lease."""
+        with self._window_lock:
+            rows = self.ahead.take_all(messages)
+            if not rows:
+                return 0
+            try:
+                return claims_ahead.unclaim(rows, self.worker)
+            except BaseException:
+                if messages is not None:
+                    self.ahead.give_back(rows, messages)
+                raise
+
     def write_deferred_results(self) -> None:
         """Write the results deferred to the next claim and flush, waiting out an outage (any thread)."""
         self._database(self.results.flush, 'recording the result', interruptible=False)
@@ -229,6 +332,25 @@ class MessageProcessor:
             written = (False, None)  # nothing of it left to flush
         claim.release(row.uuid)
         return written
+
+    def _write_many_durably(self, rows: list[MessageLog]) -> tuple[set, object]:
+        """Deferred results written together by a flush, in one commit that waits for the disk (a window's,
+        carrot.consume.ahead); refused, the flush writes them one by one."""
+        try:
+            written, started = claims_ahead.write_completions(rows)
+        except DatabaseError as exc:
+            if may_pass(exc) or of_the_session(exc):
+                raise  # waited out by the flush's caller
+            written, started = set(), None
+            for row in rows:  # one by one: a row refused for good is written reduced (_write_durably)
+                one, its_start = self._write_durably(row)
+                if one:
+                    written.add(row.pk)
+                    started = its_start
+            return written, started
+        for row in rows:
+            claim.release(row.uuid)
+        return written, started
 
     # -- queues that track less ('track': 'failures' or 'none')
 
@@ -347,6 +469,17 @@ class MessageProcessor:
                     self.logger.info('%s: %s (%s) is running on %s; trying again in %gs', self.name,
                                      message.shown_task, row.uuid, text.for_log(row.worker, 100), delay)
                     return retry_later(delay, busy=True)
+                if row.started_time is None:
+                    # Claimed ahead by a worker that died before it started it (carrot.consume.ahead): not a
+                    # lost attempt. The claim's count is this run's.
+                    taken = self._take(row, claim.from_lost_worker(row), count_attempt=False)
+                    if taken:
+                        return None
+                    try:
+                        row.refresh_from_db()
+                    except MessageLog.DoesNotExist:
+                        return self._orphaned(message, DELETED_AS_IT_CAME)
+                    continue
                 # Retries are counted apart: only the runs whose worker was lost count towards max_attempts.
                 if row.attempts - row.retries >= self.config.max_attempts:
                     return self._worker_lost(row, message)
@@ -452,8 +585,9 @@ class MessageProcessor:
                 self.hooks.finds_rows_as_carrot_does():
             # Written with the next delivery's claim (carrot.consume.unflushed); held till then, so no
             # claimer in this process takes the row, IN_PROGRESS meanwhile, for a dead worker's.
-            # Seldom any: every way here passed a claim, which wrote it, unless a flush had it in hand.
-            if self.results.deferred:
+            # Seldom any, unless claimed ahead: every way here passed a claim, which wrote it, unless a
+            # flush had it in hand. Behind a claim ahead, results gather for the next claim or the last.
+            if self.results.deferred and not self._claims_ahead:
                 self.write_deferred_results()
             claim.hold(row.uuid)
             self.unflushed_number = self.results.defer(row)
@@ -462,6 +596,8 @@ class MessageProcessor:
         def write() -> bool:
             skipping = skip and self.results.usable()
             upto = self.results.stamp()
+            if not skipping and self._claims_ahead and self.results.deferred:
+                return self._write_window(row, upto)
             written, server_started = write_completion(row, wait_for_disk=not skipping)
             if not written:  # deleted meanwhile: nothing of it to flush (nor did this commit flush anything)
                 return True
@@ -475,6 +611,22 @@ class MessageProcessor:
         except DatabaseError:  # refused for good: save() writes it reduced
             self.save(row, interruptible=False, fields=COMPLETION_FIELDS)
             return True
+
+    def _write_window(self, row: MessageLog, upto: int) -> bool:
+        """The last success of a window written with the results deferred before it, in one commit that
+        waits for the disk (carrot.consume.ahead)."""
+        deferred = self.results.take_all_deferred()
+        try:
+            written, started = claims_ahead.write_completions([*(d.row for d in deferred), row])
+        except BaseException:
+            self.results.give_back(*deferred)
+            raise
+        for result in deferred:
+            self.results.wrote_deferred(result, None, on_disk=True)
+            claim.release(result.row.uuid)
+        if row.pk in written:
+            self.results.wrote_flushed(started, upto)
+        return True
 
     def _failed(self, row: MessageLog, message: IncomingMessage, outcome: TaskOutcome,
                 delay: float | None) -> Disposition:
@@ -629,6 +781,10 @@ class MessageProcessor:
 
     def _should_give_up(self) -> bool:
         return self.stopping.is_set() or (self.abandoned is not None and self.abandoned.is_set())
+
+
+_REFUSED = object()  # _take_window: the database refused the statement
+_NOT_TRIED = object()  # _take_on_arrival: nothing to claim ahead, nor results to write together
 
 
 def _kept_by_a_handler(logger: logging.Logger, level: int) -> bool:

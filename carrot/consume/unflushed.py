@@ -41,11 +41,14 @@ class UnflushedResults:
     """The results of this worker not yet on disk. The task thread writes and defers; any thread (the task
     thread, the consumer's lease thread) may write a deferred one and settle them."""
 
-    def __init__(self, using: str = 'default', write_durably: Callable | None = None):
+    def __init__(self, using: str = 'default', write_durably: Callable | None = None,
+                 write_many_durably: Callable | None = None):
         """`write_durably(row)` -> (written, server start): writes a deferred result in a commit that waits
-        for the disk (None: nothing is ever deferred here)."""
+        for the disk (None: nothing is ever deferred here); `write_many_durably(rows)` -> (primary keys
+        written, server start): several in one such commit (None: one by one)."""
         self.using = using
         self._write_durably = write_durably
+        self._write_many_durably = write_many_durably
         self._lock = threading.Lock()
         self._numbers = 0                    # results given a number so far (the last number given)
         self._writes = 0                     # writes recorded so far (the last stamp given)
@@ -103,6 +106,16 @@ class UnflushedResults:
             self._deferred.append(Deferred(self._numbers, row))
             return self._numbers
 
+    def deferred_count(self) -> int:
+        with self._lock:
+            return len(self._deferred)
+
+    def take_all_deferred(self) -> list[Deferred]:
+        """Every deferred result, oldest first, now the caller's to write (or to give back)."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+            return deferred
+
     def take_deferred(self) -> Deferred | None:
         """The oldest deferred result, now the caller's to write (or to give back): None if there is none.
         There is seldom more than one: only while a flush that took one fails, or has it in hand."""
@@ -137,6 +150,11 @@ class UnflushedResults:
             upto = self._writes  # what a commit sent from now on flushes: never what is stamped meanwhile
         started = None
         try:
+            if len(deferred) > 1 and self._write_many_durably is not None:
+                written, started = self._write_many_durably([result.row for result in deferred])
+                for result in deferred:
+                    self.wrote_deferred(result, None, on_disk=True)
+                deferred = []
             while deferred:
                 written, started = self._write_durably(deferred[0].row)
                 # Its own commit waited: durable, or nothing to flush (its row was deleted meanwhile).
