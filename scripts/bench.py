@@ -513,7 +513,7 @@ def logged_floor_consumer(url: str, queue: str, prefetch: int, address: dict, sq
         if row is None or row[0] is None:
             report = f'found no row to claim for message {properties.message_id}'
             break
-        result = [datetime.datetime.now(utc), '', '', row[0]]
+        result = [datetime.datetime.now(utc), '', '', now, row[0]]  # completion_params: ..., its start, pk
         if one_statement:
             connection.process_data_events(time_limit=0)  # is the next delivery in hand?
             if in_hand:

@@ -10,14 +10,17 @@ writes them all with its own in one commit that waits for the disk (`write_compl
 
 A claim ahead
     The same conditional UPDATE as any claim (this very call, due, its attempt counted, the lease set), for
-    PUBLISHED rows only, with `started_time` left NULL: the row is this worker's, not started. The task's
-    start is kept in memory and written with its result (logrows.write_completion).
+    PUBLISHED rows only, with `started_time` left NULL: the row is this worker's, not started. So is the
+    row of the delivery about to run, claimed by the same statement. A task's start is kept in memory and
+    written with its result (logrows.write_completion).
 A worker that dies
-    Its rows IN_PROGRESS with no start were claimed ahead: they are taken over without a lost attempt (the
-    claim's count becomes the next run's; MessageProcessor.claim). So the deliveries it held and never ran
-    are never counted. The one it was running, if claimed ahead, is among them: a task that kills its
-    worker is counted from its next run on (taken over, it starts with its claim), so it is failed for good
-    after at most max_attempts + 1 deaths.
+    Its rows IN_PROGRESS with no start were claimed in a window: they are taken over without a lost attempt
+    (the claim's count becomes the next run's; MessageProcessor.claim). So neither the deliveries it held
+    and never ran nor the ones it ran and had not written yet are blamed for its death. The one it was
+    running is among them: a task that kills its worker is counted from its next run on (taken over, it
+    starts with its claim), so it is failed for good after at most max_attempts + 1 deaths. (A result of a
+    task claimed with its start is not deferred behind a claim ahead: written at once, it is never blamed
+    either.)
 Held deliveries that go back unrun
     Given back behind a long task, at a stop, with a lost connection: un-claimed first (`unclaim`:
     PUBLISHED again, the attempt taken back). When the un-claim fails (the database is down), a delivery
@@ -102,15 +105,15 @@ class AheadClaims:
 def take_window(done: list[MessageLog], calls: list[tuple[str, str, str, str]], worker: str, lease: float):
     """In one statement and commit that does not wait for the disk (PostgreSQL): write the successes `done`
     (COMPLETED, bounded, rows this worker holds), claim the first of `calls` -- (message id, task, stored
-    arguments, content) -- as take_on_arrival does, and claim ahead each other one (see the module
-    docstring). Returns the primary keys of the results written (a row deleted meanwhile is not), the start
+    arguments, content) -- as take_on_arrival does but with no start written, and claim ahead each other
+    one (see the module docstring). Returns the primary keys of the results written (a row deleted meanwhile is not), the start
     time of the server that took them, and per call the row taken or None."""
     now = timezone.now()
     using = MessageLog.objects.db
     connection = connections[using]
     at = connection.ops.adapt_datetimefield_value
     expires = now + timedelta(seconds=lease)
-    params = [*_completions(done, at), at(now), worker, at(expires),
+    params = [*_completions(done, at), worker, at(expires),
               *[list(column) for column in zip(*calls)], at(now)]
     window, as_integers = _statement(using, connection, 'take_window', _take_window_sql)
     found = window.run(params, using=using, fetch='all')
@@ -121,7 +124,7 @@ def take_window(done: list[MessageLog], calls: list[tuple[str, str, str, str]], 
         if place is None:
             continue
         message_id, task, task_args, content = calls[place - 1]
-        known = {'status': MessageLog.IN_PROGRESS, 'started_time': now if place == 1 else None, 'worker': worker,
+        known = {'status': MessageLog.IN_PROGRESS, 'started_time': None, 'worker': worker,
                  'lease_expires': expires, 'exception': '', 'traceback': '', 'failure_time': None,
                  'uuid': message_id, 'task': task, 'task_args': task_args, 'content': content}
         rows[place - 1] = _taken_row(using, connection, returned[3:], known, as_integers)
@@ -175,7 +178,7 @@ def _take_window_sql(connection) -> str:
     returned = ', '.join(_returned_column(connection, f) for f in _returned_fields())
     take = (f'UPDATE {quote(MessageLog._meta.db_table)} '
             f"SET status = '{MessageLog.IN_PROGRESS}', "
-            f'started_time = CASE WHEN a.take_n = 1 THEN %s::timestamptz END, worker = %s, lease_expires = %s, '
+            f'started_time = NULL, worker = %s, lease_expires = %s, '
             f"attempts = attempts + 1, exception = '', traceback = '', failure_time = NULL "
             f'FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) WITH ORDINALITY '
             f'AS a(take_uuid, take_task, take_args, take_content, take_n) '

@@ -251,6 +251,7 @@ class Consumer:
                                         self._describe(exc, session), delivery.task, delivery.message_id)
                 self._wait_for_delivery()  # its log is written; the lost ack means a redelivery
                 self._write_deferred_result()  # ... and the task's before it
+                self._give_back_claims_ahead()  # the held ones come again: to any worker, at once
                 self._sleep(broker.failed(self._describe(exc, session), exc))
             finally:
                 with self._handover:

@@ -131,6 +131,7 @@ class MessageProcessor:
         for the database to claim it is pointless then, as RabbitMQ delivers it again."""
         self.abandoned = abandoned
         self._claimed: MessageLog | None = None  # the row this worker holds for `message`, once claimed
+        self._start_written = True  # whether that claim wrote its start (not one of a window: see ahead)
         self.unflushed_number = None
         if message.message_id is not None:
             claim.hold(message.message_id)
@@ -285,6 +286,9 @@ class MessageProcessor:
         for held, row in zip(behind, rows[1:]):
             if row is not None:
                 self.ahead.add(held, row)
+        if rows[0] is not None:
+            rows[0].started_time = timezone.now()  # in memory: written with the result
+            self._start_written = False
         return rows[0]
 
     def _claimed_ahead(self, message: IncomingMessage) -> MessageLog | None:
@@ -299,6 +303,7 @@ class MessageProcessor:
                              message.shown_task, row.uuid, age)
             return None
         row.started_time = timezone.now()
+        self._start_written = False
         return row
 
     def give_back_claims_ahead(self, messages: list[IncomingMessage] | None = None) -> int:
@@ -581,8 +586,10 @@ class MessageProcessor:
             return True  # what waits for a flush is flushed by process() before it returns
         bound_result(row, self.config.max_stored_text)
         skip = self.hooks.another_message_waits()
+        # Not behind a claim ahead when this claim wrote its start: a worker dying in the task after it
+        # would count this one's attempt as lost (carrot.consume.ahead).
         if may_defer and skip and self._returning and self.results.usable() and \
-                self.hooks.finds_rows_as_carrot_does():
+                self.hooks.finds_rows_as_carrot_does() and not (self._start_written and self.ahead):
             # Written with the next delivery's claim (carrot.consume.unflushed); held till then, so no
             # claimer in this process takes the row, IN_PROGRESS meanwhile, for a dead worker's.
             # Seldom any, unless claimed ahead: every way here passed a claim, which wrote it, unless a
