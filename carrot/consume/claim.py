@@ -5,6 +5,8 @@ conditional UPDATE (`take`): from PUBLISHED, WAITING or SCHEDULED, or from IN_PR
 known dead *and* still the one that was read (a compare-and-set on worker and attempts, so two claimers
 can never both win; committed without waiting for the disk, see carrot.commits). A worker is known dead (`worker_is_dead`) when the lease it renews
 (CARROT['claim_lease'], `renew_lease`) has run out, or when it is on this host and its process is gone.
+The deliveries a worker holds behind the one it runs are claimed with it, a window at a time
+(carrot.consume.ahead): the same conditions, in one statement.
 """
 from __future__ import annotations
 

@@ -212,7 +212,7 @@ class MessageProcessor:
 
         With deliveries held behind this one, they are claimed ahead in the same statement, which writes
         every deferred result (carrot.consume.ahead)."""
-        if self._claims_ahead:
+        if self._claims_ahead and _runs_without_its_start(message):
             taken = _NOT_TRIED
             # One window at a time, and never while deliveries given back are being un-claimed: a claim
             # ahead made for a delivery given back meanwhile would wait for its lease.
@@ -256,7 +256,8 @@ class MessageProcessor:
         seen = {message.message_id}
         behind = []
         for held in self.hooks.messages_in_hand():
-            if held.message_id not in seen and held not in self.ahead and self._takes_fast(held):
+            if held.message_id not in seen and held not in self.ahead and self._takes_fast(held) and \
+                    _runs_without_its_start(held):
                 seen.add(held.message_id)
                 behind.append(held)
         return behind
@@ -792,6 +793,15 @@ class MessageProcessor:
 
 _REFUSED = object()  # _take_window: the database refused the statement
 _NOT_TRIED = object()  # _take_on_arrival: nothing to claim ahead, nor results to write together
+
+
+def _runs_without_its_start(message: IncomingMessage) -> bool:
+    """Whether `message` may be claimed in a window, its start written only with its result
+    (carrot.consume.ahead): not a django.tasks Task, whose result, read while it runs, says when it started."""
+    try:
+        return not registry.django_task(registry.get_task(message.task))
+    except TaskNotRegistered:
+        return True  # refused once it is its turn, as from any claim
 
 
 def _kept_by_a_handler(logger: logging.Logger, level: int) -> bool:
