@@ -1358,6 +1358,7 @@ def print_table(results: dict) -> None:
     print(f'\ncarrot bench: {results["options"]["messages"]:,} messages, {machine["cpus"]} CPUs, '
           f'PostgreSQL {machine["postgresql"]}, RabbitMQ {machine["rabbitmq"]}, carrot prefetch '
           f'{os.environ.get("CARROT_DEMO_PREFETCH", "1")}'
+          f'{", claims one task at a time" if os.environ.get("CARROT_DEMO_CLAIM_AHEAD") == "0" else ""}'
           f'{queue_version_note(results["options"].get("queue_version"))}; one run, {results["wall_time_s"]:.0f}s, '
           f'load average {results["load_average"]["start"]:.1f} at the start, {results["load_average"]["end"]:.1f} '
           f'at the end{steal_note(results.get("steal_share"))}')
@@ -1498,7 +1499,9 @@ def parse_args(argv=None):
     parser.add_argument('--quick', action='store_true', help='tiny numbers, for the smoke test')
     parser.add_argument('--batched-floor', action='store_true',
                         help='with the raw row: also the logged floor with every delivery in hand claimed in one '
-                             'statement (what claiming ahead would reach; carrot claims one at a time)')
+                             "statement (the floor of carrot's claiming ahead)")
+    parser.add_argument('--no-claim-ahead', action='store_true',
+                        help="carrot with CARROT['claim_ahead'] False in every row: one claim a task")
     parser.add_argument('--rounds', type=int, default=None,
                         help="samples of the raw drain and of the track='all' drain, taken in turn; each figure "
                              "is the median of its samples (default 3, 1 with --quick)")
@@ -1540,6 +1543,8 @@ def parse_args(argv=None):
         args.prefetch = carrot_default
     PREFETCH = args.prefetch
     os.environ['CARROT_DEMO_PREFETCH'] = str(args.prefetch)  # read by the demo settings, in every supervisor
+    if args.no_claim_ahead:
+        os.environ['CARROT_DEMO_CLAIM_AHEAD'] = '0'
     return args
 
 
@@ -1653,7 +1658,7 @@ def main(argv=None) -> int:
     results = {'machine': machine, 'options': {'messages': args.messages, 'rows': sorted(args.rows),
                                                'queue_version': args.queue_version,
                                                'quick': args.quick, 'prefetch': PREFETCH, 'children': CHILDREN,
-                                               'rounds': args.rounds},
+                                               'rounds': args.rounds, 'claim_ahead': not args.no_claim_ahead},
                'wall_time_s': time.monotonic() - started, 'run_dir': run_dir,
                'load_average': {'start': load_at_start, 'end': os.getloadavg()[0]},
                'steal_share': steal_share(cpu_at_start, cpu_times()), 'rows': rows}

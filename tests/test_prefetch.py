@@ -281,9 +281,9 @@ def test_a_time_limit_that_fires_as_the_task_ends_starts_no_other_task(tmp_path)
         publish_message(tasks.append_and_sleep, str(record), 'D', 0.0)
         real = Consumer._fail_overrun_row
 
-        def slow(consumer, message_id, error):
+        def slow(consumer, *args):
             time.sleep(1.0)
-            return real(consumer, message_id, error)
+            return real(consumer, *args)
         queue = get_config().queue('default')
         consumer = Consumer(queue.broker, queue, logging.getLogger('carrot.consumer'), 'default#limit')
         consumer.task_time_limit = 1.0

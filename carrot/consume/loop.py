@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from datetime import timedelta
 from typing import Callable
 
 from django.db import DatabaseError, connections
@@ -585,13 +586,16 @@ class Consumer:
         error = TaskTimeLimitExceeded(f'time limit of {self.task_time_limit:g}s exceeded: {what}, so its '
                                       f'worker process was stopped')
         if delivery.message_id:
-            self._on_lease_thread(self._fail_overrun_row, delivery.message_id, error)
+            started = timezone.now() - timedelta(seconds=delivery.age)
+            self._on_lease_thread(self._fail_overrun_row, delivery.message_id, error, started)
         return error
 
-    def _fail_overrun_row(self, message_id: str, error: TaskTimeLimitExceeded) -> None:
+    def _fail_overrun_row(self, message_id: str, error: TaskTimeLimitExceeded, started=None) -> None:
         log = MessageLog.objects.filter(uuid=message_id, status=MessageLog.IN_PROGRESS,
                                         worker=self.processor.worker).first()
         if log is not None:
+            if log.started_time is None:  # claimed in a window: its start was only in memory (ahead)
+                log.started_time = started
             record_attempt(log, TaskAttempt.FAILED, self.config.max_stored_text,
                            exception_class=exception_class_path(error), exception=str(error),
                            finished=timezone.now())

@@ -3,7 +3,7 @@
 
 Environment: CARROT_DEMO_DIR (database file and log), CARROT_DEMO_BROKER, CARROT_DEMO_CONCURRENCY (the
 'default' queue's), CARROT_DEMO_DEBUG, and for scripts/bench CARROT_DEMO_DB, CARROT_DEMO_DB_NAME and
-CARROT_DEMO_TRACK (see below)."""
+CARROT_DEMO_TRACK, CARROT_DEMO_PREFETCH and CARROT_DEMO_CLAIM_AHEAD (see below)."""
 import os
 
 BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,3 +80,5 @@ CARROT = {
         {'name': 'reports', 'concurrency': 1},
     ],
 }
+if os.environ.get('CARROT_DEMO_CLAIM_AHEAD') == '0':  # scripts/bench --no-claim-ahead
+    CARROT['claim_ahead'] = False
