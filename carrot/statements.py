@@ -356,7 +356,7 @@ def literal_query(text: str, params, raw) -> bytes | None:
     """`text` with each %s replaced by its parameter as an SQL literal, encoded for `raw` (psycopg 3) --
     what psycopg's mogrify() makes of it, without a cursor and a dumper per value (a sixth of
     publish_message's client time). For the kinds carrot's statements pass: None, bool, int (psycopg's
-    Int4 too), str, datetime; None for anything else, a str with a NUL (mogrify says why PostgreSQL
+    Int4 too), str, datetime, and lists of one of str, int or datetime (with None); None for anything else, a str with a NUL (mogrify says why PostgreSQL
     refuses it) or a text with a literal %: then the caller uses mogrify(). Quoted untyped, a literal takes
     the type PostgreSQL inferred for that parameter of the prepared statement, as mogrify's value does."""
     encoding = raw.info.encoding
@@ -383,10 +383,50 @@ def literal_query(text: str, params, raw) -> bytes | None:
             parts.append(b'%d' % int(value))
         elif isinstance(value, datetime.datetime):
             parts.append(b"'%s'" % value.isoformat().encode())
+        elif isinstance(value, list):  # the arrays of a window's claims (carrot.consume.ahead)
+            array = _array_literal(value)
+            if array is None:
+                return None
+            if "'" in array or '\\' in array:
+                if escape is None:
+                    escape = _psycopg().Escaping(raw.pgconn).escape_literal
+                parts.append(escape(array.encode(encoding)))
+            else:
+                parts.append(b"'%s'" % array.encode(encoding))
         else:
             return None
         parts.append(piece)
     return b''.join(parts)
+
+
+def _array_literal(values: list) -> str | None:
+    """`values` as the text of a PostgreSQL array ('{...}'; untyped, it takes the type of the prepared
+    statement's parameter) -- for a list of str, of int or of datetime, each with None among them; None for
+    any other list, or a str with a NUL. Each string element is double-quoted, its backslashes and double
+    quotes escaped (the array syntax), so no text can end an element or the array early."""
+    elements = []
+    kinds = set()
+    for value in values:
+        if value is None:
+            elements.append('NULL')
+        elif isinstance(value, str):
+            if '\x00' in value:
+                return None
+            kinds.add(str)
+            elements.append('"%s"' % value.replace('\\', '\\\\').replace('"', '\\"'))
+        elif isinstance(value, bool):
+            return None
+        elif isinstance(value, int):
+            kinds.add(int)
+            elements.append('%d' % value)
+        elif isinstance(value, datetime.datetime):
+            kinds.add(datetime.datetime)
+            elements.append('"%s"' % value.isoformat())
+        else:
+            return None
+    if len(kinds) > 1:
+        return None
+    return '{%s}' % ','.join(elements)
 
 
 @functools.lru_cache(maxsize=64)

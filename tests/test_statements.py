@@ -372,7 +372,42 @@ def test_a_query_built_from_literals_reads_back_as_psycopg_would_send_it(values)
     assert got == expected
 
 
+_TEXTS = st.one_of(st.text().filter(lambda text: '\x00' not in text), st.text(alphabet="'\\\"{},%$ \nNUL", max_size=8))
+_ARRAYS = st.one_of(
+    st.lists(st.one_of(st.none(), _TEXTS), max_size=6),
+    st.lists(st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)), max_size=6),
+    st.lists(st.one_of(st.none(), st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                                               timezones=st.just(dt_timezone.utc))), max_size=6))
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.one_of(_ARRAYS, _PLAIN_VALUES), min_size=1, max_size=4))
+def test_arrays_built_from_literals_read_back_as_psycopg_would_send_them(values):
+    """The arrays of a window's claims (carrot.consume.ahead) -- any text (quotes, backslashes, braces, commas,
+    'NULL'), extreme integers, times, NULL elements, empty arrays -- read by PostgreSQL as from mogrify()."""
+    postgres_only()
+    from carrot.statements import literal_query
+    connection.ensure_connection()
+    raw = connection.connection
+    types = ', '.join(_pg_type(value) for value in values)
+    raw.execute(f"PREPARE literals({types}) AS SELECT {', '.join(f'${n + 1}' for n in range(len(values)))}")
+    try:
+        text = f"EXECUTE literals({', '.join('%s' for _ in values)})"
+        built = literal_query(text, values, raw)
+        assert built is not None
+        with raw.cursor() as cursor:
+            cursor.execute(text, values)
+            expected = cursor.fetchone()
+        got = raw.execute(built.decode(raw.info.encoding)).fetchone()
+    finally:
+        raw.execute('DEALLOCATE literals')
+    assert got == expected
+
+
 def _pg_type(value) -> str:
+    if isinstance(value, list):
+        kinds = {_pg_type(element) for element in value if element is not None}
+        return f'{kinds.pop() if kinds else "text"}[]'
     if isinstance(value, bool):
         return 'boolean'
     if isinstance(value, int):
