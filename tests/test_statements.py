@@ -352,6 +352,10 @@ def test_a_query_built_from_literals_reads_back_as_psycopg_would_send_it(values)
     """literal_query() fills parameters in without psycopg's cursor: for any value of the kinds it takes
     (quotes, backslashes, E'', dollar signs, any unicode, extreme integers, naive and aware datetimes),
     PostgreSQL must read the same values as from mogrify()'s text of the same query."""
+    _read_back_as_from_mogrify(values)
+
+
+def _read_back_as_from_mogrify(values: list) -> None:
     postgres_only()
     from carrot.statements import literal_query
     connection.ensure_connection()
@@ -385,23 +389,7 @@ _ARRAYS = st.one_of(
 def test_arrays_built_from_literals_read_back_as_psycopg_would_send_them(values):
     """The arrays of a window's claims (carrot.consume.ahead) -- any text (quotes, backslashes, braces, commas,
     'NULL'), extreme integers, times, NULL elements, empty arrays -- read by PostgreSQL as from mogrify()."""
-    postgres_only()
-    from carrot.statements import literal_query
-    connection.ensure_connection()
-    raw = connection.connection
-    types = ', '.join(_pg_type(value) for value in values)
-    raw.execute(f"PREPARE literals({types}) AS SELECT {', '.join(f'${n + 1}' for n in range(len(values)))}")
-    try:
-        text = f"EXECUTE literals({', '.join('%s' for _ in values)})"
-        built = literal_query(text, values, raw)
-        assert built is not None
-        with raw.cursor() as cursor:
-            cursor.execute(text, values)
-            expected = cursor.fetchone()
-        got = raw.execute(built.decode(raw.info.encoding)).fetchone()
-    finally:
-        raw.execute('DEALLOCATE literals')
-    assert got == expected
+    _read_back_as_from_mogrify(values)
 
 
 def _pg_type(value) -> str:

@@ -476,21 +476,15 @@ class MessageProcessor:
                                      message.shown_task, row.uuid, text.for_log(row.worker, 100), delay)
                     return retry_later(delay, busy=True)
                 if row.started_time is None:
-                    # Claimed ahead by a worker that died before it started it (carrot.consume.ahead): not a
-                    # lost attempt. The claim's count is this run's.
+                    # Claimed in a window by a worker that died (carrot.consume.ahead): not a lost attempt,
+                    # the claim's count is this run's.
                     taken = self._take(row, claim.from_lost_worker(row), count_attempt=False)
-                    if taken:
-                        return None
-                    try:
-                        row.refresh_from_db()
-                    except MessageLog.DoesNotExist:
-                        return self._orphaned(message, DELETED_AS_IT_CAME)
-                    continue
-                # Retries are counted apart: only the runs whose worker was lost count towards max_attempts.
-                if row.attempts - row.retries >= self.config.max_attempts:
-                    return self._worker_lost(row, message)
-                self._keep_lost_attempt(row)
-                taken = self._take(row, claim.from_lost_worker(row))
+                else:
+                    # Retries are counted apart: only the runs whose worker was lost count towards max_attempts.
+                    if row.attempts - row.retries >= self.config.max_attempts:
+                        return self._worker_lost(row, message)
+                    self._keep_lost_attempt(row)
+                    taken = self._take(row, claim.from_lost_worker(row))
             elif row.status in claim.TAKEABLE:
                 taken = self._take(row, claim.from_waiting(now))
             else:
