@@ -553,14 +553,14 @@ def batched_statements() -> dict | None:
     from django.db import connection, models
     try:
         from carrot.commits import epoch_microseconds
-        from carrot.consume.claim import SET_OR_MATCHED, TAKEABLE, _returned_fields
+        from carrot.consume.claim import SET_OR_MATCHED, TAKEABLE, returned_fields
         from carrot.models import MessageLog
     except ImportError:
         return None
     assert {'uuid', 'task', 'task_args', 'content'} <= SET_OR_MATCHED  # matched below, as carrot's claim does
     quote = connection.ops.quote_name
     table, pk = quote(MessageLog._meta.db_table), quote(MessageLog._meta.pk.column)
-    fields = _returned_fields()
+    fields = returned_fields()
     columns = ', '.join(epoch_microseconds(f'm.{quote(f.column)}') if isinstance(f, models.DateTimeField)
                         else f'm.{quote(f.column)}' for f in fields)  # times as carrot's claim returns them
     takeable = ', '.join(f"'{status}'" for status in TAKEABLE)

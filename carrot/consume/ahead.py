@@ -44,7 +44,7 @@ from django.utils import timezone
 
 from carrot.commits import SERVER_STARTED
 from carrot.consume import claim
-from carrot.consume.claim import TAKEABLE, _returned_fields, _returned_column, _statement, _taken_row
+from carrot.consume.claim import TAKEABLE, returned_column, returned_fields, statement_for, taken_row
 from carrot.models import MessageLog
 from carrot.statements import statement
 
@@ -115,7 +115,7 @@ def take_window(done: list[MessageLog], calls: list[tuple[str, str, str, str]], 
     expires = now + timedelta(seconds=lease)
     params = [*_completions(done, at), worker, at(expires),
               *[list(column) for column in zip(*calls)], at(now)]
-    window, as_integers = _statement(using, connection, 'take_window', _take_window_sql)
+    window, as_integers = statement_for(using, connection, 'take_window', _take_window_sql)
     found = window.run(params, using=using, fetch='all')
     written, started = set(found[0][0] or ()), found[0][1]
     rows: list[MessageLog | None] = [None] * len(calls)
@@ -127,7 +127,7 @@ def take_window(done: list[MessageLog], calls: list[tuple[str, str, str, str]], 
         known = {'status': MessageLog.IN_PROGRESS, 'started_time': None, 'worker': worker,
                  'lease_expires': expires, 'exception': '', 'traceback': '', 'failure_time': None,
                  'uuid': message_id, 'task': task, 'task_args': task_args, 'content': content}
-        rows[place - 1] = _taken_row(using, connection, returned[3:], known, as_integers)
+        rows[place - 1] = taken_row(using, connection, returned[3:], known, as_integers)
     return written, started, rows
 
 
@@ -175,7 +175,7 @@ def _write_completions_sql(connection) -> str:
 def _take_window_sql(connection) -> str:
     quote = connection.ops.quote_name
     takeable = ', '.join(f"'{status}'" for status in TAKEABLE)
-    returned = ', '.join(_returned_column(connection, f) for f in _returned_fields())
+    returned = ', '.join(returned_column(connection, f) for f in returned_fields())
     take = (f'UPDATE {quote(MessageLog._meta.db_table)} '
             f"SET status = '{MessageLog.IN_PROGRESS}', "
             f'started_time = NULL, worker = %s, lease_expires = %s, '

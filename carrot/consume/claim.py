@@ -131,9 +131,9 @@ def take_on_arrival(message_id: str, task: str, task_args: str, content: str, wo
     using = MessageLog.objects.db  # looked up once a claim: each lookup asks the routers again
     connection = connections[using]
     params, known = _take_params(connection, now, message_id, task, task_args, content, worker, lease)
-    take, as_integers = _statement(using, connection, 'take_on_arrival', _take_on_arrival_sql)
+    take, as_integers = statement_for(using, connection, 'take_on_arrival', _take_on_arrival_sql)
     found = take.run(params, using=using, fetch=True)
-    return None if found is None else _taken_row(using, connection, found, known, as_integers)
+    return None if found is None else taken_row(using, connection, found, known, as_integers)
 
 
 def complete_then_take(done: MessageLog, message_id: str, task: str, task_args: str, content: str,
@@ -149,11 +149,11 @@ def complete_then_take(done: MessageLog, message_id: str, task: str, task_args: 
     using = MessageLog.objects.db
     connection = connections[using]
     params, known = _take_params(connection, now, message_id, task, task_args, content, worker, lease)
-    both, as_integers = _statement(using, connection, 'complete_then_take', _complete_then_take_sql)
+    both, as_integers = statement_for(using, connection, 'complete_then_take', _complete_then_take_sql)
     found = both.run(completion_params(done) + params, using=using, fetch=True)
     started, taken = found[0], found[1:]
     return started, (None if taken[_pk_index()] is None else
-                     _taken_row(using, connection, taken, known, as_integers))
+                     taken_row(using, connection, taken, known, as_integers))
 
 
 def _take_params(connection, now, message_id, task, task_args, content, worker, lease) -> tuple[list, dict]:
@@ -167,7 +167,7 @@ def _take_params(connection, now, message_id, task, task_args, content, worker, 
     return params, known
 
 
-def _taken_row(using: str, connection, found, known: dict, as_integers: bool) -> MessageLog:
+def taken_row(using: str, connection, found, known: dict, as_integers: bool) -> MessageLog:
     """The row a take returned (the columns it did not set or match), with the values it did."""
     returned = list(found)
     for index, column, functions in _converters_of(connection, as_integers):
@@ -189,7 +189,7 @@ def _row_names() -> tuple[str, ...]:
 def _row_sources() -> tuple[tuple[str, int | None], ...]:
     """Per column of _row_names(): (its name, where a take returns it), the place None for the columns the
     take sets or matches (their values are the statement's own)."""
-    returned = [f.attname for f in _returned_fields()]
+    returned = [f.attname for f in returned_fields()]
     return tuple((name, None if name in SET_OR_MATCHED else returned.index(name)) for name in _row_names())
 
 
@@ -198,7 +198,7 @@ SET_OR_MATCHED = frozenset({'status', 'started_time', 'worker', 'lease_expires',
                             'failure_time', 'uuid', 'task', 'task_args', 'content'})
 
 
-def _returned_fields() -> list:
+def returned_fields() -> list:
     return [f for f in MessageLog._meta.concrete_fields if f.attname not in SET_OR_MATCHED]
 
 
@@ -225,10 +225,10 @@ def _take_on_arrival_sql(connection) -> str:
             f"attempts = attempts + 1, exception = '', traceback = '', failure_time = NULL "
             f'WHERE uuid = %s AND task = %s AND task_args = %s AND content = %s AND status IN ({takeable}) '
             f'AND (run_after IS NULL OR run_after <= %s) '
-            f'RETURNING {", ".join(_returned_column(connection, f) for f in _returned_fields())}')
+            f'RETURNING {", ".join(returned_column(connection, f) for f in returned_fields())}')
 
 
-def _statement(using: str, connection, name: str, build) -> tuple[Statement, bool]:
+def statement_for(using: str, connection, name: str, build) -> tuple[Statement, bool]:
     """The Statement `name` of the log table's database, in the form that returns its times as integers
     where _times_as_integers() says so (a form of its own: settings may change between two calls), and
     whether it does."""
@@ -245,7 +245,7 @@ def _times_as_integers(connection) -> bool:
     return connection.vendor == 'postgresql' and settings.USE_TZ
 
 
-def _returned_column(connection, field) -> str:
+def returned_column(connection, field) -> str:
     column = connection.ops.quote_name(field.column)
     if isinstance(field, models.DateTimeField) and _times_as_integers(connection):
         return f'{epoch_microseconds(column)} AS {column}'
@@ -261,7 +261,7 @@ def _converters_of(connection, as_integers: bool) -> list[tuple]:
     if cached is not None and cached[0] == as_integers:
         return cached[1]
     found = []
-    for index, field in enumerate(_returned_fields()):
+    for index, field in enumerate(returned_fields()):
         column = field.get_col(MessageLog._meta.db_table)
         if as_integers and isinstance(field, models.DateTimeField):
             functions = (_from_epoch_us,)
@@ -277,7 +277,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=dt_timezone.utc)
 
 
 def _from_epoch_us(value, expression, connection):
-    """A time returned as microseconds since the epoch (_returned_column) as the ORM gives it with USE_TZ:
+    """A time returned as microseconds since the epoch (returned_column) as the ORM gives it with USE_TZ:
     an aware datetime in UTC, to the microsecond."""
     return None if value is None else _EPOCH + timedelta(microseconds=value)
 

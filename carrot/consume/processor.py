@@ -67,6 +67,7 @@ COMPLETION_FIELDS = ('status', 'completion_time', 'output', 'log', 'lease_expire
 # Every column a full save writes (all but the primary key).
 _ALL_FIELDS = tuple(f.name for f in MessageLog._meta.concrete_fields if not f.primary_key)
 RETRY_BASE = 2.0  # seconds a message of a busy row is parked the first time; doubled each time after
+WINDOW_WAIT = 5.0  # seconds a give-back of claims ahead waits for a window being claimed (carrot.consume.ahead)
 
 
 # -- the processor -----------------------------------------------------------------------------------
@@ -311,7 +312,11 @@ class MessageProcessor:
         """Un-claim the rows claimed ahead for `messages` (None: for every delivery), which go back to the
         queue unrun (any thread; see carrot.consume.ahead). When that fails, the rows of `messages` stay
         claimed ahead for them and the error is raised; with None they are left to their lease."""
-        with self._window_lock:
+        # A window being claimed first (a statement's milliseconds); a task thread stuck in one (a locked
+        # table) must not stop the connection thread from carrying on.
+        if not self._window_lock.acquire(timeout=WINDOW_WAIT):
+            raise TimeoutError(f'a claim of a window took more than {WINDOW_WAIT:g}s')
+        try:
             rows = self.ahead.take_all(messages)
             if not rows:
                 return 0
@@ -321,6 +326,8 @@ class MessageProcessor:
                 if messages is not None:
                     self.ahead.give_back(rows, messages)
                 raise
+        finally:
+            self._window_lock.release()
 
     def write_deferred_results(self) -> None:
         """Write the results deferred to the next claim and flush, waiting out an outage (any thread)."""
