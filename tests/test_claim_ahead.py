@@ -15,6 +15,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+import carrot
 from carrot.amqp.disposition import Action
 from carrot.consume import ahead
 from carrot.models import MessageLog, TaskAttempt
@@ -224,3 +225,91 @@ def test_a_task_that_kills_its_worker_in_a_window_fails_for_good_and_the_others_
         sorted([f'm{n:02d}' for n in range(30)] + [f'n{n:02d}' for n in range(30)])
     # No other task was blamed for the poison's deaths.
     assert not TaskAttempt.objects.filter(outcome=TaskAttempt.LOST).exclude(message_log=poison).exists()
+
+
+# -- found by an attack on claiming ahead (helper-19)
+
+@carrot.task
+def creates_a_user(username):
+    from django.contrib.auth.models import User
+    User.objects.create(username=username)
+
+
+def test_a_session_left_read_only_by_a_task_does_not_fail_the_tasks_claimed_behind_it():
+    """Before claiming ahead, carrot's claim of the next task met the read-only session and replaced it;
+    a task claimed ahead has no statement before it, so the session is checked after every task."""
+    for n in range(3):
+        publish_message(tasks.add, n, n)
+    setter = publish_message(tasks.sets_session_read_only)
+    writers = [publish_message(creates_a_user, f'user{n}') for n in range(4)]
+    windows = Windows()
+    with patch.object(ahead, 'take_window', windows):
+        run_consumer(idle_timeout=3)
+    assert {log.uuid for log in writers} & windows.claimed_ahead
+    assert {row.status for row in MessageLog.objects.filter(pk__in=[log.pk for log in writers])} == {'COMPLETED'}
+    setter.refresh_from_db()
+    assert 'read-only' in setter.log and 'fresh connection' in setter.log
+
+
+def test_a_result_written_through_the_orm_keeps_the_start_of_a_task_claimed_ahead(tmp_path):
+    """A receiver of MessageLog's post_save has results written by Model.save(): the start too."""
+    from django.db.models import signals
+    record = tmp_path / 'runs'
+    seen = []
+
+    def receiver(sender, instance, **kwargs):
+        seen.append(instance.status)
+    signals.post_save.connect(receiver, sender=MessageLog, weak=False)
+    try:
+        logs = [publish_message(tasks.record_execution, str(record), f'm{n:02d}') for n in range(24)]
+        run_consumer(idle_timeout=2)
+    finally:
+        signals.post_save.disconnect(receiver, sender=MessageLog)
+    assert sorted(executions(record)) == [f'm{n:02d}' for n in range(24)] and 'COMPLETED' in seen
+    rows = MessageLog.objects.filter(pk__in=[log.pk for log in logs])
+    assert {row.status for row in rows} == {'COMPLETED'}
+    assert not [row.uuid for row in rows if row.started_time is None]
+
+
+def test_a_window_whose_answer_is_lost_gives_back_what_it_may_have_claimed_ahead():
+    """The statement committed, then the connection dropped before its answer: which rows it claimed is
+    unknown, so every one it may have claimed ahead is given back (not left to its lease)."""
+    from django.db import OperationalError
+    first = publish_message(tasks.add, 1, 1)
+    behind = [publish_message(tasks.add, n, n) for n in range(2, 6)]
+    messages = [incoming(args=[n, n], message_id=log.uuid) for n, log in zip(range(2, 6), behind)]
+    worker = processor()
+    worker.hooks.messages_in_hand = lambda: messages
+    real = ahead.take_window
+
+    def commits_then_loses_the_answer(*args):
+        real(*args)
+        raise OperationalError('server closed the connection unexpectedly')
+    with patch.object(ahead, 'take_window', commits_then_loses_the_answer):
+        assert worker.process(incoming(args=[1, 1], message_id=first.uuid)).action is Action.ACK
+    first.refresh_from_db()
+    assert (first.status, first.attempts) == ('COMPLETED', 1)
+    assert {(row.status, row.attempts) for row in MessageLog.objects.filter(pk__in=[log.pk for log in behind])} \
+        == {('PUBLISHED', 0)}
+
+
+def test_a_purge_marks_what_waits_and_a_task_marked_purged_never_runs(tmp_path):
+    """README, Purge: deliveries a worker claimed ahead count as taken and run; every row the purge marks
+    never runs, and nothing is left claimed."""
+    from carrot.monitor.actions import purge_queue
+    from tests.test_claim import ConsumerThread
+    record = tmp_path / 'runs'
+    logs = [publish_message(tasks.record_execution, str(record), f'm{n:02d}', 0.2) for n in range(30)]
+    worker = ConsumerThread('default#purge', idle_timeout=3).start()
+    try:
+        wait_for(lambda: claimed_ahead_now() >= 3, 20, 'deliveries claimed ahead')
+        purge_queue('default')
+    finally:
+        worker.join(timeout=60)
+    ran = executions(record)
+    rows = {row.task_args: row for row in MessageLog.objects.filter(pk__in=[log.pk for log in logs])}
+    purged = {args for args, row in rows.items() if row.status == 'FAILED' and row.exception.startswith('Purged')}
+    assert purged and len(ran) == len(set(ran))
+    assert not [token for token in ran if any(f'"{token}"' in args for args in purged)]
+    assert {row.status for row in rows.values()} <= {'COMPLETED', 'FAILED'}
+    assert len(ran) + len(purged) == 30

@@ -133,4 +133,7 @@ def test_a_task_that_sets_the_shared_session_read_only_does_not_poison_its_worke
             assert _committed_elsewhere(following.message_id)['status'] == 'COMPLETED'
     finally:
         connection.close()  # whatever happened, the test database is flushed on a session of its own
-    assert 'trying again on a fresh database session' in caplog.text
+    # Replaced once the task is done (PostgreSQL 14+ reports the setting: carrot.consume.dbretry.left_read_only),
+    # or once carrot's next write is refused for the session's sake.
+    assert 'trying again on a fresh database session' in caplog.text or \
+        ('left the database connection' in caplog.text and 'read-only' in caplog.text)

@@ -53,6 +53,11 @@ def release(message_id: str) -> None:
             del _held[message_id]
 
 
+def is_held(message_id: str) -> bool:
+    with _held_lock:
+        return _held[message_id] > 0
+
+
 def _held_elsewhere(message_id: str, own_holds: int) -> bool:
     with _held_lock:
         return _held[message_id] > own_holds

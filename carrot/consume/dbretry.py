@@ -107,15 +107,28 @@ def reset_connections_left_in_transaction() -> dict[str, str]:
 
 
 def _replaced_if_left(connection) -> str | None:
-    """Replace `connection` if it was left in a transaction, or is too broken to say; how it was left
-    (None: clean, kept)."""
+    """Replace `connection` if it was left in a transaction or read-only, or is too broken to say; how it
+    was left (None: clean, kept)."""
     try:
         how = left_in_transaction(connection)
+        how = f'in a transaction ({how})' if how is not None else left_read_only(connection)
     except Exception as exc:
-        how = f'its state could not be read ({type(exc).__name__})'
+        how = f'in a state that could not be read ({type(exc).__name__})'
     if how is not None:
         replace_connection(connection.alias)
     return how
+
+
+def left_read_only(connection) -> str | None:
+    """How `connection`'s session was left read-only (a task's `SET default_transaction_read_only TO on`:
+    every write on it would be refused, the next task's included), or None. PostgreSQL 14 and later report
+    that setting to the client, so this asks nothing of the server; elsewhere the next write of carrot's
+    finds out (DatabaseRetry)."""
+    info = getattr(connection.connection, 'info', None) if connection.vendor == 'postgresql' else None
+    status = getattr(info, 'parameter_status', None)  # psycopg 3
+    if status is None or status('default_transaction_read_only') != 'on':
+        return None
+    return 'read-only (default_transaction_read_only on)'
 
 
 class DatabaseRetry:

@@ -19,7 +19,7 @@ from carrot.statements import statement
 
 # What a reduced row writes: the outcome, without the texts the database may have refused.
 REDUCED_FIELDS = ('status', 'completion_time', 'failure_time', 'lease_expires', 'output', 'log',
-                  'traceback', 'exception', 'run_after', 'retries')
+                  'traceback', 'exception', 'run_after', 'retries', 'started_time')
 
 
 def new_row(message: IncomingMessage, queue: QueueConfig, message_id: str, limit: int) -> MessageLog:

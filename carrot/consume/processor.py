@@ -62,8 +62,9 @@ from carrot.dbfaults import describe_database_fault, may_pass, of_the_session
 from carrot.exceptions import BadMessage, TaskNotRegistered, WorkerLost
 from carrot.models import MessageLog, TaskAttempt
 
-# What a success changes in the claimed row: an UPDATE of these alone is a third of a full-row one.
-COMPLETION_FIELDS = ('status', 'completion_time', 'output', 'log', 'lease_expires')
+# What a success changes in the claimed row: an UPDATE of these alone is a third of a full-row one. The start
+# too: a row claimed in a window has it only in memory until now (carrot.consume.ahead).
+COMPLETION_FIELDS = ('status', 'completion_time', 'output', 'log', 'started_time', 'lease_expires')
 # Every column a full save writes (all but the primary key).
 _ALL_FIELDS = tuple(f.name for f in MessageLog._meta.concrete_fields if not f.primary_key)
 RETRY_BASE = 2.0  # seconds a message of a busy row is parked the first time; doubled each time after
@@ -275,6 +276,9 @@ class MessageProcessor:
                 self.config.claim_lease)
         except BaseException as exc:
             self.results.give_back(*deferred)
+            # Its answer lost (the connection, an interrupt), it may have committed: the rows it claimed
+            # ahead are not known here, so every one it may have claimed is given back.
+            self._unclaim_unknown(behind)
             if not isinstance(exc, DatabaseError):
                 raise
             if not may_pass(exc):  # not an outage (which the flush waits out and logs)
@@ -292,6 +296,17 @@ class MessageProcessor:
             rows[0].started_time = timezone.now()  # in memory: written with the result
             self._start_written = False
         return rows[0]
+
+    def _unclaim_unknown(self, behind: list[IncomingMessage]) -> None:
+        """After a window statement whose outcome is unknown: un-claim what it may have claimed ahead for
+        `behind` (never a row this process holds: a result deferred, the task running). Best effort: what
+        stays claimed is taken over once its lease has run out."""
+        rows = [MessageLog(uuid=m.message_id) for m in behind if not claim.is_held(m.message_id)]
+        try:
+            claims_ahead.unclaim(rows, self.worker)
+        except Exception as exc:
+            self.logger.warning('%s: could not give back what a window may have claimed ahead (%s); it is taken '
+                                'over once its lease has run out', self.name, text.for_log(exc, 200))
 
     def _claimed_ahead(self, message: IncomingMessage) -> MessageLog | None:
         """The row claimed ahead for `message`, started now; None when there is none, or when it was claimed
@@ -650,8 +665,8 @@ class MessageProcessor:
 
     def _clean_up_after_task(self, message: IncomingMessage, log: str | None) -> str | None:
         """Whatever transaction state the task left its connections in, carrot's own writes (the result)
-        go to a clean one: a connection left in a transaction is replaced (what the task did not commit
-        is rolled back). Returns the task's `log` with a line that says so."""
+        and the next task go to a clean one: a connection left in a transaction or read-only is replaced
+        (what the task did not commit is rolled back). Returns the task's `log` with a line that says so."""
         try:
             left = reset_connections_left_in_transaction()
         except Exception:  # never worth the result: the next message's drop_broken_connections tries again
@@ -659,8 +674,8 @@ class MessageProcessor:
                                   message.message_id)
             return log
         for alias, how in left.items():
-            note = (f'the task left the database connection {alias!r} in a transaction ({how}); carrot rolled '
-                    f'back what it had not committed and recorded the result on a fresh connection')
+            note = (f'the task left the database connection {alias!r} {how}; carrot rolled back what it had '
+                    f'not committed and recorded the result on a fresh connection')
             self.logger.warning('%s: %s (%s): %s', self.name, message.shown_task, message.message_id, note)
             line = logging.Formatter(LOG_FORMAT).format(logging.LogRecord(
                 TASK_LOGGER, logging.WARNING, __file__, 0, 'carrot: %s', (note,), None))

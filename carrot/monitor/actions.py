@@ -121,7 +121,8 @@ def purge_queue(queue_name: str) -> Done:
     it FAILED and is dead-lettered unrun. So a row never says PUBLISHED for a message that is gone, and a
     task marked purged never runs. The rows are marked, not deleted, for the same reason: not every copy was
     in the queue -- a consumer may hold some, prefetched, and a delayed copy may still come out of the
-    levels. Tasks already running (IN_PROGRESS) are not touched, nor is a row a worker claims first.
+    levels. Tasks already running (IN_PROGRESS) are not touched, nor is a row a worker claims first, nor
+    one a worker has claimed ahead (carrot.consume.ahead: it counts as taken, and runs).
     """
     from carrot.amqp.declare import purge
     from carrot.config import get_config
