@@ -593,3 +593,26 @@ def test_a_task_logging_under_the_workers_own_logger_keeps_its_debug_lines(name)
     log.refresh_from_db()
     assert log.status == 'COMPLETED'
     assert 'DEBUG debug marker-17' in log.log and 'INFO info marker-17' in log.log
+
+
+def test_a_database_fault_while_asking_whether_results_may_skip_the_disk_is_not_the_tasks_failure():
+    """helper-19: the first result of a worker asks the database whether it may flush (UnflushedResults.usable),
+    outside the retry of the write; a connection lost just then marked a task that had run FAILED. It is
+    written waiting for the disk instead, and asked again with the next result."""
+    from django.db import OperationalError
+    from carrot.consume import unflushed
+    worker = in_a_run()
+    log, message = published(5, 6)
+    real, calls = unflushed.flush_to_disk, []
+
+    def lost_once(using='default'):
+        calls.append(using)
+        if len(calls) == 1:
+            raise OperationalError('server closed the connection unexpectedly')
+        return real(using)
+    with patch.object(unflushed, 'flush_to_disk', lost_once):
+        assert worker.process(message).action is Action.ACK
+        log.refresh_from_db()
+        assert (log.status, log.attempts) == ('COMPLETED', 1)
+        assert worker.results.usable()  # asked again, and the server answers now
+    assert len(calls) >= 2

@@ -155,7 +155,8 @@ class MessageProcessor:
         return disposition
 
     def _flush_everything(self) -> None:
-        if self.results.usable():
+        # Not results.usable(): a fault here must be waited out (the caller retries), never taken for "no".
+        if self.results.may_skip_the_disk():
             flush_to_disk(MessageLog.objects.db)
 
     def _flush_results(self) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, NamedTuple
 
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from carrot.commits import commits_may_skip_the_disk, flush_to_disk
 
@@ -68,12 +68,22 @@ class UnflushedResults:
 
     def usable(self) -> bool:
         """Whether results may be written without waiting here: PostgreSQL, CARROT['async_commits'], and a
-        server that lets us flush (tried once)."""
+        server that lets us flush (tried once it answers: until then, and while the database does not,
+        False -- a result then waits for the disk, which is always safe, and its write waits out the fault)."""
         if self._usable is None:
-            connection = connections[self.using]
-            self._usable = connection.vendor == 'postgresql' and commits_may_skip_the_disk() and \
-                flush_to_disk(self.using) is not None
+            if not self.may_skip_the_disk():
+                self._usable = False
+            else:
+                try:
+                    self._usable = flush_to_disk(self.using) is not None
+                except DatabaseError:  # a connection lost just now: never the task's failure
+                    return False
         return self._usable
+
+    def may_skip_the_disk(self) -> bool:
+        """Whether commits here may skip the disk at all (PostgreSQL, CARROT['async_commits']), asking
+        nothing of the server."""
+        return connections[self.using].vendor == 'postgresql' and commits_may_skip_the_disk()
 
     def stamp(self) -> int:
         """The stamp of the last write recorded: a commit sent after this call flushes every write up to it."""
